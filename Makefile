@@ -1,0 +1,37 @@
+# ShopPulse: `make demo` runs the whole job on the embedded broker; `make test` runs every test.
+# Both bootstrap .venv from pyproject.toml on first use.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+# Pins torch to the CPU wheel CI uses (ci/constraints.txt). Set CONSTRAINTS= to let pip choose.
+CONSTRAINTS ?= ci/constraints.txt
+DURATION ?= 0
+RATE ?= 2000
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test unit integration clean
+
+$(BIN)/.installed: pyproject.toml ci/constraints.txt
+	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), f"ShopPulse needs Python 3.11, {sys.executable} is {sys.version.split()[0]}; run make PYTHON=/path/to/python3.11"'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e '.[test]'
+	@touch $@
+
+venv: $(BIN)/.installed
+
+demo: venv
+	$(BIN)/shoppulse demo --duration $(DURATION) --rate $(RATE)
+
+test: venv
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+unit: venv
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+integration: venv
+	$(BIN)/python -m pytest tests/integration $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) var .pytest_cache

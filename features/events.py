@@ -1,0 +1,310 @@
+"""Shop event contracts (version 1) and their strict, fast validation.
+
+Three kinds of input event arrive on three topics, each keyed by ``user_id``:
+
+* page view  -> :data:`KIND_VIEW`
+* cart change -> :data:`KIND_CART_ADD` / :data:`KIND_CART_REMOVE` (``action`` add/remove)
+* order      -> :data:`KIND_ORDER`
+
+:func:`parse_event` turns the raw Kafka key and value bytes into an :class:`Event`, or raises
+:class:`InvalidEvent` with a machine-readable ``reason`` (a short code used as a metric label
+and dead-letter header) and a human ``detail`` that says what was wrong and what to do.
+
+Pure Python: no Kafka, no Faust. The JSON Schemas in ``features/schemas/`` describe the same
+contracts for other producers; tests check the two agree.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+CONTRACT_VERSION = 1
+
+TOPIC_KIND_VIEW = "page_view"
+TOPIC_KIND_CART = "cart"
+TOPIC_KIND_ORDER = "order"
+TOPIC_KINDS = (TOPIC_KIND_VIEW, TOPIC_KIND_CART, TOPIC_KIND_ORDER)
+
+KIND_VIEW = "view"
+KIND_CART_ADD = "cart_add"
+KIND_CART_REMOVE = "cart_remove"
+KIND_ORDER = "order"
+EVENT_KINDS = (KIND_VIEW, KIND_CART_ADD, KIND_CART_REMOVE, KIND_ORDER)
+
+# Reason codes: stable, low-cardinality, used as metric labels and dead-letter headers.
+REASON_OVERSIZED = "oversized"
+REASON_BAD_JSON = "bad_json"
+REASON_NOT_OBJECT = "not_object"
+REASON_MISSING_FIELD = "missing_field"
+REASON_WRONG_TYPE = "wrong_type"
+REASON_BAD_VALUE = "bad_value"
+REASON_NEGATIVE_PRICE = "negative_price"
+REASON_TS_FUTURE = "ts_in_future"
+REASON_TS_TOO_OLD = "ts_too_old"
+REASON_WRONG_KEY = "wrong_key"
+REASON_UNSUPPORTED_VERSION = "unsupported_version"
+REASONS = (
+    REASON_OVERSIZED, REASON_BAD_JSON, REASON_NOT_OBJECT, REASON_MISSING_FIELD,
+    REASON_WRONG_TYPE, REASON_BAD_VALUE, REASON_NEGATIVE_PRICE, REASON_TS_FUTURE,
+    REASON_TS_TOO_OLD, REASON_WRONG_KEY, REASON_UNSUPPORTED_VERSION,
+)
+
+MAX_ID_CHARS = 128
+MAX_PRICE = 10_000_000.0
+MAX_QUANTITY = 10_000
+MAX_ORDER_ITEMS = 500
+MIN_TS_MS = 946_684_800_000  # 2000-01-01T00:00:00Z: anything older is a unit or clock bug
+
+
+class InvalidEvent(ValueError):
+    """An input message that breaks its contract.
+
+    Attributes:
+        reason: short code from :data:`REASONS` (metric label, dead-letter header).
+        detail: what was wrong and what the producer should do about it.
+    """
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class OrderLine:
+    """One line of an order."""
+
+    item_id: str
+    quantity: int
+    price: float
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A validated shop event, the only input the feature code accepts.
+
+    ``ts_ms`` is the event time in epoch milliseconds, as the shop recorded it.
+    ``item_id``/``category``/``price``/``quantity`` are empty or zero where a kind has none
+    (an order carries its items in ``order_lines`` and its value in ``total``).
+    """
+
+    kind: str
+    event_id: str
+    user_id: str
+    ts_ms: int
+    session_id: str = ""
+    item_id: str = ""
+    category: str = ""
+    price: float = 0.0
+    quantity: int = 0
+    order_id: str = ""
+    order_lines: tuple[OrderLine, ...] = ()
+    total: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class ValidationLimits:
+    """Bounds that make a message invalid.
+
+    Attributes:
+        max_event_bytes: largest accepted message value, in bytes; larger is ``oversized``.
+        max_future_skew_ms: how far ahead of the worker's clock an event time may be, in ms.
+    """
+
+    max_event_bytes: int = 64 * 1024
+    max_future_skew_ms: int = 5 * 60 * 1000
+
+
+DEFAULT_LIMITS = ValidationLimits()
+
+
+def _fail(reason: str, detail: str) -> InvalidEvent:
+    return InvalidEvent(reason, detail)
+
+
+def _str(doc: Mapping[str, Any], name: str, where: str, required: bool = True) -> str:
+    value = doc.get(name)
+    if value is None:
+        if not required:
+            return ""
+        raise _fail(REASON_MISSING_FIELD, f"{where}: field '{name}' is missing; send it as a non-empty string")
+    if type(value) is not str:
+        raise _fail(REASON_WRONG_TYPE, f"{where}: field '{name}' must be a string, got {type(value).__name__}")
+    if required and not value:
+        raise _fail(REASON_BAD_VALUE, f"{where}: field '{name}' is empty; send a non-empty string")
+    if len(value) > MAX_ID_CHARS:
+        raise _fail(REASON_BAD_VALUE, f"{where}: field '{name}' is {len(value)} characters; the limit is {MAX_ID_CHARS}")
+    if not value.isascii():
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            raise _fail(REASON_BAD_VALUE, f"{where}: field '{name}' holds a lone surrogate; send valid Unicode") from None
+    return value
+
+
+def _price(doc: Mapping[str, Any], name: str, where: str) -> float:
+    value = doc.get(name)
+    if value is None:
+        raise _fail(REASON_MISSING_FIELD, f"{where}: field '{name}' is missing; send the amount as a number")
+    if type(value) not in (int, float):
+        raise _fail(REASON_WRONG_TYPE, f"{where}: field '{name}' must be a number, got {type(value).__name__}")
+    try:
+        value = float(value)
+    except OverflowError:
+        raise _fail(REASON_BAD_VALUE, f"{where}: field '{name}' is an integer too large for a price; the limit is {MAX_PRICE:.0f}") from None
+    if not math.isfinite(value):
+        raise _fail(REASON_BAD_VALUE, f"{where}: field '{name}' is {value}; send a finite number")
+    if value < 0:
+        raise _fail(REASON_NEGATIVE_PRICE, f"{where}: field '{name}' is {value}; amounts must be >= 0 (send refunds as their own events, not negative prices)")
+    if value > MAX_PRICE:
+        raise _fail(REASON_BAD_VALUE, f"{where}: field '{name}' is {value}; the limit is {MAX_PRICE:.0f} (check the currency unit)")
+    return value
+
+
+def _quantity(doc: Mapping[str, Any], where: str) -> int:
+    value = doc.get("quantity")
+    if value is None:
+        raise _fail(REASON_MISSING_FIELD, f"{where}: field 'quantity' is missing; send a whole number >= 1")
+    if type(value) is not int:
+        raise _fail(REASON_WRONG_TYPE, f"{where}: field 'quantity' must be a whole number, got {type(value).__name__}")
+    if not 1 <= value <= MAX_QUANTITY:
+        raise _fail(REASON_BAD_VALUE, f"{where}: field 'quantity' is {value}; it must be between 1 and {MAX_QUANTITY}")
+    return value
+
+
+def _ts(doc: Mapping[str, Any], now_ms: int, limits: ValidationLimits) -> int:
+    value = doc.get("ts")
+    if value is None:
+        raise _fail(REASON_MISSING_FIELD, "field 'ts' is missing; send the event time as epoch milliseconds")
+    if type(value) is not int:
+        raise _fail(REASON_WRONG_TYPE, f"field 'ts' must be an integer of epoch milliseconds, got {type(value).__name__}")
+    if value < MIN_TS_MS:
+        raise _fail(REASON_TS_TOO_OLD, f"field 'ts' is {value}, before 2000-01-01; send epoch milliseconds (not seconds)")
+    if value > now_ms + limits.max_future_skew_ms:
+        raise _fail(REASON_TS_FUTURE, f"field 'ts' is {value - now_ms} ms ahead of this worker's clock (limit {limits.max_future_skew_ms} ms); check the producer's clock and that ts is in milliseconds")
+    return value
+
+
+def _order_lines(doc: Mapping[str, Any]) -> tuple[OrderLine, ...]:
+    items = doc.get("items")
+    if items is None:
+        raise _fail(REASON_MISSING_FIELD, "field 'items' is missing; send a list of {item_id, quantity, price}")
+    if type(items) is not list:
+        raise _fail(REASON_WRONG_TYPE, f"field 'items' must be a list, got {type(items).__name__}")
+    if not 1 <= len(items) <= MAX_ORDER_ITEMS:
+        raise _fail(REASON_BAD_VALUE, f"field 'items' has {len(items)} lines; an order has 1 to {MAX_ORDER_ITEMS}")
+    lines = []
+    for index, item in enumerate(items):
+        where = f"items[{index}]"
+        if type(item) is not dict:
+            raise _fail(REASON_WRONG_TYPE, f"{where} must be an object, got {type(item).__name__}")
+        lines.append(OrderLine(_str(item, "item_id", where), _quantity(item, where), _price(item, "price", where)))
+    return tuple(lines)
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not JSON (strict JSON has no NaN or Infinity)")
+
+
+def decode_json_object(value: bytes | None, limits: ValidationLimits = DEFAULT_LIMITS) -> dict[str, Any]:
+    """Parse a message value into a JSON object, enforcing the size limit first."""
+    if value is None:
+        raise _fail(REASON_BAD_JSON, "message has no value (a tombstone?); input topics carry JSON events only")
+    if len(value) > limits.max_event_bytes:
+        raise _fail(REASON_OVERSIZED, f"message is {len(value)} bytes; the limit is {limits.max_event_bytes} (SHOPPULSE_MAX_EVENT_BYTES)")
+    try:
+        doc = json.loads(value, parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise _fail(REASON_BAD_JSON, f"value is not UTF-8 JSON ({str(exc)[:120]}); send one JSON object per message") from None
+    if type(doc) is not dict:
+        raise _fail(REASON_NOT_OBJECT, f"value is a JSON {type(doc).__name__}, not an object; send one JSON object per message")
+    return doc
+
+
+def event_from_dict(topic_kind: str, doc: Mapping[str, Any], now_ms: int,
+                    limits: ValidationLimits = DEFAULT_LIMITS) -> Event:
+    """Validate an already-decoded event document of a topic kind (see :data:`TOPIC_KINDS`)."""
+    version = doc.get("schema_version", CONTRACT_VERSION)
+    if version != CONTRACT_VERSION or type(version) is not int:
+        raise _fail(REASON_UNSUPPORTED_VERSION, f"schema_version {version!r} is not supported; this worker reads version {CONTRACT_VERSION}")
+    event_id = _str(doc, "event_id", topic_kind)
+    user_id = _str(doc, "user_id", topic_kind)
+    ts_ms = _ts(doc, now_ms, limits)
+    if topic_kind == TOPIC_KIND_VIEW:
+        return Event(KIND_VIEW, event_id, user_id, ts_ms,
+                     session_id=_str(doc, "session_id", topic_kind),
+                     item_id=_str(doc, "item_id", topic_kind),
+                     category=_str(doc, "category", topic_kind),
+                     price=_price(doc, "price", topic_kind), quantity=1)
+    if topic_kind == TOPIC_KIND_CART:
+        action = doc.get("action")
+        if action == "add":
+            kind = KIND_CART_ADD
+        elif action == "remove":
+            kind = KIND_CART_REMOVE
+        elif action is None:
+            raise _fail(REASON_MISSING_FIELD, "cart: field 'action' is missing; send \"add\" or \"remove\"")
+        else:
+            raise _fail(REASON_BAD_VALUE, f"cart: field 'action' is {str(action)[:40]!r}; send \"add\" or \"remove\"")
+        return Event(kind, event_id, user_id, ts_ms,
+                     session_id=_str(doc, "session_id", topic_kind),
+                     item_id=_str(doc, "item_id", topic_kind),
+                     category=_str(doc, "category", topic_kind, required=False),
+                     price=_price(doc, "price", topic_kind), quantity=_quantity(doc, topic_kind))
+    if topic_kind == TOPIC_KIND_ORDER:
+        return Event(KIND_ORDER, event_id, user_id, ts_ms,
+                     session_id=_str(doc, "session_id", topic_kind, required=False),
+                     order_id=_str(doc, "order_id", topic_kind),
+                     order_lines=_order_lines(doc),
+                     total=_price(doc, "total", topic_kind))
+    raise ValueError(f"unknown topic kind {topic_kind!r}; expected one of {TOPIC_KINDS}")
+
+
+def parse_event(topic_kind: str, key: bytes | None, value: bytes | None, now_ms: int,
+                limits: ValidationLimits = DEFAULT_LIMITS) -> Event:
+    """Validate one Kafka message of a topic kind; the key must be the event's user_id."""
+    event = event_from_dict(topic_kind, decode_json_object(value, limits), now_ms, limits)
+    expected_key = event.user_id.encode()
+    if key != expected_key:
+        shown = key[:40] if key is not None else None
+        raise _fail(REASON_WRONG_KEY, f"message key is {shown!r} but user_id is {event.user_id!r}; key every message by its user_id (UTF-8) so a shopper's events share a partition")
+    return event
+
+
+def event_to_dict(event: Event) -> dict[str, Any]:
+    """The contract document for an event (inverse of :func:`event_from_dict`)."""
+    doc: dict[str, Any] = {"schema_version": CONTRACT_VERSION, "event_id": event.event_id,
+                           "user_id": event.user_id, "ts": event.ts_ms}
+    if event.kind == KIND_ORDER:
+        doc["order_id"] = event.order_id
+        if event.session_id:
+            doc["session_id"] = event.session_id
+        doc["items"] = [{"item_id": line.item_id, "quantity": line.quantity, "price": line.price}
+                        for line in event.order_lines]
+        doc["total"] = event.total
+        return doc
+    doc["session_id"] = event.session_id
+    doc["item_id"] = event.item_id
+    if event.category or event.kind == KIND_VIEW:
+        doc["category"] = event.category
+    doc["price"] = event.price
+    if event.kind != KIND_VIEW:
+        doc["action"] = "add" if event.kind == KIND_CART_ADD else "remove"
+        doc["quantity"] = event.quantity
+    return doc
+
+
+def topic_kind_of(event: Event) -> str:
+    """Which input topic kind carries an event of this kind."""
+    if event.kind == KIND_VIEW:
+        return TOPIC_KIND_VIEW
+    if event.kind == KIND_ORDER:
+        return TOPIC_KIND_ORDER
+    return TOPIC_KIND_CART
+
+
+def encode_event(event: Event) -> bytes:
+    """Compact JSON bytes for an event, as producers put it on its topic."""
+    return json.dumps(event_to_dict(event), separators=(",", ":")).encode()

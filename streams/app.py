@@ -1,0 +1,174 @@
+"""The Faust worker: one agent over the three co-partitioned input topics.
+
+Per micro-batch (``stream.take_events(max_batch, within=max_wait)``) the agent hands the raw
+messages to :class:`streams.pipeline.BatchProcessor`, then
+
+* sends each invalid message, with its original key and bytes, to the dead-letter topic
+  with headers that say where it came from and why it was rejected;
+* writes each touched shopper's state once to the ``shopper_state`` table (rocksdict store,
+  changelog-backed), tied to that shopper's last event of the batch;
+* publishes one result per scored shopper to the scores topic.
+
+Faust acks the batch's events only after this body returns, and flushes the producer before
+it commits offsets, so every change reaches the changelog before its input offset is
+committed (at-least-once; replays are absorbed by the per-shopper event-id dedup).
+
+``stream.take()`` cannot write tables (faust-streaming #497), so the agent sets Faust's
+current-event context to the event a write belongs to, for that one write. Tests count every
+event to prove that nothing is lost or doubled and that recovery from the changelog is exact.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import ssl
+import time
+import weakref
+from typing import Any, AsyncIterator, Iterator
+
+import faust
+from faust.streams import _current_event
+from faust.types import EventT
+
+from features.events import ValidationLimits
+from features.spec import DEFAULT_FEATURE_SPEC
+from features.state import StateConfig
+from models.heuristic import PurchaseIntentHeuristic
+from streams.config import Settings
+from streams.kafka import BROKER_PROFILE_TANSU, ensure_topics, resolve_broker_profile, tansu_client_overrides
+from streams.metrics import HealthState, MetricsServer, WorkerMetrics
+from streams.pipeline import BatchProcessor, InputMessage
+
+log = logging.getLogger("shoppulse.worker")
+
+STATE_TABLE = "shopper_state"
+
+
+@contextlib.contextmanager
+def event_context(event: EventT) -> Iterator[None]:
+    """Make ``event`` Faust's current event for the body: table reads and writes use its partition."""
+    token = _current_event.set(weakref.ref(event))
+    try:
+        yield
+    finally:
+        _current_event.reset(token)
+
+
+def faust_credentials(settings: Settings) -> Any:
+    """Faust/aiokafka credentials for the configured security protocol, or None for PLAINTEXT."""
+    context = None
+    if settings.security_protocol.endswith("SSL"):
+        context = ssl.create_default_context(cafile=settings.ssl_cafile or None)
+        if settings.ssl_certfile:
+            context.load_cert_chain(settings.ssl_certfile, settings.ssl_keyfile or None)
+    if settings.security_protocol.startswith("SASL"):
+        return faust.SASLCredentials(username=settings.sasl_username, password=settings.sasl_password,
+                                     mechanism=settings.sasl_mechanism, ssl_context=context)
+    if context is not None:
+        return faust.SSLCredentials(context)
+    return None
+
+
+class ScoringWorker:
+    """The Faust app, its topics, table and agent, built from :class:`Settings`."""
+
+    def __init__(self, settings: Settings, metrics: WorkerMetrics | None = None) -> None:
+        self.settings = settings
+        self.profile = resolve_broker_profile(settings)
+        self.metrics = metrics or WorkerMetrics()
+        self.health = HealthState()
+        overrides = tansu_client_overrides() if self.profile == BROKER_PROFILE_TANSU else {}
+        self.app = faust.App(
+            settings.app_id,
+            broker=[f"kafka://{server.strip()}" for server in settings.bootstrap_servers.split(",")],
+            broker_credentials=faust_credentials(settings),
+            store="rocksdb://",
+            datadir=str(settings.data_dir),
+            topic_partitions=settings.partitions,
+            topic_replication_factor=settings.replication_factor,
+            web_bind="127.0.0.1",
+            web_port=settings.web_port,
+            web_enabled=False,
+            autodiscover=False,
+            consumer_auto_offset_reset="earliest",
+            **overrides,
+        )
+        raw = {"key_serializer": "raw", "value_serializer": "raw"}
+        self.inputs = self.app.topic(*settings.input_topics, partitions=settings.partitions, **raw)
+        self.scores_topic = self.app.topic(settings.topic_scores, **raw)
+        self.dead_letter_topic = self.app.topic(settings.topic_dead_letter, **raw)
+        self.table = self.app.Table(STATE_TABLE, key_type=bytes, value_type=bytes, partitions=settings.partitions,
+                                    help="Per-shopper feature state (features.encoding), keyed by user_id")
+        self.processor = BatchProcessor(
+            topic_kinds=dict(zip(settings.input_topics, ("page_view", "cart", "order"))),
+            state_config=StateConfig(), spec=DEFAULT_FEATURE_SPEC, scorer=PurchaseIntentHeuristic(DEFAULT_FEATURE_SPEC),
+            limits=ValidationLimits(settings.max_event_bytes, settings.max_future_skew_ms), metrics=self.metrics)
+        self.metrics_server: MetricsServer | None = None
+        self.app.agent(self.inputs, name="score_shoppers")(self._score_shoppers)
+        self.app.timer(1.0)(self._refresh_readiness)
+        self.app.on_partitions_assigned.connect(self._on_assigned)
+        self.app.on_startup_finished = self._on_startup_finished
+
+    def _load_state(self, message: InputMessage, key: bytes) -> bytes | None:
+        with event_context(message.handle):
+            return self.table.get(key)
+
+    async def _score_shoppers(self, stream: faust.StreamT) -> AsyncIterator[None]:
+        within_s = self.settings.max_wait_ms / 1000.0
+        async for events in stream.take_events(self.settings.max_batch, within=within_s):
+            messages = [InputMessage(e.message.topic, e.message.partition, e.message.offset,
+                                     e.message.key, e.message.value, e) for e in events]
+            outcome = self.processor.process(messages, self._load_state)
+            failed_at_ms = int(time.time() * 1000)
+            for dead in outcome.dead_letters:
+                await self.dead_letter_topic.send(key=dead.message.key, value=dead.message.value,
+                                                  headers=dead.headers(failed_at_ms))
+                self.metrics.dead_lettered.labels(dead.reason).inc()
+                log.debug("dead-lettered %s[%d]@%d: %s", dead.message.topic, dead.message.partition,
+                          dead.message.offset, dead.detail)
+            for shopper in outcome.scored:
+                with event_context(shopper.last_message.handle):
+                    self.table[shopper.key] = shopper.state_bytes
+                await self.scores_topic.send(key=shopper.key, value=shopper.result)
+            self.metrics.results_published.labels(self.settings.topic_scores).inc(len(outcome.scored))
+            yield None
+
+    async def _refresh_readiness(self) -> None:
+        recovered = self.app.tables.recovery.completed.is_set()
+        assigned = bool(self.app.consumer.assignment()) if self.app.consumer else False
+        ready = recovered and not self.app.rebalancing and assigned
+        self.health.ready = ready
+        self.health.reason = "ready" if ready else ("rebalancing" if self.app.rebalancing else
+                                                    "recovering tables" if not recovered else "no partitions assigned")
+        self.metrics.ready.set(1 if ready else 0)
+
+    async def _on_assigned(self, sender: Any, assigned: set[Any], **kwargs: Any) -> None:
+        mine = sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned if tp.topic in self.settings.input_topics)
+        log.info("assigned %d input partitions: %s", len(mine), ", ".join(mine) or "none")
+
+    async def _on_startup_finished(self) -> None:
+        # The worker's spinner/log setup leaves the root logger at DEBUG, and every aiokafka and
+        # Faust debug call then builds a record that is thrown away (13% of CPU, measured).
+        logging.getLogger().setLevel(self.settings.log_level.upper())
+        for noisy in ("faust", "aiokafka", "mode"):
+            logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+        log.info("worker started: broker %s (%s profile), inputs %s, scores -> %s, dead letters -> %s, "
+                 "micro-batch %d events / %d ms, state in %s", self.settings.bootstrap_servers, self.profile,
+                 ", ".join(self.settings.input_topics), self.settings.topic_scores, self.settings.topic_dead_letter,
+                 self.settings.max_batch, self.settings.max_wait_ms, self.settings.data_dir)
+
+    def run(self) -> int:
+        """Create topics, start the metrics server and run the worker until SIGINT/SIGTERM."""
+        ensure_topics(self.settings)
+        self.metrics_server = MetricsServer(self.metrics, self.health, self.settings.metrics_host,
+                                            self.settings.metrics_port).start()
+        worker = faust.Worker(self.app, loglevel=self.settings.log_level.lower().replace("warning", "warn"),
+                              quiet=True, redirect_stdouts=False)
+        try:
+            worker.execute_from_commandline()
+        except SystemExit as exc:
+            return int(exc.code or 0)
+        finally:
+            self.health.alive = False
+            self.metrics_server.stop()
+        return 0

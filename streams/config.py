@@ -1,0 +1,175 @@
+"""ShopPulse settings: one object, read from environment variables with documented defaults.
+
+Every setting is listed in :data:`SETTINGS_DOC` (the README's configuration table is made
+from it, and a test keeps the two in step). Kafka connection settings use the usual names
+(``KAFKA_BOOTSTRAP_SERVERS``, ``KAFKA_SECURITY_PROTOCOL``, ``KAFKA_SASL_*``, ``KAFKA_SSL_*``)
+so the same worker runs against the embedded broker and a production Apache Kafka cluster.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+BROKER_PROFILE_AUTO = "auto"
+BROKER_PROFILE_KAFKA = "kafka"
+BROKER_PROFILE_TANSU = "tansu"
+BROKER_PROFILES = (BROKER_PROFILE_AUTO, BROKER_PROFILE_KAFKA, BROKER_PROFILE_TANSU)
+
+
+class ConfigError(ValueError):
+    """A setting has a value the worker cannot use; the message names the variable."""
+
+
+# name -> (env var, default, meaning)
+SETTINGS_DOC: dict[str, tuple[str, str, str]] = {
+    "bootstrap_servers": ("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092", "Kafka brokers, host:port[,host:port]"),
+    "security_protocol": ("KAFKA_SECURITY_PROTOCOL", "PLAINTEXT", "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL"),
+    "sasl_mechanism": ("KAFKA_SASL_MECHANISM", "", "PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 (with SASL_*)"),
+    "sasl_username": ("KAFKA_SASL_USERNAME", "", "SASL user name"),
+    "sasl_password": ("KAFKA_SASL_PASSWORD", "", "SASL password (never logged)"),
+    "ssl_cafile": ("KAFKA_SSL_CAFILE", "", "CA bundle (PEM) to verify the brokers"),
+    "ssl_certfile": ("KAFKA_SSL_CERTFILE", "", "client certificate (PEM) for mutual TLS"),
+    "ssl_keyfile": ("KAFKA_SSL_KEYFILE", "", "client private key (PEM) for mutual TLS"),
+    "broker_profile": ("SHOPPULSE_BROKER_PROFILE", "auto", "auto (detect the embedded Tansu broker by cluster id), kafka or tansu"),
+    "app_id": ("SHOPPULSE_APP_ID", "shoppulse", "Faust app id: consumer group and changelog topic prefix"),
+    "topic_page_views": ("SHOPPULSE_TOPIC_PAGE_VIEWS", "shop.page_views", "input topic of page views"),
+    "topic_cart": ("SHOPPULSE_TOPIC_CART", "shop.cart", "input topic of cart changes"),
+    "topic_orders": ("SHOPPULSE_TOPIC_ORDERS", "shop.orders", "input topic of orders"),
+    "topic_scores": ("SHOPPULSE_TOPIC_SCORES", "shoppulse.scores", "output topic of per-shopper scores"),
+    "topic_dead_letter": ("SHOPPULSE_TOPIC_DEAD_LETTER", "shoppulse.dead_letter", "invalid input, original bytes plus reason headers"),
+    "partitions": ("SHOPPULSE_PARTITIONS", "4", "partitions of every topic ShopPulse creates (inputs must match)"),
+    "replication_factor": ("SHOPPULSE_REPLICATION_FACTOR", "1", "replication factor of topics ShopPulse creates"),
+    "create_topics": ("SHOPPULSE_CREATE_TOPICS", "true", "create missing topics at start-up"),
+    "data_dir": ("SHOPPULSE_DATA_DIR", "./var/worker", "where the worker keeps its RocksDB tables"),
+    "max_batch": ("SHOPPULSE_MAX_BATCH", "1000", "micro-batch: most events handled in one step"),
+    "max_wait_ms": ("SHOPPULSE_MAX_WAIT_MS", "50", "micro-batch: longest wait, in ms, for a batch to fill"),
+    "max_event_bytes": ("SHOPPULSE_MAX_EVENT_BYTES", "65536", "larger input messages are dead-lettered as oversized"),
+    "max_future_skew_ms": ("SHOPPULSE_MAX_FUTURE_SKEW_MS", "300000", "events stamped further ahead of the worker clock are dead-lettered"),
+    "metrics_host": ("SHOPPULSE_METRICS_HOST", "127.0.0.1", "address of the /metrics, /healthz, /readyz server"),
+    "metrics_port": ("SHOPPULSE_METRICS_PORT", "9108", "port of that server (0 = pick a free one)"),
+    "web_port": ("SHOPPULSE_FAUST_WEB_PORT", "6066", "Faust's own web server port (bound to 127.0.0.1)"),
+    "log_level": ("SHOPPULSE_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
+}
+
+
+def _as_bool(name: str, text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigError(f"{name}={text!r} is not a boolean; use true or false")
+
+
+def _as_int(name: str, text: str, minimum: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise ConfigError(f"{name}={text!r} is not a whole number") from None
+    if value < minimum:
+        raise ConfigError(f"{name}={value} is below the minimum {minimum}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """All ShopPulse settings; build with :meth:`from_env`. Times carry their unit in the name."""
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str = ""
+    sasl_username: str = ""
+    sasl_password: str = field(default="", repr=False)
+    ssl_cafile: str = ""
+    ssl_certfile: str = ""
+    ssl_keyfile: str = ""
+    broker_profile: str = BROKER_PROFILE_AUTO
+    app_id: str = "shoppulse"
+    topic_page_views: str = "shop.page_views"
+    topic_cart: str = "shop.cart"
+    topic_orders: str = "shop.orders"
+    topic_scores: str = "shoppulse.scores"
+    topic_dead_letter: str = "shoppulse.dead_letter"
+    partitions: int = 4
+    replication_factor: int = 1
+    create_topics: bool = True
+    data_dir: Path = Path("./var/worker")
+    max_batch: int = 1000
+    max_wait_ms: int = 50
+    max_event_bytes: int = 65536
+    max_future_skew_ms: int = 300_000
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9108
+    web_port: int = 6066
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
+        """Read every setting from ``environ`` (default ``os.environ``); ``overrides`` win."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            var, default, _ = SETTINGS_DOC[f.name]
+            text = env.get(var, default)
+            if f.type in ("int", int):
+                values[f.name] = _as_int(var, text, 0)
+            elif f.type in ("bool", bool):
+                values[f.name] = _as_bool(var, text)
+            elif f.type in ("Path", Path):
+                values[f.name] = Path(text)
+            else:
+                values[f.name] = text.strip()
+        values.update(overrides)
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the variable of the first unusable value."""
+        if self.broker_profile not in BROKER_PROFILES:
+            raise ConfigError(f"SHOPPULSE_BROKER_PROFILE={self.broker_profile!r}; use one of {', '.join(BROKER_PROFILES)}")
+        if self.security_protocol not in ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"):
+            raise ConfigError(f"KAFKA_SECURITY_PROTOCOL={self.security_protocol!r}; use PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL")
+        if self.security_protocol.startswith("SASL") and not (self.sasl_mechanism and self.sasl_username):
+            raise ConfigError("KAFKA_SECURITY_PROTOCOL uses SASL but KAFKA_SASL_MECHANISM or KAFKA_SASL_USERNAME is empty; set both")
+        if self.partitions < 1:
+            raise ConfigError("SHOPPULSE_PARTITIONS must be at least 1")
+        if self.max_batch < 1:
+            raise ConfigError("SHOPPULSE_MAX_BATCH must be at least 1")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ConfigError(f"SHOPPULSE_LOG_LEVEL={self.log_level!r}; use DEBUG, INFO, WARNING or ERROR")
+        topics = self.input_topics + (self.topic_scores, self.topic_dead_letter)
+        if len(set(topics)) != len(topics):
+            raise ConfigError(f"topic names must differ, got {topics}")
+
+    @property
+    def input_topics(self) -> tuple[str, str, str]:
+        """Input topic names, in the order page views, cart, orders."""
+        return (self.topic_page_views, self.topic_cart, self.topic_orders)
+
+    @property
+    def topic_by_kind(self) -> dict[str, str]:
+        """Input topic name by contract kind (``page_view``, ``cart``, ``order``)."""
+        return {"page_view": self.topic_page_views, "cart": self.topic_cart, "order": self.topic_orders}
+
+    def librdkafka_config(self) -> dict[str, str]:
+        """Connection settings for confluent-kafka clients (producer, consumer, admin)."""
+        config = {"bootstrap.servers": self.bootstrap_servers, "security.protocol": self.security_protocol}
+        if self.security_protocol.startswith("SASL"):
+            config.update({"sasl.mechanism": self.sasl_mechanism, "sasl.username": self.sasl_username,
+                           "sasl.password": self.sasl_password})
+        if self.security_protocol.endswith("SSL"):
+            for key, value in (("ssl.ca.location", self.ssl_cafile), ("ssl.certificate.location", self.ssl_certfile),
+                               ("ssl.key.location", self.ssl_keyfile)):
+                if value:
+                    config[key] = value
+        return config
+
+    def redacted(self) -> dict[str, Any]:
+        """Settings as a dict safe to log: secrets masked."""
+        shown = {f.name: getattr(self, f.name) for f in fields(self)}
+        if shown["sasl_password"]:
+            shown["sasl_password"] = "***"
+        return shown

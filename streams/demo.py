@@ -1,0 +1,177 @@
+"""``make demo``: the embedded broker, a worker and the generator, with a live view.
+
+Everything runs on this machine: Tansu on a free 127.0.0.1 port, the worker as a child
+process (exactly what ``shoppulse worker`` runs), the generator in a thread at a fixed rate.
+Every second it prints events in, results out and dead letters; every few seconds an example
+result. Ctrl-C, SIGTERM or ``--duration`` stops everything and leaves no process behind.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from confluent_kafka import KafkaError
+
+from streams.broker import EmbeddedBroker, _die_with_parent, free_port
+from streams.config import SETTINGS_DOC, Settings
+from streams.kafka import ensure_topics
+from streams.tail import output_consumer
+
+DEMO_DIR = Path("var/demo")
+#: Share of deliberately malformed events, so the dead-letter path shows up in the demo.
+DEMO_MALFORMED_FRACTION = 0.005
+
+
+def worker_environment(settings: Settings) -> dict[str, str]:
+    """Environment for a ``shoppulse worker`` child with these settings."""
+    env = dict(os.environ)
+    for name, (var, _, _) in SETTINGS_DOC.items():
+        env[var] = str(getattr(settings, name))
+    return env
+
+
+def start_worker(settings: Settings, log_path: Path) -> subprocess.Popen[bytes]:
+    """Start ``shoppulse worker`` as a child that dies with this process; output to ``log_path``."""
+    with open(log_path, "ab") as log_file:
+        return subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"], env=worker_environment(settings),
+                                stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                preexec_fn=_die_with_parent)
+
+
+def stop_process(process: subprocess.Popen[bytes], timeout_s: float = 20.0) -> int:
+    """SIGTERM (graceful: the worker commits and closes its tables), SIGKILL after ``timeout_s``."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
+
+
+class _Generator(threading.Thread):
+    """Produces simulated traffic at a rate until stopped; counts what it handed over."""
+
+    def __init__(self, settings: Settings, rate_per_s: float, seed: int) -> None:
+        super().__init__(name="demo-generator", daemon=True)
+        self.settings, self.rate_per_s, self.seed = settings, rate_per_s, seed
+        self.stop_event = threading.Event()
+        self.sent = 0
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        from streams.generator import GeneratorConfig, ShopSimulator
+        from streams.producer import produce
+
+        config = GeneratorConfig(seed=self.seed, malformed_fraction=DEMO_MALFORMED_FRACTION, clock="live")
+        messages = itertools.takewhile(lambda _: not self.stop_event.is_set(), ShopSimulator(config).messages())
+
+        def counted():
+            for message in messages:
+                self.sent += 1
+                yield message
+        try:
+            produce(counted(), self.settings.topic_by_kind, self.settings.librdkafka_config(),
+                    rate_per_s=self.rate_per_s, progress=False)
+        except BaseException as exc:  # shown by the main thread
+            self.error = exc
+
+
+def run_demo(settings: Settings, duration_s: float = 0, rate_per_s: float = 2000, seed: int = 7) -> int:
+    """Run the demo until Ctrl-C, SIGTERM or ``duration_s`` seconds (0 = no limit)."""
+    started = time.monotonic()
+    shutil.rmtree(DEMO_DIR, ignore_errors=True)
+    DEMO_DIR.mkdir(parents=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+
+    print("ShopPulse demo: starting the embedded broker, a worker and the generator …", flush=True)
+    broker = EmbeddedBroker(log_path=DEMO_DIR / "broker.log").start()
+    worker = None
+    generator = None
+    consumer = None
+    try:
+        settings = dataclasses.replace(settings, bootstrap_servers=broker.bootstrap_servers, data_dir=DEMO_DIR / "worker",
+                                       metrics_port=settings.metrics_port or free_port(), web_port=free_port())
+        ensure_topics(settings)
+        worker = start_worker(settings, DEMO_DIR / "worker.log")
+        generator = _Generator(settings, rate_per_s, seed)
+        generator.start()
+        consumer = output_consumer(settings, [settings.topic_scores, settings.topic_dead_letter], from_beginning=True,
+                                   name="demo")
+        print(f"  broker   {broker.bootstrap_servers} (Tansu, in memory; log {DEMO_DIR / 'broker.log'})")
+        print(f"  worker   pid {worker.pid}, log {DEMO_DIR / 'worker.log'}")
+        print(f"  metrics  http://{settings.metrics_host}:{settings.metrics_port}/metrics  (/healthz, /readyz)")
+        print(f"  topics   in: {', '.join(settings.input_topics)}  out: {settings.topic_scores}  "
+              f"dead letters: {settings.topic_dead_letter}")
+        print(f"  traffic  {rate_per_s:,.0f} events/s, {DEMO_MALFORMED_FRACTION:.1%} deliberately malformed; Ctrl-C stops",
+              flush=True)
+        return _watch(settings, consumer, generator, worker, stop, started, duration_s)
+    finally:
+        if generator is not None:
+            generator.stop_event.set()
+            generator.join(timeout=10)
+        if consumer is not None:
+            consumer.close()
+        if worker is not None:
+            code = stop_process(worker)
+            print(f"worker stopped (exit code {code})")
+        broker.stop()
+        print("broker stopped; demo over.", flush=True)
+
+
+def _watch(settings: Settings, consumer, generator: _Generator, worker: subprocess.Popen[bytes],
+           stop: threading.Event, started: float, duration_s: float) -> int:
+    results = dead = 0
+    first_result_s: float | None = None
+    last_tick = time.monotonic()
+    last_sent = last_results = 0
+    example_every_s, last_example = 5.0, 0.0
+    latest_example: str | None = None
+    while not stop.is_set():
+        now = time.monotonic()
+        if duration_s and now - started >= duration_s:
+            break
+        if worker.poll() is not None:
+            print(f"the worker exited with code {worker.returncode}; see {DEMO_DIR / 'worker.log'}", file=sys.stderr)
+            return 1
+        if generator.error is not None:
+            print(f"the generator failed: {generator.error}", file=sys.stderr)
+            return 1
+        message = consumer.poll(0.2)
+        if message is not None and not message.error():
+            if message.topic() == settings.topic_scores:
+                results += 1
+                latest_example = message.value().decode()
+                if first_result_s is None:
+                    first_result_s = time.monotonic() - started
+                    print(f"first result {first_result_s:.1f} s after start", flush=True)
+            else:
+                dead += 1
+        elif message is not None and message.error().code() != KafkaError._PARTITION_EOF:
+            print(f"reading outputs: {message.error()}", file=sys.stderr)
+        if now - last_tick >= 1.0:
+            span = now - last_tick
+            print(f"[{now - started:5.0f} s] in {(generator.sent - last_sent) / span:7,.0f} events/s | "
+                  f"out {(results - last_results) / span:7,.0f} results/s | totals: {generator.sent:,} in, "
+                  f"{results:,} results, {dead:,} dead letters", flush=True)
+            last_tick, last_sent, last_results = now, generator.sent, results
+            if latest_example and now - last_example >= example_every_s:
+                doc = json.loads(latest_example)
+                print(f"    example: user {doc['user_id']} scores {doc['scores']} (trigger {doc['trigger_event_id']})",
+                      flush=True)
+                last_example = now
+    print(f"summary: {generator.sent:,} events in, {results:,} results out, {dead:,} dead letters, "
+          f"first result after {first_result_s if first_result_s is not None else float('nan'):.1f} s", flush=True)
+    return 0

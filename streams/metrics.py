@@ -1,0 +1,122 @@
+"""Prometheus metrics and the worker's HTTP endpoints: ``/metrics``, ``/healthz``, ``/readyz``.
+
+Names follow Prometheus conventions: counters end in ``_total``, durations are in seconds.
+:data:`METRIC_NAMES` lists every exported family; deploy/ rules and dashboards may use only these.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+log = logging.getLogger(__name__)
+
+# Buckets in seconds, chosen for a millisecond-scale pipeline.
+LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_SIZE_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
+
+
+class WorkerMetrics:
+    """The worker's metric families, registered on one registry (a fresh one per worker in tests)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.events_consumed = Counter("shoppulse_events_consumed_total", "Input messages consumed, by topic",
+                                       ["topic"], registry=r)
+        self.invalid_events = Counter("shoppulse_invalid_events_total", "Input messages that broke their contract, by reason",
+                                      ["reason"], registry=r)
+        self.dead_lettered = Counter("shoppulse_dead_letter_total", "Messages written to the dead-letter topic, by reason",
+                                     ["reason"], registry=r)
+        self.late_events = Counter("shoppulse_late_events_total", "Valid events older than the grace period, not applied",
+                                   registry=r)
+        self.duplicate_events = Counter("shoppulse_duplicate_events_total", "Valid events seen before (same event_id), applied once",
+                                        registry=r)
+        self.state_decode_errors = Counter("shoppulse_state_decode_errors_total",
+                                           "Stored shopper states that could not be decoded and were reset", registry=r)
+        self.results_published = Counter("shoppulse_results_published_total", "Output messages published, by topic",
+                                         ["topic"], registry=r)
+        self.batch_size = Histogram("shoppulse_batch_size", "Input messages per micro-batch", buckets=BATCH_SIZE_BUCKETS,
+                                    registry=r)
+        self.batch_seconds = Histogram("shoppulse_batch_processing_seconds", "Time to process one micro-batch",
+                                       buckets=LATENCY_BUCKETS_S, registry=r)
+        self.end_to_end_seconds = Histogram("shoppulse_end_to_end_latency_seconds",
+                                            "From event ts to its result being handed to the producer",
+                                            buckets=LATENCY_BUCKETS_S, registry=r)
+        self.shoppers_in_batch = Histogram("shoppulse_shoppers_per_batch", "Distinct shoppers scored per micro-batch",
+                                           buckets=BATCH_SIZE_BUCKETS, registry=r)
+        self.ready = Gauge("shoppulse_ready", "1 when partitions are assigned and tables recovered", registry=r)
+
+
+METRIC_NAMES = (
+    "shoppulse_events_consumed_total", "shoppulse_invalid_events_total", "shoppulse_dead_letter_total",
+    "shoppulse_late_events_total", "shoppulse_duplicate_events_total", "shoppulse_state_decode_errors_total",
+    "shoppulse_results_published_total", "shoppulse_batch_size", "shoppulse_batch_processing_seconds",
+    "shoppulse_end_to_end_latency_seconds", "shoppulse_shoppers_per_batch", "shoppulse_ready",
+)
+
+
+class HealthState:
+    """What ``/healthz`` and ``/readyz`` report; the worker flips these as it runs."""
+
+    def __init__(self) -> None:
+        self.alive = True
+        self.ready = False
+        self.reason = "starting"
+
+
+class MetricsServer:
+    """A small threaded HTTP server for ``/metrics``, ``/healthz`` and ``/readyz``.
+
+    Args:
+        host: address to bind (``127.0.0.1`` keeps it local; ``0.0.0.0`` for a scraper elsewhere).
+        port: TCP port; 0 lets the OS pick (see :attr:`port` after :meth:`start`).
+    """
+
+    def __init__(self, metrics: WorkerMetrics, health: HealthState, host: str, port: int) -> None:
+        self.metrics = metrics
+        self.health = health
+        registry = metrics.registry
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server API
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    self._reply(200, generate_latest(registry), CONTENT_TYPE_LATEST)
+                elif path == "/healthz":
+                    self._reply(200 if health.alive else 503, b"ok\n" if health.alive else b"dead\n")
+                elif path == "/readyz":
+                    body = ("ready\n" if health.ready else f"not ready: {health.reason}\n").encode()
+                    self._reply(200 if health.ready else 503, body)
+                else:
+                    self._reply(404, b"try /metrics, /healthz or /readyz\n")
+
+            def _reply(self, status: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - quiet access log
+                pass
+
+        self._server = ThreadingHTTPServer((host, port), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, name="shoppulse-metrics", daemon=True)
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> "MetricsServer":
+        self._thread.start()
+        log.info("metrics on %s/metrics (health: /healthz, readiness: /readyz)", self.url)
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

@@ -1,0 +1,57 @@
+"""``shoppulse tail TOPIC``: an example consumer that pretty-prints any ShopPulse topic."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+
+from confluent_kafka import Consumer, KafkaError, Message
+
+from streams.config import Settings
+
+
+def output_consumer(settings: Settings, topics: list[str], from_beginning: bool, name: str = "tail") -> Consumer:
+    """A consumer in a throwaway group that never commits: reading does not disturb anyone."""
+    consumer = Consumer({**settings.librdkafka_config(), "group.id": f"shoppulse-{name}-{os.getpid()}",
+                         "enable.auto.commit": False, "session.timeout.ms": 6000,
+                         "auto.offset.reset": "earliest" if from_beginning else "latest", "log_level": 3})
+    consumer.subscribe(topics)
+    return consumer
+
+
+def format_message(message: Message) -> str:
+    """One readable block: where the message is, its key, headers and a pretty JSON value."""
+    key = (message.key() or b"").decode(errors="replace")
+    lines = [f"{message.topic()}[{message.partition()}]@{message.offset()} key={key}"]
+    for name, value in message.headers() or []:
+        lines.append(f"  {name}: {(value or b'').decode(errors='replace')}")
+    raw = message.value()
+    try:
+        lines.append(json.dumps(json.loads(raw), indent=2, ensure_ascii=False))
+    except (TypeError, ValueError, UnicodeDecodeError):
+        lines.append(f"  (not JSON) {raw[:200]!r}")
+    return "\n".join(lines)
+
+
+def tail(settings: Settings, topic: str, from_beginning: bool = False, limit: int = 0) -> int:
+    """Print messages of ``topic`` until Ctrl-C or ``limit`` messages (0 = no limit)."""
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    consumer = output_consumer(settings, [topic], from_beginning)
+    shown = 0
+    try:
+        while not stop.is_set() and (limit == 0 or shown < limit):
+            message = consumer.poll(0.5)
+            if message is None:
+                continue
+            if message.error():
+                if message.error().code() != KafkaError._PARTITION_EOF:
+                    print(f"error reading {topic}: {message.error()}", flush=True)
+                continue
+            print(format_message(message), flush=True)
+            shown += 1
+    finally:
+        consumer.close()
+    return 0
