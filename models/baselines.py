@@ -53,7 +53,7 @@ class CooccurrenceRecommender:
         self.decay = float(decay)
         self.pop_weight = float(pop_weight)
         self.num_items = 0
-        self._ct: torch.Tensor | None = None  # C transposed, sparse CSR [n+1, n+1]
+        self._ct: torch.Tensor | None = None  # C transposed, sparse COO [n+1, n+1]
         self._pop = torch.zeros(1)
 
     def fit(self, sequences: Sequence[Sequence[int]], num_items: int) -> "CooccurrenceRecommender":
@@ -73,10 +73,9 @@ class CooccurrenceRecommender:
             s = t = np.zeros(0, dtype=np.int64)
             w = np.zeros(0, dtype=np.float32)
         # store the transpose so that scores^T = C^T @ H^T is a sparse @ dense product
-        ct = torch.sparse_coo_tensor(
-            torch.from_numpy(np.stack([t, s])), torch.from_numpy(w), (n, n)
+        self._ct = torch.sparse_coo_tensor(
+            torch.from_numpy(np.stack([t, s])), torch.from_numpy(w), (n, n), check_invariants=False
         ).coalesce()
-        self._ct = ct.to_sparse_csr()
         pop = PopularityRecommender().fit(sequences, num_items).counts
         self._pop = pop / max(float(pop.max()), 1.0)
         self.num_items = int(num_items)
@@ -91,7 +90,7 @@ class CooccurrenceRecommender:
             tail = list(hist[-self.history_len:])[::-1]
             for j, item in enumerate(tail):
                 h[item, col] += self.decay ** j
-        scores = (self._ct @ h).T.contiguous()
+        scores = torch.sparse.mm(self._ct, h).T.contiguous()
         return scores + self.pop_weight * self._pop.unsqueeze(0)
 
     def recommend(self, histories: Sequence[Sequence[int]], k: int = 10, exclude_history: bool = True):

@@ -277,6 +277,7 @@ def train_nextitem(
     if not windows:
         raise ValueError("no training sequence has 2 or more items; nothing to learn from")
     data = pad_left(windows, model_cfg.max_len + 1)
+    data = data.to(device)  # small: keep the whole training set on the device
     inputs_all, targets_all = data[:, :-1], data[:, 1:]
 
     decay, no_decay = [], []
@@ -301,9 +302,8 @@ def train_nextitem(
         total, steps = 0.0, 0
         batches = range(0, len(perm), tc.batch_size)
         for s in tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=not tc.progress, dynamic_ncols=True):
-            idx = perm[s:s + tc.batch_size]
-            x = inputs_all[idx].to(device, non_blocking=True)
-            y = targets_all[idx].to(device, non_blocking=True)
+            idx = perm[s:s + tc.batch_size].to(device)
+            x, y = inputs_all[idx], targets_all[idx]
             loss = model.loss(x, y, tc.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import signal
 import sys
@@ -48,8 +49,10 @@ def _simulator_messages(args: argparse.Namespace):
     from streams.generator import GeneratorConfig, ShopSimulator
 
     config = GeneratorConfig(seed=args.seed, n_shoppers=args.shoppers, malformed_fraction=args.malformed_fraction,
-                             clock=args.clock)
-    return ShopSimulator(config).messages(limit=args.count)
+                             clock=args.clock, duration_days=args.days)
+    if args.clock == "simulated":  # end the simulated span at now: the worker rejects future event times
+        config = dataclasses.replace(config, start_ms=int(time.time() * 1000) - config.span_ms)
+    return ShopSimulator(config).messages(limit=args.count or None)
 
 
 def _send(messages, args: argparse.Namespace, settings: Settings) -> int:
@@ -82,9 +85,14 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
         messages = replay.read_jsonl(path)
     else:
         reader = replay.read_rees46_csv if args.format == "rees46" else replay.read_otto_jsonl
-        events = list(reader(path))
-        if not args.keep_times:
-            events = list(replay.rebase_times(events, int(time.time() * 1000) - args.span_ms))
+        events = sorted(reader(path), key=lambda e: e.ts_ms)  # OTTO comes session by session
+        if events and not args.keep_times:
+            # Faster than recorded: end the shifted times at now (none in the future);
+            # at recorded speed or slower: start at now, so ts tracks the wall clock.
+            span_ms = events[-1].ts_ms - events[0].ts_ms
+            now_ms = int(time.time() * 1000)
+            start_ms = now_ms if args.speed is not None and args.speed <= 1 else now_ms - span_ms
+            events = list(replay.rebase_times(events, start_ms))
         messages = replay.events_to_messages(replay.paced(events, lambda e: e.ts_ms, args.speed))
     return _send(messages, args, settings)
 
@@ -125,7 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser("generate", help="synthetic shop traffic to the input topics or a JSONL file")
-    p.add_argument("--count", type=int, default=10_000, help="messages to send (0 = until Ctrl-C)")
+    p.add_argument("--count", type=int, default=10_000,
+                   help="messages to send (0 = the whole simulated span, see --days)")
+    p.add_argument("--days", type=float, default=28.0, help="simulated span in days")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--shoppers", type=int, default=5_000)
     p.add_argument("--malformed-fraction", type=float, default=0.0, help="share of deliberately invalid messages")
@@ -138,8 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path")
     p.add_argument("--format", choices=("jsonl", "rees46", "otto"), default="jsonl")
     p.add_argument("--speed", type=float, default=None, help="x recorded speed (default: as fast as possible)")
-    p.add_argument("--keep-times", action="store_true", help="keep recorded event times (default: shift to now)")
-    p.add_argument("--span-ms", type=int, default=0, help="with shifting: the first event lands this long before now")
+    p.add_argument("--keep-times", action="store_true",
+                   help="keep recorded event times (default: shift them to now, keeping the gaps)")
     add_output_options(p)
     p.set_defaults(func=cmd_replay)
 

@@ -29,6 +29,9 @@ from streams.tail import output_consumer
 DEMO_DIR = Path("var/demo")
 #: Share of deliberately malformed events, so the dead-letter path shows up in the demo.
 DEMO_MALFORMED_FRACTION = 0.005
+#: Simulated span behind the live traffic: long enough that the stream does not run dry
+#: (28 days of 10k shoppers is ~650k events, five minutes at 2,000 events/s).
+DEMO_SIMULATED_DAYS = 3650.0
 
 
 def worker_environment(settings: Settings) -> dict[str, str]:
@@ -73,7 +76,8 @@ class _Generator(threading.Thread):
         from streams.generator import GeneratorConfig, ShopSimulator
         from streams.producer import produce
 
-        config = GeneratorConfig(seed=self.seed, malformed_fraction=DEMO_MALFORMED_FRACTION, clock="live")
+        config = GeneratorConfig(seed=self.seed, malformed_fraction=DEMO_MALFORMED_FRACTION, clock="live",
+                                 duration_days=DEMO_SIMULATED_DAYS)
         messages = itertools.takewhile(lambda _: not self.stop_event.is_set(), ShopSimulator(config).messages())
 
         def counted():

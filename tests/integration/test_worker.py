@@ -1,0 +1,147 @@
+"""The worker end to end on the embedded broker: every event is scored or dead-lettered, and the
+state it keeps is exactly what the offline replay of the same events computes — also after the
+worker loses its data directory and restores the table from the changelog."""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from features.encoding import decode_state, encode_state
+from features.events import parse_event
+from features.offline import final_states
+from features.spec import DEFAULT_FEATURE_SPEC
+from streams.app import STATE_TABLE
+from streams.generator import GeneratorConfig, ShopSimulator
+from streams.kafka import ensure_topics
+from streams.producer import produce
+
+from .kafka_helpers import WorkerProcess, isolated_settings, read_topic
+
+pytestmark = pytest.mark.integration
+
+
+def valid_events(messages) -> list:
+    """The events the worker must accept, parsed exactly as it parses them."""
+    now_ms = int(time.time() * 1000)
+    return [parse_event(m.topic_kind, m.key, m.value, now_ms) for m in messages if m.malformed_reason is None]
+
+
+def changelog_states(settings, users: set[str]) -> dict[str, bytes]:
+    """The last state each shopper's changelog holds, once every expected shopper is there."""
+    topic = f"{settings.app_id}-{STATE_TABLE}-changelog"
+    messages = read_topic(settings, topic, until=lambda ms: users <= {m.key().decode() for m in ms}, timeout_s=60)
+    return {m.key().decode(): m.value() for m in messages}
+
+
+def scored_until(settings, expected_last_ts: dict[str, int]):
+    """Read scores until every shopper's newest event has been scored."""
+    def done(messages):
+        latest = {}
+        for m in messages:
+            doc = json.loads(m.value())
+            latest[doc["user_id"]] = max(latest.get(doc["user_id"], 0), doc["trigger_ts"])
+        return all(latest.get(user, -1) >= ts for user, ts in expected_last_ts.items())
+    return read_topic(settings, settings.topic_scores, until=done, timeout_s=90)
+
+
+def newest_ts(events) -> dict[str, int]:
+    newest: dict[str, int] = {}
+    for e in events:
+        newest[e.user_id] = max(newest.get(e.user_id, 0), e.ts_ms)
+    return newest
+
+
+@pytest.fixture
+def settings(broker, tmp_path):
+    settings = isolated_settings(broker.bootstrap_servers, tmp_path / "worker")
+    ensure_topics(settings)
+    return settings
+
+
+def test_every_event_scored_or_dead_lettered(settings, tmp_path):
+    messages = list(ShopSimulator(GeneratorConfig(seed=11, n_shoppers=200, malformed_fraction=0.03,
+                                                  clock="live")).messages(limit=3000))
+    malformed = [m for m in messages if m.malformed_reason is not None]
+    assert len(malformed) > 30
+    worker = WorkerProcess(settings, tmp_path / "worker.log")
+    try:
+        worker.wait_ready()
+        report = produce(messages, settings.topic_by_kind, settings.librdkafka_config())
+        assert report.failed == 0
+        events = valid_events(messages)
+        scores = scored_until(settings, newest_ts(events))
+        dead = read_topic(settings, settings.topic_dead_letter, until=lambda ms: len(ms) >= len(malformed), timeout_s=30)
+        metrics = worker.metrics_text()
+    finally:
+        assert worker.stop() == 0, worker.log_tail()
+
+    # Scores: every shopper with a valid event, the newest event of each covered, no stranger.
+    by_user = Counter(json.loads(m.value())["user_id"] for m in scores)
+    assert set(by_user) == {e.user_id for e in events}
+    for m in scores:
+        doc = json.loads(m.value())
+        assert m.key() == doc["user_id"].encode()
+        assert doc["schema_version"] == 1 and doc["feature_spec"] == DEFAULT_FEATURE_SPEC.hash
+
+    # Dead letters: each malformed message exactly once, original bytes, reason and source position.
+    assert len(dead) == len(malformed)
+    expected = Counter((m.value, m.malformed_reason) for m in malformed)
+    got = Counter((d.value(), dict(d.headers())["shoppulse.dlq.reason"].decode()) for d in dead)
+    assert got == expected
+    sources = {(m.topic(), m.partition(), m.offset()): m.value() for topic in settings.input_topics
+               for m in read_topic(settings, topic, until=lambda ms: False, timeout_s=3)}
+    for d in dead:
+        headers = {k: v.decode() for k, v in d.headers()}
+        position = (headers["shoppulse.dlq.source_topic"], int(headers["shoppulse.dlq.source_partition"]),
+                    int(headers["shoppulse.dlq.source_offset"]))
+        assert sources[position] == d.value(), f"dead letter points at the wrong source message {position}"
+        assert headers["shoppulse.dlq.detail"]
+    assert f"shoppulse_dead_letter_total{{reason=" in metrics
+    total_dead = sum(float(line.split()[-1]) for line in metrics.splitlines()
+                     if line.startswith("shoppulse_dead_letter_total{"))
+    assert total_dead == len(malformed)
+
+    # State: exactly what the offline replay of the valid events gives, feature vector and all.
+    offline = final_states(events)
+    online = {user: decode_state(raw) for user, raw in changelog_states(settings, set(offline)).items()}
+    for user, state in offline.items():
+        assert encode_state(online[user]) == encode_state(state), f"state of {user} differs from offline replay"
+        now = state.last_event_ms
+        np.testing.assert_array_equal(DEFAULT_FEATURE_SPEC.row(online[user], now), DEFAULT_FEATURE_SPEC.row(state, now))
+
+
+@pytest.mark.parametrize("lose_data_dir", [True, False], ids=["lost-data-dir", "kept-data-dir"])
+def test_state_survives_a_restart(settings, tmp_path, lose_data_dir):
+    """Catches Tansu's silent partial restore: with batched changelog writes, a restored table
+    lost updates without any error (docs/embedded-broker.md)."""
+    simulator = ShopSimulator(GeneratorConfig(seed=5, n_shoppers=150, clock="live"))
+    stream = simulator.messages()
+    first = [next(stream) for _ in range(2000)]
+    second = [next(stream) for _ in range(1000)]
+
+    worker = WorkerProcess(settings, tmp_path / "worker-1.log")
+    worker.wait_ready()
+    produce(first, settings.topic_by_kind, settings.librdkafka_config())
+    first_events = valid_events(first)
+    scored_until(settings, newest_ts(first_events))
+    assert worker.stop() == 0, worker.log_tail()
+    if lose_data_dir:
+        shutil.rmtree(settings.data_dir)
+
+    worker = WorkerProcess(settings, tmp_path / "worker-2.log")
+    try:
+        worker.wait_ready()
+        produce(second, settings.topic_by_kind, settings.librdkafka_config())
+        events = first_events + valid_events(second)
+        scored_until(settings, newest_ts(events))
+    finally:
+        assert worker.stop() == 0, worker.log_tail()
+    offline = final_states(events)
+    online = {user: decode_state(raw) for user, raw in changelog_states(settings, set(offline)).items()}
+    wrong = [user for user, state in offline.items() if encode_state(online[user]) != encode_state(state)]
+    assert not wrong, f"{len(wrong)} of {len(offline)} shoppers restored wrongly, e.g. {wrong[:3]}"

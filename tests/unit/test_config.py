@@ -1,0 +1,53 @@
+"""Settings from environment variables: defaults, parsing, and errors that name the variable."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from streams.config import SETTINGS_DOC, ConfigError, Settings
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def test_documented_defaults_are_the_dataclass_defaults():
+    assert Settings.from_env({}) == Settings()
+
+
+def test_every_setting_is_in_the_readme_table():
+    text = README.read_text()
+    for name, (var, default, _) in SETTINGS_DOC.items():
+        assert re.search(rf"`{var}`\s*\|\s*`{re.escape(default)}`", text), f"{var} (default {default!r}) missing from README.md"
+
+
+def test_env_values_are_parsed():
+    settings = Settings.from_env({"KAFKA_BOOTSTRAP_SERVERS": "k1:9092,k2:9092", "SHOPPULSE_PARTITIONS": "12",
+                                  "SHOPPULSE_CREATE_TOPICS": "false", "SHOPPULSE_DATA_DIR": "/data/sp"})
+    assert settings.bootstrap_servers == "k1:9092,k2:9092"
+    assert settings.partitions == 12
+    assert settings.create_topics is False
+    assert settings.data_dir == Path("/data/sp")
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"SHOPPULSE_PARTITIONS": "four"}, "SHOPPULSE_PARTITIONS='four' is not a whole number"),
+    ({"SHOPPULSE_CREATE_TOPICS": "maybe"}, "SHOPPULSE_CREATE_TOPICS='maybe' is not a boolean"),
+    ({"SHOPPULSE_BROKER_PROFILE": "redpanda"}, "SHOPPULSE_BROKER_PROFILE='redpanda'"),
+    ({"KAFKA_SECURITY_PROTOCOL": "SASL_SSL"}, "KAFKA_SASL_MECHANISM or KAFKA_SASL_USERNAME is empty"),
+    ({"SHOPPULSE_TOPIC_SCORES": "shop.cart"}, "topic names must differ"),
+    ({"SHOPPULSE_PARTITIONS": "0"}, "SHOPPULSE_PARTITIONS must be at least 1"),
+])
+def test_bad_values_name_the_variable(env, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        Settings.from_env(env)
+
+
+def test_security_settings_reach_librdkafka_and_password_is_not_shown():
+    settings = Settings.from_env({"KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+                                  "KAFKA_SASL_USERNAME": "svc", "KAFKA_SASL_PASSWORD": "s3cret",
+                                  "KAFKA_SSL_CAFILE": "/etc/ca.pem"})
+    config = settings.librdkafka_config()
+    assert config["sasl.mechanism"] == "SCRAM-SHA-512" and config["sasl.password"] == "s3cret"
+    assert config["ssl.ca.location"] == "/etc/ca.pem"
+    assert "s3cret" not in repr(settings) and settings.redacted()["sasl_password"] == "***"
