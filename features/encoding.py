@@ -26,12 +26,15 @@ decoder, so states written by an older release still load; encoding always write
 """
 from __future__ import annotations
 
+import struct
 import sys
 import zlib
 from array import array
 
-from features.state import CODE_KINDS, COARSE_BUCKET_MS, COARSE_STRIDE, COUNT_STRIDE, FINE_BUCKET_MS, \
-    HOUR_BUCKET_MS, KIND_CODES, ShopperState
+from features.state import (
+    CODE_KINDS, COARSE_BUCKET_MS, COARSE_STRIDE, COUNT_STRIDE, FINE_BUCKET_MS, HOUR_BUCKET_MS, KIND_CODES,
+    SLOT_REVENUE_CENTS, ShopperState,
+)
 
 #: Version written by :func:`encode_state`.
 STATE_FORMAT_VERSION = 1
@@ -40,6 +43,7 @@ _TYPECODE_OF_WIDTH = {1: "B", 2: "H", 4: "I", 8: "Q"}
 _BIG_ENDIAN = sys.byteorder == "big"
 assert all(array(code).itemsize == width for width, code in _TYPECODE_OF_WIDTH.items())
 _CHECKSUM_BYTES = 4
+_LAST_EVENT = struct.Struct("<Q")
 
 
 class StateDecodeError(ValueError):
@@ -47,13 +51,6 @@ class StateDecodeError(ValueError):
 
 
 # -- writing ------------------------------------------------------------------------------------
-
-def _put_uvarint(out: bytearray, value: int) -> None:
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-
 
 def _put_column(out: bytearray, values: list[int]) -> None:
     """Unsigned ints as one width byte plus packed values (``values`` must be non-empty)."""
@@ -69,89 +66,79 @@ def _put_column(out: bytearray, values: list[int]) -> None:
     out += column.tobytes()
 
 
-def _put_string(out: bytearray, text: str) -> None:
-    data = text.encode()
-    _put_uvarint(out, len(data))
-    out += data
+def _put_raw(out: bytearray, typecode: str, values: list) -> None:
+    column = array(typecode, values)
+    if _BIG_ENDIAN:
+        column.byteswap()
+    out += column.tobytes()
 
 
 def _age(last_ms: int, ts_ms: int) -> int:
-    """``ts_ms`` as a non-negative distance back from ``last_ms``, plus one; 0 stands for 0 (never)."""
+    """``ts_ms`` as its distance back from ``last_ms`` plus one; 0 stands for 0 (never)."""
     return last_ms - ts_ms + 1 if ts_ms else 0
-
-
-def _put_tier(out: bytearray, keys: list[int], values: list[int], stride: int, head: int) -> None:
-    _put_uvarint(out, len(keys))
-    if keys:
-        _put_column(out, [head - key for key in keys])
-        for slot in range(stride):
-            _put_column(out, values[slot::stride])
 
 
 def encode_state(state: ShopperState) -> bytes:
     """The state as compact bytes, format :data:`STATE_FORMAT_VERSION` (layout in the module doc)."""
     last = state.last_event_ms
-    out = bytearray((STATE_FORMAT_VERSION,))
-    for value in (last, _age(last, state.first_event_ms), _age(last, state.last_view_ms),
-                  _age(last, state.last_cart_add_ms), _age(last, state.last_order_ms),
-                  state.events_lifetime, state.orders_lifetime, state.revenue_lifetime_cents,
-                  _age(last, state.frozen_session_start_ms), _age(last, state.frozen_session_last_ms),
-                  state.frozen_session_events, state.cart_compacted_adds, _age(last, state.affinity_anchor_ms)):
-        _put_uvarint(out, value)
-    _put_string(out, state.user_id)
-
-    strings: dict[str, int] = {}
+    strings: dict[str, int] = {state.user_id: 0}
     for line in state.cart_lines:
         strings.setdefault(line[1], len(strings))
     for entry in state.history:
         strings.setdefault(entry[0], len(strings))
     for category in state.affinity_categories:
         strings.setdefault(category, len(strings))
-    _put_uvarint(out, len(strings))
-    for text in strings:
-        _put_string(out, text)
+    recent_ts, lines, history, categories = state.recent_ts, state.cart_lines, state.history, state.affinity_categories
 
-    _put_tier(out, state.fine_keys, state.fine_counts, COUNT_STRIDE, last // FINE_BUCKET_MS)
-    _put_tier(out, state.hour_keys, state.hour_counts, COUNT_STRIDE, last // HOUR_BUCKET_MS)
-    _put_tier(out, state.coarse_keys, state.coarse_values, COARSE_STRIDE, last // COARSE_BUCKET_MS)
+    encoded = "".join(strings).encode()
+    out = bytearray((STATE_FORMAT_VERSION,))
+    out += _LAST_EVENT.pack(last)
+    _put_column(out, [_age(last, state.first_event_ms), _age(last, state.last_view_ms),
+                      _age(last, state.last_cart_add_ms), _age(last, state.last_order_ms),
+                      _age(last, state.frozen_session_start_ms), _age(last, state.frozen_session_last_ms),
+                      _age(last, state.affinity_anchor_ms), state.revenue_lifetime_cents])
+    _put_column(out, [state.events_lifetime, state.orders_lifetime, state.frozen_session_events,
+                      state.cart_compacted_adds, len(strings), len(encoded), len(state.fine_keys),
+                      len(state.hour_keys), len(state.coarse_keys), len(recent_ts), len(state.frozen_session_items),
+                      len(lines), len(history), len(categories)])
+    _put_column(out, [len(text) for text in strings])
+    out += encoded
 
-    _put_uvarint(out, len(state.recent_ts))
-    if state.recent_ts:
-        _put_column(out, [last - ts for ts in state.recent_ts])
-        ids = array("Q", state.recent_ids)
-        if _BIG_ENDIAN:
-            ids.byteswap()
-        out += ids.tobytes()
+    if state.fine_keys:
+        head = last // FINE_BUCKET_MS
+        _put_column(out, [head - key for key in state.fine_keys])
+        _put_column(out, state.fine_counts)
+    if state.hour_keys:
+        head = last // HOUR_BUCKET_MS
+        _put_column(out, [head - key for key in state.hour_keys])
+        _put_column(out, state.hour_counts)
+    if state.coarse_keys:
+        head = last // COARSE_BUCKET_MS
+        _put_column(out, [head - key for key in state.coarse_keys])
+        values = state.coarse_values
+        counts = values[:]
+        counts[SLOT_REVENUE_CENTS::COARSE_STRIDE] = [0] * len(state.coarse_keys)
+        _put_column(out, counts)
+        _put_column(out, values[SLOT_REVENUE_CENTS::COARSE_STRIDE])
+    if recent_ts:
+        _put_column(out, [last - ts for ts in recent_ts])
+        _put_raw(out, "Q", state.recent_ids)
         _put_column(out, state.recent_item_hashes)
         out += bytes(state.recent_starts)
-
-    _put_uvarint(out, len(state.frozen_session_items))
     if state.frozen_session_items:
         _put_column(out, state.frozen_session_items)
-
-    lines = state.cart_lines
-    _put_uvarint(out, len(lines))
     if lines:
         _put_column(out, [last - line[0] for line in lines])
         _put_column(out, [strings[line[1]] for line in lines])
         _put_column(out, [2 * line[2] if line[2] >= 0 else -2 * line[2] - 1 for line in lines])
         _put_column(out, [line[3] for line in lines])
         _put_column(out, [line[4] for line in lines])
-
-    history = state.history
-    _put_uvarint(out, len(history))
     if history:
-        _put_column(out, [strings[entry[0]] for entry in history])
-        out += bytes([KIND_CODES[entry[1]] for entry in history])
+        _put_column(out, [strings[item_id] * 4 + KIND_CODES[kind] for item_id, kind, _ in history])
         _put_column(out, [last - entry[2] for entry in history])
-
-    _put_uvarint(out, len(state.affinity_categories))
-    if state.affinity_categories:
-        _put_column(out, [strings[category] for category in state.affinity_categories])
-        scores = array("d", state.affinity_scores)
-        if _BIG_ENDIAN:
-            scores.byteswap()
-        out += scores.tobytes()
+    if categories:
+        _put_column(out, [strings[category] for category in categories])
+        _put_raw(out, "d", state.affinity_scores)
 
     out += (zlib.crc32(out) & 0xFFFF_FFFF).to_bytes(_CHECKSUM_BYTES, "little")
     return bytes(out)
@@ -169,7 +156,7 @@ class _Reader:
         self.pos = start
         self.end = end
 
-    def _take(self, size: int, what: str) -> bytes:
+    def take(self, size: int, what: str) -> bytes:
         pos = self.pos
         if size > self.end - pos:
             raise StateDecodeError(f"truncated state: {what} needs {size} bytes at offset {pos}, "
@@ -177,48 +164,21 @@ class _Reader:
         self.pos = pos + size
         return self.data[pos:pos + size]
 
-    def uvarint(self, what: str) -> int:
-        data, pos, end = self.data, self.pos, self.end
-        value = shift = 0
-        while True:
-            if pos >= end:
-                raise StateDecodeError(f"truncated state: {what} (varint) runs past the end at offset {pos}")
-            if shift > 63:
-                raise StateDecodeError(f"corrupt state: {what} (varint) is longer than 64 bits at offset {pos}")
-            byte = data[pos]
-            pos += 1
-            value |= (byte & 0x7F) << shift
-            if byte < 0x80:
-                self.pos = pos
-                return value
-            shift += 7
-
-    def count(self, what: str) -> int:
-        """A section length; every element takes at least one byte, which bounds it."""
-        n = self.uvarint(what)
-        if n > self.end - self.pos:
-            raise StateDecodeError(f"corrupt state: {what} count {n} exceeds the {self.end - self.pos} bytes left")
-        return n
-
     def column(self, n: int, what: str) -> list[int]:
-        width = self._take(1, f"{what} width")[0]
+        pos = self.pos
+        if pos >= self.end:
+            raise StateDecodeError(f"truncated state: {what} column is missing at offset {pos}")
+        width = self.data[pos]
         typecode = _TYPECODE_OF_WIDTH.get(width)
         if typecode is None:
-            raise StateDecodeError(f"corrupt state: {what} has column width {width}; expected 1, 2, 4 or 8")
-        raw = self._take(n * width, what)
-        if width == 1:
-            return list(raw)
-        return _unpack(typecode, raw)
+            raise StateDecodeError(f"corrupt state: {what} has column width {width} at offset {pos}; "
+                                   "expected 1, 2, 4 or 8")
+        self.pos = pos + 1
+        raw = self.take(n * width, what)
+        return list(raw) if width == 1 else _unpack(typecode, raw)
 
     def raw(self, typecode: str, n: int, what: str) -> list:
-        return _unpack(typecode, self._take(n * array(typecode).itemsize, what))
-
-    def string(self, what: str) -> str:
-        data = self._take(self.count(what), what)
-        try:
-            return data.decode()
-        except UnicodeDecodeError as exc:
-            raise StateDecodeError(f"corrupt state: {what} is not UTF-8 ({exc.reason})") from None
+        return _unpack(typecode, self.take(n * array(typecode).itemsize, what))
 
 
 def _unpack(typecode: str, raw: bytes) -> list:
@@ -229,92 +189,86 @@ def _unpack(typecode: str, raw: bytes) -> list:
     return values.tolist()
 
 
-def _from_age(last_ms: int, age: int, what: str) -> int:
-    if age > last_ms + 1:
-        raise StateDecodeError(f"corrupt state: {what} age {age} lies before the epoch")
-    return last_ms - age + 1 if age else 0
-
-
-def _read_tier(reader: _Reader, stride: int, head: int, what: str) -> tuple[list[int], list[int]]:
-    n = reader.count(what)
-    if not n:
-        return [], []
-    keys = [head - offset for offset in reader.column(n, f"{what} buckets")]
-    values = [0] * (n * stride)
-    for slot in range(stride):
-        values[slot::stride] = reader.column(n, f"{what} slot {slot}")
-    return keys, values
-
-
-_V1_SCALARS = ("first_event_ms", "last_view_ms", "last_cart_add_ms", "last_order_ms", "events_lifetime",
-               "orders_lifetime", "revenue_lifetime_cents", "frozen session start", "frozen session last",
-               "frozen session events", "cart_compacted_adds", "affinity anchor")
-
-
 def _decode_v1(reader: _Reader) -> ShopperState:
-    last = reader.uvarint("last_event_ms")
-    (first_age, view_age, add_age, order_age, events, orders, revenue, frozen_start_age, frozen_last_age,
-     frozen_events, compacted_adds, anchor_age) = (reader.uvarint(name) for name in _V1_SCALARS)
-    state = ShopperState(reader.string("user_id"))
+    last = _LAST_EVENT.unpack(reader.take(_LAST_EVENT.size, "last_event_ms"))[0]
+    (first_age, view_age, add_age, order_age, frozen_start_age, frozen_last_age, anchor_age,
+     revenue) = reader.column(8, "times")
+    for age in (first_age, view_age, add_age, order_age, frozen_start_age, frozen_last_age, anchor_age):
+        if age > last + 1:
+            raise StateDecodeError(f"corrupt state: a time lies {age - 1} ms before last_event_ms {last}")
+    (events, orders, frozen_events, compacted_adds, n_strings, n_string_bytes, n_fine, n_hour, n_coarse, n_recent,
+     n_frozen, n_cart, n_history, n_categories) = reader.column(14, "counts")
+    limit = reader.end - reader.pos  # every element below takes at least one byte
+    if max(n_strings, n_fine, n_hour, n_coarse, n_recent, n_frozen, n_cart, n_history, n_categories) > limit \
+            or n_strings < 1:
+        raise StateDecodeError(f"corrupt state: section counts do not fit in the {limit} bytes left")
+
+    lengths = reader.column(n_strings, "string lengths")
+    text = reader.take(n_string_bytes, "strings").decode()
+    if sum(lengths) != len(text):
+        raise StateDecodeError(f"corrupt state: string lengths add up to {sum(lengths)}, not {len(text)}")
+    strings = []
+    pos = 0
+    for length in lengths:
+        strings.append(text[pos:pos + length])
+        pos += length
+
+    state = ShopperState(strings[0])
     state.last_event_ms = last
-    state.first_event_ms = _from_age(last, first_age, "first_event_ms")
-    state.last_view_ms = _from_age(last, view_age, "last_view_ms")
-    state.last_cart_add_ms = _from_age(last, add_age, "last_cart_add_ms")
-    state.last_order_ms = _from_age(last, order_age, "last_order_ms")
+    state.first_event_ms = last - first_age + 1 if first_age else 0
+    state.last_view_ms = last - view_age + 1 if view_age else 0
+    state.last_cart_add_ms = last - add_age + 1 if add_age else 0
+    state.last_order_ms = last - order_age + 1 if order_age else 0
     state.events_lifetime, state.orders_lifetime, state.revenue_lifetime_cents = events, orders, revenue
-    state.frozen_session_start_ms = _from_age(last, frozen_start_age, "frozen session start")
-    state.frozen_session_last_ms = _from_age(last, frozen_last_age, "frozen session last")
+    state.frozen_session_start_ms = last - frozen_start_age + 1 if frozen_start_age else 0
+    state.frozen_session_last_ms = last - frozen_last_age + 1 if frozen_last_age else 0
     state.frozen_session_events = frozen_events
     state.cart_compacted_adds = compacted_adds
-    state.affinity_anchor_ms = _from_age(last, anchor_age, "affinity anchor")
+    state.affinity_anchor_ms = last - anchor_age + 1 if anchor_age else 0
 
-    strings = [reader.string("string table entry") for _ in range(reader.count("string table"))]
-
-    def text(index: int) -> str:
-        if index >= len(strings):
-            raise StateDecodeError(f"corrupt state: string index {index} is outside the table of {len(strings)}")
-        return strings[index]
-
-    state.fine_keys, state.fine_counts = _read_tier(reader, COUNT_STRIDE, last // FINE_BUCKET_MS, "fine tier")
-    state.hour_keys, state.hour_counts = _read_tier(reader, COUNT_STRIDE, last // HOUR_BUCKET_MS, "hour tier")
-    state.coarse_keys, state.coarse_values = _read_tier(reader, COARSE_STRIDE, last // COARSE_BUCKET_MS, "coarse tier")
-
-    n = reader.count("recent events")
-    if n:
-        state.recent_ts = [last - age for age in reader.column(n, "recent ages")]
-        state.recent_ids = reader.raw("Q", n, "recent id hashes")
-        state.recent_item_hashes = reader.column(n, "recent item hashes")
-        state.recent_starts = list(reader._take(n, "recent session starts"))
+    if n_fine:
+        head = last // FINE_BUCKET_MS
+        state.fine_keys = [head - offset for offset in reader.column(n_fine, "fine buckets")]
+        state.fine_counts = reader.column(n_fine * COUNT_STRIDE, "fine counts")
+    if n_hour:
+        head = last // HOUR_BUCKET_MS
+        state.hour_keys = [head - offset for offset in reader.column(n_hour, "hour buckets")]
+        state.hour_counts = reader.column(n_hour * COUNT_STRIDE, "hour counts")
+    if n_coarse:
+        head = last // COARSE_BUCKET_MS
+        state.coarse_keys = [head - offset for offset in reader.column(n_coarse, "coarse buckets")]
+        values = reader.column(n_coarse * COARSE_STRIDE, "coarse counts")
+        values[SLOT_REVENUE_CENTS::COARSE_STRIDE] = reader.column(n_coarse, "coarse revenue")
+        state.coarse_values = values
+    if n_recent:
+        state.recent_ts = [last - age for age in reader.column(n_recent, "recent ages")]
+        state.recent_ids = reader.raw("Q", n_recent, "recent id hashes")
+        state.recent_item_hashes = reader.column(n_recent, "recent item hashes")
+        state.recent_starts = list(reader.take(n_recent, "recent session starts"))
         if max(state.recent_starts) > 1:
             raise StateDecodeError("corrupt state: a recent session-start flag is not 0 or 1")
-
-    n = reader.count("frozen session items")
-    if n:
-        state.frozen_session_items = reader.column(n, "frozen session items")
-
-    n = reader.count("cart lines")
-    if n:
-        ages = reader.column(n, "cart ages")
-        items = [text(i) for i in reader.column(n, "cart items")]
-        quantities = [z >> 1 if not z & 1 else -(z >> 1) - 1 for z in reader.column(n, "cart quantities")]
-        prices = reader.column(n, "cart prices")
-        adds = reader.column(n, "cart adds")
-        state.cart_lines = [(last - age, item, quantity, price, add)
-                            for age, item, quantity, price, add in zip(ages, items, quantities, prices, adds)]
-
-    n = reader.count("history")
-    if n:
-        items = [text(i) for i in reader.column(n, "history items")]
-        codes = reader._take(n, "history kinds")
-        if max(codes) >= len(CODE_KINDS):
-            raise StateDecodeError(f"corrupt state: history kind code {max(codes)} is unknown")
-        ages = reader.column(n, "history ages")
-        state.history = [(item, CODE_KINDS[code], last - age) for item, code, age in zip(items, codes, ages)]
-
-    n = reader.count("affinity categories")
-    if n:
-        state.affinity_categories = [text(i) for i in reader.column(n, "affinity categories")]
-        state.affinity_scores = reader.raw("d", n, "affinity scores")
+    if n_frozen:
+        state.frozen_session_items = reader.column(n_frozen, "frozen session items")
+    if n_cart:
+        ages = reader.column(n_cart, "cart ages")
+        items = reader.column(n_cart, "cart items")
+        if max(items) >= n_strings:
+            raise StateDecodeError(f"corrupt state: cart item index {max(items)} is outside the string table")
+        quantities = [z >> 1 if not z & 1 else -(z >> 1) - 1 for z in reader.column(n_cart, "cart quantities")]
+        state.cart_lines = list(zip([last - age for age in ages], [strings[i] for i in items], quantities,
+                                    reader.column(n_cart, "cart prices"), reader.column(n_cart, "cart adds")))
+    if n_history:
+        codes = reader.column(n_history, "history items")
+        if max(codes) >> 2 >= n_strings:
+            raise StateDecodeError(f"corrupt state: history item index {max(codes) >> 2} is outside the string table")
+        ages = reader.column(n_history, "history ages")
+        state.history = [(strings[code >> 2], CODE_KINDS[code & 3], last - age) for code, age in zip(codes, ages)]
+    if n_categories:
+        indexes = reader.column(n_categories, "affinity categories")
+        if max(indexes) >= n_strings:
+            raise StateDecodeError(f"corrupt state: category index {max(indexes)} is outside the string table")
+        state.affinity_categories = [strings[i] for i in indexes]
+        state.affinity_scores = reader.raw("d", n_categories, "affinity scores")
     if reader.pos != reader.end:
         raise StateDecodeError(f"corrupt state: {reader.end - reader.pos} unexpected bytes after the last section")
     return state

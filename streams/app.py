@@ -107,7 +107,6 @@ class ScoringWorker:
         self.app.agent(self.inputs, name="score_shoppers")(self._score_shoppers)
         self.app.timer(1.0)(self._refresh_readiness)
         self.app.on_partitions_assigned.connect(self._on_assigned)
-        self.app.on_startup_finished = self._on_startup_finished
 
     def _load_state(self, message: InputMessage, key: bytes) -> bytes | None:
         with event_context(message.handle):
@@ -162,8 +161,9 @@ class ScoringWorker:
         ensure_topics(self.settings)
         self.metrics_server = MetricsServer(self.metrics, self.health, self.settings.metrics_host,
                                             self.settings.metrics_port).start()
-        worker = faust.Worker(self.app, loglevel=self.settings.log_level.lower().replace("warning", "warn"),
-                              quiet=True, redirect_stdouts=False)
+        worker = _Worker(self.app, after_start=self._on_startup_finished,
+                         loglevel=self.settings.log_level.lower().replace("warning", "warn"),
+                         quiet=True, redirect_stdouts=False)
         try:
             worker.execute_from_commandline()
         except SystemExit as exc:
@@ -172,3 +172,15 @@ class ScoringWorker:
             self.health.alive = False
             self.metrics_server.stop()
         return 0
+
+
+class _Worker(faust.Worker):
+    """Faust's worker, plus a hook after start-up (Faust's own ``on_startup_finished`` slot is the worker's)."""
+
+    def __init__(self, app: faust.App, after_start: Any, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self._after_start = after_start
+
+    async def on_startup_finished(self) -> None:
+        await super().on_startup_finished()
+        await self._after_start()

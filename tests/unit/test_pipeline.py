@@ -1,0 +1,100 @@
+"""The per-batch logic without a broker: validation, dead letters, event-time order, one score per shopper."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from features.encoding import decode_state, encode_state
+from features.events import DEFAULT_LIMITS, Event, encode_event
+from features.spec import DEFAULT_FEATURE_SPEC
+from features.state import ShopperState, StateConfig
+from models.heuristic import PurchaseIntentHeuristic
+from streams.metrics import WorkerMetrics
+from streams.pipeline import BatchProcessor, InputMessage
+
+NOW_MS = 1_760_000_000_000
+TOPICS = {"views": "page_view", "cart": "cart", "orders": "order"}
+
+
+def view(user: str, n: int, ts: int) -> Event:
+    return Event("view", f"{user}-e{n}", user, ts, session_id="s1", item_id=f"i{n}", category="toys", price=9.5, quantity=1)
+
+
+def message(event: Event, offset: int, topic: str = "views", key: bytes | None = None) -> InputMessage:
+    return InputMessage(topic, 0, offset, event.user_id.encode() if key is None else key, encode_event(event))
+
+
+@pytest.fixture
+def processor() -> BatchProcessor:
+    return BatchProcessor(TOPICS, StateConfig(), DEFAULT_FEATURE_SPEC, PurchaseIntentHeuristic(DEFAULT_FEATURE_SPEC),
+                          DEFAULT_LIMITS, WorkerMetrics())
+
+
+def run(processor, messages, store):
+    outcome = processor.process(messages, lambda msg, key: store.get(key), now_ms=NOW_MS)
+    for scored in outcome.scored:
+        store[scored.key] = scored.state_bytes
+    return outcome
+
+
+def test_one_score_per_shopper_with_the_latest_state(processor):
+    store: dict[bytes, bytes] = {}
+    events = [view("u1", 1, NOW_MS - 3000), view("u2", 1, NOW_MS - 2500), view("u1", 2, NOW_MS - 2000)]
+    outcome = run(processor, [message(e, i) for i, e in enumerate(events)], store)
+    assert [s.user_id for s in outcome.scored] == ["u1", "u2"]
+    assert outcome.applied == 3 and not outcome.dead_letters
+    u1 = outcome.scored[0]
+    assert u1.last_message.offset == 2  # the write is tied to u1's last message of the batch
+    doc = json.loads(u1.result)
+    assert doc["trigger_event_id"] == "u1-e2" and doc["trigger_ts"] == NOW_MS - 2000
+    assert 0.0 <= doc["scores"]["purchase_intent_heuristic"] <= 1.0
+    expected = ShopperState.new("u1")
+    for e in (events[0], events[2]):
+        expected.update(e, StateConfig())
+    assert decode_state(store[b"u1"]) == expected
+
+
+def test_events_are_applied_in_event_time_order_within_a_batch(processor):
+    in_order, shuffled = {}, {}
+    events = [view("u1", n, NOW_MS - 10_000 + n * 1000) for n in range(5)]
+    run(processor, [message(e, i) for i, e in enumerate(events)], in_order)
+    run(processor, [message(e, i) for i, e in enumerate(reversed(events))], shuffled)
+    assert shuffled[b"u1"] == in_order[b"u1"]
+
+
+def test_invalid_messages_become_dead_letters_with_their_source(processor):
+    good = view("u1", 1, NOW_MS - 1000)
+    messages = [message(good, 0), InputMessage("cart", 3, 41, b"u9", b"{not json"),
+                message(good, 2, key=b"someone-else"), InputMessage("orders", 1, 7, b"u1", b"[]")]
+    outcome = run(processor, messages, {})
+    assert [(d.message.offset, d.reason) for d in outcome.dead_letters] == [(41, "bad_json"), (2, "wrong_key"), (7, "not_object")]
+    headers = dict(outcome.dead_letters[0].headers(failed_at_ms=NOW_MS))
+    assert headers["shoppulse.dlq.source_topic"] == b"cart" and headers["shoppulse.dlq.source_partition"] == b"3"
+    assert headers["shoppulse.dlq.source_offset"] == b"41" and headers["shoppulse.dlq.reason"] == b"bad_json"
+    assert b"JSON" in headers["shoppulse.dlq.detail"]
+    assert len(outcome.scored) == 1
+
+
+def test_a_replayed_batch_is_absorbed_by_dedup(processor):
+    store: dict[bytes, bytes] = {}
+    batch = [message(view("u1", n, NOW_MS - 5000 + n), n) for n in range(3)]
+    run(processor, batch, store)
+    before = store[b"u1"]
+    outcome = run(processor, batch, store)  # at-least-once redelivery after a crash
+    assert outcome.duplicates == 3 and outcome.applied == 0 and not outcome.scored
+    assert store[b"u1"] == before
+
+
+def test_a_corrupt_stored_state_is_reset_and_counted(processor):
+    store = {b"u1": b"\xff garbage"}
+    outcome = run(processor, [message(view("u1", 1, NOW_MS - 1000), 0)], store)
+    assert outcome.applied == 1
+    assert processor.metrics.state_decode_errors._value.get() == 1
+    assert decode_state(store[b"u1"]).user_id == "u1"
+
+
+def test_state_bytes_round_trip(processor):
+    store: dict[bytes, bytes] = {}
+    run(processor, [message(view("u1", 1, NOW_MS - 1000), 0)], store)
+    assert encode_state(decode_state(store[b"u1"])) == store[b"u1"]
