@@ -9,8 +9,9 @@ CONSTRAINTS ?= ci/constraints.txt
 DURATION ?= 0
 RATE ?= 2000
 PYTEST_ARGS ?=
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv demo test unit integration clean
+.PHONY: venv tools demo test unit integration clean
 
 $(BIN)/.installed: pyproject.toml ci/constraints.txt
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), f"ShopPulse needs Python 3.11, {sys.executable} is {sys.version.split()[0]}; run make PYTHON=/path/to/python3.11"'
@@ -21,10 +22,16 @@ $(BIN)/.installed: pyproject.toml ci/constraints.txt
 
 venv: $(BIN)/.installed
 
+# Real tools the tests use: promtool checks the alert rules and scrape config.
+tools:
+	@command -v promtool >/dev/null || { \
+	  echo "installing Debian's prometheus package (for promtool)"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+
 demo: venv
 	$(BIN)/shoppulse demo --duration $(DURATION) --rate $(RATE)
 
-test: venv
+test: venv tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 unit: venv

@@ -1,24 +1,34 @@
 """Compact binary encoding of :class:`~features.state.ShopperState` (the table value).
 
-Layout, version 1 (all integers little-endian; see ``docs/features.md``):
+Layout, version 1 (little-endian; ``docs/features.md`` has the full table):
 
-* ``u8`` format version (:data:`STATE_FORMAT_VERSION`);
-* varint scalars: ``last_event_ms``, then ``first_event_ms``, ``last_view_ms``,
-  ``last_cart_add_ms``, ``last_order_ms`` as *age* (``last_event_ms - t + 1``, 0 = never),
-  ``events_lifetime``, ``orders_lifetime``, ``revenue_lifetime_cents``, the frozen session's
-  start and last (ages) and event count, ``cart_compacted_adds``, the affinity anchor (age);
-* strings: ``user_id``, then a table of every item id and category the state mentions,
-  referred to by index below (varint length + UTF-8 each);
-* sections, each a varint count ``n`` then (when ``n > 0``) its columns: the three bucket
-  tiers (bucket offsets back from the watermark's bucket, then one column per slot), the
-  recent events (ages, 64-bit id hashes, 32-bit item hashes, session-start flags), frozen
-  session item hashes, cart lines (ages, item index, zigzag quantity, price cents, adds),
-  history (item index, kind code, ages) and category affinity (category index, float64 score);
-* ``u32`` CRC-32 of everything before it.
+====================  ==========================================================================
+part                  content
+====================  ==========================================================================
+``u8``                format version (:data:`STATE_FORMAT_VERSION`)
+``u64``               ``last_event_ms`` (the watermark); every other time is an *age*
+                      ``last_event_ms - t`` (``+ 1`` for scalars, where 0 means never)
+column *times*        ages of first event, last view, last cart add, last order, frozen session
+                      start and last, affinity anchor; ``revenue_lifetime_cents``
+column *counts*       events, orders, frozen session events, compacted cart adds, then the
+                      length of every section below
+column *narrow*       string lengths (characters); fine / hour tier (bucket offsets back from
+                      the watermark's bucket, then 4 counts each); coarse tier (offsets, then 6
+                      slots each with revenue zeroed); session item indexes (recent, frozen);
+                      history ``item index * 4 + kind code``; cart item index, zigzag quantity,
+                      adds; affinity category index
+UTF-8                 the string table: user id, then every item id and category mentioned
+column *wide*         coarse revenue cents; recent ``age * 2 + session start``; history ages;
+                      cart ages; cart prices (cents)
+``u64[n_recent]``     event id hashes (dedup)
+``f64[n_categories]`` affinity scores
+``u32``               CRC-32 of everything before it
+====================  ==========================================================================
 
-A column of unsigned integers is one byte giving its width (1, 2, 4 or 8; the smallest that
-fits the column's largest value) followed by the packed values, so most columns cost one
-byte per value.
+A *column* is one byte giving the width of its values (1, 2, 4 or 8 bytes: the smallest that
+fits its largest value) followed by the packed unsigned values. Grouping values into four
+columns by expected magnitude keeps most values at one byte (narrow) or four (wide) while the
+decoder stays a handful of C-level unpacks.
 
 Version rule: the first byte never changes meaning. A release that changes the layout bumps
 :data:`STATE_FORMAT_VERSION`, adds a decoder for it to ``_DECODERS`` and keeps every older
@@ -32,8 +42,7 @@ import zlib
 from array import array
 
 from features.state import (
-    CODE_KINDS, COARSE_BUCKET_MS, COARSE_STRIDE, COUNT_STRIDE, FINE_BUCKET_MS, HOUR_BUCKET_MS, KIND_CODES,
-    SLOT_REVENUE_CENTS, ShopperState,
+    COARSE_BUCKET_MS, COARSE_STRIDE, COUNT_STRIDE, FINE_BUCKET_MS, HOUR_BUCKET_MS, SLOT_REVENUE_CENTS, ShopperState,
 )
 
 #: Version written by :func:`encode_state`.
@@ -44,6 +53,8 @@ _BIG_ENDIAN = sys.byteorder == "big"
 assert all(array(code).itemsize == width for width, code in _TYPECODE_OF_WIDTH.items())
 _CHECKSUM_BYTES = 4
 _LAST_EVENT = struct.Struct("<Q")
+_N_TIMES = 8
+_N_COUNTS = 14
 
 
 class StateDecodeError(ValueError):
@@ -73,71 +84,61 @@ def _put_raw(out: bytearray, typecode: str, values: list) -> None:
     out += column.tobytes()
 
 
-def _age(last_ms: int, ts_ms: int) -> int:
-    """``ts_ms`` as its distance back from ``last_ms`` plus one; 0 stands for 0 (never)."""
-    return last_ms - ts_ms + 1 if ts_ms else 0
-
-
 def encode_state(state: ShopperState) -> bytes:
     """The state as compact bytes, format :data:`STATE_FORMAT_VERSION` (layout in the module doc)."""
     last = state.last_event_ms
-    strings: dict[str, int] = {state.user_id: 0}
-    for line in state.cart_lines:
-        strings.setdefault(line[1], len(strings))
-    for entry in state.history:
-        strings.setdefault(entry[0], len(strings))
-    for category in state.affinity_categories:
-        strings.setdefault(category, len(strings))
-    recent_ts, lines, history, categories = state.recent_ts, state.cart_lines, state.history, state.affinity_categories
+    lines, history_ts, categories = state.cart_lines, state.history_ts, state.affinity_categories
+    recent_ts, recent_items, frozen_items = state.recent_ts, state.recent_item_ids, state.frozen_session_items
+    coarse_keys = state.coarse_keys
+    names = list(dict.fromkeys([state.user_id, *state.history_items, *recent_items, *frozen_items,
+                                *[line[1] for line in lines], *categories]))
+    index = dict(zip(names, range(len(names))))
+    encoded = "".join(names).encode()
 
-    encoded = "".join(strings).encode()
     out = bytearray((STATE_FORMAT_VERSION,))
     out += _LAST_EVENT.pack(last)
-    _put_column(out, [_age(last, state.first_event_ms), _age(last, state.last_view_ms),
-                      _age(last, state.last_cart_add_ms), _age(last, state.last_order_ms),
-                      _age(last, state.frozen_session_start_ms), _age(last, state.frozen_session_last_ms),
-                      _age(last, state.affinity_anchor_ms), state.revenue_lifetime_cents])
+    _put_column(out, [last - t + 1 if t else 0 for t in (
+        state.first_event_ms, state.last_view_ms, state.last_cart_add_ms, state.last_order_ms,
+        state.frozen_session_start_ms, state.frozen_session_last_ms, state.affinity_anchor_ms)]
+        + [state.revenue_lifetime_cents])
     _put_column(out, [state.events_lifetime, state.orders_lifetime, state.frozen_session_events,
-                      state.cart_compacted_adds, len(strings), len(encoded), len(state.fine_keys),
-                      len(state.hour_keys), len(state.coarse_keys), len(recent_ts), len(state.frozen_session_items),
-                      len(lines), len(history), len(categories)])
-    _put_column(out, [len(text) for text in strings])
+                      state.cart_compacted_adds, len(names), len(encoded), len(state.fine_keys),
+                      len(state.hour_keys), len(coarse_keys), len(recent_ts), len(frozen_items),
+                      len(lines), len(history_ts), len(categories)])
+
+    head = last // FINE_BUCKET_MS
+    narrow = [len(name) for name in names]
+    narrow += [head - key for key in state.fine_keys]
+    narrow += state.fine_counts
+    head = last // HOUR_BUCKET_MS
+    narrow += [head - key for key in state.hour_keys]
+    narrow += state.hour_counts
+    head = last // COARSE_BUCKET_MS
+    narrow += [head - key for key in coarse_keys]
+    coarse = state.coarse_values[:]
+    revenue = coarse[SLOT_REVENUE_CENTS::COARSE_STRIDE]
+    coarse[SLOT_REVENUE_CENTS::COARSE_STRIDE] = [0] * len(coarse_keys)
+    narrow += coarse
+    narrow += map(index.__getitem__, recent_items)
+    narrow += map(index.__getitem__, frozen_items)
+    narrow += [i * 4 + code for i, code in zip(map(index.__getitem__, state.history_items), state.history_codes)]
+    narrow += [index[line[1]] for line in lines]
+    narrow += [2 * line[2] if line[2] >= 0 else -2 * line[2] - 1 for line in lines]
+    narrow += [line[4] for line in lines]
+    narrow += map(index.__getitem__, categories)
+    _put_column(out, narrow)
     out += encoded
 
-    if state.fine_keys:
-        head = last // FINE_BUCKET_MS
-        _put_column(out, [head - key for key in state.fine_keys])
-        _put_column(out, state.fine_counts)
-    if state.hour_keys:
-        head = last // HOUR_BUCKET_MS
-        _put_column(out, [head - key for key in state.hour_keys])
-        _put_column(out, state.hour_counts)
-    if state.coarse_keys:
-        head = last // COARSE_BUCKET_MS
-        _put_column(out, [head - key for key in state.coarse_keys])
-        values = state.coarse_values
-        counts = values[:]
-        counts[SLOT_REVENUE_CENTS::COARSE_STRIDE] = [0] * len(state.coarse_keys)
-        _put_column(out, counts)
-        _put_column(out, values[SLOT_REVENUE_CENTS::COARSE_STRIDE])
+    wide = revenue
+    wide += [(last - ts) * 2 + starts for ts, starts in zip(recent_ts, state.recent_starts)]
+    wide += [last - ts for ts in history_ts]
+    wide += [last - line[0] for line in lines]
+    wide += [line[3] for line in lines]
+    if wide:
+        _put_column(out, wide)
     if recent_ts:
-        _put_column(out, [last - ts for ts in recent_ts])
         _put_raw(out, "Q", state.recent_ids)
-        _put_column(out, state.recent_item_hashes)
-        out += bytes(state.recent_starts)
-    if state.frozen_session_items:
-        _put_column(out, state.frozen_session_items)
-    if lines:
-        _put_column(out, [last - line[0] for line in lines])
-        _put_column(out, [strings[line[1]] for line in lines])
-        _put_column(out, [2 * line[2] if line[2] >= 0 else -2 * line[2] - 1 for line in lines])
-        _put_column(out, [line[3] for line in lines])
-        _put_column(out, [line[4] for line in lines])
-    if history:
-        _put_column(out, [strings[item_id] * 4 + KIND_CODES[kind] for item_id, kind, _ in history])
-        _put_column(out, [last - entry[2] for entry in history])
     if categories:
-        _put_column(out, [strings[category] for category in categories])
         _put_raw(out, "d", state.affinity_scores)
 
     out += (zlib.crc32(out) & 0xFFFF_FFFF).to_bytes(_CHECKSUM_BYTES, "little")
@@ -167,14 +168,14 @@ class _Reader:
     def column(self, n: int, what: str) -> list[int]:
         pos = self.pos
         if pos >= self.end:
-            raise StateDecodeError(f"truncated state: {what} column is missing at offset {pos}")
+            raise StateDecodeError(f"truncated state: the {what} column is missing at offset {pos}")
         width = self.data[pos]
         typecode = _TYPECODE_OF_WIDTH.get(width)
         if typecode is None:
-            raise StateDecodeError(f"corrupt state: {what} has column width {width} at offset {pos}; "
+            raise StateDecodeError(f"corrupt state: the {what} column has width {width} at offset {pos}; "
                                    "expected 1, 2, 4 or 8")
         self.pos = pos + 1
-        raw = self.take(n * width, what)
+        raw = self.take(n * width, f"the {what} column")
         return list(raw) if width == 1 else _unpack(typecode, raw)
 
     def raw(self, typecode: str, n: int, what: str) -> list:
@@ -191,20 +192,28 @@ def _unpack(typecode: str, raw: bytes) -> list:
 
 def _decode_v1(reader: _Reader) -> ShopperState:
     last = _LAST_EVENT.unpack(reader.take(_LAST_EVENT.size, "last_event_ms"))[0]
-    (first_age, view_age, add_age, order_age, frozen_start_age, frozen_last_age, anchor_age,
-     revenue) = reader.column(8, "times")
-    for age in (first_age, view_age, add_age, order_age, frozen_start_age, frozen_last_age, anchor_age):
-        if age > last + 1:
-            raise StateDecodeError(f"corrupt state: a time lies {age - 1} ms before last_event_ms {last}")
+    times = reader.column(_N_TIMES, "times")
+    if max(times[:-1]) > last + 1:
+        raise StateDecodeError(f"corrupt state: a time lies {max(times[:-1]) - 1} ms before last_event_ms {last}")
+    first, view, add, order, frozen_start, frozen_last, anchor = [last - age + 1 if age else 0 for age in times[:-1]]
     (events, orders, frozen_events, compacted_adds, n_strings, n_string_bytes, n_fine, n_hour, n_coarse, n_recent,
-     n_frozen, n_cart, n_history, n_categories) = reader.column(14, "counts")
-    limit = reader.end - reader.pos  # every element below takes at least one byte
-    if max(n_strings, n_fine, n_hour, n_coarse, n_recent, n_frozen, n_cart, n_history, n_categories) > limit \
-            or n_strings < 1:
-        raise StateDecodeError(f"corrupt state: section counts do not fit in the {limit} bytes left")
+     n_frozen, n_cart, n_history, n_categories) = reader.column(_N_COUNTS, "counts")
+    if n_strings < 1 or n_string_bytes > reader.end - reader.pos:
+        raise StateDecodeError(f"corrupt state: string table of {n_strings} strings in {n_string_bytes} bytes")
+    n_narrow = (n_strings + (n_fine + n_hour) * (1 + COUNT_STRIDE) + n_coarse * (1 + COARSE_STRIDE) + n_recent
+                + n_frozen + n_history + 3 * n_cart + n_categories)
+    n_wide = n_coarse + n_recent + n_history + 2 * n_cart
+    if n_narrow + n_wide > reader.end - reader.pos:
+        raise StateDecodeError(f"corrupt state: section counts need more than the {reader.end - reader.pos} bytes left")
+    narrow = reader.column(n_narrow, "narrow")
+    text = reader.take(n_string_bytes, "the string table").decode()
+    wide = reader.column(n_wide, "wide") if n_wide else []
+    ids = reader.raw("Q", n_recent, "event id hashes") if n_recent else []
+    scores = reader.raw("d", n_categories, "affinity scores") if n_categories else []
+    if reader.pos != reader.end:
+        raise StateDecodeError(f"corrupt state: {reader.end - reader.pos} unexpected bytes after the last section")
 
-    lengths = reader.column(n_strings, "string lengths")
-    text = reader.take(n_string_bytes, "strings").decode()
+    lengths = narrow[:n_strings]
     if sum(lengths) != len(text):
         raise StateDecodeError(f"corrupt state: string lengths add up to {sum(lengths)}, not {len(text)}")
     strings = []
@@ -212,65 +221,59 @@ def _decode_v1(reader: _Reader) -> ShopperState:
     for length in lengths:
         strings.append(text[pos:pos + length])
         pos += length
+    at = n_strings
+
+    def take(n: int) -> list[int]:
+        nonlocal at
+        at += n
+        return narrow[at - n:at]
+
+    def text_of(indexes: list[int], what: str) -> list[str]:
+        if indexes and max(indexes) >= n_strings:
+            raise StateDecodeError(f"corrupt state: a {what} index ({max(indexes)}) is outside the string table")
+        return [strings[i] for i in indexes]
 
     state = ShopperState(strings[0])
     state.last_event_ms = last
-    state.first_event_ms = last - first_age + 1 if first_age else 0
-    state.last_view_ms = last - view_age + 1 if view_age else 0
-    state.last_cart_add_ms = last - add_age + 1 if add_age else 0
-    state.last_order_ms = last - order_age + 1 if order_age else 0
-    state.events_lifetime, state.orders_lifetime, state.revenue_lifetime_cents = events, orders, revenue
-    state.frozen_session_start_ms = last - frozen_start_age + 1 if frozen_start_age else 0
-    state.frozen_session_last_ms = last - frozen_last_age + 1 if frozen_last_age else 0
-    state.frozen_session_events = frozen_events
-    state.cart_compacted_adds = compacted_adds
-    state.affinity_anchor_ms = last - anchor_age + 1 if anchor_age else 0
+    state.first_event_ms, state.last_view_ms, state.last_cart_add_ms, state.last_order_ms = first, view, add, order
+    state.frozen_session_start_ms, state.frozen_session_last_ms = frozen_start, frozen_last
+    state.affinity_anchor_ms = anchor
+    state.revenue_lifetime_cents = times[-1]
+    state.events_lifetime, state.orders_lifetime = events, orders
+    state.frozen_session_events, state.cart_compacted_adds = frozen_events, compacted_adds
 
-    if n_fine:
-        head = last // FINE_BUCKET_MS
-        state.fine_keys = [head - offset for offset in reader.column(n_fine, "fine buckets")]
-        state.fine_counts = reader.column(n_fine * COUNT_STRIDE, "fine counts")
-    if n_hour:
-        head = last // HOUR_BUCKET_MS
-        state.hour_keys = [head - offset for offset in reader.column(n_hour, "hour buckets")]
-        state.hour_counts = reader.column(n_hour * COUNT_STRIDE, "hour counts")
-    if n_coarse:
-        head = last // COARSE_BUCKET_MS
-        state.coarse_keys = [head - offset for offset in reader.column(n_coarse, "coarse buckets")]
-        values = reader.column(n_coarse * COARSE_STRIDE, "coarse counts")
-        values[SLOT_REVENUE_CENTS::COARSE_STRIDE] = reader.column(n_coarse, "coarse revenue")
-        state.coarse_values = values
-    if n_recent:
-        state.recent_ts = [last - age for age in reader.column(n_recent, "recent ages")]
-        state.recent_ids = reader.raw("Q", n_recent, "recent id hashes")
-        state.recent_item_hashes = reader.column(n_recent, "recent item hashes")
-        state.recent_starts = list(reader.take(n_recent, "recent session starts"))
-        if max(state.recent_starts) > 1:
-            raise StateDecodeError("corrupt state: a recent session-start flag is not 0 or 1")
-    if n_frozen:
-        state.frozen_session_items = reader.column(n_frozen, "frozen session items")
-    if n_cart:
-        ages = reader.column(n_cart, "cart ages")
-        items = reader.column(n_cart, "cart items")
-        if max(items) >= n_strings:
-            raise StateDecodeError(f"corrupt state: cart item index {max(items)} is outside the string table")
-        quantities = [z >> 1 if not z & 1 else -(z >> 1) - 1 for z in reader.column(n_cart, "cart quantities")]
-        state.cart_lines = list(zip([last - age for age in ages], [strings[i] for i in items], quantities,
-                                    reader.column(n_cart, "cart prices"), reader.column(n_cart, "cart adds")))
-    if n_history:
-        codes = reader.column(n_history, "history items")
-        if max(codes) >> 2 >= n_strings:
-            raise StateDecodeError(f"corrupt state: history item index {max(codes) >> 2} is outside the string table")
-        ages = reader.column(n_history, "history ages")
-        state.history = [(strings[code >> 2], CODE_KINDS[code & 3], last - age) for code, age in zip(codes, ages)]
-    if n_categories:
-        indexes = reader.column(n_categories, "affinity categories")
-        if max(indexes) >= n_strings:
-            raise StateDecodeError(f"corrupt state: category index {max(indexes)} is outside the string table")
-        state.affinity_categories = [strings[i] for i in indexes]
-        state.affinity_scores = reader.raw("d", n_categories, "affinity scores")
-    if reader.pos != reader.end:
-        raise StateDecodeError(f"corrupt state: {reader.end - reader.pos} unexpected bytes after the last section")
+    head = last // FINE_BUCKET_MS
+    state.fine_keys = [head - offset for offset in take(n_fine)]
+    state.fine_counts = take(n_fine * COUNT_STRIDE)
+    head = last // HOUR_BUCKET_MS
+    state.hour_keys = [head - offset for offset in take(n_hour)]
+    state.hour_counts = take(n_hour * COUNT_STRIDE)
+    head = last // COARSE_BUCKET_MS
+    state.coarse_keys = [head - offset for offset in take(n_coarse)]
+    coarse = take(n_coarse * COARSE_STRIDE)
+    coarse[SLOT_REVENUE_CENTS::COARSE_STRIDE] = wide[:n_coarse]
+    state.coarse_values = coarse
+    state.recent_item_ids = text_of(take(n_recent), "session item")
+    state.frozen_session_items = text_of(take(n_frozen), "session item")
+    history = take(n_history)
+    state.history_items = text_of([value >> 2 for value in history], "history item")
+    state.history_codes = [value & 3 for value in history]
+    cart_items = text_of(take(n_cart), "cart item")
+    quantities = [z >> 1 if not z & 1 else -(z >> 1) - 1 for z in take(n_cart)]
+    cart_adds = take(n_cart)
+    state.affinity_categories = text_of(take(n_categories), "category")
+
+    at = n_coarse
+    recent = wide[at:at + n_recent]
+    state.recent_ts = [last - (value >> 1) for value in recent]
+    state.recent_starts = [value & 1 for value in recent]
+    at += n_recent
+    state.history_ts = [last - age for age in wide[at:at + n_history]]
+    at += n_history
+    cart_ts = [last - age for age in wide[at:at + n_cart]]
+    state.cart_lines = list(zip(cart_ts, cart_items, quantities, wide[at + n_cart:at + 2 * n_cart], cart_adds))
+    state.recent_ids = ids
+    state.affinity_scores = scores
     return state
 
 

@@ -52,11 +52,17 @@ class Feature:
     description: str
 
     def normalisation(self) -> str:
-        """The normalisation in words, e.g. ``log1p(clip(x / 3600000, 0, 720))``."""
-        inner = f"x / {self.divisor:g}" if self.divisor != 1 else "x"
-        high = "inf" if math.isinf(self.high) else f"{self.high:g}"
-        inner = f"clip({inner}, {self.low:g}, {high})"
+        """The normalisation as a formula of the raw value ``x``, e.g. ``log1p(clip(x / 3600000, 0, 720))``."""
+        inner = f"x / {_number(self.divisor)}" if self.divisor != 1 else "x"
+        if math.isinf(self.high):
+            inner = f"max({inner}, {_number(self.low)})"
+        else:
+            inner = f"clip({inner}, {_number(self.low)}, {_number(self.high)})"
         return f"log1p({inner})" if self.transform == TRANSFORM_LOG1P else inner
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if value == int(value) else repr(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +96,8 @@ class FeatureSpec:
                 raise ValueError(f"feature {feature.name!r} is not a raw feature of ShopperState; "
                                  f"choose from {RAW_FEATURE_NAMES}")
             if feature.transform not in _TRANSFORMS:
-                raise ValueError(f"feature {feature.name!r} has transform {feature.transform!r}; use one of {_TRANSFORMS}")
+                raise ValueError(f"feature {feature.name!r} has transform {feature.transform!r}; "
+                                 f"use one of {_TRANSFORMS}")
             if not feature.divisor > 0 or not feature.low <= feature.high:
                 raise ValueError(f"feature {feature.name!r} needs divisor > 0 and low <= high")
         definition = {"version": self.version, "logic": FEATURE_LOGIC_VERSION,
@@ -114,6 +121,7 @@ class FeatureSpec:
         """Length of a row."""
         return len(self.features)
 
+    #: Row and matrix dtype.
     dtype = np.float32
 
     def index(self, name: str) -> int:
@@ -145,7 +153,7 @@ class FeatureSpec:
         np.clip(raw, self._low, self._high, out=raw)
         if self._log_columns.size:
             raw[:, self._log_columns] = np.log1p(raw[:, self._log_columns])
-        return raw.astype(np.float32)
+        return raw.astype(self.dtype)
 
     def row(self, state: ShopperState, now_ms: int) -> np.ndarray:
         """One state's row as of ``now_ms`` (epoch ms): ``(dim,)`` float32, same as :meth:`matrix`."""
@@ -204,7 +212,7 @@ DEFAULT_FEATURE_SPEC = FeatureSpec(version=1, features=(
     _money("cart_value_now", "value of the cart now (units x latest price per item)"),
     _count("cart_adds_since_order", "cart adds since the last order (abandonment)"),
     Feature("active_days_30d", "days", TRANSFORM_LINEAR, 30.0, 0.0, 1.0,
-            "distinct UTC days with an event in the last 30 days, / 30"),
+            "distinct UTC days with an event in the last 30 days"),
     _ratio("trend_7d", "(events last 7 d - events 7 d before) / their sum; 0 when both are 0", low=-1.0),
     _ratio("view_to_cart_30d", "cart adds / views over 30 d, capped at 1; 0 without views"),
     _ratio("cart_to_order_30d", "orders / cart adds over 30 d, capped at 1; 0 without adds"),

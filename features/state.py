@@ -30,15 +30,20 @@ Arrival rules (see :meth:`ShopperState.update`):
 * an event older than ``watermark - grace_ms`` is :data:`LATE` and changes nothing;
 * an event whose id is among the shopper's recent ids is a :data:`DUPLICATE` and changes nothing;
 * anything else is :data:`APPLIED`. Out-of-order events within the grace period land in the
-  buckets, sessions, cart and history exactly where in-order arrival would have put them.
+  buckets, sessions, cart and history exactly where in-order arrival would have put them, as
+  long as the shopper has at most ``dedup_ids`` events within one grace period (beyond that
+  the oldest are folded into the session summary early, and a late event among them joins
+  the session it is nearest to). Events with equal ``ts_ms`` keep arrival order in the
+  history; category affinity equals in-order arrival up to float rounding while a shopper has
+  at most :data:`AFFINITY_TOP_K` categories.
 
-Not thread-safe: one state belongs to the one task that owns the shopper's partition.
+Not thread-safe: one state belongs to the one task that owns the shopper's partition, and
+one :class:`StateConfig` must be used for a state's whole life.
 """
 from __future__ import annotations
 
 import hashlib
 import math
-import zlib
 from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
 from operator import itemgetter
@@ -85,7 +90,7 @@ AFFINITY_REBASE_MS = 32 * AFFINITY_HALF_LIFE_MS
 CART_COMPACT_LINES = 16
 #: Hard cap on cart lines; beyond it all lines are merged per item (late orders become approximate).
 CART_MAX_LINES = 64
-#: Distinct items remembered for the frozen part of the current session (item hashes).
+#: Distinct items remembered for the frozen part of the current session.
 SESSION_ITEMS_CAP = 64
 
 #: Bump when the meaning of any raw feature changes (bucket widths, session rule, ...);
@@ -118,8 +123,8 @@ class StateConfig:
         history_len: item interactions kept for the next-item model (default 50).
         dedup_ids: how many recent event ids (and event times, for exact sessions) a shopper
             keeps; a repeat of one of them is a DUPLICATE (default 64). Ids older than
-            ``grace_ms + session_gap_ms`` before the latest event are dropped earlier: a repeat
-            that old is LATE anyway.
+            ``grace_ms`` before the latest event are dropped earlier: a repeat that old is LATE
+            anyway.
         retention_ms: a shopper idle this long (event time) may be evicted (default 90 d).
         session_gap_ms: a gap longer than this between consecutive events starts a new
             session (default 30 min).
@@ -143,19 +148,9 @@ def event_id_hash(event_id: str) -> int:
     return int.from_bytes(hashlib.blake2b(event_id.encode(), digest_size=8).digest(), "little")
 
 
-def item_hash(item_id: str) -> int:
-    """Stable 32-bit hash of an item id, used to count distinct items in a session; 0 = none."""
-    if not item_id:
-        return 0
-    return zlib.crc32(item_id.encode()) or 1
-
-
 def to_cents(amount: float) -> int:
     """Money amount in currency units -> integer cents (minor units)."""
     return round(amount * 100)
-
-
-_history_ts = itemgetter(2)
 
 
 def _bump(keys: list[int], values: list[int], stride: int, bucket: int, oldest: int, slot: int, amount: int) -> None:
@@ -208,15 +203,15 @@ class ShopperState:
         "events_lifetime", "orders_lifetime", "revenue_lifetime_cents",
         # sparse bucket tiers: sorted bucket numbers (ts // width) and flat per-bucket slots
         "fine_keys", "fine_counts", "hour_keys", "hour_counts", "coarse_keys", "coarse_values",
-        # events of the last grace + session gap (at most dedup_ids), sorted by ts: for dedup
+        # events of the last grace_ms (at most dedup_ids), sorted by ts: for dedup
         # and exact sessions; starts[i] is 1 where event i begins a session
-        "recent_ts", "recent_ids", "recent_item_hashes", "recent_starts",
+        "recent_ts", "recent_ids", "recent_item_ids", "recent_starts",
         # the older part ("frozen") of the session that precedes or holds the recent events
         "frozen_session_start_ms", "frozen_session_last_ms", "frozen_session_events", "frozen_session_items",
         # cart lines since the last order: (ts_ms, item_id, quantity_delta, price_cents, adds)
         "cart_lines", "cart_compacted_adds",
-        # last history_len item interactions (item_id, kind, ts_ms), oldest first
-        "history",
+        # last history_len item interactions, oldest first, as parallel lists (item, kind code, ts)
+        "history_items", "history_codes", "history_ts",
         # decayed category affinity, scores relative to the anchor time
         "affinity_anchor_ms", "affinity_categories", "affinity_scores",
     )
@@ -239,15 +234,17 @@ class ShopperState:
         self.coarse_values: list[int] = []
         self.recent_ts: list[int] = []
         self.recent_ids: list[int] = []
-        self.recent_item_hashes: list[int] = []
+        self.recent_item_ids: list[str] = []
         self.recent_starts: list[int] = []
         self.frozen_session_start_ms = 0
         self.frozen_session_last_ms = 0
         self.frozen_session_events = 0
-        self.frozen_session_items: list[int] = []
+        self.frozen_session_items: list[str] = []
         self.cart_lines: list[tuple[int, str, int, int, int]] = []
         self.cart_compacted_adds = 0
-        self.history: list[tuple[str, str, int]] = []
+        self.history_items: list[str] = []
+        self.history_codes: list[int] = []
+        self.history_ts: list[int] = []
         self.affinity_anchor_ms = 0
         self.affinity_categories: list[str] = []
         self.affinity_scores: list[float] = []
@@ -302,8 +299,7 @@ class ShopperState:
         _bump(self.coarse_keys, self.coarse_values, COARSE_STRIDE, coarse_bucket, coarse_oldest, code, 1)
 
         item_id = event.item_id
-        self._add_recent(ts, id_hash, item_hash(item_id), config)
-        history = self.history
+        self._add_recent(ts, id_hash, item_id, config)
         if code == SLOT_ORDER:
             cents = to_cents(event.total)
             self.orders_lifetime += 1
@@ -311,13 +307,13 @@ class ShopperState:
             _bump(self.coarse_keys, self.coarse_values, COARSE_STRIDE, coarse_bucket, coarse_oldest,
                   SLOT_REVENUE_CENTS, cents)
             for line in event.order_lines:
-                self._add_history(line.item_id, kind, ts)
+                self._add_history(line.item_id, code, ts)
             if ts > self.last_order_ms:
                 self.last_order_ms = ts
                 self.cart_lines = [line for line in self.cart_lines if line[0] > ts]
                 self.cart_compacted_adds = 0
         else:
-            self._add_history(item_id, kind, ts)
+            self._add_history(item_id, code, ts)
             if code == SLOT_VIEW:
                 if ts > self.last_view_ms:
                     self.last_view_ms = ts
@@ -333,8 +329,9 @@ class ShopperState:
             weight = AFFINITY_WEIGHTS[code]
             if weight and event.category:
                 self._add_affinity(event.category, weight, ts)
-        if len(history) > config.history_len:
-            del history[:len(history) - config.history_len]
+        excess = len(self.history_ts) - config.history_len
+        if excess > 0:
+            del self.history_items[:excess], self.history_codes[:excess], self.history_ts[:excess]
         return APPLIED
 
     def _advance(self, last: int, config: StateConfig) -> None:
@@ -343,11 +340,11 @@ class ShopperState:
         _evict(self.hour_keys, self.hour_counts, COUNT_STRIDE, last // HOUR_BUCKET_MS - HOUR_BUCKETS + 1)
         _evict(self.coarse_keys, self.coarse_values, COARSE_STRIDE, last // COARSE_BUCKET_MS - COARSE_BUCKETS + 1)
         recent_ts = self.recent_ts
-        cutoff = last - config.grace_ms - config.session_gap_ms
+        cutoff = last - config.grace_ms  # no event before it can still be applied
         if recent_ts and recent_ts[0] < cutoff:
             self._freeze(bisect_left(recent_ts, cutoff), config.session_gap_ms)
 
-    def _add_recent(self, ts: int, id_hash: int, item: int, config: StateConfig) -> None:
+    def _add_recent(self, ts: int, id_hash: int, item_id: str, config: StateConfig) -> None:
         """Insert an event into the recent list (sorted by ts) and keep session-start flags right."""
         recent_ts = self.recent_ts
         gap = config.session_gap_ms
@@ -359,7 +356,7 @@ class ShopperState:
             starts = 1 if not self.frozen_session_events or ts - self.frozen_session_last_ms > gap else 0
         recent_ts.insert(i, ts)
         self.recent_ids.insert(i, id_hash)
-        self.recent_item_hashes.insert(i, item)
+        self.recent_item_ids.insert(i, item_id)
         self.recent_starts.insert(i, starts)
         if i < n:
             self.recent_starts[i + 1] = 1 if recent_ts[i + 1] - ts > gap else 0
@@ -370,7 +367,8 @@ class ShopperState:
         """Move the oldest ``count`` recent events into the frozen session summary."""
         coarse_oldest = self.last_event_ms // COARSE_BUCKET_MS - COARSE_BUCKETS + 1
         items = self.frozen_session_items
-        for ts, item, starts in zip(self.recent_ts[:count], self.recent_item_hashes[:count], self.recent_starts[:count]):
+        oldest = zip(self.recent_ts[:count], self.recent_item_ids[:count], self.recent_starts[:count])
+        for ts, item_id, starts in oldest:
             if starts:
                 self.frozen_session_start_ms = ts
                 self.frozen_session_last_ms = ts
@@ -384,18 +382,23 @@ class ShopperState:
                     self.frozen_session_last_ms = ts
                 if ts < self.frozen_session_start_ms:
                     self.frozen_session_start_ms = ts
-            if item and len(items) < SESSION_ITEMS_CAP and item not in items:
-                items.append(item)
-        del self.recent_ts[:count], self.recent_ids[:count], self.recent_item_hashes[:count], self.recent_starts[:count]
+            if item_id and len(items) < SESSION_ITEMS_CAP and item_id not in items:
+                items.append(item_id)
+        del self.recent_ts[:count], self.recent_ids[:count], self.recent_item_ids[:count], self.recent_starts[:count]
         if self.recent_ts:
             self.recent_starts[0] = 1 if self.recent_ts[0] - self.frozen_session_last_ms > gap else 0
 
-    def _add_history(self, item_id: str, kind: str, ts: int) -> None:
-        history = self.history
-        if not history or ts >= history[-1][2]:
-            history.append((item_id, kind, ts))
+    def _add_history(self, item_id: str, code: int, ts: int) -> None:
+        history_ts = self.history_ts
+        if not history_ts or ts >= history_ts[-1]:
+            history_ts.append(ts)
+            self.history_items.append(item_id)
+            self.history_codes.append(code)
         else:
-            history.insert(bisect_right(history, ts, key=_history_ts), (item_id, kind, ts))
+            i = bisect_right(history_ts, ts)
+            history_ts.insert(i, ts)
+            self.history_items.insert(i, item_id)
+            self.history_codes.insert(i, code)
 
     def _compact_cart(self, cutoff: int) -> None:
         """Merge cart lines older than ``cutoff`` into one line per item (exact: no accepted
@@ -452,7 +455,7 @@ class ShopperState:
 
         Views and cart adds/removes give one entry each, an order one entry per order line.
         """
-        return list(self.history)
+        return list(zip(self.history_items, [CODE_KINDS[code] for code in self.history_codes], self.history_ts))
 
     def top_categories(self, now_ms: int | None = None) -> list[tuple[str, float]]:
         """Tracked categories with their affinity decayed to ``now_ms`` (default: the watermark),
@@ -477,12 +480,12 @@ class ShopperState:
         try:
             first = n - 1 - starts[::-1].index(1)
         except ValueError:  # no start among recent events: the session began in the frozen part
-            items = set(self.recent_item_hashes)
+            items = set(self.recent_item_ids)
             items.update(self.frozen_session_items)
-            items.discard(0)
+            items.discard("")
             return self.frozen_session_start_ms, self.frozen_session_events + n, len(items)
-        items = set(self.recent_item_hashes[first:])
-        items.discard(0)
+        items = set(self.recent_item_ids[first:])
+        items.discard("")
         return recent_ts[first], n - first, len(items)
 
     def raw_features(self, now_ms: int | None = None) -> tuple[float, ...]:

@@ -119,11 +119,12 @@ class RankingAccumulator:
         targets = targets.to(masked_scores.device)
         greater, equal = rank_counts(masked_scores, targets)
         tgt_scores = masked_scores.gather(1, targets.view(-1, 1)).squeeze(1)
-        self.target_in_history += int(torch.isneginf(tgt_scores).sum())
+        excluded = torch.isneginf(tgt_scores)  # target was a history item: always a miss
+        self.target_in_history += int(excluded.sum())
         for k in self.ks:
             hr, nd = expected_hr_ndcg(greater, equal, k)
-            self._hr[k] += float(hr.sum())
-            self._ndcg[k] += float(nd.sum())
+            self._hr[k] += float(hr.masked_fill(excluded, 0.0).sum())
+            self._ndcg[k] += float(nd.masked_fill(excluded, 0.0).sum())
         kmax = min(self.ks[-1], self.num_items)
         top = torch.topk(masked_scores, kmax, dim=1)
         for k in self.ks:

@@ -93,14 +93,14 @@ class TrainConfig:
     epochs: int = 200
     batch_size: int = 256
     lr: float = 1e-3
-    weight_decay: float = 0.0
+    weight_decay: float = 0.1
     patience: int = 20
     monitor: str = "NDCG@10"
     seed: int = 42
     device: str = "auto"
     eval_batch_size: int = 1024
     grad_clip: float = 5.0
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.1
     progress: bool = True
 
     def to_dict(self) -> dict[str, Any]:
@@ -206,9 +206,9 @@ class SASRec(nn.Module):
         """Full-softmax cross-entropy of the next item at every non-padding position."""
         h = self.encode(inputs)
         valid = targets != 0
-        logits = self.logits(h[valid])
-        logits[:, 0] = float("-inf")
-        return F.cross_entropy(logits, targets[valid], label_smoothing=label_smoothing)
+        # logits over real items only (padding row left out): class j <-> item index j + 1
+        logits = h[valid] @ self.item_emb.weight[1:].T
+        return F.cross_entropy(logits, targets[valid] - 1, label_smoothing=label_smoothing)
 
     @torch.no_grad()
     def score(self, histories: Sequence[Sequence[int]]) -> torch.Tensor:

@@ -29,9 +29,10 @@ from streams.tail import output_consumer
 DEMO_DIR = Path("var/demo")
 #: Share of deliberately malformed events, so the dead-letter path shows up in the demo.
 DEMO_MALFORMED_FRACTION = 0.005
-#: Simulated span behind the live traffic: long enough that the stream does not run dry
-#: (28 days of 10k shoppers is ~650k events, five minutes at 2,000 events/s).
-DEMO_SIMULATED_DAYS = 3650.0
+#: Simulated shop behind the live traffic. Many shoppers make many concurrent sessions (as in a
+#: real shop at thousands of events/s); 28 days of 50k shoppers is ~3M events, 27 min at 2,000/s.
+DEMO_SHOPPERS = 50_000
+DEMO_SIMULATED_DAYS = 28.0
 
 
 def worker_environment(settings: Settings) -> dict[str, str]:
@@ -77,7 +78,7 @@ class _Generator(threading.Thread):
         from streams.producer import produce
 
         config = GeneratorConfig(seed=self.seed, malformed_fraction=DEMO_MALFORMED_FRACTION, clock="live",
-                                 duration_days=DEMO_SIMULATED_DAYS)
+                                 n_shoppers=DEMO_SHOPPERS, duration_days=DEMO_SIMULATED_DAYS)
         messages = itertools.takewhile(lambda _: not self.stop_event.is_set(), ShopSimulator(config).messages())
 
         def counted():
@@ -142,7 +143,7 @@ def _watch(settings: Settings, consumer, generator: _Generator, worker: subproce
     last_tick = time.monotonic()
     last_sent = last_results = 0
     example_every_s, last_example = 5.0, 0.0
-    latest_example: str | None = None
+    latest_example: bytes | None = None
     while not stop.is_set():
         now = time.monotonic()
         if duration_s and now - started >= duration_s:
@@ -153,18 +154,21 @@ def _watch(settings: Settings, consumer, generator: _Generator, worker: subproce
         if generator.error is not None:
             print(f"the generator failed: {generator.error}", file=sys.stderr)
             return 1
-        message = consumer.poll(0.2)
-        if message is not None and not message.error():
-            if message.topic() == settings.topic_scores:
+        for message in consumer.consume(500, timeout=0.2):
+            if message.error():
+                if message.error().code() != KafkaError._PARTITION_EOF:
+                    print(f"reading outputs: {message.error()}", file=sys.stderr)
+            elif message.topic() == settings.topic_scores:
                 results += 1
-                latest_example = message.value().decode()
+                latest_example = message.value()
                 if first_result_s is None:
                     first_result_s = time.monotonic() - started
                     print(f"first result {first_result_s:.1f} s after start", flush=True)
             else:
                 dead += 1
-        elif message is not None and message.error().code() != KafkaError._PARTITION_EOF:
-            print(f"reading outputs: {message.error()}", file=sys.stderr)
+        if not generator.is_alive() and generator.error is None and not generator.stop_event.is_set():
+            print("the simulated shop has run its course (no more generated traffic)", flush=True)
+            generator.stop_event.set()
         if now - last_tick >= 1.0:
             span = now - last_tick
             print(f"[{now - started:5.0f} s] in {(generator.sent - last_sent) / span:7,.0f} events/s | "

@@ -69,11 +69,12 @@ class WorkerProcess:
         self.process.wait()
 
 
-def read_topic(settings: Settings, topic: str, until: Callable[[list[Message]], bool], timeout_s: float = 60.0) -> list[Message]:
-    """Read ``topic`` from the beginning until ``until(messages)`` holds or the timeout passes."""
+def read_topic(settings: Settings, topic: str | list[str], until: Callable[[list[Message]], bool],
+               timeout_s: float = 60.0) -> list[Message]:
+    """Read ``topic`` (or several) from the beginning until ``until(messages)`` holds or the timeout passes."""
     consumer = Consumer({**settings.librdkafka_config(), "group.id": f"test-reader-{uuid.uuid4().hex[:8]}",
                          "auto.offset.reset": "earliest", "enable.auto.commit": False, "session.timeout.ms": 6000})
-    consumer.subscribe([topic])
+    consumer.subscribe([topic] if isinstance(topic, str) else topic)
     messages: list[Message] = []
     deadline = time.monotonic() + timeout_s
     try:

@@ -93,8 +93,8 @@ def test_every_event_scored_or_dead_lettered(settings, tmp_path):
     expected = Counter((m.value, m.malformed_reason) for m in malformed)
     got = Counter((d.value(), dict(d.headers())["shoppulse.dlq.reason"].decode()) for d in dead)
     assert got == expected
-    sources = {(m.topic(), m.partition(), m.offset()): m.value() for topic in settings.input_topics
-               for m in read_topic(settings, topic, until=lambda ms: False, timeout_s=3)}
+    inputs = read_topic(settings, list(settings.input_topics), until=lambda ms: len(ms) >= len(messages))
+    sources = {(m.topic(), m.partition(), m.offset()): m.value() for m in inputs}
     for d in dead:
         headers = {k: v.decode() for k, v in d.headers()}
         position = (headers["shoppulse.dlq.source_topic"], int(headers["shoppulse.dlq.source_partition"]),
@@ -110,7 +110,9 @@ def test_every_event_scored_or_dead_lettered(settings, tmp_path):
     offline = final_states(events)
     online = {user: decode_state(raw) for user, raw in changelog_states(settings, set(offline)).items()}
     for user, state in offline.items():
-        assert encode_state(online[user]) == encode_state(state), f"state of {user} differs from offline replay"
+        assert encode_state(online[user]) == encode_state(state), (
+            f"state of {user} differs from offline replay: " + str({n: (getattr(online[user], n), getattr(state, n))
+                for n in state.__slots__ if getattr(online[user], n) != getattr(state, n)})[:1500])
         now = state.last_event_ms
         np.testing.assert_array_equal(DEFAULT_FEATURE_SPEC.row(online[user], now), DEFAULT_FEATURE_SPEC.row(state, now))
 

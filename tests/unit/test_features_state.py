@@ -16,8 +16,8 @@ from features.state import (
 START_MS = 1_704_067_200_000  # 2024-01-01T00:00:00Z
 ITEMS = [f"i{n:04d}" for n in range(30)]
 CATEGORIES = ["toys", "books", "garden", "music", "pets"]
-#: dedup_ids large enough that every event of the grace + session-gap span is kept, which is
-#: what makes out-of-order arrival exact (see StateConfig.dedup_ids).
+#: dedup_ids large enough that every event of the grace period is kept, which is what makes
+#: out-of-order arrival exact (see StateConfig.dedup_ids).
 ROOMY = StateConfig(dedup_ids=100_000)
 
 
@@ -276,7 +276,7 @@ def test_buckets_roll_off_and_memory_stays_bounded():
         ts += 17 * MINUTE_MS
         state.update(Event(KIND_VIEW, f"e{i}", "u1", ts, item_id=f"i{i % 500}", category=f"c{i % 9}"), config)
     assert len(state.fine_keys) <= 12 and len(state.hour_keys) <= 24 and len(state.coarse_keys) <= 120
-    assert len(state.recent_ts) <= config.dedup_ids and len(state.history) == config.history_len
+    assert len(state.recent_ts) <= config.dedup_ids and len(state.history_ts) == config.history_len
     assert len(state.affinity_categories) == AFFINITY_TOP_K and len(state.frozen_session_items) <= 64
     raw = dict(zip(RAW_FEATURE_NAMES, state.raw_features()))
     assert 3 <= raw["views_1h"] <= 4 and 81 <= raw["views_24h"] <= 85  # 55-60 min, 23-24 h of 17 min steps
@@ -326,6 +326,19 @@ def test_late_order_clears_only_cart_lines_before_it():
     state.update(Event(KIND_CART_REMOVE, "c", "u1", START_MS + 30 * MINUTE_MS, item_id="y", price=5.0, quantity=3), config)
     raw = dict(zip(RAW_FEATURE_NAMES, state.raw_features()))
     assert (raw["cart_items_now"], raw["cart_value_now"]) == (0, 0.0)
+
+
+def test_cart_compaction_keeps_late_orders_exact():
+    config = StateConfig()
+    events = [Event(KIND_CART_ADD if i % 4 else KIND_CART_REMOVE, f"c{i}", "u1", START_MS + i * 4 * MINUTE_MS,
+                    item_id=ITEMS[i % 5], price=1.0 + i, quantity=1 + i % 3) for i in range(60)]
+    for minutes_late in (2, 21, 39, 55, 59):
+        state = fold(events, config)
+        assert len(state.cart_lines) < 30  # lines older than the grace period were merged per item
+        late_order = Event(KIND_ORDER, "o", "u1", events[-1].ts_ms - minutes_late * MINUTE_MS - 1, order_id="o",
+                           order_lines=(OrderLine(ITEMS[0], 1, 1.0),), total=1.0)
+        assert state.update(late_order, config) == APPLIED
+        assert_matches(state, events + [late_order], state.last_event_ms)
 
 
 def test_category_affinity_keeps_top_k_and_decays():

@@ -1,0 +1,192 @@
+"""Feature updates per second on one core, pure (no broker), and bytes per stored shopper.
+
+Builds a seeded synthetic event log (or, with ``--source shop``, the project's
+``streams.generator.ShopSimulator``), then measures on one CPU core:
+
+* ``ShopperState.update`` throughput over the whole log (best of ``--repeat``);
+* ``encode_state`` / ``decode_state`` time and encoded bytes per shopper;
+* ``FeatureSpec.matrix`` time per state in batches of ``--batch``.
+
+It prints the figures and appends a dated row, with the exact command, to ``BENCHMARKS.md``
+under ``## Feature updates (pure, one core)`` (the section is created if missing; nothing else
+in the file is touched).
+
+    .venv/bin/python bench/bench_features.py --events 200000
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import random
+import shlex
+import statistics
+import sys
+import time
+from collections import deque
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from features.encoding import decode_state, encode_state  # noqa: E402
+from features.events import KIND_CART_ADD, KIND_CART_REMOVE, KIND_ORDER, KIND_VIEW, Event, OrderLine  # noqa: E402
+from features.spec import DEFAULT_FEATURE_SPEC  # noqa: E402
+from features.state import DAY_MS, ShopperState, StateConfig  # noqa: E402
+
+BENCHMARKS = REPO / "BENCHMARKS.md"
+SECTION = "## Feature updates (pure, one core)"
+TABLE_HEADER = (
+    "| date (UTC) | source | events | shoppers | updates/s | µs/update | encode µs | decode µs | matrix µs/state "
+    "| bytes/shopper median / mean / p90 | python | command |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+)
+START_MS = 1_704_067_200_000  # 2024-01-01T00:00:00Z
+
+
+def synthetic_events(n_events: int, n_users: int, days: float, seed: int) -> list[Event]:
+    """A seeded shop log: shoppers with sessions of views, cart adds/removes and some orders,
+    spread over ``days``, sorted by event time."""
+    rng = random.Random(seed)
+    items = [f"i{n:06d}" for n in range(5_000)]
+    categories = [f"cat{n:02d}" for n in range(40)]
+    span_ms = int(days * DAY_MS)
+    weights = [1.0 / (rank + 1) ** 0.8 for rank in range(n_users)]  # a few shoppers are very active
+    scale = n_events / sum(weights)
+    events: list[Event] = []
+    counter = 0
+    for u, weight in enumerate(weights):
+        user_id = f"u{u:06d}"
+        budget = max(1, round(weight * scale))
+        ts = START_MS + rng.randrange(span_ms)
+        favourite = rng.sample(categories, 3)
+        while budget > 0:
+            cart: list[tuple[str, float]] = []
+            for _ in range(min(budget, 1 + int(rng.expovariate(1 / 8)))):
+                ts += rng.randint(3_000, 90_000)
+                counter += 1
+                budget -= 1
+                item = rng.choice(items)
+                price = round(rng.uniform(2, 300), 2)
+                r = rng.random()
+                if r < 0.05 and cart:
+                    lines = tuple(OrderLine(i, 1, p) for i, p in cart)
+                    events.append(Event(KIND_ORDER, f"e{counter}", user_id, ts, order_id=f"o{counter}",
+                                        order_lines=lines, total=round(sum(p for _, p in cart), 2)))
+                    cart = []
+                elif r < 0.12 and cart:
+                    removed, price = cart.pop()
+                    events.append(Event(KIND_CART_REMOVE, f"e{counter}", user_id, ts, item_id=removed,
+                                        price=price, quantity=1))
+                elif r < 0.30:
+                    cart.append((item, price))
+                    events.append(Event(KIND_CART_ADD, f"e{counter}", user_id, ts, item_id=item,
+                                        category=rng.choice(favourite), price=price, quantity=1))
+                else:
+                    events.append(Event(KIND_VIEW, f"e{counter}", user_id, ts, item_id=item,
+                                        category=rng.choice(favourite), price=price, quantity=1))
+            ts += int(rng.expovariate(1 / (2 * DAY_MS)))
+    events.sort(key=lambda e: e.ts_ms)
+    return events
+
+
+def shop_events(n_events: int, n_users: int, days: float, seed: int) -> list[Event]:
+    """Events from the project's ShopSimulator (streams/generator.py)."""
+    from streams.generator import GeneratorConfig, ShopSimulator
+    return list(ShopSimulator(GeneratorConfig(seed=seed, n_shoppers=n_users, duration_days=days)).events(n_events))
+
+
+def fold_all(events: list[Event], config: StateConfig) -> tuple[float, dict[str, ShopperState]]:
+    states: dict[str, ShopperState] = {}
+    started = time.perf_counter()
+    for event in events:
+        state = states.get(event.user_id)
+        if state is None:
+            state = states[event.user_id] = ShopperState(event.user_id)
+        state.update(event, config)
+    return time.perf_counter() - started, states
+
+
+def best_of(repeat: int, work) -> float:
+    timings = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        work()
+        timings.append(time.perf_counter() - started)
+    return min(timings)
+
+
+def append_row(row: str) -> None:
+    """Add ``row`` to the end of this section's table; create the section at the end if missing."""
+    text = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# ShopPulse benchmarks\n"
+    start = text.find(SECTION + "\n")
+    if start < 0:
+        text = text.rstrip("\n") + "\n\n" + SECTION + "\n\n" + TABLE_HEADER + row
+    else:
+        following = text.find("\n## ", start + len(SECTION))
+        end = len(text) if following < 0 else following + 1
+        body = text[start:end].rstrip("\n") + "\n"
+        text = text[:start] + body + row + ("\n" + text[end:] if following >= 0 else "")
+    BENCHMARKS.write_text(text if text.endswith("\n") else text + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--events", type=int, default=200_000, help="events in the log (default 200000)")
+    parser.add_argument("--users", type=int, default=20_000, help="shoppers (default 20000)")
+    parser.add_argument("--days", type=float, default=28.0, help="event-time span in days (default 28)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--source", choices=("synthetic", "shop"), default="synthetic",
+                        help="synthetic: this script's generator; shop: streams.generator.ShopSimulator")
+    parser.add_argument("--repeat", type=int, default=3, help="timed repetitions, best kept (default 3)")
+    parser.add_argument("--batch", type=int, default=500, help="states per FeatureSpec.matrix call (default 500)")
+    parser.add_argument("--no-record", action="store_true", help="print only; do not touch BENCHMARKS.md")
+    args = parser.parse_args()
+
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})  # one core
+    make = synthetic_events if args.source == "synthetic" else shop_events
+    events = make(args.events, args.users, args.days, args.seed)
+    config = StateConfig()
+
+    update_s = min(fold_all(events, config)[0] for _ in range(args.repeat))
+    _, states = fold_all(events, config)
+    shoppers = list(states.values())
+    blobs = [encode_state(state) for state in shoppers]
+    sizes = sorted(len(blob) for blob in blobs)
+    encode_s = best_of(args.repeat, lambda: [encode_state(state) for state in shoppers])
+    decode_s = best_of(args.repeat, lambda: deque(map(decode_state, blobs), maxlen=0))  # as a worker: load, drop
+    now_ms = events[-1].ts_ms
+    batches = [shoppers[i:i + args.batch] for i in range(0, len(shoppers), args.batch)]
+    matrix_s = best_of(args.repeat, lambda: [DEFAULT_FEATURE_SPEC.matrix(batch, now_ms) for batch in batches])
+
+    n, m = len(events), len(shoppers)
+    figures = {
+        "updates_per_s": n / update_s, "us_per_update": update_s / n * 1e6,
+        "encode_us": encode_s / m * 1e6, "decode_us": decode_s / m * 1e6, "matrix_us": matrix_s / m * 1e6,
+        "bytes_median": statistics.median(sizes), "bytes_mean": statistics.mean(sizes),
+        "bytes_p90": sizes[int(0.9 * (m - 1))],
+    }
+    print(f"{n} events, {m} shoppers ({args.source}), one core, {platform.python_implementation()} "
+          f"{platform.python_version()}")
+    print(f"  update        {figures['updates_per_s']:>10,.0f} events/s  ({figures['us_per_update']:.2f} µs each)")
+    print(f"  encode_state  {figures['encode_us']:>10.1f} µs/shopper")
+    print(f"  decode_state  {figures['decode_us']:>10.1f} µs/shopper")
+    print(f"  spec.matrix   {figures['matrix_us']:>10.1f} µs/state (batches of {args.batch})")
+    print(f"  bytes/shopper median {figures['bytes_median']:.0f}, mean {figures['bytes_mean']:.0f}, "
+          f"p90 {figures['bytes_p90']}, max {sizes[-1]}")
+    if args.no_record:
+        return
+    command = shlex.join(sys.orig_argv)
+    date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
+    row = (f"| {date} | {args.source} | {n} | {m} | {figures['updates_per_s']:,.0f} | {figures['us_per_update']:.2f} "
+           f"| {figures['encode_us']:.1f} | {figures['decode_us']:.1f} | {figures['matrix_us']:.1f} "
+           f"| {figures['bytes_median']:.0f} / {figures['bytes_mean']:.0f} / {figures['bytes_p90']} "
+           f"| {platform.python_version()} | `{command}` |\n")
+    append_row(row)
+    print(f"recorded in {BENCHMARKS.relative_to(REPO)}")
+
+
+if __name__ == "__main__":
+    main()
