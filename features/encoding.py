@@ -1,6 +1,6 @@
 """Compact binary encoding of :class:`~features.state.ShopperState` (the table value).
 
-Layout, version 1 (little-endian; ``docs/features.md`` has the full table):
+Layout, version 2 (little-endian; ``docs/features.md`` has the full table):
 
 ====================  ==========================================================================
 part                  content
@@ -14,9 +14,10 @@ column *counts*       events, orders, frozen session events, compacted cart adds
                       length of every section below
 column *narrow*       string lengths (characters); fine / hour tier (bucket offsets back from
                       the watermark's bucket, then 4 counts each); coarse tier (offsets, then 6
-                      slots each with revenue zeroed); session item indexes (recent, frozen);
-                      history ``item index * 4 + kind code``; cart item index, zigzag quantity,
-                      adds; affinity category index
+                      slots each with revenue zeroed); recent ``item index * 4 + kind code``;
+                      frozen session item indexes; history ``item index * 4 + kind code``; cart
+                      item index, zigzag quantity, adds; affinity category index; recent
+                      category index (the empty string where an event has no affinity weight)
 UTF-8                 the string table: user id, then every item id and category mentioned
 column *wide*         coarse revenue cents; recent ``age * 2 + session start``; history ages;
                       cart ages; cart prices (cents)
@@ -28,7 +29,15 @@ column *wide*         coarse revenue cents; recent ``age * 2 + session start``; 
 A *column* is one byte giving the width of its values (1, 2, 4 or 8 bytes: the smallest that
 fits its largest value) followed by the packed unsigned values. Grouping values into four
 columns by expected magnitude keeps most values at one byte (narrow) or four (wide) while the
-decoder stays a handful of C-level unpacks.
+decoder stays a handful of C-level unpacks. Every list is stored in the state's canonical
+order, so equal states (however their events arrived) encode to equal bytes.
+
+Version 1 (until the order-independence change) differs only in the narrow column: recent
+events stored a bare item index (no kind code) and no category. A version-1 blob still
+decodes: its recent events get no category (their affinity is already in the stored
+accumulator, so features read exactly as before) and, where they have a cart line, their cart
+kind back (other kinds read as 0); ties are put in canonical order. Once those events fall
+behind the grace period the state is exactly what version 2 would hold.
 
 Version rule: the first byte never changes meaning. A release that changes the layout bumps
 :data:`STATE_FORMAT_VERSION`, adds a decoder for it to ``_DECODERS`` and keeps every older
@@ -42,11 +51,12 @@ import zlib
 from array import array
 
 from features.state import (
-    COARSE_BUCKET_MS, COARSE_STRIDE, COUNT_STRIDE, FINE_BUCKET_MS, HOUR_BUCKET_MS, SLOT_REVENUE_CENTS, ShopperState,
+    COARSE_BUCKET_MS, COARSE_STRIDE, COUNT_STRIDE, FINE_BUCKET_MS, HOUR_BUCKET_MS, SLOT_CART_ADD, SLOT_CART_REMOVE,
+    SLOT_REVENUE_CENTS, ShopperState,
 )
 
 #: Version written by :func:`encode_state`.
-STATE_FORMAT_VERSION = 1
+STATE_FORMAT_VERSION = 2
 
 _TYPECODE_OF_WIDTH = {1: "B", 2: "H", 4: "I", 8: "Q"}
 _BIG_ENDIAN = sys.byteorder == "big"
@@ -91,7 +101,7 @@ def encode_state(state: ShopperState) -> bytes:
     recent_ts, recent_items, frozen_items = state.recent_ts, state.recent_item_ids, state.frozen_session_items
     coarse_keys = state.coarse_keys
     names = list(dict.fromkeys([state.user_id, *state.history_items, *recent_items, *frozen_items,
-                                *[line[1] for line in lines], *categories]))
+                                *[line[1] for line in lines], *categories, *state.recent_categories]))
     index = dict(zip(names, range(len(names))))
     encoded = "".join(names).encode()
 
@@ -119,13 +129,14 @@ def encode_state(state: ShopperState) -> bytes:
     revenue = coarse[SLOT_REVENUE_CENTS::COARSE_STRIDE]
     coarse[SLOT_REVENUE_CENTS::COARSE_STRIDE] = [0] * len(coarse_keys)
     narrow += coarse
-    narrow += map(index.__getitem__, recent_items)
+    narrow += [i * 4 + code for i, code in zip(map(index.__getitem__, recent_items), state.recent_codes)]
     narrow += map(index.__getitem__, frozen_items)
     narrow += [i * 4 + code for i, code in zip(map(index.__getitem__, state.history_items), state.history_codes)]
     narrow += [index[line[1]] for line in lines]
     narrow += [2 * line[2] if line[2] >= 0 else -2 * line[2] - 1 for line in lines]
     narrow += [line[4] for line in lines]
     narrow += map(index.__getitem__, categories)
+    narrow += map(index.__getitem__, state.recent_categories)
     _put_column(out, narrow)
     out += encoded
 
@@ -191,6 +202,14 @@ def _unpack(typecode: str, raw: bytes) -> list:
 
 
 def _decode_v1(reader: _Reader) -> ShopperState:
+    return _canonical_from_v1(_decode(reader, 1))
+
+
+def _decode_v2(reader: _Reader) -> ShopperState:
+    return _decode(reader, 2)
+
+
+def _decode(reader: _Reader, version: int) -> ShopperState:
     last = _LAST_EVENT.unpack(reader.take(_LAST_EVENT.size, "last_event_ms"))[0]
     times = reader.column(_N_TIMES, "times")
     if max(times[:-1]) > last + 1:
@@ -201,7 +220,7 @@ def _decode_v1(reader: _Reader) -> ShopperState:
     if n_strings < 1 or n_string_bytes > reader.end - reader.pos:
         raise StateDecodeError(f"corrupt state: string table of {n_strings} strings in {n_string_bytes} bytes")
     n_narrow = (n_strings + (n_fine + n_hour) * (1 + COUNT_STRIDE) + n_coarse * (1 + COARSE_STRIDE) + n_recent
-                + n_frozen + n_history + 3 * n_cart + n_categories)
+                + n_frozen + n_history + 3 * n_cart + n_categories + (n_recent if version >= 2 else 0))
     n_wide = n_coarse + n_recent + n_history + 2 * n_cart
     if n_narrow + n_wide > reader.end - reader.pos:
         raise StateDecodeError(f"corrupt state: section counts need more than the {reader.end - reader.pos} bytes left")
@@ -253,7 +272,13 @@ def _decode_v1(reader: _Reader) -> ShopperState:
     coarse = take(n_coarse * COARSE_STRIDE)
     coarse[SLOT_REVENUE_CENTS::COARSE_STRIDE] = wide[:n_coarse]
     state.coarse_values = coarse
-    state.recent_item_ids = text_of(take(n_recent), "session item")
+    recent = take(n_recent)
+    if version >= 2:
+        state.recent_item_ids = text_of([value >> 2 for value in recent], "session item")
+        state.recent_codes = [value & 3 for value in recent]
+    else:
+        state.recent_item_ids = text_of(recent, "session item")
+        state.recent_codes = [0] * n_recent
     state.frozen_session_items = text_of(take(n_frozen), "session item")
     history = take(n_history)
     state.history_items = text_of([value >> 2 for value in history], "history item")
@@ -262,6 +287,7 @@ def _decode_v1(reader: _Reader) -> ShopperState:
     quantities = [z >> 1 if not z & 1 else -(z >> 1) - 1 for z in take(n_cart)]
     cart_adds = take(n_cart)
     state.affinity_categories = text_of(take(n_categories), "category")
+    state.recent_categories = text_of(take(n_recent), "category") if version >= 2 else [""] * n_recent
 
     at = n_coarse
     recent = wide[at:at + n_recent]
@@ -277,8 +303,31 @@ def _decode_v1(reader: _Reader) -> ShopperState:
     return state
 
 
+def _canonical_from_v1(state: ShopperState) -> ShopperState:
+    """A version-1 state in today's canonical order: v1 kept events with equal times in arrival
+    order (recent events, history) and cart lines in arrival order. Recent events get no
+    category (v1 already folded them into the affinity accumulator); a recent event with a cart
+    line gets its cart kind back (so its line is merged when it freezes), any other kind 0."""
+    if state.recent_ts:
+        rows = sorted(zip(state.recent_ts, state.recent_ids, state.recent_item_ids, state.recent_starts))
+        recent_ts, state.recent_ids, state.recent_item_ids, starts = (list(column) for column in zip(*rows))
+        for i in range(len(recent_ts) - 1, 0, -1):  # a session start belongs to the first of equal times
+            if recent_ts[i] == recent_ts[i - 1]:
+                starts[i - 1] |= starts[i]
+                starts[i] = 0
+        state.recent_ts, state.recent_starts = recent_ts, starts
+        cart_codes = {line[:2]: SLOT_CART_ADD if line[4] else SLOT_CART_REMOVE for line in state.cart_lines}
+        state.recent_codes = [cart_codes.get(key, 0) for key in zip(recent_ts, state.recent_item_ids)]
+        state.recent_categories = [""] * len(recent_ts)
+    if state.history_ts:
+        rows = sorted(zip(state.history_ts, state.history_codes, state.history_items))
+        state.history_ts, state.history_codes, state.history_items = (list(column) for column in zip(*rows))
+    state.cart_lines.sort()
+    return state
+
+
 #: Decoder of every format version this release reads; keep old ones when adding a version.
-_DECODERS = {1: _decode_v1}
+_DECODERS = {1: _decode_v1, 2: _decode_v2}
 
 
 def decode_state(data: bytes) -> ShopperState:

@@ -29,13 +29,30 @@ Arrival rules (see :meth:`ShopperState.update`):
 * the shopper's *watermark* is :attr:`ShopperState.last_event_ms`, its latest event time;
 * an event older than ``watermark - grace_ms`` is :data:`LATE` and changes nothing;
 * an event whose id is among the shopper's recent ids is a :data:`DUPLICATE` and changes nothing;
-* anything else is :data:`APPLIED`. Out-of-order events within the grace period land in the
-  buckets, sessions, cart and history exactly where in-order arrival would have put them, as
-  long as the shopper has at most ``dedup_ids`` events within one grace period (beyond that
-  the oldest are folded into the session summary early, and a late event among them joins
-  the session it is nearest to). Events with equal ``ts_ms`` keep arrival order in the
-  history; category affinity equals in-order arrival up to float rounding while a shopper has
-  at most :data:`AFFINITY_TOP_K` categories.
+* anything else is :data:`APPLIED`.
+
+Order independence: the state (and so :func:`features.encoding.encode_state` and every
+feature) depends on the *set* of applied events, never on their arrival order, as long as
+each event arrives within ``grace_ms`` of the watermark and the shopper has at most
+``dedup_ids`` events (and at most :data:`CART_MAX_LINES` cart changes) within one grace
+period. The worker reads three topics independently and the offline replay sorts by time;
+both end in the same bytes. How:
+
+* events are kept in the *canonical order* ``(ts_ms, event_id_hash)``: recent events are
+  inserted at their canonical place, history entries at ``(ts_ms, kind code, item_id)``
+  (an order's lines with one ``ts_ms`` sort by item id), cart lines sorted as whole tuples;
+* anything whose result depends on the order of its inputs (float sums, the affinity
+  anchor, Space-Saving eviction, cart compaction) is done only when events are *frozen*,
+  i.e. fall behind ``watermark - grace_ms``: no later arrival can precede them (it would be
+  LATE), so they are folded in canonical order whatever the arrival. Until then a recent
+  event keeps its kind and category (``recent_codes``, ``recent_categories``), and readers
+  (:meth:`ShopperState.raw_features`, :meth:`ShopperState.top_categories`) fold the recent
+  events into a copy of the accumulator, in canonical order, with the same operation.
+
+Beyond ``dedup_ids`` events within one grace period the oldest are frozen early (and a late
+event among them joins the session it is nearest to); beyond :data:`CART_MAX_LINES` cart
+lines within one grace period the whole cart is merged. Results are then still deterministic
+for a given arrival order, but no longer independent of it.
 
 Not thread-safe: one state belongs to the one task that owns the shopper's partition, and
 one :class:`StateConfig` must be used for a state's whole life.
@@ -44,9 +61,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-from bisect import bisect_left, bisect_right
+from bisect import bisect_left, bisect_right, insort
 from dataclasses import dataclass
-from operator import itemgetter
 
 from features.events import KIND_CART_ADD, KIND_CART_REMOVE, KIND_ORDER, KIND_VIEW, Event
 
@@ -86,9 +102,9 @@ AFFINITY_WEIGHTS: tuple[float, ...] = (1.0, 3.0, 0.0, 0.0)
 #: Scores are kept relative to an anchor time; it moves forward after this many ms (float range).
 AFFINITY_REBASE_MS = 32 * AFFINITY_HALF_LIFE_MS
 
-#: Cart lines older than the grace period are merged per item once the cart has this many lines.
-CART_COMPACT_LINES = 16
-#: Hard cap on cart lines; beyond it all lines are merged per item (late orders become approximate).
+#: Cart lines are merged per item as soon as their event falls behind the grace period. Hard
+#: cap on the lines within the grace period: beyond it all lines are merged per item (late
+#: orders become approximate, and the cart may depend on arrival order).
 CART_MAX_LINES = 64
 #: Distinct items remembered for the frozen part of the current session.
 SESSION_ITEMS_CAP = 64
@@ -188,6 +204,31 @@ def _window(keys: list[int], values: list[int], stride: int, first: int, last: i
     return [sum(values[start + slot:stop:stride]) for slot in range(stride)]
 
 
+def _fold_affinity(anchor: int, categories: list[str], scores: list[float], category: str, weight: float,
+                   ts: int) -> int:
+    """Add ``weight`` at ``ts`` to ``category``'s decayed score (Space-Saving top-K), in place;
+    returns the new anchor. Depends only on the accumulator and this event (the anchor moves to
+    ``ts`` when ``ts`` is more than :data:`AFFINITY_REBASE_MS` past it), so folding the same
+    events in the same (canonical) order gives the same floats."""
+    if not categories:
+        anchor = ts
+    elif ts - anchor > AFFINITY_REBASE_MS:
+        factor = 2.0 ** ((anchor - ts) / AFFINITY_HALF_LIFE_MS)
+        scores[:] = [score * factor for score in scores]
+        anchor = ts
+    value = weight * 2.0 ** ((ts - anchor) / AFFINITY_HALF_LIFE_MS)
+    if category in categories:
+        scores[categories.index(category)] += value
+    elif len(categories) < AFFINITY_TOP_K:
+        categories.append(category)
+        scores.append(value)
+    else:
+        weakest = scores.index(min(scores))
+        categories[weakest] = category
+        scores[weakest] += value
+    return anchor
+
+
 class ShopperState:
     """Everything ShopPulse remembers about one shopper, in bounded memory.
 
@@ -203,16 +244,18 @@ class ShopperState:
         "events_lifetime", "orders_lifetime", "revenue_lifetime_cents",
         # sparse bucket tiers: sorted bucket numbers (ts // width) and flat per-bucket slots
         "fine_keys", "fine_counts", "hour_keys", "hour_counts", "coarse_keys", "coarse_values",
-        # events of the last grace_ms (at most dedup_ids), sorted by ts: for dedup
-        # and exact sessions; starts[i] is 1 where event i begins a session
-        "recent_ts", "recent_ids", "recent_item_ids", "recent_starts",
+        # events of the last grace_ms (at most dedup_ids), in canonical order (ts, id hash): for
+        # dedup, exact sessions and order-independent folds; starts[i] is 1 where event i begins
+        # a session; codes are kind codes; categories are "" where the event has no affinity weight
+        "recent_ts", "recent_ids", "recent_item_ids", "recent_starts", "recent_codes", "recent_categories",
         # the older part ("frozen") of the session that precedes or holds the recent events
         "frozen_session_start_ms", "frozen_session_last_ms", "frozen_session_events", "frozen_session_items",
-        # cart lines since the last order: (ts_ms, item_id, quantity_delta, price_cents, adds)
+        # cart lines since the last order, sorted: (ts_ms, item_id, quantity_delta, price_cents, adds);
+        # lines of frozen events are merged into one line per item (adds moved to compacted adds)
         "cart_lines", "cart_compacted_adds",
-        # last history_len item interactions, oldest first, as parallel lists (item, kind code, ts)
+        # last history_len item interactions, sorted by (ts, kind code, item), as parallel lists
         "history_items", "history_codes", "history_ts",
-        # decayed category affinity, scores relative to the anchor time
+        # decayed category affinity of the frozen events, scores relative to the anchor time
         "affinity_anchor_ms", "affinity_categories", "affinity_scores",
     )
 
@@ -236,6 +279,8 @@ class ShopperState:
         self.recent_ids: list[int] = []
         self.recent_item_ids: list[str] = []
         self.recent_starts: list[int] = []
+        self.recent_codes: list[int] = []
+        self.recent_categories: list[str] = []
         self.frozen_session_start_ms = 0
         self.frozen_session_last_ms = 0
         self.frozen_session_events = 0
@@ -299,7 +344,8 @@ class ShopperState:
         _bump(self.coarse_keys, self.coarse_values, COARSE_STRIDE, coarse_bucket, coarse_oldest, code, 1)
 
         item_id = event.item_id
-        self._add_recent(ts, id_hash, item_id, config)
+        weight = AFFINITY_WEIGHTS[code]
+        self._add_recent(ts, id_hash, item_id, code, event.category if weight else "", config)
         if code == SLOT_ORDER:
             cents = to_cents(event.total)
             self.orders_lifetime += 1
@@ -323,12 +369,15 @@ class ShopperState:
                 if ts > self.last_order_ms:
                     adds = 1 if code == SLOT_CART_ADD else 0
                     quantity = event.quantity if adds else -event.quantity
-                    self.cart_lines.append((ts, item_id, quantity, to_cents(event.price), adds))
-                    if len(self.cart_lines) > CART_COMPACT_LINES:
-                        self._compact_cart(last - config.grace_ms)
-            weight = AFFINITY_WEIGHTS[code]
-            if weight and event.category:
-                self._add_affinity(event.category, weight, ts)
+                    line = (ts, item_id, quantity, to_cents(event.price), adds)
+                    lines = self.cart_lines
+                    if not lines or line >= lines[-1]:
+                        lines.append(line)
+                    else:
+                        insort(lines, line)
+                    if (len(lines) > CART_MAX_LINES
+                            and len(lines) - bisect_left(lines, (last - config.grace_ms,)) > CART_MAX_LINES):
+                        self._compact_cart(None)
         excess = len(self.history_ts) - config.history_len
         if excess > 0:
             del self.history_items[:excess], self.history_codes[:excess], self.history_ts[:excess]
@@ -342,14 +391,22 @@ class ShopperState:
         recent_ts = self.recent_ts
         cutoff = last - config.grace_ms  # no event before it can still be applied
         if recent_ts and recent_ts[0] < cutoff:
-            self._freeze(bisect_left(recent_ts, cutoff), config.session_gap_ms)
+            self._freeze(bisect_left(recent_ts, cutoff), config)
 
-    def _add_recent(self, ts: int, id_hash: int, item_id: str, config: StateConfig) -> None:
-        """Insert an event into the recent list (sorted by ts) and keep session-start flags right."""
+    def _add_recent(self, ts: int, id_hash: int, item_id: str, code: int, category: str,
+                    config: StateConfig) -> None:
+        """Insert an event into the recent lists at its canonical place (ts, then id hash) and
+        keep session-start flags right."""
         recent_ts = self.recent_ts
         gap = config.session_gap_ms
         n = len(recent_ts)
-        i = n if not n or ts >= recent_ts[-1] else bisect_right(recent_ts, ts)
+        if not n or ts > recent_ts[-1]:
+            i = n
+        else:
+            i = bisect_right(recent_ts, ts)
+            ids = self.recent_ids
+            while i and recent_ts[i - 1] == ts and ids[i - 1] > id_hash:
+                i -= 1
         if i:
             starts = 1 if ts - recent_ts[i - 1] > gap else 0
         else:
@@ -358,13 +415,17 @@ class ShopperState:
         self.recent_ids.insert(i, id_hash)
         self.recent_item_ids.insert(i, item_id)
         self.recent_starts.insert(i, starts)
+        self.recent_codes.insert(i, code)
+        self.recent_categories.insert(i, category)
         if i < n:
             self.recent_starts[i + 1] = 1 if recent_ts[i + 1] - ts > gap else 0
         if n + 1 > config.dedup_ids:
-            self._freeze(n + 1 - config.dedup_ids, gap)
+            self._freeze(n + 1 - config.dedup_ids, config)
 
-    def _freeze(self, count: int, gap: int) -> None:
-        """Move the oldest ``count`` recent events into the frozen session summary."""
+    def _freeze(self, count: int, config: StateConfig) -> None:
+        """Fold the oldest ``count`` recent events, in canonical order, into the frozen session
+        summary and the affinity accumulator, merge the cart lines behind the grace period."""
+        gap = config.session_gap_ms
         coarse_oldest = self.last_event_ms // COARSE_BUCKET_MS - COARSE_BUCKETS + 1
         items = self.frozen_session_items
         oldest = zip(self.recent_ts[:count], self.recent_item_ids[:count], self.recent_starts[:count])
@@ -384,69 +445,76 @@ class ShopperState:
                     self.frozen_session_start_ms = ts
             if item_id and len(items) < SESSION_ITEMS_CAP and item_id not in items:
                 items.append(item_id)
+        codes = self.recent_codes[:count]
+        categories = self.recent_categories[:count]
+        if any(categories):
+            anchor = self.affinity_anchor_ms
+            tracked, scores = self.affinity_categories, self.affinity_scores
+            for ts, code, category in zip(self.recent_ts[:count], codes, categories):
+                if category:
+                    anchor = _fold_affinity(anchor, tracked, scores, category, AFFINITY_WEIGHTS[code], ts)
+            self.affinity_anchor_ms = anchor
+        compact = self.cart_lines and (SLOT_CART_ADD in codes or SLOT_CART_REMOVE in codes)
         del self.recent_ts[:count], self.recent_ids[:count], self.recent_item_ids[:count], self.recent_starts[:count]
+        del self.recent_codes[:count], self.recent_categories[:count]
         if self.recent_ts:
             self.recent_starts[0] = 1 if self.recent_ts[0] - self.frozen_session_last_ms > gap else 0
+        if compact:
+            self._compact_cart(self.last_event_ms - config.grace_ms)
 
     def _add_history(self, item_id: str, code: int, ts: int) -> None:
+        """Insert an interaction at its place in (ts, kind code, item id) order."""
         history_ts = self.history_ts
-        if not history_ts or ts >= history_ts[-1]:
+        if not history_ts or ts > history_ts[-1]:
             history_ts.append(ts)
             self.history_items.append(item_id)
             self.history_codes.append(code)
         else:
+            codes, items = self.history_codes, self.history_items
             i = bisect_right(history_ts, ts)
+            while i and history_ts[i - 1] == ts and (codes[i - 1], items[i - 1]) > (code, item_id):
+                i -= 1
             history_ts.insert(i, ts)
             self.history_items.insert(i, item_id)
             self.history_codes.insert(i, code)
 
-    def _compact_cart(self, cutoff: int) -> None:
-        """Merge cart lines older than ``cutoff`` into one line per item (exact: no accepted
-        order can fall before ``cutoff``); past :data:`CART_MAX_LINES`, merge all lines."""
+    def _compact_cart(self, cutoff: int | None) -> None:
+        """Merge the cart lines before ``cutoff`` (``None``: all lines) into one line per item.
+
+        Exact for features: no accepted order can fall before ``cutoff`` (watermark - grace),
+        an item's units add up, and its price is the latest line's. Lines are sorted, so the
+        latest is the last (equal times: the largest line), whatever the arrival order."""
         lines = self.cart_lines
-        old = [line for line in lines if line[0] < cutoff]
-        keep = [line for line in lines if line[0] >= cutoff]
-        if len(keep) >= CART_MAX_LINES:
-            old, keep = lines, []
-        if not old:
+        i = len(lines) if cutoff is None else bisect_left(lines, (cutoff,))
+        if not i:
             return
         merged: dict[str, list[int]] = {}
         adds = 0
-        for ts, item_id, quantity, price_cents, line_adds in old:
+        for ts, item_id, quantity, price_cents, line_adds in lines[:i]:
             adds += line_adds
             entry = merged.get(item_id)
             if entry is None:
                 merged[item_id] = [ts, quantity, price_cents]
             else:
+                entry[0] = ts
                 entry[1] += quantity
-                if ts >= entry[0]:
-                    entry[0], entry[2] = ts, price_cents
+                entry[2] = price_cents
         self.cart_compacted_adds += adds
-        compacted = [(ts, item_id, quantity, price_cents, 0)
-                     for item_id, (ts, quantity, price_cents) in merged.items() if quantity]
-        compacted.sort(key=itemgetter(0))
-        self.cart_lines = compacted + keep
+        compacted = sorted((ts, item_id, quantity, price_cents, 0)
+                           for item_id, (ts, quantity, price_cents) in merged.items() if quantity)
+        self.cart_lines = compacted + lines[i:]
 
-    def _add_affinity(self, category: str, weight: float, ts: int) -> None:
-        """Add ``weight`` at ``ts`` to a category's decayed score (Space-Saving top-K)."""
-        categories, scores = self.affinity_categories, self.affinity_scores
-        if not categories:
-            self.affinity_anchor_ms = ts
-        elif ts - self.affinity_anchor_ms > AFFINITY_REBASE_MS:
-            factor = 2.0 ** ((self.affinity_anchor_ms - ts) / AFFINITY_HALF_LIFE_MS)
-            self.affinity_scores = scores = [score * factor for score in scores]
-            self.affinity_anchor_ms = ts
-        value = weight * 2.0 ** ((ts - self.affinity_anchor_ms) / AFFINITY_HALF_LIFE_MS)
-        try:
-            scores[categories.index(category)] += value
-        except ValueError:
-            if len(categories) < AFFINITY_TOP_K:
-                categories.append(category)
-                scores.append(value)
-            else:
-                weakest = scores.index(min(scores))
-                categories[weakest] = category
-                scores[weakest] += value
+    def _affinity(self) -> tuple[int, list[str], list[float]]:
+        """``(anchor_ms, categories, scores)``: the frozen accumulator with the recent events
+        folded in (on a copy), in canonical order: what freezing them all would give."""
+        recent = self.recent_categories
+        if not any(recent):
+            return self.affinity_anchor_ms, self.affinity_categories, self.affinity_scores
+        anchor, categories, scores = self.affinity_anchor_ms, self.affinity_categories[:], self.affinity_scores[:]
+        for ts, code, category in zip(self.recent_ts, self.recent_codes, recent):
+            if category:
+                anchor = _fold_affinity(anchor, categories, scores, category, AFFINITY_WEIGHTS[code], ts)
+        return anchor, categories, scores
 
     # -- reading --------------------------------------------------------------------------------
 
@@ -461,8 +529,9 @@ class ShopperState:
         """Tracked categories with their affinity decayed to ``now_ms`` (default: the watermark),
         strongest first. One view counts 1, one cart add 3, halving every 7 days."""
         now_ms = self.last_event_ms if now_ms is None else now_ms
-        scale = 2.0 ** ((self.affinity_anchor_ms - now_ms) / AFFINITY_HALF_LIFE_MS)
-        pairs = [(category, score * scale) for category, score in zip(self.affinity_categories, self.affinity_scores)]
+        anchor, categories, scores = self._affinity()
+        scale = 2.0 ** ((anchor - now_ms) / AFFINITY_HALF_LIFE_MS)
+        pairs = [(category, score * scale) for category, score in zip(categories, scores)]
         pairs.sort(key=lambda pair: -pair[1])
         return pairs
 
@@ -530,10 +599,10 @@ class ShopperState:
         view_to_cart = min(adds_30d / views_30d, 1.0) if views_30d else 0.0
         cart_to_order = min(orders_30d / adds_30d, 1.0) if adds_30d else 0.0
 
-        scores = self.affinity_scores
+        anchor, _, scores = self._affinity()
         total = sum(scores)
         top_share = max(scores) / total if total > 0 else 0.0
-        affinity_total = total * 2.0 ** ((self.affinity_anchor_ms - now) / AFFINITY_HALF_LIFE_MS) if scores else 0.0
+        affinity_total = total * 2.0 ** ((anchor - now) / AFFINITY_HALF_LIFE_MS) if scores else 0.0
 
         return (
             h1[0], h1[1], h1[2], h1[3],

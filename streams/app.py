@@ -19,6 +19,7 @@ event to prove that nothing is lost or doubled and that recovery from the change
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import ssl
@@ -30,6 +31,7 @@ import faust
 from faust.streams import _current_event
 from faust.types import EventT
 
+from features.encoding import StateDecodeError, decode_state
 from features.events import ValidationLimits
 from features.spec import DEFAULT_FEATURE_SPEC
 from features.state import StateConfig
@@ -42,6 +44,19 @@ from streams.pipeline import BatchProcessor, InputMessage
 log = logging.getLogger("shoppulse.worker")
 
 STATE_TABLE = "shopper_state"
+#: The eviction sweep yields to the event loop after this many stored shoppers.
+EVICTION_YIELD_EVERY = 500
+
+
+def idle_since_ms(stored: bytes, now_ms: int) -> int:
+    """How long a stored shopper has been idle (wall clock minus its latest event time), in ms.
+
+    An undecodable state counts as idle forever: the sweep removes it rather than keep it.
+    """
+    try:
+        return now_ms - decode_state(stored).last_event_ms
+    except StateDecodeError:
+        return now_ms
 
 
 @contextlib.contextmanager
@@ -99,13 +114,16 @@ class ScoringWorker:
         self.dead_letter_topic = self.app.topic(settings.topic_dead_letter, **raw)
         self.table = self.app.Table(STATE_TABLE, key_type=bytes, value_type=bytes, partitions=settings.partitions,
                                     help="Per-shopper feature state (features.encoding), keyed by user_id")
+        self.state_config = StateConfig(grace_ms=settings.grace_ms, history_len=settings.history_len,
+                                        retention_ms=settings.retention_ms)
         self.processor = BatchProcessor(
             topic_kinds=dict(zip(settings.input_topics, ("page_view", "cart", "order"))),
-            state_config=StateConfig(), spec=DEFAULT_FEATURE_SPEC, scorer=PurchaseIntentHeuristic(DEFAULT_FEATURE_SPEC),
+            state_config=self.state_config, spec=DEFAULT_FEATURE_SPEC, scorer=PurchaseIntentHeuristic(DEFAULT_FEATURE_SPEC),
             limits=ValidationLimits(settings.max_event_bytes, settings.max_future_skew_ms), metrics=self.metrics)
         self.metrics_server: MetricsServer | None = None
         self.app.agent(self.inputs, name="score_shoppers")(self._score_shoppers)
         self.app.timer(1.0)(self._refresh_readiness)
+        self.app.timer(float(settings.eviction_interval_s))(self._evict_idle_shoppers)
         self.app.on_partitions_assigned.connect(self._on_assigned)
 
     def _load_state(self, message: InputMessage, key: bytes) -> bytes | None:
@@ -131,6 +149,40 @@ class ScoringWorker:
                 await self.scores_topic.send(key=shopper.key, value=shopper.result)
             self.metrics.results_published.labels(self.settings.topic_scores).inc(len(outcome.scored))
             yield None
+
+    async def _evict_idle_shoppers(self) -> None:
+        """Delete shoppers idle past the retention period from the table and, by tombstone, its changelog.
+
+        Walks the RocksDB partitions this worker owns (Faust's store keeps one database per
+        partition), yielding to the event loop every :data:`EVICTION_YIELD_EVERY` keys so the
+        event path never stalls. Also refreshes the shoppers-in-state gauge.
+        """
+        store = self.table.data
+        changelog = self.table.changelog_topic_name
+        actives = {tp.partition for tp in self.app.assignor.assigned_actives() if tp.topic == changelog}
+        now_ms = int(time.time() * 1000)
+        kept = evicted = 0
+        for partition, db in list(store._dbs.items()):
+            if partition not in actives:
+                continue
+            expired = []
+            for seen, (key, value) in enumerate(store._visible_items(db), 1):
+                if idle_since_ms(value, now_ms) > self.state_config.retention_ms:
+                    expired.append(key)
+                else:
+                    kept += 1
+                if seen % EVICTION_YIELD_EVERY == 0:
+                    await asyncio.sleep(0)
+            for key in expired:
+                db.delete(key)
+                store._key_index.pop(key, None)
+                self.table.send_changelog(partition, key, None, value_serializer="raw")
+            evicted += len(expired)
+        self.metrics.shoppers_in_state.set(kept)
+        self.metrics.shoppers_evicted.inc(evicted)
+        if evicted:
+            log.info("evicted %d shoppers idle for more than %.1f days; %d remain", evicted,
+                     self.state_config.retention_ms / 86_400_000, kept)
 
     async def _refresh_readiness(self) -> None:
         recovered = self.app.tables.recovery.completed.is_set()

@@ -45,6 +45,10 @@ SETTINGS_DOC: dict[str, tuple[str, str, str]] = {
     "data_dir": ("SHOPPULSE_DATA_DIR", "./var/worker", "where the worker keeps its RocksDB tables"),
     "max_batch": ("SHOPPULSE_MAX_BATCH", "1000", "micro-batch: most events handled in one step"),
     "max_wait_ms": ("SHOPPULSE_MAX_WAIT_MS", "50", "micro-batch: longest wait, in ms, for a batch to fill"),
+    "grace_ms": ("SHOPPULSE_GRACE_MS", "3600000", "out-of-order tolerance per shopper, in ms; older events count as late"),
+    "history_len": ("SHOPPULSE_HISTORY_LEN", "50", "item interactions kept per shopper (the next-item model's input)"),
+    "retention_ms": ("SHOPPULSE_RETENTION_MS", "7776000000", "a shopper idle this long (ms, default 90 d) is evicted"),
+    "eviction_interval_s": ("SHOPPULSE_EVICTION_INTERVAL_S", "300", "seconds between sweeps that evict idle shoppers"),
     "max_event_bytes": ("SHOPPULSE_MAX_EVENT_BYTES", "65536", "larger input messages are dead-lettered as oversized"),
     "max_future_skew_ms": ("SHOPPULSE_MAX_FUTURE_SKEW_MS", "300000", "events stamped further ahead of the worker clock are dead-lettered"),
     "metrics_host": ("SHOPPULSE_METRICS_HOST", "127.0.0.1", "address of the /metrics, /healthz, /readyz server"),
@@ -98,6 +102,10 @@ class Settings:
     data_dir: Path = Path("./var/worker")
     max_batch: int = 1000
     max_wait_ms: int = 50
+    grace_ms: int = 3_600_000
+    history_len: int = 50
+    retention_ms: int = 7_776_000_000
+    eviction_interval_s: int = 300
     max_event_bytes: int = 65536
     max_future_skew_ms: int = 300_000
     metrics_host: str = "127.0.0.1"
@@ -138,6 +146,8 @@ class Settings:
             raise ConfigError("SHOPPULSE_PARTITIONS must be at least 1")
         if self.max_batch < 1:
             raise ConfigError("SHOPPULSE_MAX_BATCH must be at least 1")
+        if self.history_len < 1 or self.eviction_interval_s < 1:
+            raise ConfigError("SHOPPULSE_HISTORY_LEN and SHOPPULSE_EVICTION_INTERVAL_S must be at least 1")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"SHOPPULSE_LOG_LEVEL={self.log_level!r}; use DEBUG, INFO, WARNING or ERROR")
         topics = self.input_topics + (self.topic_scores, self.topic_dead_letter)

@@ -10,10 +10,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import os
 import shutil
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -21,9 +19,10 @@ from pathlib import Path
 
 from confluent_kafka import KafkaError
 
-from streams.broker import EmbeddedBroker, _die_with_parent, free_port
-from streams.config import SETTINGS_DOC, Settings
+from streams.broker import EmbeddedBroker, free_port
+from streams.config import Settings
 from streams.kafka import ensure_topics
+from streams.process import WorkerProcess
 from streams.tail import output_consumer
 
 DEMO_DIR = Path("var/demo")
@@ -33,34 +32,6 @@ DEMO_MALFORMED_FRACTION = 0.005
 #: real shop at thousands of events/s); 28 days of 50k shoppers is ~3M events, 27 min at 2,000/s.
 DEMO_SHOPPERS = 50_000
 DEMO_SIMULATED_DAYS = 28.0
-
-
-def worker_environment(settings: Settings) -> dict[str, str]:
-    """Environment for a ``shoppulse worker`` child with these settings."""
-    env = dict(os.environ)
-    for name, (var, _, _) in SETTINGS_DOC.items():
-        env[var] = str(getattr(settings, name))
-    return env
-
-
-def start_worker(settings: Settings, log_path: Path) -> subprocess.Popen[bytes]:
-    """Start ``shoppulse worker`` as a child that dies with this process; output to ``log_path``."""
-    with open(log_path, "ab") as log_file:
-        return subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"], env=worker_environment(settings),
-                                stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                preexec_fn=_die_with_parent)
-
-
-def stop_process(process: subprocess.Popen[bytes], timeout_s: float = 20.0) -> int:
-    """SIGTERM (graceful: the worker commits and closes its tables), SIGKILL after ``timeout_s``."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    return process.returncode
 
 
 class _Generator(threading.Thread):
@@ -110,7 +81,7 @@ def run_demo(settings: Settings, duration_s: float = 0, rate_per_s: float = 2000
         settings = dataclasses.replace(settings, bootstrap_servers=broker.bootstrap_servers, data_dir=DEMO_DIR / "worker",
                                        metrics_port=settings.metrics_port or free_port(), web_port=free_port())
         ensure_topics(settings)
-        worker = start_worker(settings, DEMO_DIR / "worker.log")
+        worker = WorkerProcess(settings, DEMO_DIR / "worker.log")
         generator = _Generator(settings, rate_per_s, seed)
         generator.start()
         consumer = output_consumer(settings, [settings.topic_scores, settings.topic_dead_letter], from_beginning=True,
@@ -130,13 +101,13 @@ def run_demo(settings: Settings, duration_s: float = 0, rate_per_s: float = 2000
         if consumer is not None:
             consumer.close()
         if worker is not None:
-            code = stop_process(worker)
+            code = worker.stop()
             print(f"worker stopped (exit code {code})")
         broker.stop()
         print("broker stopped; demo over.", flush=True)
 
 
-def _watch(settings: Settings, consumer, generator: _Generator, worker: subprocess.Popen[bytes],
+def _watch(settings: Settings, consumer, generator: _Generator, worker: WorkerProcess,
            stop: threading.Event, started: float, duration_s: float) -> int:
     results = dead = 0
     first_result_s: float | None = None
@@ -148,8 +119,8 @@ def _watch(settings: Settings, consumer, generator: _Generator, worker: subproce
         now = time.monotonic()
         if duration_s and now - started >= duration_s:
             break
-        if worker.poll() is not None:
-            print(f"the worker exited with code {worker.returncode}; see {DEMO_DIR / 'worker.log'}", file=sys.stderr)
+        if worker.process.poll() is not None:
+            print(f"the worker exited with code {worker.process.returncode}; see {DEMO_DIR / 'worker.log'}", file=sys.stderr)
             return 1
         if generator.error is not None:
             print(f"the generator failed: {generator.error}", file=sys.stderr)

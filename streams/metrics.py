@@ -47,6 +47,11 @@ class WorkerMetrics:
                                             buckets=LATENCY_BUCKETS_S, registry=r)
         self.shoppers_in_batch = Histogram("shoppulse_shoppers_per_batch", "Distinct shoppers scored per micro-batch",
                                            buckets=BATCH_SIZE_BUCKETS, registry=r)
+        self.shoppers_in_state = Gauge("shoppulse_shoppers_in_state",
+                                       "Shoppers stored in this worker's partitions (counted by the eviction sweep)",
+                                       registry=r)
+        self.shoppers_evicted = Counter("shoppulse_shoppers_evicted_total",
+                                        "Shoppers deleted after being idle past the retention period", registry=r)
         self.ready = Gauge("shoppulse_ready", "1 when partitions are assigned and tables recovered", registry=r)
 
 
@@ -54,7 +59,8 @@ METRIC_NAMES = (
     "shoppulse_events_consumed_total", "shoppulse_invalid_events_total", "shoppulse_dead_letter_total",
     "shoppulse_late_events_total", "shoppulse_duplicate_events_total", "shoppulse_state_decode_errors_total",
     "shoppulse_results_published_total", "shoppulse_batch_size", "shoppulse_batch_processing_seconds",
-    "shoppulse_end_to_end_latency_seconds", "shoppulse_shoppers_per_batch", "shoppulse_ready",
+    "shoppulse_end_to_end_latency_seconds", "shoppulse_shoppers_per_batch", "shoppulse_shoppers_in_state",
+    "shoppulse_shoppers_evicted_total", "shoppulse_ready",
 )
 
 

@@ -46,14 +46,37 @@ def shuffled_within(events: list[Event], max_delay_ms: int, seed: int) -> list[E
     rng = random.Random(seed)
     return [e for _, e in sorted(((e.ts_ms + rng.randint(0, max_delay_ms), e) for e in events), key=lambda p: p[0])]
 
-#: Version-1 bytes of the golden state below. Never edit this: if the layout must change, bump
-#: STATE_FORMAT_VERSION, add a decoder, keep _decode_v1, and keep this test passing.
+#: Version-1 bytes of the golden state below (written by the release before order independence).
+#: Never edit this: if the layout must change, bump STATE_FORMAT_VERSION, add a decoder, keep
+#: every older decoder, and keep these tests passing.
 GOLDEN_V1_HEX = (
     "01282bc5d18c010000042937730f01000000292300000978700f2937730f0978700f2937730f9e0f000001070104000726010102"
     "03020207020108050505050405000101010000010101000c000201000100010101010000000303040102040508070d0e10030302"
     "0101000506752d676f6c64656e736b752d31736b752d32736b752d33736b752dc3a9746f7973626f6f6b73049e0f000000000000"
     "51460000401f0000000000002837730fc84c720f6862710f0878700f28230000a00f00000000000028230000a00f0000d5020000"
     "d5020000bbdc7859df74b596752b0a707773b18a068c216d9d8ce623386b9e1436001040d6af63b5b6c40240bcc14fb2"
+)
+
+#: Version-2 bytes of the same golden state. Never edit this either (see above).
+GOLDEN_V2_HEX = (
+    "02282bc5d18c010000042937730f01000000292300000978700f2937730f0978700f2937730f9e0f00000107010400082601"
+    "01020302020702010805050505040500000101010000010101000c000201000100010101010000000d0e100102040508070d"
+    "0e100303020101000506070706752d676f6c64656e736b752d31736b752d32736b752d33736b752dc3a9746f7973626f6f6b"
+    "73049e0f00000000000051460000401f0000000000002837730fc84c720f6862710f0878700f28230000a00f000000000000"
+    "28230000a00f0000d5020000d5020000bbdc7859df74b596752b0a707773b18a068c216d9d8ce623386b9e143600104030c0"
+    "40389000f03f24071909"
+)
+
+#: Version-1 bytes of ``tie_events()`` (equal times arriving out of canonical order), written by
+#: the release before order independence. Never edit this.
+GOLDEN_V1_TIES_HEX = (
+    "01e2267bc28c01000004e33229000300000001000000020000000000000000000000e3322900f401000001080100000a2d020101"
+    "08000209030106050505050500040505090001010000010301010002040101000204010100000101020203060202040509090c"
+    "13170a09020201020001070809752d74696573736b752d31736b752d32736b752d34736b752d39736b752d33746f7973626f6f"
+    "6b7367616d657304f4010000c5655200c4655200050000000400000004000000020000000000000000000000e2322900e23229"
+    "0002000000020000000200000001000000010000000000000000000000000000000000000090010000c2010000cbe920c372f7"
+    "cf291a3990ff74bd2b5a8c38765f9958ccf63b975e1883032bed7056e16c83d6c51bec98887dcf80c539b23877a0568f4225e2"
+    "2d45d1c4d6f1e10000000000001040930414bfb10c10409587149f0a1318403f3b7203"
 )
 
 
@@ -71,6 +94,22 @@ def golden_events() -> list[Event]:
         Event("cart_remove", "g6", "u-golden", day3 + 5_000, session_id="s2", item_id="sku-3", price=7.25, quantity=1),
         Event("view", "g7", "u-golden", day3 + 9_000, session_id="s2", item_id="sku-é", category="books",
               price=3.0, quantity=1),
+    ]
+
+
+def tie_events() -> list[Event]:
+    """Events sharing milliseconds, in an arrival order that is not the canonical (ts, id hash) one."""
+    t2 = T + 45 * MINUTE_MS  # a new session: three events in one millisecond
+    return [
+        Event("view", "t1", "u-ties", T, item_id="sku-1", category="toys", price=2.0, quantity=1),
+        Event("cart_add", "t2", "u-ties", T, item_id="sku-1", category="toys", price=2.0, quantity=1),
+        Event("cart_add", "t3", "u-ties", t2, item_id="sku-2", category="books", price=3.0, quantity=2),
+        Event("cart_add", "t4", "u-ties", t2, item_id="sku-2", category="games", price=4.0, quantity=1),
+        Event("order", "t5", "u-ties", t2 + 1, order_id="o1", total=5.0,
+              order_lines=(OrderLine("sku-9", 1, 3.0), OrderLine("sku-3", 1, 2.0))),
+        Event("view", "t6", "u-ties", t2, item_id="sku-4", category="books", price=1.0, quantity=1),
+        Event("cart_remove", "t7", "u-ties", t2 + 2, item_id="sku-2", price=4.0, quantity=1),
+        Event("cart_add", "t8", "u-ties", t2 + 2, item_id="sku-2", category="games", price=4.5, quantity=1),
     ]
 
 
@@ -110,10 +149,35 @@ def test_decoded_state_keeps_updating_like_the_original():
     assert resumed.update(events[-1], config) == "duplicate"  # dedup ids survive the round trip
 
 
-def test_golden_v1_bytes_still_decode():
+def test_golden_v2_bytes_are_stable():
     state = fold(golden_events(), user_id="u-golden")
-    assert decode_state(bytes.fromhex(GOLDEN_V1_HEX)) == state
-    assert encode_state(state).hex() == GOLDEN_V1_HEX
+    assert encode_state(state).hex() == GOLDEN_V2_HEX
+    assert decode_state(bytes.fromhex(GOLDEN_V2_HEX)) == state
+
+
+@pytest.mark.parametrize("hex_blob, events, user_id", [(GOLDEN_V1_HEX, golden_events, "u-golden"),
+                                                       (GOLDEN_V1_TIES_HEX, tie_events, "u-ties")],
+                         ids=["golden", "ties"])
+def test_golden_v1_bytes_still_decode(hex_blob, events, user_id):
+    """A version-1 blob decodes to today's state of the same events, except that its recent events
+    carry no kind or category (version 1 folded them into the affinity accumulator on arrival, in
+    arrival order): features read the same, ties are in canonical order, and once those events
+    fall behind the grace period the state is exactly today's."""
+    config = StateConfig()
+    state = fold(events(), config, user_id=user_id)
+    old = decode_state(bytes.fromhex(hex_blob))
+    assert {name for name in state.__slots__ if getattr(old, name) != getattr(state, name)} <= {
+        "recent_codes", "recent_categories", "affinity_anchor_ms", "affinity_categories", "affinity_scores"}
+    assert old.recent_categories == [""] * len(old.recent_ts)
+    for now in (state.last_event_ms, state.last_event_ms + DAY_MS):
+        assert old.raw_features(now) == pytest.approx(state.raw_features(now), rel=1e-12, abs=0)
+    assert old.recent_items() == state.recent_items()
+    later = Event("view", "later", user_id, state.last_event_ms + 2 * HOUR_MS, item_id="sku-1", category="toys")
+    for s in (old, state):
+        assert s.update(later, config) == "applied"
+    assert old.affinity_scores == pytest.approx(state.affinity_scores, rel=1e-12)
+    old.affinity_scores = state.affinity_scores
+    assert old == state
 
 
 def test_every_truncation_is_a_decode_error():

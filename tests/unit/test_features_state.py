@@ -146,12 +146,16 @@ def reference(events: list[Event], now: int, gap_ms: int = 30 * MINUTE_MS) -> di
 
 
 def reference_history(events: list[Event], n: int = 50) -> list[tuple[str, str, int]]:
+    """The last ``n`` interactions in canonical order: by time, then kind code, then item id
+    (so an order's lines, which share its time, are sorted by item id)."""
+    codes = {KIND_VIEW: 0, KIND_CART_ADD: 1, KIND_CART_REMOVE: 2, KIND_ORDER: 3}
     entries = []
-    for e in sorted(events, key=lambda e: e.ts_ms):
+    for e in events:
         if e.kind == KIND_ORDER:
             entries.extend((line.item_id, e.kind, e.ts_ms) for line in e.order_lines)
         else:
             entries.append((e.item_id, e.kind, e.ts_ms))
+    entries.sort(key=lambda entry: (entry[2], codes[entry[1]], entry[0]))
     return entries[-n:]
 
 

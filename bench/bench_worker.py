@@ -1,0 +1,160 @@
+"""Worker throughput and table recovery on the embedded broker, next to a bare loop.
+
+Pre-produces simulated shop events into the embedded Tansu broker, then measures, in one run
+and on the same broker and topics:
+
+* the ceiling: a bare confluent-kafka loop (consume, json.loads, a dict of per-user counts,
+  one produced output per event) — the "bare loop" row of ../shared/notes/performance-anchors.md;
+* the ShopPulse worker (``shoppulse worker``, a child process): events/s from ready to the last
+  event consumed, with validation, state updates in RocksDB, scoring and publishing;
+* with ``--recovery``: time to ready after a restart with the data directory kept, and after
+  losing it (every shopper restored from the changelog).
+
+Prints the figures and appends them, with this exact command, to BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from confluent_kafka import Consumer, Producer  # noqa: E402
+
+from bench.record import append_row, this_command, utc_now  # noqa: E402
+from streams.broker import EmbeddedBroker, free_port  # noqa: E402
+from streams.config import Settings  # noqa: E402
+from streams.generator import GeneratorConfig, ShopSimulator  # noqa: E402
+from streams.kafka import TopicSpec, ensure_topics  # noqa: E402
+from streams.process import WorkerProcess  # noqa: E402
+from streams.producer import produce  # noqa: E402
+
+THROUGHPUT_SECTION = "## Worker throughput (embedded broker, one worker, this machine)"
+THROUGHPUT_HEADER = ("| date (UTC) | events | shoppers | partitions | bare loop ev/s | worker ev/s | worker / bare "
+                     "| batches | mean batch | command |\n|---|---|---|---|---|---|---|---|---|---|")
+RECOVERY_SECTION = "## Table recovery (embedded broker, one worker)"
+RECOVERY_HEADER = ("| date (UTC) | shoppers in table | ready, data dir kept (s) | ready, data dir lost (s) "
+                   "| command |\n|---|---|---|---|---|")
+
+
+def simulated_messages(events: int, shoppers: int, seed: int) -> list:
+    """``events`` generated messages whose event times end at now (the worker rejects future ts)."""
+    config = GeneratorConfig(seed=seed, n_shoppers=shoppers)
+    config = dataclasses.replace(config, start_ms=int(time.time() * 1000) - config.span_ms - 60_000)
+    return list(ShopSimulator(config).messages(limit=events))
+
+
+def bare_loop(settings: Settings, total: int) -> float:
+    """events/s of consume → parse → dict state → produce, the ceiling for this broker and machine."""
+    connection = settings.librdkafka_config()
+    consumer = Consumer({**connection, "group.id": f"bare-{time.time_ns()}", "auto.offset.reset": "earliest",
+                         "enable.auto.commit": True, "session.timeout.ms": 6000})
+    producer = Producer({**connection, "linger.ms": 5, "partitioner": "murmur2_random"})
+    consumer.subscribe(list(settings.input_topics))
+    counts: dict[bytes, dict[str, int]] = {}
+    seen = 0
+    started = None
+    output = settings.topic_scores + ".bare"
+    while seen < total:
+        for message in consumer.consume(1000, timeout=1.0):
+            if message.error():
+                continue
+            if started is None:
+                started = time.perf_counter()
+            seen += 1
+            try:
+                doc = json.loads(message.value())
+            except ValueError:
+                continue
+            user = counts.setdefault(message.key(), {})
+            user[message.topic()] = user.get(message.topic(), 0) + 1
+            value = json.dumps({"user_id": doc.get("user_id"), "counts": user}).encode()
+            while True:
+                try:
+                    producer.produce(output, value, message.key())
+                    break
+                except BufferError:
+                    producer.poll(0.05)
+            producer.poll(0)
+    producer.flush()
+    elapsed = time.perf_counter() - (started or time.perf_counter())
+    consumer.close()
+    return total / elapsed
+
+
+def run_worker(settings: Settings, total: int, log: Path) -> tuple[float, float, float, WorkerProcess]:
+    """(events/s, batches, mean batch size) from ready to the last event consumed; the worker keeps running."""
+    worker = WorkerProcess(settings, log)
+    worker.wait_ready(120)
+    started = time.perf_counter()
+    while worker.metric("shoppulse_events_consumed_total") < total:
+        if worker.process.poll() is not None:
+            raise RuntimeError(f"worker died:\n{worker.log_tail()}")
+        time.sleep(0.2)
+    elapsed = time.perf_counter() - started
+    batches = worker.metric("shoppulse_batch_size_count")
+    return total / elapsed, batches, total / max(batches, 1), worker
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--events", type=int, default=300_000)
+    parser.add_argument("--shoppers", type=int, default=20_000)
+    parser.add_argument("--partitions", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=3)
+    parser.add_argument("--recovery", action="store_true", help="also measure restart and restore times")
+    parser.add_argument("--no-record", action="store_true", help="print only; do not touch BENCHMARKS.md")
+    args = parser.parse_args()
+
+    workdir = Path(tempfile.mkdtemp(prefix="shoppulse-bench-"))
+    print(f"generating {args.events:,} events from {args.shoppers:,} shoppers …", flush=True)
+    messages = simulated_messages(args.events, args.shoppers, args.seed)
+    with EmbeddedBroker(log_path=workdir / "tansu.log") as broker:
+        settings = Settings.from_env({}, bootstrap_servers=broker.bootstrap_servers, partitions=args.partitions,
+                                     data_dir=workdir / "worker", metrics_port=free_port(), web_port=free_port(),
+                                     log_level="WARNING")
+        ensure_topics(settings)
+        ensure_topics(settings, [TopicSpec(settings.topic_scores + ".bare", args.partitions, {})])
+        report = produce(messages, settings.topic_by_kind, settings.librdkafka_config())
+        print(f"pre-produced {report.delivered:,} messages in {report.seconds:.1f} s", flush=True)
+
+        bare = bare_loop(settings, len(messages))
+        print(f"bare confluent-kafka loop: {bare:,.0f} events/s", flush=True)
+        worker_rate, batches, mean_batch, worker = run_worker(settings, len(messages), workdir / "worker.log")
+        print(f"shoppulse worker:          {worker_rate:,.0f} events/s ({worker_rate / bare:.2f} of the bare loop; "
+              f"{batches:.0f} batches of {mean_batch:.0f} events on average)", flush=True)
+        if not args.no_record:
+            append_row(THROUGHPUT_SECTION, THROUGHPUT_HEADER,
+                       f"| {utc_now()} | {len(messages):,} | {args.shoppers:,} | {args.partitions} | {bare:,.0f} | "
+                       f"{worker_rate:,.0f} | {worker_rate / bare:.2f} | {batches:.0f} | {mean_batch:.0f} | "
+                       f"`{this_command()}` |")
+
+        if args.recovery:
+            worker.stop()
+            kept = WorkerProcess(settings, workdir / "worker-kept.log")
+            kept_s = kept.wait_ready(300)
+            kept.stop()
+            shutil.rmtree(settings.data_dir)
+            lost = WorkerProcess(settings, workdir / "worker-lost.log")
+            lost_s = lost.wait_ready(600)
+            lost.stop()
+            shoppers = len({m.key for m in messages})
+            print(f"ready after restart: {kept_s:.1f} s with the data dir kept, {lost_s:.1f} s after losing it "
+                  f"({shoppers:,} shoppers restored from the changelog)", flush=True)
+            if not args.no_record:
+                append_row(RECOVERY_SECTION, RECOVERY_HEADER,
+                           f"| {utc_now()} | {shoppers:,} | {kept_s:.1f} | {lost_s:.1f} | `{this_command()}` |")
+        else:
+            worker.stop()
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

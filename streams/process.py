@@ -1,0 +1,96 @@
+"""A ``shoppulse worker`` child process: what the demo, the benchmarks and the tests run.
+
+The child is started with exactly the given settings (as environment variables), dies with its
+parent (``PR_SET_PDEATHSIG``), and is watched through its own ``/readyz`` and ``/metrics``.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from streams.broker import _die_with_parent
+from streams.config import SETTINGS_DOC, Settings
+
+
+def worker_environment(settings: Settings) -> dict[str, str]:
+    """Environment for a ``shoppulse worker`` child with these settings."""
+    env = dict(os.environ)
+    for name, (var, _, _) in SETTINGS_DOC.items():
+        env[var] = str(getattr(settings, name))
+    return env
+
+
+def stop_process(process: subprocess.Popen[bytes], timeout_s: float = 20.0) -> int:
+    """SIGTERM (graceful: the worker commits and closes its tables), SIGKILL after ``timeout_s``."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
+
+
+class WorkerProcess:
+    """``shoppulse worker`` as a child process, its output kept in ``log_path``."""
+
+    def __init__(self, settings: Settings, log_path: Path) -> None:
+        self.settings = settings
+        self.log_path = log_path
+        with open(log_path, "ab") as log_file:
+            self.process = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"],
+                                            env=worker_environment(settings), stdout=log_file,
+                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                            preexec_fn=_die_with_parent)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.settings.metrics_host}:{self.settings.metrics_port}"
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The last lines of the worker's output, for error messages."""
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def wait_ready(self, timeout_s: float = 60.0) -> float:
+        """Seconds until ``/readyz`` says ready; raises with the worker's log otherwise."""
+        started = time.monotonic()
+        while time.monotonic() - started < timeout_s:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"worker exited with {self.process.returncode}:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/readyz", timeout=1) as reply:
+                    if reply.status == 200:
+                        return time.monotonic() - started
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"worker not ready after {timeout_s} s:\n{self.log_tail()}")
+
+    def metrics_text(self) -> str:
+        with urllib.request.urlopen(f"{self.url}/metrics", timeout=5) as reply:
+            return reply.read().decode()
+
+    def metric(self, name: str) -> float:
+        """The value of an unlabelled metric, or the sum over its labels."""
+        return sum(float(line.rsplit(" ", 1)[1]) for line in self.metrics_text().splitlines()
+                   if line.startswith(name) and line[len(name):len(name) + 1] in (" ", "{"))
+
+    def stop(self) -> int:
+        """Graceful stop; returns the exit code."""
+        return stop_process(self.process)
+
+    def kill(self) -> None:
+        """``kill -9``: no commit, no clean close."""
+        self.process.kill()
+        self.process.wait()
