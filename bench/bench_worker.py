@@ -44,9 +44,9 @@ RECOVERY_HEADER = ("| date (UTC) | shoppers in table | ready, data dir kept (s) 
                    "| command |\n|---|---|---|---|---|")
 
 
-def simulated_messages(events: int, shoppers: int, seed: int) -> list:
+def simulated_messages(events: int, shoppers: int, days: float, seed: int) -> list:
     """``events`` generated messages whose event times end at now (the worker rejects future ts)."""
-    config = GeneratorConfig(seed=seed, n_shoppers=shoppers)
+    config = GeneratorConfig(seed=seed, n_shoppers=shoppers, duration_days=days)
     config = dataclasses.replace(config, start_ms=int(time.time() * 1000) - config.span_ms - 60_000)
     return list(ShopSimulator(config).messages(limit=events))
 
@@ -107,6 +107,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=300_000)
     parser.add_argument("--shoppers", type=int, default=20_000)
+    parser.add_argument("--days", type=float, default=28.0, help="simulated span (shorter: more shoppers early)")
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--seed", type=int, default=3)
     parser.add_argument("--recovery", action="store_true", help="also measure restart and restore times")
@@ -115,7 +116,7 @@ def main() -> None:
 
     workdir = Path(tempfile.mkdtemp(prefix="shoppulse-bench-"))
     print(f"generating {args.events:,} events from {args.shoppers:,} shoppers …", flush=True)
-    messages = simulated_messages(args.events, args.shoppers, args.seed)
+    messages = simulated_messages(args.events, args.shoppers, args.days, args.seed)
     with EmbeddedBroker(log_path=workdir / "tansu.log") as broker:
         settings = Settings.from_env({}, bootstrap_servers=broker.bootstrap_servers, partitions=args.partitions,
                                      data_dir=workdir / "worker", metrics_port=free_port(), web_port=free_port(),

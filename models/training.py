@@ -13,7 +13,8 @@
    its whole label horizon end at or before ``S`` (``t + horizon <= S``), so no training label
    sees anything after ``S``. ``S`` is placed so the churn evaluation window is
    ``eval_fraction`` of the usable time. Early stopping and calibration use the last
-   ``valid_fraction`` of each task's training window (by time).
+   ``valid_fraction`` of each task's training window (by time); the first ``warmup_ms`` of the
+   log give no training moments (everyone looks new there).
 4. **Churn + purchase**: :class:`models.classifiers.MultiTaskMLP` (shared trunk, two heads),
    early stopping, Platt calibration. Baselines on exactly the same rows: a recency/frequency
    rule (:func:`rule_scores`, Platt-calibrated on the training rows), logistic regression (torch,
@@ -50,16 +51,32 @@ import torch
 from features.events import Event
 from features.offline import replay
 from features.spec import DEFAULT_FEATURE_SPEC, FeatureSpec
-from features.state import APPLIED, DAY_MS, HOUR_MS, StateConfig
+from features.state import APPLIED, DAY_MS, StateConfig
 
 from .baselines import CooccurrenceRecommender, PopularityRecommender
 from .classifiers import (
-    ClassifierConfig, ClassifierTrainConfig, MultiTaskMLP, ShopperClassifier, calibrate, expected_calibration_error,
-    fit_platt, train_classifier,
+    ClassifierConfig,
+    ClassifierTrainConfig,
+    MultiTaskMLP,
+    ShopperClassifier,
+    calibrate,
+    expected_calibration_error,
+    fit_platt,
+    train_classifier,
 )
 from .labels import (
-    MOMENT_EVENT, MOMENT_NAMES, MOMENT_SWEEP, TASKS, FutureIndex, LabelConfig, MomentSampler, item_sequences,
-    label_moments, label_summary, next_item_split, sweep_times,
+    MOMENT_EVENT,
+    MOMENT_NAMES,
+    MOMENT_SWEEP,
+    TASKS,
+    FutureIndex,
+    LabelConfig,
+    MomentSampler,
+    item_sequences,
+    label_moments,
+    label_summary,
+    next_item_split,
+    sweep_times,
 )
 from .metrics import DEFAULT_KS, evaluate_full_ranking
 from .nextitem import NextItemConfig, NextItemRecommender, TrainConfig, resolve_device, seed_everything, train_nextitem
@@ -83,6 +100,23 @@ class TrainingConfig:
     """Everything :func:`train_all` needs besides the events (defaults = a full run).
 
     Use :meth:`quick` for the demo-size run. Times are in ms.
+
+    Attributes (the less obvious ones):
+        eval_fraction: share of the usable time (log span - warm-up - 2 x longest horizon) that
+            is the churn evaluation window; places the split.
+        valid_fraction: last share (by time) of each task's training window used for early
+            stopping and calibration.
+        warmup_ms: no training moments in the log's first days: every shopper looks new there
+            (windows, tenure and lifetime counts are still filling up), which does not match
+            later rows. Features still see those events.
+        observed_until_ms: end of the observed log for censoring (default: the last event time).
+        calibration: ``"platt"`` (default), ``"temperature"`` or ``"none"`` for the MLP and the
+            logistic regression, fitted on the validation slice.
+        logreg_l2: L2 penalty of the logistic-regression baseline.
+        bootstrap: shopper-level bootstrap resamples for the delta intervals (0 = none).
+        nextitem_recent_only: train SASRec on each shopper's latest ``max_len + 1`` items only
+            (quick mode, to stay within seconds on a CPU).
+        source: free-form description of the data (goes into the artifacts' training_data).
     """
 
     labels: LabelConfig = field(default_factory=LabelConfig)
@@ -116,6 +150,7 @@ class TrainingConfig:
     nextitem_patience: int = 5
     nextitem_batch_size: int = 256
     nextitem_lr: float = 1e-3
+    nextitem_recent_only: bool = False
     # registry
     version: str | None = None
     promote: bool = True
@@ -128,10 +163,10 @@ class TrainingConfig:
         Uses a 7-day churn horizon: with a 28-day log a 14-day horizon leaves no leakage-free
         training window (training needs ``t + 14 d <= S``, evaluation ``S <= t <= end - 14 d``).
         """
-        base = cls(labels=LabelConfig(churn_horizon_ms=7 * DAY_MS), warmup_ms=3 * DAY_MS, hidden=(32, 16), epochs=40, patience=4,
-                   batch_size=1024, lr=3e-3, bootstrap=100, nextitem_dim=32, nextitem_layers=1, nextitem_heads=1,
-                   nextitem_max_len=20, nextitem_dropout=0.3, nextitem_epochs=12, nextitem_patience=3,
-                   nextitem_batch_size=256, nextitem_lr=3e-3)
+        base = cls(labels=LabelConfig(churn_horizon_ms=7 * DAY_MS), warmup_ms=3 * DAY_MS, hidden=(32, 16), epochs=40,
+                   patience=4, batch_size=1024, lr=3e-3, bootstrap=100, nextitem_dim=32, nextitem_layers=1,
+                   nextitem_heads=1, nextitem_max_len=20, nextitem_dropout=0.3, nextitem_epochs=6, nextitem_patience=2,
+                   nextitem_batch_size=256, nextitem_lr=5e-3, nextitem_recent_only=True)
         return replace(base, **overrides)
 
     def to_dict(self) -> dict[str, Any]:
@@ -449,7 +484,8 @@ class PlattRule:
 
     def fit(self, score: np.ndarray, y: np.ndarray) -> "PlattRule":
         if len(y) and 0 < float(np.sum(y)) < len(y):
-            self.a, self.b = fit_platt(torch.as_tensor(score, dtype=torch.float64), torch.as_tensor(y, dtype=torch.float64))
+            self.a, self.b = fit_platt(torch.as_tensor(score, dtype=torch.float64),
+                                       torch.as_tensor(y, dtype=torch.float64))
         return self
 
     def predict(self, score: np.ndarray) -> np.ndarray:
@@ -491,7 +527,7 @@ def train_logistic_regression(x_fit: np.ndarray, y_fit: np.ndarray, x_valid: np.
         return loss
 
     model.train()
-    final = float(opt.step(closure))
+    final = float(opt.step(closure).detach())
     calibrate(model, torch.as_tensor(np.asarray(x_valid, dtype=np.float32)),
               torch.as_tensor(np.asarray(y_valid, dtype=np.float32)), calibration)
     model.eval()
@@ -554,8 +590,10 @@ def _json_safe(obj: Any) -> Any:
 
 
 # ============================================================================== classifiers
-def _train_classifiers(ex: ExampleSet, split: TimeSplit, cfg: TrainingConfig, spec: FeatureSpec,
-                       ) -> tuple[MultiTaskMLP, dict[str, Any]]:
+def fit_and_evaluate_classifiers(ex: ExampleSet, split: TimeSplit, cfg: TrainingConfig, spec: FeatureSpec,
+                                 ) -> tuple[MultiTaskMLP, dict[str, Any]]:
+    """Train the MLP and the baselines on the split's training windows, evaluate all on its
+    evaluation windows; returns the (CPU) MLP and the JSON-ready evaluation."""
     masks = {task: split.masks(ex.ts, task) for task in TASKS}
     labelled = {task: ~np.isnan(ex.y[:, t]) for t, task in enumerate(TASKS)}
 
@@ -638,7 +676,8 @@ def _train_classifiers(ex: ExampleSet, split: TimeSplit, cfg: TrainingConfig, sp
         comp["beats_all"] = all(comp["baselines"][b]["beats"] for b in (METHOD_RULE, METHOD_LOGREG))
         comparison[task] = comp
         eval_rows[task] = {"rows": int(ev.sum()), "positives": int(y_ev.sum()),
-                           "fit_rows": int(fit_m.sum()), "valid_rows": int((masks[task]["valid"] & labelled[task]).sum())}
+                           "fit_rows": int(fit_m.sum()),
+                           "valid_rows": int((masks[task]["valid"] & labelled[task]).sum())}
         comp["rule_platt"] = {"a": rule.a, "b": rule.b}
     info = {
         "metrics": metrics, "comparison": comparison, "curves": curves, "rows": eval_rows,
@@ -673,7 +712,9 @@ def _grouped_eval(score_fn: Any, hist: list[list[int]], tgt: list[int], kinds: l
     return overall
 
 
-def _train_nextitem(applied: Sequence[Event], split_ms: int, cfg: TrainingConfig) -> tuple[NextItemRecommender, dict[str, Any]]:
+def fit_and_evaluate_nextitem(applied: Sequence[Event], split_ms: int, cfg: TrainingConfig,
+                              ) -> tuple[NextItemRecommender, dict[str, Any]]:
+    """SASRec on every shopper's items before ``split_ms`` vs popularity and co-occurrence."""
     seqs = item_sequences(applied, cfg.labels)
     nis = next_item_split(seqs, split_ms)
     vocab = ItemVocab.from_sequences(nis.train)
@@ -681,6 +722,8 @@ def _train_nextitem(applied: Sequence[Event], split_ms: int, cfg: TrainingConfig
         raise ValueError("fewer than 2 items before the split; cannot train a next-item model")
     train_idx = [vocab.encode(s) for s in nis.train]
     fit = [s[:-1] for s in train_idx]
+    if cfg.nextitem_recent_only:  # quick mode: only each shopper's latest window (max_len transitions)
+        fit = [s[-(cfg.nextitem_max_len + 1):] for s in fit]
     val_in = [s[:-1] for s in train_idx if len(s) >= 2]
     val_tg = [s[-1] for s in train_idx if len(s) >= 2]
     mcfg = NextItemConfig(num_items=len(vocab), max_len=cfg.nextitem_max_len, dim=cfg.nextitem_dim,
@@ -766,11 +809,11 @@ def train_all(events: Iterable[Event], out_registry_root: str | Path | None = No
                             cfg.valid_fraction, cfg.warmup_ms)
 
     t0 = time.perf_counter()
-    mlp, cls_info = _train_classifiers(ex, split, cfg, spec)
+    mlp, cls_info = fit_and_evaluate_classifiers(ex, split, cfg, spec)
     timings["classifiers"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    recommender, ni_info = _train_nextitem(ex.applied, split.split_ms, cfg)
+    recommender, ni_info = fit_and_evaluate_nextitem(ex.applied, split.split_ms, cfg)
     timings["nextitem"] = time.perf_counter() - t0
 
     registry = ModelRegistry(out_registry_root)
@@ -832,8 +875,27 @@ def train_all(events: Iterable[Event], out_registry_root: str | Path | None = No
                           report, classifier, recommender, timings)
 
 
+def models_ready(registry_root: str | Path | None = None, spec: FeatureSpec | None = None) -> bool:
+    """True when both models have a current version and the classifier was trained on ``spec``
+    (default: :data:`features.spec.DEFAULT_FEATURE_SPEC` as it is now); ``make demo`` trains
+    quick models first when this is False."""
+    from .artifacts import ArtifactError
+    from .registry import RegistryError
+
+    spec = spec or DEFAULT_FEATURE_SPEC
+    registry = ModelRegistry(registry_root)
+    try:
+        if registry.current(NEXTITEM_MODEL) is None or registry.current(CLASSIFIER_MODEL) is None:
+            return False
+        meta = registry.describe(CLASSIFIER_MODEL, registry.current(CLASSIFIER_MODEL))  # type: ignore[arg-type]
+    except (RegistryError, ArtifactError):
+        return False
+    return meta.get("feature_spec_hash") == spec.hash
+
+
 __all__ = (
     "TrainingConfig", "TrainingResult", "ExampleSet", "TimeSplit", "train_all", "build_examples", "make_time_split",
+    "fit_and_evaluate_classifiers", "fit_and_evaluate_nextitem", "train_logistic_regression",
     "rule_scores", "PlattRule", "binary_metrics", "bootstrap_deltas", "reliability_bins", "RankedScores",
-    "CLASSIFIER_MODEL", "NEXTITEM_MODEL", "HOUR_MS", "DAY_MS",
+    "CLASSIFIER_MODEL", "NEXTITEM_MODEL", "models_ready",
 )

@@ -28,6 +28,7 @@ import weakref
 from typing import Any, AsyncIterator, Iterator
 
 import faust
+import torch
 from faust.streams import _current_event
 from faust.types import EventT
 
@@ -35,7 +36,9 @@ from features.encoding import StateDecodeError, decode_state
 from features.events import ValidationLimits
 from features.spec import DEFAULT_FEATURE_SPEC
 from features.state import StateConfig
-from models.heuristic import PurchaseIntentHeuristic
+from models.scoring import BatchScorer
+from models.training import CLASSIFIER_MODEL, NEXTITEM_MODEL
+from streams.alerts import AlertPolicy
 from streams.config import Settings
 from streams.kafka import BROKER_PROFILE_TANSU, ensure_topics, resolve_broker_profile, tansu_client_overrides
 from streams.metrics import HealthState, MetricsServer, WorkerMetrics
@@ -44,6 +47,7 @@ from streams.pipeline import BatchProcessor, InputMessage
 log = logging.getLogger("shoppulse.worker")
 
 STATE_TABLE = "shopper_state"
+ALERT_TABLE = "churn_alert_state"
 #: The eviction sweep yields to the event loop after this many stored shoppers.
 EVICTION_YIELD_EVERY = 500
 
@@ -111,15 +115,26 @@ class ScoringWorker:
         raw = {"key_serializer": "raw", "value_serializer": "raw"}
         self.inputs = self.app.topic(*settings.input_topics, partitions=settings.partitions, **raw)
         self.scores_topic = self.app.topic(settings.topic_scores, **raw)
+        self.recommendations_topic = self.app.topic(settings.topic_recommendations, **raw)
+        self.alerts_topic = self.app.topic(settings.topic_churn_alerts, **raw)
         self.dead_letter_topic = self.app.topic(settings.topic_dead_letter, **raw)
         self.table = self.app.Table(STATE_TABLE, key_type=bytes, value_type=bytes, partitions=settings.partitions,
                                     help="Per-shopper feature state (features.encoding), keyed by user_id")
+        self.alert_table = self.app.Table(ALERT_TABLE, key_type=bytes, value_type=bytes, partitions=settings.partitions,
+                                          help="Per-shopper churn alert state (streams.alerts), keyed by user_id")
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        self.scorer = BatchScorer(DEFAULT_FEATURE_SPEC, settings.models_dir, device=settings.device, top_k=settings.top_k)
         self.state_config = StateConfig(grace_ms=settings.grace_ms, history_len=settings.history_len,
                                         retention_ms=settings.retention_ms)
         self.processor = BatchProcessor(
             topic_kinds=dict(zip(settings.input_topics, ("page_view", "cart", "order"))),
-            state_config=self.state_config, spec=DEFAULT_FEATURE_SPEC, scorer=PurchaseIntentHeuristic(DEFAULT_FEATURE_SPEC),
-            limits=ValidationLimits(settings.max_event_bytes, settings.max_future_skew_ms), metrics=self.metrics)
+            state_config=self.state_config, spec=DEFAULT_FEATURE_SPEC, scorer=self.scorer,
+            limits=ValidationLimits(settings.max_event_bytes, settings.max_future_skew_ms), metrics=self.metrics,
+            alert_policy=AlertPolicy(settings.churn_alert_high, settings.churn_alert_low, settings.churn_alert_cooldown_ms))
+        self._served_versions: dict[str, str] = {}
+        self._seen_load_errors = self.scorer.load_errors
+        self._publish_model_info()
         self.metrics_server: MetricsServer | None = None
         self.app.agent(self.inputs, name="score_shoppers")(self._score_shoppers)
         self.app.timer(1.0)(self._refresh_readiness)
@@ -130,12 +145,29 @@ class ScoringWorker:
         with event_context(message.handle):
             return self.table.get(key)
 
+    def _load_alert(self, message: InputMessage, key: bytes) -> bytes | None:
+        with event_context(message.handle):
+            return self.alert_table.get(key)
+
+    def _publish_model_info(self) -> None:
+        """``shoppulse_model_info{model,version}``: 1 for what is served now, old versions removed."""
+        versions = self.scorer.served
+        if versions == self._served_versions:
+            return
+        for model, version in self._served_versions.items():
+            self.metrics.model_info.remove(model, version)
+        for model, version in versions.items():
+            self.metrics.model_info.labels(model, version).set(1)
+        self._served_versions = dict(versions)
+        log.info("serving %s on %s", ", ".join(f"{m}={v}" for m, v in versions.items()), self.scorer.device)
+
     async def _score_shoppers(self, stream: faust.StreamT) -> AsyncIterator[None]:
         within_s = self.settings.max_wait_ms / 1000.0
         async for events in stream.take_events(self.settings.max_batch, within=within_s):
             messages = [InputMessage(e.message.topic, e.message.partition, e.message.offset,
                                      e.message.key, e.message.value, e) for e in events]
-            outcome = self.processor.process(messages, self._load_state)
+            outcome = self.processor.process(messages, self._load_state, self._load_alert)
+            self._observe_models()
             failed_at_ms = int(time.time() * 1000)
             for dead in outcome.dead_letters:
                 await self.dead_letter_topic.send(key=dead.message.key, value=dead.message.value,
@@ -143,12 +175,36 @@ class ScoringWorker:
                 self.metrics.dead_lettered.labels(dead.reason).inc()
                 log.debug("dead-lettered %s[%d]@%d: %s", dead.message.topic, dead.message.partition,
                           dead.message.offset, dead.detail)
+            published = {self.settings.topic_scores: 0, self.settings.topic_recommendations: 0,
+                         self.settings.topic_churn_alerts: 0}
             for shopper in outcome.scored:
                 with event_context(shopper.last_message.handle):
                     self.table[shopper.key] = shopper.state_bytes
+                    if shopper.alert_state is not None:
+                        self.alert_table[shopper.key] = shopper.alert_state
                 await self.scores_topic.send(key=shopper.key, value=shopper.result)
-            self.metrics.results_published.labels(self.settings.topic_scores).inc(len(outcome.scored))
+                published[self.settings.topic_scores] += 1
+                if shopper.recommendation is not None:
+                    await self.recommendations_topic.send(key=shopper.key, value=shopper.recommendation)
+                    published[self.settings.topic_recommendations] += 1
+                if shopper.alert is not None:
+                    await self.alerts_topic.send(key=shopper.key, value=shopper.alert)
+                    published[self.settings.topic_churn_alerts] += 1
+            for topic, count in published.items():
+                self.metrics.results_published.labels(topic).inc(count)
             yield None
+
+    def _observe_models(self) -> None:
+        timings, device = self.scorer.timings, str(self.scorer.device)
+        if self.scorer.classifier is not None:
+            self.metrics.model_inference_seconds.labels(CLASSIFIER_MODEL, device).observe(timings.classifier_s)
+        if self.scorer.recommender is not None:
+            self.metrics.model_inference_seconds.labels(NEXTITEM_MODEL, device).observe(timings.nextitem_s)
+        new_errors = self.scorer.load_errors - self._seen_load_errors
+        if new_errors:
+            self.metrics.model_load_errors.inc(new_errors)
+            self._seen_load_errors = self.scorer.load_errors
+        self._publish_model_info()
 
     async def _evict_idle_shoppers(self) -> None:
         """Delete shoppers idle past the retention period from the table and, by tombstone, its changelog.
@@ -203,10 +259,10 @@ class ScoringWorker:
         logging.getLogger().setLevel(self.settings.log_level.upper())
         for noisy in ("faust", "aiokafka", "mode"):
             logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
-        log.info("worker started: broker %s (%s profile), inputs %s, scores -> %s, dead letters -> %s, "
-                 "micro-batch %d events / %d ms, state in %s", self.settings.bootstrap_servers, self.profile,
-                 ", ".join(self.settings.input_topics), self.settings.topic_scores, self.settings.topic_dead_letter,
-                 self.settings.max_batch, self.settings.max_wait_ms, self.settings.data_dir)
+        log.info("worker started: broker %s (%s profile), inputs %s, outputs %s, micro-batch %d events / %d ms, "
+                 "state in %s, models from %s", self.settings.bootstrap_servers, self.profile,
+                 ", ".join(self.settings.input_topics), ", ".join(self.settings.output_topics),
+                 self.settings.max_batch, self.settings.max_wait_ms, self.settings.data_dir, self.settings.models_dir)
 
     def run(self) -> int:
         """Create topics, start the metrics server and run the worker until SIGINT/SIGTERM."""

@@ -1,4 +1,4 @@
-"""The ``shoppulse`` command: broker, worker, generate, replay, tail, demo and model tools."""
+"""The ``shoppulse`` command: broker, worker, generate, replay, tail, demo, train and model tools."""
 from __future__ import annotations
 
 import argparse
@@ -109,6 +109,25 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     return run_demo(settings, duration_s=args.duration, rate_per_s=args.rate, seed=args.seed)
 
 
+def simulated_events(args: argparse.Namespace):
+    """Events of the simulated shop for ``shoppulse train --simulate N`` (models/ cannot import streams/)."""
+    from streams.generator import GeneratorConfig, ShopSimulator
+
+    return ShopSimulator(GeneratorConfig(seed=args.seed, n_shoppers=args.simulate, duration_days=args.days)).events()
+
+
+def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
+    from models.train_cli import main as train_main
+
+    return train_main(args.rest, events_factory=simulated_events)
+
+
+def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
+    from models.train_cli import models_main
+
+    return models_main(args.rest)
+
+
 def cmd_bench_nextitem(args: argparse.Namespace, settings: Settings) -> int:
     from models.bench_nextitem import main as bench_main
 
@@ -165,14 +184,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=7)
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser("train", help="train, evaluate and register the models (`shoppulse train --help`)",
+                       add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("models", help="the model registry: list | promote MODEL VERSION | rollback MODEL",
+                       add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_models)
+
     p = sub.add_parser("bench-nextitem", help="next-item benchmark on a `user item item ...` file", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_bench_nextitem)
     return parser
 
 
+#: Subcommands whose options belong to another module's parser: everything after the name goes there.
+PASS_THROUGH = ("train", "models", "bench-nextitem")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in PASS_THROUGH:
+        args = build_parser().parse_args(argv[:1])
+        args.rest = argv[1:]
+    else:
+        args = build_parser().parse_args(argv)
     try:
         settings = Settings.from_env()
     except ConfigError as exc:

@@ -38,6 +38,8 @@ SETTINGS_DOC: dict[str, tuple[str, str, str]] = {
     "topic_cart": ("SHOPPULSE_TOPIC_CART", "shop.cart", "input topic of cart changes"),
     "topic_orders": ("SHOPPULSE_TOPIC_ORDERS", "shop.orders", "input topic of orders"),
     "topic_scores": ("SHOPPULSE_TOPIC_SCORES", "shoppulse.scores", "output topic of per-shopper scores"),
+    "topic_recommendations": ("SHOPPULSE_TOPIC_RECOMMENDATIONS", "shoppulse.recommendations", "output topic of top-K next items"),
+    "topic_churn_alerts": ("SHOPPULSE_TOPIC_CHURN_ALERTS", "shoppulse.churn_alerts", "output topic of churn alerts (marketing triggers)"),
     "topic_dead_letter": ("SHOPPULSE_TOPIC_DEAD_LETTER", "shoppulse.dead_letter", "invalid input, original bytes plus reason headers"),
     "partitions": ("SHOPPULSE_PARTITIONS", "4", "partitions of every topic ShopPulse creates (inputs must match)"),
     "replication_factor": ("SHOPPULSE_REPLICATION_FACTOR", "1", "replication factor of topics ShopPulse creates"),
@@ -51,11 +53,24 @@ SETTINGS_DOC: dict[str, tuple[str, str, str]] = {
     "eviction_interval_s": ("SHOPPULSE_EVICTION_INTERVAL_S", "300", "seconds between sweeps that evict idle shoppers"),
     "max_event_bytes": ("SHOPPULSE_MAX_EVENT_BYTES", "65536", "larger input messages are dead-lettered as oversized"),
     "max_future_skew_ms": ("SHOPPULSE_MAX_FUTURE_SKEW_MS", "300000", "events stamped further ahead of the worker clock are dead-lettered"),
+    "models_dir": ("SHOPPULSE_MODELS_DIR", "artifacts/models", "model registry folder (`shoppulse train` writes it)"),
+    "device": ("SHOPPULSE_DEVICE", "auto", "auto (CUDA when present), cpu or cuda"),
+    "torch_threads": ("SHOPPULSE_TORCH_THREADS", "0", "torch CPU threads for inference (0 = torch's default)"),
+    "top_k": ("SHOPPULSE_TOP_K", "10", "recommended items per shopper"),
+    "churn_alert_high": ("SHOPPULSE_CHURN_ALERT_HIGH", "0.7", "churn risk at or above this fires an alert"),
+    "churn_alert_low": ("SHOPPULSE_CHURN_ALERT_LOW", "0.5", "churn risk below this re-arms a shopper's alert"),
+    "churn_alert_cooldown_ms": ("SHOPPULSE_CHURN_ALERT_COOLDOWN_MS", "604800000", "at most one alert per shopper in this long (ms, default 7 d)"),
     "metrics_host": ("SHOPPULSE_METRICS_HOST", "127.0.0.1", "address of the /metrics, /healthz, /readyz server"),
     "metrics_port": ("SHOPPULSE_METRICS_PORT", "9108", "port of that server (0 = pick a free one)"),
     "web_port": ("SHOPPULSE_FAUST_WEB_PORT", "6066", "Faust's own web server port (bound to 127.0.0.1)"),
     "log_level": ("SHOPPULSE_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
 }
+
+
+def settings_markdown() -> str:
+    """The README's configuration table (``python -m streams.config`` prints it)."""
+    rows = [f"| `{var}` | `{default}` | {meaning} |" for var, default, meaning in SETTINGS_DOC.values()]
+    return "\n".join(["| variable | default | meaning |", "|---|---|---|", *rows])
 
 
 def _as_bool(name: str, text: str) -> bool:
@@ -65,6 +80,13 @@ def _as_bool(name: str, text: str) -> bool:
     if lowered in ("0", "false", "no", "off", ""):
         return False
     raise ConfigError(f"{name}={text!r} is not a boolean; use true or false")
+
+
+def _as_float(name: str, text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"{name}={text!r} is not a number") from None
 
 
 def _as_int(name: str, text: str, minimum: int) -> int:
@@ -95,6 +117,8 @@ class Settings:
     topic_cart: str = "shop.cart"
     topic_orders: str = "shop.orders"
     topic_scores: str = "shoppulse.scores"
+    topic_recommendations: str = "shoppulse.recommendations"
+    topic_churn_alerts: str = "shoppulse.churn_alerts"
     topic_dead_letter: str = "shoppulse.dead_letter"
     partitions: int = 4
     replication_factor: int = 1
@@ -108,6 +132,13 @@ class Settings:
     eviction_interval_s: int = 300
     max_event_bytes: int = 65536
     max_future_skew_ms: int = 300_000
+    models_dir: Path = Path("artifacts/models")
+    device: str = "auto"
+    torch_threads: int = 0
+    top_k: int = 10
+    churn_alert_high: float = 0.7
+    churn_alert_low: float = 0.5
+    churn_alert_cooldown_ms: int = 604_800_000
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9108
     web_port: int = 6066
@@ -123,6 +154,8 @@ class Settings:
             text = env.get(var, default)
             if f.type in ("int", int):
                 values[f.name] = _as_int(var, text, 0)
+            elif f.type in ("float", float):
+                values[f.name] = _as_float(var, text)
             elif f.type in ("bool", bool):
                 values[f.name] = _as_bool(var, text)
             elif f.type in ("Path", Path):
@@ -150,7 +183,11 @@ class Settings:
             raise ConfigError("SHOPPULSE_HISTORY_LEN and SHOPPULSE_EVICTION_INTERVAL_S must be at least 1")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"SHOPPULSE_LOG_LEVEL={self.log_level!r}; use DEBUG, INFO, WARNING or ERROR")
-        topics = self.input_topics + (self.topic_scores, self.topic_dead_letter)
+        if not 0.0 <= self.churn_alert_low < self.churn_alert_high <= 1.0:
+            raise ConfigError("SHOPPULSE_CHURN_ALERT_LOW must be below SHOPPULSE_CHURN_ALERT_HIGH, both in [0, 1]")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"SHOPPULSE_DEVICE={self.device!r}; use auto, cpu or cuda")
+        topics = self.input_topics + self.output_topics
         if len(set(topics)) != len(topics):
             raise ConfigError(f"topic names must differ, got {topics}")
 
@@ -158,6 +195,11 @@ class Settings:
     def input_topics(self) -> tuple[str, str, str]:
         """Input topic names, in the order page views, cart, orders."""
         return (self.topic_page_views, self.topic_cart, self.topic_orders)
+
+    @property
+    def output_topics(self) -> tuple[str, str, str, str]:
+        """Scores, recommendations, churn alerts, dead letters."""
+        return (self.topic_scores, self.topic_recommendations, self.topic_churn_alerts, self.topic_dead_letter)
 
     @property
     def topic_by_kind(self) -> dict[str, str]:
@@ -183,3 +225,7 @@ class Settings:
         if shown["sasl_password"]:
             shown["sasl_password"] = "***"
         return shown
+
+
+if __name__ == "__main__":
+    print(settings_markdown())

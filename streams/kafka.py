@@ -65,7 +65,7 @@ class TopicSpec:
 def required_topics(settings: Settings) -> list[TopicSpec]:
     """Inputs, outputs and dead letters; all with the same partition count (co-partitioning)."""
     retention = {"retention.ms": str(TOPIC_RETENTION_MS), "cleanup.policy": "delete"}
-    names = settings.input_topics + (settings.topic_scores, settings.topic_dead_letter)
+    names = settings.input_topics + settings.output_topics
     return [TopicSpec(name, settings.partitions, dict(retention)) for name in names]
 
 

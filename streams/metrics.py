@@ -15,6 +15,7 @@ log = logging.getLogger(__name__)
 
 # Buckets in seconds, chosen for a millisecond-scale pipeline.
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+SCORE_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 BATCH_SIZE_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
 
 
@@ -52,6 +53,20 @@ class WorkerMetrics:
                                        registry=r)
         self.shoppers_evicted = Counter("shoppulse_shoppers_evicted_total",
                                         "Shoppers deleted after being idle past the retention period", registry=r)
+        self.inference_seconds = Histogram("shoppulse_inference_seconds",
+                                           "Time for all model forward passes of one micro-batch",
+                                           buckets=LATENCY_BUCKETS_S, registry=r)
+        self.model_inference_seconds = Histogram("shoppulse_model_inference_seconds",
+                                                 "One model's forward pass for one micro-batch, by model and device",
+                                                 ["model", "device"], buckets=LATENCY_BUCKETS_S, registry=r)
+        self.score_values = Histogram("shoppulse_score_value", "Distribution of published scores, by score name",
+                                      ["score"], buckets=SCORE_BUCKETS, registry=r)
+        self.alerts_fired = Counter("shoppulse_churn_alerts_total", "Churn alerts published", registry=r)
+        self.model_info = Gauge("shoppulse_model_info", "1 for each model version being served",
+                                ["model", "version"], registry=r)
+        self.model_load_errors = Counter("shoppulse_model_load_errors_total",
+                                         "Model artifacts that could not be loaded (the last good model stays)",
+                                         registry=r)
         self.ready = Gauge("shoppulse_ready", "1 when partitions are assigned and tables recovered", registry=r)
 
 
@@ -60,7 +75,9 @@ METRIC_NAMES = (
     "shoppulse_late_events_total", "shoppulse_duplicate_events_total", "shoppulse_state_decode_errors_total",
     "shoppulse_results_published_total", "shoppulse_batch_size", "shoppulse_batch_processing_seconds",
     "shoppulse_end_to_end_latency_seconds", "shoppulse_shoppers_per_batch", "shoppulse_shoppers_in_state",
-    "shoppulse_shoppers_evicted_total", "shoppulse_ready",
+    "shoppulse_shoppers_evicted_total", "shoppulse_inference_seconds", "shoppulse_model_inference_seconds",
+    "shoppulse_score_value", "shoppulse_churn_alerts_total", "shoppulse_model_info", "shoppulse_model_load_errors_total",
+    "shoppulse_ready",
 )
 
 

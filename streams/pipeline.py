@@ -1,4 +1,4 @@
-"""One micro-batch, from raw input messages to state writes, scores and dead letters.
+"""One micro-batch, from raw input messages to state writes, results, alerts and dead letters.
 
 :class:`BatchProcessor` is the worker's whole per-batch logic with no Faust in it: the Faust
 agent (:mod:`streams.app`) hands it the messages of a ``take_events`` batch and a way to read
@@ -19,12 +19,14 @@ from features.encoding import StateDecodeError, decode_state, encode_state
 from features.events import Event, InvalidEvent, ValidationLimits, parse_event
 from features.spec import FeatureSpec
 from features.state import APPLIED, DUPLICATE, LATE, ShopperState, StateConfig
+from models.scoring import CHURN, ShopperScores
+from streams.alerts import AlertPolicy, AlertState
 from streams.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
 
-#: Version of the ``shoppulse.scores`` message contract (docs/outputs.md).
-SCORES_CONTRACT_VERSION = 1
+#: Version of the output message contracts (docs/outputs.md).
+OUTPUT_CONTRACT_VERSION = 1
 
 
 @dataclass(slots=True)
@@ -61,10 +63,12 @@ class DeadLetter:
 
 @dataclass(slots=True)
 class ScoredShopper:
-    """A shopper whose state changed in this batch: the bytes to store and the result to publish.
+    """A shopper whose state changed in this batch: what to store and what to publish.
 
-    ``last_message`` is the shopper's last message in the batch; the state write is tied to it
-    (its partition, and the changelog offset Faust records for recovery).
+    ``last_message`` is the shopper's last message in the batch; the state writes are tied to
+    it (its partition, and the changelog offset Faust records for recovery). ``alert_state`` is
+    None when the alert state did not change; ``recommendation`` and ``alert`` are None when
+    there is nothing to publish.
     """
 
     user_id: str
@@ -72,12 +76,16 @@ class ScoredShopper:
     state_bytes: bytes
     last_message: InputMessage
     result: bytes
+    recommendation: bytes | None = None
+    alert_state: bytes | None = None
+    alert: bytes | None = None
 
 
 @dataclass(slots=True)
 class BatchOutcome:
     """What one batch produced."""
 
+    consumed: int = 0
     dead_letters: list[DeadLetter] = field(default_factory=list)
     scored: list[ScoredShopper] = field(default_factory=list)
     applied: int = 0
@@ -86,14 +94,18 @@ class BatchOutcome:
 
 
 class Scorer(Protocol):
-    """Turns a batch of states and their feature rows into named scores, one dict per shopper."""
+    """Serves the models: see :class:`models.scoring.BatchScorer`."""
 
-    name: str
-    version: str
+    model_versions: dict[str, str]
 
-    def score(self, states: Sequence[ShopperState], features: np.ndarray) -> list[dict[str, float]]: ...
+    def refresh(self, force: bool = False) -> bool: ...
+
+    def score(self, states: Sequence[ShopperState], features: np.ndarray) -> list[ShopperScores]: ...
+
+    def churn_reasons(self, features: np.ndarray, top: int = 3) -> list[list[tuple[str, float]]]: ...
 
 
+#: ``load(message, key)`` -> stored bytes or None; ``message`` says which partition to read.
 StateLoader = Callable[[InputMessage, bytes], bytes | None]
 
 
@@ -104,38 +116,31 @@ class BatchProcessor:
         topic_kinds: input topic name -> contract kind (``page_view``, ``cart``, ``order``).
         state_config: windows, grace period (ms), history length, dedup size.
         spec: the feature vector definition shared with training.
-        scorer: the model (or heuristic) that scores a batch.
+        scorer: the models (or the heuristic) that score a batch.
         limits: validation bounds (payload bytes, future skew in ms).
         metrics: where counts and timings go.
+        alert_policy: churn alert thresholds and cooldown (ms).
     """
 
     def __init__(self, topic_kinds: Mapping[str, str], state_config: StateConfig, spec: FeatureSpec,
-                 scorer: Scorer, limits: ValidationLimits, metrics: WorkerMetrics) -> None:
+                 scorer: Scorer, limits: ValidationLimits, metrics: WorkerMetrics,
+                 alert_policy: AlertPolicy = AlertPolicy()) -> None:
         self.topic_kinds = dict(topic_kinds)
         self.state_config = state_config
         self.spec = spec
         self.scorer = scorer
         self.limits = limits
         self.metrics = metrics
+        self.alert_policy = alert_policy
         self._consumed = {topic: metrics.events_consumed.labels(topic) for topic in self.topic_kinds}
 
-    def process(self, messages: Iterable[InputMessage], load_state: StateLoader, now_ms: int | None = None) -> BatchOutcome:
-        """Process one batch. ``load_state(message, key)`` returns a stored state's bytes or None."""
+    def process(self, messages: Iterable[InputMessage], load_state: StateLoader, load_alert: StateLoader,
+                now_ms: int | None = None) -> BatchOutcome:
+        """Process one batch; the loaders return a shopper's stored state / alert state bytes or None."""
         started = time.perf_counter()
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
         outcome = BatchOutcome()
-        by_user: dict[str, list[tuple[Event, InputMessage]]] = {}
-        count = 0
-        for message in messages:
-            count += 1
-            self._consumed[message.topic].inc()
-            try:
-                event = parse_event(self.topic_kinds[message.topic], message.key, message.value, now_ms, self.limits)
-            except InvalidEvent as exc:
-                outcome.dead_letters.append(DeadLetter(message, exc.reason, exc.detail))
-                self.metrics.invalid_events.labels(exc.reason).inc()
-                continue
-            by_user.setdefault(event.user_id, []).append((event, message))
+        by_user = self._validate(messages, outcome, now_ms)
 
         states: list[ShopperState] = []
         touched: list[tuple[str, bytes, InputMessage, Event]] = []
@@ -159,20 +164,89 @@ class BatchProcessor:
                 touched.append((user_id, key, last_message, max((e for e, _ in pairs), key=lambda e: e.ts_ms)))
 
         if states:
-            features = self.spec.matrix(states, np.array([s.last_event_ms for s in states], dtype=np.int64))
-            scores = self.scorer.score(states, features)
-            scored_at_ms = int(time.time() * 1000)
-            for (user_id, key, last_message, trigger), state, named in zip(touched, states, scores):
-                result = self._result(user_id, trigger, named, scored_at_ms)
-                outcome.scored.append(ScoredShopper(user_id, key, encode_state(state), last_message, result))
-                self.metrics.end_to_end_seconds.observe(max(0.0, (scored_at_ms - trigger.ts_ms) / 1000.0))
-
+            self._score(states, touched, load_alert, outcome)
         self.metrics.duplicate_events.inc(outcome.duplicates)
         self.metrics.late_events.inc(outcome.late)
-        self.metrics.batch_size.observe(count)
+        self.metrics.batch_size.observe(outcome.consumed)
         self.metrics.shoppers_in_batch.observe(len(states))
         self.metrics.batch_seconds.observe(time.perf_counter() - started)
         return outcome
+
+    def _validate(self, messages: Iterable[InputMessage], outcome: BatchOutcome,
+                  now_ms: int) -> dict[str, list[tuple[Event, InputMessage]]]:
+        """Parse every message; invalid ones become dead letters, valid ones are grouped by shopper."""
+        by_user: dict[str, list[tuple[Event, InputMessage]]] = {}
+        for message in messages:
+            outcome.consumed += 1
+            self._consumed[message.topic].inc()
+            try:
+                event = parse_event(self.topic_kinds[message.topic], message.key, message.value, now_ms, self.limits)
+            except InvalidEvent as exc:
+                outcome.dead_letters.append(DeadLetter(message, exc.reason, exc.detail))
+                self.metrics.invalid_events.labels(exc.reason).inc()
+                continue
+            by_user.setdefault(event.user_id, []).append((event, message))
+        return by_user
+
+    def _score(self, states: list[ShopperState], touched: list[tuple[str, bytes, InputMessage, Event]],
+               load_alert: StateLoader, outcome: BatchOutcome) -> None:
+        """One forward pass per model for the batch, then results and alert decisions per shopper."""
+        self.scorer.refresh()
+        features = self.spec.matrix(states, np.array([s.last_event_ms for s in states], dtype=np.int64))
+        started = time.perf_counter()
+        scored = self.scorer.score(states, features)
+        self.metrics.inference_seconds.observe(time.perf_counter() - started)
+        versions = self.scorer.model_versions
+        scored_at_ms = int(time.time() * 1000)
+        alerting: list[tuple[int, float, str]] = []  # (index in batch, risk, trigger event id)
+        first = len(outcome.scored)
+        for index, ((user_id, key, last_message, trigger), state, shopper) in enumerate(zip(touched, states, scored)):
+            envelope = {"schema_version": OUTPUT_CONTRACT_VERSION, "user_id": user_id,
+                        "trigger_event_id": trigger.event_id, "trigger_ts": trigger.ts_ms, "scored_at": scored_at_ms}
+            result = json.dumps({**envelope, "scores": {name: round(value, 6) for name, value in shopper.scores.items()},
+                                 "model_versions": versions, "feature_spec": self.spec.hash}, separators=(",", ":"))
+            out = ScoredShopper(user_id, key, encode_state(state), last_message, result.encode())
+            if shopper.recommendations:
+                out.recommendation = json.dumps({
+                    **envelope, "items": [{"item_id": item, "score": round(score, 6)} for item, score in shopper.recommendations],
+                    "model_version": versions.get("recommendations")}, separators=(",", ":")).encode()
+            risk = shopper.scores.get(CHURN)
+            if risk is not None:
+                before = self._load_alert(load_alert(last_message, key), user_id)
+                after, fire = before.step(risk, scored_at_ms, self.alert_policy)
+                if after != before:
+                    out.alert_state = after.encode()
+                if fire:
+                    alerting.append((index, risk, trigger.event_id))
+            outcome.scored.append(out)
+            self.metrics.end_to_end_seconds.observe(max(0.0, (scored_at_ms - trigger.ts_ms) / 1000.0))
+            for name, value in shopper.scores.items():
+                self.metrics.score_values.labels(name).observe(value)
+        if alerting:
+            self._alerts(alerting, states, features, outcome.scored[first:], versions, scored_at_ms)
+
+    def _alerts(self, alerting: list[tuple[int, float, str]], states: list[ShopperState], features: np.ndarray,
+                scored: list[ScoredShopper], versions: dict[str, str], fired_at_ms: int) -> None:
+        """Churn alert messages, with what a campaign needs: risk, reasons, last activity, value to date."""
+        reasons = self.scorer.churn_reasons(features[[index for index, _, _ in alerting]])
+        for (index, risk, trigger_event_id), why in zip(alerting, reasons):
+            state = states[index]
+            scored[index].alert = json.dumps({
+                "schema_version": OUTPUT_CONTRACT_VERSION, "alert_id": f"{state.user_id}:{trigger_event_id}",
+                "user_id": state.user_id, "churn_risk": round(risk, 6), "threshold": self.alert_policy.high,
+                "reasons": [{"feature": name, "risk_contribution": value} for name, value in why],
+                "last_activity_ts": state.last_event_ms, "orders_lifetime": state.orders_lifetime,
+                "value_to_date": state.revenue_lifetime_cents / 100.0, "model_version": versions.get(CHURN),
+                "fired_at": fired_at_ms}, separators=(",", ":")).encode()
+            self.metrics.alerts_fired.inc()
+
+    def _load_alert(self, stored: bytes | None, user_id: str) -> AlertState:
+        try:
+            return AlertState.decode(stored)
+        except ValueError as exc:
+            self.metrics.state_decode_errors.inc()
+            log.error("alert state of shopper %r: %s", user_id, exc)
+            return AlertState()
 
     def _load(self, stored: bytes | None, user_id: str) -> ShopperState:
         if stored is None:
@@ -184,12 +258,3 @@ class BatchProcessor:
             log.error("stored state of shopper %r could not be decoded (%s); starting it afresh — "
                       "if this repeats, check that all workers run the same release", user_id, exc)
             return ShopperState.new(user_id)
-
-    def _result(self, user_id: str, trigger: Event, scores: dict[str, float], scored_at_ms: int) -> bytes:
-        return json.dumps({
-            "schema_version": SCORES_CONTRACT_VERSION, "user_id": user_id,
-            "scores": {name: round(value, 6) for name, value in scores.items()},
-            "model_versions": {self.scorer.name: self.scorer.version},
-            "feature_spec": self.spec.hash, "trigger_event_id": trigger.event_id,
-            "trigger_ts": trigger.ts_ms, "scored_at": scored_at_ms,
-        }, separators=(",", ":")).encode()

@@ -9,7 +9,7 @@ from features.encoding import decode_state, encode_state
 from features.events import DEFAULT_LIMITS, Event, encode_event
 from features.spec import DEFAULT_FEATURE_SPEC
 from features.state import ShopperState, StateConfig
-from models.heuristic import PurchaseIntentHeuristic
+from models.scoring import BatchScorer
 from streams.metrics import WorkerMetrics
 from streams.pipeline import BatchProcessor, InputMessage
 
@@ -26,13 +26,14 @@ def message(event: Event, offset: int, topic: str = "views", key: bytes | None =
 
 
 @pytest.fixture
-def processor() -> BatchProcessor:
-    return BatchProcessor(TOPICS, StateConfig(), DEFAULT_FEATURE_SPEC, PurchaseIntentHeuristic(DEFAULT_FEATURE_SPEC),
+def processor(tmp_path) -> BatchProcessor:
+    """With an empty model registry: the heuristic scores."""
+    return BatchProcessor(TOPICS, StateConfig(), DEFAULT_FEATURE_SPEC, BatchScorer(DEFAULT_FEATURE_SPEC, tmp_path),
                           DEFAULT_LIMITS, WorkerMetrics())
 
 
 def run(processor, messages, store):
-    outcome = processor.process(messages, lambda msg, key: store.get(key), now_ms=NOW_MS)
+    outcome = processor.process(messages, lambda msg, key: store.get(key), lambda msg, key: None, now_ms=NOW_MS)
     for scored in outcome.scored:
         store[scored.key] = scored.state_bytes
     return outcome

@@ -1,0 +1,182 @@
+"""Serving: the models the worker scores with, loaded from the registry, one pass per batch.
+
+:class:`BatchScorer` holds the current churn/propensity classifier and next-item recommender,
+checks the registry between batches and swaps in a new current version (hot reload), and
+keeps the last good models when a new artifact is corrupt or refuses to load. With no trained
+models in the registry it serves the hand-set heuristic, and says so in every result.
+No Kafka here: :mod:`streams.pipeline` calls it.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from features.spec import FeatureSpec
+from features.state import ShopperState
+from models.artifacts import ArtifactError
+from models.classifiers import ShopperClassifier
+from models.heuristic import PurchaseIntentHeuristic
+from models.nextitem import NextItemRecommender, resolve_device
+from models.registry import ModelRegistry, RegistryError
+from models.training import CLASSIFIER_MODEL, NEXTITEM_MODEL
+
+log = logging.getLogger(__name__)
+
+#: How many recent rows the "typical shopper" baseline of churn reasons averages over.
+BASELINE_MEMORY_ROWS = 100_000
+#: Output score names.
+CHURN = "churn_risk"
+PURCHASE = "purchase_propensity"
+
+
+@dataclass(slots=True)
+class ShopperScores:
+    """What the models say about one shopper."""
+
+    scores: dict[str, float]
+    recommendations: list[tuple[str, float]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class InferenceTimings:
+    """Seconds spent in each model's forward pass for the last batch (for metrics)."""
+
+    classifier_s: float = 0.0
+    nextitem_s: float = 0.0
+
+
+class BatchScorer:
+    """Scores a batch of shoppers with the registry's current models.
+
+    Args:
+        spec: the feature vector the classifier must have been trained on (hash checked).
+        registry_root: the model registry folder; None = the registry default.
+        device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
+        top_k: recommendations per shopper.
+        reload_interval_s: how often, in seconds, to look for a new current version.
+    """
+
+    def __init__(self, spec: FeatureSpec, registry_root: Path | None = None, device: str = "auto",
+                 top_k: int = 10, reload_interval_s: float = 5.0) -> None:
+        self.spec = spec
+        self.registry = ModelRegistry(registry_root)
+        self.device = resolve_device(None if device == "auto" else device)
+        self.top_k = top_k
+        self.reload_interval_s = reload_interval_s
+        self.heuristic = PurchaseIntentHeuristic(spec)
+        self.classifier: ShopperClassifier | None = None
+        self.recommender: NextItemRecommender | None = None
+        self.load_errors = 0
+        self.timings = InferenceTimings()
+        self.feature_baseline = np.zeros(spec.dim, dtype=np.float32)
+        self._baseline_weight = 0.0
+        self._loaded: dict[str, str | None] = {CLASSIFIER_MODEL: None, NEXTITEM_MODEL: None}
+        self._next_check = 0.0
+        self.refresh(force=True)
+
+    @property
+    def model_versions(self) -> dict[str, str]:
+        """Score or output name -> version that produced it."""
+        if self.classifier is None:
+            return {self.heuristic.name: self.heuristic.version}
+        versions = {CHURN: f"{CLASSIFIER_MODEL}:{self.classifier.version}",
+                    PURCHASE: f"{CLASSIFIER_MODEL}:{self.classifier.version}"}
+        if self.recommender is not None:
+            versions["recommendations"] = f"{NEXTITEM_MODEL}:{self.recommender.version}"
+        return versions
+
+    @property
+    def served(self) -> dict[str, str]:
+        """Registry model -> version being served (the heuristic when no classifier is loaded)."""
+        if self.classifier is None:
+            return {self.heuristic.name: self.heuristic.version}
+        served = {CLASSIFIER_MODEL: str(self.classifier.version)}
+        if self.recommender is not None:
+            served[NEXTITEM_MODEL] = str(self.recommender.version)
+        return served
+
+    def refresh(self, force: bool = False) -> bool:
+        """Load any model whose current registry version changed; True when something was swapped in."""
+        now = time.monotonic()
+        if not force and now < self._next_check:
+            return False
+        self._next_check = now + self.reload_interval_s
+        swapped = False
+        for name in (CLASSIFIER_MODEL, NEXTITEM_MODEL):
+            try:
+                version = self.registry.current(name)
+            except RegistryError:
+                version = None
+            if version is None or version == self._loaded[name]:
+                continue
+            self._loaded[name] = version  # tried once per version, good or bad
+            try:
+                directory = self.registry.version_dir(name, version)
+                if name == CLASSIFIER_MODEL:
+                    self.classifier = ShopperClassifier.load(directory, expected_feature_spec_hash=self.spec.hash,
+                                                             device=self.device)
+                else:
+                    self.recommender = NextItemRecommender.load(directory, device=self.device)
+            except (ArtifactError, RegistryError, OSError, ValueError, RuntimeError) as exc:
+                self.load_errors += 1
+                log.error("could not load %s version %s (%s); keeping the model already loaded — fix the artifact "
+                          "or run `shoppulse models rollback %s`", name, version, exc, name)
+                continue
+            swapped = True
+            log.info("serving %s version %s on %s", name, version, self.device)
+        return swapped
+
+    @torch.inference_mode()
+    def score(self, states: Sequence[ShopperState], features: np.ndarray) -> list[ShopperScores]:
+        """One forward pass per model for the whole batch."""
+        self._update_baseline(features)
+        if self.classifier is None:
+            return [ShopperScores(s) for s in self.heuristic.score(states, features)]
+        started = time.perf_counter()
+        probabilities = self.classifier.predict_proba(features)
+        self.timings.classifier_s = time.perf_counter() - started
+        churn, purchase = probabilities["churn"], probabilities["purchase"]
+        results = [ShopperScores({CHURN: float(c), PURCHASE: float(p)}) for c, p in zip(churn, purchase)]
+        if self.recommender is not None:
+            started = time.perf_counter()
+            histories = [[item for item, _, _ in state.recent_items()] for state in states]
+            for result, recommended in zip(results, self.recommender.recommend(histories, k=self.top_k)):
+                result.recommendations = recommended
+            self.timings.nextitem_s = time.perf_counter() - started
+        return results
+
+    def _update_baseline(self, features: np.ndarray) -> None:
+        """Running mean of the feature rows scored so far: the "typical shopper" reasons compare to."""
+        if len(features):
+            self._baseline_weight = min(self._baseline_weight + len(features), BASELINE_MEMORY_ROWS)
+            share = len(features) / self._baseline_weight
+            self.feature_baseline += share * (features.mean(axis=0) - self.feature_baseline)
+
+    @torch.inference_mode()
+    def churn_reasons(self, features: np.ndarray, top: int = 3) -> list[list[tuple[str, float]]]:
+        """The features that raise each row's churn risk most, with how much.
+
+        Occlusion: the risk drop when one feature is set to its running mean over recently
+        scored shoppers; one batched pass of ``rows × features``, meant for the few rows that alert.
+        """
+        baseline = self.feature_baseline
+        if self.classifier is None or len(features) == 0:
+            return [[] for _ in range(len(features))]
+        n, d = features.shape
+        occluded = np.repeat(features[:, None, :], d, axis=1)
+        occluded[:, np.arange(d), np.arange(d)] = baseline
+        risk = self.classifier.predict_proba(features)["churn"]
+        without = self.classifier.predict_proba(occluded.reshape(n * d, d))["churn"].reshape(n, d)
+        contribution = risk[:, None] - without
+        names = self.spec.names
+        reasons = []
+        for row in contribution:
+            order = np.argsort(-row)[:top]
+            reasons.append([(names[j], round(float(row[j]), 4)) for j in order if row[j] > 0])
+        return reasons

@@ -1,0 +1,289 @@
+"""``shoppulse train`` and ``shoppulse models list|show|promote|rollback``.
+
+``models/`` never imports ``streams/``: the simulator lives there, so ``--simulate`` needs the
+caller (the ``shoppulse`` CLI) to pass an ``events_factory(args) -> Iterable[Event]``. The event
+file reader here parses our message JSONL (``shoppulse generate --out``: one
+``{"topic_kind", "key"|"key_b64", "value"|"value_b64"}`` object a line) with
+:func:`features.events.parse_event` and skips invalid messages, counting them by reason.
+
+Examples::
+
+    shoppulse train --simulate 3000 --days 28 --quick --threads 1
+    shoppulse train --events var/traffic.jsonl --registry artifacts/models --report var/reports/latest
+    shoppulse models list
+    shoppulse models promote shopper-classifier 20240101T120000Z
+    shoppulse models rollback nextitem
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from features.events import Event, InvalidEvent, parse_event
+
+EventsFactory = Callable[[argparse.Namespace], Iterable[Event]]
+
+DAY_MS = 86_400_000
+HOUR_MS = 3_600_000
+
+
+# ------------------------------------------------------------------------------ events file
+def _field(record: dict, name: str) -> bytes:
+    if name in record:
+        value = record[name]
+        if not isinstance(value, str):
+            raise TypeError(f"{name} must be a string")
+        return value.encode("utf-8")
+    return base64.b64decode(record[f"{name}_b64"], validate=True)
+
+
+def read_events_jsonl(path: str | Path, now_ms: int | None = None) -> tuple[list[Event], dict[str, Any]]:
+    """Valid events of a message JSONL file and what was skipped.
+
+    Returns ``(events, stats)``; ``stats`` has ``lines``, ``valid``, ``invalid`` (count per
+    ``InvalidEvent.reason``, plus ``not_a_message_line`` for lines that are not message
+    records) and the file's ``sha256``. ``now_ms`` (default: the wall clock) is the "now" of the
+    contract's future-timestamp check.
+    """
+    now = int(time.time() * 1000) if now_ms is None else int(now_ms)
+    events: list[Event] = []
+    invalid: Counter[str] = Counter()
+    lines = 0
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for raw in fh:
+            digest.update(raw)
+            if not raw.strip():
+                continue
+            lines += 1
+            try:
+                record = json.loads(raw)
+                if not isinstance(record, dict):
+                    raise TypeError("not an object")
+                topic_kind = record["topic_kind"]
+                key, value = _field(record, "key"), _field(record, "value")
+            except (KeyError, TypeError, ValueError, UnicodeDecodeError):
+                invalid["not_a_message_line"] += 1
+                continue
+            try:
+                events.append(parse_event(topic_kind, key, value, now))
+            except InvalidEvent as exc:
+                invalid[exc.reason] += 1
+            except ValueError:  # unknown topic kind
+                invalid["unknown_topic_kind"] += 1
+    return events, {"lines": lines, "valid": len(events), "invalid": dict(sorted(invalid.items())),
+                    "sha256": digest.hexdigest()}
+
+
+# ------------------------------------------------------------------------------ train
+def build_parser(prog: str = "shoppulse train") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Train churn/purchase and next-item models on an event log, "
+                                "evaluate them against baselines on a time split, write a report and register "
+                                "versioned artifacts.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--events", metavar="PATH", help="message JSONL (shoppulse generate --out)")
+    src.add_argument("--simulate", metavar="N_SHOPPERS", type=int,
+                     help="train on the simulated shop with this many shoppers")
+    p.add_argument("--days", type=float, default=None,
+                   help="simulated days (default: 28 with --quick, else 56: a 14-day churn horizon needs > 28 days)")
+    p.add_argument("--seed", type=int, default=7, help="simulator and training seed (default 7)")
+    p.add_argument("--registry", default=None,
+                   help="registry root (default: $SHOPPULSE_MODELS_DIR or artifacts/models)")
+    p.add_argument("--report", default=None, help="report directory (default: var/reports/train-<version>)")
+    p.add_argument("--quick", action="store_true",
+                   help="demo size: small models, few epochs, 7-day churn horizon (seconds on one CPU thread)")
+    p.add_argument("--epochs", type=int, default=None, help="max epochs of the churn/purchase MLP")
+    p.add_argument("--nextitem-epochs", type=int, default=None, help="max epochs of the next-item model")
+    p.add_argument("--churn-horizon-days", type=float, default=None,
+                   help="churn = no event in this many days (default 14, 7 with --quick)")
+    p.add_argument("--purchase-horizon-hours", type=float, default=None,
+                   help="purchase = an order within this many hours (default 24)")
+    p.add_argument("--eval-fraction", type=float, default=None,
+                   help="share of the usable time that is evaluated (default 0.25)")
+    p.add_argument("--warmup-days", type=float, default=None,
+                   help="no training moments in the log's first days (default 7, 3 with --quick)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--version", default=None, help="artifact version (default: UTC timestamp)")
+    p.add_argument("--no-promote", action="store_true", help="register the new versions without making them current")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def config_from_args(args: argparse.Namespace, source: dict[str, Any]) -> Any:
+    """The :class:`models.training.TrainingConfig` the options ask for."""
+    from dataclasses import replace
+
+    from .training import TrainingConfig
+
+    cfg = TrainingConfig.quick() if args.quick else TrainingConfig()
+    labels = cfg.labels
+    if args.churn_horizon_days is not None:
+        labels = replace(labels, churn_horizon_ms=int(args.churn_horizon_days * DAY_MS))
+    if args.purchase_horizon_hours is not None:
+        labels = replace(labels, purchase_horizon_ms=int(args.purchase_horizon_hours * HOUR_MS))
+    changes: dict[str, Any] = {"labels": labels, "seed": args.seed, "device": args.device,
+                               "progress": not args.no_progress, "version": args.version,
+                               "promote": not args.no_promote, "source": source}
+    if args.epochs is not None:
+        changes["epochs"] = args.epochs
+    if args.nextitem_epochs is not None:
+        changes["nextitem_epochs"] = args.nextitem_epochs
+    if args.eval_fraction is not None:
+        changes["eval_fraction"] = args.eval_fraction
+    if args.warmup_days is not None:
+        changes["warmup_ms"] = int(args.warmup_days * DAY_MS)
+    return replace(cfg, **changes)
+
+
+def main(argv: Sequence[str] | None = None, events_factory: EventsFactory | None = None) -> int:
+    """``shoppulse train``; returns the exit status (0 ok, 1 training failed, 2 usage)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.days is None:
+        args.days = 28.0 if args.quick else 56.0
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(max(1, args.threads))
+    t0 = time.perf_counter()
+    if args.simulate is not None:
+        if events_factory is None:
+            print("error: --simulate needs the shop simulator, which lives in streams/; run it as "
+                  "`shoppulse train --simulate N` (the CLI passes the events), or pass --events FILE", file=sys.stderr)
+            return 2
+        if args.simulate < 1 or args.days <= 0:
+            print("error: --simulate needs N >= 1 shoppers and --days > 0", file=sys.stderr)
+            return 2
+        events = list(events_factory(args))
+        source: dict[str, Any] = {"kind": "simulated", "shoppers": args.simulate, "days": args.days, "seed": args.seed}
+    else:
+        try:
+            events, stats = read_events_jsonl(args.events)
+        except OSError as exc:
+            print(f"error: cannot read {args.events}: {exc}", file=sys.stderr)
+            return 2
+        skipped = sum(stats["invalid"].values())
+        print(f"read {stats['valid']:,} valid events from {args.events} ({stats['lines']:,} lines, {skipped:,} "
+              f"invalid skipped{': ' + json.dumps(stats['invalid']) if skipped else ''})", file=sys.stderr)
+        source = {"kind": "events_file", "path": str(args.events), **stats}
+    if not events:
+        print("error: no valid events to train on", file=sys.stderr)
+        return 1
+    read_s = time.perf_counter() - t0
+
+    from .registry import RegistryError
+    from .report import write_report
+    from .training import train_all
+
+    cfg = config_from_args(args, source)
+    try:
+        result = train_all(events, args.registry, cfg)
+    except (ValueError, RegistryError) as exc:
+        print(f"error: training failed: {exc}", file=sys.stderr)
+        return 1
+    timings = result.report["timings"]
+    result.report["timings"] = {"read_events": read_s, **timings, "total": read_s + timings["total"]}
+    report_dir = Path(args.report) if args.report else Path("var") / "reports" / f"train-{result.version}"
+    paths = write_report(result.report, report_dir, plots=not args.no_plots)
+    print((report_dir / "report.txt").read_text(encoding="utf-8"))
+    print(f"report: {', '.join(str(p) for p in paths.values())}")
+    if not result.beats_baselines:
+        print("warning: the churn/purchase MLP does not beat every baseline on every metric; see the report",
+              file=sys.stderr)
+    return 0
+
+
+# ------------------------------------------------------------------------------ models
+def _headline(meta: dict[str, Any]) -> str:
+    m = meta.get("metrics") or {}
+    try:
+        if "churn" in m:
+            return (f"churn AUC {m['churn']['mlp']['roc_auc']:.3f}, purchase AUC {m['purchase']['mlp']['roc_auc']:.3f}")
+        if "next" in m:
+            return f"HR@10 {m['next']['sasrec']['HR@10']:.3f}, new-item HR@10 {m['next_new']['sasrec']['HR@10']:.3f}"
+    except (KeyError, TypeError):
+        pass
+    return ""
+
+
+def _print_table(rows: list[list[str]], header: list[str]) -> None:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
+    print("  ".join("-" * w for w in widths))
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+def models_main(argv: Sequence[str] | None = None) -> int:
+    """``shoppulse models list|show|promote|rollback``; returns the exit status."""
+    from .artifacts import ArtifactError
+    from .registry import ModelRegistry, RegistryError
+
+    parser = argparse.ArgumentParser(prog="shoppulse models", description="List, inspect, promote and roll back "
+                                     "model versions in the registry.")
+    parser.add_argument("--registry", default=None,
+                        help="registry root (default: $SHOPPULSE_MODELS_DIR or artifacts/models)")
+    sub = parser.add_subparsers(dest="action", required=True)
+    sub.add_parser("list", help="models, their versions and which one is current")
+    p = sub.add_parser("show", help="metadata of one version (default: the current one)")
+    p.add_argument("model")
+    p.add_argument("version", nargs="?")
+    p = sub.add_parser("promote", help="make VERSION the current version of MODEL (verifies it first)")
+    p.add_argument("model")
+    p.add_argument("version")
+    p = sub.add_parser("rollback", help="return MODEL to the version current before the last promotion")
+    p.add_argument("model")
+    args = parser.parse_args(argv)
+    reg = ModelRegistry(args.registry)
+    try:
+        if args.action == "list":
+            models = reg.list_models()
+            if not models:
+                print(f"no models under {reg.root} (train some with `shoppulse train`)")
+                return 0
+            rows = []
+            for info in models:
+                for version in info.versions:
+                    try:
+                        meta = reg.describe(info.name, version)
+                    except ArtifactError as exc:
+                        rows.append([info.name, version, "", "", "", f"unreadable: {exc}"[:60]])
+                        continue
+                    rows.append([info.name, version, "*" if version == info.current else "",
+                                 str(meta.get("created", ""))[:19], str(meta.get("feature_spec_hash") or "-"),
+                                 _headline(meta)])
+                if not info.versions:
+                    rows.append([info.name, "(none)", "", "", "", ""])
+            print(f"registry {reg.root}  (* = current)")
+            _print_table(rows, ["model", "version", "cur", "created (UTC)", "feature spec", "metrics"])
+            return 0
+        if args.action == "show":
+            version = args.version or reg.current(args.model)
+            if version is None:
+                raise RegistryError(f"model {args.model!r} has no current version; name one")
+            meta = reg.describe(args.model, version)
+            print(json.dumps({k: meta.get(k) for k in ("kind", "version", "created", "feature_spec_hash", "vocab",
+                                                       "training_data", "metrics", "config")}, indent=2))
+            return 0
+        if args.action == "promote":
+            info = reg.promote(args.model, args.version)
+            print(f"{info.name}: current = {info.current} (previous: {', '.join(info.previous) or 'none'})")
+            return 0
+        info = reg.rollback(args.model)
+        print(f"{info.name}: rolled back, current = {info.current}")
+        return 0
+    except (RegistryError, ArtifactError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+__all__ = ("main", "models_main", "read_events_jsonl", "build_parser", "config_from_args")
