@@ -5,6 +5,7 @@ and on the same broker and topics:
 
 * the ceiling: a bare confluent-kafka loop (consume, json.loads, a dict of per-user counts,
   one produced output per event) — the "bare loop" row of ../shared/notes/performance-anchors.md;
+* Faust's own floor: an agent taking micro-batches and doing nothing (bench/faust_floor.py);
 * the ShopPulse worker (``shoppulse worker``, a child process): events/s from ready to the last
   event consumed, with validation, state updates in RocksDB, scoring and publishing;
 * with ``--recovery``: time to ready after a restart with the data directory kept, and after
@@ -17,7 +18,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -29,6 +32,7 @@ sys.path.insert(0, str(REPO))
 from confluent_kafka import Consumer, Producer  # noqa: E402
 
 from bench.record import append_row, this_command, utc_now  # noqa: E402
+from models.training import models_ready  # noqa: E402
 from streams.broker import EmbeddedBroker, free_port  # noqa: E402
 from streams.config import Settings  # noqa: E402
 from streams.generator import GeneratorConfig, ShopSimulator  # noqa: E402
@@ -37,8 +41,9 @@ from streams.process import WorkerProcess  # noqa: E402
 from streams.producer import produce  # noqa: E402
 
 THROUGHPUT_SECTION = "## Worker throughput (embedded broker, one worker, this machine)"
-THROUGHPUT_HEADER = ("| date (UTC) | events | shoppers | partitions | bare loop ev/s | worker ev/s | worker / bare "
-                     "| batches | mean batch | command |\n|---|---|---|---|---|---|---|---|---|---|")
+THROUGHPUT_HEADER = ("| date (UTC) | events | shoppers | partitions | bare loop ev/s | Faust no-op agent ev/s "
+                     "| worker ev/s | worker / bare | batches | mean batch | models | command |\n"
+                     "|---|---|---|---|---|---|---|---|---|---|---|---|")
 RECOVERY_SECTION = "## Table recovery (embedded broker, one worker)"
 RECOVERY_HEADER = ("| date (UTC) | shoppers in table | ready, data dir kept (s) | ready, data dir lost (s) "
                    "| command |\n|---|---|---|---|---|")
@@ -89,6 +94,18 @@ def bare_loop(settings: Settings, total: int) -> float:
     return total / elapsed
 
 
+def faust_floor(settings: Settings, total: int) -> float:
+    """events/s of a Faust agent that takes micro-batches and does nothing (a child process)."""
+    command = [sys.executable, str(REPO / "bench" / "faust_floor.py"), "--bootstrap", settings.bootstrap_servers,
+               "--topics", ",".join(settings.input_topics), "--events", str(total),
+               "--partitions", str(settings.partitions)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    rates = re.findall(r"(\d+)\s*$", done.stdout, re.MULTILINE)  # the line may carry terminal escapes
+    if not rates:
+        raise RuntimeError(f"faust_floor.py printed no rate:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    return float(rates[-1])
+
+
 def run_worker(settings: Settings, total: int, log: Path) -> tuple[float, float, float, WorkerProcess]:
     """(events/s, batches, mean batch size) from ready to the last event consumed; the worker keeps running."""
     worker = WorkerProcess(settings, log)
@@ -110,17 +127,20 @@ def main() -> None:
     parser.add_argument("--days", type=float, default=28.0, help="simulated span (shorter: more shoppers early)")
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--seed", type=int, default=3)
+    parser.add_argument("--models", default="artifacts/models",
+                        help="model registry the worker serves (empty: the heuristic)")
     parser.add_argument("--recovery", action="store_true", help="also measure restart and restore times")
     parser.add_argument("--no-record", action="store_true", help="print only; do not touch BENCHMARKS.md")
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="shoppulse-bench-"))
+    models = "trained" if models_ready(args.models) else "heuristic"
     print(f"generating {args.events:,} events from {args.shoppers:,} shoppers …", flush=True)
     messages = simulated_messages(args.events, args.shoppers, args.days, args.seed)
     with EmbeddedBroker(log_path=workdir / "tansu.log") as broker:
         settings = Settings.from_env({}, bootstrap_servers=broker.bootstrap_servers, partitions=args.partitions,
                                      data_dir=workdir / "worker", metrics_port=free_port(), web_port=free_port(),
-                                     log_level="WARNING")
+                                     log_level="WARNING", models_dir=Path(args.models))
         ensure_topics(settings)
         ensure_topics(settings, [TopicSpec(settings.topic_scores + ".bare", args.partitions, {})])
         report = produce(messages, settings.topic_by_kind, settings.librdkafka_config())
@@ -128,14 +148,16 @@ def main() -> None:
 
         bare = bare_loop(settings, len(messages))
         print(f"bare confluent-kafka loop: {bare:,.0f} events/s", flush=True)
+        floor = faust_floor(settings, len(messages))
+        print(f"Faust no-op agent:         {floor:,.0f} events/s (take_events, no work)", flush=True)
         worker_rate, batches, mean_batch, worker = run_worker(settings, len(messages), workdir / "worker.log")
         print(f"shoppulse worker:          {worker_rate:,.0f} events/s ({worker_rate / bare:.2f} of the bare loop; "
               f"{batches:.0f} batches of {mean_batch:.0f} events on average)", flush=True)
         if not args.no_record:
             append_row(THROUGHPUT_SECTION, THROUGHPUT_HEADER,
                        f"| {utc_now()} | {len(messages):,} | {args.shoppers:,} | {args.partitions} | {bare:,.0f} | "
-                       f"{worker_rate:,.0f} | {worker_rate / bare:.2f} | {batches:.0f} | {mean_batch:.0f} | "
-                       f"`{this_command()}` |")
+                       f"{floor:,.0f} | {worker_rate:,.0f} | {worker_rate / bare:.2f} | {batches:.0f} | "
+                       f"{mean_batch:.0f} | {models} | `{this_command()}` |")
 
         if args.recovery:
             worker.stop()

@@ -42,14 +42,14 @@ from streams.alerts import AlertPolicy
 from streams.config import Settings
 from streams.kafka import BROKER_PROFILE_TANSU, ensure_topics, resolve_broker_profile, tansu_client_overrides
 from streams.metrics import HealthState, MetricsServer, WorkerMetrics
-from streams.pipeline import BatchProcessor, InputMessage
+from streams.pipeline import BatchOutcome, BatchProcessor, InputMessage
 
 log = logging.getLogger("shoppulse.worker")
 
 STATE_TABLE = "shopper_state"
 ALERT_TABLE = "churn_alert_state"
-#: The eviction sweep yields to the event loop after this many stored shoppers.
-EVICTION_YIELD_EVERY = 500
+#: The eviction and silent-shopper sweeps yield to the event loop after this many stored shoppers.
+SWEEP_YIELD_EVERY = 500
 
 
 def idle_since_ms(stored: bytes, now_ms: int) -> int:
@@ -133,21 +133,62 @@ class ScoringWorker:
             limits=ValidationLimits(settings.max_event_bytes, settings.max_future_skew_ms), metrics=self.metrics,
             alert_policy=AlertPolicy(settings.churn_alert_high, settings.churn_alert_low, settings.churn_alert_cooldown_ms))
         self._served_versions: dict[str, str] = {}
+        self._positions: dict[tuple[str, int], int] = {}  # last offset handed to a batch, per input partition
         self._seen_load_errors = self.scorer.load_errors
         self._publish_model_info()
         self.metrics_server: MetricsServer | None = None
         self.app.agent(self.inputs, name="score_shoppers")(self._score_shoppers)
         self.app.timer(1.0)(self._refresh_readiness)
         self.app.timer(float(settings.eviction_interval_s))(self._evict_idle_shoppers)
+        self.app.timer(float(settings.silent_sweep_interval_s))(self._rescore_silent_shoppers)
         self.app.on_partitions_assigned.connect(self._on_assigned)
 
-    def _load_state(self, message: InputMessage, key: bytes) -> bytes | None:
-        with event_context(message.handle):
-            return self.table.get(key)
+    def _load_state(self, where: InputMessage | int, key: bytes) -> bytes | None:
+        return self._read(self.table, where, key)
 
-    def _load_alert(self, message: InputMessage, key: bytes) -> bytes | None:
-        with event_context(message.handle):
-            return self.alert_table.get(key)
+    def _load_alert(self, where: InputMessage | int, key: bytes) -> bytes | None:
+        return self._read(self.alert_table, where, key)
+
+    @staticmethod
+    def _read(table: Any, where: InputMessage | int, key: bytes) -> bytes | None:
+        """A table value, read in the partition of ``where`` (a message, or a partition number)."""
+        if isinstance(where, int):
+            return table.data._db_for_partition(where).get(key)
+        with event_context(where.handle):
+            return table.get(key)
+
+    @staticmethod
+    def _write_outside_stream(table: Any, partition: int, key: bytes, value: bytes | None) -> None:
+        """Write (or delete, for None) a key from a timer, where Faust has no current event.
+
+        Faust's table API needs the event a write belongs to; a timer has none, so this writes
+        the partition's RocksDB directly and sends the same changelog record Faust would.
+        """
+        store = table.data
+        db = store._db_for_partition(partition)
+        if value is None:
+            db.delete(key)
+            store._key_index.pop(key, None)
+        else:
+            db.put(key, value)
+            store._key_index[key] = partition
+        table.send_changelog(partition, key, value, value_serializer="raw")
+
+    async def _owned_states(self) -> AsyncIterator[tuple[int, bytes, bytes]]:
+        """``(partition, key, stored state)`` of every shopper in the partitions this worker owns,
+        yielding to the event loop every :data:`SWEEP_YIELD_EVERY` keys so the event path never stalls."""
+        store = self.table.data
+        changelog = self.table.changelog_topic_name
+        actives = {tp.partition for tp in self.app.assignor.assigned_actives() if tp.topic == changelog}
+        seen = 0
+        for partition, db in list(store._dbs.items()):
+            if partition not in actives:
+                continue
+            for key, value in store._visible_items(db):
+                yield partition, key, value
+                seen += 1
+                if seen % SWEEP_YIELD_EVERY == 0:
+                    await asyncio.sleep(0)
 
     def _publish_model_info(self) -> None:
         """``shoppulse_model_info{model,version}``: 1 for what is served now, old versions removed."""
@@ -166,6 +207,8 @@ class ScoringWorker:
         async for events in stream.take_events(self.settings.max_batch, within=within_s):
             messages = [InputMessage(e.message.topic, e.message.partition, e.message.offset,
                                      e.message.key, e.message.value, e) for e in events]
+            for message in messages:
+                self._positions[(message.topic, message.partition)] = message.offset
             outcome = self.processor.process(messages, self._load_state, self._load_alert)
             self._observe_models()
             failed_at_ms = int(time.time() * 1000)
@@ -175,24 +218,29 @@ class ScoringWorker:
                 self.metrics.dead_lettered.labels(dead.reason).inc()
                 log.debug("dead-lettered %s[%d]@%d: %s", dead.message.topic, dead.message.partition,
                           dead.message.offset, dead.detail)
-            published = {self.settings.topic_scores: 0, self.settings.topic_recommendations: 0,
-                         self.settings.topic_churn_alerts: 0}
             for shopper in outcome.scored:
                 with event_context(shopper.last_message.handle):
                     self.table[shopper.key] = shopper.state_bytes
                     if shopper.alert_state is not None:
                         self.alert_table[shopper.key] = shopper.alert_state
-                await self.scores_topic.send(key=shopper.key, value=shopper.result)
-                published[self.settings.topic_scores] += 1
-                if shopper.recommendation is not None:
-                    await self.recommendations_topic.send(key=shopper.key, value=shopper.recommendation)
-                    published[self.settings.topic_recommendations] += 1
-                if shopper.alert is not None:
-                    await self.alerts_topic.send(key=shopper.key, value=shopper.alert)
-                    published[self.settings.topic_churn_alerts] += 1
-            for topic, count in published.items():
-                self.metrics.results_published.labels(topic).inc(count)
+            await self._publish(outcome)
             yield None
+
+    async def _publish(self, outcome: BatchOutcome) -> None:
+        """Scores, recommendations and alerts of a batch to their topics."""
+        published = {self.settings.topic_scores: 0, self.settings.topic_recommendations: 0,
+                     self.settings.topic_churn_alerts: 0}
+        for shopper in outcome.scored:
+            await self.scores_topic.send(key=shopper.key, value=shopper.result)
+            published[self.settings.topic_scores] += 1
+            if shopper.recommendation is not None:
+                await self.recommendations_topic.send(key=shopper.key, value=shopper.recommendation)
+                published[self.settings.topic_recommendations] += 1
+            if shopper.alert is not None:
+                await self.alerts_topic.send(key=shopper.key, value=shopper.alert)
+                published[self.settings.topic_churn_alerts] += 1
+        for topic, count in published.items():
+            self.metrics.results_published.labels(topic).inc(count)
 
     def _observe_models(self) -> None:
         timings, device = self.scorer.timings, str(self.scorer.device)
@@ -209,36 +257,56 @@ class ScoringWorker:
     async def _evict_idle_shoppers(self) -> None:
         """Delete shoppers idle past the retention period from the table and, by tombstone, its changelog.
 
-        Walks the RocksDB partitions this worker owns (Faust's store keeps one database per
-        partition), yielding to the event loop every :data:`EVICTION_YIELD_EVERY` keys so the
-        event path never stalls. Also refreshes the shoppers-in-state gauge.
+        Also refreshes the shoppers-in-state gauge.
         """
-        store = self.table.data
-        changelog = self.table.changelog_topic_name
-        actives = {tp.partition for tp in self.app.assignor.assigned_actives() if tp.topic == changelog}
         now_ms = int(time.time() * 1000)
-        kept = evicted = 0
-        for partition, db in list(store._dbs.items()):
-            if partition not in actives:
-                continue
-            expired = []
-            for seen, (key, value) in enumerate(store._visible_items(db), 1):
-                if idle_since_ms(value, now_ms) > self.state_config.retention_ms:
-                    expired.append(key)
-                else:
-                    kept += 1
-                if seen % EVICTION_YIELD_EVERY == 0:
-                    await asyncio.sleep(0)
-            for key in expired:
-                db.delete(key)
-                store._key_index.pop(key, None)
-                self.table.send_changelog(partition, key, None, value_serializer="raw")
-            evicted += len(expired)
+        expired: list[tuple[int, bytes]] = []
+        kept = 0
+        async for partition, key, value in self._owned_states():
+            if idle_since_ms(value, now_ms) > self.state_config.retention_ms:
+                expired.append((partition, key))
+            else:
+                kept += 1
+        for partition, key in expired:
+            self._write_outside_stream(self.table, partition, key, None)
+            self._write_outside_stream(self.alert_table, partition, key, None)
         self.metrics.shoppers_in_state.set(kept)
-        self.metrics.shoppers_evicted.inc(evicted)
-        if evicted:
-            log.info("evicted %d shoppers idle for more than %.1f days; %d remain", evicted,
+        self.metrics.shoppers_evicted.inc(len(expired))
+        if expired:
+            log.info("evicted %d shoppers idle for more than %.1f days; %d remain", len(expired),
                      self.state_config.retention_ms / 86_400_000, kept)
+
+    async def _rescore_silent_shoppers(self) -> None:
+        """Re-score shoppers idle for at least ``silent_after_ms``: their churn risk rises while
+        nothing happens, and a churn alert must fire without waiting for an event that may never come.
+
+        Runs through the same scoring path in batches of ``max_batch``, between event batches.
+        """
+        now_ms = int(time.time() * 1000)
+        silent: list[tuple[int, bytes, bytes]] = []
+        rescored = 0
+        async for partition, key, value in self._owned_states():
+            idle_ms = idle_since_ms(value, now_ms)
+            if self.settings.silent_after_ms <= idle_ms <= self.state_config.retention_ms:
+                silent.append((partition, key, value))
+            if len(silent) >= self.settings.max_batch:
+                rescored += await self._publish_silent(silent, now_ms)
+                silent = []
+        if silent:
+            rescored += await self._publish_silent(silent, now_ms)
+        self.metrics.silent_rescored.inc(rescored)
+        if rescored:
+            log.info("re-scored %d shoppers silent for at least %.1f h", rescored,
+                     self.settings.silent_after_ms / 3_600_000)
+
+    async def _publish_silent(self, silent: list[tuple[int, bytes, bytes]], now_ms: int) -> int:
+        outcome = self.processor.rescore_silent(silent, self._load_alert, now_ms)
+        for shopper in outcome.scored:
+            assert isinstance(shopper.last_message, int)
+            if shopper.alert_state is not None:
+                self._write_outside_stream(self.alert_table, shopper.last_message, shopper.key, shopper.alert_state)
+        await self._publish(outcome)
+        return len(outcome.scored)
 
     async def _refresh_readiness(self) -> None:
         recovered = self.app.tables.recovery.completed.is_set()
@@ -248,6 +316,34 @@ class ScoringWorker:
         self.health.reason = "ready" if ready else ("rebalancing" if self.app.rebalancing else
                                                     "recovering tables" if not recovered else "no partitions assigned")
         self.metrics.ready.set(1 if ready else 0)
+        if assigned:
+            self._refresh_lag()
+
+    def _refresh_lag(self) -> None:
+        """``shoppulse_consumer_lag{topic,partition}`` for the input partitions this worker owns.
+
+        Uses the high watermark from fetch responses (right on Tansu too, unlike ListOffsets)
+        and the last offset this worker handed to a batch.
+        """
+        owned = set()
+        for tp in self.app.consumer.assignment():
+            if tp.topic not in self.settings.input_topics:
+                continue
+            highwater = self.app.consumer.highwater(tp)
+            if highwater is None:
+                continue
+            position = self._positions.get((tp.topic, tp.partition))
+            if position is None:  # nothing handled since start: count from the committed offset
+                position = self.app.consumer._committed_offset.get(tp, 0) - 1
+            lag = highwater - (position + 1)
+            self.metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(max(0, lag))
+            owned.add((tp.topic, tp.partition))
+        for topic, partition in set(self._positions) - owned:  # revoked: stop reporting it
+            self._positions.pop((topic, partition), None)
+            try:
+                self.metrics.consumer_lag.remove(topic, str(partition))
+            except KeyError:
+                pass
 
     async def _on_assigned(self, sender: Any, assigned: set[Any], **kwargs: Any) -> None:
         mine = sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned if tp.topic in self.settings.input_topics)

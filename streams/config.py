@@ -51,6 +51,8 @@ SETTINGS_DOC: dict[str, tuple[str, str, str]] = {
     "history_len": ("SHOPPULSE_HISTORY_LEN", "50", "item interactions kept per shopper (the next-item model's input)"),
     "retention_ms": ("SHOPPULSE_RETENTION_MS", "7776000000", "a shopper idle this long (ms, default 90 d) is evicted"),
     "eviction_interval_s": ("SHOPPULSE_EVICTION_INTERVAL_S", "300", "seconds between sweeps that evict idle shoppers"),
+    "silent_after_ms": ("SHOPPULSE_SILENT_AFTER_MS", "86400000", "re-score shoppers idle this long (ms, default 1 d) without a new event"),
+    "silent_sweep_interval_s": ("SHOPPULSE_SILENT_SWEEP_INTERVAL_S", "3600", "seconds between silent-shopper re-scoring sweeps"),
     "max_event_bytes": ("SHOPPULSE_MAX_EVENT_BYTES", "65536", "larger input messages are dead-lettered as oversized"),
     "max_future_skew_ms": ("SHOPPULSE_MAX_FUTURE_SKEW_MS", "300000", "events stamped further ahead of the worker clock are dead-lettered"),
     "models_dir": ("SHOPPULSE_MODELS_DIR", "artifacts/models", "model registry folder (`shoppulse train` writes it)"),
@@ -130,6 +132,8 @@ class Settings:
     history_len: int = 50
     retention_ms: int = 7_776_000_000
     eviction_interval_s: int = 300
+    silent_after_ms: int = 86_400_000
+    silent_sweep_interval_s: int = 3600
     max_event_bytes: int = 65536
     max_future_skew_ms: int = 300_000
     models_dir: Path = Path("artifacts/models")
@@ -179,8 +183,9 @@ class Settings:
             raise ConfigError("SHOPPULSE_PARTITIONS must be at least 1")
         if self.max_batch < 1:
             raise ConfigError("SHOPPULSE_MAX_BATCH must be at least 1")
-        if self.history_len < 1 or self.eviction_interval_s < 1:
-            raise ConfigError("SHOPPULSE_HISTORY_LEN and SHOPPULSE_EVICTION_INTERVAL_S must be at least 1")
+        if self.history_len < 1 or self.eviction_interval_s < 1 or self.silent_sweep_interval_s < 1:
+            raise ConfigError("SHOPPULSE_HISTORY_LEN, SHOPPULSE_EVICTION_INTERVAL_S and "
+                              "SHOPPULSE_SILENT_SWEEP_INTERVAL_S must be at least 1")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"SHOPPULSE_LOG_LEVEL={self.log_level!r}; use DEBUG, INFO, WARNING or ERROR")
         if not 0.0 <= self.churn_alert_low < self.churn_alert_high <= 1.0:

@@ -67,6 +67,11 @@ class WorkerMetrics:
         self.model_load_errors = Counter("shoppulse_model_load_errors_total",
                                          "Model artifacts that could not be loaded (the last good model stays)",
                                          registry=r)
+        self.silent_rescored = Counter("shoppulse_silent_rescored_total",
+                                       "Shoppers re-scored by the silent-shopper sweep (no new event)", registry=r)
+        self.consumer_lag = Gauge("shoppulse_consumer_lag",
+                                  "Input messages behind the partition's high watermark (from fetch responses)",
+                                  ["topic", "partition"], registry=r)
         self.ready = Gauge("shoppulse_ready", "1 when partitions are assigned and tables recovered", registry=r)
 
 
@@ -77,7 +82,7 @@ METRIC_NAMES = (
     "shoppulse_end_to_end_latency_seconds", "shoppulse_shoppers_per_batch", "shoppulse_shoppers_in_state",
     "shoppulse_shoppers_evicted_total", "shoppulse_inference_seconds", "shoppulse_model_inference_seconds",
     "shoppulse_score_value", "shoppulse_churn_alerts_total", "shoppulse_model_info", "shoppulse_model_load_errors_total",
-    "shoppulse_ready",
+    "shoppulse_silent_rescored_total", "shoppulse_consumer_lag", "shoppulse_ready",
 )
 
 

@@ -66,7 +66,8 @@ class ScoredShopper:
     """A shopper whose state changed in this batch: what to store and what to publish.
 
     ``last_message`` is the shopper's last message in the batch; the state writes are tied to
-    it (its partition, and the changelog offset Faust records for recovery). ``alert_state`` is
+    it (its partition, and the changelog offset Faust records for recovery). For a shopper
+    re-scored by the silent-shopper sweep it is the partition number. ``alert_state`` is
     None when the alert state did not change; ``recommendation`` and ``alert`` are None when
     there is nothing to publish.
     """
@@ -74,7 +75,7 @@ class ScoredShopper:
     user_id: str
     key: bytes
     state_bytes: bytes
-    last_message: InputMessage
+    last_message: InputMessage | int
     result: bytes
     recommendation: bytes | None = None
     alert_state: bytes | None = None
@@ -105,8 +106,20 @@ class Scorer(Protocol):
     def churn_reasons(self, features: np.ndarray, top: int = 3) -> list[list[tuple[str, float]]]: ...
 
 
-#: ``load(message, key)`` -> stored bytes or None; ``message`` says which partition to read.
-StateLoader = Callable[[InputMessage, bytes], bytes | None]
+#: ``load(where, key)`` -> stored bytes or None; ``where`` is the message whose partition to read,
+#: or the partition number itself (the silent-shopper sweep has no message).
+StateLoader = Callable[[InputMessage | int, bytes], bytes | None]
+
+
+@dataclass(slots=True)
+class Touched:
+    """A shopper to score: who, where its writes go, and what triggered the score."""
+
+    user_id: str
+    key: bytes
+    where: InputMessage | int
+    trigger_event_id: str | None  # None: the silent-shopper sweep
+    trigger_ts: int
 
 
 class BatchProcessor:
@@ -143,7 +156,7 @@ class BatchProcessor:
         by_user = self._validate(messages, outcome, now_ms)
 
         states: list[ShopperState] = []
-        touched: list[tuple[str, bytes, InputMessage, Event]] = []
+        touched: list[Touched] = []
         for user_id, pairs in by_user.items():
             key = user_id.encode()
             last_message = pairs[-1][1]
@@ -161,10 +174,12 @@ class BatchProcessor:
             if applied_here:
                 outcome.applied += applied_here
                 states.append(state)
-                touched.append((user_id, key, last_message, max((e for e, _ in pairs), key=lambda e: e.ts_ms)))
+                trigger = max((e for e, _ in pairs), key=lambda e: e.ts_ms)
+                touched.append(Touched(user_id, key, last_message, trigger.event_id, trigger.ts_ms))
 
         if states:
-            self._score(states, touched, load_alert, outcome)
+            now = np.array([s.last_event_ms for s in states], dtype=np.int64)
+            self._score(states, touched, now, load_alert, outcome)
         self.metrics.duplicate_events.inc(outcome.duplicates)
         self.metrics.late_events.inc(outcome.late)
         self.metrics.batch_size.observe(outcome.consumed)
@@ -188,38 +203,60 @@ class BatchProcessor:
             by_user.setdefault(event.user_id, []).append((event, message))
         return by_user
 
-    def _score(self, states: list[ShopperState], touched: list[tuple[str, bytes, InputMessage, Event]],
+    def rescore_silent(self, stored: Iterable[tuple[int, bytes, bytes]], load_alert: StateLoader,
+                       now_ms: int) -> BatchOutcome:
+        """Score shoppers who went quiet, as of ``now_ms`` (wall clock): churn risk grows with silence.
+
+        ``stored`` yields ``(partition, key, state bytes)``; results and alerts come back as for
+        events, with no trigger event. States are not changed, so nothing is written back.
+        """
+        outcome = BatchOutcome()
+        states: list[ShopperState] = []
+        touched: list[Touched] = []
+        for partition, key, raw in stored:
+            state = self._load(raw, key.decode(errors="replace"))
+            states.append(state)
+            touched.append(Touched(state.user_id, key, partition, None, now_ms))
+        if states:
+            self._score(states, touched, np.full(len(states), now_ms, dtype=np.int64), load_alert, outcome)
+        return outcome
+
+    def _score(self, states: list[ShopperState], touched: list[Touched], now: np.ndarray,
                load_alert: StateLoader, outcome: BatchOutcome) -> None:
         """One forward pass per model for the batch, then results and alert decisions per shopper."""
         self.scorer.refresh()
-        features = self.spec.matrix(states, np.array([s.last_event_ms for s in states], dtype=np.int64))
+        features = self.spec.matrix(states, now)
         started = time.perf_counter()
         scored = self.scorer.score(states, features)
         self.metrics.inference_seconds.observe(time.perf_counter() - started)
         versions = self.scorer.model_versions
         scored_at_ms = int(time.time() * 1000)
-        alerting: list[tuple[int, float, str]] = []  # (index in batch, risk, trigger event id)
+        alerting: list[tuple[int, float, str]] = []  # (index in batch, risk, alert id)
         first = len(outcome.scored)
-        for index, ((user_id, key, last_message, trigger), state, shopper) in enumerate(zip(touched, states, scored)):
-            envelope = {"schema_version": OUTPUT_CONTRACT_VERSION, "user_id": user_id,
-                        "trigger_event_id": trigger.event_id, "trigger_ts": trigger.ts_ms, "scored_at": scored_at_ms}
+        for index, (shopper_in, state, shopper) in enumerate(zip(touched, states, scored)):
+            envelope = {"schema_version": OUTPUT_CONTRACT_VERSION, "user_id": shopper_in.user_id,
+                        "trigger_event_id": shopper_in.trigger_event_id, "trigger_ts": shopper_in.trigger_ts,
+                        "scored_at": scored_at_ms}
             result = json.dumps({**envelope, "scores": {name: round(value, 6) for name, value in shopper.scores.items()},
                                  "model_versions": versions, "feature_spec": self.spec.hash}, separators=(",", ":"))
-            out = ScoredShopper(user_id, key, encode_state(state), last_message, result.encode())
+            out = ScoredShopper(shopper_in.user_id, shopper_in.key, encode_state(state), shopper_in.where,
+                                result.encode())
             if shopper.recommendations:
                 out.recommendation = json.dumps({
                     **envelope, "items": [{"item_id": item, "score": round(score, 6)} for item, score in shopper.recommendations],
                     "model_version": versions.get("recommendations")}, separators=(",", ":")).encode()
             risk = shopper.scores.get(CHURN)
             if risk is not None:
-                before = self._load_alert(load_alert(last_message, key), user_id)
+                before = self._load_alert(load_alert(shopper_in.where, shopper_in.key), shopper_in.user_id)
                 after, fire = before.step(risk, scored_at_ms, self.alert_policy)
                 if after != before:
                     out.alert_state = after.encode()
                 if fire:
-                    alerting.append((index, risk, trigger.event_id))
+                    cause = shopper_in.trigger_event_id or f"silent-since-{state.last_event_ms}"
+                    alerting.append((index, risk, f"{shopper_in.user_id}:{cause}"))
             outcome.scored.append(out)
-            self.metrics.end_to_end_seconds.observe(max(0.0, (scored_at_ms - trigger.ts_ms) / 1000.0))
+            if shopper_in.trigger_event_id is not None:
+                self.metrics.end_to_end_seconds.observe(max(0.0, (scored_at_ms - shopper_in.trigger_ts) / 1000.0))
             for name, value in shopper.scores.items():
                 self.metrics.score_values.labels(name).observe(value)
         if alerting:
@@ -229,10 +266,10 @@ class BatchProcessor:
                 scored: list[ScoredShopper], versions: dict[str, str], fired_at_ms: int) -> None:
         """Churn alert messages, with what a campaign needs: risk, reasons, last activity, value to date."""
         reasons = self.scorer.churn_reasons(features[[index for index, _, _ in alerting]])
-        for (index, risk, trigger_event_id), why in zip(alerting, reasons):
+        for (index, risk, alert_id), why in zip(alerting, reasons):
             state = states[index]
             scored[index].alert = json.dumps({
-                "schema_version": OUTPUT_CONTRACT_VERSION, "alert_id": f"{state.user_id}:{trigger_event_id}",
+                "schema_version": OUTPUT_CONTRACT_VERSION, "alert_id": alert_id,
                 "user_id": state.user_id, "churn_risk": round(risk, 6), "threshold": self.alert_policy.high,
                 "reasons": [{"feature": name, "risk_contribution": value} for name, value in why],
                 "last_activity_ts": state.last_event_ms, "orders_lifetime": state.orders_lifetime,

@@ -110,3 +110,42 @@ def test_models_score_recommend_alert_and_reload(broker, tmp_path):
     assert max(per_user.values()) == 1, f"repeated alerts: {[u for u, n in per_user.items() if n > 1][:5]}"
     alert = json.loads(alerts[0].value())
     assert {"alert_id", "churn_risk", "reasons", "last_activity_ts", "value_to_date", "model_version"} <= set(alert)
+
+
+def test_silent_shoppers_are_rescored_and_alerted_once(broker, tmp_path):
+    """No event needed: the sweep re-scores idle shoppers; repeated sweeps do not repeat an alert."""
+    simulator = ShopSimulator(GeneratorConfig(seed=4, n_shoppers=40, n_items=200, clock="live"))
+    registry = ModelRegistry(tmp_path / "registry")
+    items = sorted({e.item_id for e in simulator.events(limit=400) if e.item_id})
+    publish_models(registry, "v1", items, seed=3)
+    settings = isolated_settings(broker.bootstrap_servers, tmp_path / "worker", models_dir=registry.root,
+                                 silent_after_ms=1500, silent_sweep_interval_s=1,
+                                 churn_alert_high=0.01, churn_alert_low=0.005)
+    ensure_topics(settings)
+    messages = list(simulator.messages(limit=400))
+    users = {e.user_id for e in valid_events(messages)}
+    worker = WorkerProcess(settings, tmp_path / "worker.log")
+    try:
+        worker.wait_ready()
+        produce(messages, settings.topic_by_kind, settings.librdkafka_config())
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline and worker.metric("shoppulse_silent_rescored_total") < 3 * len(users):
+            time.sleep(0.5)  # at least three sweeps' worth
+        rescored = worker.metric("shoppulse_silent_rescored_total")
+    finally:
+        assert worker.stop() == 0, worker.log_tail()
+    assert rescored >= 3 * len(users)
+    silent_scores = read_topic(settings, settings.topic_scores, until=lambda ms: users <= {
+        json.loads(m.value())["user_id"] for m in ms if json.loads(m.value())["trigger_event_id"] is None})
+    assert users <= {json.loads(m.value())["user_id"] for m in silent_scores
+                     if json.loads(m.value())["trigger_event_id"] is None}
+    alerts = read_topic(settings, settings.topic_churn_alerts,
+                        until=lambda ms: users <= {json.loads(m.value())["user_id"] for m in ms})
+    # At-least-once: a replay may publish an alert again, but always with the same alert_id
+    # (docs/outputs.md); what must never happen is a second, different alert inside the cooldown.
+    alert_ids: dict[str, set[str]] = {}
+    for m in alerts:
+        doc = json.loads(m.value())
+        alert_ids.setdefault(doc["user_id"], set()).add(doc["alert_id"])
+    assert set(alert_ids) == users
+    assert all(len(ids) == 1 for ids in alert_ids.values()), {u: ids for u, ids in alert_ids.items() if len(ids) > 1}

@@ -47,10 +47,7 @@ DOCS = ROOT / "docs" / "deploy.md"
 # Metric families the rules and the dashboard use before the worker exports them. The rules
 # test fails for any name that is neither in streams.metrics.METRIC_NAMES nor listed here;
 # once the worker exports one, it belongs in METRIC_NAMES and can leave this list.
-PLANNED_METRICS = (
-    "shoppulse_consumer_lag",  # gauge {topic, partition}: messages between committed offset and log end
-    "shoppulse_model_info",    # gauge = 1 {model, version}: the model artifact each worker serves
-)
+PLANNED_METRICS: tuple[str, ...] = ()
 #: Prometheus' own series the rules may use.
 PROMETHEUS_METRICS = ("up",)
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count", "_created")
