@@ -30,6 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.record import append_row  # noqa: E402
 from features.encoding import decode_state, encode_state  # noqa: E402
 from features.events import KIND_CART_ADD, KIND_CART_REMOVE, KIND_ORDER, KIND_VIEW, Event, OrderLine  # noqa: E402
 from features.spec import DEFAULT_FEATURE_SPEC  # noqa: E402
@@ -117,20 +118,6 @@ def best_of(repeat: int, work) -> float:
     return min(timings)
 
 
-def append_row(row: str) -> None:
-    """Add ``row`` to the end of this section's table; create the section at the end if missing."""
-    text = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# ShopPulse benchmarks\n"
-    start = text.find(SECTION + "\n")
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + SECTION + "\n\n" + TABLE_HEADER + row
-    else:
-        following = text.find("\n## ", start + len(SECTION))
-        end = len(text) if following < 0 else following + 1
-        body = text[start:end].rstrip("\n") + "\n"
-        text = text[:start] + body + row + ("\n" + text[end:] if following >= 0 else "")
-    BENCHMARKS.write_text(text if text.endswith("\n") else text + "\n")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=200_000, help="events in the log (default 200000)")
@@ -184,7 +171,7 @@ def main() -> None:
            f"| {figures['encode_us']:.1f} | {figures['decode_us']:.1f} | {figures['matrix_us']:.1f} "
            f"| {figures['bytes_median']:.0f} / {figures['bytes_mean']:.0f} / {figures['bytes_p90']} "
            f"| {platform.python_version()} | `{command}` |\n")
-    append_row(row)
+    append_row(SECTION, TABLE_HEADER, row)
     print(f"recorded in {BENCHMARKS.relative_to(REPO)}")
 
 

@@ -88,43 +88,40 @@ def read_otto_jsonl(path: str | Path) -> Iterator[Event]:
     0.0, category ``unknown``. ``event_id`` is ``otto-<session>-<index of the source event>``,
     ``order_id`` ``otto-<session>-<ts>``. Sessions are not merged by time across the file.
     """
-    with open(path, encoding="utf-8") as source:
-        for line_number, line in enumerate(source, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                session = record["session"]
-                source_events = record["events"]
-                user_id = f"{OTTO_ID_PREFIX}{session}"
-                orders_by_ts: dict[int, dict[str, int]] = {}
-                for source_event in source_events:
-                    if source_event["type"] == "orders":
-                        lines = orders_by_ts.setdefault(source_event["ts"], {})
-                        aid = str(source_event["aid"])
-                        lines[aid] = lines.get(aid, 0) + 1
-                events = []
-                for index, source_event in enumerate(source_events):
-                    event_type, ts_ms, aid = source_event["type"], source_event["ts"], str(source_event["aid"])
-                    event_id = f"{user_id}-{index}"
-                    if event_type == "clicks":
-                        events.append(Event(KIND_VIEW, event_id, user_id, ts_ms, session_id=user_id, item_id=aid,
-                                            category=UNKNOWN_CATEGORY, price=0.0, quantity=1))
-                    elif event_type == "carts":
-                        events.append(Event(KIND_CART_ADD, event_id, user_id, ts_ms, session_id=user_id,
-                                            item_id=aid, category=UNKNOWN_CATEGORY, price=0.0, quantity=1))
-                    elif event_type == "orders":
-                        lines = orders_by_ts.pop(ts_ms, None)
-                        if lines is not None:  # the first order row of this ts carries them all
-                            events.append(Event(
-                                KIND_ORDER, event_id, user_id, ts_ms, session_id=user_id,
-                                order_id=f"{user_id}-{ts_ms}", total=0.0,
-                                order_lines=tuple(OrderLine(item, quantity, 0.0) for item, quantity in lines.items())))
-                    else:
-                        raise ValueError(f"event type {event_type!r} is not clicks, carts or orders")
-            except (KeyError, TypeError, ValueError) as exc:
-                raise ValueError(f"{path}:{line_number}: not an OTTO session record ({exc!r})") from None
-            yield from events
+    for line_number, line in _lines(path):
+        try:
+            record = json.loads(line)
+            session = record["session"]
+            source_events = record["events"]
+            user_id = f"{OTTO_ID_PREFIX}{session}"
+            orders_by_ts: dict[int, dict[str, int]] = {}
+            for source_event in source_events:
+                if source_event["type"] == "orders":
+                    lines = orders_by_ts.setdefault(source_event["ts"], {})
+                    aid = str(source_event["aid"])
+                    lines[aid] = lines.get(aid, 0) + 1
+            events = []
+            for index, source_event in enumerate(source_events):
+                event_type, ts_ms, aid = source_event["type"], source_event["ts"], str(source_event["aid"])
+                event_id = f"{user_id}-{index}"
+                if event_type == "clicks":
+                    events.append(Event(KIND_VIEW, event_id, user_id, ts_ms, session_id=user_id, item_id=aid,
+                                        category=UNKNOWN_CATEGORY, price=0.0, quantity=1))
+                elif event_type == "carts":
+                    events.append(Event(KIND_CART_ADD, event_id, user_id, ts_ms, session_id=user_id,
+                                        item_id=aid, category=UNKNOWN_CATEGORY, price=0.0, quantity=1))
+                elif event_type == "orders":
+                    lines = orders_by_ts.pop(ts_ms, None)
+                    if lines is not None:  # the first order row of this ts carries them all
+                        events.append(Event(
+                            KIND_ORDER, event_id, user_id, ts_ms, session_id=user_id,
+                            order_id=f"{user_id}-{ts_ms}", total=0.0,
+                            order_lines=tuple(OrderLine(item, quantity, 0.0) for item, quantity in lines.items())))
+                else:
+                    raise ValueError(f"event type {event_type!r} is not clicks, carts or orders")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{path}:{line_number}: not an OTTO session record ({exc!r})") from None
+        yield from events
 
 
 def events_to_messages(events: Iterable[Event]) -> Iterator[GeneratedMessage]:
@@ -165,19 +162,24 @@ def _field_bytes(record: dict, name: str) -> bytes:
     return base64.b64decode(record[f"{name}_b64"], validate=True)
 
 
-def read_jsonl(path: str | Path) -> Iterator[GeneratedMessage]:
-    """Messages written by :func:`write_jsonl`, byte for byte."""
+def _lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    """``(line number, line)`` of every non-blank line of a UTF-8 text file."""
     with open(path, encoding="utf-8") as source:
         for line_number, line in enumerate(source, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                yield GeneratedMessage(record["topic_kind"], _field_bytes(record, "key"),
-                                       _field_bytes(record, "value"), record.get("malformed_reason"))
-            except (KeyError, TypeError, ValueError) as exc:
-                raise ValueError(f"{path}:{line_number}: not a message line ({exc!r}); expected "
-                                 '{"topic_kind", "key" or "key_b64", "value" or "value_b64"}') from None
+            if line.strip():
+                yield line_number, line
+
+
+def read_jsonl(path: str | Path) -> Iterator[GeneratedMessage]:
+    """Messages written by :func:`write_jsonl`, byte for byte."""
+    for line_number, line in _lines(path):
+        try:
+            record = json.loads(line)
+            yield GeneratedMessage(record["topic_kind"], _field_bytes(record, "key"),
+                                   _field_bytes(record, "value"), record.get("malformed_reason"))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{path}:{line_number}: not a message line ({exc!r}); expected "
+                             '{"topic_kind", "key" or "key_b64", "value" or "value_b64"}') from None
 
 
 # -- time ---------------------------------------------------------------------------------------
