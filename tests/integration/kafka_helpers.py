@@ -21,7 +21,8 @@ def isolated_settings(bootstrap_servers: str, data_dir: Path, partitions: int = 
     return Settings.from_env({}, bootstrap_servers=bootstrap_servers, app_id=f"shoppulse-test-{tag}",
                              topic_page_views=f"t{tag}.page_views", topic_cart=f"t{tag}.cart",
                              topic_orders=f"t{tag}.orders", topic_scores=f"t{tag}.scores",
-                             topic_dead_letter=f"t{tag}.dead_letter", partitions=partitions, data_dir=data_dir,
+                             topic_recommendations=f"t{tag}.recommendations",
+                             topic_churn_alerts=f"t{tag}.churn_alerts", topic_dead_letter=f"t{tag}.dead_letter", partitions=partitions, data_dir=data_dir,
                              metrics_port=free_port(), web_port=free_port(), **overrides)
 
 

@@ -3,13 +3,13 @@ are all accepted and every shopper in them is scored."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
 from streams.kafka import ensure_topics
+from streams.process import worker_environment
 from streams.replay import read_otto_jsonl, read_rees46_csv
 
 from .kafka_helpers import WorkerProcess, isolated_settings, read_topic
@@ -29,10 +29,7 @@ def test_replayed_sample_is_scored_end_to_end(broker, tmp_path, shared_data, fmt
     worker = WorkerProcess(settings, tmp_path / "worker.log")
     try:
         worker.wait_ready()
-        env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
-               "SHOPPULSE_TOPIC_PAGE_VIEWS": settings.topic_page_views, "SHOPPULSE_TOPIC_CART": settings.topic_cart,
-               "SHOPPULSE_TOPIC_ORDERS": settings.topic_orders, "SHOPPULSE_TOPIC_SCORES": settings.topic_scores,
-               "SHOPPULSE_TOPIC_DEAD_LETTER": settings.topic_dead_letter}
+        env = worker_environment(settings)
         replay = subprocess.run([sys.executable, "-m", "streams.cli", "replay", str(path), "--format", fmt, "--quiet"],
                                 env=env, capture_output=True, text=True, timeout=120)
         assert replay.returncode == 0, replay.stderr
