@@ -193,24 +193,25 @@ class FutureIndex:
         return self._next(self._orders, users, np.asarray(times))
 
 
+def _happens_within(next_ms: np.ndarray, times: np.ndarray, horizon_ms: int, observed_until_ms: int) -> np.ndarray:
+    """1.0 where the next occurrence falls in ``(t, t + horizon]``, 0.0 where not, NaN where censored."""
+    y = ((next_ms >= 0) & (next_ms <= times + horizon_ms)).astype(np.float32)
+    y[times + horizon_ms > observed_until_ms] = np.nan
+    return y
+
+
 def churn_labels(index: FutureIndex, users: Sequence[str], times: Sequence[int] | np.ndarray,
                  horizon_ms: int, observed_until_ms: int) -> np.ndarray:
     """1.0 = no event in ``(t, t + horizon]``, 0.0 = some event, NaN = censored (``t + horizon > end``)."""
     times = np.asarray(times, dtype=np.int64)
-    nxt = index.next_event_ms(users, times)
-    y = np.where((nxt >= 0) & (nxt <= times + horizon_ms), 0.0, 1.0).astype(np.float32)
-    y[times + horizon_ms > observed_until_ms] = np.nan
-    return y
+    return 1.0 - _happens_within(index.next_event_ms(users, times), times, horizon_ms, observed_until_ms)
 
 
 def purchase_labels(index: FutureIndex, users: Sequence[str], times: Sequence[int] | np.ndarray,
                     horizon_ms: int, observed_until_ms: int) -> np.ndarray:
     """1.0 = an order in ``(t, t + horizon]``, 0.0 = none, NaN = censored (``t + horizon > end``)."""
     times = np.asarray(times, dtype=np.int64)
-    nxt = index.next_order_ms(users, times)
-    y = np.where((nxt >= 0) & (nxt <= times + horizon_ms), 1.0, 0.0).astype(np.float32)
-    y[times + horizon_ms > observed_until_ms] = np.nan
-    return y
+    return _happens_within(index.next_order_ms(users, times), times, horizon_ms, observed_until_ms)
 
 
 def label_moments(index: FutureIndex, users: Sequence[str], times: Sequence[int] | np.ndarray,
