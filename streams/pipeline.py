@@ -159,7 +159,7 @@ class BatchProcessor:
         touched: list[Touched] = []
         for user_id, pairs in by_user.items():
             key = user_id.encode()
-            last_message = pairs[-1][1]
+            last_message = pairs[-1][1]  # last to arrive: the state write is tied to its offset
             state = self._load(load_state(last_message, key), user_id)
             applied_here = 0
             pairs.sort(key=lambda pair: pair[0].ts_ms)  # stable: ties keep arrival order
@@ -174,7 +174,7 @@ class BatchProcessor:
             if applied_here:
                 outcome.applied += applied_here
                 states.append(state)
-                trigger = max((e for e, _ in pairs), key=lambda e: e.ts_ms)
+                trigger = pairs[-1][0]  # newest by event time
                 touched.append(Touched(user_id, key, last_message, trigger.event_id, trigger.ts_ms))
 
         if states:
