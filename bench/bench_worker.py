@@ -139,7 +139,7 @@ def main() -> None:
     messages = simulated_messages(args.events, args.shoppers, args.days, args.seed)
     with EmbeddedBroker(log_path=workdir / "tansu.log") as broker:
         settings = Settings.from_env({}, bootstrap_servers=broker.bootstrap_servers, partitions=args.partitions,
-                                     data_dir=workdir / "worker", metrics_port=free_port(), web_port=free_port(),
+                                     data_dir=workdir / "worker", metrics_port=free_port(),
                                      log_level="WARNING", models_dir=Path(args.models))
         ensure_topics(settings)
         ensure_topics(settings, [TopicSpec(settings.topic_scores + ".bare", args.partitions, {})])

@@ -105,9 +105,7 @@ class ScoringWorker:
             datadir=str(settings.data_dir),
             topic_partitions=settings.partitions,
             topic_replication_factor=settings.replication_factor,
-            web_bind="127.0.0.1",
-            web_port=settings.web_port,
-            web_enabled=False,
+            web_enabled=False,  # our own /metrics, /healthz, /readyz server replaces it
             autodiscover=False,
             consumer_auto_offset_reset="earliest",
             **overrides,

@@ -64,7 +64,6 @@ SETTINGS_DOC: dict[str, tuple[str, str, str]] = {
     "churn_alert_cooldown_ms": ("SHOPPULSE_CHURN_ALERT_COOLDOWN_MS", "604800000", "at most one alert per shopper in this long (ms, default 7 d)"),
     "metrics_host": ("SHOPPULSE_METRICS_HOST", "127.0.0.1", "address of the /metrics, /healthz, /readyz server"),
     "metrics_port": ("SHOPPULSE_METRICS_PORT", "9108", "port of that server (0 = pick a free one)"),
-    "web_port": ("SHOPPULSE_FAUST_WEB_PORT", "6066", "Faust's own web server port (bound to 127.0.0.1)"),
     "log_level": ("SHOPPULSE_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
 }
 
@@ -145,7 +144,6 @@ class Settings:
     churn_alert_cooldown_ms: int = 604_800_000
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9108
-    web_port: int = 6066
     log_level: str = "INFO"
 
     @classmethod

@@ -103,7 +103,7 @@ def run_demo(settings: Settings, duration_s: float = 0, rate_per_s: float = 2000
     consumer = None
     try:
         settings = dataclasses.replace(settings, bootstrap_servers=broker.bootstrap_servers, data_dir=DEMO_DIR / "worker",
-                                       metrics_port=settings.metrics_port or free_port(), web_port=free_port())
+                                       metrics_port=settings.metrics_port or free_port())
         ensure_topics(settings)
         worker = WorkerProcess(settings, DEMO_DIR / "worker.log")
         generator = _Generator(settings, rate_per_s, seed)

@@ -23,7 +23,7 @@ def isolated_settings(bootstrap_servers: str, data_dir: Path, partitions: int = 
                              topic_orders=f"t{tag}.orders", topic_scores=f"t{tag}.scores",
                              topic_recommendations=f"t{tag}.recommendations",
                              topic_churn_alerts=f"t{tag}.churn_alerts", topic_dead_letter=f"t{tag}.dead_letter", partitions=partitions, data_dir=data_dir,
-                             metrics_port=free_port(), web_port=free_port(), **overrides)
+                             metrics_port=free_port(), **overrides)
 
 
 def read_topic(settings: Settings, topic: str | list[str], until: Callable[[list[Message]], bool],

@@ -41,7 +41,7 @@ def test_two_workers_split_partitions_and_take_over(broker, tmp_path):
     base = isolated_settings(broker.bootstrap_servers, tmp_path / "a", models_dir=registry.root,
                              churn_alert_high=0.01, churn_alert_low=0.005)
     ensure_topics(base)
-    other = dataclasses.replace(base, data_dir=tmp_path / "b", metrics_port=free_port(), web_port=free_port())
+    other = dataclasses.replace(base, data_dir=tmp_path / "b", metrics_port=free_port())
     stream = simulator.messages()
     first, second = [next(stream) for _ in range(2000)], [next(stream) for _ in range(1500)]
 
