@@ -129,7 +129,8 @@ class ScoringWorker:
             topic_kinds=dict(zip(settings.input_topics, ("page_view", "cart", "order"))),
             state_config=self.state_config, spec=DEFAULT_FEATURE_SPEC, scorer=self.scorer,
             limits=ValidationLimits(settings.max_event_bytes, settings.max_future_skew_ms), metrics=self.metrics,
-            alert_policy=AlertPolicy(settings.churn_alert_high, settings.churn_alert_low, settings.churn_alert_cooldown_ms))
+            alert_policy=AlertPolicy(settings.churn_alert_high, settings.churn_alert_low, settings.churn_alert_cooldown_ms),
+            pseudonym_key=settings.pseudonym_key.encode())
         self._served_versions: dict[str, str] = {}
         self._positions: dict[tuple[str, int], int] = {}  # last offset handed to a batch, per input partition
         self._seen_load_errors = self.scorer.load_errors
@@ -229,13 +230,13 @@ class ScoringWorker:
         published = {self.settings.topic_scores: 0, self.settings.topic_recommendations: 0,
                      self.settings.topic_churn_alerts: 0}
         for shopper in outcome.scored:
-            await self.scores_topic.send(key=shopper.key, value=shopper.result)
+            await self.scores_topic.send(key=shopper.output_key, value=shopper.result)
             published[self.settings.topic_scores] += 1
             if shopper.recommendation is not None:
-                await self.recommendations_topic.send(key=shopper.key, value=shopper.recommendation)
+                await self.recommendations_topic.send(key=shopper.output_key, value=shopper.recommendation)
                 published[self.settings.topic_recommendations] += 1
             if shopper.alert is not None:
-                await self.alerts_topic.send(key=shopper.key, value=shopper.alert)
+                await self.alerts_topic.send(key=shopper.output_key, value=shopper.alert)
                 published[self.settings.topic_churn_alerts] += 1
         for topic, count in published.items():
             self.metrics.results_published.labels(topic).inc(count)

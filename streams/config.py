@@ -62,6 +62,7 @@ SETTINGS_DOC: dict[str, tuple[str, str, str]] = {
     "churn_alert_high": ("SHOPPULSE_CHURN_ALERT_HIGH", "0.7", "churn risk at or above this fires an alert"),
     "churn_alert_low": ("SHOPPULSE_CHURN_ALERT_LOW", "0.5", "churn risk below this re-arms a shopper's alert"),
     "churn_alert_cooldown_ms": ("SHOPPULSE_CHURN_ALERT_COOLDOWN_MS", "604800000", "at most one alert per shopper in this long (ms, default 7 d)"),
+    "pseudonym_key": ("SHOPPULSE_PSEUDONYM_KEY", "", "when set, outputs carry HMAC-SHA256(key, user_id) instead of user ids (never logged)"),
     "metrics_host": ("SHOPPULSE_METRICS_HOST", "127.0.0.1", "address of the /metrics, /healthz, /readyz server"),
     "metrics_port": ("SHOPPULSE_METRICS_PORT", "9108", "port of that server (0 = pick a free one)"),
     "log_level": ("SHOPPULSE_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
@@ -142,6 +143,7 @@ class Settings:
     churn_alert_high: float = 0.7
     churn_alert_low: float = 0.5
     churn_alert_cooldown_ms: int = 604_800_000
+    pseudonym_key: str = field(default="", repr=False)
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9108
     log_level: str = "INFO"
@@ -225,8 +227,9 @@ class Settings:
     def redacted(self) -> dict[str, Any]:
         """Settings as a dict safe to log: secrets masked."""
         shown = {f.name: getattr(self, f.name) for f in fields(self)}
-        if shown["sasl_password"]:
-            shown["sasl_password"] = "***"
+        for secret in ("sasl_password", "pseudonym_key"):
+            if shown[secret]:
+                shown[secret] = "***"
         return shown
 
 

@@ -7,6 +7,8 @@ confluent-kafka loop, so the framework's cost can be measured against the same w
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
 import time
@@ -69,7 +71,8 @@ class ScoredShopper:
     it (its partition, and the changelog offset Faust records for recovery). For a shopper
     re-scored by the silent-shopper sweep it is the partition number. ``alert_state`` is
     None when the alert state did not change; ``recommendation`` and ``alert`` are None when
-    there is nothing to publish.
+    there is nothing to publish. ``output_key`` keys the output messages: the user id, or its
+    pseudonym when pseudonymisation is on (``key`` stays the real id: it keys the tables).
     """
 
     user_id: str
@@ -77,6 +80,7 @@ class ScoredShopper:
     state_bytes: bytes
     last_message: InputMessage | int
     result: bytes
+    output_key: bytes = b""
     recommendation: bytes | None = None
     alert_state: bytes | None = None
     alert: bytes | None = None
@@ -133,11 +137,13 @@ class BatchProcessor:
         limits: validation bounds (payload bytes, future skew in ms).
         metrics: where counts and timings go.
         alert_policy: churn alert thresholds and cooldown (ms).
+        pseudonym_key: when set, outputs carry ``HMAC-SHA256(pseudonym_key, user_id)`` (32 hex
+            characters) instead of the user id: stable per shopper, not reversible without the key.
     """
 
     def __init__(self, topic_kinds: Mapping[str, str], state_config: StateConfig, spec: FeatureSpec,
                  scorer: Scorer, limits: ValidationLimits, metrics: WorkerMetrics,
-                 alert_policy: AlertPolicy = AlertPolicy()) -> None:
+                 alert_policy: AlertPolicy = AlertPolicy(), pseudonym_key: bytes = b"") -> None:
         self.topic_kinds = dict(topic_kinds)
         self.state_config = state_config
         self.spec = spec
@@ -145,6 +151,7 @@ class BatchProcessor:
         self.limits = limits
         self.metrics = metrics
         self.alert_policy = alert_policy
+        self.pseudonym_key = pseudonym_key
         self._consumed = {topic: metrics.events_consumed.labels(topic) for topic in self.topic_kinds}
 
     def process(self, messages: Iterable[InputMessage], load_state: StateLoader, load_alert: StateLoader,
@@ -234,13 +241,14 @@ class BatchProcessor:
         alerting: list[tuple[int, float, str]] = []  # (index in batch, risk, alert id)
         first = len(outcome.scored)
         for index, (shopper_in, state, shopper) in enumerate(zip(touched, states, scored)):
-            envelope = {"schema_version": OUTPUT_CONTRACT_VERSION, "user_id": shopper_in.user_id,
+            public_id = self.public_id(shopper_in.user_id)
+            envelope = {"schema_version": OUTPUT_CONTRACT_VERSION, "user_id": public_id,
                         "trigger_event_id": shopper_in.trigger_event_id, "trigger_ts": shopper_in.trigger_ts,
                         "scored_at": scored_at_ms}
             result = json.dumps({**envelope, "scores": {name: round(value, 6) for name, value in shopper.scores.items()},
                                  "model_versions": versions, "feature_spec": self.spec.hash}, separators=(",", ":"))
             out = ScoredShopper(shopper_in.user_id, shopper_in.key, encode_state(state), shopper_in.where,
-                                result.encode())
+                                result.encode(), output_key=public_id.encode())
             if shopper.recommendations:
                 out.recommendation = json.dumps({
                     **envelope, "items": [{"item_id": item, "score": round(score, 6)} for item, score in shopper.recommendations],
@@ -253,7 +261,7 @@ class BatchProcessor:
                     out.alert_state = after.encode()
                 if fire:
                     cause = shopper_in.trigger_event_id or f"silent-since-{state.last_event_ms}"
-                    alerting.append((index, risk, f"{shopper_in.user_id}:{cause}"))
+                    alerting.append((index, risk, f"{public_id}:{cause}"))
             outcome.scored.append(out)
             if shopper_in.trigger_event_id is not None:
                 self.metrics.end_to_end_seconds.observe(max(0.0, (scored_at_ms - shopper_in.trigger_ts) / 1000.0))
@@ -270,7 +278,7 @@ class BatchProcessor:
             state = states[index]
             scored[index].alert = json.dumps({
                 "schema_version": OUTPUT_CONTRACT_VERSION, "alert_id": alert_id,
-                "user_id": state.user_id, "churn_risk": round(risk, 6), "threshold": self.alert_policy.high,
+                "user_id": self.public_id(state.user_id), "churn_risk": round(risk, 6), "threshold": self.alert_policy.high,
                 "reasons": [{"feature": name, "risk_contribution": value} for name, value in why],
                 "last_activity_ts": state.last_event_ms, "orders_lifetime": state.orders_lifetime,
                 "value_to_date": state.revenue_lifetime_cents / 100.0, "model_version": versions.get(CHURN),
@@ -284,6 +292,12 @@ class BatchProcessor:
             self.metrics.state_decode_errors.inc()
             log.error("alert state of shopper %r: %s", user_id, exc)
             return AlertState()
+
+    def public_id(self, user_id: str) -> str:
+        """The id outputs carry for a shopper: the user id, or its keyed pseudonym."""
+        if not self.pseudonym_key:
+            return user_id
+        return hmac.new(self.pseudonym_key, user_id.encode(), hashlib.sha256).hexdigest()[:32]
 
     def _load(self, stored: bytes | None, user_id: str) -> ShopperState:
         if stored is None:

@@ -99,3 +99,20 @@ def test_state_bytes_round_trip(processor):
     store: dict[bytes, bytes] = {}
     run(processor, [message(view("u1", 1, NOW_MS - 1000), 0)], store)
     assert encode_state(decode_state(store[b"u1"])) == store[b"u1"]
+
+
+def test_outputs_carry_a_keyed_pseudonym_when_configured(tmp_path):
+    plain = BatchProcessor(TOPICS, StateConfig(), DEFAULT_FEATURE_SPEC, BatchScorer(DEFAULT_FEATURE_SPEC, tmp_path),
+                           DEFAULT_LIMITS, WorkerMetrics())
+    hidden = BatchProcessor(TOPICS, StateConfig(), DEFAULT_FEATURE_SPEC, BatchScorer(DEFAULT_FEATURE_SPEC, tmp_path),
+                            DEFAULT_LIMITS, WorkerMetrics(), pseudonym_key=b"secret")
+    batch = [message(view("shopper-42", 1, NOW_MS - 1000), 0)]
+    assert json.loads(run(plain, batch, {}).scored[0].result)["user_id"] == "shopper-42"
+    store: dict[bytes, bytes] = {}
+    scored = run(hidden, batch, store).scored[0]
+    public = json.loads(scored.result)["user_id"]
+    assert public != "shopper-42" and len(public) == 32 and scored.output_key == public.encode()
+    assert b"shopper-42" in store  # tables keep the real id
+    other_key = BatchProcessor(TOPICS, StateConfig(), DEFAULT_FEATURE_SPEC, BatchScorer(DEFAULT_FEATURE_SPEC, tmp_path),
+                               DEFAULT_LIMITS, WorkerMetrics(), pseudonym_key=b"another")
+    assert other_key.public_id("shopper-42") != public == hidden.public_id("shopper-42")
