@@ -42,8 +42,8 @@ from streams.producer import produce  # noqa: E402
 
 THROUGHPUT_SECTION = "## Worker throughput (embedded broker, one worker, this machine)"
 THROUGHPUT_HEADER = ("| date (UTC) | events | shoppers | partitions | bare loop ev/s | Faust no-op agent ev/s "
-                     "| worker ev/s | worker / bare | batches | mean batch | models | command |\n"
-                     "|---|---|---|---|---|---|---|---|---|---|---|---|")
+                     "| worker ev/s | worker / bare | batches | mean batch | models | workers | command |\n"
+                     "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 RECOVERY_SECTION = "## Table recovery (embedded broker, one worker)"
 RECOVERY_HEADER = ("| date (UTC) | shoppers in table | ready, data dir kept (s) | ready, data dir lost (s) "
                    "| command |\n|---|---|---|---|---|")
@@ -106,18 +106,23 @@ def faust_floor(settings: Settings, total: int) -> float:
     return float(rates[-1])
 
 
-def run_worker(settings: Settings, total: int, log: Path) -> tuple[float, float, float, WorkerProcess]:
-    """(events/s, batches, mean batch size) from ready to the last event consumed; the worker keeps running."""
-    worker = WorkerProcess(settings, log)
-    worker.wait_ready(120)
+def run_workers(settings: Settings, total: int, workdir: Path, count: int) -> tuple[float, float, float, list[WorkerProcess]]:
+    """(events/s, batches, mean batch size) of ``count`` workers in one group, from all ready to
+    the last event consumed; the workers keep running."""
+    workers = [WorkerProcess(dataclasses.replace(settings, data_dir=workdir / f"worker-{n}",
+                                                 metrics_port=settings.metrics_port if n == 0 else free_port()),
+                             workdir / f"worker-{n}.log") for n in range(count)]
+    for worker in workers:
+        worker.wait_ready(120)
     started = time.perf_counter()
-    while worker.metric("shoppulse_events_consumed_total") < total:
-        if worker.process.poll() is not None:
-            raise RuntimeError(f"worker died:\n{worker.log_tail()}")
+    while sum(worker.metric("shoppulse_events_consumed_total") for worker in workers) < total:
+        for worker in workers:
+            if worker.process.poll() is not None:
+                raise RuntimeError(f"worker died:\n{worker.log_tail()}")
         time.sleep(0.2)
     elapsed = time.perf_counter() - started
-    batches = worker.metric("shoppulse_batch_size_count")
-    return total / elapsed, batches, total / max(batches, 1), worker
+    batches = sum(worker.metric("shoppulse_batch_size_count") for worker in workers)
+    return total / elapsed, batches, total / max(batches, 1), workers
 
 
 def main() -> None:
@@ -129,11 +134,19 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=3)
     parser.add_argument("--models", default="artifacts/models",
                         help="model registry the worker serves (empty: the heuristic)")
+    parser.add_argument("--workers", type=int, default=1, help="workers in one consumer group")
     parser.add_argument("--recovery", action="store_true", help="also measure restart and restore times")
     parser.add_argument("--no-record", action="store_true", help="print only; do not touch BENCHMARKS.md")
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="shoppulse-bench-"))
+    try:
+        measure(args, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def measure(args: argparse.Namespace, workdir: Path) -> None:
     models = "trained" if models_ready(args.models) else "heuristic"
     print(f"generating {args.events:,} events from {args.shoppers:,} shoppers …", flush=True)
     messages = simulated_messages(args.events, args.shoppers, args.days, args.seed)
@@ -150,22 +163,25 @@ def main() -> None:
         print(f"bare confluent-kafka loop: {bare:,.0f} events/s", flush=True)
         floor = faust_floor(settings, len(messages))
         print(f"Faust no-op agent:         {floor:,.0f} events/s (take_events, no work)", flush=True)
-        worker_rate, batches, mean_batch, worker = run_worker(settings, len(messages), workdir / "worker.log")
-        print(f"shoppulse worker:          {worker_rate:,.0f} events/s ({worker_rate / bare:.2f} of the bare loop; "
-              f"{batches:.0f} batches of {mean_batch:.0f} events on average)", flush=True)
+        worker_rate, batches, mean_batch, workers = run_workers(settings, len(messages), workdir, args.workers)
+        print(f"shoppulse worker x{args.workers}:       {worker_rate:,.0f} events/s ({worker_rate / bare:.2f} of the bare "
+              f"loop; {batches:.0f} batches of {mean_batch:.0f} events on average)", flush=True)
         if not args.no_record:
             append_row(THROUGHPUT_SECTION, THROUGHPUT_HEADER,
                        f"| {utc_now()} | {len(messages):,} | {args.shoppers:,} | {args.partitions} | {bare:,.0f} | "
                        f"{floor:,.0f} | {worker_rate:,.0f} | {worker_rate / bare:.2f} | {batches:.0f} | "
-                       f"{mean_batch:.0f} | {models} | `{this_command()}` |")
+                       f"{mean_batch:.0f} | {models} | {args.workers} | `{this_command()}` |")
 
+        for worker in workers[1:]:
+            worker.stop()
+        worker = workers[0]
         if args.recovery:
             worker.stop()
-            kept = WorkerProcess(settings, workdir / "worker-kept.log")
+            kept = WorkerProcess(worker.settings, workdir / "worker-kept.log")
             kept_s = kept.wait_ready(300)
             kept.stop()
-            shutil.rmtree(settings.data_dir)
-            lost = WorkerProcess(settings, workdir / "worker-lost.log")
+            shutil.rmtree(worker.settings.data_dir)
+            lost = WorkerProcess(worker.settings, workdir / "worker-lost.log")
             lost_s = lost.wait_ready(600)
             lost.stop()
             shoppers = len({m.key for m in messages})
@@ -176,7 +192,6 @@ def main() -> None:
                            f"| {utc_now()} | {shoppers:,} | {kept_s:.1f} | {lost_s:.1f} | `{this_command()}` |")
         else:
             worker.stop()
-    shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":
