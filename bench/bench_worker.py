@@ -40,7 +40,7 @@ from streams.kafka import TopicSpec, ensure_topics  # noqa: E402
 from streams.process import WorkerProcess  # noqa: E402
 from streams.producer import produce  # noqa: E402
 
-THROUGHPUT_SECTION = "## Worker throughput (embedded broker, one worker, this machine)"
+THROUGHPUT_SECTION = "## Worker throughput (embedded broker, this machine)"
 THROUGHPUT_HEADER = ("| date (UTC) | events | shoppers | partitions | bare loop ev/s | Faust no-op agent ev/s "
                      "| worker ev/s | worker / bare | batches | mean batch | models | workers | command |\n"
                      "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
