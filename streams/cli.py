@@ -4,9 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Sequence
@@ -20,22 +18,17 @@ def _setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
 
 
-def _wait_for_signal(stop: threading.Event) -> None:
-    """Block until SIGINT/SIGTERM (or ``stop`` is set elsewhere)."""
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    while not stop.wait(0.5):
-        pass
-
-
 def cmd_broker(args: argparse.Namespace, settings: Settings) -> int:
     from streams.broker import EmbeddedBroker
+    from streams.process import stop_on_signals
 
+    stop = stop_on_signals()
     with EmbeddedBroker(port=args.port) as broker:
         print(f"embedded Tansu broker on {broker.bootstrap_servers} (in memory; data is lost when it stops)")
         print(f"  export KAFKA_BOOTSTRAP_SERVERS={broker.bootstrap_servers}")
         print("Ctrl-C stops it.", flush=True)
-        _wait_for_signal(threading.Event())
+        while not stop.wait(0.5):
+            pass
     return 0
 
 

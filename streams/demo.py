@@ -11,7 +11,6 @@ import dataclasses
 import itertools
 import json
 import shutil
-import signal
 import sys
 import threading
 import time
@@ -22,7 +21,7 @@ from confluent_kafka import KafkaError
 from streams.broker import EmbeddedBroker, free_port
 from streams.config import Settings
 from streams.kafka import ensure_topics
-from streams.process import WorkerProcess
+from streams.process import WorkerProcess, stop_on_signals
 from streams.tail import output_consumer
 
 DEMO_DIR = Path("var/demo")
@@ -91,9 +90,7 @@ def run_demo(settings: Settings, duration_s: float = 0, rate_per_s: float = 2000
     started = time.monotonic()
     shutil.rmtree(DEMO_DIR, ignore_errors=True)
     DEMO_DIR.mkdir(parents=True)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = stop_on_signals()
 
     ensure_models(settings)
     print("ShopPulse demo: starting the embedded broker, a worker and the generator …", flush=True)

@@ -9,12 +9,24 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
 
 from streams.broker import _die_with_parent
 from streams.config import SETTINGS_DOC, Settings
+
+
+def stop_on_signals() -> threading.Event:
+    """An event that SIGINT and SIGTERM set, instead of killing this process.
+
+    Install it before announcing anything another process may signal (a banner, a pid file).
+    """
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
 
 
 def worker_environment(settings: Settings) -> dict[str, str]:

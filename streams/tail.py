@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import threading
 
 from confluent_kafka import Consumer, KafkaError, Message
 
 from streams.config import Settings
+from streams.process import stop_on_signals
 
 
 def output_consumer(settings: Settings, topics: list[str], from_beginning: bool, name: str = "tail") -> Consumer:
@@ -36,9 +35,7 @@ def format_message(message: Message) -> str:
 
 def tail(settings: Settings, topic: str, from_beginning: bool = False, limit: int = 0) -> int:
     """Print messages of ``topic`` until Ctrl-C or ``limit`` messages (0 = no limit)."""
-    stop = threading.Event()
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop = stop_on_signals()
     consumer = output_consumer(settings, [topic], from_beginning)
     shown = 0
     try:
