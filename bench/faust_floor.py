@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,6 +30,7 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=1000)
     args = parser.parse_args()
     app = faust.App(f"faust-floor-{time.time_ns()}", broker=f"kafka://{args.bootstrap}", web_enabled=False,
+                    datadir=tempfile.mkdtemp(prefix="shoppulse-faust-floor-"),
                     topic_partitions=args.partitions, consumer_auto_offset_reset="earliest", autodiscover=False,
                     **tansu_client_overrides())
     topic = app.topic(*args.topics.split(","), key_serializer="raw", value_serializer="raw")
