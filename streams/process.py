@@ -98,6 +98,15 @@ class WorkerProcess:
         return sum(float(line.rsplit(" ", 1)[1]) for line in self.metrics_text().splitlines()
                    if line.startswith(name) and line[len(name):len(name) + 1] in (" ", "{"))
 
+    def wait_for_metric(self, name: str, at_least: float, timeout_s: float) -> float:
+        """Poll :meth:`metric` until it reaches ``at_least`` or ``timeout_s`` passes; returns the last value."""
+        deadline = time.monotonic() + timeout_s
+        value = self.metric(name)
+        while value < at_least and time.monotonic() < deadline:
+            time.sleep(0.5)
+            value = self.metric(name)
+        return value
+
     def stop(self) -> int:
         """Graceful stop; returns the exit code."""
         return stop_process(self.process)

@@ -1,8 +1,6 @@
 """Helpers for integration tests: settings isolated per test, a worker process, reading topics."""
 from __future__ import annotations
 
-import dataclasses
-import json
 import time
 import uuid
 from pathlib import Path
@@ -46,11 +44,3 @@ def read_topic(settings: Settings, topic: str | list[str], until: Callable[[list
         consumer.close()
     return messages
 
-
-def latest_by_key(messages: list[Message]) -> dict[bytes, dict]:
-    """The last JSON value per key."""
-    return {m.key(): json.loads(m.value()) for m in messages}
-
-
-def with_overrides(settings: Settings, **changes) -> Settings:
-    return dataclasses.replace(settings, **changes)

@@ -128,10 +128,8 @@ def test_silent_shoppers_are_rescored_and_alerted_once(broker, tmp_path):
     try:
         worker.wait_ready()
         produce(messages, settings.topic_by_kind, settings.librdkafka_config())
-        deadline = time.monotonic() + 40
-        while time.monotonic() < deadline and worker.metric("shoppulse_silent_rescored_total") < 3 * len(users):
-            time.sleep(0.5)  # at least three sweeps' worth
-        rescored = worker.metric("shoppulse_silent_rescored_total")
+        # at least three sweeps' worth
+        rescored = worker.wait_for_metric("shoppulse_silent_rescored_total", 3 * len(users), timeout_s=40)
     finally:
         assert worker.stop() == 0, worker.log_tail()
     assert rescored >= 3 * len(users)

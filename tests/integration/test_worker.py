@@ -161,11 +161,7 @@ def test_idle_shoppers_are_evicted_from_table_and_changelog(broker, tmp_path):
     try:
         worker.wait_ready()
         produce(messages, settings.topic_by_kind, settings.librdkafka_config())
-        deadline = time.monotonic() + 30
-        evicted = 0.0
-        while time.monotonic() < deadline and evicted < len(users):
-            time.sleep(0.5)
-            evicted = worker.metric("shoppulse_shoppers_evicted_total")
+        evicted = worker.wait_for_metric("shoppulse_shoppers_evicted_total", len(users), timeout_s=30)
         in_state = worker.metric("shoppulse_shoppers_in_state")
     finally:
         assert worker.stop() == 0, worker.log_tail()

@@ -95,16 +95,6 @@ def compose_variables(text: str) -> set[str]:
     return {m.group("braced") or m.group("bare") for part in text.split("$$") for m in _VAR.finditer(part)}
 
 
-@pytest.fixture(scope="module")
-def compose() -> dict:
-    return load_yaml(COMPOSE_FILE)
-
-
-@pytest.fixture(scope="module")
-def services(compose) -> dict:
-    return compose["services"]
-
-
 def env_of(service: dict, environ: dict[str, str] | None = None) -> dict[str, str]:
     """A service's environment as the container sees it, with compose defaults applied."""
     env = service.get("environment") or {}

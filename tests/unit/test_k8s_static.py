@@ -27,7 +27,6 @@ from streams.config import Settings
 from streams.kafka import required_topics
 from streams.metrics import HealthState, MetricsServer, WorkerMetrics
 from tests.unit.test_deploy_static import (
-    COMPOSE_FILE,
     DOCKERFILES,
     DOCS,
     PROMETHEUS_CONFIG,
@@ -53,16 +52,6 @@ KAFKA_TOPICS_SH = "/opt/kafka/bin/kafka-topics.sh"
 
 
 # --------------------------------------------------------------------------- helpers
-
-@pytest.fixture(scope="module")
-def compose() -> dict:
-    return load_yaml(COMPOSE_FILE)
-
-
-@pytest.fixture(scope="module")
-def services(compose) -> dict:
-    return compose["services"]
-
 
 def _manifest_files() -> list[Path]:
     return sorted(p for p in K8S.glob("*.yaml") if p != KUSTOMIZATION)

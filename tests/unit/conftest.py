@@ -1,0 +1,17 @@
+"""Fixtures shared by the static deployment tests (compose and Kubernetes)."""
+from __future__ import annotations
+
+import pytest
+
+from tests.unit.test_deploy_static import COMPOSE_FILE, load_yaml
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    """docker-compose.yml, parsed."""
+    return load_yaml(COMPOSE_FILE)
+
+
+@pytest.fixture(scope="module")
+def services(compose) -> dict:
+    return compose["services"]
