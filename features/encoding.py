@@ -330,6 +330,33 @@ def _canonical_from_v1(state: ShopperState) -> ShopperState:
 _DECODERS = {1: _decode_v1, 2: _decode_v2}
 
 
+def _checked_version(data: bytes) -> int:
+    """The format version of intact state bytes; StateDecodeError for anything else."""
+    if len(data) < 1 + _CHECKSUM_BYTES:
+        raise StateDecodeError(f"truncated state: {len(data)} bytes, fewer than the {1 + _CHECKSUM_BYTES} "
+                               "of version byte and checksum")
+    version = data[0]
+    if version not in _DECODERS:
+        raise StateDecodeError(f"unknown state format version {version}; this release reads versions "
+                               f"{sorted(_DECODERS)} (was it written by a newer release?)")
+    end = len(data) - _CHECKSUM_BYTES
+    stored = int.from_bytes(data[end:], "little")
+    if zlib.crc32(data[:end]) & 0xFFFF_FFFF != stored:
+        raise StateDecodeError(f"corrupt state: checksum mismatch over {len(data)} bytes (truncated or altered)")
+    return version
+
+
+def last_event_ms_of(data: bytes) -> int:
+    """A stored state's latest event time (epoch ms) without decoding the rest: every format
+    version starts with it after the version byte. Raises StateDecodeError like :func:`decode_state`."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise StateDecodeError(f"state must be bytes, got {type(data).__name__}")
+    _checked_version(bytes(data))
+    if len(data) < 1 + _LAST_EVENT.size + _CHECKSUM_BYTES:
+        raise StateDecodeError(f"truncated state: {len(data)} bytes, too short for its latest event time")
+    return _LAST_EVENT.unpack_from(data, 1)[0]
+
+
 def decode_state(data: bytes) -> ShopperState:
     """Read bytes written by :func:`encode_state` of this or an older release.
 
@@ -340,20 +367,9 @@ def decode_state(data: bytes) -> ShopperState:
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise StateDecodeError(f"state must be bytes, got {type(data).__name__}")
     data = bytes(data)
-    if len(data) < 1 + _CHECKSUM_BYTES:
-        raise StateDecodeError(f"truncated state: {len(data)} bytes, fewer than the {1 + _CHECKSUM_BYTES} "
-                               "of version byte and checksum")
-    version = data[0]
-    decoder = _DECODERS.get(version)
-    if decoder is None:
-        raise StateDecodeError(f"unknown state format version {version}; this release reads versions "
-                               f"{sorted(_DECODERS)} (was it written by a newer release?)")
-    end = len(data) - _CHECKSUM_BYTES
-    stored = int.from_bytes(data[end:], "little")
-    if zlib.crc32(data[:end]) & 0xFFFF_FFFF != stored:
-        raise StateDecodeError(f"corrupt state: checksum mismatch over {len(data)} bytes (truncated or altered)")
+    decoder = _DECODERS[_checked_version(data)]
     try:
-        return decoder(_Reader(data, 1, end))
+        return decoder(_Reader(data, 1, len(data) - _CHECKSUM_BYTES))
     except StateDecodeError:
         raise
     except Exception as exc:  # a structural bug must surface as a decode error, never crash the worker

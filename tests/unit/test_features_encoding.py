@@ -254,3 +254,18 @@ def test_bytes_per_shopper_stay_small():
     print(f"\nbytes per 40-event shopper: median {median:.0f}, max {max(sizes)}")
     assert median < 850  # measured 786 when written: a guard against layout regressions
     assert len(encode_state(ShopperState.new("u000001"))) < 64
+
+
+def test_the_latest_event_time_is_read_without_a_full_decode():
+    from features.encoding import last_event_ms_of
+    from features.events import KIND_VIEW, Event
+    from features.state import ShopperState, StateConfig
+
+    state = ShopperState.new("u1")
+    state.update(Event(KIND_VIEW, "e1", "u1", 1_760_000_000_123, session_id="s", item_id="i", category="c",
+                       price=1.0, quantity=1), StateConfig())
+    data = encode_state(state)
+    assert last_event_ms_of(data) == 1_760_000_000_123 == decode_state(data).last_event_ms
+    for broken in (data[:3], data[:-1] + bytes([data[-1] ^ 1]), b"\x09" + data[1:]):
+        with pytest.raises(StateDecodeError):
+            last_event_ms_of(broken)
