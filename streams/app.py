@@ -32,7 +32,7 @@ import torch
 from faust.streams import _current_event
 from faust.types import EventT
 
-from features.encoding import StateDecodeError, decode_state
+from features.encoding import StateDecodeError, last_event_ms_of
 from features.events import ValidationLimits
 from features.spec import DEFAULT_FEATURE_SPEC
 from features.state import StateConfig
@@ -58,7 +58,7 @@ def idle_since_ms(stored: bytes, now_ms: int) -> int:
     An undecodable state counts as idle forever: the sweep removes it rather than keep it.
     """
     try:
-        return now_ms - decode_state(stored).last_event_ms
+        return now_ms - last_event_ms_of(stored)
     except StateDecodeError:
         return now_ms
 
@@ -328,6 +328,7 @@ class ScoringWorker:
         for tp in self.app.consumer.assignment():
             if tp.topic not in self.settings.input_topics:
                 continue
+            owned.add((tp.topic, tp.partition))
             highwater = self.app.consumer.highwater(tp)
             if highwater is None:
                 continue
@@ -336,7 +337,6 @@ class ScoringWorker:
                 position = self.app.consumer._committed_offset.get(tp, 0) - 1
             lag = highwater - (position + 1)
             self.metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(max(0, lag))
-            owned.add((tp.topic, tp.partition))
         for topic, partition in set(self._positions) - owned:  # revoked: stop reporting it
             self._positions.pop((topic, partition), None)
             try:
