@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .nextitem import resolve_device, seed_everything
+from .nextitem import resolve_device, seed_everything, to_device
 
 MODEL_KIND = "shopper-classifier-mlp"
 DEFAULT_TASKS = ("churn", "purchase")
@@ -342,7 +342,7 @@ class ShopperClassifier:
         xt = torch.as_tensor(np.asarray(x, dtype=np.float32))
         if xt.ndim != 2 or xt.shape[1] != self.model.cfg.input_dim:
             raise ValueError(f"expected a [N, {self.model.cfg.input_dim}] feature matrix, got {tuple(xt.shape)}")
-        p = self.model.predict_proba(xt.to(self.model.calib_a.device)).cpu().numpy()
+        p = self.model.predict_proba(to_device(xt, self.model.calib_a.device)).cpu().numpy()
         return {task: p[:, t] for t, task in enumerate(self.tasks)}
 
     def save(self, directory: str | Path, version: str, metrics: Mapping[str, Any] | None = None,

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .metrics import DEFAULT_KS, evaluate_full_ranking, top_k_items
-from .sequences import ItemVocab, pad_left, training_windows
+from .sequences import ItemVocab, length_buckets, pad_left, training_windows
 
 MODEL_KIND = "nextitem-sasrec-ce"
 
@@ -53,6 +53,13 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' requested but torch.cuda.is_available() is False; use --device cpu or auto")
     return dev
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device``; a host-to-GPU copy goes through pinned memory without blocking the host."""
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def seed_everything(seed: int) -> None:
@@ -140,13 +147,29 @@ class _Block(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, attend: torch.Tensor) -> torch.Tensor:
+        """Every position's output ``[B, L, dim]`` (``attend``: ``[B, 1, L, L]``)."""
+        return self._attend_and_feed(x, x, attend)
+
+    def forward_last(self, x: torch.Tensor, attend_last: torch.Tensor) -> torch.Tensor:
+        """Only the last position's output ``[B, 1, dim]``, all positions as keys (``attend_last``: ``[B, 1, 1, L]``).
+
+        Serving needs nothing else from the final block, and this skips L-1 of its queries and feed-forwards.
+        """
+        return self._attend_and_feed(x, x[:, -1:], attend_last)
+
+    def _attend_and_feed(self, x: torch.Tensor, queries_x: torch.Tensor, attend: torch.Tensor) -> torch.Tensor:
         b, length, d = x.shape
-        q, k, v = self.qkv(self.ln1(x)).view(b, length, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        n_q, head_dim = queries_x.shape[1], d // self.heads
+        w_q, w_kv = self.qkv.weight.split([d, 2 * d])
+        b_q, b_kv = self.qkv.bias.split([d, 2 * d])
+        normed = self.ln1(x)
+        q = F.linear(normed[:, -n_q:], w_q, b_q).view(b, n_q, self.heads, head_dim).transpose(1, 2)
+        k, v = F.linear(normed, w_kv, b_kv).view(b, length, 2, self.heads, head_dim).permute(2, 0, 3, 1, 4)
         a = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attend, dropout_p=self.attn_dropout if self.training else 0.0
         )
-        x = x + self.drop(self.proj(a.transpose(1, 2).reshape(b, length, d)))
-        return x + self.drop(self.ff(self.ln2(x)))
+        out = queries_x + self.drop(self.proj(a.transpose(1, 2).reshape(b, n_q, d)))
+        return out + self.drop(self.ff(self.ln2(out)))
 
 
 class SASRec(nn.Module):
@@ -179,8 +202,11 @@ class SASRec(nn.Module):
     def device(self) -> torch.device:
         return self.item_emb.weight.device
 
-    def encode(self, seqs: torch.Tensor) -> torch.Tensor:
-        """Hidden states ``[B, L, dim]`` for left-padded item indices ``[B, L]`` (``L <= max_len``)."""
+    def encode(self, seqs: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """Hidden states ``[B, L, dim]`` for left-padded item indices ``[B, L]`` (``L <= max_len``).
+
+        ``last_only``: just the last position's, ``[B, 1, dim]``, the same values for less work.
+        """
         b, length = seqs.shape
         if length > self.cfg.max_len:
             raise ValueError(f"sequence length {length} exceeds max_len {self.cfg.max_len}")
@@ -194,7 +220,12 @@ class SASRec(nn.Module):
         # all-padding rows never produce NaN (their output is ignored anyway)
         attend = (causal & ~pad.unsqueeze(1)) | eye
         attend = attend.unsqueeze(1)  # [B, 1, L, L], broadcast over heads
-        for blk in self.blocks:
+        blocks = list(self.blocks)
+        if last_only:
+            for blk in blocks[:-1]:
+                x = blk(x, attend)
+            return self.final_ln(blocks[-1].forward_last(x, attend[:, :, -1:]))
+        for blk in blocks:
             x = blk(x, attend)
         return self.final_ln(x)
 
@@ -219,10 +250,11 @@ class SASRec(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            seqs = pad_left(histories, self.cfg.max_len).to(self.device)
-            h = self.encode(seqs)[:, -1]
-            scores = self.logits(h)
-            empty = seqs[:, -1] == 0
+            hidden = torch.zeros(len(histories), self.cfg.dim, device=self.device)
+            for rows, seqs in length_buckets(histories, self.cfg.max_len):
+                hidden[to_device(rows, self.device)] = self.encode(to_device(seqs, self.device), last_only=True)[:, 0]
+            scores = self.logits(hidden)
+            empty = torch.tensor([len(h) == 0 for h in histories], device=self.device)
             if bool(empty.any()):
                 scores[empty] = self.popularity.to(scores.dtype)
             return scores

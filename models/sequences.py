@@ -172,6 +172,23 @@ def pad_left(histories: Sequence[Sequence[int]], max_len: int) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
+def length_buckets(histories: Sequence[Sequence[int]], max_len: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Group histories of similar length: ``(row indices, left-padded [rows, L])`` per group.
+
+    Each group is padded only to its own longest history (capped at ``max_len``); lengths are
+    grouped by powers of two, so a batch of short histories never pays for one long one.
+    Empty histories fall in the shortest group as an all-padding row.
+    """
+    lengths = np.minimum(np.fromiter((len(h) for h in histories), dtype=np.int64, count=len(histories)), max_len)
+    group_of = np.ceil(np.log2(np.maximum(lengths, 1))).astype(np.int64)
+    buckets = []
+    for group in np.unique(group_of):
+        rows = np.flatnonzero(group_of == group)
+        width = max(1, int(lengths[rows].max()))
+        buckets.append((torch.from_numpy(rows), pad_left([histories[r] for r in rows], width)))
+    return buckets
+
+
 def training_windows(sequences: Sequence[Sequence[int]], max_len: int) -> list[list[int]]:
     """Cut training sequences into windows of at most ``max_len + 1`` items.
 

@@ -9,7 +9,7 @@ import torch
 from models.baselines import PopularityRecommender
 from models.metrics import evaluate_full_ranking
 from models.nextitem import NextItemConfig, NextItemRecommender, SASRec, TrainConfig, train_nextitem
-from models.sequences import ItemVocab, leave_one_out, pad_left, training_windows
+from models.sequences import ItemVocab, leave_one_out, length_buckets, pad_left, training_windows
 
 torch.set_num_threads(1)
 
@@ -122,3 +122,26 @@ def test_vocab_roundtrip():
     assert ItemVocab.from_json(v.to_json()) == v and ItemVocab.from_json(v.to_json()).sha256() == v.sha256()
     with pytest.raises(IndexError):
         v.decode([0])
+
+
+def test_serving_path_matches_the_full_forward_pass():
+    """score() pads per length group and computes only the last position: same scores as the full pass."""
+    torch.manual_seed(0)
+    rng = random.Random(0)
+    model = SASRec(NextItemConfig(num_items=300)).eval()
+    histories = [[rng.randint(1, 300) for _ in range(rng.choice([0, 1, 2, 5, 9, 17, 40, 50, 70]))] for _ in range(200)]
+    with torch.no_grad():
+        served = model.score(histories)
+        padded = pad_left(histories, model.cfg.max_len)
+        full = model.logits(model.encode(padded)[:, -1])
+        full[padded[:, -1] == 0] = model.popularity
+    assert torch.allclose(served, full, atol=1e-5), f"max difference {(served - full).abs().max():.2e}"
+
+
+def test_length_buckets_cover_every_row_once_padded_to_their_own_longest():
+    histories = [[1] * n for n in (0, 1, 3, 4, 5, 8, 9, 60)]
+    buckets = length_buckets(histories, max_len=50)
+    rows = sorted(int(r) for rows, _ in buckets for r in rows)
+    assert rows == list(range(len(histories)))
+    widths = {tuple(int(r) for r in rows): seqs.shape[1] for rows, seqs in buckets}
+    assert widths == {(0, 1): 1, (2, 3): 4, (4, 5): 8, (6,): 9, (7,): 50}
