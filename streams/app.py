@@ -7,11 +7,14 @@ messages to :class:`streams.pipeline.BatchProcessor`, then
   with headers that say where it came from and why it was rejected;
 * writes each touched shopper's state once to the ``shopper_state`` table (rocksdict store,
   changelog-backed), tied to that shopper's last event of the batch;
-* publishes one result per scored shopper to the scores topic.
+* publishes one result per scored shopper to the scores topic, plus recommendations and
+  churn alerts, through :class:`streams.outputs.OutputProducer` (librdkafka), and waits for
+  their delivery before the batch ends.
 
-Faust acks the batch's events only after this body returns, and flushes the producer before
-it commits offsets, so every change reaches the changelog before its input offset is
-committed (at-least-once; replays are absorbed by the per-shopper event-id dedup).
+Faust acks the batch's events only after this body returns, and flushes its producer (the
+changelog) before it commits offsets, so every output and every state change reaches Kafka
+before its input offset is committed (at-least-once; replays are absorbed by the per-shopper
+event-id dedup).
 
 ``stream.take()`` cannot write tables (faust-streaming #497), so the agent sets Faust's
 current-event context to the event a write belongs to, for that one write. Tests count every
@@ -42,6 +45,7 @@ from streams.alerts import AlertPolicy
 from streams.config import Settings
 from streams.kafka import BROKER_PROFILE_TANSU, ensure_topics, resolve_broker_profile, tansu_client_overrides
 from streams.metrics import HealthState, MetricsServer, WorkerMetrics
+from streams.outputs import OutputProducer
 from streams.pipeline import BatchOutcome, BatchProcessor, InputMessage
 
 log = logging.getLogger("shoppulse.worker")
@@ -110,12 +114,9 @@ class ScoringWorker:
             consumer_auto_offset_reset="earliest",
             **overrides,
         )
-        raw = {"key_serializer": "raw", "value_serializer": "raw"}
-        self.inputs = self.app.topic(*settings.input_topics, partitions=settings.partitions, **raw)
-        self.scores_topic = self.app.topic(settings.topic_scores, **raw)
-        self.recommendations_topic = self.app.topic(settings.topic_recommendations, **raw)
-        self.alerts_topic = self.app.topic(settings.topic_churn_alerts, **raw)
-        self.dead_letter_topic = self.app.topic(settings.topic_dead_letter, **raw)
+        self.inputs = self.app.topic(*settings.input_topics, partitions=settings.partitions,
+                                     key_serializer="raw", value_serializer="raw")
+        self.outputs = OutputProducer(settings)
         self.table = self.app.Table(STATE_TABLE, key_type=bytes, value_type=bytes, partitions=settings.partitions,
                                     help="Per-shopper feature state (features.encoding), keyed by user_id")
         self.alert_table = self.app.Table(ALERT_TABLE, key_type=bytes, value_type=bytes, partitions=settings.partitions,
@@ -212,8 +213,8 @@ class ScoringWorker:
             self._observe_models()
             failed_at_ms = int(time.time() * 1000)
             for dead in outcome.dead_letters:
-                await self.dead_letter_topic.send(key=dead.message.key, value=dead.message.value,
-                                                  headers=dead.headers(failed_at_ms))
+                self.outputs.send(self.settings.topic_dead_letter, dead.message.key, dead.message.value,
+                                  dead.headers(failed_at_ms))
                 self.metrics.dead_lettered.labels(dead.reason).inc()
                 log.debug("dead-lettered %s[%d]@%d: %s", dead.message.topic, dead.message.partition,
                           dead.message.offset, dead.detail)
@@ -226,20 +227,28 @@ class ScoringWorker:
             yield None
 
     async def _publish(self, outcome: BatchOutcome) -> None:
-        """Scores, recommendations and alerts of a batch to their topics."""
-        published = {self.settings.topic_scores: 0, self.settings.topic_recommendations: 0,
-                     self.settings.topic_churn_alerts: 0}
+        """Scores, recommendations and alerts of a batch to their topics; returns once all are
+        delivered (with the batch's dead letters, queued before)."""
+        scores, recommendations, alerts = (self.settings.topic_scores, self.settings.topic_recommendations,
+                                           self.settings.topic_churn_alerts)
+        published = {scores: 0, recommendations: 0, alerts: 0}
+        send = self.outputs.send
         for shopper in outcome.scored:
-            await self.scores_topic.send(key=shopper.output_key, value=shopper.result)
-            published[self.settings.topic_scores] += 1
+            send(scores, shopper.output_key, shopper.result)
+            published[scores] += 1
             if shopper.recommendation is not None:
-                await self.recommendations_topic.send(key=shopper.output_key, value=shopper.recommendation)
-                published[self.settings.topic_recommendations] += 1
+                send(recommendations, shopper.output_key, shopper.recommendation)
+                published[recommendations] += 1
             if shopper.alert is not None:
-                await self.alerts_topic.send(key=shopper.output_key, value=shopper.alert)
-                published[self.settings.topic_churn_alerts] += 1
+                send(alerts, shopper.output_key, shopper.alert)
+                published[alerts] += 1
+        await self.outputs.flush()
         for topic, count in published.items():
             self.metrics.results_published.labels(topic).inc(count)
+        delivered_s = time.time()
+        for shopper in outcome.scored:
+            if shopper.trigger_ts is not None:
+                self.metrics.end_to_end_seconds.observe(max(0.0, delivered_s - shopper.trigger_ts / 1000.0))
 
     def _observe_models(self) -> None:
         timings, device = self.scorer.timings, str(self.scorer.device)
@@ -373,6 +382,7 @@ class ScoringWorker:
             return int(exc.code or 0)
         finally:
             self.health.alive = False
+            self.outputs.close()
             self.metrics_server.stop()
         return 0
 

@@ -44,7 +44,7 @@ class WorkerMetrics:
         self.batch_seconds = Histogram("shoppulse_batch_processing_seconds", "Time to process one micro-batch",
                                        buckets=LATENCY_BUCKETS_S, registry=r)
         self.end_to_end_seconds = Histogram("shoppulse_end_to_end_latency_seconds",
-                                            "From event ts to its result being handed to the producer",
+                                            "From event ts to its score being acknowledged by the brokers",
                                             buckets=LATENCY_BUCKETS_S, registry=r)
         self.shoppers_in_batch = Histogram("shoppulse_shoppers_per_batch", "Distinct shoppers scored per micro-batch",
                                            buckets=BATCH_SIZE_BUCKETS, registry=r)

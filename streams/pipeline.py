@@ -73,6 +73,8 @@ class ScoredShopper:
     None when the alert state did not change; ``recommendation`` and ``alert`` are None when
     there is nothing to publish. ``output_key`` keys the output messages: the user id, or its
     pseudonym when pseudonymisation is on (``key`` stays the real id: it keys the tables).
+    ``trigger_ts`` is the event time (ms) of the event that caused the scoring, None for a
+    silent-shopper re-score.
     """
 
     user_id: str
@@ -84,6 +86,7 @@ class ScoredShopper:
     recommendation: bytes | None = None
     alert_state: bytes | None = None
     alert: bytes | None = None
+    trigger_ts: int | None = None
 
 
 @dataclass(slots=True)
@@ -248,7 +251,8 @@ class BatchProcessor:
             result = json.dumps({**envelope, "scores": {name: round(value, 6) for name, value in shopper.scores.items()},
                                  "model_versions": versions, "feature_spec": self.spec.hash}, separators=(",", ":"))
             out = ScoredShopper(shopper_in.user_id, shopper_in.key, encode_state(state), shopper_in.where,
-                                result.encode(), output_key=public_id.encode())
+                                result.encode(), output_key=public_id.encode(),
+                                trigger_ts=shopper_in.trigger_ts if shopper_in.trigger_event_id is not None else None)
             if shopper.recommendations:
                 out.recommendation = json.dumps({
                     **envelope, "items": [{"item_id": item, "score": round(score, 6)} for item, score in shopper.recommendations],
@@ -263,8 +267,6 @@ class BatchProcessor:
                     cause = shopper_in.trigger_event_id or f"silent-since-{state.last_event_ms}"
                     alerting.append((index, risk, f"{public_id}:{cause}"))
             outcome.scored.append(out)
-            if shopper_in.trigger_event_id is not None:
-                self.metrics.end_to_end_seconds.observe(max(0.0, (scored_at_ms - shopper_in.trigger_ts) / 1000.0))
             for name, value in shopper.scores.items():
                 self.metrics.score_values.labels(name).observe(value)
         if alerting:
