@@ -6,34 +6,26 @@ messages to :class:`streams.pipeline.BatchProcessor`, then
 * sends each invalid message, with its original key and bytes, to the dead-letter topic
   with headers that say where it came from and why it was rejected;
 * writes each touched shopper's state once to the ``shopper_state`` table (rocksdict store,
-  changelog-backed), tied to that shopper's last event of the batch;
+  changelog-backed) in the partition of its events, through :class:`streams.table_writer.TableWriter`;
 * publishes one result per scored shopper to the scores topic, plus recommendations and
-  churn alerts, through :class:`streams.outputs.OutputProducer` (librdkafka), and waits for
-  their delivery before the batch ends.
+  churn alerts, through a :class:`streams.batch_producer.BatchProducer` (librdkafka);
 
-Faust acks the batch's events only after this body returns, and flushes its producer (the
-changelog) before it commits offsets, so every output and every state change reaches Kafka
-before its input offset is committed (at-least-once; replays are absorbed by the per-shopper
-event-id dedup).
-
-``stream.take()`` cannot write tables (faust-streaming #497), so the agent sets Faust's
-current-event context to the event a write belongs to, for that one write. Tests count every
-event to prove that nothing is lost or doubled and that recovery from the changelog is exact.
+and waits until Kafka acknowledged every output and changelog record before the batch ends.
+Faust acks the batch's events only after this body returns and commits only acked offsets, so
+nothing is committed before its effects are in Kafka (at-least-once; replays are absorbed by
+the per-shopper event-id dedup). Tests count every event to prove that nothing is lost or
+doubled and that recovery from the changelog is exact.
 """
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import ssl
 import time
-import weakref
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, AsyncIterator
 
 import faust
 import torch
-from faust.streams import _current_event
-from faust.types import EventT
 
 from features.encoding import StateDecodeError, last_event_ms_of
 from features.events import ValidationLimits
@@ -44,9 +36,10 @@ from models.training import CLASSIFIER_MODEL, NEXTITEM_MODEL
 from streams.alerts import AlertPolicy
 from streams.config import Settings
 from streams.kafka import BROKER_PROFILE_TANSU, ensure_topics, resolve_broker_profile, tansu_client_overrides
+from streams.batch_producer import BatchProducer
 from streams.metrics import HealthState, MetricsServer, WorkerMetrics
-from streams.outputs import OutputProducer
 from streams.pipeline import BatchOutcome, BatchProcessor, InputMessage
+from streams.table_writer import TableWriter
 
 log = logging.getLogger("shoppulse.worker")
 
@@ -67,16 +60,6 @@ def idle_since_ms(stored: bytes, now_ms: int) -> int:
         return now_ms
 
 
-@contextlib.contextmanager
-def event_context(event: EventT) -> Iterator[None]:
-    """Make ``event`` Faust's current event for the body: table reads and writes use its partition."""
-    token = _current_event.set(weakref.ref(event))
-    try:
-        yield
-    finally:
-        _current_event.reset(token)
-
-
 def faust_credentials(settings: Settings) -> Any:
     """Faust/aiokafka credentials for the configured security protocol, or None for PLAINTEXT."""
     context = None
@@ -90,6 +73,11 @@ def faust_credentials(settings: Settings) -> Any:
     if context is not None:
         return faust.SSLCredentials(context)
     return None
+
+
+def partition_of(where: InputMessage | int) -> int:
+    """The partition a message came from, or the partition number itself (sweeps)."""
+    return where if isinstance(where, int) else where.partition
 
 
 class ScoringWorker:
@@ -116,7 +104,10 @@ class ScoringWorker:
         )
         self.inputs = self.app.topic(*settings.input_topics, partitions=settings.partitions,
                                      key_serializer="raw", value_serializer="raw")
-        self.outputs = OutputProducer(settings)
+        self.outputs = BatchProducer(settings)
+        # One record per record batch on Tansu keeps no backlog of requests; the seal makes restores exact.
+        self.tables = TableWriter(BatchProducer(settings, track_offsets=True),
+                                  seal=self.profile == BROKER_PROFILE_TANSU)
         self.table = self.app.Table(STATE_TABLE, key_type=bytes, value_type=bytes, partitions=settings.partitions,
                                     help="Per-shopper feature state (features.encoding), keyed by user_id")
         self.alert_table = self.app.Table(ALERT_TABLE, key_type=bytes, value_type=bytes, partitions=settings.partitions,
@@ -144,35 +135,10 @@ class ScoringWorker:
         self.app.on_partitions_assigned.connect(self._on_assigned)
 
     def _load_state(self, where: InputMessage | int, key: bytes) -> bytes | None:
-        return self._read(self.table, where, key)
+        return self.tables.get(self.table, partition_of(where), key)
 
     def _load_alert(self, where: InputMessage | int, key: bytes) -> bytes | None:
-        return self._read(self.alert_table, where, key)
-
-    @staticmethod
-    def _read(table: Any, where: InputMessage | int, key: bytes) -> bytes | None:
-        """A table value, read in the partition of ``where`` (a message, or a partition number)."""
-        if isinstance(where, int):
-            return table.data._db_for_partition(where).get(key)
-        with event_context(where.handle):
-            return table.get(key)
-
-    @staticmethod
-    def _write_outside_stream(table: Any, partition: int, key: bytes, value: bytes | None) -> None:
-        """Write (or delete, for None) a key from a timer, where Faust has no current event.
-
-        Faust's table API needs the event a write belongs to; a timer has none, so this writes
-        the partition's RocksDB directly and sends the same changelog record Faust would.
-        """
-        store = table.data
-        db = store._db_for_partition(partition)
-        if value is None:
-            db.delete(key)
-            store._key_index.pop(key, None)
-        else:
-            db.put(key, value)
-            store._key_index[key] = partition
-        table.send_changelog(partition, key, value, value_serializer="raw")
+        return self.tables.get(self.alert_table, partition_of(where), key)
 
     async def _owned_states(self) -> AsyncIterator[tuple[int, bytes, bytes]]:
         """``(partition, key, stored state)`` of every shopper in the partitions this worker owns,
@@ -206,7 +172,7 @@ class ScoringWorker:
         within_s = self.settings.max_wait_ms / 1000.0
         async for events in stream.take_events(self.settings.max_batch, within=within_s):
             messages = [InputMessage(e.message.topic, e.message.partition, e.message.offset,
-                                     e.message.key, e.message.value, e) for e in events]
+                                     e.message.key, e.message.value) for e in events]
             for message in messages:
                 self._positions[(message.topic, message.partition)] = message.offset
             outcome = self.processor.process(messages, self._load_state, self._load_alert)
@@ -218,11 +184,12 @@ class ScoringWorker:
                 self.metrics.dead_lettered.labels(dead.reason).inc()
                 log.debug("dead-lettered %s[%d]@%d: %s", dead.message.topic, dead.message.partition,
                           dead.message.offset, dead.detail)
+            put = self.tables.put
             for shopper in outcome.scored:
-                with event_context(shopper.last_message.handle):
-                    self.table[shopper.key] = shopper.state_bytes
-                    if shopper.alert_state is not None:
-                        self.alert_table[shopper.key] = shopper.alert_state
+                partition = partition_of(shopper.last_message)
+                put(self.table, partition, shopper.key, shopper.state_bytes)
+                if shopper.alert_state is not None:
+                    put(self.alert_table, partition, shopper.key, shopper.alert_state)
             await self._publish(outcome)
             yield None
 
@@ -242,7 +209,7 @@ class ScoringWorker:
             if shopper.alert is not None:
                 send(alerts, shopper.output_key, shopper.alert)
                 published[alerts] += 1
-        await self.outputs.flush()
+        await asyncio.gather(self.outputs.flush(), self.tables.flush())
         for topic, count in published.items():
             self.metrics.results_published.labels(topic).inc(count)
         delivered_s = time.time()
@@ -276,8 +243,9 @@ class ScoringWorker:
             else:
                 kept += 1
         for partition, key in expired:
-            self._write_outside_stream(self.table, partition, key, None)
-            self._write_outside_stream(self.alert_table, partition, key, None)
+            self.tables.put(self.table, partition, key, None)
+            self.tables.put(self.alert_table, partition, key, None)
+        await self.tables.flush()
         self.metrics.shoppers_in_state.set(kept)
         self.metrics.shoppers_evicted.inc(len(expired))
         if expired:
@@ -310,9 +278,8 @@ class ScoringWorker:
     async def _publish_silent(self, silent: list[tuple[int, bytes, bytes]], now_ms: int) -> int:
         outcome = self.processor.rescore_silent(silent, self._load_alert, now_ms)
         for shopper in outcome.scored:
-            assert isinstance(shopper.last_message, int)
             if shopper.alert_state is not None:
-                self._write_outside_stream(self.alert_table, shopper.last_message, shopper.key, shopper.alert_state)
+                self.tables.put(self.alert_table, partition_of(shopper.last_message), shopper.key, shopper.alert_state)
         await self._publish(outcome)
         return len(outcome.scored)
 
@@ -383,6 +350,7 @@ class ScoringWorker:
         finally:
             self.health.alive = False
             self.outputs.close()
+            self.tables.producer.close()
             self.metrics_server.stop()
         return 0
 

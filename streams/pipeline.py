@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
+from typing import Callable, Iterable, Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -33,18 +33,13 @@ OUTPUT_CONTRACT_VERSION = 1
 
 @dataclass(slots=True)
 class InputMessage:
-    """A message as consumed: where it came from and its raw bytes.
-
-    ``handle`` is whatever the caller needs to tie a write back to this message (the Faust
-    event in the worker); the processor never looks inside it.
-    """
+    """A message as consumed: where it came from and its raw bytes."""
 
     topic: str
     partition: int
     offset: int
     key: bytes | None
     value: bytes | None
-    handle: Any = None
 
 
 @dataclass(slots=True)

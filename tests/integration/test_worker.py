@@ -19,6 +19,7 @@ from streams.app import STATE_TABLE
 from streams.generator import GeneratorConfig, ShopSimulator
 from streams.kafka import ensure_topics
 from streams.producer import produce
+from streams.table_writer import SEAL_KEY
 
 from .kafka_helpers import WorkerProcess, isolated_settings, read_topic
 
@@ -35,7 +36,13 @@ def changelog_states(settings, users: set[str]) -> dict[str, bytes]:
     """The last state each shopper's changelog holds, once every expected shopper is there."""
     topic = f"{settings.app_id}-{STATE_TABLE}-changelog"
     messages = read_topic(settings, topic, until=lambda ms: users <= {m.key().decode() for m in ms}, timeout_s=60)
-    return {m.key().decode(): m.value() for m in messages}
+    states: dict[str, bytes] = {}
+    for m in messages:  # a tombstone (None) deletes, as compaction and table recovery read it
+        if m.value() is None:
+            states.pop(m.key().decode(), None)
+        else:
+            states[m.key().decode()] = m.value()
+    return states
 
 
 def scored_until(settings, expected_last_ts: dict[str, int]):
@@ -169,5 +176,5 @@ def test_idle_shoppers_are_evicted_from_table_and_changelog(broker, tmp_path):
     assert in_state == 0
     topic = f"{settings.app_id}-{STATE_TABLE}-changelog"
     changelog = read_topic(settings, topic, until=lambda ms: users <= {m.key().decode() for m in ms if m.value() is None})
-    last = {m.key().decode(): m.value() for m in changelog}
+    last = {m.key().decode(): m.value() for m in changelog if m.key() != SEAL_KEY}
     assert set(last) == users and all(value is None for value in last.values()), "expected a tombstone per shopper"

@@ -1,0 +1,82 @@
+"""Direct writes to Faust tables: their RocksDB stores and changelogs, a micro-batch at a time.
+
+Faust's ``table[key] = value`` needs a current event (``stream.take()`` has none, faust-streaming
+#497) and sends each changelog record through Faust's producer one at a time.
+:class:`TableWriter` does what Faust does — write the partition's RocksDB, send the same
+changelog record, and record in the store the changelog offset it holds once that offset is
+acknowledged — through a :class:`streams.batch_producer.BatchProducer` that packs a batch's
+records into a few record batches.
+
+Faust still owns everything else about the tables: assignment, standbys, and recovery from
+the changelog, which reads the records written here like its own.
+
+**Sealing, for the embedded broker.** Tansu answers ListOffsets(LATEST) with the base offset
+of a partition's last *record batch* + 1, and Faust restores a table only up to that offset
+(``docs/embedded-broker.md``). With ``seal=True`` each flush ends every changelog partition it
+wrote to with one more record, alone in its record batch: a tombstone for :data:`SEAL_KEY`, a
+key that never holds a value, so restoring it changes nothing. The partition's end as Tansu
+reports it is then the true end. Offsets are recorded in the store only once the seal is
+acknowledged: a crash between the two leaves an unsealed tail that belongs to a batch whose
+input offsets were not committed, so its events are consumed again after the restart.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from faust.types import TP
+
+from streams.batch_producer import BatchProducer
+
+#: The key of the seal record; a tombstone, so it never appears in a table.
+SEAL_KEY = b"__shoppulse_changelog_seal__"
+
+
+class TableWriter:
+    """Writes (and deletes) keys of Faust tables backed by the rocksdict store.
+
+    Args:
+        producer: the changelog producer (``track_offsets=True``).
+        seal: end each flush with a seal record per changelog partition written (Tansu).
+    """
+
+    def __init__(self, producer: BatchProducer, seal: bool) -> None:
+        self.producer = producer
+        self.seal = seal
+        self._stores: dict[str, Any] = {}  # changelog topic -> the table's store
+        self._written: set[tuple[str, int]] = set()  # changelog partitions written since the last flush
+
+    @staticmethod
+    def get(table: Any, partition: int, key: bytes) -> bytes | None:
+        """The stored value of ``key`` in ``partition`` of ``table``, or None."""
+        return table.data._db_for_partition(partition).get(key)
+
+    def put(self, table: Any, partition: int, key: bytes, value: bytes | None) -> None:
+        """Store ``value`` (None: delete) and queue its changelog record to the same partition."""
+        store = table.data
+        db = store._db_for_partition(partition)
+        if value is None:
+            db.delete(key)
+            store._key_index.pop(key, None)
+        else:
+            db.put(key, value)
+            store._key_index[key] = partition
+        topic = table.changelog_topic_name
+        self._stores[topic] = store
+        self._written.add((topic, partition))
+        self.producer.send(topic, key, value, partition=partition)
+
+    async def flush(self) -> None:
+        """Wait until every queued record is acknowledged (and sealed), then record the offsets.
+
+        Raises :class:`streams.batch_producer.DeliveryError` when the brokers refused records.
+        """
+        if not self._written:
+            return
+        written, self._written = self._written, set()
+        await self.producer.flush()
+        if self.seal:
+            for topic, partition in written:
+                self.producer.send(topic, SEAL_KEY, None, partition=partition)
+            await self.producer.flush()
+        for (topic, partition), offset in self.producer.take_offsets().items():
+            self._stores[topic].set_persisted_offset(TP(topic, partition), offset)
