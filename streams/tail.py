@@ -7,12 +7,13 @@ import os
 from confluent_kafka import Consumer, KafkaError, Message
 
 from streams.config import Settings
+from streams.kafka import confluent_consumer_config
 from streams.process import stop_on_signals
 
 
 def output_consumer(settings: Settings, topics: list[str], from_beginning: bool, name: str = "tail") -> Consumer:
     """A consumer in a throwaway group that never commits: reading does not disturb anyone."""
-    consumer = Consumer({**settings.librdkafka_config(), "group.id": f"shoppulse-{name}-{os.getpid()}",
+    consumer = Consumer({**confluent_consumer_config(settings, f"shoppulse-{name}-{os.getpid()}"),
                          "enable.auto.commit": False, "session.timeout.ms": 6000,
                          "auto.offset.reset": "earliest" if from_beginning else "latest", "log_level": 3})
     consumer.subscribe(topics)
