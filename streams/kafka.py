@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import logging
 import ssl
+import time
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import KafkaException
+from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from streams.broker import EMBEDDED_CLUSTER_ID
@@ -30,6 +31,10 @@ log = logging.getLogger(__name__)
 TOPIC_RETENTION_MS = 7 * 24 * 3600 * 1000
 #: Longest wait for a metadata or admin reply, in seconds.
 ADMIN_TIMEOUT_S = 15.0
+#: Metadata is asked for in slices this long, in s, so a refused login stops the wait at once.
+_METADATA_SLICE_S = 0.5
+#: librdkafka errors that mean the brokers answered but refused our SASL login or TLS handshake.
+_SECURITY_ERRORS = (KafkaError._AUTHENTICATION, KafkaError._SSL)
 
 
 class KafkaSetupError(RuntimeError):
@@ -104,16 +109,30 @@ def faust_client_settings(settings: Settings) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- the cluster
 
-def admin_client(settings: Settings) -> AdminClient:
+class ReportingAdminClient(AdminClient):
+    """An AdminClient that keeps the SASL and TLS errors librdkafka reported, in ``security_errors``."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        errors: list[KafkaError] = []
+
+        def keep_security_errors(error: KafkaError) -> None:  # no reference to the client: no cycle, freed at once
+            if error.code() in _SECURITY_ERRORS:
+                errors.append(error)
+
+        self.security_errors = errors
+        super().__init__({**config, "error_cb": keep_security_errors})
+
+
+def admin_client(settings: Settings) -> ReportingAdminClient:
     """An AdminClient with the connection and security settings."""
     try:
-        return AdminClient(confluent_admin_config(settings))
+        return ReportingAdminClient(confluent_admin_config(settings))
     except KafkaException as exc:
         raise KafkaSetupError(f"cannot create a Kafka client ({exc.args[0].str()}); check the KAFKA_SSL_* and "
                               "KAFKA_SASL_* settings") from None
 
 
-def resolve_broker_profile(settings: Settings, admin: AdminClient | None = None) -> str:
+def resolve_broker_profile(settings: Settings, admin: ReportingAdminClient | None = None) -> str:
     """``tansu`` or ``kafka``: the configured profile, or detected from the cluster id."""
     if settings.broker_profile != BROKER_PROFILE_AUTO:
         return settings.broker_profile
@@ -121,16 +140,41 @@ def resolve_broker_profile(settings: Settings, admin: AdminClient | None = None)
     return BROKER_PROFILE_TANSU if cluster_id == EMBEDDED_CLUSTER_ID else BROKER_PROFILE_KAFKA
 
 
-def cluster_metadata(settings: Settings, admin: AdminClient | None = None):  # -> ClusterMetadata
-    """Metadata of the cluster, or :class:`KafkaSetupError` saying how to fix the connection."""
+def _security_failure(settings: Settings, error: KafkaError) -> KafkaSetupError:
+    where = f"Kafka at KAFKA_BOOTSTRAP_SERVERS={settings.bootstrap_servers}"
+    if settings.security_protocol.startswith("SASL") and error.code() == KafkaError._AUTHENTICATION:
+        return KafkaSetupError(
+            f"{where} refused the SASL login of KAFKA_SASL_USERNAME={settings.sasl_username!r} with "
+            f"KAFKA_SASL_MECHANISM={settings.sasl_mechanism} ({error.str()}); check KAFKA_SASL_USERNAME and "
+            "KAFKA_SASL_PASSWORD, and that the brokers offer that KAFKA_SASL_MECHANISM")
+    return KafkaSetupError(
+        f"{where}: TLS or authentication failed with KAFKA_SECURITY_PROTOCOL={settings.security_protocol} "
+        f"({error.str()}); check that the brokers listen with that protocol, and KAFKA_SSL_CAFILE, "
+        "KAFKA_SSL_CERTFILE and KAFKA_SSL_KEYFILE")
+
+
+def cluster_metadata(settings: Settings, admin: ReportingAdminClient | None = None):  # -> ClusterMetadata
+    """Metadata of the cluster, or :class:`KafkaSetupError` saying how to fix the connection.
+
+    Waits up to :data:`ADMIN_TIMEOUT_S`, but stops as soon as the brokers refuse the SASL
+    login or the TLS handshake: a wrong password fails in well under a second, not after the timeout.
+    """
     admin = admin or admin_client(settings)
-    try:
-        return admin.list_topics(timeout=ADMIN_TIMEOUT_S)
-    except KafkaException as exc:
-        raise KafkaSetupError(
-            f"no answer from Kafka at KAFKA_BOOTSTRAP_SERVERS={settings.bootstrap_servers} within "
-            f"{ADMIN_TIMEOUT_S:.0f} s ({exc.args[0]}); start a broker (`shoppulse broker` for the embedded one) "
-            "or fix the address and security settings") from None
+    deadline = time.monotonic() + ADMIN_TIMEOUT_S
+    while True:
+        try:
+            return admin.list_topics(timeout=min(_METADATA_SLICE_S, max(0.0, deadline - time.monotonic())))
+        except KafkaException as exc:
+            last_error = exc.args[0]
+        admin.poll(0)  # serves error_cb
+        if admin.security_errors:
+            raise _security_failure(settings, admin.security_errors[-1])
+        if time.monotonic() >= deadline:
+            raise KafkaSetupError(
+                f"no answer from Kafka at KAFKA_BOOTSTRAP_SERVERS={settings.bootstrap_servers} within "
+                f"{ADMIN_TIMEOUT_S:.0f} s ({last_error}); start a broker (`shoppulse broker` for the embedded one) "
+                "or fix the address and the security settings (KAFKA_SECURITY_PROTOCOL: the brokers may require "
+                "SASL or TLS)")
 
 
 @dataclass(frozen=True)

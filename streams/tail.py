@@ -7,7 +7,7 @@ import os
 from confluent_kafka import Consumer, KafkaError, Message
 
 from streams.config import Settings
-from streams.kafka import confluent_consumer_config
+from streams.kafka import cluster_metadata, confluent_consumer_config
 from streams.process import stop_on_signals
 
 
@@ -36,6 +36,7 @@ def format_message(message: Message) -> str:
 
 def tail(settings: Settings, topic: str, from_beginning: bool = False, limit: int = 0) -> int:
     """Print messages of ``topic`` until Ctrl-C or ``limit`` messages (0 = no limit)."""
+    cluster_metadata(settings)  # a wrong address or password stops here, with a message, instead of polling forever
     stop = stop_on_signals()
     consumer = output_consumer(settings, [topic], from_beginning)
     shown = 0
