@@ -173,8 +173,8 @@ def cluster_metadata(settings: Settings, admin: ReportingAdminClient | None = No
             raise KafkaSetupError(
                 f"no answer from Kafka at KAFKA_BOOTSTRAP_SERVERS={settings.bootstrap_servers} within "
                 f"{ADMIN_TIMEOUT_S:.0f} s ({last_error}); start a broker (`shoppulse broker` for the embedded one) "
-                "or fix the address and the security settings (KAFKA_SECURITY_PROTOCOL: the brokers may require "
-                "SASL or TLS)")
+                "or fix the address and the security settings (KAFKA_SECURITY_PROTOCOL, KAFKA_SASL_*, KAFKA_SSL_*: "
+                "the brokers may require a SASL login, TLS or a client certificate)")
 
 
 @dataclass(frozen=True)

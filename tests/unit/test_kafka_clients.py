@@ -2,17 +2,23 @@
 
 The builders in ``streams.kafka`` are checked by value, then handed to the real clients
 (librdkafka and Faust/aiokafka), which must accept them: librdkafka checks property names,
-ranges and that the TLS files load. No broker is needed; a test certificate is made with the
-``openssl`` command line.
+ranges and that the TLS files load. Test certificates are made with the ``openssl`` command
+line. The embedded broker speaks no TLS, so the TLS handshakes themselves (server verification,
+client certificates) are made against a plain TLS listener on 127.0.0.1: real handshakes, no
+Kafka behind them.
 """
 from __future__ import annotations
 
 import os
 import re
 import shutil
+import socket
 import ssl
 import subprocess
+import threading
+import time
 from pathlib import Path
+from typing import Iterator
 
 import faust
 import pytest
@@ -25,6 +31,7 @@ from streams.generator import GeneratedMessage
 from streams.kafka import (
     KafkaSetupError,
     admin_client,
+    cluster_metadata,
     confluent_admin_config,
     confluent_consumer_config,
     confluent_producer_config,
@@ -42,20 +49,80 @@ LIMITS = {"SHOPPULSE_KAFKA_MAX_MESSAGE_BYTES": "200000", "SHOPPULSE_KAFKA_FETCH_
           "SHOPPULSE_KAFKA_PRODUCER_BUFFER_KBYTES": "2048", "SHOPPULSE_KAFKA_PRODUCER_BUFFER_MESSAGES": "5000"}
 
 
-@pytest.fixture(scope="module")
-def tls_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """A self-signed certificate (also the CA) and its key, as PEM files."""
+def make_certificate(folder: Path, name: str) -> tuple[str, str]:
+    """A self-signed certificate for 127.0.0.1 (its own CA) and its key: PEM file paths."""
     openssl = shutil.which("openssl")
     if openssl is None:
         if os.environ.get("CI"):
             pytest.fail("openssl is not installed; `make test` installs it (Debian package `openssl`)")
         pytest.skip("the openssl command line is not installed (apt-get install openssl; `make test` installs it)")
-    folder = tmp_path_factory.mktemp("tls")
-    cert, key = folder / "cert.pem", folder / "key.pem"
+    cert, key = folder / f"{name}.pem", folder / f"{name}.key"
     subprocess.run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-                    "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", f"/CN={name}",
                     "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True, timeout=60)
-    return {"KAFKA_SSL_CAFILE": str(cert), "KAFKA_SSL_CERTFILE": str(cert), "KAFKA_SSL_KEYFILE": str(key)}
+    return str(cert), str(key)
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """KAFKA_SSL_* values: one self-signed certificate serves as CA, broker and client certificate."""
+    cert, key = make_certificate(tmp_path_factory.mktemp("tls"), "shoppulse-test")
+    return {"KAFKA_SSL_CAFILE": cert, "KAFKA_SSL_CERTFILE": cert, "KAFKA_SSL_KEYFILE": key}
+
+
+class TlsListener:
+    """A TLS server on 127.0.0.1 that completes handshakes and records each client's certificate.
+
+    Args:
+        cert, key: the server's certificate and key.
+        client_ca: when given, clients must present a certificate this CA signed (mutual TLS).
+    """
+
+    def __init__(self, cert: str, key: str, client_ca: str | None = None) -> None:
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(cert, key)
+        if client_ca:
+            self.context.verify_mode = ssl.CERT_REQUIRED
+            self.context.load_verify_locations(client_ca)
+        self.client_certs: list[dict] = []
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self._sock.getsockname()[1]}"
+        self._open: list[ssl.SSLSocket] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:  # closed
+                return
+            try:
+                tls = self.context.wrap_socket(conn, server_side=True)
+            except (ssl.SSLError, OSError):  # the client refused us, or we refused it
+                conn.close()
+                continue
+            self.client_certs.append(tls.getpeercert() or {})
+            self._open.append(tls)  # held open: the client waits for a Kafka answer that never comes
+
+    def wait_for_handshake(self, timeout_s: float = 5.0) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while not self.client_certs and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return bool(self.client_certs)
+
+    def close(self) -> None:
+        self._sock.close()
+        for tls in self._open:
+            tls.close()
+
+
+@pytest.fixture
+def listener(tls_files) -> Iterator[TlsListener]:
+    """Presents the test certificate; requires a client certificate the test CA signed."""
+    server = TlsListener(tls_files["KAFKA_SSL_CERTFILE"], tls_files["KAFKA_SSL_KEYFILE"],
+                         client_ca=tls_files["KAFKA_SSL_CAFILE"])
+    yield server
+    server.close()
 
 
 def secured(tls_files: dict[str, str], protocol: str = "SASL_SSL", **extra: str) -> Settings:
@@ -136,6 +203,44 @@ def test_unreadable_tls_files_name_the_variables(tls_files, tmp_path):
     not_pem.write_text("not a certificate")
     with pytest.raises(ConfigError, match="KAFKA_SSL_CAFILE=.*ca.pem.*point them at readable PEM files"):
         faust_ssl_context(secured({**tls_files, "KAFKA_SSL_CAFILE": str(not_pem)}))
+
+
+def test_mutual_tls_handshakes_with_the_configured_files(tls_files, listener):
+    settings = Settings.from_env({"KAFKA_BOOTSTRAP_SERVERS": listener.address, "KAFKA_SECURITY_PROTOCOL": "SSL",
+                                  **tls_files})
+    admin = admin_client(settings)
+    for _ in range(10):
+        try:
+            admin.list_topics(timeout=0.5)  # no Kafka behind the handshake: times out
+        except KafkaException:
+            pass
+        if listener.client_certs:
+            break
+    assert listener.client_certs and ((("commonName", "shoppulse-test"),),) == listener.client_certs[0]["subject"], \
+        "librdkafka verified the listener against KAFKA_SSL_CAFILE and showed KAFKA_SSL_CERTFILE"
+    assert not admin.security_errors
+
+    listener.client_certs.clear()
+    host, port = listener.address.split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as raw:  # as aiokafka does with Faust's context
+        with faust_ssl_context(settings).wrap_socket(raw, server_hostname=host):
+            assert listener.wait_for_handshake()
+
+
+def test_brokers_another_ca_signed_are_refused_fast(tls_files, listener, tmp_path):
+    other_ca, _ = make_certificate(tmp_path, "someone-else")
+    settings = Settings.from_env({"KAFKA_BOOTSTRAP_SERVERS": listener.address, "KAFKA_SECURITY_PROTOCOL": "SSL",
+                                  **tls_files, "KAFKA_SSL_CAFILE": other_ca})
+    started = time.monotonic()
+    with pytest.raises(KafkaSetupError, match="certificate verify failed.*check that the brokers listen with that "
+                                              "protocol, and KAFKA_SSL_CAFILE"):
+        cluster_metadata(settings)
+    assert time.monotonic() - started < 3.0
+    host, port = listener.address.split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as raw:
+        with pytest.raises(ssl.SSLCertVerificationError):
+            faust_ssl_context(settings).wrap_socket(raw, server_hostname=host)
+    assert not listener.client_certs
 
 
 @pytest.mark.xfail(strict=True, reason="streams/app.py passes broker_credentials=faust_credentials(settings) only; "
