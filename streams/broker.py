@@ -85,7 +85,7 @@ class EmbeddedBroker:
         start_timeout_s: how long to wait for the broker to answer, in seconds.
         authentication: require a SASL login (Tansu's ``--authentication``). Tansu 0.6.0 offers
             SCRAM-SHA-256/512 but keeps no user credentials, so it refuses every login: use it to
-            check that clients fail fast and clearly (``docs/deploy.md``, "Security").
+            check that clients fail fast and clearly (``docs/deploy.md``, "Security and limits").
     """
 
     def __init__(self, port: int = 0, log_path: Path | None = None, start_timeout_s: float = 20.0,

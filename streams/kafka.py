@@ -51,8 +51,9 @@ def confluent_admin_config(settings: Settings) -> dict[str, Any]:
 def confluent_producer_config(settings: Settings) -> dict[str, Any]:
     """confluent-kafka Producer settings: connection, security, message size and a bounded buffer.
 
-    ``produce()`` raises ``BufferError`` once the buffer holds ``SHOPPULSE_KAFKA_PRODUCER_BUFFER_*``;
-    callers then poll for deliveries and retry, so a flood of input waits instead of filling memory.
+    ``Producer.produce`` raises ``BufferError`` once the buffer holds ``SHOPPULSE_KAFKA_PRODUCER_BUFFER_*``;
+    :func:`streams.producer.produce` then polls for deliveries and retries, so a flood of input
+    waits instead of filling memory.
     """
     return {**settings.librdkafka_config(),
             "message.max.bytes": settings.kafka_max_message_bytes,
