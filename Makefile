@@ -22,11 +22,15 @@ $(BIN)/.installed: pyproject.toml ci/constraints.txt
 
 venv: $(BIN)/.installed
 
-# Real tools the tests use: promtool checks the alert rules and scrape config.
+# Real tools the tests use: promtool checks the alert rules and scrape config; openssl makes
+# the test certificate of the TLS settings tests.
 tools:
 	@command -v promtool >/dev/null || { \
 	  echo "installing Debian's prometheus package (for promtool)"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+	@command -v openssl >/dev/null || { \
+	  echo "installing Debian's openssl package"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends openssl >/dev/null; }
 
 demo: venv
 	$(BIN)/shoppulse demo --duration $(DURATION) --rate $(RATE)

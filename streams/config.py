@@ -16,6 +16,7 @@ BROKER_PROFILE_AUTO = "auto"
 BROKER_PROFILE_KAFKA = "kafka"
 BROKER_PROFILE_TANSU = "tansu"
 BROKER_PROFILES = (BROKER_PROFILE_AUTO, BROKER_PROFILE_KAFKA, BROKER_PROFILE_TANSU)
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 
 
 class ConfigError(ValueError):
@@ -32,6 +33,12 @@ SETTINGS_DOC: dict[str, tuple[str, str, str]] = {
     "ssl_cafile": ("KAFKA_SSL_CAFILE", "", "CA bundle (PEM) to verify the brokers"),
     "ssl_certfile": ("KAFKA_SSL_CERTFILE", "", "client certificate (PEM) for mutual TLS"),
     "ssl_keyfile": ("KAFKA_SSL_KEYFILE", "", "client private key (PEM) for mutual TLS"),
+    "kafka_max_message_bytes": ("SHOPPULSE_KAFKA_MAX_MESSAGE_BYTES", "1048576", "largest message a producer sends, in bytes (librdkafka message.max.bytes, aiokafka max_request_size)"),
+    "kafka_fetch_max_bytes": ("SHOPPULSE_KAFKA_FETCH_MAX_BYTES", "52428800", "most bytes one fetch of a confluent-kafka consumer returns (fetch.max.bytes)"),
+    "kafka_max_partition_fetch_bytes": ("SHOPPULSE_KAFKA_MAX_PARTITION_FETCH_BYTES", "1048576", "most bytes a consumer fetches per partition (max.partition.fetch.bytes; the worker's consumer_max_fetch_size)"),
+    "kafka_max_poll_records": ("SHOPPULSE_KAFKA_MAX_POLL_RECORDS", "0", "most records the worker's consumer returns per poll (0 = no cap; the fetch sizes bound memory)"),
+    "kafka_producer_buffer_kbytes": ("SHOPPULSE_KAFKA_PRODUCER_BUFFER_KBYTES", "65536", "KiB a confluent-kafka producer buffers before send waits (queue.buffering.max.kbytes)"),
+    "kafka_producer_buffer_messages": ("SHOPPULSE_KAFKA_PRODUCER_BUFFER_MESSAGES", "100000", "messages a confluent-kafka producer buffers before send waits (queue.buffering.max.messages)"),
     "broker_profile": ("SHOPPULSE_BROKER_PROFILE", "auto", "auto (detect the embedded Tansu broker by cluster id), kafka or tansu"),
     "app_id": ("SHOPPULSE_APP_ID", "shoppulse", "Faust app id: consumer group and changelog topic prefix"),
     "topic_page_views": ("SHOPPULSE_TOPIC_PAGE_VIEWS", "shop.page_views", "input topic of page views"),
@@ -113,6 +120,12 @@ class Settings:
     ssl_cafile: str = ""
     ssl_certfile: str = ""
     ssl_keyfile: str = ""
+    kafka_max_message_bytes: int = 1_048_576
+    kafka_fetch_max_bytes: int = 52_428_800
+    kafka_max_partition_fetch_bytes: int = 1_048_576
+    kafka_max_poll_records: int = 0
+    kafka_producer_buffer_kbytes: int = 65_536
+    kafka_producer_buffer_messages: int = 100_000
     broker_profile: str = BROKER_PROFILE_AUTO
     app_id: str = "shoppulse"
     topic_page_views: str = "shop.page_views"
@@ -179,6 +192,15 @@ class Settings:
             raise ConfigError(f"KAFKA_SECURITY_PROTOCOL={self.security_protocol!r}; use PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL")
         if self.security_protocol.startswith("SASL") and not (self.sasl_mechanism and self.sasl_username):
             raise ConfigError("KAFKA_SECURITY_PROTOCOL uses SASL but KAFKA_SASL_MECHANISM or KAFKA_SASL_USERNAME is empty; set both")
+        if self.security_protocol.startswith("SASL") and self.sasl_mechanism not in SASL_MECHANISMS:
+            raise ConfigError(f"KAFKA_SASL_MECHANISM={self.sasl_mechanism!r}; use {', '.join(SASL_MECHANISMS)}")
+        if not self.security_protocol.startswith("SASL") and (self.sasl_username or self.sasl_password):
+            raise ConfigError(f"KAFKA_SASL_USERNAME/KAFKA_SASL_PASSWORD are set but KAFKA_SECURITY_PROTOCOL="
+                              f"{self.security_protocol} does not use them; set SASL_SSL or SASL_PLAINTEXT, "
+                              "or unset the credentials")
+        if self.ssl_keyfile and not self.ssl_certfile:
+            raise ConfigError("KAFKA_SSL_KEYFILE is set without KAFKA_SSL_CERTFILE; mutual TLS needs both")
+        self._validate_kafka_limits()
         if self.partitions < 1:
             raise ConfigError("SHOPPULSE_PARTITIONS must be at least 1")
         if self.max_batch < 1:
@@ -195,6 +217,24 @@ class Settings:
         topics = self.input_topics + self.output_topics
         if len(set(topics)) != len(topics):
             raise ConfigError(f"topic names must differ, got {topics}")
+
+    def _validate_kafka_limits(self) -> None:
+        """The message, fetch and buffer limits must be ones librdkafka accepts and that fit together."""
+        if not 1000 <= self.kafka_max_message_bytes <= 1_000_000_000:
+            raise ConfigError(f"SHOPPULSE_KAFKA_MAX_MESSAGE_BYTES={self.kafka_max_message_bytes}; "
+                              "use 1000 to 1000000000 (librdkafka's range)")
+        if self.kafka_fetch_max_bytes < self.kafka_max_message_bytes:
+            raise ConfigError(f"SHOPPULSE_KAFKA_FETCH_MAX_BYTES={self.kafka_fetch_max_bytes} is below "
+                              f"SHOPPULSE_KAFKA_MAX_MESSAGE_BYTES={self.kafka_max_message_bytes}; raise it")
+        if not 1 <= self.kafka_max_partition_fetch_bytes <= 1_000_000_000:
+            raise ConfigError(f"SHOPPULSE_KAFKA_MAX_PARTITION_FETCH_BYTES={self.kafka_max_partition_fetch_bytes}; "
+                              "use 1 to 1000000000")
+        if self.kafka_producer_buffer_messages < 1:
+            raise ConfigError("SHOPPULSE_KAFKA_PRODUCER_BUFFER_MESSAGES must be at least 1")
+        if self.kafka_producer_buffer_kbytes * 1024 < self.kafka_max_message_bytes:
+            raise ConfigError(f"SHOPPULSE_KAFKA_PRODUCER_BUFFER_KBYTES={self.kafka_producer_buffer_kbytes} cannot hold "
+                              f"one message of SHOPPULSE_KAFKA_MAX_MESSAGE_BYTES={self.kafka_max_message_bytes}; "
+                              "a producer would wait forever: raise the buffer or lower the message size")
 
     @property
     def input_topics(self) -> tuple[str, str, str]:

@@ -49,6 +49,7 @@ class _Generator(threading.Thread):
 
     def run(self) -> None:
         from streams.generator import GeneratorConfig, ShopSimulator
+        from streams.kafka import confluent_producer_config
         from streams.producer import produce
 
         config = GeneratorConfig(seed=self.seed, malformed_fraction=DEMO_MALFORMED_FRACTION, clock="live",
@@ -60,7 +61,7 @@ class _Generator(threading.Thread):
                 self.sent += 1
                 yield message
         try:
-            produce(counted(), self.settings.topic_by_kind, self.settings.librdkafka_config(),
+            produce(counted(), self.settings.topic_by_kind, confluent_producer_config(self.settings),
                     rate_per_s=self.rate_per_s, progress=False)
         except BaseException as exc:  # shown by the main thread
             self.error = exc

@@ -1,4 +1,10 @@
-"""Kafka plumbing shared by the worker and the tools: broker detection and topic creation.
+"""Kafka plumbing shared by the worker and the tools: client settings, broker detection, topics.
+
+Every Kafka client ShopPulse creates takes its settings from one of the builders here, so each
+gets the connection, SASL/TLS settings and the message size and buffer limits of
+:class:`~streams.config.Settings`: :func:`confluent_admin_config`,
+:func:`confluent_producer_config`, :func:`confluent_consumer_config` (confluent-kafka) and
+:func:`faust_client_settings` (keyword arguments for ``faust.App``).
 
 The embedded Tansu broker needs a few client settings that production Kafka does not (see
 ``docs/embedded-broker.md``); :func:`resolve_broker_profile` tells which one we talk to, so
@@ -7,13 +13,16 @@ the worker applies them only there.
 from __future__ import annotations
 
 import logging
+import ssl
+import time
 from dataclasses import dataclass
+from typing import Any
 
-from confluent_kafka import KafkaException
+from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from streams.broker import EMBEDDED_CLUSTER_ID
-from streams.config import BROKER_PROFILE_AUTO, BROKER_PROFILE_KAFKA, BROKER_PROFILE_TANSU, Settings
+from streams.config import BROKER_PROFILE_AUTO, BROKER_PROFILE_KAFKA, BROKER_PROFILE_TANSU, ConfigError, Settings
 
 log = logging.getLogger(__name__)
 
@@ -22,18 +31,109 @@ log = logging.getLogger(__name__)
 TOPIC_RETENTION_MS = 7 * 24 * 3600 * 1000
 #: Longest wait for a metadata or admin reply, in seconds.
 ADMIN_TIMEOUT_S = 15.0
+#: Metadata is asked for in slices this long, in s, so a refused login stops the wait at once.
+_METADATA_SLICE_S = 0.5
+#: librdkafka errors that mean the brokers answered but refused our SASL login or TLS handshake.
+_SECURITY_ERRORS = (KafkaError._AUTHENTICATION, KafkaError._SSL)
 
 
 class KafkaSetupError(RuntimeError):
     """The brokers are unreachable or refused a setup step; the message says which and why."""
 
 
-def admin_client(settings: Settings) -> AdminClient:
+# --------------------------------------------------------------------------- client settings
+
+def confluent_admin_config(settings: Settings) -> dict[str, Any]:
+    """confluent-kafka AdminClient settings: connection and security; librdkafka logs errors only."""
+    return {**settings.librdkafka_config(), "log_level": 3}
+
+
+def confluent_producer_config(settings: Settings) -> dict[str, Any]:
+    """confluent-kafka Producer settings: connection, security, message size and a bounded buffer.
+
+    ``Producer.produce`` raises ``BufferError`` once the buffer holds ``SHOPPULSE_KAFKA_PRODUCER_BUFFER_*``;
+    :func:`streams.producer.produce` then polls for deliveries and retries, so a flood of input
+    waits instead of filling memory.
+    """
+    return {**settings.librdkafka_config(),
+            "message.max.bytes": settings.kafka_max_message_bytes,
+            "queue.buffering.max.kbytes": settings.kafka_producer_buffer_kbytes,
+            "queue.buffering.max.messages": settings.kafka_producer_buffer_messages}
+
+
+def confluent_consumer_config(settings: Settings, group: str) -> dict[str, Any]:
+    """confluent-kafka Consumer settings for consumer group ``group``: connection, security, fetch sizes."""
+    return {**settings.librdkafka_config(), "group.id": group,
+            "message.max.bytes": settings.kafka_max_message_bytes,
+            "fetch.max.bytes": settings.kafka_fetch_max_bytes,
+            "max.partition.fetch.bytes": settings.kafka_max_partition_fetch_bytes}
+
+
+def faust_ssl_context(settings: Settings) -> ssl.SSLContext:
+    """TLS context from ``KAFKA_SSL_*``: verifies the brokers against the CA file (or the system CAs)."""
+    try:
+        context = ssl.create_default_context(cafile=settings.ssl_cafile or None)
+        if settings.ssl_certfile:
+            context.load_cert_chain(settings.ssl_certfile, settings.ssl_keyfile or None)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load the TLS files KAFKA_SSL_CAFILE={settings.ssl_cafile!r}, KAFKA_SSL_CERTFILE="
+                          f"{settings.ssl_certfile!r}, KAFKA_SSL_KEYFILE={settings.ssl_keyfile!r} ({exc}); "
+                          "point them at readable PEM files") from None
+    return context
+
+
+def faust_credentials(settings: Settings) -> Any:
+    """Faust/aiokafka credentials for the configured security protocol, or None for PLAINTEXT."""
+    import faust  # local import: the CLI tools need no Faust
+
+    context = faust_ssl_context(settings) if settings.security_protocol.endswith("SSL") else None
+    if settings.security_protocol.startswith("SASL"):
+        return faust.SASLCredentials(username=settings.sasl_username, password=settings.sasl_password,
+                                     mechanism=settings.sasl_mechanism, ssl_context=context)
+    if context is not None:
+        return faust.SSLCredentials(context)
+    return None
+
+
+def faust_client_settings(settings: Settings) -> dict[str, Any]:
+    """Keyword arguments for ``faust.App``: credentials, message size limit and fetch limits.
+
+    Faust's aiokafka producer refuses messages over ``producer_max_request_size``; its consumer
+    fetches at most ``consumer_max_fetch_size`` per partition and Faust buffers at most
+    ``stream_buffer_maxsize`` (4096) events per agent, which bounds the worker's input memory.
+    """
+    return {"broker_credentials": faust_credentials(settings),
+            "producer_max_request_size": settings.kafka_max_message_bytes,
+            "consumer_max_fetch_size": settings.kafka_max_partition_fetch_bytes,
+            "broker_max_poll_records": settings.kafka_max_poll_records or None}
+
+
+# --------------------------------------------------------------------------- the cluster
+
+class ReportingAdminClient(AdminClient):
+    """An AdminClient that keeps the SASL and TLS errors librdkafka reported, in ``security_errors``."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        errors: list[KafkaError] = []
+
+        def keep_security_errors(error: KafkaError) -> None:  # no reference to the client: no cycle, freed at once
+            if error.code() in _SECURITY_ERRORS:
+                errors.append(error)
+
+        self.security_errors = errors
+        super().__init__({**config, "error_cb": keep_security_errors})
+
+
+def admin_client(settings: Settings) -> ReportingAdminClient:
     """An AdminClient with the connection and security settings."""
-    return AdminClient({**settings.librdkafka_config(), "log_level": 3})
+    try:
+        return ReportingAdminClient(confluent_admin_config(settings))
+    except KafkaException as exc:
+        raise KafkaSetupError(f"cannot create a Kafka client ({exc.args[0].str()}); check the KAFKA_SSL_* and "
+                              "KAFKA_SASL_* settings") from None
 
 
-def resolve_broker_profile(settings: Settings, admin: AdminClient | None = None) -> str:
+def resolve_broker_profile(settings: Settings, admin: ReportingAdminClient | None = None) -> str:
     """``tansu`` or ``kafka``: the configured profile, or detected from the cluster id."""
     if settings.broker_profile != BROKER_PROFILE_AUTO:
         return settings.broker_profile
@@ -41,16 +141,41 @@ def resolve_broker_profile(settings: Settings, admin: AdminClient | None = None)
     return BROKER_PROFILE_TANSU if cluster_id == EMBEDDED_CLUSTER_ID else BROKER_PROFILE_KAFKA
 
 
-def cluster_metadata(settings: Settings, admin: AdminClient | None = None):  # -> ClusterMetadata
-    """Metadata of the cluster, or :class:`KafkaSetupError` saying how to fix the connection."""
+def _security_failure(settings: Settings, error: KafkaError) -> KafkaSetupError:
+    where = f"Kafka at KAFKA_BOOTSTRAP_SERVERS={settings.bootstrap_servers}"
+    if settings.security_protocol.startswith("SASL") and error.code() == KafkaError._AUTHENTICATION:
+        return KafkaSetupError(
+            f"{where} refused the SASL login of KAFKA_SASL_USERNAME={settings.sasl_username!r} with "
+            f"KAFKA_SASL_MECHANISM={settings.sasl_mechanism} ({error.str()}); check KAFKA_SASL_USERNAME and "
+            "KAFKA_SASL_PASSWORD, and that the brokers offer that KAFKA_SASL_MECHANISM")
+    return KafkaSetupError(
+        f"{where}: TLS or authentication failed with KAFKA_SECURITY_PROTOCOL={settings.security_protocol} "
+        f"({error.str()}); check that the brokers listen with that protocol, and KAFKA_SSL_CAFILE, "
+        "KAFKA_SSL_CERTFILE and KAFKA_SSL_KEYFILE")
+
+
+def cluster_metadata(settings: Settings, admin: ReportingAdminClient | None = None):  # -> ClusterMetadata
+    """Metadata of the cluster, or :class:`KafkaSetupError` saying how to fix the connection.
+
+    Waits up to :data:`ADMIN_TIMEOUT_S`, but stops as soon as the brokers refuse the SASL
+    login or the TLS handshake: a wrong password fails in well under a second, not after the timeout.
+    """
     admin = admin or admin_client(settings)
-    try:
-        return admin.list_topics(timeout=ADMIN_TIMEOUT_S)
-    except KafkaException as exc:
-        raise KafkaSetupError(
-            f"no answer from Kafka at KAFKA_BOOTSTRAP_SERVERS={settings.bootstrap_servers} within "
-            f"{ADMIN_TIMEOUT_S:.0f} s ({exc.args[0]}); start a broker (`shoppulse broker` for the embedded one) "
-            "or fix the address and security settings") from None
+    deadline = time.monotonic() + ADMIN_TIMEOUT_S
+    while True:
+        try:
+            return admin.list_topics(timeout=min(_METADATA_SLICE_S, max(0.0, deadline - time.monotonic())))
+        except KafkaException as exc:
+            last_error = exc.args[0]
+        admin.poll(0)  # serves error_cb
+        if admin.security_errors:
+            raise _security_failure(settings, admin.security_errors[-1])
+        if time.monotonic() >= deadline:
+            raise KafkaSetupError(
+                f"no answer from Kafka at KAFKA_BOOTSTRAP_SERVERS={settings.bootstrap_servers} within "
+                f"{ADMIN_TIMEOUT_S:.0f} s ({last_error}); start a broker (`shoppulse broker` for the embedded one) "
+                "or fix the address and the security settings (KAFKA_SECURITY_PROTOCOL, KAFKA_SASL_*, KAFKA_SSL_*: "
+                "the brokers may require a SASL login, TLS or a client certificate)")
 
 
 @dataclass(frozen=True)

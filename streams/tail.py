@@ -7,12 +7,13 @@ import os
 from confluent_kafka import Consumer, KafkaError, Message
 
 from streams.config import Settings
+from streams.kafka import cluster_metadata, confluent_consumer_config
 from streams.process import stop_on_signals
 
 
 def output_consumer(settings: Settings, topics: list[str], from_beginning: bool, name: str = "tail") -> Consumer:
     """A consumer in a throwaway group that never commits: reading does not disturb anyone."""
-    consumer = Consumer({**settings.librdkafka_config(), "group.id": f"shoppulse-{name}-{os.getpid()}",
+    consumer = Consumer({**confluent_consumer_config(settings, f"shoppulse-{name}-{os.getpid()}"),
                          "enable.auto.commit": False, "session.timeout.ms": 6000,
                          "auto.offset.reset": "earliest" if from_beginning else "latest", "log_level": 3})
     consumer.subscribe(topics)
@@ -35,6 +36,7 @@ def format_message(message: Message) -> str:
 
 def tail(settings: Settings, topic: str, from_beginning: bool = False, limit: int = 0) -> int:
     """Print messages of ``topic`` until Ctrl-C or ``limit`` messages (0 = no limit)."""
+    cluster_metadata(settings)  # a wrong address or password stops here, with a message, instead of polling forever
     stop = stop_on_signals()
     consumer = output_consumer(settings, [topic], from_beginning)
     shown = 0

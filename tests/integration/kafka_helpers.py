@@ -10,6 +10,7 @@ from confluent_kafka import Consumer, KafkaError, Message
 
 from streams.broker import free_port
 from streams.config import Settings
+from streams.kafka import confluent_consumer_config
 from streams.process import WorkerProcess  # noqa: F401 - re-exported for the tests
 
 
@@ -27,7 +28,7 @@ def isolated_settings(bootstrap_servers: str, data_dir: Path, partitions: int = 
 def read_topic(settings: Settings, topic: str | list[str], until: Callable[[list[Message]], bool],
                timeout_s: float = 60.0) -> list[Message]:
     """Read ``topic`` (or several) from the beginning until ``until(messages)`` holds or the timeout passes."""
-    consumer = Consumer({**settings.librdkafka_config(), "group.id": f"test-reader-{uuid.uuid4().hex[:8]}",
+    consumer = Consumer({**confluent_consumer_config(settings, f"test-reader-{uuid.uuid4().hex[:8]}"),
                          "auto.offset.reset": "earliest", "enable.auto.commit": False, "session.timeout.ms": 6000})
     consumer.subscribe([topic] if isinstance(topic, str) else topic)
     messages: list[Message] = []

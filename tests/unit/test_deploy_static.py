@@ -55,7 +55,7 @@ HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count", "_created")
 #: Variables docker-compose.yml interpolates that are not ShopPulse settings; docs/deploy.md
 #: documents each of them.
 COMPOSE_VARIABLES = ("KAFKA_HOST_PORT", "KAFKA_CLUSTER_ID", "PROMETHEUS_HOST_PORT", "PROMETHEUS_RETENTION",
-                     "GRAFANA_HOST_PORT", "GRAFANA_ADMIN_PASSWORD")
+                     "GRAFANA_HOST_PORT", "GRAFANA_ADMIN_PASSWORD", "SHOPPULSE_MODELS_HOST_DIR")
 #: Services that run the `shoppulse` command from our image.
 SHOPPULSE_SERVICES = ("worker", "generator")
 SETTING_VARS = {var for var, _, _ in SETTINGS_DOC.values()}
@@ -287,6 +287,28 @@ def test_worker_scales(services):
     volumes = [v if isinstance(v, str) else v.get("target") for v in worker.get("volumes", [])]
     assert env["SHOPPULSE_DATA_DIR"] in volumes, f"SHOPPULSE_DATA_DIR={env['SHOPPULSE_DATA_DIR']} is not on a volume"
     assert worker["build"] == {"context": ".", "dockerfile": "deploy/Dockerfile"}
+
+
+def test_worker_reads_the_model_registry_read_only(services):
+    worker = services["worker"]
+    models_dir = env_of(worker)["SHOPPULSE_MODELS_DIR"]
+
+    def mounts(environ: dict[str, str] | None = None) -> dict[str, tuple[str, list[str]]]:
+        """target -> (host source, options) of the worker's bind mounts, as compose interpolates them."""
+        found = {}
+        for volume in worker["volumes"]:
+            source, *rest = str(interpolate(volume, environ)).split(":")
+            if rest:
+                found[rest[0]] = (source, rest[1:])
+        return found
+
+    assert models_dir in mounts(), f"SHOPPULSE_MODELS_DIR={models_dir} is not mounted into the worker"
+    source, options = mounts()[models_dir]
+    assert options == ["ro"], "workers only read the registry"
+    assert Path(source) == Path(DEFAULTS["models_dir"]), \
+        "by default the worker serves the registry `shoppulse train` writes on the host"
+    assert mounts({"SHOPPULSE_MODELS_HOST_DIR": "/srv/models"})[models_dir][0] == "/srv/models"
+    assert Path(models_dir).is_absolute(), "a relative SHOPPULSE_MODELS_DIR depends on the container's working directory"
 
 
 def test_worker_healthcheck_matches_the_image_and_works(services):

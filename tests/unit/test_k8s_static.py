@@ -35,6 +35,7 @@ from tests.unit.test_deploy_static import (
     alert_rules,
     command_of,
     dockerfile_env,
+    env_of,
     exec_form,
     final_stage,
     interpolate,
@@ -303,7 +304,7 @@ def test_probe_paths_answer_as_kubernetes_expects(worker):
         server.stop()
 
 
-def test_volumes_hold_the_tables_and_the_models(worker, config, resources):
+def test_volumes_hold_the_tables_and_the_models(worker, config, resources, services):
     spec = worker["spec"]
     mounts = {m["mountPath"]: m for m in container(worker)["volumeMounts"]}
     volumes = {v["name"]: v for v in pod_spec(worker)["volumes"]}
@@ -323,6 +324,8 @@ def test_volumes_hold_the_tables_and_the_models(worker, config, resources):
 
     models = mounts[config["SHOPPULSE_MODELS_DIR"]]
     assert models["readOnly"] is True, "workers only read the registry"
+    assert config["SHOPPULSE_MODELS_DIR"] == env_of(services["worker"])["SHOPPULSE_MODELS_DIR"], \
+        "compose and Kubernetes mount the registry at one path"
     claim = volumes[models["name"]]["persistentVolumeClaim"]
     assert claim == {"claimName": "shoppulse-models", "readOnly": True}
     pvc = one(resources, "PersistentVolumeClaim", "shoppulse-models")
