@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 import time
 from typing import Any, AsyncIterator
 
@@ -35,7 +34,8 @@ from models.scoring import BatchScorer
 from models.training import CLASSIFIER_MODEL, NEXTITEM_MODEL
 from streams.alerts import AlertPolicy
 from streams.config import Settings
-from streams.kafka import BROKER_PROFILE_TANSU, ensure_topics, resolve_broker_profile, tansu_client_overrides
+from streams.kafka import (BROKER_PROFILE_TANSU, ensure_topics, faust_client_settings, resolve_broker_profile,
+                           tansu_client_overrides)
 from streams.batch_producer import BatchProducer
 from streams.metrics import HealthState, MetricsServer, WorkerMetrics
 from streams.pipeline import BatchOutcome, BatchProcessor, InputMessage
@@ -60,21 +60,6 @@ def idle_since_ms(stored: bytes, now_ms: int) -> int:
         return now_ms
 
 
-def faust_credentials(settings: Settings) -> Any:
-    """Faust/aiokafka credentials for the configured security protocol, or None for PLAINTEXT."""
-    context = None
-    if settings.security_protocol.endswith("SSL"):
-        context = ssl.create_default_context(cafile=settings.ssl_cafile or None)
-        if settings.ssl_certfile:
-            context.load_cert_chain(settings.ssl_certfile, settings.ssl_keyfile or None)
-    if settings.security_protocol.startswith("SASL"):
-        return faust.SASLCredentials(username=settings.sasl_username, password=settings.sasl_password,
-                                     mechanism=settings.sasl_mechanism, ssl_context=context)
-    if context is not None:
-        return faust.SSLCredentials(context)
-    return None
-
-
 def partition_of(where: InputMessage | int) -> int:
     """The partition a message came from, or the partition number itself (sweeps)."""
     return where if isinstance(where, int) else where.partition
@@ -92,7 +77,7 @@ class ScoringWorker:
         self.app = faust.App(
             settings.app_id,
             broker=[f"kafka://{server.strip()}" for server in settings.bootstrap_servers.split(",")],
-            broker_credentials=faust_credentials(settings),
+            **faust_client_settings(settings),
             store="rocksdb://",
             datadir=str(settings.data_dir),
             topic_partitions=settings.partitions,
@@ -104,10 +89,8 @@ class ScoringWorker:
         )
         self.inputs = self.app.topic(*settings.input_topics, partitions=settings.partitions,
                                      key_serializer="raw", value_serializer="raw")
-        self.outputs = BatchProducer(settings)
-        # One record per record batch on Tansu keeps no backlog of requests; the seal makes restores exact.
-        self.tables = TableWriter(BatchProducer(settings, track_offsets=True),
-                                  seal=self.profile == BROKER_PROFILE_TANSU)
+        self.outputs: BatchProducer  # and self.tables: connect only when the worker runs
+        self.tables: TableWriter
         self.table = self.app.Table(STATE_TABLE, key_type=bytes, value_type=bytes, partitions=settings.partitions,
                                     help="Per-shopper feature state (features.encoding), keyed by user_id")
         self.alert_table = self.app.Table(ALERT_TABLE, key_type=bytes, value_type=bytes, partitions=settings.partitions,
@@ -338,6 +321,9 @@ class ScoringWorker:
     def run(self) -> int:
         """Create topics, start the metrics server and run the worker until SIGINT/SIGTERM."""
         ensure_topics(self.settings)
+        self.outputs = BatchProducer(self.settings)
+        self.tables = TableWriter(BatchProducer(self.settings, track_offsets=True),
+                                  seal=self.profile == BROKER_PROFILE_TANSU)
         self.metrics_server = MetricsServer(self.metrics, self.health, self.settings.metrics_host,
                                             self.settings.metrics_port).start()
         worker = _Worker(self.app, after_start=self._on_startup_finished,

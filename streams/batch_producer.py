@@ -21,6 +21,7 @@ from typing import Any, Sequence
 from confluent_kafka import KafkaError, Message, Producer
 
 from streams.config import Settings
+from streams.kafka import confluent_producer_config
 from streams.producer import PARTITIONER
 
 log = logging.getLogger(__name__)
@@ -42,18 +43,16 @@ class BatchProducer:
     """Queues messages and waits for their delivery, batch by batch.
 
     Args:
-        settings: connection and security settings (``Settings.librdkafka_config``).
-        extra_config: librdkafka settings on top (e.g. ``batch.num.messages``).
+        settings: connection, security, message size and buffer limits
+            (:func:`streams.kafka.confluent_producer_config`); ``send`` waits for deliveries
+            when the buffer is full, so memory stays bounded.
         track_offsets: remember the highest delivered offset per topic partition
             (:meth:`take_offsets`); the changelog producer needs them, outputs do not.
-        buffer_max_messages: most messages held unacknowledged; ``send`` waits for deliveries
-            when the buffer is full, so memory stays bounded.
     """
 
-    def __init__(self, settings: Settings, extra_config: dict[str, Any] | None = None, track_offsets: bool = False,
-                 buffer_max_messages: int = 200_000) -> None:
-        config = {**BATCH_PRODUCER_SETTINGS, **settings.librdkafka_config(), "partitioner": PARTITIONER,
-                  "queue.buffering.max.messages": buffer_max_messages, "log_level": 3, **(extra_config or {})}
+    def __init__(self, settings: Settings, track_offsets: bool = False) -> None:
+        config = {**BATCH_PRODUCER_SETTINGS, **confluent_producer_config(settings), "partitioner": PARTITIONER,
+                  "log_level": 3}
         self._producer = Producer(config)
         self._failures: list[str] = []
         self._offsets: dict[tuple[str, int], int] = {}

@@ -243,8 +243,6 @@ def test_brokers_another_ca_signed_are_refused_fast(tls_files, listener, tmp_pat
     assert not listener.client_certs
 
 
-@pytest.mark.xfail(strict=True, reason="streams/app.py passes broker_credentials=faust_credentials(settings) only; "
-                   "it must pass **faust_client_settings(settings) to faust.App (then drop this marker)")
 def test_the_worker_builds_faust_from_faust_client_settings(tls_files, tmp_path):
     from streams.app import ScoringWorker
 
