@@ -8,6 +8,10 @@ and on the same broker and topics:
 * Faust's own floor: an agent taking micro-batches and doing nothing (bench/faust_floor.py);
 * the ShopPulse worker (``shoppulse worker``, a child process): events/s from ready to the last
   event consumed, with validation, state updates in RocksDB, scoring and publishing;
+* end-to-end latency at a fixed fraction of the worker's saturation rate (``--latency-fraction``):
+  live-clock events produced at that rate for ``--latency-s`` seconds, first to the worker,
+  then to the bare loop; latency is the time from an output's triggering event ts to the
+  moment a reader consumes the output (p50 / p99 over the outputs of that phase);
 * with ``--recovery``: time to ready after a restart with the data directory kept, and after
   losing it (every shopper restored from the changelog).
 
@@ -18,11 +22,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import multiprocessing
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -44,6 +51,10 @@ THROUGHPUT_SECTION = "## Worker throughput (embedded broker, this machine)"
 THROUGHPUT_HEADER = ("| date (UTC) | events | shoppers | partitions | bare loop ev/s | Faust no-op agent ev/s "
                      "| worker ev/s | worker / bare | batches | mean batch | models | workers | command |\n"
                      "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+LATENCY_SECTION = "## End-to-end latency at a fixed rate (embedded broker, this machine)"
+LATENCY_HEADER = ("| date (UTC) | rate ev/s | share of worker saturation | seconds | worker p50 ms | worker p99 ms "
+                  "| worker outputs | bare loop p50 ms | bare loop p99 ms | bare loop outputs | models | command |\n"
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|")
 RECOVERY_SECTION = "## Table recovery (embedded broker, one worker)"
 RECOVERY_HEADER = ("| date (UTC) | shoppers in table | ready, data dir kept (s) | ready, data dir lost (s) "
                    "| command |\n|---|---|---|---|---|")
@@ -56,9 +67,13 @@ def simulated_messages(events: int, shoppers: int, days: float, seed: int) -> li
     return list(ShopSimulator(config).messages(limit=events))
 
 
-def bare_loop(settings: Settings, total: int) -> float:
-    """events/s of consume → parse → dict state → produce, the ceiling for this broker and machine."""
-    consumer = Consumer({**confluent_consumer_config(settings, f"bare-{time.time_ns()}"), "auto.offset.reset": "earliest",
+def bare_loop(settings: Settings, total: int | None, group: str, stop: threading.Event | None = None) -> float:
+    """events/s of consume → parse → dict state → produce, the ceiling for this broker and machine.
+
+    Runs until ``total`` events (or, with ``total=None``, until ``stop`` is set); the output
+    carries the event's ts as ``trigger_ts`` for the latency phase.
+    """
+    consumer = Consumer({**confluent_consumer_config(settings, group), "auto.offset.reset": "earliest",
                          "enable.auto.commit": True, "session.timeout.ms": 6000})
     producer = Producer({**confluent_producer_config(settings), "linger.ms": 5, "partitioner": "murmur2_random"})
     consumer.subscribe(list(settings.input_topics))
@@ -66,8 +81,8 @@ def bare_loop(settings: Settings, total: int) -> float:
     seen = 0
     started = None
     output = settings.topic_scores + ".bare"
-    while seen < total:
-        for message in consumer.consume(1000, timeout=1.0):
+    while (seen < total) if total is not None else not stop.is_set():
+        for message in consumer.consume(1000, timeout=0.05 if total is None else 1.0):
             if message.error():
                 continue
             if started is None:
@@ -79,7 +94,7 @@ def bare_loop(settings: Settings, total: int) -> float:
                 continue
             user = counts.setdefault(message.key(), {})
             user[message.topic()] = user.get(message.topic(), 0) + 1
-            value = json.dumps({"user_id": doc.get("user_id"), "counts": user}).encode()
+            value = json.dumps({"user_id": doc.get("user_id"), "trigger_ts": doc.get("ts"), "counts": user}).encode()
             while True:
                 try:
                     producer.produce(output, value, message.key())
@@ -90,7 +105,56 @@ def bare_loop(settings: Settings, total: int) -> float:
     producer.flush()
     elapsed = time.perf_counter() - (started or time.perf_counter())
     consumer.close()
-    return total / elapsed
+    return seen / elapsed if elapsed > 0 else 0.0
+
+
+def _bare_loop_until_stopped(settings: Settings, group: str, stop: threading.Event) -> None:
+    bare_loop(settings, None, group, stop)
+
+
+def output_latencies_ms(settings: Settings, topic: str, since_ms: int, until: threading.Event, out: list[float]) -> None:
+    """Append, for each output on ``topic`` triggered by an event at or after ``since_ms``, the ms
+    from that event's ts to now (when this reader consumes it), until ``until`` is set and the
+    topic is drained."""
+    consumer = Consumer({**confluent_consumer_config(settings, f"latency-{time.time_ns()}"),
+                         "auto.offset.reset": "earliest", "enable.auto.commit": False, "fetch.wait.max.ms": 5})
+    consumer.subscribe([topic])
+    idle_since = None
+    while True:
+        batch = consumer.consume(1000, timeout=0.05)
+        now_ms = time.time() * 1000
+        for message in batch:
+            if message.error() or message.value() is None:
+                continue
+            trigger_ts = json.loads(message.value()).get("trigger_ts")
+            if trigger_ts is not None and trigger_ts >= since_ms:
+                out.append(now_ms - trigger_ts)
+        if until.is_set():
+            idle_since = idle_since or time.monotonic()
+            if batch:
+                idle_since = time.monotonic()
+            elif time.monotonic() - idle_since > 3.0:
+                break
+    consumer.close()
+
+
+def paced_latency(settings: Settings, topic: str, rate: float, seconds: float, seed: int) -> list[float]:
+    """Produce live-clock events at ``rate``/s for ``seconds`` and return the output latencies in ms."""
+    since_ms = int(time.time() * 1000)
+    latencies: list[float] = []
+    done = threading.Event()
+    reader = threading.Thread(target=output_latencies_ms, args=(settings, topic, since_ms, done, latencies), daemon=True)
+    reader.start()
+    config = GeneratorConfig(seed=seed, n_shoppers=20_000, clock="live")
+    produce(ShopSimulator(config).messages(limit=int(rate * seconds)), settings.topic_by_kind,
+            confluent_producer_config(settings), rate_per_s=rate)
+    done.set()
+    reader.join(120)
+    return latencies
+
+
+def percentile(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1] if len(values) > 1 else float("nan")
 
 
 def faust_floor(settings: Settings, total: int) -> float:
@@ -135,6 +199,9 @@ def main() -> None:
                         help="model registry the worker serves (empty: the heuristic)")
     parser.add_argument("--workers", type=int, default=1, help="workers in one consumer group")
     parser.add_argument("--recovery", action="store_true", help="also measure restart and restore times")
+    parser.add_argument("--latency-fraction", type=float, default=0.5,
+                        help="latency phase rate as a share of the measured worker saturation (0: skip)")
+    parser.add_argument("--latency-s", type=float, default=20.0, help="length of each latency phase, in s")
     parser.add_argument("--no-record", action="store_true", help="print only; do not touch BENCHMARKS.md")
     args = parser.parse_args()
 
@@ -158,7 +225,8 @@ def measure(args: argparse.Namespace, workdir: Path) -> None:
         report = produce(messages, settings.topic_by_kind, confluent_producer_config(settings))
         print(f"pre-produced {report.delivered:,} messages in {report.seconds:.1f} s", flush=True)
 
-        bare = bare_loop(settings, len(messages))
+        bare_group = f"bare-{time.time_ns()}"
+        bare = bare_loop(settings, len(messages), bare_group)
         print(f"bare confluent-kafka loop: {bare:,.0f} events/s", flush=True)
         floor = faust_floor(settings, len(messages))
         print(f"Faust no-op agent:         {floor:,.0f} events/s (take_events, no work)", flush=True)
@@ -171,6 +239,8 @@ def measure(args: argparse.Namespace, workdir: Path) -> None:
                        f"{floor:,.0f} | {worker_rate:,.0f} | {worker_rate / bare:.2f} | {batches:.0f} | "
                        f"{mean_batch:.0f} | {models} | {args.workers} | `{this_command()}` |")
 
+        if args.latency_fraction > 0:
+            measure_latency(args, settings, worker_rate, bare_group, models)
         for worker in workers[1:]:
             worker.stop()
         worker = workers[0]
@@ -191,6 +261,30 @@ def measure(args: argparse.Namespace, workdir: Path) -> None:
                            f"| {utc_now()} | {shoppers:,} | {kept_s:.1f} | {lost_s:.1f} | `{this_command()}` |")
         else:
             worker.stop()
+
+
+def measure_latency(args: argparse.Namespace, settings: Settings, worker_rate: float, bare_group: str,
+                    models: str) -> None:
+    """Latency at ``latency_fraction`` of the worker's saturation rate: the worker (running), then the bare loop."""
+    rate = args.latency_fraction * worker_rate
+    print(f"latency phase: {rate:,.0f} events/s for {args.latency_s:.0f} s each …", flush=True)
+    worker_ms = paced_latency(settings, settings.topic_scores, rate, args.latency_s, args.seed + 1)
+    stop = multiprocessing.Event()
+    bare_process = multiprocessing.Process(target=_bare_loop_until_stopped, args=(settings, bare_group, stop))
+    bare_process.start()
+    time.sleep(5.0)  # let the bare loop catch up with the worker's latency-phase events first
+    bare_ms = paced_latency(settings, settings.topic_scores + ".bare", rate, args.latency_s, args.seed + 2)
+    stop.set()
+    bare_process.join(30)
+    row = (f"{percentile(worker_ms, 50):,.1f} | {percentile(worker_ms, 99):,.1f} | {len(worker_ms):,} | "
+           f"{percentile(bare_ms, 50):,.1f} | {percentile(bare_ms, 99):,.1f} | {len(bare_ms):,}")
+    print(f"worker p50/p99 {percentile(worker_ms, 50):,.1f} / {percentile(worker_ms, 99):,.1f} ms over "
+          f"{len(worker_ms):,} outputs; bare loop {percentile(bare_ms, 50):,.1f} / {percentile(bare_ms, 99):,.1f} ms "
+          f"over {len(bare_ms):,}", flush=True)
+    if not args.no_record:
+        append_row(LATENCY_SECTION, LATENCY_HEADER,
+                   f"| {utc_now()} | {rate:,.0f} | {args.latency_fraction:.2f} | {args.latency_s:.0f} | {row} | "
+                   f"{models} | `{this_command()}` |")
 
 
 if __name__ == "__main__":

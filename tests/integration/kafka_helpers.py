@@ -45,3 +45,31 @@ def read_topic(settings: Settings, topic: str | list[str], until: Callable[[list
         consumer.close()
     return messages
 
+
+def read_to_end(settings: Settings, topic: str, timeout_s: float = 60.0) -> list[Message]:
+    """Every message of ``topic`` up to the end of each partition (for a topic nobody writes to any more)."""
+    consumer = Consumer({**confluent_consumer_config(settings, f"test-reader-{uuid.uuid4().hex[:8]}"),
+                         "auto.offset.reset": "earliest", "enable.auto.commit": False, "session.timeout.ms": 6000,
+                         "enable.partition.eof": True})
+    partitions = len(consumer.list_topics(topic, timeout=10).topics[topic].partitions)
+    consumer.subscribe([topic])
+    messages: list[Message] = []
+    at_end: set[int] = set()
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(at_end) < partitions:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"reading {topic}: only partitions {sorted(at_end)} of {partitions} reached "
+                                     f"their end within {timeout_s:.0f} s")
+            for message in consumer.consume(1000, timeout=0.5):
+                if message.error():
+                    if message.error().code() != KafkaError._PARTITION_EOF:
+                        raise AssertionError(f"reading {topic}: {message.error()}")
+                    at_end.add(message.partition())
+                    continue
+                at_end.discard(message.partition())
+                messages.append(message)
+    finally:
+        consumer.close()
+    return messages
+

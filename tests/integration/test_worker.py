@@ -21,7 +21,7 @@ from streams.kafka import ensure_topics
 from streams.producer import produce
 from streams.table_writer import SEAL_KEY
 
-from .kafka_helpers import WorkerProcess, isolated_settings, read_topic
+from .kafka_helpers import WorkerProcess, isolated_settings, read_to_end, read_topic
 
 pytestmark = pytest.mark.integration
 
@@ -32,12 +32,11 @@ def valid_events(messages) -> list:
     return [parse_event(m.topic_kind, m.key, m.value, now_ms) for m in messages if m.malformed_reason is None]
 
 
-def changelog_states(settings, users: set[str]) -> dict[str, bytes]:
-    """The last state each shopper's changelog holds, once every expected shopper is there."""
-    topic = f"{settings.app_id}-{STATE_TABLE}-changelog"
-    messages = read_topic(settings, topic, until=lambda ms: users <= {m.key().decode() for m in ms}, timeout_s=60)
+def changelog_states(settings) -> dict[str, bytes]:
+    """The last state each shopper's changelog holds (read to the end: the worker has stopped)."""
     states: dict[str, bytes] = {}
-    for m in messages:  # a tombstone (None) deletes, as compaction and table recovery read it
+    for m in read_to_end(settings, f"{settings.app_id}-{STATE_TABLE}-changelog"):
+        # a tombstone (None) deletes, as compaction and table recovery read it
         if m.value() is None:
             states.pop(m.key().decode(), None)
         else:
@@ -112,7 +111,7 @@ def test_every_event_scored_or_dead_lettered(settings, tmp_path):
 
     # State: exactly what the offline replay of the valid events gives, feature vector and all.
     offline = final_states(events)
-    online = {user: decode_state(raw) for user, raw in changelog_states(settings, set(offline)).items()}
+    online = {user: decode_state(raw) for user, raw in changelog_states(settings).items()}
     for user, state in offline.items():
         assert encode_state(online[user]) == encode_state(state), (
             f"state of {user} differs from offline replay: " + str({n: (getattr(online[user], n), getattr(state, n))
@@ -153,7 +152,7 @@ def test_state_survives_a_restart(settings, tmp_path, stop, lose_data_dir):
     finally:
         assert worker.stop() == 0, worker.log_tail()
     offline = final_states(events)
-    online = {user: decode_state(raw) for user, raw in changelog_states(settings, set(offline)).items()}
+    online = {user: decode_state(raw) for user, raw in changelog_states(settings).items()}
     wrong = [user for user, state in offline.items() if encode_state(online[user]) != encode_state(state)]
     assert not wrong, f"{len(wrong)} of {len(offline)} shoppers restored wrongly, e.g. {wrong[:3]}"
 
