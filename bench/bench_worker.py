@@ -36,14 +36,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from confluent_kafka import Consumer, Producer  # noqa: E402
+from confluent_kafka import Consumer, Producer, TopicPartition  # noqa: E402
 
 from bench.record import append_row, this_command, utc_now  # noqa: E402
 from models.training import models_ready  # noqa: E402
 from streams.broker import EmbeddedBroker, free_port  # noqa: E402
 from streams.config import Settings  # noqa: E402
 from streams.generator import GeneratorConfig, ShopSimulator  # noqa: E402
-from streams.kafka import TopicSpec, confluent_consumer_config, confluent_producer_config, ensure_topics  # noqa: E402
+from streams.kafka import (TANSU_FETCH_MAX_WAIT_MS, TopicSpec, confluent_consumer_config,  # noqa: E402
+                           confluent_producer_config, ensure_topics)
 from streams.process import WorkerProcess  # noqa: E402
 from streams.producer import produce  # noqa: E402
 
@@ -74,7 +75,8 @@ def bare_loop(settings: Settings, total: int | None, group: str, stop: threading
     carries the event's ts as ``trigger_ts`` for the latency phase.
     """
     consumer = Consumer({**confluent_consumer_config(settings, group), "auto.offset.reset": "earliest",
-                         "enable.auto.commit": True, "session.timeout.ms": 6000})
+                         "enable.auto.commit": True, "session.timeout.ms": 6000,
+                         "fetch.wait.max.ms": TANSU_FETCH_MAX_WAIT_MS})  # the worker's setting on Tansu
     producer = Producer({**confluent_producer_config(settings), "linger.ms": 5, "partitioner": "murmur2_random"})
     consumer.subscribe(list(settings.input_topics))
     counts: dict[bytes, dict[str, int]] = {}
@@ -115,10 +117,14 @@ def _bare_loop_until_stopped(settings: Settings, group: str, stop: threading.Eve
 def output_latencies_ms(settings: Settings, topic: str, since_ms: int, until: threading.Event, out: list[float]) -> None:
     """Append, for each output on ``topic`` triggered by an event at or after ``since_ms``, the ms
     from that event's ts to now (when this reader consumes it), until ``until`` is set and the
-    topic is drained."""
+    topic is drained. Starts near the end of the topic, so the reader never lags behind old outputs
+    (Tansu's reported end can be a little early: the ``since_ms`` filter drops what precedes)."""
     consumer = Consumer({**confluent_consumer_config(settings, f"latency-{time.time_ns()}"),
-                         "auto.offset.reset": "earliest", "enable.auto.commit": False, "fetch.wait.max.ms": 5})
-    consumer.subscribe([topic])
+                         "enable.auto.commit": False, "fetch.wait.max.ms": TANSU_FETCH_MAX_WAIT_MS})
+    partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+    starts = [TopicPartition(topic, p, consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1])
+              for p in partitions]
+    consumer.assign(starts)
     idle_since = None
     while True:
         batch = consumer.consume(1000, timeout=0.05)

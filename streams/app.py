@@ -34,8 +34,8 @@ from models.scoring import BatchScorer
 from models.training import CLASSIFIER_MODEL, NEXTITEM_MODEL
 from streams.alerts import AlertPolicy
 from streams.config import Settings
-from streams.kafka import (BROKER_PROFILE_TANSU, ensure_topics, faust_client_settings, resolve_broker_profile,
-                           tansu_client_overrides)
+from streams.kafka import (BROKER_PROFILE_TANSU, TANSU_FETCH_MAX_WAIT_MS, ensure_topics, faust_client_settings,
+                           resolve_broker_profile, tansu_client_overrides)
 from streams.batch_producer import BatchProducer
 from streams.metrics import HealthState, MetricsServer, WorkerMetrics
 from streams.pipeline import BatchOutcome, BatchProcessor, InputMessage
@@ -307,12 +307,29 @@ class ScoringWorker:
         mine = sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned if tp.topic in self.settings.input_topics)
         log.info("assigned %d input partitions: %s", len(mine), ", ".join(mine) or "none")
 
+    def _shorten_fetch_wait(self) -> None:
+        """On Tansu, cap how long a fetch may wait for data (:data:`TANSU_FETCH_MAX_WAIT_MS`).
+
+        Faust builds its aiokafka consumer with ``fetch_max_wait_ms=1500`` and no setting to
+        change it; on Tansu that wait is paid in full whenever the worker has caught up, so
+        the worker sets it on the consumer's fetcher once the consumer has started.
+        """
+        consumer = getattr(getattr(self.app.consumer, "_thread", None), "_consumer", None)
+        fetcher = getattr(consumer, "_fetcher", None)
+        if fetcher is None or not hasattr(fetcher, "_fetch_max_wait_ms"):
+            log.warning("could not shorten the fetch wait on Tansu (Faust/aiokafka internals changed); "
+                        "results may wait up to 1.5 s for each fetch")
+            return
+        fetcher._fetch_max_wait_ms = TANSU_FETCH_MAX_WAIT_MS
+
     async def _on_startup_finished(self) -> None:
         # The worker's spinner/log setup leaves the root logger at DEBUG, and every aiokafka and
         # Faust debug call then builds a record that is thrown away (13% of CPU, measured).
         logging.getLogger().setLevel(self.settings.log_level.upper())
         for noisy in ("faust", "aiokafka", "mode"):
             logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+        if self.profile == BROKER_PROFILE_TANSU:
+            self._shorten_fetch_wait()
         log.info("worker started: broker %s (%s profile), inputs %s, outputs %s, micro-batch %d events / %d ms, "
                  "state in %s, models from %s", self.settings.bootstrap_servers, self.profile,
                  ", ".join(self.settings.input_topics), ", ".join(self.settings.output_topics),
