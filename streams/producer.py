@@ -7,9 +7,10 @@ co-partitioned state (see ``/work/shared/notes/faust-pitfalls.md``).
 """
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
@@ -140,3 +141,42 @@ def produce(messages: Iterable[GeneratedMessage], topics: Mapping[str, str], pro
             bar.update(report.sent % _POLL_EVERY)
             bar.close()
     return report
+
+
+class BackgroundProducer:
+    """:func:`produce` in a thread: messages at a steady rate until :meth:`stop`, each one kept in ``sent``.
+
+    For fault-injection runs, where traffic must keep flowing while workers die and return.
+    ``sent`` lists the messages handed to the producer; :meth:`stop` returns the report, whose
+    ``failed`` must be 0 for ``sent`` to be exactly what the brokers hold.
+    """
+
+    def __init__(self, messages: Iterable[GeneratedMessage], topics: Mapping[str, str],
+                 producer_config: dict[str, Any], rate_per_s: float) -> None:
+        self.sent: list[GeneratedMessage] = []
+        self.report: ProduceReport | None = None
+        self._messages = iter(messages)
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(topics, producer_config, rate_per_s),
+                                        name="background-producer", daemon=True)
+
+    def _until_stopped(self) -> Iterator[GeneratedMessage]:
+        for message in self._messages:
+            if self._stopping.is_set():
+                return
+            self.sent.append(message)
+            yield message
+
+    def _run(self, topics: Mapping[str, str], producer_config: dict[str, Any], rate_per_s: float) -> None:
+        self.report = produce(self._until_stopped(), topics, producer_config, rate_per_s=rate_per_s)
+
+    def start(self) -> "BackgroundProducer":
+        self._thread.start()
+        return self
+
+    def stop(self) -> ProduceReport:
+        """Stop producing, wait for outstanding deliveries, and return the report."""
+        self._stopping.set()
+        self._thread.join()
+        assert self.report is not None
+        return self.report
