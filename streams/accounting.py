@@ -115,7 +115,7 @@ class AccountingReport:
     Attributes:
         events_in: input messages produced.
         valid_events: distinct valid events (shopper, event_id); ``repeated_event_ids`` extra copies.
-        scored: valid events covered by a score (see the module docstring).
+        scored: valid events covered by a score (see the module docstring); ``score_messages`` read.
         invalid_events: messages the worker must reject; ``dead_lettered`` of them found with their reason.
         unaccounted: one line per input message not accounted for (must be empty).
         duplicate_scores: (shopper, trigger event) -> times published, for those published more than once.
@@ -140,6 +140,7 @@ class AccountingReport:
 
     @property
     def ok(self) -> bool:
+        """Nothing unaccounted, no churn alert repeated within its cooldown, no score of an unknown event."""
         return not (self.unaccounted or self.duplicate_alerts or self.unexpected_scores)
 
     @property
@@ -219,15 +220,15 @@ def account(expected: Expected, scores: Iterable[Score], dead_letters: Iterable[
 
     found: Counter[tuple[str, bytes | None, bytes | None, str]] = Counter(
         (d.source_topic, d.key, d.value, d.reason) for d in dead_letters if d.detail)
-    for ident, expected in invalid.items():
-        report.invalid_events += expected
+    for ident, sent in invalid.items():
+        report.invalid_events += sent
         got = found.get(ident, 0)
-        report.dead_lettered += min(got, expected)
-        report.extra_dead_letters += max(0, got - expected)
-        if got < expected:
+        report.dead_lettered += min(got, sent)
+        report.extra_dead_letters += max(0, got - sent)
+        if got < sent:
             topic, key, value, reason = ident
             shown = (value or b"")[:80]
-            report.unaccounted.append(f"{expected - got} of {expected} invalid message(s) on {topic} key={key!r} "
+            report.unaccounted.append(f"{sent - got} of {sent} invalid message(s) on {topic} key={key!r} "
                                       f"({reason}) not dead-lettered with that reason: {shown!r}")
 
     by_user: dict[str, list[Alert]] = {}
