@@ -178,7 +178,7 @@ class Soak:
     def account(self) -> AccountingReport:
         with OutputReader(self.settings) as reader:
             expected = reader.expect(produced_from(self.traffic.sent, self.settings.topic_by_kind))
-            return await_accounted(reader, expected, timeout_s=900, settle_s=5)
+            return await_accounted(reader, expected, timeout_s=300, settle_s=5)
 
 
 def seconds(value: float | None) -> str:
@@ -191,7 +191,8 @@ def summarize(soak: Soak, report: AccountingReport, args: argparse.Namespace) ->
     faults = ", ".join(f"{kind} x{n}" for kind, n in counts.items() if n)
     kill_ready = [f.ready_s for f in soak.faults if f.kind.startswith("kill9") and f.ready_s is not None]
     ready = f"{statistics.median(kill_ready):.1f} ({max(kill_ready):.1f})" if kill_ready else "-"
-    rows = [("events produced", f"{report.events_in:,} ({report.valid_events:,} valid, {report.invalid_events:,} invalid)"),
+    rows = [("events produced",
+             f"{report.events_in:,} ({report.valid_events:,} valid, {report.invalid_events:,} invalid)"),
             ("events processed", f"{report.scored:,} scored, {report.dead_lettered:,} dead-lettered with their reason"),
             ("faults injected", f"{len(soak.faults)}: {faults or 'none'}"),
             ("events unaccounted", f"{len(report.unaccounted):,}"),

@@ -150,8 +150,9 @@ class AccountingReport:
 
     def summary(self, examples: int = 5) -> str:
         """A few lines for a test failure or a bench log."""
-        lines = [f"events in {self.events_in}: {self.valid_events} valid ({self.repeated_event_ids} repeated event ids), "
-                 f"{self.scored} scored; {self.invalid_events} invalid, {self.dead_lettered} dead-lettered with their reason",
+        lines = [f"events in {self.events_in}: {self.valid_events} valid ({self.repeated_event_ids} repeated event "
+                 f"ids), {self.scored} scored; {self.invalid_events} invalid, {self.dead_lettered} dead-lettered "
+                 "with their reason",
                  f"score messages {self.score_messages}, repeated {self.repeated_score_messages} "
                  f"({len(self.duplicate_scores)} shopper/trigger pairs); extra dead letters {self.extra_dead_letters}; "
                  f"churn alerts {self.alerts}, duplicate {len(self.duplicate_alerts)}",
@@ -210,7 +211,8 @@ def account(expected: Expected, scores: Iterable[Score], dead_letters: Iterable[
         published[(score.user_id, score.trigger_event_id)] += 1
         newest[score.user_id] = max(newest.get(score.user_id, score.trigger_ts), score.trigger_ts)
     report.duplicate_scores = {pair: n for pair, n in published.items() if n > 1}
-    report.unexpected_scores = [f"{user} triggered by {event_id}" for user, event_id in published if (user, event_id) not in due]
+    report.unexpected_scores = [f"{user} triggered by {event_id}" for user, event_id in published
+                                if (user, event_id) not in due]
     for (user, event_id), ts in due.items():
         if newest.get(user, -1) >= ts:
             report.scored += 1

@@ -38,13 +38,13 @@ SEED = 20261122
 LATENCY = "shoppulse_end_to_end_latency_seconds"
 
 
-def alerting_settings(bootstrap_servers: str, tmp_path: Path, simulator: ShopSimulator, **overrides) -> Settings:
+def alerting_settings(bootstrap_servers: str, tmp_path: Path, simulator: ShopSimulator) -> Settings:
     """Isolated settings serving small real models, with thresholds so low that every scored
     shopper alerts once: any repeated alert within the 7-day cooldown is then a failure."""
     registry = ModelRegistry(tmp_path / "registry")
     publish_models(registry, "v1", sorted({e.item_id for e in simulator.events(limit=2000) if e.item_id}), seed=5)
     settings = isolated_settings(bootstrap_servers, tmp_path / "worker", models_dir=registry.root,
-                                 churn_alert_high=0.01, churn_alert_low=0.005, **overrides)
+                                 churn_alert_high=0.01, churn_alert_low=0.005)
     ensure_topics(settings)
     return settings
 
@@ -64,10 +64,12 @@ def assert_state_is_offline_replay(settings: Settings, sent: list) -> None:
     offline = final_states(valid_events(sent))
     online = {user: decode_state(raw) for user, raw in changelog_states(settings, set(offline)).items()}
     wrong = [user for user, state in offline.items() if encode_state(online[user]) != encode_state(state)]
-    assert not wrong, (f"{len(wrong)} of {len(offline)} shoppers' state differs from the offline replay; {wrong[0]} "
-                       "(changelog, replay): " + str({name: (getattr(online[wrong[0]], name), getattr(offline[wrong[0]], name))
-                                                       for name in offline[wrong[0]].__slots__
-                                                       if getattr(online[wrong[0]], name) != getattr(offline[wrong[0]], name)})[:1500])
+    if wrong:
+        first, replayed = online[wrong[0]], offline[wrong[0]]
+        fields = {name: (getattr(first, name), getattr(replayed, name)) for name in replayed.__slots__
+                  if getattr(first, name) != getattr(replayed, name)}
+        raise AssertionError(f"{len(wrong)} of {len(offline)} shoppers' state differs from the offline replay; "
+                             f"{wrong[0]} (changelog, replay): {str(fields)[:1500]}")
     for user, state in offline.items():
         now = state.last_event_ms
         np.testing.assert_array_equal(DEFAULT_FEATURE_SPEC.row(online[user], now), DEFAULT_FEATURE_SPEC.row(state, now),

@@ -59,7 +59,8 @@ def test_a_sweep_score_covers_nothing():
 def test_a_missing_or_mislabelled_dead_letter_is_unaccounted():
     assert len(account(expected([NEGATIVE]), [], [], [], COOLDOWN_MS).unaccounted) == 1
     wrong_reason = account(expected([NEGATIVE]), [], [dead(NEGATIVE, REASON_BAD_JSON)], [], COOLDOWN_MS)
-    assert len(wrong_reason.unaccounted) == 1 and "negative_price" in wrong_reason.unaccounted[0], wrong_reason.summary()
+    assert len(wrong_reason.unaccounted) == 1, wrong_reason.summary()
+    assert "negative_price" in wrong_reason.unaccounted[0], wrong_reason.summary()
     no_detail = DeadLetterRecord(NEGATIVE.topic, NEGATIVE.key, NEGATIVE.value, REASON_NEGATIVE_PRICE, "")
     assert len(account(expected([NEGATIVE]), [], [no_detail], [], COOLDOWN_MS).unaccounted) == 1
 
@@ -86,8 +87,8 @@ def test_a_score_for_an_event_never_produced_is_a_failure():
 
 def test_repeated_event_ids_count_once_due_at_their_earliest_ts():
     again_later = view("u2", "e3", NOW_MS - 100)  # same id, later ts: the worker applies one of the two
-    report = account(expected(GOOD + [again_later]), [Score("u1", "e2", NOW_MS - 2000), Score("u2", "e3", NOW_MS - 1000)],
-                     [], [], COOLDOWN_MS)
+    scores = [Score("u1", "e2", NOW_MS - 2000), Score("u2", "e3", NOW_MS - 1000)]
+    report = account(expected(GOOD + [again_later]), scores, [], [], COOLDOWN_MS)
     assert report.ok and (report.valid_events, report.repeated_event_ids) == (3, 1), report.summary()
 
 
@@ -101,6 +102,7 @@ def test_a_second_alert_within_the_cooldown_is_a_failure():
 
 
 def test_dead_letter_headers_are_read_by_name():
-    record = dead_letter_of(b"k", b"v", [("shoppulse.dlq.source_topic", b"shop.cart"), ("shoppulse.dlq.reason", b"bad_json"),
-                                         ("shoppulse.dlq.detail", b"broken"), ("other", None)])
+    headers = [("shoppulse.dlq.source_topic", b"shop.cart"), ("shoppulse.dlq.reason", b"bad_json"),
+               ("shoppulse.dlq.detail", b"broken"), ("other", None)]
+    record = dead_letter_of(b"k", b"v", headers)
     assert record == DeadLetterRecord("shop.cart", b"k", b"v", "bad_json", "broken")
