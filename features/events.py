@@ -214,8 +214,8 @@ def decode_json_object(value: bytes | None, limits: ValidationLimits = DEFAULT_L
         raise _fail(REASON_BAD_JSON, "message has no value (a tombstone?); input topics carry JSON events only")
     if len(value) > limits.max_event_bytes:
         raise _fail(REASON_OVERSIZED, f"message is {len(value)} bytes; the limit is {limits.max_event_bytes} (SHOPPULSE_MAX_EVENT_BYTES)")
-    try:
-        doc = json.loads(value, parse_constant=_reject_constant)
+    try:  # decoded here: json.loads(bytes) would also take UTF-16/32, a BOM and raw surrogates
+        doc = json.loads(value.decode("utf-8"), parse_constant=_reject_constant)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise _fail(REASON_BAD_JSON, f"value is not UTF-8 JSON ({str(exc)[:120]}); send one JSON object per message") from None
     if type(doc) is not dict:

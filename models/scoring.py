@@ -118,11 +118,19 @@ class BatchScorer:
             self._loaded[name] = version  # tried once per version, good or bad
             try:
                 directory = self.registry.version_dir(name, version)
+                # Each candidate scores one row before it is swapped in: a model that loads but cannot
+                # run (say, another input width) is refused here instead of failing every batch.
                 if name == CLASSIFIER_MODEL:
-                    self.classifier = ShopperClassifier.load(directory, expected_feature_spec_hash=self.spec.hash,
-                                                             device=self.device)
+                    classifier = ShopperClassifier.load(directory, expected_feature_spec_hash=self.spec.hash,
+                                                        device=self.device)
+                    with torch.inference_mode():
+                        classifier.predict_proba(np.zeros((1, self.spec.dim), dtype=np.float32))
+                    self.classifier = classifier
                 else:
-                    self.recommender = NextItemRecommender.load(directory, device=self.device)
+                    recommender = NextItemRecommender.load(directory, device=self.device)
+                    with torch.inference_mode():
+                        recommender.recommend([[]], k=self.top_k)
+                    self.recommender = recommender
             except (ArtifactError, RegistryError, OSError, ValueError, RuntimeError) as exc:
                 self.load_errors += 1
                 log.error("could not load %s version %s (%s); keeping the model already loaded — fix the artifact "

@@ -109,6 +109,7 @@ class ScoringWorker:
         self._served_versions: dict[str, str] = {}
         self._positions: dict[tuple[str, int], int] = {}  # last offset handed to a batch, per input partition
         self._seen_load_errors = self.scorer.load_errors
+        self._connected: bool | None = None  # broker connectivity last seen by the readiness timer
         self._publish_model_info()
         self.metrics_server: MetricsServer | None = None
         self.app.agent(self.inputs, name="score_shoppers")(self._score_shoppers)
@@ -266,12 +267,29 @@ class ScoringWorker:
         await self._publish(outcome)
         return len(outcome.scored)
 
+    def _broker_connected(self) -> bool:
+        """Whether the consumer holds an open connection to any broker (aiokafka drops them when it goes away)."""
+        try:
+            client = self.app.consumer._thread._consumer._client
+        except AttributeError:  # consumer not started yet
+            return False
+        return any(conn.connected() for conn in list(client._conns.values()))
+
     async def _refresh_readiness(self) -> None:
         recovered = self.app.tables.recovery.completed.is_set()
         assigned = bool(self.app.consumer.assignment()) if self.app.consumer else False
-        ready = recovered and not self.app.rebalancing and assigned
+        connected = self._broker_connected()
+        if connected != self._connected:
+            if connected:
+                log.info("connected to the brokers at %s", self.settings.bootstrap_servers)
+            elif self._connected is not None:
+                log.error("lost every connection to the brokers at %s: not ready until one is back",
+                          self.settings.bootstrap_servers)
+            self._connected = connected
+        ready = recovered and not self.app.rebalancing and assigned and connected
         self.health.ready = ready
-        self.health.reason = "ready" if ready else ("rebalancing" if self.app.rebalancing else
+        self.health.reason = "ready" if ready else ("broker unreachable" if not connected else
+                                                    "rebalancing" if self.app.rebalancing else
                                                     "recovering tables" if not recovered else "no partitions assigned")
         self.metrics.ready.set(1 if ready else 0)
         if assigned:

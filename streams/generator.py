@@ -15,7 +15,7 @@ import random
 import time
 from bisect import bisect_right
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Callable, Iterable, Iterator, Literal
 
 import numpy as np
 
@@ -185,6 +185,21 @@ class ShopperProfile:
     fades: bool
     fade_start_ms: int | None
     stop_ms: int | None
+
+
+def at_most_per_shopper(messages: Iterable[GeneratedMessage], limit: int) -> Iterator[GeneratedMessage]:
+    """The messages, less each shopper's (by key) beyond the first ``limit``.
+
+    A live-clock run packs days of a shopper's activity into seconds. Capped at the state's
+    ``dedup_ids``, a run of less than ``grace_ms`` stays inside the envelope docs/features.md
+    states: online state equals the offline replay, and a replay after a crash is absorbed by
+    the event-id dedup.
+    """
+    seen: dict[bytes | None, int] = {}
+    for message in messages:
+        seen[message.key] = seen.get(message.key, 0) + 1
+        if seen[message.key] <= limit:
+            yield message
 
 
 def message_of(event: Event) -> GeneratedMessage:

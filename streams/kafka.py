@@ -241,7 +241,13 @@ def tansu_client_overrides() -> dict[str, object]:
       batch makes that the true end, and table recovery exact.
     * Short session/heartbeat/rebalance timeouts: group joins wait about half the session
       timeout on Tansu, so the Faust defaults made a worker wait 30 s before processing.
+    * ``recovery_consistency_check=False``: Tansu keeps everything in memory, so a broker
+      restart empties every changelog while the worker's RocksDB still holds its state. Faust's
+      check then stopped the worker with ``ConsistencyError`` (local offset above the empty
+      changelog's end), and every restart again: a crash loop. Without it the worker keeps its
+      local state and goes on scoring (tests/integration/test_reliability.py).
     """
     return {"producer_max_batch_size": 1, "broker_session_timeout": 6.0,
-            "broker_heartbeat_interval": 1.5, "broker_rebalance_timeout": 10.0}
+            "broker_heartbeat_interval": 1.5, "broker_rebalance_timeout": 10.0,
+            "recovery_consistency_check": False}
 

@@ -72,7 +72,7 @@ class WorkerMetrics:
         self.consumer_lag = Gauge("shoppulse_consumer_lag",
                                   "Input messages behind the partition's high watermark (from fetch responses)",
                                   ["topic", "partition"], registry=r)
-        self.ready = Gauge("shoppulse_ready", "1 when partitions are assigned and tables recovered", registry=r)
+        self.ready = Gauge("shoppulse_ready", "1 when a broker connection is up, partitions are assigned and tables recovered", registry=r)
 
 
 METRIC_NAMES = (

@@ -166,17 +166,21 @@ class BatchProcessor:
             key = user_id.encode()
             last_message = pairs[-1][1]  # last to arrive: the state write is tied to its offset
             state = self._load(load_state(last_message, key), user_id)
-            applied_here = 0
+            applied_here = repeated_here = 0
             pairs.sort(key=lambda pair: pair[0].ts_ms)  # stable: ties keep arrival order
             for event, _ in pairs:
                 result = state.update(event, self.state_config)
                 if result == APPLIED:
                     applied_here += 1
                 elif result == DUPLICATE:
-                    outcome.duplicates += 1
+                    repeated_here += 1
                 elif result == LATE:
                     outcome.late += 1
-            if applied_here:
+            outcome.duplicates += repeated_here
+            # Events seen before are a replay after a crash (or a producer retry): the state already
+            # holds them, but the outputs of their first pass may have died with the worker, so the
+            # shopper is scored and written again (consumers deduplicate on trigger_event_id).
+            if applied_here or repeated_here:
                 outcome.applied += applied_here
                 states.append(state)
                 trigger = pairs[-1][0]  # newest by event time

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -27,6 +28,32 @@ def stop_on_signals() -> threading.Event:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     return stop
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far, in seconds (``/proc/PID/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def memory_bytes(pid: int, field: str = "VmRSS") -> int:
+    """A memory figure of ``/proc/PID/status`` in bytes: ``VmRSS`` (now) or ``VmHWM`` (peak RSS)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise ValueError(f"/proc/{pid}/status has no {field}")
+
+
+def histogram_quantile(buckets: list[tuple[float, float]], q: float) -> float:
+    """The upper bound of the bucket holding quantile ``q`` of cumulative ``(le, count)`` buckets.
+
+    Coarser than Prometheus' interpolation, but never below the true quantile; ``inf`` when it
+    lies beyond the last finite bucket, 0 when there are no observations.
+    """
+    total = buckets[-1][1] if buckets else 0
+    if total == 0:
+        return 0.0
+    return next(le for le, count in buckets if count >= q * total)
 
 
 def worker_environment(settings: Settings) -> dict[str, str]:
@@ -81,13 +108,20 @@ class WorkerProcess:
             if self.process.poll() is not None:
                 raise RuntimeError(f"worker exited with {self.process.returncode}:\n{self.log_tail()}")
             try:
-                with urllib.request.urlopen(f"{self.url}/readyz", timeout=1) as reply:
-                    if reply.status == 200:
-                        return time.monotonic() - started
+                if self.readiness()[0] == 200:
+                    return time.monotonic() - started
             except OSError:
                 pass
             time.sleep(0.1)
         raise RuntimeError(f"worker not ready after {timeout_s} s:\n{self.log_tail()}")
+
+    def readiness(self) -> tuple[int, str]:
+        """``/readyz``: 200 and ``ready``, or 503 and ``not ready: <reason>``; OSError when nobody answers."""
+        try:
+            with urllib.request.urlopen(f"{self.url}/readyz", timeout=1) as reply:
+                return reply.status, reply.read().decode().strip()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode().strip()
 
     def metrics_text(self) -> str:
         with urllib.request.urlopen(f"{self.url}/metrics", timeout=5) as reply:
@@ -98,6 +132,12 @@ class WorkerProcess:
         return sum(float(line.rsplit(" ", 1)[1]) for line in self.metrics_text().splitlines()
                    if line.startswith(name) and line[len(name):len(name) + 1] in (" ", "{"))
 
+    def histogram(self, name: str) -> list[tuple[float, float]]:
+        """Cumulative ``(le, count)`` buckets of an unlabelled histogram, ``le`` ascending (``inf`` last)."""
+        prefix = f'{name}_bucket{{le="'
+        return sorted((float(line[len(prefix):line.index('"', len(prefix))]), float(line.rsplit(" ", 1)[1]))
+                      for line in self.metrics_text().splitlines() if line.startswith(prefix))
+
     def wait_for_metric(self, name: str, at_least: float, timeout_s: float) -> float:
         """Poll :meth:`metric` until it reaches ``at_least`` or ``timeout_s`` passes; returns the last value."""
         deadline = time.monotonic() + timeout_s
@@ -106,6 +146,14 @@ class WorkerProcess:
             time.sleep(0.5)
             value = self.metric(name)
         return value
+
+    def cpu_seconds(self) -> float:
+        """CPU time the worker has used so far, in seconds."""
+        return cpu_seconds(self.pid)
+
+    def memory_bytes(self, field: str = "VmRSS") -> int:
+        """The worker's resident memory now (``VmRSS``) or at its peak (``VmHWM``), in bytes."""
+        return memory_bytes(self.pid, field)
 
     def stop(self) -> int:
         """Graceful stop; returns the exit code."""

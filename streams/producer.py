@@ -7,9 +7,10 @@ co-partitioned state (see ``/work/shared/notes/faust-pitfalls.md``).
 """
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
@@ -140,3 +141,51 @@ def produce(messages: Iterable[GeneratedMessage], topics: Mapping[str, str], pro
             bar.update(report.sent % _POLL_EVERY)
             bar.close()
     return report
+
+
+class BackgroundProducer:
+    """:func:`produce` in a thread: messages at a steady rate until :meth:`stop`, each one kept in ``sent``.
+
+    For fault-injection runs, where traffic must keep flowing while workers die and return;
+    :meth:`burst` sends a number of messages at full speed (a flood) before the pace resumes.
+    ``sent`` lists the messages handed to the producer; :meth:`stop` returns the report, whose
+    ``failed`` must be 0 for ``sent`` to be exactly what the brokers hold.
+    """
+
+    def __init__(self, messages: Iterable[GeneratedMessage], topics: Mapping[str, str],
+                 producer_config: dict[str, Any], rate_per_s: float) -> None:
+        self.sent: list[GeneratedMessage] = []
+        self.report: ProduceReport | None = None
+        self._messages = iter(messages)
+        self._bucket = _TokenBucket(rate_per_s)
+        self._burst_until = 0  # unpaced while len(sent) is below this; written only by burst()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(topics, producer_config),
+                                        name="background-producer", daemon=True)
+
+    def _paced(self) -> Iterator[GeneratedMessage]:
+        for message in self._messages:
+            if self._stopping.is_set():
+                return
+            if len(self.sent) >= self._burst_until:
+                self._bucket.take()
+            self.sent.append(message)
+            yield message
+
+    def _run(self, topics: Mapping[str, str], producer_config: dict[str, Any]) -> None:
+        self.report = produce(self._paced(), topics, producer_config)
+
+    def start(self) -> "BackgroundProducer":
+        self._thread.start()
+        return self
+
+    def burst(self, count: int) -> None:
+        """Send the next ``count`` messages as fast as the producer takes them."""
+        self._burst_until = len(self.sent) + count
+
+    def stop(self) -> ProduceReport:
+        """Stop producing, wait for outstanding deliveries, and return the report."""
+        self._stopping.set()
+        self._thread.join()
+        assert self.report is not None
+        return self.report

@@ -1,5 +1,5 @@
-"""Property-based tests: the validator and the state encoding never let an unexpected exception
-escape, whatever bytes arrive, and a state always survives its own encoding."""
+"""Property-based tests: the validator and the state and alert-state encodings never let an
+unexpected exception escape, whatever bytes arrive, and a state always survives its own encoding."""
 from __future__ import annotations
 
 import json
@@ -7,10 +7,11 @@ import json
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from features.encoding import StateDecodeError, decode_state, encode_state
+from features.encoding import StateDecodeError, decode_state, encode_state, last_event_ms_of
 from features.events import (KIND_CART_ADD, KIND_CART_REMOVE, KIND_ORDER, KIND_VIEW, TOPIC_KINDS, Event, InvalidEvent,
                              OrderLine, parse_event)
 from features.state import ShopperState, StateConfig
+from streams.alerts import AlertState
 
 NOW_MS = 1_760_000_000_000
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -113,3 +114,39 @@ def test_extreme_numbers_are_rejected_with_a_reason_or_accepted(topic_kind, name
         parse_event(topic_kind, b"u1", json.dumps(doc, allow_nan=True).encode(), NOW_MS)
     except InvalidEvent as exc:
         assert exc.reason
+
+
+@FAST
+@given(events=event_streams(), cut=st.integers(0, 10_000), flip=st.integers(0, 10_000), bit=st.integers(0, 7))
+def test_damaged_encodings_raise_only_state_decode_errors(events, cut, flip, bit):
+    """Near misses get further into the decoder than random bytes: a real state, truncated or with
+    one bit flipped, must either decode or raise StateDecodeError, in both readers the worker uses."""
+    state = ShopperState.new("u1")
+    for event in events:
+        state.update(event, StateConfig())
+    raw = encode_state(state)
+    flipped = bytearray(raw)
+    flipped[flip % len(raw)] ^= 1 << bit
+    for damaged in (raw[:cut % len(raw)], bytes(flipped)):
+        for reader in (decode_state, last_event_ms_of):
+            try:
+                reader(damaged)
+            except StateDecodeError:
+                pass
+
+
+@FAST
+@given(armed=st.booleans(), last_alert_ms=st.integers(-(2**63), 2**63 - 1), last_risk=st.floats(0, 1, width=32))
+def test_alert_state_survives_its_encoding(armed, last_alert_ms, last_risk):
+    """Risks are probabilities from float32 model outputs, which the alert state stores exactly."""
+    state = AlertState(armed, last_alert_ms, last_risk)
+    assert AlertState.decode(state.encode()) == state
+
+
+@FAST
+@given(data=st.binary(max_size=64))
+def test_random_bytes_never_decode_into_anything_but_a_value_error_for_alert_state(data):
+    try:
+        AlertState.decode(data)
+    except ValueError:
+        pass
