@@ -39,7 +39,7 @@ from streams.broker import EmbeddedBroker, free_port  # noqa: E402
 from streams.config import Settings  # noqa: E402
 from streams.demo import ensure_models  # noqa: E402
 from streams.generator import GeneratorConfig, ShopSimulator, at_most_per_shopper  # noqa: E402
-from streams.kafka import ensure_topics  # noqa: E402
+from streams.kafka import confluent_producer_config, ensure_topics  # noqa: E402
 from streams.process import WorkerProcess  # noqa: E402
 from streams.producer import BackgroundProducer  # noqa: E402
 
@@ -101,7 +101,7 @@ class Soak:
         simulator = ShopSimulator(GeneratorConfig(seed=args.seed, n_shoppers=args.shoppers, clock="live",
                                                   malformed_fraction=args.malformed))
         self.traffic = BackgroundProducer(at_most_per_shopper(simulator.messages(), StateConfig().dedup_ids),
-                                          self.settings.topic_by_kind, self.settings.librdkafka_config(), args.rate)
+                                          self.settings.topic_by_kind, confluent_producer_config(self.settings), args.rate)
 
     def _start(self, settings: Settings) -> WorkerProcess:
         self.starts += 1

@@ -36,6 +36,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartiti
 
 from features.events import InvalidEvent, ValidationLimits, parse_event
 from streams.config import Settings
+from streams.kafka import confluent_consumer_config
 
 REASON_HEADER = "shoppulse.dlq.reason"
 DETAIL_HEADER = "shoppulse.dlq.detail"
@@ -260,7 +261,7 @@ class OutputReader:
         self.scores: list[Score] = []
         self.dead_letters: list[DeadLetterRecord] = []
         self.alerts: list[Alert] = []
-        self._consumer = Consumer({**settings.librdkafka_config(), "group.id": "shoppulse-accounting",
+        self._consumer = Consumer({**confluent_consumer_config(settings, "shoppulse-accounting"),
                                    "enable.auto.commit": False, "log_level": 3})
         topics = (settings.topic_scores, settings.topic_dead_letter, settings.topic_churn_alerts)
         self._consumer.assign([TopicPartition(topic, partition, OFFSET_BEGINNING)

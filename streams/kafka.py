@@ -236,9 +236,10 @@ TANSU_FETCH_MAX_WAIT_MS = 50
 def tansu_client_overrides() -> dict[str, object]:
     """Faust settings the embedded Tansu broker needs (measured; see docs/embedded-broker.md).
 
-    * ``producer_max_batch_size=1``: Tansu answers ListOffsets(LATEST) with the last record
-      batch's base offset + 1, so Faust restores a changelog only up to there; one record per
-      batch makes that the true end, and table recovery exact.
+    * ``producer_max_batch_size=1``: Faust's own producer (the worker's tables and outputs go
+      through :mod:`streams.table_writer` and :mod:`streams.batch_producer` instead) sends one
+      record per record batch, so anything it writes to a changelog keeps Tansu's reported end
+      of the partition true (Tansu answers ListOffsets(LATEST) with the last batch's base + 1).
     * Short session/heartbeat/rebalance timeouts: group joins wait about half the session
       timeout on Tansu, so the Faust defaults made a worker wait 30 s before processing.
     * ``recovery_consistency_check=False``: Tansu keeps everything in memory, so a broker

@@ -62,7 +62,7 @@ def assert_accounted(settings: Settings, sent: list, timeout_s: float = 120) -> 
 def assert_state_is_offline_replay(settings: Settings, sent: list) -> None:
     """The changelog's last state of every shopper, and its feature vector, equal the offline replay's."""
     offline = final_states(valid_events(sent))
-    online = {user: decode_state(raw) for user, raw in changelog_states(settings, set(offline)).items()}
+    online = {user: decode_state(raw) for user, raw in changelog_states(settings).items()}
     wrong = [user for user, state in offline.items() if encode_state(online[user]) != encode_state(state)]
     if wrong:
         first, replayed = online[wrong[0]], offline[wrong[0]]
