@@ -8,10 +8,11 @@ and on the same broker and topics:
 * Faust's own floor: an agent taking micro-batches and doing nothing (bench/faust_floor.py);
 * the ShopPulse worker (``shoppulse worker``, a child process): events/s from ready to the last
   event consumed, with validation, state updates in RocksDB, scoring and publishing;
-* end-to-end latency at a fixed fraction of the worker's saturation rate (``--latency-fraction``):
-  live-clock events produced at that rate for ``--latency-s`` seconds, first to the worker,
-  then to the bare loop; latency is the time from an output's triggering event ts to the
-  moment a reader consumes the output (p50 / p99 over the outputs of that phase);
+* the worker's end-to-end latency at a fixed fraction of its saturation rate
+  (``--latency-fraction``): live-clock events produced at that rate for ``--latency-s`` seconds;
+  latency is the time from a score's triggering event ts to the moment a reader consumes the
+  score (p50 / p99 over the scores of that phase). The same measurement of the bare loop is not
+  here yet: run in a child process it read 3-4 s, an artefact of the set-up not yet understood;
 * with ``--recovery``: time to ready after a restart with the data directory kept, and after
   losing it (every shopper restored from the changelog).
 
@@ -22,7 +23,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import multiprocessing
 import re
 import shutil
 import statistics
@@ -54,8 +54,7 @@ THROUGHPUT_HEADER = ("| date (UTC) | events | shoppers | partitions | bare loop 
                      "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 LATENCY_SECTION = "## End-to-end latency at a fixed rate (embedded broker, this machine)"
 LATENCY_HEADER = ("| date (UTC) | rate ev/s | share of worker saturation | seconds | worker p50 ms | worker p99 ms "
-                  "| worker outputs | bare loop p50 ms | bare loop p99 ms | bare loop outputs | models | command |\n"
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|")
+                  "| scores measured | models | command |\n|---|---|---|---|---|---|---|---|---|")
 RECOVERY_SECTION = "## Table recovery (embedded broker, one worker)"
 RECOVERY_HEADER = ("| date (UTC) | shoppers in table | ready, data dir kept (s) | ready, data dir lost (s) "
                    "| command |\n|---|---|---|---|---|")
@@ -68,13 +67,9 @@ def simulated_messages(events: int, shoppers: int, days: float, seed: int) -> li
     return list(ShopSimulator(config).messages(limit=events))
 
 
-def bare_loop(settings: Settings, total: int | None, group: str, stop: threading.Event | None = None) -> float:
-    """events/s of consume → parse → dict state → produce, the ceiling for this broker and machine.
-
-    Runs until ``total`` events (or, with ``total=None``, until ``stop`` is set); the output
-    carries the event's ts as ``trigger_ts`` for the latency phase.
-    """
-    consumer = Consumer({**confluent_consumer_config(settings, group), "auto.offset.reset": "earliest",
+def bare_loop(settings: Settings, total: int) -> float:
+    """events/s of consume → parse → dict state → produce, the ceiling for this broker and machine."""
+    consumer = Consumer({**confluent_consumer_config(settings, f"bare-{time.time_ns()}"), "auto.offset.reset": "earliest",
                          "enable.auto.commit": True, "session.timeout.ms": 6000,
                          "fetch.wait.max.ms": TANSU_FETCH_MAX_WAIT_MS})  # the worker's setting on Tansu
     producer = Producer({**confluent_producer_config(settings), "linger.ms": 5, "partitioner": "murmur2_random"})
@@ -83,8 +78,8 @@ def bare_loop(settings: Settings, total: int | None, group: str, stop: threading
     seen = 0
     started = None
     output = settings.topic_scores + ".bare"
-    while (seen < total) if total is not None else not stop.is_set():
-        for message in consumer.consume(1000, timeout=0.05 if total is None else 1.0):
+    while seen < total:
+        for message in consumer.consume(1000, timeout=1.0):
             if message.error():
                 continue
             if started is None:
@@ -96,7 +91,7 @@ def bare_loop(settings: Settings, total: int | None, group: str, stop: threading
                 continue
             user = counts.setdefault(message.key(), {})
             user[message.topic()] = user.get(message.topic(), 0) + 1
-            value = json.dumps({"user_id": doc.get("user_id"), "trigger_ts": doc.get("ts"), "counts": user}).encode()
+            value = json.dumps({"user_id": doc.get("user_id"), "counts": user}).encode()
             while True:
                 try:
                     producer.produce(output, value, message.key())
@@ -107,11 +102,7 @@ def bare_loop(settings: Settings, total: int | None, group: str, stop: threading
     producer.flush()
     elapsed = time.perf_counter() - (started or time.perf_counter())
     consumer.close()
-    return seen / elapsed if elapsed > 0 else 0.0
-
-
-def _bare_loop_until_stopped(settings: Settings, group: str, stop: threading.Event) -> None:
-    bare_loop(settings, None, group, stop)
+    return total / elapsed
 
 
 def output_latencies_ms(settings: Settings, topic: str, since_ms: int, until: threading.Event, out: list[float]) -> None:
@@ -231,8 +222,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> None:
         report = produce(messages, settings.topic_by_kind, confluent_producer_config(settings))
         print(f"pre-produced {report.delivered:,} messages in {report.seconds:.1f} s", flush=True)
 
-        bare_group = f"bare-{time.time_ns()}"
-        bare = bare_loop(settings, len(messages), bare_group)
+        bare = bare_loop(settings, len(messages))
         print(f"bare confluent-kafka loop: {bare:,.0f} events/s", flush=True)
         floor = faust_floor(settings, len(messages))
         print(f"Faust no-op agent:         {floor:,.0f} events/s (take_events, no work)", flush=True)
@@ -246,7 +236,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> None:
                        f"{mean_batch:.0f} | {models} | {args.workers} | `{this_command()}` |")
 
         if args.latency_fraction > 0:
-            measure_latency(args, settings, worker_rate, bare_group, models)
+            measure_latency(args, settings, worker_rate, models)
         for worker in workers[1:]:
             worker.stop()
         worker = workers[0]
@@ -269,24 +259,14 @@ def measure(args: argparse.Namespace, workdir: Path) -> None:
             worker.stop()
 
 
-def measure_latency(args: argparse.Namespace, settings: Settings, worker_rate: float, bare_group: str,
-                    models: str) -> None:
-    """Latency at ``latency_fraction`` of the worker's saturation rate: the worker (running), then the bare loop."""
+def measure_latency(args: argparse.Namespace, settings: Settings, worker_rate: float, models: str) -> None:
+    """The running worker's latency at ``latency_fraction`` of its saturation rate."""
     rate = args.latency_fraction * worker_rate
-    print(f"latency phase: {rate:,.0f} events/s for {args.latency_s:.0f} s each …", flush=True)
+    print(f"latency phase: {rate:,.0f} events/s for {args.latency_s:.0f} s …", flush=True)
     worker_ms = paced_latency(settings, settings.topic_scores, rate, args.latency_s, args.seed + 1)
-    stop = multiprocessing.Event()
-    bare_process = multiprocessing.Process(target=_bare_loop_until_stopped, args=(settings, bare_group, stop))
-    bare_process.start()
-    time.sleep(5.0)  # let the bare loop catch up with the worker's latency-phase events first
-    bare_ms = paced_latency(settings, settings.topic_scores + ".bare", rate, args.latency_s, args.seed + 2)
-    stop.set()
-    bare_process.join(30)
-    row = (f"{percentile(worker_ms, 50):,.1f} | {percentile(worker_ms, 99):,.1f} | {len(worker_ms):,} | "
-           f"{percentile(bare_ms, 50):,.1f} | {percentile(bare_ms, 99):,.1f} | {len(bare_ms):,}")
+    row = f"{percentile(worker_ms, 50):,.1f} | {percentile(worker_ms, 99):,.1f} | {len(worker_ms):,}"
     print(f"worker p50/p99 {percentile(worker_ms, 50):,.1f} / {percentile(worker_ms, 99):,.1f} ms over "
-          f"{len(worker_ms):,} outputs; bare loop {percentile(bare_ms, 50):,.1f} / {percentile(bare_ms, 99):,.1f} ms "
-          f"over {len(bare_ms):,}", flush=True)
+          f"{len(worker_ms):,} scores", flush=True)
     if not args.no_record:
         append_row(LATENCY_SECTION, LATENCY_HEADER,
                    f"| {utc_now()} | {rate:,.0f} | {args.latency_fraction:.2f} | {args.latency_s:.0f} | {row} | "
