@@ -8,11 +8,11 @@ and on the same broker and topics:
 * Faust's own floor: an agent taking micro-batches and doing nothing (bench/faust_floor.py);
 * the ShopPulse worker (``shoppulse worker``, a child process): events/s from ready to the last
   event consumed, with validation, state updates in RocksDB, scoring and publishing;
-* the worker's end-to-end latency at a fixed fraction of its saturation rate
-  (``--latency-fraction``): live-clock events produced at that rate for ``--latency-s`` seconds;
-  latency is the time from a score's triggering event ts to the moment a reader consumes the
-  score (p50 / p99 over the scores of that phase). The same measurement of the bare loop is not
-  here yet: run in a child process it read 3-4 s, an artefact of the set-up not yet understood;
+* end-to-end latency at a fixed fraction of the worker's saturation rate (``--latency-fraction``):
+  live-clock events produced at that rate for ``--latency-s`` seconds, first to the worker,
+  then (worker stopped, so the two never share the cores) to the bare loop; latency is the
+  time from an output's triggering event ts to the moment a reader consumes the output
+  (p50 / p99 over the outputs of that phase);
 * with ``--recovery``: time to ready after a restart with the data directory kept, and after
   losing it (every shopper restored from the changelog).
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import multiprocessing
 import re
 import shutil
 import statistics
@@ -32,6 +33,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -54,7 +56,8 @@ THROUGHPUT_HEADER = ("| date (UTC) | events | shoppers | partitions | bare loop 
                      "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 LATENCY_SECTION = "## End-to-end latency at a fixed rate (embedded broker, this machine)"
 LATENCY_HEADER = ("| date (UTC) | rate ev/s | share of worker saturation | seconds | worker p50 ms | worker p99 ms "
-                  "| scores measured | models | command |\n|---|---|---|---|---|---|---|---|---|")
+                  "| worker outputs | bare loop p50 ms | bare loop p99 ms | bare loop outputs | models | command |\n"
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|")
 RECOVERY_SECTION = "## Table recovery (embedded broker, one worker)"
 RECOVERY_HEADER = ("| date (UTC) | shoppers in table | ready, data dir kept (s) | ready, data dir lost (s) "
                    "| command |\n|---|---|---|---|---|")
@@ -67,9 +70,15 @@ def simulated_messages(events: int, shoppers: int, days: float, seed: int) -> li
     return list(ShopSimulator(config).messages(limit=events))
 
 
-def bare_loop(settings: Settings, total: int) -> float:
-    """events/s of consume → parse → dict state → produce, the ceiling for this broker and machine."""
-    consumer = Consumer({**confluent_consumer_config(settings, f"bare-{time.time_ns()}"), "auto.offset.reset": "earliest",
+def bare_loop(settings: Settings, total: int | None, group: str, stop: Any = None, ready: Any = None,
+              offset_reset: str = "earliest") -> float:
+    """events/s of consume → parse → dict state → produce, the ceiling for this broker and machine.
+
+    Runs until ``total`` events (or, with ``total=None``, until the ``stop`` event is set); sets
+    the ``ready`` event once it holds its partitions. The output carries the event's ts as
+    ``trigger_ts`` for the latency phase.
+    """
+    consumer = Consumer({**confluent_consumer_config(settings, group), "auto.offset.reset": offset_reset,
                          "enable.auto.commit": True, "session.timeout.ms": 6000,
                          "fetch.wait.max.ms": TANSU_FETCH_MAX_WAIT_MS})  # the worker's setting on Tansu
     producer = Producer({**confluent_producer_config(settings), "linger.ms": 5, "partitioner": "murmur2_random"})
@@ -78,8 +87,11 @@ def bare_loop(settings: Settings, total: int) -> float:
     seen = 0
     started = None
     output = settings.topic_scores + ".bare"
-    while seen < total:
-        for message in consumer.consume(1000, timeout=1.0):
+    while (seen < total) if total is not None else not stop.is_set():
+        batch = consumer.consume(1000, timeout=0.05 if total is None else 1.0)
+        if ready is not None and not ready.is_set() and consumer.assignment():
+            ready.set()
+        for message in batch:
             if message.error():
                 continue
             if started is None:
@@ -91,7 +103,7 @@ def bare_loop(settings: Settings, total: int) -> float:
                 continue
             user = counts.setdefault(message.key(), {})
             user[message.topic()] = user.get(message.topic(), 0) + 1
-            value = json.dumps({"user_id": doc.get("user_id"), "counts": user}).encode()
+            value = json.dumps({"user_id": doc.get("user_id"), "trigger_ts": doc.get("ts"), "counts": user}).encode()
             while True:
                 try:
                     producer.produce(output, value, message.key())
@@ -102,7 +114,12 @@ def bare_loop(settings: Settings, total: int) -> float:
     producer.flush()
     elapsed = time.perf_counter() - (started or time.perf_counter())
     consumer.close()
-    return total / elapsed
+    return seen / elapsed if elapsed > 0 else 0.0
+
+
+def _bare_loop_until_stopped(settings: Settings, stop: Any, ready: Any) -> None:
+    """The bare loop for the latency phase: a fresh group that starts at the end of the inputs."""
+    bare_loop(settings, None, f"bare-latency-{time.time_ns()}", stop, ready, offset_reset="latest")
 
 
 def output_latencies_ms(settings: Settings, topic: str, since_ms: int, until: threading.Event, out: list[float]) -> None:
@@ -222,7 +239,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> None:
         report = produce(messages, settings.topic_by_kind, confluent_producer_config(settings))
         print(f"pre-produced {report.delivered:,} messages in {report.seconds:.1f} s", flush=True)
 
-        bare = bare_loop(settings, len(messages))
+        bare = bare_loop(settings, len(messages), f"bare-{time.time_ns()}")
         print(f"bare confluent-kafka loop: {bare:,.0f} events/s", flush=True)
         floor = faust_floor(settings, len(messages))
         print(f"Faust no-op agent:         {floor:,.0f} events/s (take_events, no work)", flush=True)
@@ -236,7 +253,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> None:
                        f"{mean_batch:.0f} | {models} | {args.workers} | `{this_command()}` |")
 
         if args.latency_fraction > 0:
-            measure_latency(args, settings, worker_rate, models)
+            measure_latency(args, settings, worker_rate, workers, models)
         for worker in workers[1:]:
             worker.stop()
         worker = workers[0]
@@ -259,14 +276,29 @@ def measure(args: argparse.Namespace, workdir: Path) -> None:
             worker.stop()
 
 
-def measure_latency(args: argparse.Namespace, settings: Settings, worker_rate: float, models: str) -> None:
-    """The running worker's latency at ``latency_fraction`` of its saturation rate."""
+def measure_latency(args: argparse.Namespace, settings: Settings, worker_rate: float, workers: list[WorkerProcess],
+                    models: str) -> None:
+    """Latency at ``latency_fraction`` of the worker's saturation rate: the running workers, then
+    (workers stopped: a worker still scoring starved the bare loop to 3-4 s) the bare loop."""
     rate = args.latency_fraction * worker_rate
-    print(f"latency phase: {rate:,.0f} events/s for {args.latency_s:.0f} s …", flush=True)
+    print(f"latency phase: {rate:,.0f} events/s for {args.latency_s:.0f} s each …", flush=True)
     worker_ms = paced_latency(settings, settings.topic_scores, rate, args.latency_s, args.seed + 1)
-    row = f"{percentile(worker_ms, 50):,.1f} | {percentile(worker_ms, 99):,.1f} | {len(worker_ms):,}"
+    for worker in workers:
+        worker.stop()
+    stop, ready = multiprocessing.Event(), multiprocessing.Event()
+    bare_process = multiprocessing.Process(target=_bare_loop_until_stopped, args=(settings, stop, ready))
+    bare_process.start()
+    if not ready.wait(60):
+        raise RuntimeError("the bare loop got no partitions within 60 s")
+    time.sleep(1.0)  # its first fetch positions it at the end of each partition
+    bare_ms = paced_latency(settings, settings.topic_scores + ".bare", rate, args.latency_s, args.seed + 2)
+    stop.set()
+    bare_process.join(30)
+    row = (f"{percentile(worker_ms, 50):,.1f} | {percentile(worker_ms, 99):,.1f} | {len(worker_ms):,} | "
+           f"{percentile(bare_ms, 50):,.1f} | {percentile(bare_ms, 99):,.1f} | {len(bare_ms):,}")
     print(f"worker p50/p99 {percentile(worker_ms, 50):,.1f} / {percentile(worker_ms, 99):,.1f} ms over "
-          f"{len(worker_ms):,} scores", flush=True)
+          f"{len(worker_ms):,} outputs; bare loop {percentile(bare_ms, 50):,.1f} / {percentile(bare_ms, 99):,.1f} ms "
+          f"over {len(bare_ms):,}", flush=True)
     if not args.no_record:
         append_row(LATENCY_SECTION, LATENCY_HEADER,
                    f"| {utc_now()} | {rate:,.0f} | {args.latency_fraction:.2f} | {args.latency_s:.0f} | {row} | "
