@@ -119,7 +119,7 @@ class Soak:
     def run(self, progress: tqdm) -> None:
         self.started = time.monotonic()
         self.traffic.start()
-        kinds = list(FAULT_KINDS)
+        kinds = list(self.args.faults)
         self.rng.shuffle(kinds)
         deadline = self.started + self.args.duration
         next_fault = time.monotonic() + self.args.fault_every * self.rng.uniform(0.5, 1.0)
@@ -221,12 +221,23 @@ def summarize(soak: Soak, report: AccountingReport, args: argparse.Namespace) ->
                    f"{seconds(f.scoring_s)} | {f.notes} |", path=RELIABILITY)
 
 
+def fault_kinds(text: str) -> tuple[str, ...]:
+    """``--faults``: a comma-separated subset of :data:`FAULT_KINDS`."""
+    kinds = tuple(kind.strip() for kind in text.split(",") if kind.strip())
+    unknown = [kind for kind in kinds if kind not in FAULT_KINDS]
+    if not kinds or unknown:
+        raise argparse.ArgumentTypeError(f"unknown fault kinds {unknown or [text]}; choose from {', '.join(FAULT_KINDS)}")
+    return kinds
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=int, default=300, help="seconds of traffic and faults")
     parser.add_argument("--fault-every", type=float, default=40.0, help="mean seconds between faults")
     parser.add_argument("--rate", type=float, default=300.0, help="steady input events per second")
     parser.add_argument("--flood-events", type=int, default=30_000, help="extra events in a flood burst")
+    parser.add_argument("--faults", type=fault_kinds, default=FAULT_KINDS,
+                        help=f"comma-separated fault kinds to inject in turn (default: all of {', '.join(FAULT_KINDS)})")
     parser.add_argument("--shoppers", type=int, default=50_000, help="simulated shop population")
     parser.add_argument("--malformed", type=float, default=0.01, help="share of malformed messages")
     parser.add_argument("--alert-high", type=float, default=0.01,

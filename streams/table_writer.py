@@ -21,6 +21,7 @@ input offsets were not committed, so its events are consumed again after the res
 """
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from faust.types import TP
@@ -44,6 +45,7 @@ class TableWriter:
         self.seal = seal
         self._stores: dict[str, Any] = {}  # changelog topic -> the table's store
         self._written: set[tuple[str, int]] = set()  # changelog partitions written since the last flush
+        self._flushing = asyncio.Lock()
 
     @staticmethod
     def get(table: Any, partition: int, key: bytes) -> bytes | None:
@@ -66,17 +68,20 @@ class TableWriter:
         self.producer.send(topic, key, value, partition=partition)
 
     async def flush(self) -> None:
-        """Wait until every queued record is acknowledged (and sealed), then record the offsets.
+        """Wait until every record queued so far is acknowledged (and sealed), then record the offsets.
 
+        One flush at a time: the agent and the sweeps both flush, and a caller whose records a
+        concurrent flush took must not return (and let Faust commit) before that flush sealed them.
         Raises :class:`streams.batch_producer.DeliveryError` when the brokers refused records.
         """
-        if not self._written:
-            return
-        written, self._written = self._written, set()
-        await self.producer.flush()
-        if self.seal:
-            for topic, partition in written:
-                self.producer.send(topic, SEAL_KEY, None, partition=partition)
+        async with self._flushing:
+            if not self._written:
+                return
+            written, self._written = self._written, set()
             await self.producer.flush()
-        for (topic, partition), offset in self.producer.take_offsets().items():
-            self._stores[topic].set_persisted_offset(TP(topic, partition), offset)
+            if self.seal:
+                for topic, partition in written:
+                    self.producer.send(topic, SEAL_KEY, None, partition=partition)
+                await self.producer.flush()
+            for (topic, partition), offset in self.producer.take_offsets().items():
+                self._stores[topic].set_persisted_offset(TP(topic, partition), offset)

@@ -62,7 +62,10 @@ def test_two_workers_split_partitions_and_take_over(broker, tmp_path):
         produce(second, base.topic_by_kind, base.librdkafka_config())
         events = valid_events(first + second)
         scored_until(base, newest_ts(events))
-        assert len(owned_partitions(b)) == 3 * base.partitions
+        deadline = time.monotonic() + 10  # the lag gauge that shows ownership refreshes once a second
+        while time.monotonic() < deadline and len(owned_partitions(b)) < 3 * base.partitions:
+            time.sleep(0.5)
+        assert len(owned_partitions(b)) == 3 * base.partitions, f"b owns only {sorted(owned_partitions(b))}"
     finally:
         a.stop()
         assert b.stop() == 0, b.log_tail()
