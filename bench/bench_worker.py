@@ -5,7 +5,9 @@ and on the same broker and topics:
 
 * the ceiling: a bare confluent-kafka loop (consume, json.loads, a dict of per-user counts,
   one produced output per event) — the "bare loop" row of ../shared/notes/performance-anchors.md;
-* Faust's own floor: an agent taking micro-batches and doing nothing (bench/faust_floor.py);
+* Faust's own floor: an agent taking micro-batches and doing nothing (bench/faust_floor.py),
+  once through Faust's per-event stream (``take_events``) and once through whole fetches
+  (:mod:`streams.batch_consumer`, the worker's own path);
 * the ShopPulse worker (``shoppulse worker``, a child process): events/s from ready to the last
   event consumed, with validation, state updates in RocksDB, scoring and publishing;
 * end-to-end latency at a fixed fraction of the worker's saturation rate (``--latency-fraction``):
@@ -171,11 +173,11 @@ def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1] if len(values) > 1 else float("nan")
 
 
-def faust_floor(settings: Settings, total: int) -> float:
+def faust_floor(settings: Settings, total: int, batch_drain: bool) -> float:
     """events/s of a Faust agent that takes micro-batches and does nothing (a child process)."""
     command = [sys.executable, str(REPO / "bench" / "faust_floor.py"), "--bootstrap", settings.bootstrap_servers,
                "--topics", ",".join(settings.input_topics), "--events", str(total),
-               "--partitions", str(settings.partitions)]
+               "--partitions", str(settings.partitions)] + (["--batch-drain"] if batch_drain else [])
     done = subprocess.run(command, capture_output=True, text=True, timeout=900)
     rates = re.findall(r"(\d+)\s*$", done.stdout, re.MULTILINE)  # the line may carry terminal escapes
     if not rates:
@@ -212,6 +214,7 @@ def main() -> None:
     parser.add_argument("--models", default="artifacts/models",
                         help="model registry the worker serves (empty: the heuristic)")
     parser.add_argument("--workers", type=int, default=1, help="workers in one consumer group")
+    parser.add_argument("--device", default="auto", help="where the worker runs its models: auto, cpu or cuda")
     parser.add_argument("--recovery", action="store_true", help="also measure restart and restore times")
     parser.add_argument("--latency-fraction", type=float, default=0.5,
                         help="latency phase rate as a share of the measured worker saturation (0: skip)")
@@ -227,13 +230,13 @@ def main() -> None:
 
 
 def measure(args: argparse.Namespace, workdir: Path) -> None:
-    models = "trained" if models_ready(args.models) else "heuristic"
+    models = f"{'trained' if models_ready(args.models) else 'heuristic'} on {args.device}"
     print(f"generating {args.events:,} events from {args.shoppers:,} shoppers …", flush=True)
     messages = simulated_messages(args.events, args.shoppers, args.days, args.seed)
     with EmbeddedBroker(log_path=workdir / "tansu.log") as broker:
         settings = Settings.from_env({}, bootstrap_servers=broker.bootstrap_servers, partitions=args.partitions,
                                      data_dir=workdir / "worker", metrics_port=free_port(),
-                                     log_level="WARNING", models_dir=Path(args.models))
+                                     log_level="WARNING", models_dir=Path(args.models), device=args.device)
         ensure_topics(settings)
         ensure_topics(settings, [TopicSpec(settings.topic_scores + ".bare", args.partitions, {})])
         report = produce(messages, settings.topic_by_kind, confluent_producer_config(settings))
@@ -241,15 +244,17 @@ def measure(args: argparse.Namespace, workdir: Path) -> None:
 
         bare = bare_loop(settings, len(messages), f"bare-{time.time_ns()}")
         print(f"bare confluent-kafka loop: {bare:,.0f} events/s", flush=True)
-        floor = faust_floor(settings, len(messages))
-        print(f"Faust no-op agent:         {floor:,.0f} events/s (take_events, no work)", flush=True)
+        per_event = faust_floor(settings, len(messages), batch_drain=False)
+        print(f"Faust no-op agent:         {per_event:,.0f} events/s (per-event stream, take_events)", flush=True)
+        whole_fetch = faust_floor(settings, len(messages), batch_drain=True)
+        print(f"Faust no-op agent:         {whole_fetch:,.0f} events/s (whole fetches, the worker's path)", flush=True)
         worker_rate, batches, mean_batch, workers = run_workers(settings, len(messages), workdir, args.workers)
         print(f"shoppulse worker x{args.workers}:       {worker_rate:,.0f} events/s ({worker_rate / bare:.2f} of the bare "
               f"loop; {batches:.0f} batches of {mean_batch:.0f} events on average)", flush=True)
         if not args.no_record:
             append_row(THROUGHPUT_SECTION, THROUGHPUT_HEADER,
                        f"| {utc_now()} | {len(messages):,} | {args.shoppers:,} | {args.partitions} | {bare:,.0f} | "
-                       f"{floor:,.0f} | {worker_rate:,.0f} | {worker_rate / bare:.2f} | {batches:.0f} | "
+                       f"{per_event:,.0f} per event / {whole_fetch:,.0f} whole fetches | {worker_rate:,.0f} | {worker_rate / bare:.2f} | {batches:.0f} | "
                        f"{mean_batch:.0f} | {models} | {args.workers} | `{this_command()}` |")
 
         if args.latency_fraction > 0:

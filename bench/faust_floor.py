@@ -2,7 +2,9 @@
 
 Run by bench_worker.py against topics it has filled: prints the events/s of a Faust agent
 iterating ``stream.take_events`` with no work at all — the ceiling for any per-event Faust
-stream on this machine, whatever the agent does.
+stream on this machine, whatever the agent does. With ``--batch-drain`` the agent takes its
+micro-batches from :class:`streams.batch_consumer.MicroBatcher` instead, as the worker does:
+the ceiling for the worker's own consumer path.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import faust  # noqa: E402
 
+from streams.batch_consumer import BatchingApp, MicroBatcher  # noqa: E402
 from streams.kafka import tansu_client_overrides  # noqa: E402
 
 
@@ -28,25 +31,37 @@ def main() -> None:
     parser.add_argument("--events", type=int, required=True, help="stop after this many events")
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--max-batch", type=int, default=1000)
+    parser.add_argument("--batch-drain", action="store_true", help="whole fetches through MicroBatcher")
     args = parser.parse_args()
-    app = faust.App(f"faust-floor-{time.time_ns()}", broker=f"kafka://{args.bootstrap}", web_enabled=False,
+    batcher = MicroBatcher(args.max_batch, 0.05, 2 * args.max_batch)
+    app = BatchingApp(f"faust-floor-{time.time_ns()}", broker=f"kafka://{args.bootstrap}", web_enabled=False,
                     datadir=tempfile.mkdtemp(prefix="shoppulse-faust-floor-"),
                     topic_partitions=args.partitions, consumer_auto_offset_reset="earliest", autodiscover=False,
+                    batch_topics=args.topics.split(",") if args.batch_drain else (), batcher=batcher,
                     **tansu_client_overrides())
     topic = app.topic(*args.topics.split(","), key_serializer="raw", value_serializer="raw")
     seen = {"count": 0, "started": 0.0}
 
+    def count(taken: int) -> None:
+        if not seen["started"]:
+            seen["started"] = time.perf_counter()
+        seen["count"] += taken
+        if seen["count"] >= args.events:
+            elapsed = time.perf_counter() - seen["started"]
+            print(f"{seen['count'] / elapsed:.0f}", flush=True)
+            os._exit(0)  # a measurement, not a service: no graceful shutdown needed
+
     async def take_and_drop(stream: faust.StreamT) -> None:
         async for events in stream.take_events(args.max_batch, within=0.05):
-            if not seen["started"]:
-                seen["started"] = time.perf_counter()
-            seen["count"] += len(events)
-            if seen["count"] >= args.events:
-                elapsed = time.perf_counter() - seen["started"]
-                print(f"{seen['count'] / elapsed:.0f}", flush=True)
-                os._exit(0)  # a measurement, not a service: no graceful shutdown needed
+            count(len(events))
 
-    app.agent(topic, name="take_and_drop")(take_and_drop)
+    async def take_batches_and_drop(stream: faust.StreamT) -> None:
+        while True:
+            messages = await batcher.take()
+            app.consumer.ack_batch(messages)
+            count(len(messages))
+
+    app.agent(topic, name="take_and_drop")(take_batches_and_drop if args.batch_drain else take_and_drop)
     logging.basicConfig(level=logging.WARNING)
     faust.Worker(app, loglevel="warn", quiet=True, redirect_stdouts=False).execute_from_commandline()
 

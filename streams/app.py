@@ -1,7 +1,10 @@
 """The Faust worker: one agent over the three co-partitioned input topics.
 
-Per micro-batch (``stream.take_events(max_batch, within=max_wait)``) the agent hands the raw
-messages to :class:`streams.pipeline.BatchProcessor`, then
+The app's consumer hands whole Kafka fetches of the input topics to a
+:class:`streams.batch_consumer.MicroBatcher` rather than through Faust's per-event streams
+(which cost about 90 µs of CPU per event here). Per micro-batch (up to ``max_batch`` messages,
+or fewer once the oldest has waited ``max_wait_ms``) the agent hands the raw messages to
+:class:`streams.pipeline.BatchProcessor`, then
 
 * sends each invalid message, with its original key and bytes, to the dead-letter topic
   with headers that say where it came from and why it was rejected;
@@ -10,9 +13,8 @@ messages to :class:`streams.pipeline.BatchProcessor`, then
 * publishes one result per scored shopper to the scores topic, plus recommendations and
   churn alerts, through a :class:`streams.batch_producer.BatchProducer` (librdkafka);
 
-and waits until Kafka acknowledged every output and changelog record before the batch ends.
-Faust acks the batch's events only after this body returns and commits only acked offsets, so
-nothing is committed before its effects are in Kafka (at-least-once; replays are absorbed by
+and waits until Kafka acknowledged every output and changelog record before it acks the batch's
+messages. Faust commits only acked offsets, so nothing is committed before its effects are in Kafka (at-least-once; replays are absorbed by
 the per-shopper event-id dedup). Tests count every event to prove that nothing is lost or
 doubled and that recovery from the changelog is exact.
 """
@@ -36,6 +38,7 @@ from streams.alerts import AlertPolicy
 from streams.config import Settings
 from streams.kafka import (BROKER_PROFILE_TANSU, TANSU_FETCH_MAX_WAIT_MS, ensure_topics, faust_client_settings,
                            resolve_broker_profile, tansu_client_overrides)
+from streams.batch_consumer import BatchingApp, MicroBatcher
 from streams.batch_producer import BatchProducer
 from streams.metrics import HealthState, MetricsServer, WorkerMetrics
 from streams.pipeline import BatchOutcome, BatchProcessor, InputMessage
@@ -47,6 +50,8 @@ STATE_TABLE = "shopper_state"
 ALERT_TABLE = "churn_alert_state"
 #: The eviction and silent-shopper sweeps yield to the event loop after this many stored shoppers.
 SWEEP_YIELD_EVERY = 500
+#: The consumer stops fetching while this many micro-batches are buffered ahead of the agent.
+BATCHES_BUFFERED = 2
 
 
 def idle_since_ms(stored: bytes, now_ms: int) -> int:
@@ -74,8 +79,12 @@ class ScoringWorker:
         self.metrics = metrics or WorkerMetrics()
         self.health = HealthState()
         overrides = tansu_client_overrides() if self.profile == BROKER_PROFILE_TANSU else {}
-        self.app = faust.App(
+        self.batcher = MicroBatcher(settings.max_batch, settings.max_wait_ms / 1000.0,
+                                    max_buffered=BATCHES_BUFFERED * settings.max_batch)
+        self.app = BatchingApp(
             settings.app_id,
+            batch_topics=settings.input_topics,
+            batcher=self.batcher,
             broker=[f"kafka://{server.strip()}" for server in settings.bootstrap_servers.split(",")],
             **faust_client_settings(settings),
             store="rocksdb://",
@@ -152,11 +161,16 @@ class ScoringWorker:
         self._served_versions = dict(versions)
         log.info("serving %s on %s", ", ".join(f"{m}={v}" for m, v in versions.items()), self.scorer.device)
 
-    async def _score_shoppers(self, stream: faust.StreamT) -> AsyncIterator[None]:
-        within_s = self.settings.max_wait_ms / 1000.0
-        async for events in stream.take_events(self.settings.max_batch, within=within_s):
-            messages = [InputMessage(e.message.topic, e.message.partition, e.message.offset,
-                                     e.message.key, e.message.value) for e in events]
+    async def _score_shoppers(self, stream: faust.StreamT) -> None:
+        """The agent: score micro-batches until the worker stops.
+
+        Faust subscribes the input topics for it and owns their partitions, but ``stream`` stays
+        empty: the consumer hands the messages to :attr:`batcher` (:mod:`streams.batch_consumer`).
+        """
+        consumer = self.app.consumer
+        while True:
+            batch = await self.batcher.take()
+            messages = [InputMessage(m.topic, m.partition, m.offset, m.key, m.value) for m in batch]
             for message in messages:
                 self._positions[(message.topic, message.partition)] = message.offset
             outcome = self.processor.process(messages, self._load_state, self._load_alert)
@@ -175,7 +189,7 @@ class ScoringWorker:
                 if shopper.alert_state is not None:
                     put(self.alert_table, partition, shopper.key, shopper.alert_state)
             await self._publish(outcome)
-            yield None
+            consumer.ack_batch(batch)
 
     async def _publish(self, outcome: BatchOutcome) -> None:
         """Scores, recommendations and alerts of a batch to their topics; returns once all are

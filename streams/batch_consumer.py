@@ -1,0 +1,183 @@
+"""Whole Kafka fetches to one agent, without Faust's per-event stream machinery.
+
+Faust hands each consumed message to its streams on its own: a task race per message
+(``wait_first``), the conductor, an event, a channel queue, the stream's processors and a
+per-event ack. On this machine that costs about 90 µs of CPU per event (``bench/faust_floor.py``),
+which alone caps a worker near 11k events/s whatever the agent does.
+
+:class:`BatchDrainConsumer` is Faust's aiokafka consumer with its drain loop replaced: messages
+of the *batch topics* go, a whole fetch at a time, into a :class:`MicroBatcher`; messages of any
+other topic (table changelogs during recovery) still take Faust's own path. The agent takes
+micro-batches from the batcher and acks each message once its effects are in Kafka.
+
+Faust keeps everything else: group membership and assignment, offsets (an ack makes an offset
+committable; gaps in a partition are recorded as Faust records them), tables and rebalances.
+The messages are tracked like any other, so a rebalance or shutdown waits for the batch in
+flight (``Consumer.wait_empty``); messages still buffered when Faust stops the flow are dropped,
+and Faust seeks every assigned partition back to its committed offset after the rebalance.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, Iterable
+
+import faust
+from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer
+from faust.types import ConsumerT, Message
+
+
+class MicroBatcher:
+    """A bounded buffer of consumed messages, taken in micro-batches.
+
+    Args:
+        max_batch: most messages in one batch.
+        max_wait_s: longest a buffered message waits for its batch to fill, in seconds.
+        max_buffered: the consumer waits (and stops fetching) while this many are buffered.
+    """
+
+    def __init__(self, max_batch: int, max_wait_s: float, max_buffered: int) -> None:
+        if max_batch < 1 or max_buffered < max_batch:
+            raise ValueError(f"need 1 <= max_batch ({max_batch}) <= max_buffered ({max_buffered})")
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self.max_buffered = max_buffered
+        self._buffer: list[Message] = []
+        self._first_at = 0.0  # monotonic time the oldest buffered message arrived
+        self._arrived = asyncio.Event()
+        self._full = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+        self._cleared = 0  # times clear() ran: a put waiting across a clear drops its messages
+
+    def __len__(self) -> int:
+        return len(self._buffer)
+
+    async def put(self, messages: list[Message]) -> None:
+        """Buffer messages, first waiting while the buffer is at its bound.
+
+        Messages whose wait spans a :meth:`clear` are dropped with the rest.
+        """
+        cleared = self._cleared
+        while len(self._buffer) >= self.max_buffered:
+            self._room.clear()
+            await self._room.wait()
+        if self._cleared != cleared:
+            return
+        if not self._buffer:
+            self._first_at = time.monotonic()
+        self._buffer.extend(messages)
+        self._arrived.set()
+        if len(self._buffer) >= self.max_batch:
+            self._full.set()
+
+    async def take(self) -> list[Message]:
+        """The next batch: ``max_batch`` messages, or fewer once the oldest has waited ``max_wait_s``."""
+        while not self._buffer:
+            self._arrived.clear()
+            await self._arrived.wait()
+        if len(self._buffer) < self.max_batch:
+            left_s = self.max_wait_s - (time.monotonic() - self._first_at)
+            if left_s > 0:
+                self._full.clear()
+                try:
+                    await asyncio.wait_for(self._full.wait(), left_s)
+                except asyncio.TimeoutError:
+                    pass
+        batch = self._buffer[:self.max_batch]
+        del self._buffer[:self.max_batch]
+        if self._buffer:
+            self._first_at = time.monotonic()
+        else:
+            self._full.clear()
+        self._room.set()
+        return batch
+
+    def clear(self) -> int:
+        """Drop every buffered message (the flow stopped for a rebalance); returns how many."""
+        dropped = len(self._buffer)
+        self._cleared += 1
+        self._buffer.clear()
+        self._full.clear()
+        self._room.set()
+        return dropped
+
+
+class BatchDrainConsumer(AIOKafkaConsumer):
+    """Faust's aiokafka consumer, handing the messages of :attr:`batch_topics` to a :class:`MicroBatcher`.
+
+    Call :meth:`batch_into` before the app starts.
+    """
+
+    batch_topics: frozenset[str] = frozenset()
+    batcher: MicroBatcher | None = None
+
+    def batch_into(self, topics: Iterable[str], batcher: MicroBatcher) -> None:
+        """Send the messages of ``topics`` to ``batcher`` instead of Faust's streams."""
+        self.batch_topics = frozenset(topics)
+        self.batcher = batcher
+
+    def stop_flow(self) -> None:
+        super().stop_flow()
+        if self.batcher is not None:
+            self.batcher.clear()
+
+    def ack_batch(self, messages: Iterable[Message]) -> None:
+        """Mark messages done: their offsets become committable (Faust commits on its timer)."""
+        ack = self.ack
+        inbound = self.app.monitor.stream_inbound_time
+        now = time.monotonic()
+        for message in messages:
+            ack(message)
+            inbound[message.tp] = now  # Faust's livelock detector reads when a stream last took an event
+
+    async def _drain_messages(self, fetcher: Any) -> None:  # a loop over the broker; tested end to end
+        """Faust's drain loop, with each fetch's batch-topic messages handed over in one call."""
+        consumer_stopped = self._stopped.is_set
+        fetcher_stopped = fetcher._stopped.is_set
+        while not (consumer_stopped() or fetcher_stopped()):
+            await self.sleep(0)
+            if self.should_stop:
+                break
+            # No local may keep a message past this statement: a rebalance waits (wait_empty) until
+            # every message read but dropped from the buffer is garbage.
+            await self._hand_over(await self._read_fetch())
+
+    async def _read_fetch(self) -> list[Message]:
+        """One fetch: batch-topic messages returned (tracked), any other topic's through Faust's callback."""
+        fetched: list[Message] = []
+        read_offset = self._read_offset
+        acks_enabled_for = self.app.topics.acks_enabled_for
+        async for tp, message in self.getmany(timeout=1.0):
+            offset = message.offset
+            last = read_offset[tp]
+            if last is not None and offset < last:
+                continue  # already read: Faust drops it the same way
+            if last and offset - last > 1 and acks_enabled_for(message.topic):
+                await self._add_gap(tp, last + 1, offset)
+            if self.batcher is not None and tp.topic in self.batch_topics:
+                self.track_message(message)
+                fetched.append(message)
+            else:
+                await self.wait_first(self.callback(message), self.suspend_flow.wait())
+            read_offset[tp] = offset
+        return fetched
+
+    async def _hand_over(self, fetched: list[Message]) -> None:
+        if fetched and self.flow_active and self.batcher is not None:
+            await self.batcher.put(fetched)
+
+
+class BatchingApp(faust.App):
+    """A Faust app whose consumer hands the messages of ``batch_topics`` to ``batcher``."""
+
+    def __init__(self, *args: Any, batch_topics: Iterable[str], batcher: MicroBatcher, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.batch_topics = frozenset(batch_topics)
+        self.batcher = batcher
+
+    def _new_consumer(self) -> ConsumerT:
+        self.transport.Consumer = BatchDrainConsumer
+        consumer = super()._new_consumer()
+        consumer.batch_into(self.batch_topics, self.batcher)
+        return consumer
