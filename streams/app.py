@@ -166,30 +166,49 @@ class ScoringWorker:
 
         Faust subscribes the input topics for it and owns their partitions, but ``stream`` stays
         empty: the consumer hands the messages to :attr:`batcher` (:mod:`streams.batch_consumer`).
+
+        Two batches overlap: batch N+1 is validated, updated and scored while batch N's outputs and
+        changelog records are on their way to Kafka. N+1 writes and sends nothing until N is
+        delivered and acked, so acks stay in order and N's changelog flush never takes N+1's records.
         """
         consumer = self.app.consumer
-        while True:
-            batch = await self.batcher.take()
-            messages = [InputMessage(m.topic, m.partition, m.offset, m.key, m.value) for m in batch]
-            for message in messages:
-                self._positions[(message.topic, message.partition)] = message.offset
-            outcome = self.processor.process(messages, self._load_state, self._load_alert)
-            self._observe_models()
-            failed_at_ms = int(time.time() * 1000)
-            for dead in outcome.dead_letters:
-                self.outputs.send(self.settings.topic_dead_letter, dead.message.key, dead.message.value,
-                                  dead.headers(failed_at_ms))
-                self.metrics.dead_lettered.labels(dead.reason).inc()
-                log.debug("dead-lettered %s[%d]@%d: %s", dead.message.topic, dead.message.partition,
-                          dead.message.offset, dead.detail)
-            put = self.tables.put
-            for shopper in outcome.scored:
-                partition = partition_of(shopper.last_message)
-                put(self.table, partition, shopper.key, shopper.state_bytes)
-                if shopper.alert_state is not None:
-                    put(self.alert_table, partition, shopper.key, shopper.alert_state)
-            await self._publish(outcome)
-            consumer.ack_batch(batch)
+        delivering: asyncio.Future[None] | None = None
+        try:
+            while True:
+                batch = await self.batcher.take()
+                messages = [InputMessage(m.topic, m.partition, m.offset, m.key, m.value) for m in batch]
+                for message in messages:
+                    self._positions[(message.topic, message.partition)] = message.offset
+                outcome = self.processor.process(messages, self._load_state, self._load_alert)
+                self._observe_models()
+                if delivering is not None:
+                    await delivering  # the previous batch: delivered, then acked
+                self._write(outcome)
+                delivering = asyncio.ensure_future(self._deliver(outcome, batch, consumer))
+        finally:
+            if delivering is not None and not delivering.done():
+                delivering.cancel()  # unacked: its messages are consumed again after the restart
+
+    def _write(self, outcome: BatchOutcome) -> None:
+        """Queue a batch's dead letters and write its table updates (RocksDB now, changelog queued)."""
+        failed_at_ms = int(time.time() * 1000)
+        for dead in outcome.dead_letters:
+            self.outputs.send(self.settings.topic_dead_letter, dead.message.key, dead.message.value,
+                              dead.headers(failed_at_ms))
+            self.metrics.dead_lettered.labels(dead.reason).inc()
+            log.debug("dead-lettered %s[%d]@%d: %s", dead.message.topic, dead.message.partition,
+                      dead.message.offset, dead.detail)
+        put = self.tables.put
+        for shopper in outcome.scored:
+            partition = partition_of(shopper.last_message)
+            put(self.table, partition, shopper.key, shopper.state_bytes)
+            if shopper.alert_state is not None:
+                put(self.alert_table, partition, shopper.key, shopper.alert_state)
+
+    async def _deliver(self, outcome: BatchOutcome, batch: list[Any], consumer: Any) -> None:
+        """Publish a batch's results, wait until Kafka has everything, then ack its messages."""
+        await self._publish(outcome)
+        consumer.ack_batch(batch)
 
     async def _publish(self, outcome: BatchOutcome) -> None:
         """Scores, recommendations and alerts of a batch to their topics; returns once all are

@@ -87,7 +87,11 @@ class BatchProducer:
 
         Raises :class:`DeliveryError` if any was refused or the wait timed out.
         """
-        still_queued = await asyncio.to_thread(self._producer.flush, timeout_s)
+        await asyncio.to_thread(self.deliver, timeout_s)
+
+    def deliver(self, timeout_s: float = FLUSH_TIMEOUT_S) -> None:
+        """:meth:`flush`, blocking the calling thread."""
+        still_queued = self._producer.flush(timeout_s)
         failures, self._failures = self._failures, []
         if still_queued or failures:
             shown = "; ".join(failures[:5]) + (f" and {len(failures) - 5} more" if len(failures) > 5 else "")

@@ -78,10 +78,16 @@ class TableWriter:
             if not self._written:
                 return
             written, self._written = self._written, set()
-            await self.producer.flush()
-            if self.seal:
-                for topic, partition in written:
-                    self.producer.send(topic, SEAL_KEY, None, partition=partition)
-                await self.producer.flush()
-            for (topic, partition), offset in self.producer.take_offsets().items():
+            offsets = await asyncio.to_thread(self._deliver_sealed, written)
+            for (topic, partition), offset in offsets.items():
                 self._stores[topic].set_persisted_offset(TP(topic, partition), offset)
+
+    def _deliver_sealed(self, written: set[tuple[str, int]]) -> dict[tuple[str, int], int]:
+        """Deliver the queued records, then the seals (blocking; one thread call for both round trips,
+        so the event loop being busy with the next batch does not hold the seals back)."""
+        self.producer.deliver()
+        if self.seal:
+            for topic, partition in written:
+                self.producer.send(topic, SEAL_KEY, None, partition=partition)
+            self.producer.deliver()
+        return self.producer.take_offsets()
