@@ -215,6 +215,7 @@ def main() -> None:
                         help="model registry the worker serves (empty: the heuristic)")
     parser.add_argument("--workers", type=int, default=1, help="workers in one consumer group")
     parser.add_argument("--device", default="auto", help="where the worker runs its models: auto, cpu or cuda")
+    parser.add_argument("--torch-threads", type=int, default=0, help="the worker's torch CPU threads (0: torch's default)")
     parser.add_argument("--recovery", action="store_true", help="also measure restart and restore times")
     parser.add_argument("--latency-fraction", type=float, default=0.5,
                         help="latency phase rate as a share of the measured worker saturation (0: skip)")
@@ -236,7 +237,8 @@ def measure(args: argparse.Namespace, workdir: Path) -> None:
     with EmbeddedBroker(log_path=workdir / "tansu.log") as broker:
         settings = Settings.from_env({}, bootstrap_servers=broker.bootstrap_servers, partitions=args.partitions,
                                      data_dir=workdir / "worker", metrics_port=free_port(),
-                                     log_level="WARNING", models_dir=Path(args.models), device=args.device)
+                                     log_level="WARNING", models_dir=Path(args.models), device=args.device,
+                                     torch_threads=args.torch_threads)
         ensure_topics(settings)
         ensure_topics(settings, [TopicSpec(settings.topic_scores + ".bare", args.partitions, {})])
         report = produce(messages, settings.topic_by_kind, confluent_producer_config(settings))

@@ -57,7 +57,7 @@ def main() -> None:
 
     async def take_batches_and_drop(stream: faust.StreamT) -> None:
         while True:
-            messages = await batcher.take()
+            messages = await app.consumer.take_batch()
             app.consumer.ack_batch(messages)
             count(len(messages))
 

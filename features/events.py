@@ -208,6 +208,10 @@ def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not JSON (strict JSON has no NaN or Infinity)")
 
 
+#: One decoder for every message (``json.loads`` with options builds a new one per call).
+_JSON_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
 def decode_json_object(value: bytes | None, limits: ValidationLimits = DEFAULT_LIMITS) -> dict[str, Any]:
     """Parse a message value into a JSON object, enforcing the size limit first."""
     if value is None:
@@ -215,7 +219,7 @@ def decode_json_object(value: bytes | None, limits: ValidationLimits = DEFAULT_L
     if len(value) > limits.max_event_bytes:
         raise _fail(REASON_OVERSIZED, f"message is {len(value)} bytes; the limit is {limits.max_event_bytes} (SHOPPULSE_MAX_EVENT_BYTES)")
     try:  # decoded here: json.loads(bytes) would also take UTF-16/32, a BOM and raw surrogates
-        doc = json.loads(value.decode("utf-8"), parse_constant=_reject_constant)
+        doc = _JSON_DECODER.decode(value.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise _fail(REASON_BAD_JSON, f"value is not UTF-8 JSON ({str(exc)[:120]}); send one JSON object per message") from None
     if type(doc) is not dict:

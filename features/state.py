@@ -443,8 +443,12 @@ class ShopperState:
                     self.frozen_session_last_ms = ts
                 if ts < self.frozen_session_start_ms:
                     self.frozen_session_start_ms = ts
-            if item_id and len(items) < SESSION_ITEMS_CAP and item_id not in items:
-                items.append(item_id)
+            if item_id and item_id not in items:
+                # Kept sorted, the smallest ids past the cap: the same list whatever order the events
+                # were frozen in (more than ``dedup_ids`` events in one millisecond can freeze out of order).
+                insort(items, item_id)
+                if len(items) > SESSION_ITEMS_CAP:
+                    items.pop()
         codes = self.recent_codes[:count]
         categories = self.recent_categories[:count]
         if any(categories):

@@ -38,10 +38,10 @@ from streams.alerts import AlertPolicy
 from streams.config import Settings
 from streams.kafka import (BROKER_PROFILE_TANSU, TANSU_FETCH_MAX_WAIT_MS, ensure_topics, faust_client_settings,
                            resolve_broker_profile, tansu_client_overrides)
-from streams.batch_consumer import BatchingApp, MicroBatcher
+from streams.batch_consumer import BatchDrainConsumer, BatchingApp, MicroBatch, MicroBatcher
 from streams.batch_producer import BatchProducer
 from streams.metrics import HealthState, MetricsServer, WorkerMetrics
-from streams.pipeline import BatchOutcome, BatchProcessor, InputMessage
+from streams.pipeline import BatchOutcome, BatchProcessor, RawMessage
 from streams.table_writer import TableWriter
 
 log = logging.getLogger("shoppulse.worker")
@@ -65,7 +65,7 @@ def idle_since_ms(stored: bytes, now_ms: int) -> int:
         return now_ms
 
 
-def partition_of(where: InputMessage | int) -> int:
+def partition_of(where: RawMessage | int) -> int:
     """The partition a message came from, or the partition number itself (sweeps)."""
     return where if isinstance(where, int) else where.partition
 
@@ -127,10 +127,10 @@ class ScoringWorker:
         self.app.timer(float(settings.silent_sweep_interval_s))(self._rescore_silent_shoppers)
         self.app.on_partitions_assigned.connect(self._on_assigned)
 
-    def _load_state(self, where: InputMessage | int, key: bytes) -> bytes | None:
+    def _load_state(self, where: RawMessage | int, key: bytes) -> bytes | None:
         return self.tables.get(self.table, partition_of(where), key)
 
-    def _load_alert(self, where: InputMessage | int, key: bytes) -> bytes | None:
+    def _load_alert(self, where: RawMessage | int, key: bytes) -> bytes | None:
         return self.tables.get(self.alert_table, partition_of(where), key)
 
     async def _owned_states(self) -> AsyncIterator[tuple[int, bytes, bytes]]:
@@ -175,11 +175,11 @@ class ScoringWorker:
         delivering: asyncio.Future[None] | None = None
         try:
             while True:
-                batch = await self.batcher.take()
-                messages = [InputMessage(m.topic, m.partition, m.offset, m.key, m.value) for m in batch]
-                for message in messages:
-                    self._positions[(message.topic, message.partition)] = message.offset
-                outcome = self.processor.process(messages, self._load_state, self._load_alert)
+                batch = await consumer.take_batch()
+                positions = self._positions
+                for message in batch:
+                    positions[(message.topic, message.partition)] = message.offset
+                outcome = self.processor.process(batch, self._load_state, self._load_alert)
                 self._observe_models()
                 if delivering is not None:
                     await delivering  # the previous batch: delivered, then acked
@@ -205,7 +205,7 @@ class ScoringWorker:
             if shopper.alert_state is not None:
                 put(self.alert_table, partition, shopper.key, shopper.alert_state)
 
-    async def _deliver(self, outcome: BatchOutcome, batch: list[Any], consumer: Any) -> None:
+    async def _deliver(self, outcome: BatchOutcome, batch: MicroBatch, consumer: BatchDrainConsumer) -> None:
         """Publish a batch's results, wait until Kafka has everything, then ack its messages."""
         await self._publish(outcome)
         consumer.ack_batch(batch)

@@ -7,14 +7,17 @@ which alone caps a worker near 11k events/s whatever the agent does.
 
 :class:`BatchDrainConsumer` is Faust's aiokafka consumer with its drain loop replaced: messages
 of the *batch topics* go, a whole fetch at a time, into a :class:`MicroBatcher`; messages of any
-other topic (table changelogs during recovery) still take Faust's own path. The agent takes
-micro-batches from the batcher and acks each message once its effects are in Kafka.
+other topic (table changelogs during recovery) still take Faust's own path. The messages are
+light :class:`streams.pipeline.InputMessage` objects, not Faust's ``ConsumerMessage``. The agent
+takes micro-batches (:meth:`BatchDrainConsumer.take_batch`) and acks a whole batch once its
+effects are in Kafka (:meth:`BatchDrainConsumer.ack_batch`).
 
 Faust keeps everything else: group membership and assignment, offsets (an ack makes an offset
-committable; gaps in a partition are recorded as Faust records them), tables and rebalances.
-The messages are tracked like any other, so a rebalance or shutdown waits for the batch in
-flight (``Consumer.wait_empty``); messages still buffered when Faust stops the flow are dropped,
-and Faust seeks every assigned partition back to its committed offset after the rebalance.
+committable, with Faust's own bookkeeping; gaps in a partition are recorded as Faust records
+them), tables and rebalances. A taken batch is tracked among Faust's unacknowledged messages,
+so a rebalance or shutdown waits for the batches in flight (``Consumer.wait_empty``); messages
+still buffered when Faust stops the flow are dropped, and Faust seeks every assigned partition
+back to its committed offset after the rebalance.
 """
 from __future__ import annotations
 
@@ -24,7 +27,20 @@ from typing import Any, Iterable
 
 import faust
 from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer
-from faust.types import ConsumerT, Message
+from faust.types import TP, ConsumerT
+from faust.types.tuples import ack_lock
+from mode.utils.futures import notify
+
+from streams.pipeline import InputMessage
+
+
+class MicroBatch(list):
+    """The messages of one micro-batch. Faust's set of unacknowledged messages holds it (weakly)
+    while the agent works on it, so it carries the two attributes Faust reads there."""
+
+    acked = False
+    refcount = 1
+    __hash__ = object.__hash__  # held in a WeakSet: by identity (no two batches share a message)
 
 
 class MicroBatcher:
@@ -42,7 +58,7 @@ class MicroBatcher:
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.max_buffered = max_buffered
-        self._buffer: list[Message] = []
+        self._buffer: list[InputMessage] = []
         self._first_at = 0.0  # monotonic time the oldest buffered message arrived
         self._arrived = asyncio.Event()
         self._full = asyncio.Event()
@@ -53,7 +69,7 @@ class MicroBatcher:
     def __len__(self) -> int:
         return len(self._buffer)
 
-    async def put(self, messages: list[Message]) -> None:
+    async def put(self, messages: list[InputMessage]) -> None:
         """Buffer messages, first waiting while the buffer is at its bound.
 
         Messages whose wait spans a :meth:`clear` are dropped with the rest.
@@ -71,7 +87,7 @@ class MicroBatcher:
         if len(self._buffer) >= self.max_batch:
             self._full.set()
 
-    async def take(self) -> list[Message]:
+    async def take(self) -> MicroBatch:
         """The next batch: ``max_batch`` messages, or fewer once the oldest has waited ``max_wait_s``."""
         while not self._buffer:
             self._arrived.clear()
@@ -84,7 +100,7 @@ class MicroBatcher:
                     await asyncio.wait_for(self._full.wait(), left_s)
                 except asyncio.TimeoutError:
                     pass
-        batch = self._buffer[:self.max_batch]
+        batch = MicroBatch(self._buffer[:self.max_batch])
         del self._buffer[:self.max_batch]
         if self._buffer:
             self._first_at = time.monotonic()
@@ -122,14 +138,39 @@ class BatchDrainConsumer(AIOKafkaConsumer):
         if self.batcher is not None:
             self.batcher.clear()
 
-    def ack_batch(self, messages: Iterable[Message]) -> None:
-        """Mark messages done: their offsets become committable (Faust commits on its timer)."""
-        ack = self.ack
+    async def take_batch(self) -> MicroBatch:
+        """The next micro-batch, tracked until :meth:`ack_batch`: a rebalance waits for it."""
+        assert self.batcher is not None, "batch_into() first"
+        batch = await self.batcher.take()
+        self._unacked_messages.add(batch)
+        return batch
+
+    def ack_batch(self, batch: MicroBatch) -> None:
+        """Mark a batch done: its offsets become committable (Faust commits on its timer).
+
+        Faust's ``Consumer.ack`` bookkeeping, once per partition instead of once per message.
+        """
+        by_tp: dict[tuple[str, int], list[int]] = {}
+        for message in batch:
+            by_tp.setdefault((message.topic, message.partition), []).append(message.offset)
         inbound = self.app.monitor.stream_inbound_time
         now = time.monotonic()
-        for message in messages:
-            ack(message)
-            inbound[message.tp] = now  # Faust's livelock detector reads when a stream last took an event
+        with ack_lock:
+            for (topic, partition), offsets in by_tp.items():
+                tp = TP(topic, partition)
+                inbound[tp] = now  # Faust's livelock detector reads when a stream last took an event
+                if not self.app.topics.acks_enabled_for(topic):
+                    continue
+                committed = self._committed_offset[tp]
+                acked_index, acked = self._acked_index[tp], self._acked[tp]
+                for offset in offsets:
+                    if (committed is None or offset >= committed) and offset not in acked_index:
+                        acked_index.add(offset)
+                        acked.append(offset)
+                        self._n_acked += 1
+            batch.acked = True
+            self._unacked_messages.discard(batch)
+            notify(self._waiting_for_ack)
 
     async def _drain_messages(self, fetcher: Any) -> None:  # a loop over the broker; tested end to end
         """Faust's drain loop, with each fetch's batch-topic messages handed over in one call."""
@@ -139,31 +180,54 @@ class BatchDrainConsumer(AIOKafkaConsumer):
             await self.sleep(0)
             if self.should_stop:
                 break
-            # No local may keep a message past this statement: a rebalance waits (wait_empty) until
-            # every message read but dropped from the buffer is garbage.
             await self._hand_over(await self._read_fetch())
 
-    async def _read_fetch(self) -> list[Message]:
-        """One fetch: batch-topic messages returned (tracked), any other topic's through Faust's callback."""
-        fetched: list[Message] = []
+    async def _read_fetch(self) -> list[InputMessage]:
+        """One fetch: batch-topic messages returned, any other topic's through Faust's callback.
+
+        Faust's ``getmany`` with its per-message work done once per partition: the high
+        watermark, the monitor, and no round-robin between partitions (the whole fetch goes
+        to one buffer anyway). Batch-topic records become light :class:`InputMessage` objects. Faust's checks are kept: partitions not active are skipped,
+        offsets already read are dropped, gaps are recorded, and records fetched while the flow
+        is stopped are dropped and the partitions sought back to their committed offsets.
+        """
+        records, active = await self._wait_next_records(1.0)
+        if not records or self.should_stop:
+            return []
+        if not self.flow_active:
+            try:
+                await self.perform_seek()
+            except Exception as exc:  # Faust's own getmany only warns here too
+                self.log.warning("could not seek back to the committed offsets while the flow is stopped: %r", exc)
+            return []
+        fetched: list[InputMessage] = []
         read_offset = self._read_offset
         acks_enabled_for = self.app.topics.acks_enabled_for
-        async for tp, message in self.getmany(timeout=1.0):
-            offset = message.offset
+        buffered = self._buffered_partitions
+        monitor = self.app.monitor
+        for tp, tp_records in records.items():
+            if active is not None and tp not in active and tp not in buffered:
+                continue
+            monitor.track_tp_end_offset(tp, self.highwater(tp))
+            to_batcher = self.batcher is not None and tp.topic in self.batch_topics
+            gaps_matter = acks_enabled_for(tp.topic)
             last = read_offset[tp]
-            if last is not None and offset < last:
-                continue  # already read: Faust drops it the same way
-            if last and offset - last > 1 and acks_enabled_for(message.topic):
-                await self._add_gap(tp, last + 1, offset)
-            if self.batcher is not None and tp.topic in self.batch_topics:
-                self.track_message(message)
-                fetched.append(message)
-            else:
-                await self.wait_first(self.callback(message), self.suspend_flow.wait())
-            read_offset[tp] = offset
+            for record in tp_records:
+                offset = record.offset
+                if last is not None and offset < last:
+                    continue  # already read: Faust drops it the same way
+                if last and offset - last > 1 and gaps_matter:
+                    await self._add_gap(tp, last + 1, offset)
+                if to_batcher:
+                    fetched.append(InputMessage(tp.topic, tp.partition, offset, record.key, record.value))
+                else:
+                    if not self.flow_active:
+                        break
+                    await self.wait_first(self.callback(self._to_message(tp, record)), self.suspend_flow.wait())
+                last = read_offset[tp] = offset
         return fetched
 
-    async def _hand_over(self, fetched: list[Message]) -> None:
+    async def _hand_over(self, fetched: list[InputMessage]) -> None:
         if fetched and self.flow_active and self.batcher is not None:
             await self.batcher.put(fetched)
 

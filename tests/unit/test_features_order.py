@@ -223,3 +223,17 @@ def test_cart_compaction_does_not_depend_on_arrival():
     got = fold_arrival(adds[:16] + [view, adds[16]], config)
     assert_same(got, want, "view before the last add")
     assert len(want.cart_lines) < 17 and want.cart_compacted_adds == 10  # adds before minute 10 were merged
+
+
+def test_frozen_session_items_do_not_depend_on_freeze_order():
+    """Past the guarantee (more than ``dedup_ids`` events in one millisecond, as a burst of live
+    traffic gives), events freeze in arrival order; the frozen session's items still come out the same."""
+    config = StateConfig(dedup_ids=8)
+    views = [Event(KIND_VIEW, f"v{i}", "u1", START_MS, item_id=f"sku-{i % 5}", category="cat1") for i in range(12)]
+    adds = [Event(KIND_CART_ADD, f"c{i}", "u1", START_MS, item_id=f"sku-{9 - i}", price=1.0, quantity=1)
+            for i in range(4)]
+    later = [Event(KIND_VIEW, f"w{i}", "u1", START_MS + 1 + i, item_id="sku-7", category="cat1") for i in range(10)]
+    views_first = fold_arrival(views + adds + later, config)
+    adds_first = fold_arrival(adds + views + later, config)
+    assert views_first.frozen_session_items == adds_first.frozen_session_items == sorted(views_first.frozen_session_items)
+    assert len(views_first.frozen_session_items) >= 6
