@@ -11,9 +11,10 @@ import pytest
 
 from features.encoding import decode_state, encode_state
 from features.offline import final_states
+from features.state import StateConfig
 from models.registry import ModelRegistry
 from streams.broker import free_port
-from streams.generator import GeneratorConfig, ShopSimulator
+from streams.generator import GeneratorConfig, ShopSimulator, at_most_per_shopper
 from streams.kafka import ensure_topics
 from streams.producer import produce
 
@@ -42,7 +43,7 @@ def test_two_workers_split_partitions_and_take_over(broker, tmp_path):
                              churn_alert_high=0.01, churn_alert_low=0.005)
     ensure_topics(base)
     other = dataclasses.replace(base, data_dir=tmp_path / "b", metrics_port=free_port())
-    stream = simulator.messages()
+    stream = at_most_per_shopper(simulator.messages(), StateConfig().dedup_ids)  # the byte-exact parity envelope
     first, second = [next(stream) for _ in range(2000)], [next(stream) for _ in range(1500)]
 
     a, b = WorkerProcess(base, tmp_path / "a.log"), WorkerProcess(other, tmp_path / "b.log")
