@@ -41,7 +41,7 @@ from streams.kafka import (BROKER_PROFILE_TANSU, TANSU_FETCH_MAX_WAIT_MS, ensure
 from streams.batch_consumer import BatchDrainConsumer, BatchingApp, MicroBatch, MicroBatcher
 from streams.batch_producer import BatchProducer
 from streams.metrics import HealthState, MetricsServer, WorkerMetrics
-from streams.pipeline import BatchOutcome, BatchProcessor, RawMessage
+from streams.pipeline import BatchOutcome, BatchProcessor, InputMessage
 from streams.table_writer import TableWriter
 
 log = logging.getLogger("shoppulse.worker")
@@ -65,7 +65,7 @@ def idle_since_ms(stored: bytes, now_ms: int) -> int:
         return now_ms
 
 
-def partition_of(where: RawMessage | int) -> int:
+def partition_of(where: InputMessage | int) -> int:
     """The partition a message came from, or the partition number itself (sweeps)."""
     return where if isinstance(where, int) else where.partition
 
@@ -127,10 +127,10 @@ class ScoringWorker:
         self.app.timer(float(settings.silent_sweep_interval_s))(self._rescore_silent_shoppers)
         self.app.on_partitions_assigned.connect(self._on_assigned)
 
-    def _load_state(self, where: RawMessage | int, key: bytes) -> bytes | None:
+    def _load_state(self, where: InputMessage | int, key: bytes) -> bytes | None:
         return self.tables.get(self.table, partition_of(where), key)
 
-    def _load_alert(self, where: RawMessage | int, key: bytes) -> bytes | None:
+    def _load_alert(self, where: InputMessage | int, key: bytes) -> bytes | None:
         return self.tables.get(self.alert_table, partition_of(where), key)
 
     async def _owned_states(self) -> AsyncIterator[tuple[int, bytes, bytes]]:

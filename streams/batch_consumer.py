@@ -187,9 +187,10 @@ class BatchDrainConsumer(AIOKafkaConsumer):
 
         Faust's ``getmany`` with its per-message work done once per partition: the high
         watermark, the monitor, and no round-robin between partitions (the whole fetch goes
-        to one buffer anyway). Batch-topic records become light :class:`InputMessage` objects. Faust's checks are kept: partitions not active are skipped,
-        offsets already read are dropped, gaps are recorded, and records fetched while the flow
-        is stopped are dropped and the partitions sought back to their committed offsets.
+        to one buffer anyway). Batch-topic records become light :class:`InputMessage` objects.
+        Faust's checks are kept: partitions not active are skipped, offsets already read are
+        dropped, gaps are recorded, and records fetched while the flow is stopped are dropped and
+        the partitions sought back to their committed offsets.
         """
         records, active = await self._wait_next_records(1.0)
         if not records or self.should_stop:

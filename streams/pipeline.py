@@ -31,19 +31,6 @@ log = logging.getLogger(__name__)
 OUTPUT_CONTRACT_VERSION = 1
 
 
-class RawMessage(Protocol):
-    """A consumed message as the pipeline reads it: where it came from and its raw bytes.
-
-    The worker passes Faust's consumer messages as they are; tests and tools use :class:`InputMessage`.
-    """
-
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-
-
 @dataclass(slots=True)
 class InputMessage:
     """A message as consumed: where it came from and its raw bytes."""
@@ -59,7 +46,7 @@ class InputMessage:
 class DeadLetter:
     """An input message that broke its contract, and why."""
 
-    message: RawMessage
+    message: InputMessage
     reason: str
     detail: str
 
@@ -88,7 +75,7 @@ class ScoredShopper:
     user_id: str
     key: bytes
     state_bytes: bytes
-    last_message: RawMessage | int
+    last_message: InputMessage | int
     result: bytes
     output_key: bytes = b""
     recommendation: bytes | None = None
@@ -123,7 +110,7 @@ class Scorer(Protocol):
 
 #: ``load(where, key)`` -> stored bytes or None; ``where`` is the message whose partition to read,
 #: or the partition number itself (the silent-shopper sweep has no message).
-StateLoader = Callable[[RawMessage | int, bytes], bytes | None]
+StateLoader = Callable[[InputMessage | int, bytes], bytes | None]
 
 
 @dataclass(slots=True)
@@ -132,7 +119,7 @@ class Touched:
 
     user_id: str
     key: bytes
-    where: RawMessage | int
+    where: InputMessage | int
     trigger_event_id: str | None  # None: the silent-shopper sweep
     trigger_ts: int
 
@@ -165,7 +152,7 @@ class BatchProcessor:
         self.pseudonym_key = pseudonym_key
         self._consumed = {topic: metrics.events_consumed.labels(topic) for topic in self.topic_kinds}
 
-    def process(self, messages: Iterable[RawMessage], load_state: StateLoader, load_alert: StateLoader,
+    def process(self, messages: Iterable[InputMessage], load_state: StateLoader, load_alert: StateLoader,
                 now_ms: int | None = None) -> BatchOutcome:
         """Process one batch; the loaders return a shopper's stored state / alert state bytes or None."""
         started = time.perf_counter()
@@ -209,10 +196,10 @@ class BatchProcessor:
         self.metrics.batch_seconds.observe(time.perf_counter() - started)
         return outcome
 
-    def _validate(self, messages: Iterable[RawMessage], outcome: BatchOutcome,
-                  now_ms: int) -> dict[str, list[tuple[Event, RawMessage]]]:
+    def _validate(self, messages: Iterable[InputMessage], outcome: BatchOutcome,
+                  now_ms: int) -> dict[str, list[tuple[Event, InputMessage]]]:
         """Parse every message; invalid ones become dead letters, valid ones are grouped by shopper."""
-        by_user: dict[str, list[tuple[Event, RawMessage]]] = {}
+        by_user: dict[str, list[tuple[Event, InputMessage]]] = {}
         for message in messages:
             outcome.consumed += 1
             self._consumed[message.topic].inc()
