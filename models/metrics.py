@@ -19,8 +19,10 @@ A target that is itself in the history is excluded like every history item, so i
 from __future__ import annotations
 
 import math
+from itertools import chain
 from typing import Callable, Iterable, Mapping, Sequence
 
+import numpy as np
 import torch
 
 DEFAULT_KS: tuple[int, ...] = (5, 10, 20)
@@ -66,14 +68,12 @@ def mask_scores(
     """
     scores[:, 0] = float("-inf")
     if exclude_history and histories is not None:
-        rows: list[int] = []
-        cols: list[int] = []
-        for r, hist in enumerate(histories):
-            rows.extend([r] * len(hist))
-            cols.extend(hist)
-        if rows:
+        lengths = np.fromiter(map(len, histories), dtype=np.int64, count=len(histories))
+        if lengths.any():
+            rows = np.repeat(np.arange(len(histories)), lengths)
+            cols = np.fromiter(chain.from_iterable(histories), dtype=np.int64, count=int(lengths.sum()))
             dev = scores.device
-            scores[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)] = float("-inf")
+            scores[torch.from_numpy(rows).to(dev), torch.from_numpy(cols).to(dev)] = float("-inf")
     return scores
 
 

@@ -130,6 +130,12 @@ class TrainReport:
         return asdict(self)
 
 
+#: Fewest histories per forward pass in :meth:`SASRec.score` (see :func:`length_buckets`). A pass
+#: has a fixed cost of about half a millisecond on a CPU however few rows it holds: a 121-shopper
+#: micro-batch took 4.4 ms in six length groups and 1.4 ms padded into one (2-core VM, served model).
+MIN_ROWS_PER_PASS = 256
+
+
 class _Block(nn.Module):
     """Pre-LN transformer block with causal multi-head self-attention."""
 
@@ -251,7 +257,7 @@ class SASRec(nn.Module):
         self.eval()
         try:
             hidden = torch.zeros(len(histories), self.cfg.dim, device=self.device)
-            for rows, seqs in length_buckets(histories, self.cfg.max_len):
+            for rows, seqs in length_buckets(histories, self.cfg.max_len, MIN_ROWS_PER_PASS):
                 hidden[to_device(rows, self.device)] = self.encode(to_device(seqs, self.device), last_only=True)[:, 0]
             scores = self.logits(hidden)
             empty = torch.tensor([len(h) == 0 for h in histories], device=self.device)

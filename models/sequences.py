@@ -172,20 +172,32 @@ def pad_left(histories: Sequence[Sequence[int]], max_len: int) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-def length_buckets(histories: Sequence[Sequence[int]], max_len: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def length_buckets(histories: Sequence[Sequence[int]], max_len: int,
+                   min_rows: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Group histories of similar length: ``(row indices, left-padded [rows, L])`` per group.
 
     Each group is padded only to its own longest history (capped at ``max_len``); lengths are
     grouped by powers of two, so a batch of short histories never pays for one long one.
-    Empty histories fall in the shortest group as an all-padding row.
+    Empty histories fall in the shortest group as an all-padding row. Groups of fewer than
+    ``min_rows`` rows are joined with the next longer ones (the last group may stay smaller):
+    every group costs a forward pass, whose fixed cost outweighs the padding for small groups.
     """
     lengths = np.minimum(np.fromiter((len(h) for h in histories), dtype=np.int64, count=len(histories)), max_len)
     group_of = np.ceil(np.log2(np.maximum(lengths, 1))).astype(np.int64)
     buckets = []
-    for group in np.unique(group_of):
+    pending: list[np.ndarray] = []
+    pending_rows = 0
+    groups = np.unique(group_of)
+    for n, group in enumerate(groups, start=1):
         rows = np.flatnonzero(group_of == group)
+        pending.append(rows)
+        pending_rows += len(rows)
+        if pending_rows < min_rows and n < len(groups):
+            continue
+        rows = np.concatenate(pending) if len(pending) > 1 else rows
         width = max(1, int(lengths[rows].max()))
         buckets.append((torch.from_numpy(rows), pad_left([histories[r] for r in rows], width)))
+        pending, pending_rows = [], 0
     return buckets
 
 

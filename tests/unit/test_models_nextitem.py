@@ -145,3 +145,13 @@ def test_length_buckets_cover_every_row_once_padded_to_their_own_longest():
     assert rows == list(range(len(histories)))
     widths = {tuple(int(r) for r in rows): seqs.shape[1] for rows, seqs in buckets}
     assert widths == {(0, 1): 1, (2, 3): 4, (4, 5): 8, (6,): 9, (7,): 50}
+
+
+def test_length_buckets_join_small_groups_into_the_next_longer_ones():
+    histories = [[1] * n for n in (0, 1, 3, 4, 5, 8, 9, 60)]
+    buckets = length_buckets(histories, max_len=50, min_rows=3)
+    widths = {tuple(sorted(int(r) for r in rows)): seqs.shape[1] for rows, seqs in buckets}
+    assert widths == {(0, 1, 2, 3): 4, (4, 5, 6): 9, (7,): 50}  # the last group may stay small
+    (rows, seqs), = length_buckets(histories, max_len=50, min_rows=len(histories))
+    assert sorted(int(r) for r in rows) == list(range(len(histories))) and seqs.shape == (len(histories), 50)
+    assert seqs[0].tolist() == [0] * 50 and seqs[2].tolist() == [0] * 47 + [1] * 3
