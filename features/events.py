@@ -81,9 +81,12 @@ class OrderLine:
     price: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Event:
-    """A validated shop event, the only input the feature code accepts.
+    """A validated shop event, the only input the feature code accepts; read-only by convention.
+
+    (Not a frozen dataclass: its ``__init__`` cost 2.3 µs per event against 0.3 µs, a fifth
+    of the worker's whole validation time.)
 
     ``ts_ms`` is the event time in epoch milliseconds, as the shop recorded it.
     ``item_id``/``category``/``price``/``quantity`` are empty or zero where a kind has none
@@ -126,6 +129,8 @@ def _fail(reason: str, detail: str) -> InvalidEvent:
 
 def _str(doc: Mapping[str, Any], name: str, where: str, required: bool = True) -> str:
     value = doc.get(name)
+    if type(value) is str and value and len(value) <= MAX_ID_CHARS and value.isascii():
+        return value  # the common case, checked in one go; anything else gets the full checks
     if value is None:
         if not required:
             return ""
@@ -146,6 +151,8 @@ def _str(doc: Mapping[str, Any], name: str, where: str, required: bool = True) -
 
 def _price(doc: Mapping[str, Any], name: str, where: str) -> float:
     value = doc.get(name)
+    if type(value) is float and 0.0 <= value <= MAX_PRICE:
+        return value  # the common case (NaN and infinities fail the comparison)
     if value is None:
         raise _fail(REASON_MISSING_FIELD, f"{where}: field '{name}' is missing; send the amount as a number")
     if type(value) not in (int, float):
