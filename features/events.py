@@ -217,6 +217,7 @@ def _reject_constant(name: str) -> float:
 
 #: One decoder for every message (``json.loads`` with options builds a new one per call).
 _JSON_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+_SCAN_JSON = _JSON_DECODER.scan_once
 
 
 def decode_json_object(value: bytes | None, limits: ValidationLimits = DEFAULT_LIMITS) -> dict[str, Any]:
@@ -226,7 +227,13 @@ def decode_json_object(value: bytes | None, limits: ValidationLimits = DEFAULT_L
     if len(value) > limits.max_event_bytes:
         raise _fail(REASON_OVERSIZED, f"message is {len(value)} bytes; the limit is {limits.max_event_bytes} (SHOPPULSE_MAX_EVENT_BYTES)")
     try:  # decoded here: json.loads(bytes) would also take UTF-16/32, a BOM and raw surrogates
-        doc = _JSON_DECODER.decode(value.decode("utf-8"))
+        text = value.decode("utf-8")
+        try:  # the C scanner alone: a compact document ends where the text ends
+            doc, end = _SCAN_JSON(text, 0)
+        except StopIteration:
+            end = -1
+        if end != len(text):  # whitespace around it, trailing bytes or no JSON: the full decoder decides
+            doc = _JSON_DECODER.decode(text)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise _fail(REASON_BAD_JSON, f"value is not UTF-8 JSON ({str(exc)[:120]}); send one JSON object per message") from None
     if type(doc) is not dict:

@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 #: Version of the output message contracts (docs/outputs.md).
 OUTPUT_CONTRACT_VERSION = 1
 
+#: Compact JSON for output messages, built once (``json.dumps`` with options builds one per call).
+_to_json = json.JSONEncoder(separators=(",", ":")).encode
+
 
 @dataclass(slots=True)
 class InputMessage:
@@ -200,9 +203,9 @@ class BatchProcessor:
                   now_ms: int) -> dict[str, list[tuple[Event, InputMessage]]]:
         """Parse every message; invalid ones become dead letters, valid ones are grouped by shopper."""
         by_user: dict[str, list[tuple[Event, InputMessage]]] = {}
+        consumed = dict.fromkeys(self._consumed, 0)
         for message in messages:
-            outcome.consumed += 1
-            self._consumed[message.topic].inc()
+            consumed[message.topic] += 1
             try:
                 event = parse_event(self.topic_kinds[message.topic], message.key, message.value, now_ms, self.limits)
             except InvalidEvent as exc:
@@ -210,6 +213,10 @@ class BatchProcessor:
                 self.metrics.invalid_events.labels(exc.reason).inc()
                 continue
             by_user.setdefault(event.user_id, []).append((event, message))
+        for topic, count in consumed.items():
+            if count:
+                self._consumed[topic].inc(count)
+                outcome.consumed += count
         return by_user
 
     def rescore_silent(self, stored: Iterable[tuple[int, bytes, bytes]], load_alert: StateLoader,
@@ -247,15 +254,15 @@ class BatchProcessor:
             envelope = {"schema_version": OUTPUT_CONTRACT_VERSION, "user_id": public_id,
                         "trigger_event_id": shopper_in.trigger_event_id, "trigger_ts": shopper_in.trigger_ts,
                         "scored_at": scored_at_ms}
-            result = json.dumps({**envelope, "scores": {name: round(value, 6) for name, value in shopper.scores.items()},
-                                 "model_versions": versions, "feature_spec": self.spec.hash}, separators=(",", ":"))
+            result = _to_json({**envelope, "scores": {name: round(value, 6) for name, value in shopper.scores.items()},
+                               "model_versions": versions, "feature_spec": self.spec.hash})
             out = ScoredShopper(shopper_in.user_id, shopper_in.key, encode_state(state), shopper_in.where,
                                 result.encode(), output_key=public_id.encode(),
                                 trigger_ts=shopper_in.trigger_ts if shopper_in.trigger_event_id is not None else None)
             if shopper.recommendations:
-                out.recommendation = json.dumps({
+                out.recommendation = _to_json({
                     **envelope, "items": [{"item_id": item, "score": round(score, 6)} for item, score in shopper.recommendations],
-                    "model_version": versions.get("recommendations")}, separators=(",", ":")).encode()
+                    "model_version": versions.get("recommendations")}).encode()
             risk = shopper.scores.get(CHURN)
             if risk is not None:
                 before = self._load_alert(load_alert(shopper_in.where, shopper_in.key), shopper_in.user_id)
@@ -277,13 +284,13 @@ class BatchProcessor:
         reasons = self.scorer.churn_reasons(features[[index for index, _, _ in alerting]])
         for (index, risk, alert_id), why in zip(alerting, reasons):
             state = states[index]
-            scored[index].alert = json.dumps({
+            scored[index].alert = _to_json({
                 "schema_version": OUTPUT_CONTRACT_VERSION, "alert_id": alert_id,
                 "user_id": self.public_id(state.user_id), "churn_risk": round(risk, 6), "threshold": self.alert_policy.high,
                 "reasons": [{"feature": name, "risk_contribution": value} for name, value in why],
                 "last_activity_ts": state.last_event_ms, "orders_lifetime": state.orders_lifetime,
                 "value_to_date": state.revenue_lifetime_cents / 100.0, "model_version": versions.get(CHURN),
-                "fired_at": fired_at_ms}, separators=(",", ":")).encode()
+                "fired_at": fired_at_ms}).encode()
             self.metrics.alerts_fired.inc()
 
     def _load_alert(self, stored: bytes | None, user_id: str) -> AlertState:
