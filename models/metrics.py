@@ -203,10 +203,13 @@ def top_k_items(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``k`` item indices and scores per row of raw ``[B, n_items + 1]`` scores.
 
-    Padding and (optionally) history items are excluded first; ``k`` is capped at the number
-    of items. Rows where fewer than ``k`` items remain are filled with index 0 / score ``-inf``.
+    Padding and (optionally) history items are excluded first, in place: pass scores that
+    are not needed afterwards (every caller computes them for this call; a copy of a
+    micro-batch's ``[B, n_items + 1]`` scores cost as much as the top-k itself).
+    ``k`` is capped at the number of items. Rows where fewer than ``k`` items remain are
+    filled with index 0 / score ``-inf``.
     """
-    scores = mask_scores(scores.clone(), histories, exclude_history)
+    scores = mask_scores(scores, histories, exclude_history)
     k = max(0, min(int(k), scores.shape[1] - 1))
     top = torch.topk(scores, k, dim=1)
     idx = torch.where(torch.isfinite(top.values), top.indices, torch.zeros_like(top.indices))

@@ -80,7 +80,7 @@ def test_coverage():
 
 def test_top_k_items_excludes_history_and_pads_short_rows():
     scores = torch.tensor([[9.0, 1, 2, 3], [9.0, 1, 2, 3]])
-    idx, val = top_k_items(scores, [[3], [1, 2, 3]], k=2)
+    idx, val = top_k_items(scores.clone(), [[3], [1, 2, 3]], k=2)
     assert idx.tolist() == [[2, 1], [0, 0]]
     assert torch.isneginf(val[1]).all()
     idx, _ = top_k_items(scores, [[3], []], k=2, exclude_history=False)
