@@ -215,7 +215,8 @@ def main() -> None:
                         help="model registry the worker serves (empty: the heuristic)")
     parser.add_argument("--workers", type=int, default=1, help="workers in one consumer group")
     parser.add_argument("--device", default="auto", help="where the worker runs its models: auto, cpu or cuda")
-    parser.add_argument("--torch-threads", type=int, default=0, help="the worker's torch CPU threads (0: torch's default)")
+    parser.add_argument("--torch-threads", type=int, default=Settings.torch_threads,
+                        help="the worker's torch CPU threads (0: torch's default, one per core)")
     parser.add_argument("--recovery", action="store_true", help="also measure restart and restore times")
     parser.add_argument("--latency-fraction", type=float, default=0.5,
                         help="latency phase rate as a share of the measured worker saturation (0: skip)")

@@ -64,7 +64,7 @@ SETTINGS_DOC: dict[str, tuple[str, str, str]] = {
     "max_future_skew_ms": ("SHOPPULSE_MAX_FUTURE_SKEW_MS", "300000", "events stamped further ahead of the worker clock are dead-lettered"),
     "models_dir": ("SHOPPULSE_MODELS_DIR", "artifacts/models", "model registry folder (`shoppulse train` writes it)"),
     "device": ("SHOPPULSE_DEVICE", "auto", "auto (CUDA when present), cpu or cuda"),
-    "torch_threads": ("SHOPPULSE_TORCH_THREADS", "0", "torch CPU threads for inference (0 = torch's default)"),
+    "torch_threads": ("SHOPPULSE_TORCH_THREADS", "1", "torch CPU threads for inference (0 = torch's default: one per core)"),
     "top_k": ("SHOPPULSE_TOP_K", "10", "recommended items per shopper"),
     "churn_alert_high": ("SHOPPULSE_CHURN_ALERT_HIGH", "0.7", "churn risk at or above this fires an alert"),
     "churn_alert_low": ("SHOPPULSE_CHURN_ALERT_LOW", "0.5", "churn risk below this re-arms a shopper's alert"),
@@ -151,7 +151,7 @@ class Settings:
     max_future_skew_ms: int = 300_000
     models_dir: Path = Path("artifacts/models")
     device: str = "auto"
-    torch_threads: int = 0
+    torch_threads: int = 1
     top_k: int = 10
     churn_alert_high: float = 0.7
     churn_alert_low: float = 0.5
