@@ -398,6 +398,7 @@ class NextItemRecommender:
         self.model = model.eval()
         self.vocab = vocab
         self.version = version
+        self._id_of_index = ["", *vocab.items]  # item index -> item id (0: padding, no item)
 
     @property
     def device(self) -> torch.device:
@@ -423,11 +424,8 @@ class NextItemRecommender:
         if not enc:
             return []
         idx, val = self.model.recommend(enc, k, exclude_history)
-        items = self.vocab.items
-        out: list[list[tuple[str, float]]] = []
-        for irow, vrow in zip(idx.tolist(), val.tolist()):
-            out.append([(items[i - 1], float(v)) for i, v in zip(irow, vrow) if i > 0])
-        return out
+        id_of = self._id_of_index
+        return [[(id_of[i], v) for i, v in zip(irow, vrow) if i] for irow, vrow in zip(idx.tolist(), val.tolist())]
 
     # ------------------------------------------------------------------ artifacts
     def save(

@@ -76,8 +76,7 @@ class ItemVocab:
 
     def encode(self, items: Iterable[str]) -> list[int]:
         """Indices of the known items, in order; unknown items are dropped."""
-        get = self._index.get
-        return [i for i in (get(str(x), PAD) for x in items) if i != PAD]
+        return [i for i in map(self._index.get, map(str, items)) if i]  # unknown: None; PAD (0) is no item
 
     def decode(self, indices: Iterable[int]) -> list[str]:
         """Item ids for indices ``>= 1``; raises ``IndexError`` on padding / out of range."""
