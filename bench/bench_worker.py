@@ -4,7 +4,9 @@ Pre-produces simulated shop events into the embedded Tansu broker, then measures
 and on the same broker and topics:
 
 * the ceiling: a bare confluent-kafka loop (consume, json.loads, a dict of per-user counts,
-  one produced output per event) — the "bare loop" row of ../shared/notes/performance-anchors.md;
+  one produced output per event) — the "bare loop" row of ../shared/notes/performance-anchors.md —
+  run just before and just after each worker run; the row gives their mean, since this machine's
+  speed drifts by tens of percent within minutes (``--repeat`` runs the worker that many times);
 * Faust's own floor: an agent taking micro-batches and doing nothing (bench/faust_floor.py),
   once through Faust's per-event stream (``take_events``) and once through whole fetches
   (:mod:`streams.batch_consumer`, the worker's own path);
@@ -187,12 +189,13 @@ def faust_floor(settings: Settings, total: int, batch_drain: bool) -> float:
 
 def run_workers(settings: Settings, total: int, workdir: Path, count: int) -> tuple[float, float, float, list[WorkerProcess]]:
     """(events/s, batches, mean batch size) of ``count`` workers in one group, from all ready to
-    the last event consumed; the workers keep running."""
+    the last event consumed; the workers keep running. Prints where the workers' time went."""
     workers = [WorkerProcess(dataclasses.replace(settings, data_dir=workdir / f"worker-{n}",
                                                  metrics_port=settings.metrics_port if n == 0 else free_port()),
                              workdir / f"worker-{n}.log") for n in range(count)]
     for worker in workers:
         worker.wait_ready(120)
+    cpu_before = sum(worker.cpu_seconds() for worker in workers)
     started = time.perf_counter()
     while sum(worker.metric("shoppulse_events_consumed_total") for worker in workers) < total:
         for worker in workers:
@@ -200,7 +203,12 @@ def run_workers(settings: Settings, total: int, workdir: Path, count: int) -> tu
                 raise RuntimeError(f"worker died:\n{worker.log_tail()}")
         time.sleep(0.2)
     elapsed = time.perf_counter() - started
+    cpu_us = (sum(worker.cpu_seconds() for worker in workers) - cpu_before) / total * 1e6
     batches = sum(worker.metric("shoppulse_batch_size_count") for worker in workers)
+    processing_s = sum(worker.metric("shoppulse_batch_processing_seconds_sum") for worker in workers)
+    models_s = sum(worker.metric("shoppulse_inference_seconds_sum") for worker in workers)
+    print(f"  worker CPU {cpu_us:.1f} µs per event (all threads); in BatchProcessor.process "
+          f"{processing_s / total * 1e6:.1f} µs per event, of which the models {models_s / total * 1e6:.1f}", flush=True)
     return total / elapsed, batches, total / max(batches, 1), workers
 
 
@@ -217,6 +225,8 @@ def main() -> None:
     parser.add_argument("--device", default="auto", help="where the worker runs its models: auto, cpu or cuda")
     parser.add_argument("--torch-threads", type=int, default=Settings.torch_threads,
                         help="the worker's torch CPU threads (0: torch's default, one per core)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="worker runs, each a fresh group between two bare-loop runs (the machine's speed drifts)")
     parser.add_argument("--recovery", action="store_true", help="also measure restart and restore times")
     parser.add_argument("--latency-fraction", type=float, default=0.5,
                         help="latency phase rate as a share of the measured worker saturation (0: skip)")
@@ -245,20 +255,32 @@ def measure(args: argparse.Namespace, workdir: Path) -> None:
         report = produce(messages, settings.topic_by_kind, confluent_producer_config(settings))
         print(f"pre-produced {report.delivered:,} messages in {report.seconds:.1f} s", flush=True)
 
-        bare = bare_loop(settings, len(messages), f"bare-{time.time_ns()}")
-        print(f"bare confluent-kafka loop: {bare:,.0f} events/s", flush=True)
         per_event = faust_floor(settings, len(messages), batch_drain=False)
         print(f"Faust no-op agent:         {per_event:,.0f} events/s (per-event stream, take_events)", flush=True)
         whole_fetch = faust_floor(settings, len(messages), batch_drain=True)
         print(f"Faust no-op agent:         {whole_fetch:,.0f} events/s (whole fetches, the worker's path)", flush=True)
-        worker_rate, batches, mean_batch, workers = run_workers(settings, len(messages), workdir, args.workers)
-        print(f"shoppulse worker x{args.workers}:       {worker_rate:,.0f} events/s ({worker_rate / bare:.2f} of the bare "
-              f"loop; {batches:.0f} batches of {mean_batch:.0f} events on average)", flush=True)
-        if not args.no_record:
-            append_row(THROUGHPUT_SECTION, THROUGHPUT_HEADER,
-                       f"| {utc_now()} | {len(messages):,} | {args.shoppers:,} | {args.partitions} | {bare:,.0f} | "
-                       f"{per_event:,.0f} per event / {whole_fetch:,.0f} whole fetches | {worker_rate:,.0f} | {worker_rate / bare:.2f} | {batches:.0f} | "
-                       f"{mean_batch:.0f} | {models} | {args.workers} | `{this_command()}` |")
+        workers: list[WorkerProcess] = []
+        for attempt in range(1, args.repeat + 1):
+            for worker in workers:
+                worker.stop()
+            # Each attempt is a fresh consumer group with empty tables: the same work from the first event.
+            run_settings = dataclasses.replace(settings, app_id=f"{settings.app_id}-{attempt}") if attempt > 1 else settings
+            run_dir = workdir / f"run-{attempt}"
+            run_dir.mkdir()
+            cpu_s = time.process_time()
+            before = bare_loop(settings, len(messages), f"bare-{time.time_ns()}")
+            print(f"  bare loop CPU {(time.process_time() - cpu_s) / len(messages) * 1e6:.1f} µs per event", flush=True)
+            worker_rate, batches, mean_batch, workers = run_workers(run_settings, len(messages), run_dir, args.workers)
+            after = bare_loop(settings, len(messages), f"bare-{time.time_ns()}")  # the workers idle, caught up
+            bare = (before + after) / 2
+            print(f"bare confluent-kafka loop: {before:,.0f} before, {after:,.0f} after the worker events/s", flush=True)
+            print(f"shoppulse worker x{args.workers}:       {worker_rate:,.0f} events/s ({worker_rate / bare:.2f} of the bare "
+                  f"loop; {batches:.0f} batches of {mean_batch:.0f} events on average)", flush=True)
+            if not args.no_record:
+                append_row(THROUGHPUT_SECTION, THROUGHPUT_HEADER,
+                           f"| {utc_now()} | {len(messages):,} | {args.shoppers:,} | {args.partitions} | {bare:,.0f} | "
+                           f"{per_event:,.0f} per event / {whole_fetch:,.0f} whole fetches | {worker_rate:,.0f} | {worker_rate / bare:.2f} | {batches:.0f} | "
+                           f"{mean_batch:.0f} | {models} | {args.workers} | `{this_command()}` |")
 
         if args.latency_fraction > 0:
             measure_latency(args, settings, worker_rate, workers, models)

@@ -529,6 +529,11 @@ class ShopperState:
         """
         return list(zip(self.history_items, [CODE_KINDS[code] for code in self.history_codes], self.history_ts))
 
+    def history_item_ids(self) -> list[str]:
+        """The item ids of :meth:`recent_items`, oldest first, without building the tuples
+        (the state's own list: read it, do not change it)."""
+        return self.history_items
+
     def top_categories(self, now_ms: int | None = None) -> list[tuple[str, float]]:
         """Tracked categories with their affinity decayed to ``now_ms`` (default: the watermark),
         strongest first. One view counts 1, one cart add 3, halving every 7 days."""

@@ -153,7 +153,7 @@ class BatchScorer:
         results = [ShopperScores({CHURN: float(c), PURCHASE: float(p)}) for c, p in zip(churn, purchase)]
         if self.recommender is not None:
             started = time.perf_counter()
-            histories = [[item for item, _, _ in state.recent_items()] for state in states]
+            histories = [state.history_item_ids() for state in states]
             for result, recommended in zip(results, self.recommender.recommend(histories, k=self.top_k)):
                 result.recommendations = recommended
             self.timings.nextitem_s = time.perf_counter() - started

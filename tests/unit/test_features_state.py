@@ -177,6 +177,7 @@ def test_every_feature_matches_brute_force_reference(seed):
                 last + 8 * DAY_MS, last + 29 * DAY_MS, last + 40 * DAY_MS):
         assert_matches(state, events, now)
     assert state.recent_items() == reference_history(events)
+    assert state.history_item_ids() == [item for item, _, _ in reference_history(events)]
 
 
 @pytest.mark.parametrize("seed", range(3))
