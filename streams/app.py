@@ -159,6 +159,13 @@ class ScoringWorker:
             self.metrics.model_info.remove(model, version)
         for model, version in versions.items():
             self.metrics.model_info.labels(model, version).set(1)
+        if self._served_versions and gc.get_freeze_count():
+            # A hot reload: the replaced models were frozen with everything else at start-up
+            # (_on_startup_finished), so whatever of them sits in reference cycles would never be
+            # collected. Unfreeze, collect once, freeze again.
+            gc.unfreeze()
+            gc.collect()
+            gc.freeze()
         self._served_versions = dict(versions)
         log.info("serving %s on %s", ", ".join(f"{m}={v}" for m, v in versions.items()), self.scorer.device)
 
