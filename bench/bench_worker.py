@@ -187,12 +187,20 @@ def faust_floor(settings: Settings, total: int, batch_drain: bool) -> float:
     return float(rates[-1])
 
 
-def run_workers(settings: Settings, total: int, workdir: Path, count: int) -> tuple[float, float, float, list[WorkerProcess]]:
+def git_revision(checkout: Path) -> str:
+    """The short commit a checkout is at."""
+    return subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+
+
+def run_workers(settings: Settings, total: int, workdir: Path, count: int,
+                checkout: Path | None = None) -> tuple[float, float, float, list[WorkerProcess]]:
     """(events/s, batches, mean batch size) of ``count`` workers in one group, from all ready to
-    the last event consumed; the workers keep running. Prints where the workers' time went."""
+    the last event consumed; the workers keep running. Prints where the workers' time went.
+    ``checkout``: another checkout whose worker code to run (see :class:`WorkerProcess`)."""
     workers = [WorkerProcess(dataclasses.replace(settings, data_dir=workdir / f"worker-{n}",
                                                  metrics_port=settings.metrics_port if n == 0 else free_port()),
-                             workdir / f"worker-{n}.log") for n in range(count)]
+                             workdir / f"worker-{n}.log", checkout) for n in range(count)]
     for worker in workers:
         worker.wait_ready(120)
     cpu_before = sum(worker.cpu_seconds() for worker in workers)
@@ -227,6 +235,10 @@ def main() -> None:
                         help="the worker's torch CPU threads (0: torch's default, one per core)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="worker runs, each a fresh group between two bare-loop runs (the machine's speed drifts)")
+    parser.add_argument("--compare-with", type=Path, default=None, metavar="CHECKOUT",
+                        help="another checkout of this repository (git worktree add DIR REV): each repeat also runs "
+                             "its worker, alternating with this one, on the same broker and events (no latency or "
+                             "recovery phase then)")
     parser.add_argument("--recovery", action="store_true", help="also measure restart and restore times")
     parser.add_argument("--latency-fraction", type=float, default=0.5,
                         help="latency phase rate as a share of the measured worker saturation (0: skip)")
@@ -248,7 +260,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> None:
     with EmbeddedBroker(log_path=workdir / "tansu.log") as broker:
         settings = Settings.from_env({}, bootstrap_servers=broker.bootstrap_servers, partitions=args.partitions,
                                      data_dir=workdir / "worker", metrics_port=free_port(),
-                                     log_level="WARNING", models_dir=Path(args.models), device=args.device,
+                                     log_level="WARNING", models_dir=Path(args.models).resolve(), device=args.device,
                                      torch_threads=args.torch_threads)
         ensure_topics(settings)
         ensure_topics(settings, [TopicSpec(settings.topic_scores + ".bare", args.partitions, {})])
@@ -259,29 +271,40 @@ def measure(args: argparse.Namespace, workdir: Path) -> None:
         print(f"Faust no-op agent:         {per_event:,.0f} events/s (per-event stream, take_events)", flush=True)
         whole_fetch = faust_floor(settings, len(messages), batch_drain=True)
         print(f"Faust no-op agent:         {whole_fetch:,.0f} events/s (whole fetches, the worker's path)", flush=True)
+        checkouts: list[Path | None] = [None] if args.compare_with is None else [args.compare_with.resolve(), None]
         workers: list[WorkerProcess] = []
+        runs = 0
         for attempt in range(1, args.repeat + 1):
+            for checkout in checkouts if attempt % 2 else checkouts[::-1]:
+                for worker in workers:
+                    worker.stop()
+                runs += 1
+                # Each run is a fresh consumer group with empty tables: the same work from the first event.
+                run_settings = dataclasses.replace(settings, app_id=f"{settings.app_id}-{runs}") if runs > 1 else settings
+                run_dir = workdir / f"run-{runs}"
+                run_dir.mkdir()
+                code = f"code of {git_revision(checkout)}" if checkout is not None else "this checkout"
+                cpu_s = time.process_time()
+                before = bare_loop(settings, len(messages), f"bare-{time.time_ns()}")
+                print(f"  bare loop CPU {(time.process_time() - cpu_s) / len(messages) * 1e6:.1f} µs per event", flush=True)
+                worker_rate, batches, mean_batch, workers = run_workers(run_settings, len(messages), run_dir,
+                                                                        args.workers, checkout)
+                after = bare_loop(settings, len(messages), f"bare-{time.time_ns()}")  # the workers idle, caught up
+                bare = (before + after) / 2
+                print(f"bare confluent-kafka loop: {before:,.0f} before, {after:,.0f} after the worker events/s", flush=True)
+                print(f"shoppulse worker x{args.workers} ({code}): {worker_rate:,.0f} events/s ({worker_rate / bare:.2f} of "
+                      f"the bare loop; {batches:.0f} batches of {mean_batch:.0f} events on average)", flush=True)
+                if not args.no_record:
+                    append_row(THROUGHPUT_SECTION, THROUGHPUT_HEADER,
+                               f"| {utc_now()} | {len(messages):,} | {args.shoppers:,} | {args.partitions} | {bare:,.0f} | "
+                               f"{per_event:,.0f} per event / {whole_fetch:,.0f} whole fetches | {worker_rate:,.0f} | {worker_rate / bare:.2f} | {batches:.0f} | "
+                               f"{mean_batch:.0f} | {models}{'' if checkout is None else ', ' + code} | {args.workers} | `{this_command()}` |")
+
+        if args.compare_with is not None:  # the last run may have been the other checkout's
             for worker in workers:
                 worker.stop()
-            # Each attempt is a fresh consumer group with empty tables: the same work from the first event.
-            run_settings = dataclasses.replace(settings, app_id=f"{settings.app_id}-{attempt}") if attempt > 1 else settings
-            run_dir = workdir / f"run-{attempt}"
-            run_dir.mkdir()
-            cpu_s = time.process_time()
-            before = bare_loop(settings, len(messages), f"bare-{time.time_ns()}")
-            print(f"  bare loop CPU {(time.process_time() - cpu_s) / len(messages) * 1e6:.1f} µs per event", flush=True)
-            worker_rate, batches, mean_batch, workers = run_workers(run_settings, len(messages), run_dir, args.workers)
-            after = bare_loop(settings, len(messages), f"bare-{time.time_ns()}")  # the workers idle, caught up
-            bare = (before + after) / 2
-            print(f"bare confluent-kafka loop: {before:,.0f} before, {after:,.0f} after the worker events/s", flush=True)
-            print(f"shoppulse worker x{args.workers}:       {worker_rate:,.0f} events/s ({worker_rate / bare:.2f} of the bare "
-                  f"loop; {batches:.0f} batches of {mean_batch:.0f} events on average)", flush=True)
-            if not args.no_record:
-                append_row(THROUGHPUT_SECTION, THROUGHPUT_HEADER,
-                           f"| {utc_now()} | {len(messages):,} | {args.shoppers:,} | {args.partitions} | {bare:,.0f} | "
-                           f"{per_event:,.0f} per event / {whole_fetch:,.0f} whole fetches | {worker_rate:,.0f} | {worker_rate / bare:.2f} | {batches:.0f} | "
-                           f"{mean_batch:.0f} | {models} | {args.workers} | `{this_command()}` |")
-
+            print("latency and recovery phases skipped: they measure this checkout alone", flush=True)
+            return
         if args.latency_fraction > 0:
             measure_latency(args, settings, worker_rate, workers, models)
         for worker in workers[1:]:

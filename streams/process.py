@@ -77,13 +77,17 @@ def stop_process(process: subprocess.Popen[bytes], timeout_s: float = 20.0) -> i
 
 
 class WorkerProcess:
-    """``shoppulse worker`` as a child process, its output kept in ``log_path``."""
+    """``shoppulse worker`` as a child process, its output kept in ``log_path``.
 
-    def __init__(self, settings: Settings, log_path: Path) -> None:
+    ``checkout``: run the worker code of another checkout of this repository (benchmarks compare
+    revisions this way); None runs this one. Paths in ``settings`` must then be absolute.
+    """
+
+    def __init__(self, settings: Settings, log_path: Path, checkout: Path | None = None) -> None:
         self.settings = settings
         self.log_path = log_path
         with open(log_path, "ab") as log_file:
-            self.process = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"],
+            self.process = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"], cwd=checkout,
                                             env=worker_environment(settings), stdout=log_file,
                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                             preexec_fn=_die_with_parent)
