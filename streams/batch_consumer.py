@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from typing import Any, Iterable
 
 import faust
@@ -59,7 +60,7 @@ class MicroBatcher:
         self.max_wait_s = max_wait_s
         self.max_buffered = max_buffered
         self._buffer: list[InputMessage] = []
-        self._first_at = 0.0  # monotonic time the oldest buffered message arrived
+        self._arrivals: deque[tuple[float, int]] = deque()  # per put, oldest first: (monotonic arrival, messages left)
         self._arrived = asyncio.Event()
         self._full = asyncio.Event()
         self._room = asyncio.Event()
@@ -78,10 +79,9 @@ class MicroBatcher:
         while len(self._buffer) >= self.max_buffered:
             self._room.clear()
             await self._room.wait()
-        if self._cleared != cleared:
+        if self._cleared != cleared or not messages:
             return
-        if not self._buffer:
-            self._first_at = time.monotonic()
+        self._arrivals.append((time.monotonic(), len(messages)))
         self._buffer.extend(messages)
         self._arrived.set()
         if len(self._buffer) >= self.max_batch:
@@ -93,7 +93,7 @@ class MicroBatcher:
             self._arrived.clear()
             await self._arrived.wait()
         if len(self._buffer) < self.max_batch:
-            left_s = self.max_wait_s - (time.monotonic() - self._first_at)
+            left_s = self.max_wait_s - (time.monotonic() - self._arrivals[0][0])  # the oldest message's wait
             if left_s > 0:
                 self._full.clear()
                 try:
@@ -102,18 +102,29 @@ class MicroBatcher:
                     pass
         batch = MicroBatch(self._buffer[:self.max_batch])
         del self._buffer[:self.max_batch]
-        if self._buffer:
-            self._first_at = time.monotonic()
-        else:
+        self._forget_arrivals(len(batch))
+        if not self._buffer:
             self._full.clear()
         self._room.set()
         return batch
+
+    def _forget_arrivals(self, taken: int) -> None:
+        """The first ``taken`` messages left the buffer: the oldest remaining one keeps its arrival time."""
+        arrivals = self._arrivals
+        while taken:
+            arrived_at, left = arrivals[0]
+            if left > taken:
+                arrivals[0] = (arrived_at, left - taken)
+                return
+            taken -= left
+            arrivals.popleft()
 
     def clear(self) -> int:
         """Drop every buffered message (the flow stopped for a rebalance); returns how many."""
         dropped = len(self._buffer)
         self._cleared += 1
         self._buffer.clear()
+        self._arrivals.clear()
         self._full.clear()
         self._room.set()
         return dropped

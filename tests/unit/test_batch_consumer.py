@@ -40,6 +40,22 @@ def test_a_partial_batch_goes_once_its_oldest_message_has_waited_max_wait():
     assert 0.05 <= waited_s < 0.18, waited_s  # the deadline counts from message 1, not from the take
 
 
+def test_messages_left_by_a_full_batch_keep_their_own_deadline():
+    async def scenario():
+        batcher = MicroBatcher(max_batch=2, max_wait_s=1.0, max_buffered=4)
+        put_at = time.monotonic()
+        await batcher.put([1, 2, 3])
+        await asyncio.sleep(0.5)
+        first = await batcher.take()  # full: taken at once, message 3 stays behind
+        second = await batcher.take()
+        return first, second, time.monotonic() - put_at
+
+    first, second, waited_s = run(scenario())
+    assert (first, second) == ([1, 2], [3])
+    # message 3 arrived with the others: its batch goes max_wait after that, not max_wait after the first take
+    assert 0.95 <= waited_s < 1.3, waited_s
+
+
 def test_a_take_on_an_empty_buffer_waits_for_messages():
     async def scenario():
         batcher = MicroBatcher(max_batch=2, max_wait_s=0.05, max_buffered=4)
