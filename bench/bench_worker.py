@@ -271,11 +271,14 @@ def measure(args: argparse.Namespace, workdir: Path) -> None:
         print(f"Faust no-op agent:         {per_event:,.0f} events/s (per-event stream, take_events)", flush=True)
         whole_fetch = faust_floor(settings, len(messages), batch_drain=True)
         print(f"Faust no-op agent:         {whole_fetch:,.0f} events/s (whole fetches, the worker's path)", flush=True)
-        checkouts: list[Path | None] = [None] if args.compare_with is None else [args.compare_with.resolve(), None]
+        # (checkout whose worker runs, its label): this one, and the one to compare with first
+        checkouts: list[tuple[Path | None, str]] = [(None, "this checkout")]
+        if args.compare_with is not None:
+            checkouts.insert(0, (args.compare_with.resolve(), f"code of {git_revision(args.compare_with)}"))
         workers: list[WorkerProcess] = []
         runs = 0
         for attempt in range(1, args.repeat + 1):
-            for checkout in checkouts if attempt % 2 else checkouts[::-1]:
+            for checkout, code in checkouts if attempt % 2 else checkouts[::-1]:
                 for worker in workers:
                     worker.stop()
                 runs += 1
@@ -283,7 +286,6 @@ def measure(args: argparse.Namespace, workdir: Path) -> None:
                 run_settings = dataclasses.replace(settings, app_id=f"{settings.app_id}-{runs}") if runs > 1 else settings
                 run_dir = workdir / f"run-{runs}"
                 run_dir.mkdir()
-                code = f"code of {git_revision(checkout)}" if checkout is not None else "this checkout"
                 cpu_s = time.process_time()
                 before = bare_loop(settings, len(messages), f"bare-{time.time_ns()}")
                 print(f"  bare loop CPU {(time.process_time() - cpu_s) / len(messages) * 1e6:.1f} µs per event", flush=True)

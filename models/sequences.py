@@ -184,19 +184,16 @@ def length_buckets(histories: Sequence[Sequence[int]], max_len: int,
     lengths = np.minimum(np.fromiter((len(h) for h in histories), dtype=np.int64, count=len(histories)), max_len)
     group_of = np.ceil(np.log2(np.maximum(lengths, 1))).astype(np.int64)
     buckets = []
-    pending: list[np.ndarray] = []
-    pending_rows = 0
+    pending: list[np.ndarray] = []  # row indices of the groups not yet given a pass
     groups = np.unique(group_of)
     for n, group in enumerate(groups, start=1):
-        rows = np.flatnonzero(group_of == group)
-        pending.append(rows)
-        pending_rows += len(rows)
-        if pending_rows < min_rows and n < len(groups):
+        pending.append(np.flatnonzero(group_of == group))
+        rows = np.concatenate(pending)
+        if len(rows) < min_rows and n < len(groups):
             continue
-        rows = np.concatenate(pending) if len(pending) > 1 else rows
         width = max(1, int(lengths[rows].max()))
         buckets.append((torch.from_numpy(rows), pad_left([histories[r] for r in rows], width)))
-        pending, pending_rows = [], 0
+        pending = []
     return buckets
 
 

@@ -150,24 +150,19 @@ class ScoringWorker:
                 if seen % SWEEP_YIELD_EVERY == 0:
                     await asyncio.sleep(0)
 
-    def _publish_model_info(self) -> None:
-        """``shoppulse_model_info{model,version}``: 1 for what is served now, old versions removed."""
+    def _publish_model_info(self) -> bool:
+        """``shoppulse_model_info{model,version}``: 1 for what is served now, old versions removed.
+        Returns True when the served versions changed."""
         versions = self.scorer.served
         if versions == self._served_versions:
-            return
+            return False
         for model, version in self._served_versions.items():
             self.metrics.model_info.remove(model, version)
         for model, version in versions.items():
             self.metrics.model_info.labels(model, version).set(1)
-        if self._served_versions and gc.get_freeze_count():
-            # A hot reload: the replaced models were frozen with everything else at start-up
-            # (_on_startup_finished), so whatever of them sits in reference cycles would never be
-            # collected. Unfreeze, collect once, freeze again.
-            gc.unfreeze()
-            gc.collect()
-            gc.freeze()
         self._served_versions = dict(versions)
         log.info("serving %s on %s", ", ".join(f"{m}={v}" for m, v in versions.items()), self.scorer.device)
+        return True
 
     async def _score_shoppers(self, stream: faust.StreamT) -> None:
         """The agent: score micro-batches until the worker stops.
@@ -252,7 +247,13 @@ class ScoringWorker:
         if new_errors:
             self.metrics.model_load_errors.inc(new_errors)
             self._seen_load_errors = self.scorer.load_errors
-        self._publish_model_info()
+        if self._publish_model_info() and gc.get_freeze_count():
+            # A hot reload: the replaced models were frozen with everything else at start-up
+            # (_on_startup_finished), so whatever of them sits in reference cycles would never be
+            # collected. Unfreeze, collect once, freeze again.
+            gc.unfreeze()
+            gc.collect()
+            gc.freeze()
 
     async def _evict_idle_shoppers(self) -> None:
         """Delete shoppers idle past the retention period from the table and, by tombstone, its changelog.
