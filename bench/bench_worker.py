@@ -196,7 +196,9 @@ def git_revision(checkout: Path) -> str:
 def run_workers(settings: Settings, total: int, workdir: Path, count: int,
                 checkout: Path | None = None) -> tuple[float, float, float, list[WorkerProcess]]:
     """(events/s, batches, mean batch size) of ``count`` workers in one group, from all ready to
-    the last event consumed; the workers keep running. Prints where the workers' time went.
+    the last event consumed, counting only the events consumed in that time (a worker starts
+    consuming the pre-produced events before it reports ready); the workers keep running.
+    Prints where the workers' time went.
     ``checkout``: another checkout whose worker code to run (see :class:`WorkerProcess`)."""
     workers = [WorkerProcess(dataclasses.replace(settings, data_dir=workdir / f"worker-{n}",
                                                  metrics_port=settings.metrics_port if n == 0 else free_port()),
@@ -205,19 +207,24 @@ def run_workers(settings: Settings, total: int, workdir: Path, count: int,
         worker.wait_ready(120)
     cpu_before = sum(worker.cpu_seconds() for worker in workers)
     started = time.perf_counter()
+    measured = total - sum(worker.metric("shoppulse_events_consumed_total") for worker in workers)
+    if measured < total / 2:
+        raise RuntimeError(f"{total - measured:,.0f} of {total:,} events were consumed before the workers were ready; "
+                           "pre-produce more (--events) for a measurement")
     while sum(worker.metric("shoppulse_events_consumed_total") for worker in workers) < total:
         for worker in workers:
             if worker.process.poll() is not None:
                 raise RuntimeError(f"worker died:\n{worker.log_tail()}")
         time.sleep(0.2)
     elapsed = time.perf_counter() - started
-    cpu_us = (sum(worker.cpu_seconds() for worker in workers) - cpu_before) / total * 1e6
+    cpu_us = (sum(worker.cpu_seconds() for worker in workers) - cpu_before) / measured * 1e6
     batches = sum(worker.metric("shoppulse_batch_size_count") for worker in workers)
     processing_s = sum(worker.metric("shoppulse_batch_processing_seconds_sum") for worker in workers)
     models_s = sum(worker.metric("shoppulse_inference_seconds_sum") for worker in workers)
     print(f"  worker CPU {cpu_us:.1f} µs per event (all threads); in BatchProcessor.process "
-          f"{processing_s / total * 1e6:.1f} µs per event, of which the models {models_s / total * 1e6:.1f}", flush=True)
-    return total / elapsed, batches, total / max(batches, 1), workers
+          f"{processing_s / total * 1e6:.1f} µs per event, of which the models {models_s / total * 1e6:.1f}; "
+          f"{total - measured:,.0f} events consumed before ready, not counted", flush=True)
+    return measured / elapsed, batches, total / max(batches, 1), workers
 
 
 def main() -> None:
