@@ -240,6 +240,8 @@ def main() -> None:
     parser.add_argument("--device", default="auto", help="where the worker runs its models: auto, cpu or cuda")
     parser.add_argument("--torch-threads", type=int, default=Settings.torch_threads,
                         help="the worker's torch CPU threads (0: torch's default, one per core)")
+    parser.add_argument("--standby-replicas", type=int, default=Settings.standby_replicas,
+                        help="warm table copies on other workers (SHOPPULSE_STANDBY_REPLICAS; matters with --workers 2+)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="worker runs, each a fresh group between two bare-loop runs (the machine's speed drifts)")
     parser.add_argument("--compare-with", type=Path, default=None, metavar="CHECKOUT",
@@ -268,7 +270,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> None:
         settings = Settings.from_env({}, bootstrap_servers=broker.bootstrap_servers, partitions=args.partitions,
                                      data_dir=workdir / "worker", metrics_port=free_port(),
                                      log_level="WARNING", models_dir=Path(args.models).resolve(), device=args.device,
-                                     torch_threads=args.torch_threads)
+                                     torch_threads=args.torch_threads, standby_replicas=args.standby_replicas)
         ensure_topics(settings)
         ensure_topics(settings, [TopicSpec(settings.topic_scores + ".bare", args.partitions, {})])
         report = produce(messages, settings.topic_by_kind, confluent_producer_config(settings))

@@ -90,6 +90,7 @@ class ScoringWorker:
             **faust_client_settings(settings),
             store="rocksdb://",
             datadir=str(settings.data_dir),
+            table_standby_replicas=settings.standby_replicas,
             topic_partitions=settings.partitions,
             topic_replication_factor=settings.replication_factor,
             web_enabled=False,  # our own /metrics, /healthz, /readyz server replaces it

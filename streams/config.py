@@ -52,6 +52,7 @@ SETTINGS_DOC: dict[str, tuple[str, str, str]] = {
     "replication_factor": ("SHOPPULSE_REPLICATION_FACTOR", "1", "replication factor of topics ShopPulse creates"),
     "create_topics": ("SHOPPULSE_CREATE_TOPICS", "true", "create missing topics at start-up"),
     "data_dir": ("SHOPPULSE_DATA_DIR", "./var/worker", "where the worker keeps its RocksDB tables"),
+    "standby_replicas": ("SHOPPULSE_STANDBY_REPLICAS", "0", "warm copies of each table partition on other workers (Faust table_standby_replicas): each makes every worker also apply the others' changelog; 0 = a worker that takes over a partition restores it from the changelog"),
     "max_batch": ("SHOPPULSE_MAX_BATCH", "1000", "micro-batch: most events handled in one step"),
     "max_wait_ms": ("SHOPPULSE_MAX_WAIT_MS", "50", "micro-batch: longest wait, in ms, for a batch to fill"),
     "grace_ms": ("SHOPPULSE_GRACE_MS", "3600000", "out-of-order tolerance per shopper, in ms; older events count as late"),
@@ -139,6 +140,7 @@ class Settings:
     replication_factor: int = 1
     create_topics: bool = True
     data_dir: Path = Path("./var/worker")
+    standby_replicas: int = 0
     max_batch: int = 1000
     max_wait_ms: int = 50
     grace_ms: int = 3_600_000

@@ -254,6 +254,18 @@ def test_the_worker_builds_faust_from_faust_client_settings(tls_files, tmp_path)
         (200000, 300000, 250)
 
 
+
+@pytest.mark.parametrize("standby_replicas", ["0", "1"])
+def test_the_worker_gives_faust_the_configured_standby_replicas(tmp_path, standby_replicas):
+    """Standbys double the table work with two workers (BENCHMARKS.md), so the setting must reach Faust."""
+    from streams.app import ScoringWorker
+
+    settings = Settings.from_env({"SHOPPULSE_STANDBY_REPLICAS": standby_replicas, "SHOPPULSE_BROKER_PROFILE": "kafka",
+                                  "SHOPPULSE_DATA_DIR": str(tmp_path / "data"),
+                                  "SHOPPULSE_MODELS_DIR": str(tmp_path / "models")})
+    assert ScoringWorker(settings).app.conf.table_standby_replicas == int(standby_replicas)
+
+
 def test_only_streams_kafka_turns_settings_into_client_settings():
     """A client built from ``Settings.librdkafka_config()`` directly would miss the limits."""
     allowed = {ROOT / "streams" / "config.py", ROOT / "streams" / "kafka.py"}
