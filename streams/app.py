@@ -197,8 +197,13 @@ class ScoringWorker:
         """Queue a batch's dead letters and write its table updates (RocksDB now, changelog queued)."""
         failed_at_ms = int(time.time() * 1000)
         for dead in outcome.dead_letters:
-            self.outputs.send(self.settings.topic_dead_letter, dead.message.key, dead.message.value,
-                              dead.headers(failed_at_ms))
+            value, headers = dead.record(failed_at_ms, self.settings.kafka_max_message_bytes)
+            if value is not dead.message.value:
+                log.warning("dead letter of %s[%d]@%d cut from %d to %d bytes to fit SHOPPULSE_KAFKA_MAX_MESSAGE_BYTES=%d; "
+                            "the whole message stays in its source topic", dead.message.topic, dead.message.partition,
+                            dead.message.offset, len(dead.message.value or b""), len(value or b""),
+                            self.settings.kafka_max_message_bytes)
+            self.outputs.send(self.settings.topic_dead_letter, dead.message.key, value, headers)
             self.metrics.dead_lettered.labels(dead.reason).inc()
             log.debug("dead-lettered %s[%d]@%d: %s", dead.message.topic, dead.message.partition,
                       dead.message.offset, dead.detail)

@@ -45,6 +45,10 @@ class InputMessage:
     value: bytes | None
 
 
+#: Bytes of a dead-letter message left for Kafka's record framing when its value is cut to fit.
+DEAD_LETTER_FRAMING_BYTES = 512
+
+
 @dataclass(slots=True)
 class DeadLetter:
     """An input message that broke its contract, and why."""
@@ -52,6 +56,22 @@ class DeadLetter:
     message: InputMessage
     reason: str
     detail: str
+
+    def record(self, failed_at_ms: int, max_message_bytes: int) -> tuple[bytes | None, list[tuple[str, bytes]]]:
+        """Value and headers of the dead-letter message: the original bytes, unless key, value and
+        headers would exceed ``max_message_bytes`` (the producer refuses such a message). Then the
+        value is cut to fit and ``shoppulse.dlq.value_truncated_from`` gives its original length;
+        the whole value stays at the source topic, partition and offset the headers name."""
+        headers = self.headers(failed_at_ms)
+        value = self.message.value
+        if value is None:
+            return None, headers
+        marker = ("shoppulse.dlq.value_truncated_from", str(len(value)).encode())
+        room = (max_message_bytes - DEAD_LETTER_FRAMING_BYTES - len(self.message.key or b"")
+                - sum(len(name) + len(content) for name, content in (*headers, marker)))
+        if len(value) <= room:
+            return value, headers
+        return value[:max(room, 0)], [*headers, marker]
 
     def headers(self, failed_at_ms: int) -> list[tuple[str, bytes]]:
         """Kafka headers that say where the original bytes came from and what was wrong."""

@@ -18,7 +18,7 @@ from features.offline import final_states
 from features.spec import DEFAULT_FEATURE_SPEC
 from features.state import StateConfig
 from streams.app import STATE_TABLE
-from streams.generator import GeneratorConfig, ShopSimulator, at_most_per_shopper
+from streams.generator import GeneratedMessage, GeneratorConfig, ShopSimulator, at_most_per_shopper
 from streams.kafka import ensure_topics
 from streams.producer import produce
 from streams.table_writer import SEAL_KEY
@@ -122,6 +122,30 @@ def test_every_event_scored_or_dead_lettered(settings, tmp_path):
                 for n in state.__slots__ if getattr(online[user], n) != getattr(state, n)})[:1500])
         now = state.last_event_ms
         np.testing.assert_array_equal(DEFAULT_FEATURE_SPEC.row(online[user], now), DEFAULT_FEATURE_SPEC.row(state, now))
+
+
+def test_a_dead_letter_too_large_to_send_whole_is_cut_to_fit_and_the_worker_goes_on(broker, tmp_path):
+    """An invalid input bigger than the worker may produce (SHOPPULSE_KAFKA_MAX_MESSAGE_BYTES) made
+    librdkafka refuse its dead letter (MSG_SIZE_TOO_LARGE), which failed every batch it was in."""
+    settings = isolated_settings(broker.bootstrap_servers, tmp_path / "worker", kafka_max_message_bytes=20_000)
+    ensure_topics(settings)
+    too_big = GeneratedMessage("page_view", b"u-too-big", b"{" + b"x" * 30_000, "bad_json")
+    simulator = ShopSimulator(GeneratorConfig(seed=5, n_shoppers=20, clock="live"))
+    after = [m for m in islice(simulator.messages(), 200) if m.malformed_reason is None]
+    worker = WorkerProcess(settings, tmp_path / "worker.log")
+    try:
+        worker.wait_ready()
+        assert produce([too_big], settings.topic_by_kind, settings.librdkafka_config()).failed == 0
+        assert produce(after, settings.topic_by_kind, settings.librdkafka_config()).failed == 0
+        scored_until(settings, newest_ts(valid_events(after)))
+        dead = read_topic(settings, settings.topic_dead_letter, until=lambda ms: len(ms) >= 1, timeout_s=30)
+    finally:
+        assert worker.stop() == 0, worker.log_tail()
+    assert len(dead) == 1
+    headers = {k: v.decode() for k, v in dead[0].headers()}
+    assert headers["shoppulse.dlq.reason"] == "bad_json" and headers["shoppulse.dlq.value_truncated_from"] == "30001"
+    assert dead[0].key() == too_big.key and too_big.value.startswith(dead[0].value())
+    assert 15_000 < len(dead[0].value()) < 20_000
 
 
 @pytest.mark.parametrize("stop, lose_data_dir", [("sigterm", True), ("kill", False), ("kill", True)],

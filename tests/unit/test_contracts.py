@@ -332,5 +332,6 @@ def test_doc_names_topics_env_vars_and_dead_letter_headers() -> None:
                    "SHOPPULSE_TOPIC_CART", "SHOPPULSE_TOPIC_ORDERS", "shoppulse.dead_letter",
                    "shoppulse_dead_letter_total{reason}", "partitioner=murmur2_random", "-f '%k %h %s\\n'"):
         assert needle in text, needle
-    for header in ("reason", "detail", "source_topic", "source_partition", "source_offset", "failed_at_ms"):
+    for header in ("reason", "detail", "source_topic", "source_partition", "source_offset", "failed_at_ms",
+                   "value_truncated_from"):
         assert f"`shoppulse.dlq.{header}`" in text, header

@@ -11,7 +11,7 @@ from features.spec import DEFAULT_FEATURE_SPEC
 from features.state import ShopperState, StateConfig
 from models.scoring import BatchScorer
 from streams.metrics import WorkerMetrics
-from streams.pipeline import BatchProcessor, InputMessage
+from streams.pipeline import DEAD_LETTER_FRAMING_BYTES, BatchProcessor, DeadLetter, InputMessage
 
 NOW_MS = 1_760_000_000_000
 TOPICS = {"views": "page_view", "cart": "cart", "orders": "order"}
@@ -76,6 +76,23 @@ def test_invalid_messages_become_dead_letters_with_their_source(processor):
     assert b"JSON" in headers["shoppulse.dlq.detail"]
     assert len(outcome.scored) == 1
 
+
+
+@pytest.mark.parametrize("size", [0, 100, 5_000, 50_000])
+def test_a_dead_letter_keeps_its_bytes_or_is_cut_to_fit_the_message_limit(size):
+    limit = 10_000
+    original = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    dead = DeadLetter(InputMessage("shop.page_views", 3, 41, b"u1", original), "bad_json", "not JSON; fix the producer")
+    value, headers = dead.record(failed_at_ms=NOW_MS, max_message_bytes=limit)
+    names = dict(headers)
+    if size <= 5_000:
+        assert value is original and "shoppulse.dlq.value_truncated_from" not in names
+    else:
+        assert original.startswith(value) and names["shoppulse.dlq.value_truncated_from"] == str(size).encode()
+        message_bytes = len(value) + len(b"u1") + sum(len(n) + len(c) for n, c in headers)
+        assert limit - DEAD_LETTER_FRAMING_BYTES - 1 <= message_bytes <= limit - DEAD_LETTER_FRAMING_BYTES
+    assert names["shoppulse.dlq.source_offset"] == b"41"
+    assert DeadLetter(InputMessage("shop.cart", 0, 1, None, None), "no_value", "").record(NOW_MS, limit)[0] is None
 
 def test_a_replayed_batch_changes_no_state_but_is_scored_again(processor):
     """After kill -9 the state may be stored while the scores were still in the producer: the
