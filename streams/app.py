@@ -121,6 +121,7 @@ class ScoringWorker:
         self._positions: dict[tuple[str, int], int] = {}  # last offset handed to a batch, per input partition
         self._seen_load_errors = self.scorer.load_errors
         self._connected: bool | None = None  # broker connectivity last seen by the readiness timer
+        self._faust_worker: _Worker | None = None  # set by run(); _fail crashes it
         self._publish_model_info()
         self.metrics_server: MetricsServer | None = None
         self.app.agent(self.inputs, name="score_shoppers")(self._score_shoppers)
@@ -170,12 +171,17 @@ class ScoringWorker:
 
         Faust subscribes the input topics for it and owns their partitions, but ``stream`` stays
         empty: the consumer hands the messages to :attr:`batcher` (:mod:`streams.batch_consumer`).
+        """
+        await self._score_batches(self.app.consumer)
+
+    async def _score_batches(self, consumer: BatchDrainConsumer) -> None:
+        """Take, score, write and deliver batches until cancelled, or until an error no batch logic
+        handles: then the whole worker stops (:meth:`_fail`).
 
         Two batches overlap: batch N+1 is validated, updated and scored while batch N's outputs and
         changelog records are on their way to Kafka. N+1 writes and sends nothing until N is
         delivered and acked, so acks stay in order and N's changelog flush never takes N+1's records.
         """
-        consumer = self.app.consumer
         delivering: asyncio.Future[None] | None = None
         try:
             while True:
@@ -189,9 +195,27 @@ class ScoringWorker:
                     await delivering  # the previous batch: delivered, then acked
                 self._write(outcome)
                 delivering = asyncio.ensure_future(self._deliver(outcome, batch, consumer))
+        except Exception as exc:  # anything the batch logic did not handle stops the worker, on purpose
+            await self._fail(exc, consumer)
         finally:
             if delivering is not None and not delivering.done():
                 delivering.cancel()  # unacked: its messages are consumed again after the restart
+
+    async def _fail(self, exc: Exception, consumer: BatchDrainConsumer) -> None:
+        """Crash-only: stop the whole worker, exit code 1, for its supervisor to restart.
+
+        Faust would restart the agent alone, which goes on with later batches while the failed one
+        is never acked: commits stall behind it, nothing says so, and every restart replays more.
+        Stopping instead leaves the failed batch uncommitted, to be consumed again after the restart.
+        """
+        self.health.alive = False
+        log.critical("scoring stopped on %s: %s. The worker exits with code 1 for its supervisor to restart it; "
+                     "the unacknowledged batches are consumed again then. If it fails the same way after every "
+                     "restart, the traceback says where", type(exc).__name__, exc, exc_info=exc)
+        consumer.forget_batches()
+        if self._faust_worker is None:  # not started by run(): nobody to stop, so say it loudly
+            raise exc
+        await self._faust_worker.crash(exc)
 
     def _write(self, outcome: BatchOutcome) -> None:
         """Queue a batch's dead letters and write its table updates (RocksDB now, changelog queued)."""
@@ -413,9 +437,9 @@ class ScoringWorker:
                                   seal=self.profile == BROKER_PROFILE_TANSU)
         self.metrics_server = MetricsServer(self.metrics, self.health, self.settings.metrics_host,
                                             self.settings.metrics_port).start()
-        worker = _Worker(self.app, after_start=self._on_startup_finished,
-                         loglevel=self.settings.log_level.lower().replace("warning", "warn"),
-                         quiet=True, redirect_stdouts=False)
+        worker = self._faust_worker = _Worker(self.app, after_start=self._on_startup_finished,
+                                              loglevel=self.settings.log_level.lower().replace("warning", "warn"),
+                                              quiet=True, redirect_stdouts=False)
         try:
             worker.execute_from_commandline()
         except SystemExit as exc:

@@ -183,6 +183,16 @@ class BatchDrainConsumer(AIOKafkaConsumer):
             self._unacked_messages.discard(batch)
             notify(self._waiting_for_ack)
 
+    def forget_batches(self) -> int:
+        """Stop waiting for the batches taken but not acked, without acking them: their offsets stay
+        uncommitted, so they are consumed again after a restart. For a worker about to stop after a
+        failure, whose shutdown would otherwise wait for acks that never come. Returns how many."""
+        with ack_lock:
+            batches = [m for m in self._unacked_messages if isinstance(m, MicroBatch)]
+            self._unacked_messages.difference_update(batches)
+            notify(self._waiting_for_ack)
+        return len(batches)
+
     async def _drain_messages(self, fetcher: Any) -> None:  # a loop over the broker; tested end to end
         """Faust's drain loop, with each fetch's batch-topic messages handed over in one call."""
         consumer_stopped = self._stopped.is_set

@@ -81,13 +81,16 @@ class WorkerProcess:
 
     ``checkout``: run the worker code of another checkout of this repository (benchmarks compare
     revisions this way); None runs this one. Paths in ``settings`` must then be absolute.
+    ``script``: Python source to run instead of ``shoppulse worker`` (tests inject faults this way).
     """
 
-    def __init__(self, settings: Settings, log_path: Path, checkout: Path | None = None) -> None:
+    def __init__(self, settings: Settings, log_path: Path, checkout: Path | None = None,
+                 script: str | None = None) -> None:
         self.settings = settings
         self.log_path = log_path
+        command = ["-m", "streams.cli", "worker"] if script is None else ["-c", script]
         with open(log_path, "ab") as log_file:
-            self.process = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"], cwd=checkout,
+            self.process = subprocess.Popen([sys.executable, *command], cwd=checkout,
                                             env=worker_environment(settings), stdout=log_file,
                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                             preexec_fn=_die_with_parent)

@@ -148,6 +148,54 @@ def test_a_dead_letter_too_large_to_send_whole_is_cut_to_fit_and_the_worker_goes
     assert 15_000 < len(dead[0].value()) < 20_000
 
 
+#: A worker whose batch logic raises on its second batch: a bug no handler anticipates.
+FAULTY_WORKER = """
+import sys
+from streams.app import ScoringWorker
+from streams.config import Settings
+
+worker = ScoringWorker(Settings.from_env())
+process, batches = worker.processor.process, []
+
+def fail_on_the_second_batch(*args, **kwargs):
+    batches.append(1)
+    if len(batches) == 2:
+        raise RuntimeError("injected fault in the batch logic")
+    return process(*args, **kwargs)
+
+worker.processor.process = fail_on_the_second_batch
+sys.exit(worker.run())
+"""
+
+
+def test_an_error_no_batch_logic_handles_stops_the_worker_and_its_batch_is_scored_after_a_restart(settings, tmp_path):
+    """Faust alone restarts a failed agent, which then goes on without the failed batch's ack: the
+    worker looked healthy while its commits stalled. It must stop instead, with exit code 1."""
+    simulator = ShopSimulator(GeneratorConfig(seed=9, n_shoppers=50, clock="live"))
+    messages = [m for m in islice(simulator.messages(), 400) if m.malformed_reason is None]
+    first, second = messages[:200], messages[200:]
+    faulty = WorkerProcess(settings, tmp_path / "faulty.log", script=FAULTY_WORKER)
+    try:
+        faulty.wait_ready()
+        assert produce(first, settings.topic_by_kind, settings.librdkafka_config()).failed == 0
+        read_topic(settings, settings.topic_scores, until=lambda ms: len(ms) > 0, timeout_s=30)
+        assert produce(second, settings.topic_by_kind, settings.librdkafka_config()).failed == 0
+        exit_code = faulty.process.wait(timeout=60)
+    finally:
+        if faulty.process.poll() is None:
+            faulty.kill()
+    log_text = faulty.log_tail(400)
+    assert exit_code == 1, log_text
+    assert "scoring stopped on RuntimeError: injected fault in the batch logic" in log_text
+
+    worker = WorkerProcess(settings, tmp_path / "worker.log")
+    try:
+        worker.wait_ready()
+        scored_until(settings, newest_ts(valid_events(messages)))
+    finally:
+        assert worker.stop() == 0, worker.log_tail()
+
+
 @pytest.mark.parametrize("stop, lose_data_dir", [("sigterm", True), ("kill", False), ("kill", True)],
                          ids=["graceful-lost-data-dir", "kill9-kept-data-dir", "kill9-lost-data-dir"])
 def test_state_survives_a_restart(settings, tmp_path, stop, lose_data_dir):
