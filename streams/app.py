@@ -209,10 +209,10 @@ class ScoringWorker:
         Stopping instead leaves the failed batch uncommitted, to be consumed again after the restart.
         """
         self.health.alive = False
+        unacked = consumer.forget_batches()
         log.critical("scoring stopped on %s: %s. The worker exits with code 1 for its supervisor to restart it; "
-                     "the unacknowledged batches are consumed again then. If it fails the same way after every "
-                     "restart, the traceback says where", type(exc).__name__, exc, exc_info=exc)
-        consumer.forget_batches()
+                     "its unacknowledged batches (%d) are consumed again then. If it fails the same way after every "
+                     "restart, the traceback says where", type(exc).__name__, exc, unacked, exc_info=exc)
         if self._faust_worker is None:  # not started by run(): nobody to stop, so say it loudly
             raise exc
         await self._faust_worker.crash(exc)
