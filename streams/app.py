@@ -171,17 +171,13 @@ class ScoringWorker:
 
         Faust subscribes the input topics for it and owns their partitions, but ``stream`` stays
         empty: the consumer hands the messages to :attr:`batcher` (:mod:`streams.batch_consumer`).
-        """
-        await self._score_batches(self.app.consumer)
-
-    async def _score_batches(self, consumer: BatchDrainConsumer) -> None:
-        """Take, score, write and deliver batches until cancelled, or until an error no batch logic
-        handles: then the whole worker stops (:meth:`_fail`).
+        An error no batch logic handles stops the whole worker (:meth:`_fail`).
 
         Two batches overlap: batch N+1 is validated, updated and scored while batch N's outputs and
         changelog records are on their way to Kafka. N+1 writes and sends nothing until N is
         delivered and acked, so acks stay in order and N's changelog flush never takes N+1's records.
         """
+        consumer = self.app.consumer
         delivering: asyncio.Future[None] | None = None
         try:
             while True:

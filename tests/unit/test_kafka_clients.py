@@ -254,7 +254,6 @@ def test_the_worker_builds_faust_from_faust_client_settings(tls_files, tmp_path)
         (200000, 300000, 250)
 
 
-
 @pytest.mark.parametrize("standby_replicas", ["0", "1"])
 def test_the_worker_gives_faust_the_configured_standby_replicas(tmp_path, standby_replicas):
     """Standbys double the table work with two workers (BENCHMARKS.md), so the setting must reach Faust."""

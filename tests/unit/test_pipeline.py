@@ -77,7 +77,6 @@ def test_invalid_messages_become_dead_letters_with_their_source(processor):
     assert len(outcome.scored) == 1
 
 
-
 @pytest.mark.parametrize("size", [0, 100, 5_000, 50_000])
 def test_a_dead_letter_keeps_its_bytes_or_is_cut_to_fit_the_message_limit(size):
     limit = 10_000
@@ -93,6 +92,7 @@ def test_a_dead_letter_keeps_its_bytes_or_is_cut_to_fit_the_message_limit(size):
         assert limit - DEAD_LETTER_FRAMING_BYTES - 1 <= message_bytes <= limit - DEAD_LETTER_FRAMING_BYTES
     assert names["shoppulse.dlq.source_offset"] == b"41"
     assert DeadLetter(InputMessage("shop.cart", 0, 1, None, None), "no_value", "").record(NOW_MS, limit)[0] is None
+
 
 def test_a_replayed_batch_changes_no_state_but_is_scored_again(processor):
     """After kill -9 the state may be stored while the scores were still in the producer: the
