@@ -333,6 +333,12 @@ class ShopperClassifier:
     def tasks(self) -> tuple[str, ...]:
         return self.model.cfg.tasks
 
+    @property
+    def reference_features(self) -> np.ndarray:
+        """The mean feature row of the training data (the input standardisation's ``feat_mean``):
+        the "typical shopper" churn reasons compare a shopper to."""
+        return self.model.feat_mean.detach().cpu().numpy()
+
     def to(self, device: str | torch.device | None) -> "ShopperClassifier":
         self.model.to(resolve_device(device))
         return self

@@ -28,8 +28,6 @@ from models.training import CLASSIFIER_MODEL, NEXTITEM_MODEL
 
 log = logging.getLogger(__name__)
 
-#: How many recent rows the "typical shopper" baseline of churn reasons averages over.
-BASELINE_MEMORY_ROWS = 100_000
 #: Output score names.
 CHURN = "churn_risk"
 PURCHASE = "purchase_propensity"
@@ -74,8 +72,6 @@ class BatchScorer:
         self.recommender: NextItemRecommender | None = None
         self.load_errors = 0
         self.timings = InferenceTimings()
-        self.feature_baseline = np.zeros(spec.dim, dtype=np.float32)
-        self._baseline_weight = 0.0
         self._loaded: dict[str, str | None] = {CLASSIFIER_MODEL: None, NEXTITEM_MODEL: None}
         self._next_check = 0.0
         self.refresh(force=True)
@@ -143,7 +139,6 @@ class BatchScorer:
     @torch.inference_mode()
     def score(self, states: Sequence[ShopperState], features: np.ndarray) -> list[ShopperScores]:
         """One forward pass per model for the whole batch."""
-        self._update_baseline(features)
         if self.classifier is None:
             return [ShopperScores(s) for s in self.heuristic.score(states, features)]
         started = time.perf_counter()
@@ -159,23 +154,19 @@ class BatchScorer:
             self.timings.nextitem_s = time.perf_counter() - started
         return results
 
-    def _update_baseline(self, features: np.ndarray) -> None:
-        """Running mean of the feature rows scored so far: the "typical shopper" reasons compare to."""
-        if len(features):
-            self._baseline_weight = min(self._baseline_weight + len(features), BASELINE_MEMORY_ROWS)
-            share = len(features) / self._baseline_weight
-            self.feature_baseline += share * (features.mean(axis=0) - self.feature_baseline)
-
     @torch.inference_mode()
     def churn_reasons(self, features: np.ndarray, top: int = 3) -> list[list[tuple[str, float]]]:
         """The features that raise each row's churn risk most, with how much.
 
-        Occlusion: the risk drop when one feature is set to its running mean over recently
-        scored shoppers; one batched pass of ``rows × features``, meant for the few rows that alert.
+        Occlusion: the risk drop when one feature is set to its mean over the classifier's
+        training rows (:attr:`ShopperClassifier.reference_features`, stored in the artifact); one
+        batched pass of ``rows × features``, meant for the few rows that alert. The reference ships
+        with the model, so the reasons depend on the shopper and the model alone: not on which
+        worker computed them, how long it has run, or what else it scored.
         """
-        baseline = self.feature_baseline
         if self.classifier is None or len(features) == 0:
             return [[] for _ in range(len(features))]
+        baseline = self.classifier.reference_features
         n, d = features.shape
         occluded = np.repeat(features[:, None, :], d, axis=1)
         occluded[:, np.arange(d), np.arange(d)] = baseline

@@ -21,8 +21,7 @@ from typing import Any, Sequence
 from confluent_kafka import KafkaError, Message, Producer
 
 from streams.config import Settings
-from streams.kafka import confluent_producer_config
-from streams.producer import PARTITIONER
+from streams.kafka import PARTITIONER, confluent_producer_config
 
 log = logging.getLogger(__name__)
 

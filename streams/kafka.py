@@ -26,6 +26,9 @@ from streams.config import BROKER_PROFILE_AUTO, BROKER_PROFILE_KAFKA, BROKER_PRO
 
 log = logging.getLogger(__name__)
 
+#: The only partitioner that matches the worker's (aiokafka, murmur2) partition assignment: every
+#: producer of the input topics and of the changelogs uses it.
+PARTITIONER = "murmur2_random"
 #: Retention of the input and output topics ShopPulse creates (7 days, in ms). Explicit,
 #: because tools that read topic configs fail on brokers that report none.
 TOPIC_RETENTION_MS = 7 * 24 * 3600 * 1000

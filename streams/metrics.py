@@ -62,6 +62,9 @@ class WorkerMetrics:
         self.score_values = Histogram("shoppulse_score_value", "Distribution of published scores, by score name",
                                       ["score"], buckets=SCORE_BUCKETS, registry=r)
         self.alerts_fired = Counter("shoppulse_churn_alerts_total", "Churn alerts published", registry=r)
+        self.alert_reasons = Counter("shoppulse_churn_alert_reasons_total",
+                                     "Churn alerts that name a feature among their reasons, by feature", ["feature"],
+                                     registry=r)
         self.model_info = Gauge("shoppulse_model_info", "1 for each model version being served",
                                 ["model", "version"], registry=r)
         self.model_load_errors = Counter("shoppulse_model_load_errors_total",
@@ -81,8 +84,8 @@ METRIC_NAMES = (
     "shoppulse_results_published_total", "shoppulse_batch_size", "shoppulse_batch_processing_seconds",
     "shoppulse_end_to_end_latency_seconds", "shoppulse_shoppers_per_batch", "shoppulse_shoppers_in_state",
     "shoppulse_shoppers_evicted_total", "shoppulse_inference_seconds", "shoppulse_model_inference_seconds",
-    "shoppulse_score_value", "shoppulse_churn_alerts_total", "shoppulse_model_info", "shoppulse_model_load_errors_total",
-    "shoppulse_silent_rescored_total", "shoppulse_consumer_lag", "shoppulse_ready",
+    "shoppulse_score_value", "shoppulse_churn_alerts_total", "shoppulse_churn_alert_reasons_total",
+    "shoppulse_model_info", "shoppulse_model_load_errors_total", "shoppulse_silent_rescored_total", "shoppulse_consumer_lag", "shoppulse_ready",
 )
 
 

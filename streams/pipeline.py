@@ -312,6 +312,8 @@ class BatchProcessor:
                 "value_to_date": state.revenue_lifetime_cents / 100.0, "model_version": versions.get(CHURN),
                 "fired_at": fired_at_ms}).encode()
             self.metrics.alerts_fired.inc()
+            for name, _ in why:
+                self.metrics.alert_reasons.labels(name).inc()
 
     def _load_alert(self, stored: bytes | None, user_id: str) -> AlertState:
         try:

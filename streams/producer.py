@@ -15,9 +15,8 @@ from typing import Any, Iterable, Iterator, Mapping
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from streams.generator import GeneratedMessage
+from streams.kafka import PARTITIONER
 
-#: The only partitioner that matches the worker's (aiokafka) partition assignment.
-PARTITIONER = "murmur2_random"
 #: Producer settings applied unless the caller's config sets them.
 DEFAULT_PRODUCER_SETTINGS: dict[str, Any] = {"linger.ms": 5}
 #: Messages between two non-blocking polls that serve delivery callbacks (and progress updates).
