@@ -47,7 +47,8 @@ def test_env_values_are_parsed():
     ({"SHOPPULSE_KAFKA_MAX_PARTITION_FETCH_BYTES": "0"}, "SHOPPULSE_KAFKA_MAX_PARTITION_FETCH_BYTES=0; use 1 to"),
     ({"SHOPPULSE_KAFKA_PRODUCER_BUFFER_MESSAGES": "0"}, "SHOPPULSE_KAFKA_PRODUCER_BUFFER_MESSAGES must be at least 1"),
     ({"SHOPPULSE_KAFKA_PRODUCER_BUFFER_KBYTES": "512"},
-     "SHOPPULSE_KAFKA_PRODUCER_BUFFER_KBYTES=512 cannot hold one message of SHOPPULSE_KAFKA_MAX_MESSAGE_BYTES=1048576"),
+     "SHOPPULSE_KAFKA_PRODUCER_BUFFER_KBYTES=512 cannot hold one message of "
+     "SHOPPULSE_KAFKA_MAX_MESSAGE_BYTES=1048576"),
 ])
 def test_bad_values_name_the_variable(env, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
