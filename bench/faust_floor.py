@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import faust  # noqa: E402
 
-from streams.batch_consumer import BatchingApp, MicroBatcher  # noqa: E402
+from streams.batch_consumer import BatchDrainConsumer, BatchingApp, MicroBatcher  # noqa: E402
 from streams.kafka import tansu_client_overrides  # noqa: E402
 
 
@@ -52,13 +52,16 @@ def main() -> None:
             os._exit(0)  # a measurement, not a service: no graceful shutdown needed
 
     async def take_and_drop(stream: faust.StreamT) -> None:
+        assert isinstance(stream, faust.Stream), "take_events is on Faust's Stream, not on StreamT"
         async for events in stream.take_events(args.max_batch, within=0.05):
             count(len(events))
 
     async def take_batches_and_drop(stream: faust.StreamT) -> None:
+        consumer = app.consumer
+        assert isinstance(consumer, BatchDrainConsumer), "BatchingApp consumes through BatchDrainConsumer"
         while True:
-            messages = await app.consumer.take_batch()
-            app.consumer.ack_batch(messages)
+            messages = await consumer.take_batch()
+            consumer.ack_batch(messages)
             count(len(messages))
 
     app.agent(topic, name="take_and_drop")(take_batches_and_drop if args.batch_drain else take_and_drop)

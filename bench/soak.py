@@ -101,7 +101,8 @@ class Soak:
         simulator = ShopSimulator(GeneratorConfig(seed=args.seed, n_shoppers=args.shoppers, clock="live",
                                                   malformed_fraction=args.malformed))
         self.traffic = BackgroundProducer(at_most_per_shopper(simulator.messages(), StateConfig().dedup_ids),
-                                          self.settings.topic_by_kind, confluent_producer_config(self.settings), args.rate)
+                                          self.settings.topic_by_kind, confluent_producer_config(self.settings),
+                                          args.rate)
 
     def _start(self, settings: Settings) -> WorkerProcess:
         self.starts += 1
@@ -226,7 +227,8 @@ def fault_kinds(text: str) -> tuple[str, ...]:
     kinds = tuple(kind.strip() for kind in text.split(",") if kind.strip())
     unknown = [kind for kind in kinds if kind not in FAULT_KINDS]
     if not kinds or unknown:
-        raise argparse.ArgumentTypeError(f"unknown fault kinds {unknown or [text]}; choose from {', '.join(FAULT_KINDS)}")
+        raise argparse.ArgumentTypeError(
+            f"unknown fault kinds {unknown or [text]}; choose from {', '.join(FAULT_KINDS)}")
     return kinds
 
 
@@ -237,7 +239,8 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=300.0, help="steady input events per second")
     parser.add_argument("--flood-events", type=int, default=30_000, help="extra events in a flood burst")
     parser.add_argument("--faults", type=fault_kinds, default=FAULT_KINDS,
-                        help=f"comma-separated fault kinds to inject in turn (default: all of {', '.join(FAULT_KINDS)})")
+                        help="comma-separated fault kinds to inject in turn "
+                             f"(default: all of {', '.join(FAULT_KINDS)})")
     parser.add_argument("--shoppers", type=int, default=50_000, help="simulated shop population")
     parser.add_argument("--malformed", type=float, default=0.01, help="share of malformed messages")
     parser.add_argument("--alert-high", type=float, default=0.01,

@@ -51,8 +51,15 @@ import zlib
 from array import array
 
 from features.state import (
-    COARSE_BUCKET_MS, COARSE_STRIDE, COUNT_STRIDE, FINE_BUCKET_MS, HOUR_BUCKET_MS, SLOT_CART_ADD, SLOT_CART_REMOVE,
-    SLOT_REVENUE_CENTS, ShopperState,
+    COARSE_BUCKET_MS,
+    COARSE_STRIDE,
+    COUNT_STRIDE,
+    FINE_BUCKET_MS,
+    HOUR_BUCKET_MS,
+    SLOT_CART_ADD,
+    SLOT_CART_REMOVE,
+    SLOT_REVENUE_CENTS,
+    ShopperState,
 )
 
 #: Version written by :func:`encode_state`.
@@ -102,7 +109,7 @@ def encode_state(state: ShopperState) -> bytes:
     coarse_keys = state.coarse_keys
     names = list(dict.fromkeys([state.user_id, *state.history_items, *recent_items, *frozen_items,
                                 *[line[1] for line in lines], *categories, *state.recent_categories]))
-    index = dict(zip(names, range(len(names))))
+    index = dict(zip(names, range(len(names)), strict=True))
     encoded = "".join(names).encode()
 
     out = bytearray((STATE_FORMAT_VERSION,))
@@ -129,9 +136,10 @@ def encode_state(state: ShopperState) -> bytes:
     revenue = coarse[SLOT_REVENUE_CENTS::COARSE_STRIDE]
     coarse[SLOT_REVENUE_CENTS::COARSE_STRIDE] = [0] * len(coarse_keys)
     narrow += coarse
-    narrow += [i * 4 + code for i, code in zip(map(index.__getitem__, recent_items), state.recent_codes)]
+    narrow += [i * 4 + code for i, code in zip(map(index.__getitem__, recent_items), state.recent_codes, strict=True)]
     narrow += map(index.__getitem__, frozen_items)
-    narrow += [i * 4 + code for i, code in zip(map(index.__getitem__, state.history_items), state.history_codes)]
+    narrow += [i * 4 + code
+               for i, code in zip(map(index.__getitem__, state.history_items), state.history_codes, strict=True)]
     narrow += [index[line[1]] for line in lines]
     narrow += [2 * line[2] if line[2] >= 0 else -2 * line[2] - 1 for line in lines]
     narrow += [line[4] for line in lines]
@@ -141,7 +149,7 @@ def encode_state(state: ShopperState) -> bytes:
     out += encoded
 
     wide = revenue
-    wide += [(last - ts) * 2 + starts for ts, starts in zip(recent_ts, state.recent_starts)]
+    wide += [(last - ts) * 2 + starts for ts, starts in zip(recent_ts, state.recent_starts, strict=True)]
     wide += [last - ts for ts in history_ts]
     wide += [last - line[0] for line in lines]
     wide += [line[3] for line in lines]
@@ -297,7 +305,8 @@ def _decode(reader: _Reader, version: int) -> ShopperState:
     state.history_ts = [last - age for age in wide[at:at + n_history]]
     at += n_history
     cart_ts = [last - age for age in wide[at:at + n_cart]]
-    state.cart_lines = list(zip(cart_ts, cart_items, quantities, wide[at + n_cart:at + 2 * n_cart], cart_adds))
+    cart_prices = wide[at + n_cart:at + 2 * n_cart]
+    state.cart_lines = list(zip(cart_ts, cart_items, quantities, cart_prices, cart_adds, strict=True))
     state.recent_ids = ids
     state.affinity_scores = scores
     return state
@@ -309,19 +318,21 @@ def _canonical_from_v1(state: ShopperState) -> ShopperState:
     category (v1 already folded them into the affinity accumulator); a recent event with a cart
     line gets its cart kind back (so its line is merged when it freezes), any other kind 0."""
     if state.recent_ts:
-        rows = sorted(zip(state.recent_ts, state.recent_ids, state.recent_item_ids, state.recent_starts))
-        recent_ts, state.recent_ids, state.recent_item_ids, starts = (list(column) for column in zip(*rows))
+        rows = sorted(zip(state.recent_ts, state.recent_ids, state.recent_item_ids, state.recent_starts, strict=True))
+        columns = (list(column) for column in zip(*rows, strict=True))
+        recent_ts, state.recent_ids, state.recent_item_ids, starts = columns
         for i in range(len(recent_ts) - 1, 0, -1):  # a session start belongs to the first of equal times
             if recent_ts[i] == recent_ts[i - 1]:
                 starts[i - 1] |= starts[i]
                 starts[i] = 0
         state.recent_ts, state.recent_starts = recent_ts, starts
         cart_codes = {line[:2]: SLOT_CART_ADD if line[4] else SLOT_CART_REMOVE for line in state.cart_lines}
-        state.recent_codes = [cart_codes.get(key, 0) for key in zip(recent_ts, state.recent_item_ids)]
+        state.recent_codes = [cart_codes.get(key, 0) for key in zip(recent_ts, state.recent_item_ids, strict=True)]
         state.recent_categories = [""] * len(recent_ts)
     if state.history_ts:
-        rows = sorted(zip(state.history_ts, state.history_codes, state.history_items))
-        state.history_ts, state.history_codes, state.history_items = (list(column) for column in zip(*rows))
+        history_rows = sorted(zip(state.history_ts, state.history_codes, state.history_items, strict=True))
+        columns = (list(column) for column in zip(*history_rows, strict=True))
+        state.history_ts, state.history_codes, state.history_items = columns
     state.cart_lines.sort()
     return state
 

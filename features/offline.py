@@ -11,7 +11,7 @@ Online and offline agree exactly when the worker saw each shopper's events withi
 """
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 

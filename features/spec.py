@@ -15,8 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 
@@ -139,13 +139,13 @@ class FeatureSpec:
         normalisation is vectorised.
         """
         if np.ndim(now_ms) == 0:
-            now = int(now_ms)
+            now = int(np.asarray(now_ms))
             raw_rows = [state.raw_features(now) for state in states]
         else:
             nows = np.asarray(now_ms, dtype=np.int64).tolist()
             if len(nows) != len(states):
                 raise ValueError(f"now_ms has {len(nows)} times for {len(states)} states")
-            raw_rows = [state.raw_features(now) for state, now in zip(states, nows)]
+            raw_rows = [state.raw_features(now) for state, now in zip(states, nows, strict=True)]
         if not raw_rows:
             return np.zeros((0, self.dim), dtype=np.float32)
         raw = np.array(raw_rows, dtype=np.float64)[:, self._columns]

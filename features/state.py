@@ -295,7 +295,7 @@ class ShopperState:
         self.affinity_scores: list[float] = []
 
     @classmethod
-    def new(cls, user_id: str) -> "ShopperState":
+    def new(cls, user_id: str) -> ShopperState:
         """An empty state for a shopper never seen before."""
         return cls(user_id)
 
@@ -369,12 +369,12 @@ class ShopperState:
                 if ts > self.last_order_ms:
                     adds = 1 if code == SLOT_CART_ADD else 0
                     quantity = event.quantity if adds else -event.quantity
-                    line = (ts, item_id, quantity, to_cents(event.price), adds)
+                    cart_line = (ts, item_id, quantity, to_cents(event.price), adds)
                     lines = self.cart_lines
-                    if not lines or line >= lines[-1]:
-                        lines.append(line)
+                    if not lines or cart_line >= lines[-1]:
+                        lines.append(cart_line)
                     else:
-                        insort(lines, line)
+                        insort(lines, cart_line)
                     if (len(lines) > CART_MAX_LINES
                             and len(lines) - bisect_left(lines, (last - config.grace_ms,)) > CART_MAX_LINES):
                         self._compact_cart(None)
@@ -428,7 +428,7 @@ class ShopperState:
         gap = config.session_gap_ms
         coarse_oldest = self.last_event_ms // COARSE_BUCKET_MS - COARSE_BUCKETS + 1
         items = self.frozen_session_items
-        oldest = zip(self.recent_ts[:count], self.recent_item_ids[:count], self.recent_starts[:count])
+        oldest = zip(self.recent_ts[:count], self.recent_item_ids[:count], self.recent_starts[:count], strict=True)
         for ts, item_id, starts in oldest:
             if starts:
                 self.frozen_session_start_ms = ts
@@ -454,7 +454,7 @@ class ShopperState:
         if any(categories):
             anchor = self.affinity_anchor_ms
             tracked, scores = self.affinity_categories, self.affinity_scores
-            for ts, code, category in zip(self.recent_ts[:count], codes, categories):
+            for ts, code, category in zip(self.recent_ts[:count], codes, categories, strict=True):
                 if category:
                     anchor = _fold_affinity(anchor, tracked, scores, category, AFFINITY_WEIGHTS[code], ts)
             self.affinity_anchor_ms = anchor
@@ -515,7 +515,7 @@ class ShopperState:
         if not any(recent):
             return self.affinity_anchor_ms, self.affinity_categories, self.affinity_scores
         anchor, categories, scores = self.affinity_anchor_ms, self.affinity_categories[:], self.affinity_scores[:]
-        for ts, code, category in zip(self.recent_ts, self.recent_codes, recent):
+        for ts, code, category in zip(self.recent_ts, self.recent_codes, recent, strict=True):
             if category:
                 anchor = _fold_affinity(anchor, categories, scores, category, AFFINITY_WEIGHTS[code], ts)
         return anchor, categories, scores
@@ -527,7 +527,8 @@ class ShopperState:
 
         Views and cart adds/removes give one entry each, an order one entry per order line.
         """
-        return list(zip(self.history_items, [CODE_KINDS[code] for code in self.history_codes], self.history_ts))
+        kinds = [CODE_KINDS[code] for code in self.history_codes]
+        return list(zip(self.history_items, kinds, self.history_ts, strict=True))
 
     def history_item_ids(self) -> list[str]:
         """The item ids of :meth:`recent_items`, oldest first, without building the tuples
@@ -540,7 +541,7 @@ class ShopperState:
         now_ms = self.last_event_ms if now_ms is None else now_ms
         anchor, categories, scores = self._affinity()
         scale = 2.0 ** ((anchor - now_ms) / AFFINITY_HALF_LIFE_MS)
-        pairs = [(category, score * scale) for category, score in zip(categories, scores)]
+        pairs = [(category, score * scale) for category, score in zip(categories, scores, strict=True)]
         pairs.sort(key=lambda pair: -pair[1])
         return pairs
 
@@ -595,7 +596,7 @@ class ShopperState:
         session_start, session_events, session_items = self.current_session()
         sessions_7d = d7[SLOT_SESSION_STARTS]
         week_first = coarse_now - COARSE_WEEK + 1
-        for ts, starts in zip(self.recent_ts, self.recent_starts):
+        for ts, starts in zip(self.recent_ts, self.recent_starts, strict=True):
             if starts and week_first <= ts // COARSE_BUCKET_MS <= coarse_now:
                 sessions_7d += 1
 

@@ -29,8 +29,9 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Protocol
+from typing import Protocol, cast
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
@@ -54,9 +55,13 @@ class Produced:
 
 
 class _Message(Protocol):
-    topic_kind: str
-    key: bytes | None
-    value: bytes | None
+    # Read-only members, so frozen dataclasses such as GeneratedMessage match.
+    @property
+    def topic_kind(self) -> str: ...
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes | None: ...
 
 
 def produced_from(messages: Iterable[_Message], topic_by_kind: Mapping[str, str]) -> list[Produced]:
@@ -93,6 +98,13 @@ class Alert:
     fired_at: int
 
 
+def _required(value: bytes | None, topic: str) -> bytes:
+    """``value``, or a RuntimeError naming ``topic``: the worker never writes an empty score or alert."""
+    if value is None:
+        raise RuntimeError(f"reading {topic}: a message without a value")
+    return value
+
+
 def score_of(value: bytes) -> Score:
     doc = json.loads(value)
     return Score(doc["user_id"], doc["trigger_event_id"], int(doc["trigger_ts"]))
@@ -103,7 +115,8 @@ def alert_of(value: bytes) -> Alert:
     return Alert(doc["user_id"], doc["alert_id"], int(doc["fired_at"]))
 
 
-def dead_letter_of(key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]] | None) -> DeadLetterRecord:
+def dead_letter_of(key: bytes | None, value: bytes | None,
+                   headers: list[tuple[str, bytes | None]] | None) -> DeadLetterRecord:
     named = {name: (raw or b"").decode(errors="replace") for name, raw in headers or []}
     return DeadLetterRecord(named.get(SOURCE_TOPIC_HEADER, ""), key, value, named.get(REASON_HEADER, ""),
                             named.get(DETAIL_HEADER, ""))
@@ -175,7 +188,7 @@ class Expected:
     invalid: Counter[tuple[str, bytes | None, bytes | None, str]] = field(default_factory=Counter)
 
     def add(self, produced: Iterable[Produced], now_ms: int | None = None,
-            limits: ValidationLimits = ValidationLimits()) -> "Expected":
+            limits: ValidationLimits = ValidationLimits()) -> Expected:
         """Classify more produced messages with the worker's own validation (``now_ms``: default now).
 
         Only ``ts_in_future`` depends on the clock, so classify after producing, not before.
@@ -273,18 +286,21 @@ class OutputReader:
         read = 0
         while time.monotonic() < deadline:
             for message in self._consumer.consume(1000, timeout=min(0.5, max(0.01, deadline - time.monotonic()))):
-                if message.error():
-                    if message.error().code() != KafkaError._PARTITION_EOF:
-                        raise RuntimeError(f"reading {message.topic()}: {message.error()}")
+                error = message.error()
+                if error is not None:
+                    if error.code() != KafkaError._PARTITION_EOF:
+                        raise RuntimeError(f"reading {message.topic()}: {error}")
                     continue
                 read += 1
-                topic = message.topic()
+                topic, value = message.topic(), message.value()
                 if topic == self.settings.topic_scores:
-                    self.scores.append(score_of(message.value()))
+                    self.scores.append(score_of(_required(value, topic)))
                 elif topic == self.settings.topic_churn_alerts:
-                    self.alerts.append(alert_of(message.value()))
+                    self.alerts.append(alert_of(_required(value, topic)))
                 else:
-                    self.dead_letters.append(dead_letter_of(message.key(), message.value(), message.headers()))
+                    # A consumed message's headers are a list of (name, bytes or None), never a dict.
+                    headers = cast("list[tuple[str, bytes | None]] | None", message.headers())
+                    self.dead_letters.append(dead_letter_of(message.key(), value, headers))
         return read
 
     def expect(self, produced: Iterable[Produced]) -> Expected:
@@ -299,7 +315,7 @@ class OutputReader:
     def close(self) -> None:
         self._consumer.close()
 
-    def __enter__(self) -> "OutputReader":
+    def __enter__(self) -> OutputReader:
         return self
 
     def __exit__(self, *exc: object) -> None:

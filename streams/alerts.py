@@ -50,7 +50,7 @@ class AlertState:
     last_alert_ms: int = NEVER
     last_risk: float = 0.0
 
-    def step(self, risk: float, now_ms: int, policy: AlertPolicy) -> tuple["AlertState", bool]:
+    def step(self, risk: float, now_ms: int, policy: AlertPolicy) -> tuple[AlertState, bool]:
         """The next state after observing ``risk`` at ``now_ms``, and whether an alert fires."""
         cooled_down = self.last_alert_ms == NEVER or now_ms - self.last_alert_ms >= policy.cooldown_ms
         if self.armed and risk >= policy.high and cooled_down:
@@ -62,7 +62,7 @@ class AlertState:
         return _LAYOUT.pack(_FORMAT_VERSION, self.armed, self.last_alert_ms, self.last_risk)
 
     @classmethod
-    def decode(cls, data: bytes | None) -> "AlertState":
+    def decode(cls, data: bytes | None) -> AlertState:
         """The stored state, or a fresh armed one for None; ValueError on bytes of another layout."""
         if data is None:
             return cls()

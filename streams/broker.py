@@ -107,7 +107,7 @@ class EmbeddedBroker:
         """Process id of the running broker, or None."""
         return self._process.pid if self._process else None
 
-    def start(self) -> "EmbeddedBroker":
+    def start(self) -> EmbeddedBroker:
         """Start the broker and return once it answers requests."""
         if self._process is not None:
             return self
@@ -122,7 +122,7 @@ class EmbeddedBroker:
             self._process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                              env=env, preexec_fn=_die_with_parent)
         finally:
-            if output is not subprocess.DEVNULL:
+            if not isinstance(output, int):  # not subprocess.DEVNULL
                 output.close()
         try:
             self._wait_until_ready()
@@ -173,7 +173,7 @@ class EmbeddedBroker:
             process.wait(timeout=timeout_s)
         log.info("embedded Tansu broker on %s stopped", self.bootstrap_servers)
 
-    def __enter__(self) -> "EmbeddedBroker":
+    def __enter__(self) -> EmbeddedBroker:
         return self.start()
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

@@ -8,9 +8,10 @@ so the same worker runs against the embedded broker and a production Apache Kafk
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 BROKER_PROFILE_AUTO = "auto"
 BROKER_PROFILE_KAFKA = "kafka"
@@ -33,44 +34,117 @@ SETTINGS_DOC: dict[str, tuple[str, str, str]] = {
     "ssl_cafile": ("KAFKA_SSL_CAFILE", "", "CA bundle (PEM) to verify the brokers"),
     "ssl_certfile": ("KAFKA_SSL_CERTFILE", "", "client certificate (PEM) for mutual TLS"),
     "ssl_keyfile": ("KAFKA_SSL_KEYFILE", "", "client private key (PEM) for mutual TLS"),
-    "kafka_max_message_bytes": ("SHOPPULSE_KAFKA_MAX_MESSAGE_BYTES", "1048576", "largest message a producer sends, in bytes (librdkafka message.max.bytes, aiokafka max_request_size)"),
-    "kafka_fetch_max_bytes": ("SHOPPULSE_KAFKA_FETCH_MAX_BYTES", "52428800", "most bytes one fetch of a confluent-kafka consumer returns (fetch.max.bytes)"),
-    "kafka_max_partition_fetch_bytes": ("SHOPPULSE_KAFKA_MAX_PARTITION_FETCH_BYTES", "1048576", "most bytes a consumer fetches per partition (max.partition.fetch.bytes; the worker's consumer_max_fetch_size)"),
-    "kafka_max_poll_records": ("SHOPPULSE_KAFKA_MAX_POLL_RECORDS", "0", "most records the worker's consumer returns per poll (0 = no cap; the fetch sizes bound memory)"),
-    "kafka_producer_buffer_kbytes": ("SHOPPULSE_KAFKA_PRODUCER_BUFFER_KBYTES", "65536", "KiB a confluent-kafka producer buffers before send waits (queue.buffering.max.kbytes)"),
-    "kafka_producer_buffer_messages": ("SHOPPULSE_KAFKA_PRODUCER_BUFFER_MESSAGES", "100000", "messages a confluent-kafka producer buffers before send waits (queue.buffering.max.messages)"),
-    "broker_profile": ("SHOPPULSE_BROKER_PROFILE", "auto", "auto (detect the embedded Tansu broker by cluster id), kafka or tansu"),
+    "kafka_max_message_bytes": (
+        "SHOPPULSE_KAFKA_MAX_MESSAGE_BYTES",
+        "1048576",
+        "largest message a producer sends, in bytes (librdkafka message.max.bytes, aiokafka max_request_size)",
+    ),
+    "kafka_fetch_max_bytes": (
+        "SHOPPULSE_KAFKA_FETCH_MAX_BYTES",
+        "52428800",
+        "most bytes one fetch of a confluent-kafka consumer returns (fetch.max.bytes)",
+    ),
+    "kafka_max_partition_fetch_bytes": (
+        "SHOPPULSE_KAFKA_MAX_PARTITION_FETCH_BYTES",
+        "1048576",
+        "most bytes a consumer fetches per partition (max.partition.fetch.bytes; the worker's consumer_max_fetch_size)",
+    ),
+    "kafka_max_poll_records": (
+        "SHOPPULSE_KAFKA_MAX_POLL_RECORDS",
+        "0",
+        "most records the worker's consumer returns per poll (0 = no cap; the fetch sizes bound memory)",
+    ),
+    "kafka_producer_buffer_kbytes": (
+        "SHOPPULSE_KAFKA_PRODUCER_BUFFER_KBYTES",
+        "65536",
+        "KiB a confluent-kafka producer buffers before send waits (queue.buffering.max.kbytes)",
+    ),
+    "kafka_producer_buffer_messages": (
+        "SHOPPULSE_KAFKA_PRODUCER_BUFFER_MESSAGES",
+        "100000",
+        "messages a confluent-kafka producer buffers before send waits (queue.buffering.max.messages)",
+    ),
+    "broker_profile": (
+        "SHOPPULSE_BROKER_PROFILE",
+        "auto",
+        "auto (detect the embedded Tansu broker by cluster id), kafka or tansu",
+    ),
     "app_id": ("SHOPPULSE_APP_ID", "shoppulse", "Faust app id: consumer group and changelog topic prefix"),
     "topic_page_views": ("SHOPPULSE_TOPIC_PAGE_VIEWS", "shop.page_views", "input topic of page views"),
     "topic_cart": ("SHOPPULSE_TOPIC_CART", "shop.cart", "input topic of cart changes"),
     "topic_orders": ("SHOPPULSE_TOPIC_ORDERS", "shop.orders", "input topic of orders"),
     "topic_scores": ("SHOPPULSE_TOPIC_SCORES", "shoppulse.scores", "output topic of per-shopper scores"),
-    "topic_recommendations": ("SHOPPULSE_TOPIC_RECOMMENDATIONS", "shoppulse.recommendations", "output topic of top-K next items"),
-    "topic_churn_alerts": ("SHOPPULSE_TOPIC_CHURN_ALERTS", "shoppulse.churn_alerts", "output topic of churn alerts (marketing triggers)"),
-    "topic_dead_letter": ("SHOPPULSE_TOPIC_DEAD_LETTER", "shoppulse.dead_letter", "invalid input, original bytes plus reason headers"),
+    "topic_recommendations": (
+        "SHOPPULSE_TOPIC_RECOMMENDATIONS",
+        "shoppulse.recommendations",
+        "output topic of top-K next items",
+    ),
+    "topic_churn_alerts": (
+        "SHOPPULSE_TOPIC_CHURN_ALERTS",
+        "shoppulse.churn_alerts",
+        "output topic of churn alerts (marketing triggers)",
+    ),
+    "topic_dead_letter": (
+        "SHOPPULSE_TOPIC_DEAD_LETTER",
+        "shoppulse.dead_letter",
+        "invalid input, original bytes plus reason headers",
+    ),
     "partitions": ("SHOPPULSE_PARTITIONS", "4", "partitions of every topic ShopPulse creates (inputs must match)"),
     "replication_factor": ("SHOPPULSE_REPLICATION_FACTOR", "1", "replication factor of topics ShopPulse creates"),
     "create_topics": ("SHOPPULSE_CREATE_TOPICS", "true", "create missing topics at start-up"),
     "data_dir": ("SHOPPULSE_DATA_DIR", "./var/worker", "where the worker keeps its RocksDB tables"),
-    "standby_replicas": ("SHOPPULSE_STANDBY_REPLICAS", "0", "warm copies of each table partition on other workers (Faust table_standby_replicas): each makes every worker also apply the others' changelog; 0 = a worker that takes over a partition restores it from the changelog"),
+    "standby_replicas": (
+        "SHOPPULSE_STANDBY_REPLICAS",
+        "0",
+        "warm copies of each table partition on other workers (Faust table_standby_replicas): each makes every worker "
+        "also apply the others' changelog; 0 = a worker that takes over a partition restores it from the changelog",
+    ),
     "max_batch": ("SHOPPULSE_MAX_BATCH", "1000", "micro-batch: most events handled in one step"),
     "max_wait_ms": ("SHOPPULSE_MAX_WAIT_MS", "50", "micro-batch: longest wait, in ms, for a batch to fill"),
-    "grace_ms": ("SHOPPULSE_GRACE_MS", "3600000", "out-of-order tolerance per shopper, in ms; older events count as late"),
+    "grace_ms": (
+        "SHOPPULSE_GRACE_MS",
+        "3600000",
+        "out-of-order tolerance per shopper, in ms; older events count as late",
+    ),
     "history_len": ("SHOPPULSE_HISTORY_LEN", "50", "item interactions kept per shopper (the next-item model's input)"),
     "retention_ms": ("SHOPPULSE_RETENTION_MS", "7776000000", "a shopper idle this long (ms, default 90 d) is evicted"),
     "eviction_interval_s": ("SHOPPULSE_EVICTION_INTERVAL_S", "300", "seconds between sweeps that evict idle shoppers"),
-    "silent_after_ms": ("SHOPPULSE_SILENT_AFTER_MS", "86400000", "re-score shoppers idle this long (ms, default 1 d) without a new event"),
-    "silent_sweep_interval_s": ("SHOPPULSE_SILENT_SWEEP_INTERVAL_S", "3600", "seconds between silent-shopper re-scoring sweeps"),
+    "silent_after_ms": (
+        "SHOPPULSE_SILENT_AFTER_MS",
+        "86400000",
+        "re-score shoppers idle this long (ms, default 1 d) without a new event",
+    ),
+    "silent_sweep_interval_s": (
+        "SHOPPULSE_SILENT_SWEEP_INTERVAL_S",
+        "3600",
+        "seconds between silent-shopper re-scoring sweeps",
+    ),
     "max_event_bytes": ("SHOPPULSE_MAX_EVENT_BYTES", "65536", "larger input messages are dead-lettered as oversized"),
-    "max_future_skew_ms": ("SHOPPULSE_MAX_FUTURE_SKEW_MS", "300000", "events stamped further ahead of the worker clock are dead-lettered"),
+    "max_future_skew_ms": (
+        "SHOPPULSE_MAX_FUTURE_SKEW_MS",
+        "300000",
+        "events stamped further ahead of the worker clock are dead-lettered",
+    ),
     "models_dir": ("SHOPPULSE_MODELS_DIR", "artifacts/models", "model registry folder (`shoppulse train` writes it)"),
     "device": ("SHOPPULSE_DEVICE", "auto", "auto (CUDA when present), cpu or cuda"),
-    "torch_threads": ("SHOPPULSE_TORCH_THREADS", "1", "torch CPU threads for inference (0 = torch's default: one per core)"),
+    "torch_threads": (
+        "SHOPPULSE_TORCH_THREADS",
+        "1",
+        "torch CPU threads for inference (0 = torch's default: one per core)",
+    ),
     "top_k": ("SHOPPULSE_TOP_K", "10", "recommended items per shopper"),
     "churn_alert_high": ("SHOPPULSE_CHURN_ALERT_HIGH", "0.7", "churn risk at or above this fires an alert"),
     "churn_alert_low": ("SHOPPULSE_CHURN_ALERT_LOW", "0.5", "churn risk below this re-arms a shopper's alert"),
-    "churn_alert_cooldown_ms": ("SHOPPULSE_CHURN_ALERT_COOLDOWN_MS", "604800000", "at most one alert per shopper in this long (ms, default 7 d)"),
-    "pseudonym_key": ("SHOPPULSE_PSEUDONYM_KEY", "", "when set, outputs carry HMAC-SHA256(key, user_id) instead of user ids (never logged)"),
+    "churn_alert_cooldown_ms": (
+        "SHOPPULSE_CHURN_ALERT_COOLDOWN_MS",
+        "604800000",
+        "at most one alert per shopper in this long (ms, default 7 d)",
+    ),
+    "pseudonym_key": (
+        "SHOPPULSE_PSEUDONYM_KEY",
+        "",
+        "when set, outputs carry HMAC-SHA256(key, user_id) instead of user ids (never logged)",
+    ),
     "metrics_host": ("SHOPPULSE_METRICS_HOST", "127.0.0.1", "address of the /metrics, /healthz, /readyz server"),
     "metrics_port": ("SHOPPULSE_METRICS_PORT", "9108", "port of that server (0 = pick a free one)"),
     "log_level": ("SHOPPULSE_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
@@ -164,7 +238,7 @@ class Settings:
     log_level: str = "INFO"
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Read every setting from ``environ`` (default ``os.environ``); ``overrides`` win."""
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
@@ -189,11 +263,14 @@ class Settings:
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the variable of the first unusable value."""
         if self.broker_profile not in BROKER_PROFILES:
-            raise ConfigError(f"SHOPPULSE_BROKER_PROFILE={self.broker_profile!r}; use one of {', '.join(BROKER_PROFILES)}")
+            raise ConfigError(
+                f"SHOPPULSE_BROKER_PROFILE={self.broker_profile!r}; use one of {', '.join(BROKER_PROFILES)}")
         if self.security_protocol not in ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"):
-            raise ConfigError(f"KAFKA_SECURITY_PROTOCOL={self.security_protocol!r}; use PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL")
+            raise ConfigError(
+                f"KAFKA_SECURITY_PROTOCOL={self.security_protocol!r}; use PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL")
         if self.security_protocol.startswith("SASL") and not (self.sasl_mechanism and self.sasl_username):
-            raise ConfigError("KAFKA_SECURITY_PROTOCOL uses SASL but KAFKA_SASL_MECHANISM or KAFKA_SASL_USERNAME is empty; set both")
+            raise ConfigError("KAFKA_SECURITY_PROTOCOL uses SASL but KAFKA_SASL_MECHANISM or KAFKA_SASL_USERNAME "
+                              "is empty; set both")
         if self.security_protocol.startswith("SASL") and self.sasl_mechanism not in SASL_MECHANISMS:
             raise ConfigError(f"KAFKA_SASL_MECHANISM={self.sasl_mechanism!r}; use {', '.join(SASL_MECHANISMS)}")
         if not self.security_protocol.startswith("SASL") and (self.sasl_username or self.sasl_password):

@@ -14,16 +14,36 @@ import math
 import random
 import time
 from bisect import bisect_right
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Literal
+from typing import Any, Final, Literal
 
 import numpy as np
 
 from features.events import (
-    KIND_CART_ADD, KIND_CART_REMOVE, KIND_ORDER, KIND_VIEW, REASON_BAD_JSON, REASON_BAD_VALUE,
-    REASON_MISSING_FIELD, REASON_NEGATIVE_PRICE, REASON_NOT_OBJECT, REASON_OVERSIZED, REASON_TS_FUTURE,
-    REASON_TS_TOO_OLD, REASON_UNSUPPORTED_VERSION, REASON_WRONG_KEY, REASON_WRONG_TYPE, TOPIC_KIND_CART,
-    TOPIC_KIND_ORDER, TOPIC_KIND_VIEW, Event, OrderLine, encode_event, event_to_dict, topic_kind_of,
+    KIND_CART_ADD,
+    KIND_CART_REMOVE,
+    KIND_ORDER,
+    KIND_VIEW,
+    REASON_BAD_JSON,
+    REASON_BAD_VALUE,
+    REASON_MISSING_FIELD,
+    REASON_NEGATIVE_PRICE,
+    REASON_NOT_OBJECT,
+    REASON_OVERSIZED,
+    REASON_TS_FUTURE,
+    REASON_TS_TOO_OLD,
+    REASON_UNSUPPORTED_VERSION,
+    REASON_WRONG_KEY,
+    REASON_WRONG_TYPE,
+    TOPIC_KIND_CART,
+    TOPIC_KIND_ORDER,
+    TOPIC_KIND_VIEW,
+    Event,
+    OrderLine,
+    encode_event,
+    event_to_dict,
+    topic_kind_of,
 )
 
 DAY_MS = 86_400_000
@@ -36,8 +56,8 @@ MIN_SESSION_GAP_MS = 30 * 60 * 1000
 #: between their first session and the span's end.
 FADE_START_SHARE = 0.7
 
-CLOCK_SIMULATED = "simulated"
-CLOCK_LIVE = "live"
+CLOCK_SIMULATED: Final = "simulated"
+CLOCK_LIVE: Final = "live"
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,9 +331,9 @@ class ShopSimulator:
                 first = config.start_ms + int(rng.expovariate(rate_per_ms))
             fades = rng.random() < segment.churn_prob
             if fades:
-                fade_start = first + int(rng.random() * FADE_START_SHARE * max(self.end_ms - first, 0))
+                fade_start: float = first + int(rng.random() * FADE_START_SHARE * max(self.end_ms - first, 0))
                 decay = config.fade_days * DAY_MS * rng.uniform(0.5, 1.5)
-                stop = fade_start + int(config.stop_after_decays * decay)
+                stop: float = fade_start + int(config.stop_after_decays * decay)
             else:
                 fade_start, decay, stop = math.inf, 1.0, math.inf
             favourites: list[int] = []
@@ -366,8 +386,8 @@ class ShopSimulator:
                 item = recent[int(rng.random() * len(recent))]
             else:
                 category = session_categories[int(rng.random() * len(session_categories))]
-                cum = self.category_cum_popularity[category]
-                item = self.category_items[category][bisect_right(cum, rng.random() * cum[-1])]
+                category_cum = self.category_cum_popularity[category]
+                item = self.category_items[category][bisect_right(category_cum, rng.random() * category_cum[-1])]
             plan.append((ts, _VIEW, item, 1))
             recent.append(item)
             if len(recent) > 20:

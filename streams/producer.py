@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
@@ -47,7 +48,8 @@ class ProduceReport:
         """Delivered messages per second of wall time."""
         return self.delivered / self.seconds if self.seconds > 0 else 0.0
 
-    def _fail(self, error_name: str, count: int = 1) -> None:
+    def record_failure(self, error_name: str, count: int = 1) -> None:
+        """Count ``count`` failed messages under the Kafka error name ``error_name``."""
         self.failed += count
         self.errors[error_name] = self.errors.get(error_name, 0) + count
 
@@ -102,7 +104,7 @@ def produce(messages: Iterable[GeneratedMessage], topics: Mapping[str, str], pro
         if error is None:
             report.delivered += 1
         else:
-            report._fail(error.name())
+            report.record_failure(error.name())
 
     bucket = _TokenBucket(rate_per_s) if rate_per_s is not None else None
     bar = None
@@ -124,7 +126,7 @@ def produce(messages: Iterable[GeneratedMessage], topics: Mapping[str, str], pro
                 except BufferError:  # local queue full: let deliveries drain it
                     producer.poll(0.05)
                 except KafkaException as exc:  # refused locally, e.g. larger than message.max.bytes
-                    report._fail(exc.args[0].name())
+                    report.record_failure(exc.args[0].name())
                     break
             report.sent += 1
             if report.sent % _POLL_EVERY == 0:
@@ -133,7 +135,7 @@ def produce(messages: Iterable[GeneratedMessage], topics: Mapping[str, str], pro
                     bar.update(_POLL_EVERY)
         still_queued = producer.flush(flush_timeout_s)
         if still_queued:
-            report._fail("_FLUSH_TIMED_OUT", still_queued)
+            report.record_failure("_FLUSH_TIMED_OUT", still_queued)
     finally:
         report.seconds = time.monotonic() - started
         if bar is not None:
@@ -174,7 +176,7 @@ class BackgroundProducer:
     def _run(self, topics: Mapping[str, str], producer_config: dict[str, Any]) -> None:
         self.report = produce(self._paced(), topics, producer_config)
 
-    def start(self) -> "BackgroundProducer":
+    def start(self) -> BackgroundProducer:
         self._thread.start()
         return self
 

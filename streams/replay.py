@@ -13,9 +13,10 @@ import dataclasses
 import hashlib
 import json
 import time
-from datetime import datetime, timezone
+from collections.abc import Callable, Iterable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, TypeVar
+from typing import TypeVar
 
 from features.events import KIND_CART_ADD, KIND_CART_REMOVE, KIND_ORDER, KIND_VIEW, Event, OrderLine
 from streams.generator import GeneratedMessage, message_of
@@ -33,7 +34,7 @@ def _rees46_ms(event_time: str) -> int:
     text, _, zone = event_time.rpartition(" ")
     if zone != "UTC":
         raise ValueError(f"event_time {event_time!r} is not in UTC ('YYYY-MM-DD HH:MM:SS UTC')")
-    moment = datetime.strptime(text, "%Y-%m-%d %H:%M:%S").replace(tzinfo=timezone.utc)
+    moment = datetime.strptime(text, "%Y-%m-%d %H:%M:%S").replace(tzinfo=UTC)
     return int(moment.timestamp()) * 1000
 
 
@@ -111,12 +112,12 @@ def read_otto_jsonl(path: str | Path) -> Iterator[Event]:
                     events.append(Event(KIND_CART_ADD, event_id, user_id, ts_ms, session_id=user_id,
                                         item_id=aid, category=UNKNOWN_CATEGORY, price=0.0, quantity=1))
                 elif event_type == "orders":
-                    lines = orders_by_ts.pop(ts_ms, None)
-                    if lines is not None:  # the first order row of this ts carries them all
+                    quantities = orders_by_ts.pop(ts_ms, None)
+                    if quantities is not None:  # the first order row of this ts carries them all
                         events.append(Event(
                             KIND_ORDER, event_id, user_id, ts_ms, session_id=user_id,
                             order_id=f"{user_id}-{ts_ms}", total=0.0,
-                            order_lines=tuple(OrderLine(item, quantity, 0.0) for item, quantity in lines.items())))
+                            order_lines=tuple(OrderLine(item, quantity, 0.0) for item, quantity in quantities.items())))
                 else:
                     raise ValueError(f"event type {event_type!r} is not clicks, carts or orders")
         except (KeyError, TypeError, ValueError) as exc:

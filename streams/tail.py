@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import cast
 
 from confluent_kafka import Consumer, KafkaError, Message
 
@@ -24,12 +25,16 @@ def format_message(message: Message) -> str:
     """One readable block: where the message is, its key, headers and a pretty JSON value."""
     key = (message.key() or b"").decode(errors="replace")
     lines = [f"{message.topic()}[{message.partition()}]@{message.offset()} key={key}"]
-    for name, value in message.headers() or []:
+    # A consumed message's headers are a list of (name, bytes or None), never a dict.
+    for name, value in cast("list[tuple[str, bytes | None]] | None", message.headers()) or []:
         lines.append(f"  {name}: {(value or b'').decode(errors='replace')}")
     raw = message.value()
+    if raw is None:  # a tombstone
+        lines.append("  (no value)")
+        return "\n".join(lines)
     try:
         lines.append(json.dumps(json.loads(raw), indent=2, ensure_ascii=False))
-    except (TypeError, ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError):
         lines.append(f"  (not JSON) {raw[:200]!r}")
     return "\n".join(lines)
 
@@ -45,9 +50,10 @@ def tail(settings: Settings, topic: str, from_beginning: bool = False, limit: in
             message = consumer.poll(0.5)
             if message is None:
                 continue
-            if message.error():
-                if message.error().code() != KafkaError._PARTITION_EOF:
-                    print(f"error reading {topic}: {message.error()}", flush=True)
+            error = message.error()
+            if error is not None:
+                if error.code() != KafkaError._PARTITION_EOF:
+                    print(f"error reading {topic}: {error}", flush=True)
                 continue
             print(format_message(message), flush=True)
             shown += 1

@@ -68,7 +68,8 @@ def load_yaml(path: Path):
     return yaml.safe_load(path.read_text())
 
 
-_VAR = re.compile(r"\$(?:\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?-)(?P<default>[^}]*))?\}|(?P<bare>[A-Za-z_][A-Za-z0-9_]*))")
+_VAR = re.compile(r"\$(?:\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?-)(?P<default>[^}]*))?\}"
+                  r"|(?P<bare>[A-Za-z_][A-Za-z0-9_]*))")
 
 
 def interpolate(text, environ: dict[str, str] | None = None):
@@ -104,7 +105,7 @@ def env_of(service: dict, environ: dict[str, str] | None = None) -> dict[str, st
 
 
 def command_of(service: dict) -> list[str]:
-    command = service.get("command")
+    command = service["command"]
     return shlex.split(command) if isinstance(command, str) else [str(part) for part in command]
 
 
@@ -258,7 +259,11 @@ def test_compose_variables_are_settings_or_documented():
 
 def test_commands_are_shoppulse_subcommands(services):
     parser = build_parser()
-    subcommands = set(parser._subparsers._group_actions[0].choices)  # noqa: SLF001 - argparse has no public API
+    subparsers = parser._subparsers  # noqa: SLF001 - argparse has no public API
+    assert subparsers is not None
+    choices = subparsers._group_actions[0].choices  # noqa: SLF001 - argparse has no public API
+    assert choices is not None
+    subcommands = set(choices)
     for name in SHOPPULSE_SERVICES:
         argv = command_of(services[name])
         assert argv[0] in subcommands, f"{name} runs `shoppulse {argv[0]}`, not a subcommand ({sorted(subcommands)})"
@@ -308,7 +313,8 @@ def test_worker_reads_the_model_registry_read_only(services):
     assert Path(source) == Path(DEFAULTS["models_dir"]), \
         "by default the worker serves the registry `shoppulse train` writes on the host"
     assert mounts({"SHOPPULSE_MODELS_HOST_DIR": "/srv/models"})[models_dir][0] == "/srv/models"
-    assert Path(models_dir).is_absolute(), "a relative SHOPPULSE_MODELS_DIR depends on the container's working directory"
+    assert Path(models_dir).is_absolute(), \
+        "a relative SHOPPULSE_MODELS_DIR depends on the container's working directory"
 
 
 def test_worker_healthcheck_matches_the_image_and_works(services):

@@ -201,7 +201,7 @@ def test_structurally_broken_payload_with_valid_checksum_raises_only_decode_erro
     rng = random.Random(1)
     payloads = [encode_state(state)[:-4] for state in random_states()]
     decoded = 0
-    for trial in range(3000):
+    for _ in range(3000):
         body = bytearray(rng.choice(payloads))
         for _ in range(rng.randint(1, 4)):
             action = rng.random()

@@ -64,7 +64,7 @@ def test_future_events_do_not_change_past_rows():
                     order_lines=(OrderLine("i1", 9, 999.0),), total=8991.0) for i, e in enumerate(log[:cut])]
     past_rows = [row for _, _, row in replay(log[:cut])]
     with_future = [row for _, _, row in replay(log[:cut] + future)][:cut]
-    for a, b in zip(past_rows, with_future):
+    for a, b in zip(past_rows, with_future, strict=True):
         np.testing.assert_array_equal(a, b)
 
 

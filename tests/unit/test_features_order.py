@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 from collections import deque
+from itertools import pairwise
 
 import numpy as np
 import pytest
@@ -20,7 +21,16 @@ from features.events import KIND_CART_ADD, KIND_CART_REMOVE, KIND_ORDER, KIND_VI
 from features.offline import final_states
 from features.spec import DEFAULT_FEATURE_SPEC
 from features.state import (
-    AFFINITY_TOP_K, APPLIED, CART_MAX_LINES, DAY_MS, DUPLICATE, HOUR_MS, LATE, MINUTE_MS, ShopperState, StateConfig,
+    AFFINITY_TOP_K,
+    APPLIED,
+    CART_MAX_LINES,
+    DAY_MS,
+    DUPLICATE,
+    HOUR_MS,
+    LATE,
+    MINUTE_MS,
+    ShopperState,
+    StateConfig,
 )
 
 START_MS = 1_704_067_200_000  # 2024-01-01T00:00:00Z
@@ -38,8 +48,9 @@ CONFIGS = {
 def tied_stream(seed: int, n: int, config: StateConfig, user_id: str = "u1") -> list[Event]:
     """One shopper's events in non-decreasing ts, about half of them sharing a millisecond with
     the previous one, all kinds, every category, repeated items (also within one ms, at different
-    prices); odd seeds order rarely, so carts grow long. Keeps at most ``dedup_ids`` events and ``CART_MAX_LINES`` cart changes in any closed
-    grace window, the condition under which arrival order cannot matter."""
+    prices); odd seeds order rarely, so carts grow long. Keeps at most ``dedup_ids`` events and
+    ``CART_MAX_LINES`` cart changes in any closed grace window, the condition under which arrival
+    order cannot matter."""
     rng = random.Random(seed)
     kind_weights = (50, 25, 12, 13) if seed % 2 == 0 else (40, 42, 17, 1)
     per_window = min(config.dedup_ids, CART_MAX_LINES)
@@ -101,7 +112,7 @@ def three_topics(events: list[Event], grace_ms: int, rng: random.Random) -> list
     """Split the ts-sorted stream by topic into three queues and interleave random batches of
     them, keeping each queue's order (three topics consumed independently). A queue may run
     ahead of the others only while no other queue's head would fall more than grace behind."""
-    queues = {topic: deque() for topic in ("page_view", "cart", "order")}
+    queues: dict[str, deque[Event]] = {topic: deque() for topic in ("page_view", "cart", "order")}
     for event in events:
         queues[TOPIC_OF_KIND[event.kind]].append(event)
     arrival = []
@@ -163,7 +174,7 @@ def assert_same(got: ShopperState, want: ShopperState, label: str) -> None:
 def test_any_arrival_within_grace_gives_the_replay_state(config_name, seed):
     config = CONFIGS[config_name]
     events = tied_stream(seed, 500, config)
-    assert sum(a.ts_ms == b.ts_ms for a, b in zip(events, events[1:])) > 150  # many ties
+    assert sum(a.ts_ms == b.ts_ms for a, b in pairwise(events)) > 150  # many ties
     assert len({e.category for e in events} - {""}) > AFFINITY_TOP_K
     want = final_states(events, config)["u1"]
     assert_same(fold_arrival(events, config), want, "in order")
@@ -196,7 +207,8 @@ def test_interleaved_topics_agree_at_every_batch_boundary_once_caught_up(seed):
         state.update(event, config)
         seen.add(event.event_id)
         prefix = events[:len(seen)]
-        if {e.event_id for e in prefix} == seen and (len(seen) == len(events) or events[len(seen)].ts_ms > prefix[-1].ts_ms):
+        closed_prefix = len(seen) == len(events) or events[len(seen)].ts_ms > prefix[-1].ts_ms
+        if {e.event_id for e in prefix} == seen and closed_prefix:
             assert_same(state, final_states(prefix, config)["u1"], f"after {i + 1} arrivals")
             checked += 1
     assert checked >= 20
@@ -235,5 +247,6 @@ def test_frozen_session_items_do_not_depend_on_freeze_order():
     later = [Event(KIND_VIEW, f"w{i}", "u1", START_MS + 1 + i, item_id="sku-7", category="cat1") for i in range(10)]
     views_first = fold_arrival(views + adds + later, config)
     adds_first = fold_arrival(adds + views + later, config)
-    assert views_first.frozen_session_items == adds_first.frozen_session_items == sorted(views_first.frozen_session_items)
+    frozen_items = views_first.frozen_session_items
+    assert frozen_items == adds_first.frozen_session_items == sorted(frozen_items)
     assert len(views_first.frozen_session_items) >= 6

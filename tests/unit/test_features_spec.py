@@ -56,7 +56,8 @@ def test_hash_changes_with_version_order_and_normalisation():
         FeatureSpec(spec.version, tuple(features[:-1])),
         FeatureSpec(spec.version, (dataclasses.replace(features[0], transform="linear"), *features[1:])),
         FeatureSpec(spec.version, (dataclasses.replace(features[16], high=721.0), *features[:16], *features[17:])),
-        FeatureSpec(spec.version, (dataclasses.replace(features[20], divisor=3_600_000.0), *features[:20], *features[21:])),
+        FeatureSpec(spec.version,
+                    (dataclasses.replace(features[20], divisor=3_600_000.0), *features[:20], *features[21:])),
     ]
     hashes = {spec.hash, *(variant.hash for variant in variants)}
     assert len(hashes) == len(variants) + 1
@@ -79,7 +80,7 @@ def test_matrix_takes_one_now_per_state():
     states = random_states(20, seed=1)
     nows = np.array([state.last_event_ms for state in states], dtype=np.int64)
     matrix = DEFAULT_FEATURE_SPEC.matrix(states, nows)
-    rows = np.stack([DEFAULT_FEATURE_SPEC.row(state, int(now)) for state, now in zip(states, nows)])
+    rows = np.stack([DEFAULT_FEATURE_SPEC.row(state, int(now)) for state, now in zip(states, nows, strict=True)])
     np.testing.assert_array_equal(matrix, rows)
     with pytest.raises(ValueError, match="now_ms has"):
         DEFAULT_FEATURE_SPEC.matrix(states, nows[:-1])
@@ -94,7 +95,7 @@ def test_normalisation_of_a_known_state():
                        quantity=3), config)
     spec = DEFAULT_FEATURE_SPEC
     row = spec.row(state, T + 2 * HOUR_MS)
-    value = dict(zip(spec.names, row.tolist()))
+    value = dict(zip(spec.names, row.tolist(), strict=True))
     assert value["views_1h"] == 0.0 and value["views_24h"] == pytest.approx(math.log1p(1))
     assert value["cart_items_now"] == pytest.approx(math.log1p(3))
     assert value["cart_value_now"] == pytest.approx(math.log1p(30.0))
@@ -106,7 +107,7 @@ def test_normalisation_of_a_known_state():
     assert value["category_top_share"] == 1.0
     assert value["trend_7d"] == 1.0
     before = spec.row(state, T - HOUR_MS)  # a time before the events: nothing counted, no negative ages
-    assert dict(zip(spec.names, before.tolist()))["views_24h"] == 0.0 and (before[16:20] >= 0).all()
+    assert dict(zip(spec.names, before.tolist(), strict=True))["views_24h"] == 0.0 and (before[16:20] >= 0).all()
 
 
 def test_every_feature_is_documented_and_known():

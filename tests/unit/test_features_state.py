@@ -9,8 +9,19 @@ import pytest
 
 from features.events import KIND_CART_ADD, KIND_CART_REMOVE, KIND_ORDER, KIND_VIEW, Event, OrderLine
 from features.state import (
-    AFFINITY_HALF_LIFE_MS, AFFINITY_TOP_K, APPLIED, COARSE_BUCKET_MS, DAY_MS, DUPLICATE, FINE_BUCKET_MS, HOUR_MS,
-    LATE, MINUTE_MS, RAW_FEATURE_NAMES, ShopperState, StateConfig,
+    AFFINITY_HALF_LIFE_MS,
+    AFFINITY_TOP_K,
+    APPLIED,
+    COARSE_BUCKET_MS,
+    DAY_MS,
+    DUPLICATE,
+    FINE_BUCKET_MS,
+    HOUR_MS,
+    LATE,
+    MINUTE_MS,
+    RAW_FEATURE_NAMES,
+    ShopperState,
+    StateConfig,
 )
 
 START_MS = 1_704_067_200_000  # 2024-01-01T00:00:00Z
@@ -149,7 +160,7 @@ def reference_history(events: list[Event], n: int = 50) -> list[tuple[str, str, 
     """The last ``n`` interactions in canonical order: by time, then kind code, then item id
     (so an order's lines, which share its time, are sorted by item id)."""
     codes = {KIND_VIEW: 0, KIND_CART_ADD: 1, KIND_CART_REMOVE: 2, KIND_ORDER: 3}
-    entries = []
+    entries: list[tuple[str, str, int]] = []
     for e in events:
         if e.kind == KIND_ORDER:
             entries.extend((line.item_id, e.kind, e.ts_ms) for line in e.order_lines)
@@ -160,7 +171,7 @@ def reference_history(events: list[Event], n: int = 50) -> list[tuple[str, str, 
 
 
 def assert_matches(state: ShopperState, events: list[Event], now: int) -> None:
-    got = dict(zip(RAW_FEATURE_NAMES, state.raw_features(now)))
+    got = dict(zip(RAW_FEATURE_NAMES, state.raw_features(now), strict=True))
     want = reference(events, now)
     for name in RAW_FEATURE_NAMES:
         assert got[name] == pytest.approx(want[name], rel=1e-9, abs=1e-9), f"{name} at now={now}"
@@ -283,14 +294,14 @@ def test_buckets_roll_off_and_memory_stays_bounded():
     assert len(state.fine_keys) <= 12 and len(state.hour_keys) <= 24 and len(state.coarse_keys) <= 120
     assert len(state.recent_ts) <= config.dedup_ids and len(state.history_ts) == config.history_len
     assert len(state.affinity_categories) == AFFINITY_TOP_K and len(state.frozen_session_items) <= 64
-    raw = dict(zip(RAW_FEATURE_NAMES, state.raw_features()))
+    raw = dict(zip(RAW_FEATURE_NAMES, state.raw_features(), strict=True))
     assert 3 <= raw["views_1h"] <= 4 and 81 <= raw["views_24h"] <= 85  # 55-60 min, 23-24 h of 17 min steps
-    after_quiet_hour = dict(zip(RAW_FEATURE_NAMES, state.raw_features(ts + HOUR_MS)))
+    after_quiet_hour = dict(zip(RAW_FEATURE_NAMES, state.raw_features(ts + HOUR_MS), strict=True))
     assert after_quiet_hour["views_1h"] == 0 and after_quiet_hour["views_24h"] < raw["views_24h"]
     state.update(Event(KIND_VIEW, "far", "u1", ts + 31 * DAY_MS, item_id="z"), config)
     assert state.fine_keys == [(ts + 31 * DAY_MS) // FINE_BUCKET_MS]
     assert len(state.hour_keys) == 1 and len(state.coarse_keys) == 1
-    raw = dict(zip(RAW_FEATURE_NAMES, state.raw_features()))
+    raw = dict(zip(RAW_FEATURE_NAMES, state.raw_features(), strict=True))
     assert raw["views_30d"] == 1 and raw["views_7d"] == 1 and raw["sessions_7d"] == 1
     assert raw["session_events"] == 1 and raw["ms_since_first_event"] > 60 * DAY_MS
 
@@ -299,7 +310,7 @@ def test_bucketed_windows_are_within_one_bucket_of_exact_sliding_windows():
     events = random_stream(11, 600)
     state = fold(events)
     now = events[-1].ts_ms
-    raw = dict(zip(RAW_FEATURE_NAMES, state.raw_features(now)))
+    raw = dict(zip(RAW_FEATURE_NAMES, state.raw_features(now), strict=True))
     views = [e.ts_ms for e in events if e.kind == KIND_VIEW]
     for label, span, width in (("1h", HOUR_MS, FINE_BUCKET_MS), ("24h", DAY_MS, HOUR_MS),
                                ("7d", 7 * DAY_MS, COARSE_BUCKET_MS), ("30d", 30 * DAY_MS, COARSE_BUCKET_MS)):
@@ -316,7 +327,7 @@ def test_late_event_bridging_two_sessions_merges_them():
     assert state.current_session() == (START_MS + 40 * MINUTE_MS, 1, 1)
     state.update(Event(KIND_VIEW, "c", "u1", START_MS + 20 * MINUTE_MS, item_id="z"), config)
     assert state.current_session() == (START_MS, 3, 3)
-    assert dict(zip(RAW_FEATURE_NAMES, state.raw_features()))["sessions_7d"] == 1
+    assert dict(zip(RAW_FEATURE_NAMES, state.raw_features(), strict=True))["sessions_7d"] == 1
 
 
 def test_late_order_clears_only_cart_lines_before_it():
@@ -326,10 +337,11 @@ def test_late_order_clears_only_cart_lines_before_it():
     state.update(Event(KIND_CART_ADD, "b", "u1", START_MS + 20 * MINUTE_MS, item_id="y", price=5.0, quantity=1), config)
     state.update(Event(KIND_ORDER, "o", "u1", START_MS + 10 * MINUTE_MS, order_id="o",
                        order_lines=(OrderLine("x", 2, 10.0),), total=20.0), config)
-    raw = dict(zip(RAW_FEATURE_NAMES, state.raw_features()))
+    raw = dict(zip(RAW_FEATURE_NAMES, state.raw_features(), strict=True))
     assert (raw["cart_items_now"], raw["cart_value_now"], raw["cart_adds_since_order"]) == (1, 5.0, 1)
-    state.update(Event(KIND_CART_REMOVE, "c", "u1", START_MS + 30 * MINUTE_MS, item_id="y", price=5.0, quantity=3), config)
-    raw = dict(zip(RAW_FEATURE_NAMES, state.raw_features()))
+    state.update(Event(KIND_CART_REMOVE, "c", "u1", START_MS + 30 * MINUTE_MS, item_id="y", price=5.0, quantity=3),
+                 config)
+    raw = dict(zip(RAW_FEATURE_NAMES, state.raw_features(), strict=True))
     assert (raw["cart_items_now"], raw["cart_value_now"]) == (0, 0.0)
 
 
@@ -366,7 +378,7 @@ def test_expiry_uses_event_time_retention():
 
 
 def test_new_state_has_neutral_features():
-    raw = dict(zip(RAW_FEATURE_NAMES, ShopperState.new("u1").raw_features(START_MS)))
+    raw = dict(zip(RAW_FEATURE_NAMES, ShopperState.new("u1").raw_features(START_MS), strict=True))
     assert raw["ms_since_last_order"] == math.inf and raw["views_30d"] == 0 and raw["session_events"] == 0
     assert all(not math.isnan(value) for value in raw.values())
 
@@ -375,4 +387,4 @@ def test_config_rejects_nonsense():
     with pytest.raises(ValueError, match="grace_ms"):
         StateConfig(grace_ms=0)
     with pytest.raises(ValueError, match="history_len"):
-        StateConfig(history_len=2.5)
+        StateConfig(history_len=2.5)  # type: ignore[arg-type]  # the run-time check is what is tested

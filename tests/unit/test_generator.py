@@ -8,10 +8,19 @@ from collections import Counter, defaultdict
 import pytest
 
 from features.events import (
-    KIND_CART_ADD, KIND_CART_REMOVE, KIND_ORDER, KIND_VIEW, InvalidEvent, parse_event,
+    KIND_CART_ADD,
+    KIND_CART_REMOVE,
+    KIND_ORDER,
+    KIND_VIEW,
+    InvalidEvent,
+    parse_event,
 )
 from streams.generator import (
-    DAY_MS, MALFORMED_REASONS, GeneratorConfig, ShopSimulator, message_of,
+    DAY_MS,
+    MALFORMED_REASONS,
+    GeneratorConfig,
+    ShopSimulator,
+    message_of,
 )
 
 SMALL = GeneratorConfig(seed=11, n_shoppers=500, n_items=800, n_categories=12)
@@ -99,7 +108,7 @@ def test_malformed_messages_fail_with_their_recorded_reason() -> None:
     simulator = ShopSimulator(config)
     messages = list(simulator.messages(5000))
     now_ms = simulator.end_ms
-    reasons = Counter()
+    reasons: Counter[str] = Counter()
     for message in messages:
         if message.malformed_reason is None:
             event = parse_event(message.topic_kind, message.key, message.value, now_ms)

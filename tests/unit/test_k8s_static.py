@@ -437,7 +437,7 @@ def test_topics_job_creates_the_required_topics(job, topics_script, resources, t
     expected = required_topics(settings)
     assert [_flag(a, "--topic") for a in creates] == [t.name for t in expected], \
         "the Job must create exactly streams.kafka.required_topics"
-    for argv, spec in zip(creates, expected):
+    for argv, spec in zip(creates, expected, strict=True):
         assert "--if-not-exists" in argv
         assert int(_flag(argv, "--partitions")) == spec.partitions
         assert int(_flag(argv, "--replication-factor")) == settings.replication_factor

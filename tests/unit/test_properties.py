@@ -8,8 +8,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from features.encoding import StateDecodeError, decode_state, encode_state, last_event_ms_of
-from features.events import (KIND_CART_ADD, KIND_CART_REMOVE, KIND_ORDER, KIND_VIEW, TOPIC_KINDS, Event, InvalidEvent,
-                             OrderLine, parse_event)
+from features.events import (
+    KIND_CART_ADD,
+    KIND_CART_REMOVE,
+    KIND_ORDER,
+    KIND_VIEW,
+    TOPIC_KINDS,
+    Event,
+    InvalidEvent,
+    OrderLine,
+    parse_event,
+)
 from features.state import ShopperState, StateConfig
 from streams.alerts import AlertState
 
@@ -26,7 +35,8 @@ field_names = st.sampled_from(["event_id", "user_id", "session_id", "item_id", "
 
 
 @FAST
-@given(topic_kind=st.sampled_from(TOPIC_KINDS), key=st.none() | st.binary(max_size=40), value=st.none() | st.binary(max_size=400))
+@given(topic_kind=st.sampled_from(TOPIC_KINDS), key=st.none() | st.binary(max_size=40),
+       value=st.none() | st.binary(max_size=400))
 def test_random_bytes_are_rejected_with_a_reason_or_accepted(topic_kind, key, value):
     try:
         parse_event(topic_kind, key, value, NOW_MS)
@@ -45,7 +55,8 @@ VALID = {
 
 
 @FAST
-@given(topic_kind=st.sampled_from(TOPIC_KINDS), changes=st.dictionaries(field_names, json_values, min_size=1, max_size=3),
+@given(topic_kind=st.sampled_from(TOPIC_KINDS),
+       changes=st.dictionaries(field_names, json_values, min_size=1, max_size=3),
        drop=st.sets(field_names, max_size=2))
 def test_near_miss_documents_never_escape_as_another_exception(topic_kind, changes, drop):
     """A valid event with a few fields replaced by arbitrary JSON (huge ints, NaN, nesting) or removed."""

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import time
 from collections import Counter
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,15 @@ import pytest
 from features.events import KIND_CART_ADD, KIND_ORDER, KIND_VIEW, Event, parse_event
 from streams.generator import GeneratedMessage, GeneratorConfig, ShopSimulator
 from streams.replay import (
-    OTTO_ID_PREFIX, UNKNOWN_CATEGORY, events_to_messages, paced, read_jsonl, read_otto_jsonl, read_rees46_csv,
-    rebase_times, write_jsonl,
+    OTTO_ID_PREFIX,
+    UNKNOWN_CATEGORY,
+    events_to_messages,
+    paced,
+    read_jsonl,
+    read_otto_jsonl,
+    read_rees46_csv,
+    rebase_times,
+    write_jsonl,
 )
 
 DATA_DIR = (Path(__file__).resolve().parents[2] / ".." / "shared" / "data").resolve()
@@ -33,7 +41,7 @@ def _assert_round_trips(events: list[Event]) -> None:
     now_ms = time.time_ns() // 1_000_000
     messages = list(events_to_messages(events))
     assert len(messages) == len(events)
-    for event, message in zip(events, messages):
+    for event, message in zip(events, messages, strict=True):
         assert message.key == event.user_id.encode() and message.malformed_reason is None
         assert parse_event(message.topic_kind, message.key, message.value, now_ms) == event
 
@@ -50,7 +58,7 @@ def test_rees46_sample_parses_fully_into_valid_events() -> None:
     _assert_round_trips(events)
     assert events == list(read_rees46_csv(path)), "event ids are deterministic"
     assert len({event.event_id for event in events}) == len(events)
-    for row, event in zip(rows, events):
+    for row, event in zip(rows, events, strict=True):
         assert event.user_id == row["user_id"] and event.session_id == row["user_session"]
         if event.kind == KIND_ORDER:
             assert event.order_lines[0].item_id == row["product_id"] and event.total == float(row["price"])
@@ -106,8 +114,8 @@ def test_rebase_keeps_the_gaps() -> None:
     now_ms = time.time_ns() // 1_000_000
     rebased = list(rebase_times(events, now_ms - span_ms))
     assert rebased[0].ts_ms == now_ms - span_ms and rebased[-1].ts_ms == now_ms
-    assert [b.ts_ms - a.ts_ms for a, b in zip(rebased, rebased[1:])] == \
-        [b.ts_ms - a.ts_ms for a, b in zip(events, events[1:])]
+    assert [b.ts_ms - a.ts_ms for a, b in pairwise(rebased)] == \
+        [b.ts_ms - a.ts_ms for a, b in pairwise(events)]
     assert [dataclasses.replace(event, ts_ms=0) for event in rebased] == \
         [dataclasses.replace(event, ts_ms=0) for event in events]
     unsorted = list(read_otto_jsonl(OTTO_JSONL))
