@@ -24,7 +24,7 @@ from models.classifiers import ShopperClassifier
 from models.heuristic import PurchaseIntentHeuristic
 from models.nextitem import NextItemRecommender, resolve_device
 from models.registry import ModelRegistry, RegistryError
-from models.training import CLASSIFIER_MODEL, NEXTITEM_MODEL
+from models.names import CLASSIFIER_MODEL, NEXTITEM_MODEL
 
 log = logging.getLogger(__name__)
 

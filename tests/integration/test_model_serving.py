@@ -17,7 +17,7 @@ from models.nextitem import NextItemConfig, NextItemRecommender, SASRec
 from models.registry import ModelRegistry
 from models.scoring import CHURN, PURCHASE
 from models.sequences import ItemVocab
-from models.training import CLASSIFIER_MODEL, NEXTITEM_MODEL
+from models.names import CLASSIFIER_MODEL, NEXTITEM_MODEL
 from streams.generator import GeneratorConfig, ShopSimulator
 from streams.kafka import ensure_topics
 from streams.producer import produce
