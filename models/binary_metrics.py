@@ -11,7 +11,8 @@ Conventions (the same in every function):
   marks censored labels that way); a NaN score or probability is an error (``ValueError``),
   as in scikit-learn, because silently ranking it anywhere would bias the metric;
 * with only one class among the labelled rows ROC-AUC and average precision are undefined and
-  come back as NaN (scikit-learn raises instead; a report wants a gap, not a crash);
+  come back as NaN (as scikit-learn's ROC-AUC does, with a warning): a report wants a gap, not
+  a crash;
 * ``weights`` (optional) weight rows, e.g. the bootstrap's resample counts.
 
 Pure numpy: serving imports :mod:`models.classifiers`, which uses this module, so it must stay
