@@ -14,7 +14,7 @@ import torch
 from features.events import Event
 from features.spec import DEFAULT_FEATURE_SPEC, FeatureSpec
 
-from ..artifacts import ArtifactError
+from ..artifacts import ArtifactError, is_legacy
 from ..classifiers import ShopperClassifier
 from ..labels import TASKS
 from ..names import CLASSIFIER_MODEL, NEXTITEM_MODEL
@@ -171,15 +171,19 @@ def train_all(events: Iterable[Event], out_registry_root: str | Path | None = No
 
 
 def models_ready(registry_root: str | Path | None = None, spec: FeatureSpec | None = None) -> bool:
-    """True when both models have a current version and the classifier was trained on ``spec``
-    (default: :data:`features.spec.DEFAULT_FEATURE_SPEC` as it is now); ``make demo`` trains
-    quick models first when this is False."""
+    """True when both models have a current version that serving can load (safetensors format)
+    and the classifier was trained on ``spec`` (default: :data:`features.spec.DEFAULT_FEATURE_SPEC`
+    as it is now); ``make demo`` trains quick models first when this is False."""
     spec = spec or DEFAULT_FEATURE_SPEC
     registry = ModelRegistry(registry_root)
     try:
-        if registry.current(NEXTITEM_MODEL) is None or registry.current(CLASSIFIER_MODEL) is None:
-            return False
-        meta = registry.describe(CLASSIFIER_MODEL, registry.current(CLASSIFIER_MODEL))  # type: ignore[arg-type]
+        metas = {}
+        for model in (CLASSIFIER_MODEL, NEXTITEM_MODEL):
+            version = registry.current(model)
+            if version is None:
+                return False
+            metas[model] = registry.describe(model, version)
     except (RegistryError, ArtifactError):
         return False
-    return meta.get("feature_spec_hash") == spec.hash
+    return not any(is_legacy(m) for m in metas.values()) and \
+        metas[CLASSIFIER_MODEL].get("feature_spec_hash") == spec.hash

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from features.spec import DEFAULT_FEATURE_SPEC
+from models.artifacts import WEIGHTS_FILE
 from models.classifiers import ClassifierConfig, MultiTaskMLP, ShopperClassifier
 from models.nextitem import NextItemConfig, NextItemRecommender, SASRec
 from models.registry import ModelRegistry
@@ -69,7 +70,7 @@ def test_models_score_recommend_alert_and_reload(broker, tmp_path):
         shutil.copytree(registry.version_dir(CLASSIFIER_MODEL, "v2"), broken)
         (broken / "metadata.json").write_text(json.dumps({**json.loads((broken / "metadata.json").read_text()),
                                                           "version": "v3"}))
-        weights = broken / "weights.pt"
+        weights = broken / WEIGHTS_FILE
         weights.write_bytes(weights.read_bytes()[:100])  # truncated: must be refused, never half-loaded
         produce(second, settings.topic_by_kind, settings.librdkafka_config())
         events = valid_events(first + second)
