@@ -2,9 +2,9 @@
 
 ``models/`` never imports ``streams/``: the simulator lives there, so ``--simulate`` needs the
 caller (the ``shoppulse`` CLI) to pass an ``events_factory(args) -> Iterable[Event]``. The event
-file reader here parses our message JSONL (``shoppulse generate --out``: one
-``{"topic_kind", "key"|"key_b64", "value"|"value_b64"}`` object a line) with
-:func:`features.events.parse_event` and skips invalid messages, counting them by reason.
+file reader here reads our message JSONL (``shoppulse generate --out``) with
+:mod:`features.message_lines`, the reader ``shoppulse replay`` uses, parses each message with
+:func:`features.events.parse_event` and skips invalid ones, counting them by reason.
 
 Examples::
 
@@ -18,8 +18,6 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import base64
-import hashlib
 import json
 import sys
 import time
@@ -28,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from features.events import Event, InvalidEvent, parse_event
+from features.message_lines import read_message_lines
 
 if TYPE_CHECKING:
     from .registry import ModelRegistry
@@ -39,15 +38,6 @@ HOUR_MS = 3_600_000
 
 
 # ------------------------------------------------------------------------------ events file
-def _field(record: dict, name: str) -> bytes:
-    if name in record:
-        value = record[name]
-        if not isinstance(value, str):
-            raise TypeError(f"{name} must be a string")
-        return value.encode("utf-8")
-    return base64.b64decode(record[f"{name}_b64"], validate=True)
-
-
 def read_events_jsonl(path: str | Path, now_ms: int | None = None) -> tuple[list[Event], dict[str, Any]]:
     """Valid events of a message JSONL file and what was skipped.
 
@@ -56,34 +46,25 @@ def read_events_jsonl(path: str | Path, now_ms: int | None = None) -> tuple[list
     records) and the file's ``sha256``. ``now_ms`` (default: the wall clock) is the "now" of the
     contract's future-timestamp check.
     """
+    from .artifacts import sha256_file
+
     now = int(time.time() * 1000) if now_ms is None else int(now_ms)
     events: list[Event] = []
     invalid: Counter[str] = Counter()
     lines = 0
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for raw in fh:
-            digest.update(raw)
-            if not raw.strip():
-                continue
-            lines += 1
-            try:
-                record = json.loads(raw)
-                if not isinstance(record, dict):
-                    raise TypeError("not an object")
-                topic_kind = record["topic_kind"]
-                key, value = _field(record, "key"), _field(record, "value")
-            except (KeyError, TypeError, ValueError, UnicodeDecodeError):
-                invalid["not_a_message_line"] += 1
-                continue
-            try:
-                events.append(parse_event(topic_kind, key, value, now))
-            except InvalidEvent as exc:
-                invalid[exc.reason] += 1
-            except ValueError:  # unknown topic kind
-                invalid["unknown_topic_kind"] += 1
+    for _, message in read_message_lines(path):
+        lines += 1
+        if isinstance(message, ValueError):
+            invalid["not_a_message_line"] += 1
+            continue
+        try:
+            events.append(parse_event(message.topic_kind, message.key, message.value, now))
+        except InvalidEvent as exc:
+            invalid[exc.reason] += 1
+        except ValueError:  # unknown topic kind
+            invalid["unknown_topic_kind"] += 1
     return events, {"lines": lines, "valid": len(events), "invalid": dict(sorted(invalid.items())),
-                    "sha256": digest.hexdigest()}
+                    "sha256": sha256_file(path)}
 
 
 # ------------------------------------------------------------------------------ train
