@@ -32,11 +32,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Protocol
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from features.events import InvalidEvent, ValidationLimits, parse_event
 from streams.config import Settings
-from streams.kafka import confluent_consumer_config
+from streams.kafka import confluent_consumer_config, consume_data
 
 REASON_HEADER = "shoppulse.dlq.reason"
 DETAIL_HEADER = "shoppulse.dlq.detail"
@@ -272,11 +272,7 @@ class OutputReader:
         deadline = time.monotonic() + seconds
         read = 0
         while time.monotonic() < deadline:
-            for message in self._consumer.consume(1000, timeout=min(0.5, max(0.01, deadline - time.monotonic()))):
-                if message.error():
-                    if message.error().code() != KafkaError._PARTITION_EOF:
-                        raise RuntimeError(f"reading {message.topic()}: {message.error()}")
-                    continue
+            for message in consume_data(self._consumer, 1000, min(0.5, max(0.01, deadline - time.monotonic()))):
                 read += 1
                 topic = message.topic()
                 if topic == self.settings.topic_scores:
