@@ -15,6 +15,7 @@ from models.classifiers import ClassifierConfig, MultiTaskMLP, ShopperClassifier
 from models.names import CLASSIFIER_MODEL, NEXTITEM_MODEL
 from models.nextitem import NextItemRecommender
 from models.registry import ModelRegistry, RegistryError
+from models.scoring import BatchScorer
 from models.train_cli import models_main
 from models.training import models_ready
 
@@ -171,3 +172,17 @@ def test_a_crash_on_either_side_of_the_commit_point_is_finished_by_a_rerun(legac
     classifier = ShopperClassifier.load(before_commit, DEFAULT_FEATURE_SPEC.hash)
     x = np.ones((2, DEFAULT_FEATURE_SPEC.dim), dtype=np.float32)
     assert np.array_equal(classifier.predict_proba(x)["churn"], models["20261101T000000Z"][0].predict_proba(x)["churn"])
+
+
+def test_a_running_scorer_picks_up_the_migrated_current_versions(legacy_registry):
+    reg, models = legacy_registry
+    scorer = BatchScorer(DEFAULT_FEATURE_SPEC, reg.root, device="cpu", reload_interval_s=0.0)
+    assert scorer.classifier is None and scorer.load_errors == 2, "legacy artifacts are refused, the heuristic serves"
+    scorer.refresh()
+    assert scorer.load_errors == 2, "an unchanged version is not tried again"
+    assert models_main(["--registry", str(reg.root), "migrate"]) == 0
+    assert scorer.refresh()
+    assert scorer.served == {CLASSIFIER_MODEL: "20261102T000000Z", NEXTITEM_MODEL: "20261102T000000Z"}
+    x = np.zeros((3, DEFAULT_FEATURE_SPEC.dim), dtype=np.float32)
+    assert np.array_equal(scorer.classifier.predict_proba(x)["churn"],
+                          models["20261102T000000Z"][0].predict_proba(x)["churn"])
