@@ -30,7 +30,7 @@ from models.nextitem import NextItemConfig, NextItemRecommender, SASRec  # noqa:
 from models.registry import ModelRegistry  # noqa: E402
 from models.scoring import BatchScorer  # noqa: E402
 from models.sequences import ItemVocab  # noqa: E402
-from models.training import CLASSIFIER_MODEL, NEXTITEM_MODEL  # noqa: E402
+from models.names import CLASSIFIER_MODEL, NEXTITEM_MODEL  # noqa: E402
 
 SECTION = "## Inference per micro-batch (served models, BatchScorer.score)"
 HEADER = ("| date (UTC) | device | batch | items in catalogue | ms / batch (median) | µs / shopper | command |\n"

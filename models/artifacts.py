@@ -3,11 +3,11 @@
 An artifact is one directory::
 
     <dir>/
-      weights.pt      torch.save(state_dict): tensors only, loaded with weights_only=True
-      vocab.json      optional: the item vocabulary, a JSON list of item id strings
-      metadata.json   kind, version, created, config, training data summary,
-                      feature_spec_hash, vocab {file, sha256, size}, metrics,
-                      weights {file, sha256, bytes}, torch version
+      weights.safetensors  the state dict in safetensors: raw tensors and a JSON header, no code
+      vocab.json           optional: the item vocabulary, a JSON list of item id strings
+      metadata.json        kind, version, created, config, training data summary,
+                           feature_spec_hash, vocab {file, sha256, size}, metrics,
+                           weights {file, sha256, bytes, tensors, format}, torch version
 
 :func:`save_artifact` writes everything into a temporary sibling directory and renames it into
 place, so a reader never sees a half-written artifact. :func:`load_artifact` checks the format,
@@ -16,8 +16,10 @@ expected vocabulary **before** it hands anything back; any problem raises :class
 with what is wrong and what to do. Nothing is half-loaded: the caller gets a complete
 :class:`Artifact` or an exception.
 
-No pickled code is ever executed: weights are read with ``torch.load(..., weights_only=True)``
-and must be a flat ``{name: Tensor}`` mapping.
+Loading never unpickles: the weights are parsed by safetensors from the very bytes whose sha256
+was just checked. Artifacts of format version 1 (``weights.pt`` written by ``torch.save``) are
+still listed and verified, but :func:`load_artifact` refuses them and says to run
+``shoppulse models migrate`` (:mod:`models.migrate`), which converts them in place.
 """
 from __future__ import annotations
 
@@ -32,10 +34,17 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
 
 FORMAT = "shoppulse-model-artifact"
-FORMAT_VERSION = 1
-WEIGHTS_FILE = "weights.pt"
+#: Version 2: weights in safetensors. Version 1 (``LEGACY_FORMAT_VERSION``) kept them in a
+#: ``torch.save`` pickle; only :mod:`models.migrate` reads those.
+FORMAT_VERSION = 2
+LEGACY_FORMAT_VERSION = 1
+WEIGHTS_FILE = "weights.safetensors"
+WEIGHTS_FORMAT = "safetensors"
 METADATA_FILE = "metadata.json"
 VOCAB_FILE = "vocab.json"
 
@@ -68,6 +77,7 @@ class Artifact:
 
 
 def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks (artifacts, benchmark inputs, event logs)."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -75,9 +85,35 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def encode_weights(state_dict: Mapping[str, torch.Tensor]) -> bytes:
+    """A flat ``{name: tensor}`` state dict as safetensors bytes (CPU copies, so tied weights
+    such as SASRec's shared item embedding are stored once per name, as safetensors requires)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, t in state_dict.items():
+        if not isinstance(t, torch.Tensor):
+            raise ArtifactError(f"state_dict entry {name!r} is {type(t).__name__}, not a tensor")
+        tensors[str(name)] = t.detach().to("cpu", copy=True).contiguous()
+    return safetensors_save(tensors)
+
+
 def vocab_sha256(vocab: Sequence[str]) -> str:
     """Fingerprint of an item vocabulary (same as :meth:`models.sequences.ItemVocab.sha256`)."""
     return hashlib.sha256(json.dumps(list(vocab), separators=(",", ":")).encode("utf-8")).hexdigest()
+
+
+def decode_weights(path: Path, weights: bytes) -> dict[str, torch.Tensor]:
+    """Tensors (on the CPU) of safetensors bytes; parsing them runs no code."""
+    try:
+        return safetensors_load(weights)
+    except (SafetensorError, ValueError) as exc:
+        raise ArtifactError(f"artifact {path}: weights could not be read ({type(exc).__name__}: {exc}); "
+                            "re-copy the artifact or retrain") from exc
+
+
+def weights_entry(weights: bytes, tensors: int) -> dict[str, Any]:
+    """The ``weights`` entry of ``metadata.json`` for safetensors bytes holding ``tensors`` tensors."""
+    return {"file": WEIGHTS_FILE, "format": WEIGHTS_FORMAT, "sha256": hashlib.sha256(weights).hexdigest(),
+            "bytes": len(weights), "tensors": tensors}
 
 
 def _fsync_write(path: Path, data: bytes) -> None:
@@ -98,6 +134,30 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def replace_file(path: Path, data: bytes) -> None:
+    """Replace ``path`` by ``data`` atomically and durably: a reader sees the old or the new file,
+    and after a crash it is one of them (temp file in the same folder, fsync, rename, fsync folder)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        _fsync_write(Path(tmp), data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def metadata_bytes(metadata: Mapping[str, Any]) -> bytes:
+    """``metadata.json``'s bytes; plain JSON only (no NaN, no objects)."""
+    try:
+        text = json.dumps(metadata, indent=2, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ArtifactError(f"metadata is not plain JSON ({exc}); pass only str/number/list/dict values") from exc
+    return (text + "\n").encode("utf-8")
 
 
 def save_artifact(
@@ -123,19 +183,12 @@ def save_artifact(
                             "save under a new version")
     if not isinstance(version, str) or not version:
         raise ArtifactError("version must be a non-empty string")
-    tensors: dict[str, torch.Tensor] = {}
-    for name, t in state_dict.items():
-        if not isinstance(t, torch.Tensor):
-            raise ArtifactError(f"state_dict entry {name!r} is {type(t).__name__}, not a tensor")
-        tensors[str(name)] = t.detach().cpu().contiguous()
+    weights = encode_weights(state_dict)
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        weights_path = tmp / WEIGHTS_FILE
-        torch.save(tensors, weights_path)
-        with open(weights_path, "rb") as fh:
-            os.fsync(fh.fileno())
+        _fsync_write(tmp / WEIGHTS_FILE, weights)
         vocab_meta = None
         if vocab is not None:
             items = [str(v) for v in vocab]
@@ -153,16 +206,11 @@ def save_artifact(
             "vocab": vocab_meta,
             "training_data": dict(training_data or {}),
             "metrics": dict(metrics or {}),
-            "weights": {"file": WEIGHTS_FILE, "sha256": sha256_file(weights_path),
-                        "bytes": weights_path.stat().st_size, "tensors": len(tensors)},
+            "weights": weights_entry(weights, len(state_dict)),
             "torch_version": torch.__version__,
             "extra": dict(extra or {}),
         }
-        try:
-            text = json.dumps(metadata, indent=2, sort_keys=True, allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            raise ArtifactError(f"metadata is not plain JSON ({exc}); pass only str/number/list/dict values") from exc
-        _fsync_write(tmp / METADATA_FILE, (text + "\n").encode("utf-8"))
+        _fsync_write(tmp / METADATA_FILE, metadata_bytes(metadata))
         _fsync_dir(tmp)
         os.rename(tmp, target)  # atomic on POSIX; fails if target appeared meanwhile
         _fsync_dir(target.parent)
@@ -193,7 +241,7 @@ def read_metadata(directory: str | Path) -> dict[str, Any]:
         raise ArtifactError(f"artifact {path}: {METADATA_FILE} lacks {missing}; {fix}")
     if meta["format"] != FORMAT:
         raise ArtifactError(f"artifact {path}: format {meta['format']!r} is not {FORMAT!r}; not a ShopPulse artifact")
-    if meta["format_version"] != FORMAT_VERSION:
+    if meta["format_version"] not in (FORMAT_VERSION, LEGACY_FORMAT_VERSION):
         raise ArtifactError(f"artifact {path}: format version {meta['format_version']} is not supported "
                             f"(this code reads {FORMAT_VERSION}); load it with matching code or retrain")
     w = meta["weights"]
@@ -202,34 +250,63 @@ def read_metadata(directory: str | Path) -> dict[str, Any]:
     return meta
 
 
-def _check_file(path: Path, name: str, sha: str, size: int | None) -> None:
+def _check_file(path: Path, name: str, sha: str, size: int | None) -> bytes:
+    """The file's bytes, after checking its size and sha256 against the metadata."""
     fix = "the file is corrupt or was modified; re-copy the artifact or retrain and save a new version"
     if os.path.basename(name) != name:
         raise ArtifactError(f"artifact {path}: file name {name!r} in metadata is not a plain file name")
     f = path / name
-    if not f.is_file():
-        raise ArtifactError(f"artifact {path}: {name} is missing; re-copy the whole artifact directory")
-    actual = f.stat().st_size
+    try:
+        data = f.read_bytes()
+    except OSError as exc:
+        raise ArtifactError(f"artifact {path}: {name} is missing or unreadable ({exc}); re-copy the whole artifact "
+                            "directory") from exc
+    actual = len(data)
     if size is not None and actual != size:
         raise ArtifactError(f"artifact {path}: {name} is {actual} bytes, metadata says {size} "
                             f"({'truncated' if actual < size else 'grown'}); {fix}")
-    digest = sha256_file(f)
+    digest = hashlib.sha256(data).hexdigest()
     if digest != sha:
         raise ArtifactError(f"artifact {path}: sha256 of {name} is {digest[:12]}..., metadata says {sha[:12]}...; {fix}")
+    return data
 
 
-def verify_artifact(directory: str | Path) -> dict[str, Any]:
-    """Check metadata and the size and sha256 of every file; return the metadata."""
+def verified_files(directory: str | Path) -> tuple[dict[str, Any], bytes]:
+    """Metadata and the weights' bytes, after checking the size and sha256 of every file.
+
+    Works for both format versions (the migration reads version 1 through it).
+    """
     path = Path(directory)
     meta = read_metadata(path)
     w = meta["weights"]
-    _check_file(path, w["file"], w["sha256"], w["bytes"])
+    weights = _check_file(path, w["file"], w["sha256"], w["bytes"])
     v = meta.get("vocab")
     if v is not None:
         if not isinstance(v, dict) or not {"file", "sha256", "file_sha256"} <= set(v):
             raise ArtifactError(f"artifact {path}: vocab entry in {METADATA_FILE} is incomplete; re-copy or retrain")
         _check_file(path, v["file"], v["file_sha256"], None)
-    return meta
+    return meta, weights
+
+
+def verify_artifact(directory: str | Path) -> dict[str, Any]:
+    """Check metadata and the size and sha256 of every file; return the metadata."""
+    return verified_files(directory)[0]
+
+
+def is_legacy(meta: Mapping[str, Any]) -> bool:
+    """True for a format-version-1 artifact (``torch.save`` weights): ``shoppulse models migrate`` converts it."""
+    return meta.get("format_version") == LEGACY_FORMAT_VERSION
+
+
+def check_state_dict(path: Path, state: Any, meta: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """``state`` if it is a flat ``{name: tensor}`` dict with as many tensors as the metadata says."""
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise ArtifactError(f"artifact {path}: weights are not a flat {{name: tensor}} state dict; retrain and save again")
+    if len(state) != meta["weights"].get("tensors", len(state)):
+        raise ArtifactError(f"artifact {path}: weights hold {len(state)} tensors, metadata says "
+                            f"{meta['weights']['tensors']}; re-copy or retrain")
+    return state
 
 
 def load_artifact(
@@ -250,7 +327,12 @@ def load_artifact(
         expected_vocab / expected_vocab_sha256: refuse one with another item vocabulary.
     """
     path = Path(directory)
-    meta = verify_artifact(path)
+    meta, weights = verified_files(path)
+    if is_legacy(meta):
+        raise ArtifactError(f"artifact {path} keeps its weights in the old torch.save format (format version "
+                            f"{LEGACY_FORMAT_VERSION}), which is not loaded because unpickling can run code; run "
+                            "`shoppulse models migrate` to convert the registry in place (versions and current "
+                            "pointers are kept)")
     if expected_kind is not None and meta["kind"] != expected_kind:
         raise ArtifactError(f"artifact {path} holds a {meta['kind']!r} model, expected {expected_kind!r}; "
                             "point to an artifact of the right model")
@@ -281,14 +363,6 @@ def load_artifact(
                 f"artifact {path} was trained on item vocabulary {str(have)[:12]}... but {want_sha[:12]}... is "
                 "expected; item indices would point at the wrong items. Use the artifact's own vocabulary or "
                 "retrain on the current catalogue")
-    try:
-        state = torch.load(path / meta["weights"]["file"], map_location=map_location, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for bad files
-        raise ArtifactError(f"artifact {path}: weights could not be read ({type(exc).__name__}: {exc}); "
-                            "re-copy the artifact or retrain") from exc
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
-        raise ArtifactError(f"artifact {path}: weights are not a flat {{name: tensor}} state dict; retrain and save again")
-    if len(state) != meta["weights"].get("tensors", len(state)):
-        raise ArtifactError(f"artifact {path}: weights hold {len(state)} tensors, metadata says "
-                            f"{meta['weights']['tensors']}; re-copy or retrain")
-    return Artifact(path=path, metadata=meta, state_dict=state, vocab=vocab)
+    state = check_state_dict(path, decode_weights(path, weights), meta)
+    return Artifact(path=path, metadata=meta, state_dict={k: v.to(map_location) for k, v in state.items()},
+                    vocab=vocab)

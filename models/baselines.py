@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from .metrics import top_k_items
+from .nextitem import popularity_counts
 
 
 class PopularityRecommender:
@@ -22,13 +23,8 @@ class PopularityRecommender:
         self.counts = torch.zeros(1)
 
     def fit(self, sequences: Sequence[Sequence[int]], num_items: int) -> "PopularityRecommender":
-        counts = np.zeros(num_items + 1, dtype=np.float64)
-        for seq in sequences:
-            if len(seq):
-                np.add.at(counts, np.asarray(seq, dtype=np.int64), 1.0)
-        counts[0] = 0.0
         self.num_items = int(num_items)
-        self.counts = torch.from_numpy(counts).float()
+        self.counts = popularity_counts(sequences, num_items)
         return self
 
     def score(self, histories: Sequence[Sequence[int]]) -> torch.Tensor:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import hashlib
 import json
 import platform
 import shlex
@@ -26,6 +25,7 @@ from typing import Any, Mapping
 
 import torch
 
+from .artifacts import sha256_file
 from .baselines import CooccurrenceRecommender, PopularityRecommender
 from .metrics import DEFAULT_KS, evaluate_full_ranking, format_table
 from .nextitem import NextItemConfig, NextItemRecommender, TrainConfig, num_parameters, resolve_device, train_nextitem
@@ -76,14 +76,6 @@ def build_parser(prog: str = "shoppulse bench-nextitem") -> argparse.ArgumentPar
     p.add_argument("--save-artifact", type=Path, default=None, help="save the trained model as an artifact directory here")
     p.add_argument("--version", default=None, help="artifact version (default: UTC timestamp)")
     return p
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def append_benchmark_rows(path: Path, rows: list[str]) -> None:
@@ -187,7 +179,7 @@ def main(argv: list[str] | None = None, *, prog: str = "shoppulse bench-nextitem
         artifact_path = str(rec.save(
             args.save_artifact, version,
             metrics={"test": ours, "valid": report.best_valid},
-            training_data={"path": str(args.sequences), "sha256": _sha256_file(args.sequences), "users": len(raw),
+            training_data={"path": str(args.sequences), "sha256": sha256_file(args.sequences), "users": len(raw),
                            "items": len(vocab), "interactions": n_inter, "split": "leave-one-out train part (seq[:-2])"},
             extra={"train_config": tcfg.to_dict(), "command": command},
         ))
@@ -197,7 +189,7 @@ def main(argv: list[str] | None = None, *, prog: str = "shoppulse bench-nextitem
         "benchmark": "nextitem-amazon-toys-loo-full-ranking",
         "created": now.isoformat(),
         "command": command,
-        "dataset": {"path": str(args.sequences), "sha256": _sha256_file(args.sequences), "users": len(raw),
+        "dataset": {"path": str(args.sequences), "sha256": sha256_file(args.sequences), "users": len(raw),
                     "evaluated_users": len(split.users), "items": len(vocab), "interactions": n_inter,
                     "limit_users": args.limit_users},
         "protocol": "leave-one-out: last=test, second-to-last=validation (early stopping), rest=training input; "

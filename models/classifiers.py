@@ -11,8 +11,8 @@ loss and the metrics).
 * :func:`train_classifier`: AdamW, masked BCE, early stopping on the validation log loss
   (mean over tasks), best weights restored, then calibration on the validation rows:
   ``"temperature"`` (``a = 1/T``, ``b = 0``) or ``"platt"`` (``a``, ``b`` fitted).
-* Metrics: :func:`expected_calibration_error` (equal-width bins), :func:`roc_auc`,
-  :func:`brier_score`, :func:`log_loss`.
+* Metrics come from :mod:`models.binary_metrics` (written once, cross-checked against
+  scikit-learn).
 * :class:`ShopperClassifier`: model + feature-spec hash; ``predict_proba(X)`` on any device;
   artifacts record the feature-spec hash and loading refuses another one.
 
@@ -21,7 +21,6 @@ compromise on small data; pass a separate calibration set to :func:`calibrate` t
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .binary_metrics import classification_metrics
 from .nextitem import resolve_device, seed_everything, to_device
 
 MODEL_KIND = "shopper-classifier-mlp"
@@ -116,66 +116,6 @@ class MultiTaskMLP(nn.Module):
             return torch.sigmoid(self.calibrated_logits(x))
         finally:
             self.train(was)
-
-
-# ------------------------------------------------------------------------------ metrics
-def _flat(probs: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
-    p = np.asarray(probs, dtype=np.float64).ravel()
-    y = np.asarray(labels, dtype=np.float64).ravel()
-    keep = ~np.isnan(y)
-    return p[keep], y[keep]
-
-
-def expected_calibration_error(probs: Any, labels: Any, n_bins: int = 15) -> float:
-    """ECE with ``n_bins`` equal-width bins: sum_b |b|/N * |mean(y_b) - mean(p_b)|."""
-    p, y = _flat(probs, labels)
-    if p.size == 0:
-        return float("nan")
-    bins = np.minimum((p * n_bins).astype(np.int64), n_bins - 1)
-    ece = 0.0
-    for b in range(n_bins):
-        m = bins == b
-        if m.any():
-            ece += m.mean() * abs(y[m].mean() - p[m].mean())
-    return float(ece)
-
-
-def roc_auc(scores: Any, labels: Any) -> float:
-    """Area under the ROC curve (Mann-Whitney, ties count half); NaN with one class only."""
-    s, y = _flat(scores, labels)
-    pos, neg = int((y == 1).sum()), int((y == 0).sum())
-    if pos == 0 or neg == 0:
-        return float("nan")
-    order = np.argsort(s, kind="mergesort")
-    ranks = np.empty(len(s), dtype=np.float64)
-    sorted_s = s[order]
-    i = 0
-    while i < len(s):  # average ranks over ties
-        j = i
-        while j + 1 < len(s) and sorted_s[j + 1] == sorted_s[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2.0 + 1.0
-        i = j + 1
-    return float((ranks[y == 1].sum() - pos * (pos + 1) / 2.0) / (pos * neg))
-
-
-def brier_score(probs: Any, labels: Any) -> float:
-    p, y = _flat(probs, labels)
-    return float(np.mean((p - y) ** 2)) if p.size else float("nan")
-
-
-def log_loss(probs: Any, labels: Any, eps: float = 1e-7) -> float:
-    p, y = _flat(probs, labels)
-    if p.size == 0:
-        return float("nan")
-    p = np.clip(p, eps, 1 - eps)
-    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
-
-
-def classification_metrics(probs: Any, labels: Any) -> dict[str, float]:
-    p, y = _flat(probs, labels)
-    return {"auc": roc_auc(p, y), "ece": expected_calibration_error(p, y), "brier": brier_score(p, y),
-            "log_loss": log_loss(p, y), "positives": float((y == 1).sum()), "rows": float(y.size)}
 
 
 # ------------------------------------------------------------------------------ calibration
@@ -378,17 +318,7 @@ class ShopperClassifier:
         return cls(model, art.metadata["feature_spec_hash"], art.metadata.get("version")).to(device)
 
 
-def _nan_safe(v: float) -> float | None:  # JSON has no NaN
-    return None if isinstance(v, float) and math.isnan(v) else v
-
-
-def metrics_for_json(metrics: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float | None]]:
-    """Replace NaN by None so metrics can go into artifact metadata."""
-    return {k: {m: _nan_safe(v) for m, v in d.items()} for k, d in metrics.items()}
-
-
 __all__: Sequence[str] = (
     "ClassifierConfig", "ClassifierTrainConfig", "ClassifierReport", "MultiTaskMLP", "ShopperClassifier",
-    "train_classifier", "calibrate", "fit_temperature", "fit_platt", "expected_calibration_error", "roc_auc",
-    "brier_score", "log_loss", "classification_metrics", "metrics_for_json", "MODEL_KIND", "DEFAULT_TASKS",
+    "train_classifier", "calibrate", "fit_temperature", "fit_platt", "MODEL_KIND", "DEFAULT_TASKS",
 )

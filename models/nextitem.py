@@ -277,6 +277,8 @@ class SASRec(nn.Module):
 
 
 def popularity_counts(sequences: Sequence[Sequence[int]], num_items: int) -> torch.Tensor:
+    """Interactions per item index (``float32 [num_items + 1]``, padding 0 counts nothing): SASRec's
+    cold-start fallback and the popularity baseline, counted the same way."""
     counts = np.zeros(num_items + 1, dtype=np.float32)
     for seq in sequences:
         if len(seq):

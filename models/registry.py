@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from .artifacts import ArtifactError, read_metadata, verify_artifact
+from .artifacts import ArtifactError, is_legacy, read_metadata, replace_file, verify_artifact
 
 DEFAULT_ROOT = "artifacts/models"
 ENV_ROOT = "SHOPPULSE_MODELS_DIR"
@@ -133,7 +133,8 @@ class ModelRegistry:
 
     # ---------------------------------------------------------------- changes
     @contextmanager
-    def _locked(self, model: str) -> Iterator[None]:
+    def lock(self, model: str) -> Iterator[None]:
+        """Hold ``model``'s lock: promote, rollback and the format migration never interleave."""
         d = self.model_dir(model)
         d.mkdir(parents=True, exist_ok=True)
         with open(d / ".lock", "a+") as fh:
@@ -144,24 +145,7 @@ class ModelRegistry:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
     def _write_pointer(self, model: str, data: dict[str, Any]) -> None:
-        d = self.model_dir(model)
-        fd, tmp = tempfile.mkstemp(prefix=".current.", dir=d)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(data, fh, indent=2)
-                fh.write("\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, d / CURRENT_FILE)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        dfd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        replace_file(self.model_dir(model) / CURRENT_FILE, (json.dumps(data, indent=2) + "\n").encode("utf-8"))
 
     def _verify(self, model: str, version: str) -> dict[str, Any]:
         vdir = self.version_dir(model, version)
@@ -169,9 +153,13 @@ class ModelRegistry:
             have = ", ".join(self.versions(model)) or "none"
             raise RegistryError(f"model {model!r} has no version {version!r} under {self.root} (versions: {have})")
         try:
-            return verify_artifact(vdir)
+            meta = verify_artifact(vdir)
         except ArtifactError as exc:
             raise RegistryError(f"refusing to point {model!r} at {version!r}: {exc}") from exc
+        if is_legacy(meta):
+            raise RegistryError(f"refusing to point {model!r} at {version!r}: its weights are in the old torch.save "
+                                "format, which serving does not load; run `shoppulse models migrate` first")
+        return meta
 
     def register(self, model: str, artifact_dir: str | Path, version: str | None = None) -> str:
         """Copy a verified artifact into the registry as ``model``/``version`` (default: its own
@@ -194,7 +182,7 @@ class ModelRegistry:
 
     def promote(self, model: str, version: str) -> ModelInfo:
         """Make ``version`` current after verifying its artifact; the old current is kept for rollback."""
-        with self._locked(model):
+        with self.lock(model):
             self._verify(model, version)
             ptr = self._read_pointer(model)
             previous = list(ptr["previous"]) if ptr else []
@@ -209,7 +197,7 @@ class ModelRegistry:
 
     def rollback(self, model: str) -> ModelInfo:
         """Return to the version that was current before the last promotion."""
-        with self._locked(model):
+        with self.lock(model):
             ptr = self._read_pointer(model)
             if ptr is None:
                 raise RegistryError(f"model {model!r} has no promoted version; nothing to roll back")

@@ -19,12 +19,12 @@ import torch
 
 from features.spec import FeatureSpec
 from features.state import ShopperState
-from models.artifacts import ArtifactError
+from models.artifacts import METADATA_FILE, ArtifactError
 from models.classifiers import ShopperClassifier
 from models.heuristic import PurchaseIntentHeuristic
 from models.nextitem import NextItemRecommender, resolve_device
 from models.registry import ModelRegistry, RegistryError
-from models.training import CLASSIFIER_MODEL, NEXTITEM_MODEL
+from models.names import CLASSIFIER_MODEL, NEXTITEM_MODEL
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class BatchScorer:
         self.recommender: NextItemRecommender | None = None
         self.load_errors = 0
         self.timings = InferenceTimings()
-        self._loaded: dict[str, str | None] = {CLASSIFIER_MODEL: None, NEXTITEM_MODEL: None}
+        self._tried: dict[str, tuple[str, int | None] | None] = {CLASSIFIER_MODEL: None, NEXTITEM_MODEL: None}
         self._next_check = 0.0
         self.refresh(force=True)
 
@@ -98,7 +98,8 @@ class BatchScorer:
         return served
 
     def refresh(self, force: bool = False) -> bool:
-        """Load any model whose current registry version changed; True when something was swapped in."""
+        """Load any model whose current registry version changed or was rewritten in place (a
+        format migration); True when something was swapped in."""
         now = time.monotonic()
         if not force and now < self._next_check:
             return False
@@ -109,9 +110,9 @@ class BatchScorer:
                 version = self.registry.current(name)
             except RegistryError:
                 version = None
-            if version is None or version == self._loaded[name]:
+            if version is None or self._written(name, version) == self._tried[name]:
                 continue
-            self._loaded[name] = version  # tried once per version, good or bad
+            self._tried[name] = self._written(name, version)  # tried once per write, good or bad
             try:
                 directory = self.registry.version_dir(name, version)
                 # Each candidate scores one row before it is swapped in: a model that loads but cannot
@@ -135,6 +136,14 @@ class BatchScorer:
             swapped = True
             log.info("serving %s version %s on %s", name, version, self.device)
         return swapped
+
+    def _written(self, name: str, version: str) -> tuple[str, int | None]:
+        """A version and when its metadata was written: `shoppulse models migrate` rewrites a
+        version in place, so the converted artifact counts as new and is tried again."""
+        try:
+            return version, (self.registry.version_dir(name, version) / METADATA_FILE).stat().st_mtime_ns
+        except (RegistryError, OSError):
+            return version, None
 
     @torch.inference_mode()
     def score(self, states: Sequence[ShopperState], features: np.ndarray) -> list[ShopperScores]:

@@ -1,10 +1,10 @@
-"""``shoppulse train`` and ``shoppulse models list|show|promote|rollback``.
+"""``shoppulse train`` and ``shoppulse models list|show|promote|rollback|migrate``.
 
 ``models/`` never imports ``streams/``: the simulator lives there, so ``--simulate`` needs the
 caller (the ``shoppulse`` CLI) to pass an ``events_factory(args) -> Iterable[Event]``. The event
-file reader here parses our message JSONL (``shoppulse generate --out``: one
-``{"topic_kind", "key"|"key_b64", "value"|"value_b64"}`` object a line) with
-:func:`features.events.parse_event` and skips invalid messages, counting them by reason.
+file reader here reads our message JSONL (``shoppulse generate --out``) with
+:mod:`features.message_lines`, the reader ``shoppulse replay`` uses, parses each message with
+:func:`features.events.parse_event` and skips invalid ones, counting them by reason.
 
 Examples::
 
@@ -13,20 +13,23 @@ Examples::
     shoppulse models list
     shoppulse models promote shopper-classifier 20240101T120000Z
     shoppulse models rollback nextitem
+    shoppulse models migrate --dry-run
 """
 from __future__ import annotations
 
 import argparse
-import base64
-import hashlib
 import json
 import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from features.events import Event, InvalidEvent, parse_event
+from features.message_lines import read_message_lines
+
+if TYPE_CHECKING:
+    from .registry import ModelRegistry
 
 EventsFactory = Callable[[argparse.Namespace], Iterable[Event]]
 
@@ -35,15 +38,6 @@ HOUR_MS = 3_600_000
 
 
 # ------------------------------------------------------------------------------ events file
-def _field(record: dict, name: str) -> bytes:
-    if name in record:
-        value = record[name]
-        if not isinstance(value, str):
-            raise TypeError(f"{name} must be a string")
-        return value.encode("utf-8")
-    return base64.b64decode(record[f"{name}_b64"], validate=True)
-
-
 def read_events_jsonl(path: str | Path, now_ms: int | None = None) -> tuple[list[Event], dict[str, Any]]:
     """Valid events of a message JSONL file and what was skipped.
 
@@ -52,34 +46,25 @@ def read_events_jsonl(path: str | Path, now_ms: int | None = None) -> tuple[list
     records) and the file's ``sha256``. ``now_ms`` (default: the wall clock) is the "now" of the
     contract's future-timestamp check.
     """
+    from .artifacts import sha256_file
+
     now = int(time.time() * 1000) if now_ms is None else int(now_ms)
     events: list[Event] = []
     invalid: Counter[str] = Counter()
     lines = 0
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for raw in fh:
-            digest.update(raw)
-            if not raw.strip():
-                continue
-            lines += 1
-            try:
-                record = json.loads(raw)
-                if not isinstance(record, dict):
-                    raise TypeError("not an object")
-                topic_kind = record["topic_kind"]
-                key, value = _field(record, "key"), _field(record, "value")
-            except (KeyError, TypeError, ValueError, UnicodeDecodeError):
-                invalid["not_a_message_line"] += 1
-                continue
-            try:
-                events.append(parse_event(topic_kind, key, value, now))
-            except InvalidEvent as exc:
-                invalid[exc.reason] += 1
-            except ValueError:  # unknown topic kind
-                invalid["unknown_topic_kind"] += 1
+    for _, message in read_message_lines(path):
+        lines += 1
+        if isinstance(message, ValueError):
+            invalid["not_a_message_line"] += 1
+            continue
+        try:
+            events.append(parse_event(message.topic_kind, message.key, message.value, now))
+        except InvalidEvent as exc:
+            invalid[exc.reason] += 1
+        except ValueError:  # unknown topic kind
+            invalid["unknown_topic_kind"] += 1
     return events, {"lines": lines, "valid": len(events), "invalid": dict(sorted(invalid.items())),
-                    "sha256": digest.hexdigest()}
+                    "sha256": sha256_file(path)}
 
 
 # ------------------------------------------------------------------------------ train
@@ -223,13 +208,30 @@ def _print_table(rows: list[list[str]], header: list[str]) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
 
 
+def _migrate(reg: ModelRegistry, dry_run: bool) -> int:
+    """Print one line per version and a summary; exit status 1 when a version could not be converted."""
+    from .migrate import FAILED, migrate_registry
+
+    before = {info.name: info.current for info in reg.list_models()}
+    results = migrate_registry(reg, dry_run)
+    for r in results:
+        print(f"{r.model}/{r.version}: {r.outcome}: {r.detail}")
+    counts = Counter(r.outcome for r in results)
+    after = {info.name: info.current for info in reg.list_models()}
+    print(f"registry {reg.root}: {', '.join(f'{n} {o}' for o, n in sorted(counts.items())) or 'no versions'}"
+          f"{' (dry run: nothing written)' if dry_run else ''}; current pointers "
+          f"{'unchanged' if before == after else 'CHANGED'}: "
+          f"{', '.join(f'{m}={v}' for m, v in sorted(after.items())) or 'none'}")
+    return 1 if counts[FAILED] or before != after else 0
+
+
 def models_main(argv: Sequence[str] | None = None) -> int:
-    """``shoppulse models list|show|promote|rollback``; returns the exit status."""
-    from .artifacts import ArtifactError
+    """``shoppulse models list|show|promote|rollback|migrate``; returns the exit status."""
+    from .artifacts import ArtifactError, is_legacy
     from .registry import ModelRegistry, RegistryError
 
-    parser = argparse.ArgumentParser(prog="shoppulse models", description="List, inspect, promote and roll back "
-                                     "model versions in the registry.")
+    parser = argparse.ArgumentParser(prog="shoppulse models", description="List, inspect, promote, roll back and "
+                                     "migrate model versions in the registry.")
     parser.add_argument("--registry", default=None,
                         help="registry root (default: $SHOPPULSE_MODELS_DIR or artifacts/models)")
     sub = parser.add_subparsers(dest="action", required=True)
@@ -242,6 +244,9 @@ def models_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("version")
     p = sub.add_parser("rollback", help="return MODEL to the version current before the last promotion")
     p.add_argument("model")
+    p = sub.add_parser("migrate", help="convert versions saved with torch.save to safetensors, in place (keeps the "
+                       "versions and the current pointers)")
+    p.add_argument("--dry-run", action="store_true", help="only say what would be converted")
     args = parser.parse_args(argv)
     reg = ModelRegistry(args.registry)
     try:
@@ -260,7 +265,8 @@ def models_main(argv: Sequence[str] | None = None) -> int:
                         continue
                     rows.append([info.name, version, "*" if version == info.current else "",
                                  str(meta.get("created", ""))[:19], str(meta.get("feature_spec_hash") or "-"),
-                                 _headline(meta)])
+                                 "old torch.save format: run `shoppulse models migrate`" if is_legacy(meta)
+                                 else _headline(meta)])
                 if not info.versions:
                     rows.append([info.name, "(none)", "", "", "", ""])
             print(f"registry {reg.root}  (* = current)")
@@ -278,6 +284,8 @@ def models_main(argv: Sequence[str] | None = None) -> int:
             info = reg.promote(args.model, args.version)
             print(f"{info.name}: current = {info.current} (previous: {', '.join(info.previous) or 'none'})")
             return 0
+        if args.action == "migrate":
+            return _migrate(reg, args.dry_run)
         info = reg.rollback(args.model)
         print(f"{info.name}: rolled back, current = {info.current}")
         return 0

@@ -33,11 +33,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, cast
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from features.events import InvalidEvent, ValidationLimits, parse_event
 from streams.config import Settings
-from streams.kafka import confluent_consumer_config
+from streams.kafka import confluent_consumer_config, consume_data
 
 REASON_HEADER = "shoppulse.dlq.reason"
 DETAIL_HEADER = "shoppulse.dlq.detail"
@@ -285,12 +285,7 @@ class OutputReader:
         deadline = time.monotonic() + seconds
         read = 0
         while time.monotonic() < deadline:
-            for message in self._consumer.consume(1000, timeout=min(0.5, max(0.01, deadline - time.monotonic()))):
-                error = message.error()
-                if error is not None:
-                    if error.code() != KafkaError._PARTITION_EOF:
-                        raise RuntimeError(f"reading {message.topic()}: {error}")
-                    continue
+            for message in consume_data(self._consumer, 1000, min(0.5, max(0.01, deadline - time.monotonic()))):
                 read += 1
                 topic, value = message.topic(), message.value()
                 if topic == self.settings.topic_scores:

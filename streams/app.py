@@ -34,7 +34,7 @@ from features.events import ValidationLimits
 from features.spec import DEFAULT_FEATURE_SPEC
 from features.state import StateConfig
 from models.scoring import BatchScorer
-from models.training import CLASSIFIER_MODEL, NEXTITEM_MODEL
+from models.names import CLASSIFIER_MODEL, NEXTITEM_MODEL
 from streams.alerts import AlertPolicy
 from streams.config import Settings
 from streams.kafka import (BROKER_PROFILE_TANSU, TANSU_FETCH_MAX_WAIT_MS, ensure_topics, faust_client_settings,

@@ -182,8 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("models", help="the model registry: list | promote MODEL VERSION | rollback MODEL",
-                       add_help=False)
+    p = sub.add_parser("models", help="the model registry: list | show | promote MODEL VERSION | rollback MODEL | "
+                       "migrate [--dry-run]", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_models)
 

@@ -16,11 +16,9 @@ import threading
 import time
 from pathlib import Path
 
-from confluent_kafka import KafkaError
-
 from streams.broker import EmbeddedBroker, free_port
 from streams.config import Settings
-from streams.kafka import ensure_topics
+from streams.kafka import consume_data, ensure_topics
 from streams.process import WorkerProcess, stop_on_signals
 from streams.tail import output_consumer
 
@@ -158,11 +156,8 @@ def _watch(settings: Settings, consumer, generator: _Generator, worker: WorkerPr
         if generator.error is not None:
             print(f"the generator failed: {generator.error}", file=sys.stderr)
             return 1
-        for message in consumer.consume(500, timeout=0.2):
-            if message.error():
-                if message.error().code() != KafkaError._PARTITION_EOF:
-                    print(f"reading outputs: {message.error()}", file=sys.stderr)
-                continue
+        for message in consume_data(consumer, 500, 0.2,
+                                    on_error=lambda error: print(f"reading outputs: {error}", file=sys.stderr)):
             kind = kinds[message.topic()]
             totals[kind] += 1
             examples[kind] = message.value()

@@ -16,9 +16,9 @@ import logging
 import ssl
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Iterator
 
-from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from streams.broker import EMBEDDED_CLUSTER_ID
@@ -70,6 +70,32 @@ def confluent_consumer_config(settings: Settings, group: str) -> dict[str, Any]:
             "message.max.bytes": settings.kafka_max_message_bytes,
             "fetch.max.bytes": settings.kafka_fetch_max_bytes,
             "max.partition.fetch.bytes": settings.kafka_max_partition_fetch_bytes}
+
+
+def _raise(error: KafkaError) -> None:
+    raise KafkaException(error)
+
+
+def consume_data(consumer: Consumer, max_messages: int, timeout_s: float,
+                 on_error: Callable[[KafkaError], None] = _raise,
+                 on_end: Callable[[Message], None] | None = None) -> Iterator[Message]:
+    """The data messages of one ``consumer.consume`` call, in order.
+
+    With ``enable.partition.eof`` librdkafka hands out "partition EOF" events as messages that
+    carry an error: they only say a partition is caught up, so they go to ``on_end`` (when given)
+    and are dropped. Any other error goes to ``on_error`` (default: raise ``KafkaException``).
+    A generator, so ``on_end`` runs after the caller has handled the messages before the EOF
+    (an EOF comes once per catching up: its order against data must be kept).
+    """
+    for message in consumer.consume(max_messages, timeout=timeout_s):
+        error = message.error()
+        if error is None:
+            yield message
+        elif error.code() == KafkaError._PARTITION_EOF:
+            if on_end is not None:
+                on_end(message)
+        else:
+            on_error(error)
 
 
 def faust_ssl_context(settings: Settings) -> ssl.SSLContext:

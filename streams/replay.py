@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from features.events import KIND_CART_ADD, KIND_CART_REMOVE, KIND_ORDER, KIND_VIEW, Event, OrderLine
+from features.message_lines import read_message_lines
 from streams.generator import GeneratedMessage, message_of
 
 #: Category of events whose source has none (OTTO; REES46 rows without code and id).
@@ -157,12 +158,6 @@ def write_jsonl(messages: Iterable[GeneratedMessage], path: str | Path) -> int:
     return count
 
 
-def _field_bytes(record: dict, name: str) -> bytes:
-    if name in record:
-        return record[name].encode("utf-8")
-    return base64.b64decode(record[f"{name}_b64"], validate=True)
-
-
 def _lines(path: str | Path) -> Iterator[tuple[int, str]]:
     """``(line number, line)`` of every non-blank line of a UTF-8 text file."""
     with open(path, encoding="utf-8") as source:
@@ -172,15 +167,12 @@ def _lines(path: str | Path) -> Iterator[tuple[int, str]]:
 
 
 def read_jsonl(path: str | Path) -> Iterator[GeneratedMessage]:
-    """Messages written by :func:`write_jsonl`, byte for byte."""
-    for line_number, line in _lines(path):
-        try:
-            record = json.loads(line)
-            yield GeneratedMessage(record["topic_kind"], _field_bytes(record, "key"),
-                                   _field_bytes(record, "value"), record.get("malformed_reason"))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"{path}:{line_number}: not a message line ({exc!r}); expected "
-                             '{"topic_kind", "key" or "key_b64", "value" or "value_b64"}') from None
+    """Messages written by :func:`write_jsonl`, byte for byte; ``ValueError`` at the first line
+    that is not a message."""
+    for line_number, message in read_message_lines(path):
+        if isinstance(message, ValueError):
+            raise ValueError(f"{path}:{line_number}: {message}") from None
+        yield GeneratedMessage(message.topic_kind, message.key, message.value, message.malformed_reason)
 
 
 # -- time ---------------------------------------------------------------------------------------

@@ -5,10 +5,10 @@ import json
 import os
 from typing import cast
 
-from confluent_kafka import Consumer, KafkaError, Message
+from confluent_kafka import Consumer, Message
 
 from streams.config import Settings
-from streams.kafka import cluster_metadata, confluent_consumer_config
+from streams.kafka import cluster_metadata, confluent_consumer_config, consume_data
 from streams.process import stop_on_signals
 
 
@@ -47,16 +47,10 @@ def tail(settings: Settings, topic: str, from_beginning: bool = False, limit: in
     shown = 0
     try:
         while not stop.is_set() and (limit == 0 or shown < limit):
-            message = consumer.poll(0.5)
-            if message is None:
-                continue
-            error = message.error()
-            if error is not None:
-                if error.code() != KafkaError._PARTITION_EOF:
-                    print(f"error reading {topic}: {error}", flush=True)
-                continue
-            print(format_message(message), flush=True)
-            shown += 1
+            for message in consume_data(consumer, 1, 0.5,
+                                        on_error=lambda error: print(f"error reading {topic}: {error}", flush=True)):
+                print(format_message(message), flush=True)
+                shown += 1
     finally:
         consumer.close()
     return 0

@@ -6,11 +6,11 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
-from confluent_kafka import Consumer, KafkaError, Message
+from confluent_kafka import Consumer, Message
 
 from streams.broker import free_port
 from streams.config import Settings
-from streams.kafka import confluent_consumer_config
+from streams.kafka import confluent_consumer_config, consume_data
 from streams.process import WorkerProcess  # noqa: F401 - re-exported for the tests
 
 
@@ -35,12 +35,7 @@ def read_topic(settings: Settings, topic: str | list[str], until: Callable[[list
     deadline = time.monotonic() + timeout_s
     try:
         while time.monotonic() < deadline and not until(messages):
-            for message in consumer.consume(1000, timeout=0.5):
-                if message.error():
-                    if message.error().code() != KafkaError._PARTITION_EOF:
-                        raise AssertionError(f"reading {topic}: {message.error()}")
-                    continue
-                messages.append(message)
+            messages.extend(consume_data(consumer, 1000, 0.5))
     finally:
         consumer.close()
     return messages
@@ -61,12 +56,7 @@ def read_to_end(settings: Settings, topic: str, timeout_s: float = 60.0) -> list
             if time.monotonic() > deadline:
                 raise AssertionError(f"reading {topic}: only partitions {sorted(at_end)} of {partitions} reached "
                                      f"their end within {timeout_s:.0f} s")
-            for message in consumer.consume(1000, timeout=0.5):
-                if message.error():
-                    if message.error().code() != KafkaError._PARTITION_EOF:
-                        raise AssertionError(f"reading {topic}: {message.error()}")
-                    at_end.add(message.partition())
-                    continue
+            for message in consume_data(consumer, 1000, 0.5, on_end=lambda eof: at_end.add(eof.partition())):
                 at_end.discard(message.partition())
                 messages.append(message)
     finally:

@@ -12,12 +12,13 @@ import pytest
 import torch
 
 from features.spec import DEFAULT_FEATURE_SPEC
+from models.artifacts import WEIGHTS_FILE
 from models.classifiers import ClassifierConfig, MultiTaskMLP, ShopperClassifier
 from models.nextitem import NextItemConfig, NextItemRecommender, SASRec
 from models.registry import ModelRegistry
 from models.scoring import CHURN, PURCHASE
 from models.sequences import ItemVocab
-from models.training import CLASSIFIER_MODEL, NEXTITEM_MODEL
+from models.names import CLASSIFIER_MODEL, NEXTITEM_MODEL
 from streams.generator import GeneratorConfig, ShopSimulator
 from streams.kafka import ensure_topics
 from streams.producer import produce
@@ -69,7 +70,7 @@ def test_models_score_recommend_alert_and_reload(broker, tmp_path):
         shutil.copytree(registry.version_dir(CLASSIFIER_MODEL, "v2"), broken)
         (broken / "metadata.json").write_text(json.dumps({**json.loads((broken / "metadata.json").read_text()),
                                                           "version": "v3"}))
-        weights = broken / "weights.pt"
+        weights = broken / WEIGHTS_FILE
         weights.write_bytes(weights.read_bytes()[:100])  # truncated: must be refused, never half-loaded
         produce(second, settings.topic_by_kind, settings.librdkafka_config())
         events = valid_events(first + second)

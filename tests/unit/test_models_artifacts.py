@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import json
+import pathlib
 
 import pytest
 import torch
 
-from models.artifacts import ArtifactError, load_artifact, save_artifact, verify_artifact
+from models.artifacts import WEIGHTS_FILE, ArtifactError, load_artifact, save_artifact, sha256_file, verify_artifact
 from models.nextitem import NextItemConfig, NextItemRecommender, SASRec
 from models.registry import ModelRegistry, RegistryError, current, list_models, promote, rollback
 from models.sequences import ItemVocab
@@ -30,6 +31,8 @@ def test_round_trip_gives_identical_recommendations(tmp_path):
     assert meta["kind"] == "nextitem-sasrec-ce" and meta["version"] == "v1"
     assert meta["feature_spec_hash"] is None and meta["vocab"]["size"] == 8 and len(meta["weights"]["sha256"]) == 64
     assert meta["metrics"] == {"HR@10": 0.5} and meta["training_data"] == {"users": 3}
+    assert meta["format_version"] == 2 and meta["weights"]["format"] == "safetensors"
+    assert sorted(p.name for p in path.iterdir()) == ["metadata.json", "vocab.json", WEIGHTS_FILE]
     loaded = NextItemRecommender.load(path, expected_vocab_sha256=VOCAB.sha256())
     hist = [["sku1", "sku2"], [], ["sku7"]]
     assert loaded.recommend(hist, k=4) == rec.recommend(hist, k=4)
@@ -45,17 +48,17 @@ def test_artifacts_are_immutable(tmp_path):
 
 def test_corrupt_weights_refused(tmp_path):
     path = make_rec().save(tmp_path / "a", "1")
-    w = path / "weights.pt"
+    w = path / WEIGHTS_FILE
     data = bytearray(w.read_bytes())
     data[len(data) // 2] ^= 0xFF
     w.write_bytes(bytes(data))
-    with pytest.raises(ArtifactError, match="sha256 of weights.pt"):
+    with pytest.raises(ArtifactError, match=f"sha256 of {WEIGHTS_FILE}"):
         NextItemRecommender.load(path)
 
 
 def test_truncated_weights_refused(tmp_path):
     path = make_rec().save(tmp_path / "a", "1")
-    w = path / "weights.pt"
+    w = path / WEIGHTS_FILE
     w.write_bytes(w.read_bytes()[:100])
     with pytest.raises(ArtifactError, match="truncated"):
         load_artifact(path)
@@ -108,20 +111,27 @@ def test_feature_spec_and_vocab_mismatch_refused(tmp_path):
         NextItemRecommender.load(path)
 
 
+class Evil:
+    """Unpickling this creates ``marker``: proof that a pickle's code ran."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (self.marker,))
+
+
 def test_pickled_code_is_never_loaded(tmp_path):
-    class Evil:
-        def __reduce__(self):
-            return (print, ("pwned",))
-
+    marker = tmp_path / "pwned"
     path = save_artifact(tmp_path / "e", {"w": torch.zeros(1)}, kind="k", version="1")
-    torch.save({"w": Evil()}, path / "weights.pt")  # then "fix" the checksum to pass verification
-    from models.artifacts import sha256_file
-
+    weights = path / WEIGHTS_FILE
+    torch.save({"w": Evil(marker)}, weights)  # then "fix" the checksum to pass verification
     meta = json.loads((path / "metadata.json").read_text())
-    meta["weights"].update(sha256=sha256_file(path / "weights.pt"), bytes=(path / "weights.pt").stat().st_size)
+    meta["weights"].update(sha256=sha256_file(weights), bytes=weights.stat().st_size)
     (path / "metadata.json").write_text(json.dumps(meta))
     with pytest.raises(ArtifactError, match="could not be read"):
         load_artifact(path)
+    assert not marker.exists()
 
 
 def test_shape_mismatch_with_model_code_refused(tmp_path):
@@ -162,7 +172,7 @@ def test_registry_refuses_unknown_or_corrupt_versions(tmp_path):
     with pytest.raises(RegistryError, match="no version '9'"):
         reg.promote("m", "9")
     path = make_rec().save(reg.version_dir("m", "2"), "2")
-    (path / "weights.pt").write_bytes(b"broken")
+    (path / WEIGHTS_FILE).write_bytes(b"broken")
     with pytest.raises(RegistryError, match="refusing"):
         reg.promote("m", "2")
     assert reg.current("m") == "1"  # pointer untouched

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from models.artifacts import ArtifactError
+from models.binary_metrics import expected_calibration_error, roc_auc
 from models.classifiers import (
-    ClassifierConfig, ClassifierTrainConfig, ShopperClassifier, expected_calibration_error, fit_platt,
-    fit_temperature, roc_auc, train_classifier,
+    ClassifierConfig, ClassifierTrainConfig, ShopperClassifier, fit_platt, fit_temperature, train_classifier,
 )
 
 torch.set_num_threads(1)

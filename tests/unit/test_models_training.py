@@ -16,15 +16,14 @@ from features.offline import final_states, replay
 from features.spec import DEFAULT_FEATURE_SPEC
 from features.state import APPLIED, DAY_MS, HOUR_MS, MINUTE_MS
 from models.artifacts import ArtifactError, load_artifact
-from models.classifiers import ShopperClassifier, roc_auc
+from models.binary_metrics import RankedScores, roc_auc
+from models.classifiers import ShopperClassifier
 from models.labels import MOMENT_EVENT, MOMENT_SWEEP, TASKS, LabelConfig
 from models.nextitem import NextItemRecommender
 from models.registry import ModelRegistry
 from models.train_cli import main, models_main, read_events_jsonl
+from models.names import CLASSIFIER_MODEL, NEXTITEM_MODEL
 from models.training import (
-    CLASSIFIER_MODEL,
-    NEXTITEM_MODEL,
-    RankedScores,
     TrainingConfig,
     build_examples,
     fit_and_evaluate_classifiers,

@@ -16,7 +16,7 @@ from models.nextitem import NextItemConfig, NextItemRecommender, SASRec
 from models.registry import ModelRegistry
 from models.scoring import BatchScorer
 from models.sequences import ItemVocab
-from models.training import CLASSIFIER_MODEL, NEXTITEM_MODEL
+from models.names import CLASSIFIER_MODEL, NEXTITEM_MODEL
 from streams.generator import GeneratorConfig, ShopSimulator
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch sees none here)")

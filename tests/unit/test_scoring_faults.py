@@ -8,7 +8,7 @@ from features.state import ShopperState
 from models.classifiers import ClassifierConfig, MultiTaskMLP, ShopperClassifier
 from models.registry import ModelRegistry
 from models.scoring import CHURN, PURCHASE, BatchScorer
-from models.training import CLASSIFIER_MODEL
+from models.names import CLASSIFIER_MODEL
 
 NOW_MS = 1_760_000_000_000
 

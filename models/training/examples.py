@@ -1,0 +1,139 @@
+"""Point-in-time rows: replay the log, take rows at scoring moments, label them (:func:`build_examples`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import numpy as np
+
+from features.events import Event
+from features.offline import replay
+from features.spec import DEFAULT_FEATURE_SPEC, FeatureSpec
+from features.state import APPLIED, StateConfig
+
+from ..labels import (
+    MOMENT_EVENT,
+    MOMENT_SWEEP,
+    FutureIndex,
+    LabelConfig,
+    MomentSampler,
+    label_moments,
+    label_summary,
+    sweep_times,
+)
+
+
+class _StateTap:
+    """Stands in for the FeatureSpec inside :func:`features.offline.replay`.
+
+    ``replay`` calls ``spec.row(state, event.ts_ms)`` right after ``state.update(event)``; the tap
+    remembers that live state (so sweeps can read every shopper's state between events) and
+    returns no row: rows are computed only for the moments that become examples, with the real
+    spec, from the same state at the same time, so they equal replay's rows (tested).
+    """
+
+    _EMPTY = np.zeros(0, dtype=np.float32)
+
+    def __init__(self, spec: FeatureSpec) -> None:
+        self.spec = spec
+        self.states: dict[str, Any] = {}
+        self.last: Any = None
+
+    def row(self, state: Any, now_ms: int) -> np.ndarray:
+        self.states[state.user_id] = state
+        self.last = state
+        return self._EMPTY
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.spec, name)
+
+
+@dataclass
+class ExampleSet:
+    """Labelled point-in-time rows.
+
+    Attributes:
+        x: ``float32 [M, spec.dim]`` feature rows; y: ``float32 [M, 2]`` labels (:data:`TASKS`,
+        NaN = censored); ts: moment times; users: shopper ids; moment: 0 event / 1 sweep.
+        applied: the applied events in replay order (for next-item sequences).
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    ts: np.ndarray
+    users: list[str]
+    moment: np.ndarray
+    applied: list[Event]
+    observed_from_ms: int
+    observed_until_ms: int
+    counts: dict[str, Any]
+
+
+def build_examples(events: Iterable[Event], labels: LabelConfig = LabelConfig(),
+                   state_config: StateConfig = StateConfig(), spec: FeatureSpec = DEFAULT_FEATURE_SPEC,
+                   observed_until_ms: int | None = None, progress: bool = False) -> ExampleSet:
+    """Replay the log, take rows at scoring moments, label them (see :mod:`models.labels`)."""
+    events = list(events)
+    if not events:
+        raise ValueError("no events to train on")
+    ts_sorted = np.sort(np.fromiter((e.ts_ms for e in events), dtype=np.int64, count=len(events)))
+    first_ms = int(ts_sorted[0])
+    until = int(observed_until_ms) if observed_until_ms is not None else int(ts_sorted[-1])
+    sweeps = [t for t in sweep_times(first_ms, until, labels.sweep_every_ms)]
+    max_idle = labels.max_idle_ms
+    tap = _StateTap(spec)
+    sampler = MomentSampler(labels.example_gap_ms)
+    rows: list[np.ndarray] = []
+    users: list[str] = []
+    times: list[int] = []
+    kinds: list[int] = []
+    applied: list[Event] = []
+    duplicates = 0
+    j = 0
+    n = len(events)
+    from tqdm.auto import tqdm
+
+    stream = replay(events, state_config, tap)  # type: ignore[arg-type]  (duck-typed spec, see _StateTap)
+    for k, (event, outcome, _) in enumerate(tqdm(stream, total=n, desc="replay", disable=not progress,
+                                                 dynamic_ncols=True, mininterval=1.0)):
+        state = tap.last
+        if state is None or state.user_id != event.user_id:
+            raise RuntimeError("features.offline.replay no longer calls spec.row(state, ts) after each update; "
+                               "models.training._StateTap must follow it")
+        tap.last = None
+        if outcome == APPLIED:
+            applied.append(event)
+            if sampler.accept(event.user_id, event.ts_ms):
+                rows.append(spec.row(state, event.ts_ms))
+                users.append(event.user_id)
+                times.append(event.ts_ms)
+                kinds.append(MOMENT_EVENT)
+        else:
+            duplicates += 1
+        nxt = int(ts_sorted[k + 1]) if k + 1 < n else None
+        while j < len(sweeps) and (nxt is None or sweeps[j] < nxt):
+            t = sweeps[j]
+            j += 1
+            if t > until:
+                continue
+            live = [s for s in tap.states.values() if t - s.last_event_ms <= max_idle]
+            if live:
+                rows.append(spec.matrix(live, t))
+                users.extend(s.user_id for s in live)
+                times.extend([t] * len(live))
+                kinds.extend([MOMENT_SWEEP] * len(live))
+    x = np.vstack([r.reshape(-1, spec.dim) for r in rows]).astype(np.float32) if rows else \
+        np.zeros((0, spec.dim), np.float32)
+    ts = np.asarray(times, dtype=np.int64)
+    index = FutureIndex(applied)
+    y = label_moments(index, users, ts, labels, until)
+    keep = ~np.isnan(y).all(axis=1)
+    moment = np.asarray(kinds, dtype=np.int8)
+    counts = {
+        "events": n, "applied_events": len(applied), "duplicates": duplicates, "shoppers": len(tap.states),
+        "moments": {"event": int((moment == MOMENT_EVENT).sum()), "sweep": int((moment == MOMENT_SWEEP).sum())},
+        "dropped_all_censored": int((~keep).sum()),
+        "labels": label_summary(y),
+    }
+    users_kept = [u for u, kk in zip(users, keep) if kk]
+    return ExampleSet(x[keep], y[keep], ts[keep], users_kept, moment[keep], applied, first_ms, until, counts)
