@@ -13,7 +13,7 @@ from features.state import StateConfig
 from models.classifiers import ClassifierConfig, MultiTaskMLP, ShopperClassifier
 from models.registry import ModelRegistry
 from models.scoring import BatchScorer
-from models.training import CLASSIFIER_MODEL
+from models.names import CLASSIFIER_MODEL
 from streams.alerts import AlertPolicy
 from streams.metrics import WorkerMetrics
 from streams.pipeline import BatchProcessor
