@@ -215,13 +215,33 @@ def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not JSON (strict JSON has no NaN or Infinity)")
 
 
+def _object_without_repeated_names(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's members as a dict, refusing a name that appears twice in it.
+
+    Python keeps the last of repeated names, other parsers the first or an error: a forged or
+    double-serialised event can show a schema check one ``user_id`` and the worker another.
+    Called by the C scanner for every object, nested ones too (order lines, unknown fields).
+    """
+    doc = dict(pairs)
+    if len(doc) == len(pairs):
+        return doc
+    seen: set[str] = set()
+    for name, _ in pairs:
+        if name in seen:
+            break
+        seen.add(name)
+    raise _fail(REASON_BAD_JSON, f"field {name[:40]!r} appears more than once in one object; send each field "
+                                 "once (parsers disagree about which value counts)")
+
+
 #: One decoder for every message (``json.loads`` with options builds a new one per call).
-_JSON_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+_JSON_DECODER = json.JSONDecoder(parse_constant=_reject_constant, object_pairs_hook=_object_without_repeated_names)
 _SCAN_JSON = _JSON_DECODER.scan_once
 
 
 def decode_json_object(value: bytes | None, limits: ValidationLimits = DEFAULT_LIMITS) -> dict[str, Any]:
-    """Parse a message value into a JSON object, enforcing the size limit first."""
+    """Parse a message value into a JSON object, enforcing the size limit first and refusing
+    repeated names in any of its objects."""
     if value is None:
         raise _fail(REASON_BAD_JSON, "message has no value (a tombstone?); input topics carry JSON events only")
     if len(value) > limits.max_event_bytes:
@@ -234,6 +254,8 @@ def decode_json_object(value: bytes | None, limits: ValidationLimits = DEFAULT_L
             end = -1
         if end != len(text):  # whitespace around it, trailing bytes or no JSON: the full decoder decides
             doc = _JSON_DECODER.decode(text)
+    except InvalidEvent:  # a repeated name: the hook's detail says which
+        raise
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise _fail(REASON_BAD_JSON, f"value is not UTF-8 JSON ({str(exc)[:120]}); send one JSON object per message") from None
     if type(doc) is not dict:
