@@ -234,32 +234,19 @@ def _object_without_repeated_names(pairs: list[tuple[str, Any]]) -> dict[str, An
                                  "once (parsers disagree about which value counts)")
 
 
-def _names_differ(text: str, doc: dict[str, Any]) -> bool:
-    """True when no object in ``text`` repeats a name; False when that is not certain.
-
-    Every member of every object in the text has one colon outside strings, and a parsed dict
-    holds fewer names than its text when a name repeats. So colons >= members in the text >=
-    names in any set of the parsed objects, and colons equal to the names of the event and its
-    order lines leave no room for a repeat anywhere. Nested unknown objects, colons inside
-    strings or a repeat make the count differ: the caller then asks the checking decoder.
-    """
-    colons = text.count(":")
-    names = len(doc)
-    if colons == names:
-        return True  # a flat event: page views and cart changes
+def _order_line_names(doc: dict[str, Any]) -> int:
+    """How many names the event's order lines hold (0 for other kinds)."""
     lines = doc.get("items")
-    if type(lines) is list:
-        for line in lines:
-            if type(line) is dict:
-                names += len(line)
-    return colons == names
+    if type(lines) is not list:
+        return 0
+    return sum(len(line) for line in lines if type(line) is dict)
 
 
 #: One decoder for every message (``json.loads`` with options builds a new one per call).
 _JSON_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 _SCAN_JSON = _JSON_DECODER.scan_once
 #: The same, refusing repeated names. Its hook made parse_event 17% slower on the generator's
-#: messages, so it only decides those :func:`_names_differ` cannot clear.
+#: messages, so it only decides those a colon count cannot clear (see :func:`decode_json_object`).
 _CHECKING_DECODER = json.JSONDecoder(parse_constant=_reject_constant, object_pairs_hook=_object_without_repeated_names)
 
 
@@ -278,8 +265,15 @@ def decode_json_object(value: bytes | None, limits: ValidationLimits = DEFAULT_L
             end = -1
         if end != len(text):  # whitespace around it, trailing bytes or no JSON: the full decoder decides
             doc = _JSON_DECODER.decode(text)
-        if type(doc) is not dict or not _names_differ(text, doc):
-            doc = _CHECKING_DECODER.decode(text)  # it raises on a repeated name, or decodes the same
+        # No repeated names: every member of every object in the text has one colon outside
+        # strings, and a parsed dict holds fewer names than its text when a name repeats. So
+        # colons >= members in the text >= names in any of the parsed objects, and as many colons
+        # as names in the event (and its order lines) leaves no room for a repeat anywhere.
+        # Nested unknown objects, colons inside strings or a repeat make them differ: then the
+        # checking decoder decides (it raises on a repeated name, or decodes the same).
+        if type(doc) is not dict or ((colons := text.count(":")) != len(doc)
+                                     and colons != len(doc) + _order_line_names(doc)):
+            doc = _CHECKING_DECODER.decode(text)
     except InvalidEvent:  # a repeated name: the hook's detail says which
         raise
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
