@@ -57,7 +57,7 @@ order_lines = st.lists(st.lists(st.tuples(member_names, st.booleans(), json_tree
                        max_size=3)
 
 
-@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(members=st.lists(st.tuples(member_names, st.booleans(), json_trees | order_lines), max_size=5),
        colon=st.sampled_from([":", ": ", " :"]))
 def test_repeated_names_are_bad_json_exactly_where_a_checking_parser_finds_them(members, colon):
