@@ -33,8 +33,8 @@ import sys
 import time
 import types
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))

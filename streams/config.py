@@ -76,7 +76,8 @@ SETTINGS_DOC: dict[str, tuple[str, str, str]] = {
     "metrics_host": ("SHOPPULSE_METRICS_HOST", "127.0.0.1", "address of the /metrics, /healthz, /readyz server"),
     "metrics_port": ("SHOPPULSE_METRICS_PORT", "9108", "port of that server (0 = pick a free one)"),
     "log_level": ("SHOPPULSE_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
-    "log_format": ("SHOPPULSE_LOG_FORMAT", "text", "text (for people) or json (one object per line: time, level, logger, message, exception)"),
+    "log_format": ("SHOPPULSE_LOG_FORMAT", "text",
+                   "text (for people) or json (one object per line: time, level, logger, message, exception)"),
 }
 
 

@@ -21,7 +21,14 @@ from streams.kafka import required_topics
 from streams.metrics import METRIC_NAMES, WorkerMetrics
 from tests.unit.test_deploy_static import DOCS, HISTOGRAM_SUFFIXES, ROOT, alert_rules, topic_setup_topics
 from tests.unit.test_k8s_static import (  # noqa: F401 - job, resources, docs_by_file, topics_script are fixtures
-    _flag, _run_topics_script, container, container_env, docs_by_file, job, resources, topics_script,
+    _flag,
+    _run_topics_script,
+    container,
+    container_env,
+    docs_by_file,
+    job,
+    resources,
+    topics_script,
 )
 
 DOCUMENTS = [*sorted((ROOT / "docs").glob("*.md")), ROOT / "README.md", ROOT / "RELIABILITY.md"]
@@ -67,7 +74,7 @@ def count_of(word: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def job_topics(job, topics_script, resources, tmp_path_factory) -> list[str]:
+def job_topics(job, topics_script, resources, tmp_path_factory) -> list[str]:  # noqa: F811 - fixtures, imported
     """The topics deploy/k8s/job-topics.yaml creates: its script run with a stand-in kafka-topics.sh."""
     env = container_env(container(job), resources)
     code, calls, stderr = _run_topics_script(topics_script, env, tmp_path_factory.mktemp("job"),
@@ -98,7 +105,8 @@ def test_every_metric_a_document_names_is_exported(path):
         named = set(_METRIC.findall(sentence))
         if _SAYS_NOT_EXPORTED.search(sentence):
             wrongly = sorted(named & exported)
-            assert not wrongly, f"{path.name} says {wrongly} are not exported, but the worker exports them: {sentence!r}"
+            assert not wrongly, \
+                f"{path.name} says {wrongly} are not exported, but the worker exports them: {sentence!r}"
         else:
             unknown = sorted(named - exported)
             assert not unknown, f"{path.name} names {unknown}, which streams/metrics.py does not export: {sentence!r}"
@@ -118,7 +126,8 @@ def test_every_topic_a_document_names_exists(services, job_topics):
     for path in DOCUMENTS:
         for sentence in sentences(path):
             unknown = sorted(set(topics_named(sentence)) - known)
-            assert not unknown, f"{path.name} names topics {unknown}, which ShopPulse neither reads nor writes: {sentence!r}"
+            assert not unknown, \
+                f"{path.name} names topics {unknown}, which ShopPulse neither reads nor writes: {sentence!r}"
             found += len(topics_named(sentence))
     assert found >= len(known), "the topic reader found fewer mentions than there are topics"
 

@@ -29,7 +29,7 @@ def _record(message: str, *args: object, exc_info=None) -> logging.LogRecord:
 
 
 def test_json_lines_carry_time_level_logger_and_message():
-    before = dt.datetime.now(dt.timezone.utc)
+    before = dt.datetime.now(dt.UTC)
     line = JsonFormatter().format(_record("lag of %d on %s\nsecond line: café", 12, "shop.cart"))
     assert "\n" not in line, "a record must stay on one line"
     doc = json.loads(line)
@@ -38,7 +38,7 @@ def test_json_lines_carry_time_level_logger_and_message():
     assert doc["message"] == "lag of 12 on shop.cart\nsecond line: café"
     logged = dt.datetime.fromisoformat(doc["time"])
     assert logged.utcoffset() == dt.timedelta(0)
-    assert before - dt.timedelta(seconds=1) <= logged <= dt.datetime.now(dt.timezone.utc)
+    assert before - dt.timedelta(seconds=1) <= logged <= dt.datetime.now(dt.UTC)
 
 
 def test_json_lines_carry_the_exception_with_its_traceback():
