@@ -41,6 +41,7 @@ from streams.kafka import (BROKER_PROFILE_TANSU, TANSU_FETCH_MAX_WAIT_MS, ensure
                            resolve_broker_profile, tansu_client_overrides)
 from streams.batch_consumer import BatchDrainConsumer, BatchingApp, MicroBatch, MicroBatcher
 from streams.batch_producer import BatchProducer
+from streams.logs import worker_logging_config
 from streams.metrics import HealthState, MetricsServer, WorkerMetrics
 from streams.pipeline import BatchOutcome, BatchProcessor, InputMessage
 from streams.table_writer import TableWriter
@@ -435,6 +436,8 @@ class ScoringWorker:
                                             self.settings.metrics_port).start()
         worker = self._faust_worker = _Worker(self.app, after_start=self._on_startup_finished,
                                               loglevel=self.settings.log_level.lower().replace("warning", "warn"),
+                                              logging_config=worker_logging_config(self.settings.log_level,
+                                                                                   self.settings.log_format),
                                               quiet=True, redirect_stdouts=False)
         try:
             worker.execute_from_commandline()
@@ -454,6 +457,8 @@ class _Worker(faust.Worker):
     def __init__(self, app: faust.App, after_start: Any, **kwargs: Any) -> None:
         super().__init__(app, **kwargs)
         self._after_start = after_start
+        if not self.stdout.isatty():  # Faust's spinner writes cursor escapes even into a log file
+            self.spinner = None
 
     async def on_startup_finished(self) -> None:
         await super().on_startup_finished()

@@ -10,12 +10,9 @@ from pathlib import Path
 from typing import Sequence
 
 from streams.config import ConfigError, Settings
+from streams.logs import setup_logging
 
 log = logging.getLogger("shoppulse")
-
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
 
 
 def cmd_broker(args: argparse.Namespace, settings: Settings) -> int:
@@ -209,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"shoppulse: configuration error: {exc}", file=sys.stderr)
         return 2
-    _setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)
     try:
         return int(args.func(args, settings) or 0)
     except KeyboardInterrupt:

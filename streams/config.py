@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from streams.logs import LOG_FORMATS
+
 BROKER_PROFILE_AUTO = "auto"
 BROKER_PROFILE_KAFKA = "kafka"
 BROKER_PROFILE_TANSU = "tansu"
@@ -148,6 +150,8 @@ SETTINGS_DOC: dict[str, tuple[str, str, str]] = {
     "metrics_host": ("SHOPPULSE_METRICS_HOST", "127.0.0.1", "address of the /metrics, /healthz, /readyz server"),
     "metrics_port": ("SHOPPULSE_METRICS_PORT", "9108", "port of that server (0 = pick a free one)"),
     "log_level": ("SHOPPULSE_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
+    "log_format": ("SHOPPULSE_LOG_FORMAT", "text",
+                   "text (for people) or json (one object per line: time, level, logger, message, exception)"),
 }
 
 
@@ -236,6 +240,7 @@ class Settings:
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9108
     log_level: str = "INFO"
+    log_format: str = "text"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -289,6 +294,8 @@ class Settings:
                               "SHOPPULSE_SILENT_SWEEP_INTERVAL_S must be at least 1")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"SHOPPULSE_LOG_LEVEL={self.log_level!r}; use DEBUG, INFO, WARNING or ERROR")
+        if self.log_format not in LOG_FORMATS:
+            raise ConfigError(f"SHOPPULSE_LOG_FORMAT={self.log_format!r}; use text or json")
         if not 0.0 <= self.churn_alert_low < self.churn_alert_high <= 1.0:
             raise ConfigError("SHOPPULSE_CHURN_ALERT_LOW must be below SHOPPULSE_CHURN_ALERT_HIGH, both in [0, 1]")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):

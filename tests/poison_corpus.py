@@ -72,6 +72,12 @@ def poison_corpus(now_ms: int) -> list[PoisonCase]:
         case("utf16", TOPIC_KIND_VIEW, view, REASON_BAD_JSON, raw=json.dumps(view).encode("utf-16")),
         case("bom", TOPIC_KIND_VIEW, view, REASON_BAD_JSON, raw=b"\xef\xbb\xbf" + _json(view)),
         case("deep-nesting", TOPIC_KIND_VIEW, view, REASON_BAD_JSON, raw=deep),
+        # a repeated name hides a field: Python would take the last user_id, matching the key
+        case("repeated-user-id", TOPIC_KIND_VIEW, view, REASON_BAD_JSON,
+             raw=b'{"user_id": "poison-u9", ' + _json({**view, "event_id": "p-repeated-user-id"})[1:]),
+        case("repeated-line-price", TOPIC_KIND_ORDER, order, REASON_BAD_JSON,
+             raw=_json({**order, "event_id": "p-repeated-line-price"}).replace(b'"price": 9.5',
+                                                                              b'"price": 0.0, "price": 9.5', 1)),
         v("nan-price", REASON_BAD_JSON, price=float("nan")),
         o("infinite-total", REASON_BAD_JSON, total=float("inf")),
         case("array", TOPIC_KIND_ORDER, view, REASON_NOT_OBJECT, raw=_json([order])),

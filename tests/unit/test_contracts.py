@@ -301,6 +301,47 @@ def test_parse_event_reason_codes(label: str, value: bytes | None, key: bytes | 
     assert caught.value.detail
 
 
+def _repeating(kind: str, member: str, before: str) -> bytes:
+    """The kind's example with ``before`` inserted just ahead of its JSON text ``member``."""
+    text = json.dumps(EXAMPLES[kind])
+    assert text.count(member) == 1, member
+    return text.replace(member, before + member).encode()
+
+
+REPEATED_NAMES = [  # (label, kind, value); Python's parser keeps the last value, others the first
+    ("user_id", "page_view", _repeating("page_view", '"user_id": "u-1842"', '"user_id": "u-0001", ')),
+    ("user_id escaped", "page_view", _repeating("page_view", '"user_id": "u-1842"', '"user\\u005fid": "u-0001", ')),
+    ("same value twice", "page_view", _repeating("page_view", '"price": 89.9', '"price": 89.9, ')),
+    ("in an order line", "order", _repeating("order", '"quantity": 1', '"quantity": 10, ')),
+    ("in an unknown field", "cart", _repeating("cart", '"quantity": 2', '"extra": {"a": 1, "a": 2}, ')),
+    ("spaces around", "page_view", b" " + _repeating("page_view", '"ts"', '"ts": 1, ') + b"\n"),
+]
+
+
+@pytest.mark.parametrize(("label", "kind", "value"), REPEATED_NAMES, ids=[case[0] for case in REPEATED_NAMES])
+def test_parse_event_rejects_repeated_names_at_any_depth(label: str, kind: str, value: bytes) -> None:
+    # Each one is a valid event, keyed right, for a parser that lets the last value win.
+    assert event_from_dict(kind, json.loads(value), NOW_MS) == event_from_dict(kind, EXAMPLES[kind], NOW_MS)
+    with pytest.raises(InvalidEvent) as caught:
+        parse_event(kind, USER_KEY, value, NOW_MS)
+    assert caught.value.reason == events.REASON_BAD_JSON
+    assert "appears more than once" in caught.value.detail
+
+
+def test_repeated_names_detail_names_the_field() -> None:
+    with pytest.raises(InvalidEvent) as caught:
+        parse_event("page_view", USER_KEY, REPEATED_NAMES[0][2], NOW_MS)
+    assert caught.value.detail.startswith("field 'user_id' appears more than once")
+
+
+def test_a_name_may_repeat_in_different_objects() -> None:
+    order = EXAMPLES["order"]
+    assert [line["item_id"] for line in order["items"]] and "item_id" not in order
+    doc = {**order, "item_id": "sku-1", "extra": {"item_id": "sku-2", "items": []}}
+    event = parse_event("order", USER_KEY, json.dumps(doc).encode(), NOW_MS)
+    assert event == event_from_dict("order", order, NOW_MS)
+
+
 def test_parse_event_allows_the_skew_limit_exactly() -> None:
     value = _bytes("page_view", ts=NOW_MS + 5 * 60 * 1000)
     assert parse_event("page_view", USER_KEY, value, NOW_MS).ts_ms == NOW_MS + 5 * 60 * 1000

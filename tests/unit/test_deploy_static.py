@@ -441,14 +441,21 @@ def _topic_setup_script(services) -> tuple[list[str], list[str], str]:
     return loop.split(), shlex.split(create), script
 
 
+def topic_setup_topics(services) -> list[str]:
+    """The topics the topic-setup service creates, by name, in its order."""
+    env = env_of(services["topic-setup"])
+    loop_vars, _, _ = _topic_setup_script(services)
+    assert all(v.startswith("$") for v in loop_vars)
+    return [env[v.lstrip("$").strip("{}")] for v in loop_vars]
+
+
 def test_topic_setup_creates_the_required_topics(services):
     setup = services["topic-setup"]
     assert setup["image"] == services["kafka"]["image"]
     assert setup["depends_on"]["kafka"]["condition"] == "service_healthy"
     env = env_of(setup)
-    loop_vars, create, script = _topic_setup_script(services)
-    assert all(v.startswith("$") for v in loop_vars)
-    names = [env[v.lstrip("$").strip("{}")] for v in loop_vars]
+    _, create, script = _topic_setup_script(services)
+    names = topic_setup_topics(services)
     expected = required_topics(Settings.from_env({}))
     assert names == [t.name for t in expected], "topic-setup must create exactly streams.kafka.required_topics"
     assert create[0] == "/opt/kafka/bin/kafka-topics.sh" and "--if-not-exists" in create
