@@ -283,8 +283,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     selection = Selection(tuple(args.reason), tuple(args.source_topic), args.since, args.until, args.time)
     dead_letters = read_dead_letters(settings, topic)
     candidates = [d for d in dead_letters if d is not None and selection.matches(d)]
-    refs = replayed_refs(settings, {d.source_topic for d in candidates},
-                         min((d.failed_at_ms for d in candidates), default=0) - CLOCK_SKEW_MARGIN_MS)
+    # Never below 0: ListOffsets reads -1 and -2 as "latest" and "earliest", not as times.
+    search_from_ms = max(0, min((d.failed_at_ms for d in candidates), default=0) - CLOCK_SKEW_MARGIN_MS)
+    refs = replayed_refs(settings, {d.source_topic for d in candidates}, search_from_ms)
     plan = plan_replay(dead_letters, selection, refs)
     verb = "would replay" if args.dry_run else "replaying"
     print(f"{topic}: {len(dead_letters)} messages; {verb} {len(plan.to_send)}, "
