@@ -1,4 +1,4 @@
-"""The ``shoppulse`` command: broker, worker, generate, replay, tail, demo, train and model tools."""
+"""The ``shoppulse`` command: broker, worker, generate, replay, tail, dlq, demo, train and model tools."""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from streams import dlq
 from streams.config import ConfigError, Settings
 from streams.logs import setup_logging
 
@@ -167,6 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from-beginning", action="store_true")
     p.add_argument("--limit", type=int, default=0, help="stop after this many messages (0 = never)")
     p.set_defaults(func=cmd_tail)
+
+    p = sub.add_parser("dlq", help="dead-letter tools: `shoppulse dlq replay` resends fixed dead letters")
+    dlq.add_arguments(p)
+    p.set_defaults(func=dlq.run)
 
     p = sub.add_parser("demo", help="embedded broker + worker + generator, with a live view")
     p.add_argument("--duration", type=float, default=0, help="seconds to run (0 = until Ctrl-C)")

@@ -45,6 +45,8 @@ from tests.unit.test_deploy_static import (
 
 K8S = ROOT / "deploy" / "k8s"
 KUSTOMIZATION = K8S / "kustomization.yaml"
+#: The optional KEDA autoscaler, a kustomize Component outside the base.
+KEDA_COMPONENT = K8S / "components" / "keda-autoscaling"
 #: Files in deploy/k8s that `kubectl apply -k` must not apply (placeholders to fill in first).
 TEMPLATE_SUFFIX = ".template.yaml"
 WORKER = "shoppulse-worker"
@@ -190,7 +192,8 @@ def test_every_manifest_parses_and_the_kustomization_lists_them(docs_by_file, re
         assert doc.get("apiVersion") and doc.get("kind") and doc["metadata"].get("name"), name
         assert "namespace" not in doc["metadata"], f"{name}: manifests are namespace-less"
     assert len(resources) == len(docs_by_file), "(kind, name) pairs must be unique"
-    for kind in ("ConfigMap", "Secret", "StatefulSet", "Service", "PodMonitor", "Job", "PersistentVolumeClaim"):
+    for kind in ("ConfigMap", "Secret", "StatefulSet", "Service", "PodMonitor", "Job", "PersistentVolumeClaim",
+                 "PodDisruptionBudget"):
         assert any(k == kind for k, _ in resources), f"deploy/k8s has no {kind}"
 
 
@@ -461,6 +464,70 @@ def test_topics_job_fails_on_another_partition_count(job, topics_script, resourc
     assert props == "security.protocol=PLAINTEXT\n", "the Secret's placeholders are unused without SASL"
 
 
+# --------------------------------------------------------------------------- disruptions and autoscaling
+
+def test_disruption_budget_lets_one_worker_go_at_a_time(worker, job, resources):
+    pdb = one(resources, "PodDisruptionBudget", WORKER)
+    assert pdb["apiVersion"] == "policy/v1"
+    selector = {"matchLabels": worker["spec"]["selector"]["matchLabels"]}
+    assert pdb["spec"] == {"maxUnavailable": 1, "selector": selector}, \
+        "maxUnavailable 1 (minAvailable would block drains of a single replica), over the workers' pods only"
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels(worker).items()
+    assert not pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels(job).items(), "the Job is no worker"
+
+
+@pytest.fixture(scope="module")
+def keda_component() -> dict:
+    return load_yaml(KEDA_COMPONENT / "kustomization.yaml")
+
+
+@pytest.fixture(scope="module")
+def scaled_object(keda_component) -> dict:
+    docs = [d for name in keda_component["resources"] for d in yaml.safe_load_all((KEDA_COMPONENT / name).read_text())
+            if d is not None]
+    (only,) = docs
+    assert (only["apiVersion"], only["kind"]) == ("keda.sh/v1alpha1", "ScaledObject")
+    return only
+
+
+def test_keda_component_adds_the_autoscaler_and_frees_the_replica_count(keda_component):
+    assert (keda_component["apiVersion"], keda_component["kind"]) == ("kustomize.config.k8s.io/v1alpha1", "Component")
+    assert sorted(keda_component["resources"]) == sorted(p.name for p in KEDA_COMPONENT.glob("*.yaml")
+                                                         if p.name != "kustomization.yaml")
+    (patch,) = keda_component["patches"]
+    assert patch["target"] == {"group": "apps", "version": "v1", "kind": "StatefulSet", "name": WORKER}
+    assert yaml.safe_load(patch["patch"]) == [{"op": "remove", "path": "/spec/replicas"}], \
+        "`kubectl apply` must not reset the replica count the autoscaler chose"
+
+
+def test_keda_scales_the_worker_on_the_lag_of_its_input_topics(scaled_object, worker, config, resources):
+    spec = scaled_object["spec"]
+    assert spec["scaleTargetRef"] == {"apiVersion": worker["apiVersion"], "kind": worker["kind"],
+                                      "name": worker["metadata"]["name"],
+                                      "envSourceContainerName": container(worker)["name"]}
+    assert spec["minReplicaCount"] == 1
+    assert spec["maxReplicaCount"] == int(config["SHOPPULSE_PARTITIONS"]), \
+        "one worker per partition at most: more would idle and never report ready"
+    settings = Settings.from_env(config)
+    env = container_env(container(worker), resources)
+    topics = []
+    for trigger in spec["triggers"]:
+        assert trigger["type"] == "kafka" and "authenticationRef" not in trigger
+        meta = trigger["metadata"]
+        assert not {"topic", "consumerGroup", "bootstrapServers"} & set(meta), \
+            "read names from the worker's environment (*FromEnv), so they cannot drift from the ConfigMap"
+        assert env[meta["bootstrapServersFromEnv"]] == settings.bootstrap_servers
+        assert env[meta["consumerGroupFromEnv"]] == settings.app_id, "Faust's consumer group is the app id"
+        topics.append(env[meta["topicFromEnv"]])
+        assert int(meta["lagThreshold"]) > 0 and meta["lagThreshold"] == spec["triggers"][0]["metadata"]["lagThreshold"]
+        assert meta["offsetResetPolicy"] == "earliest", "a new group starts at the earliest offset (streams/app.py)"
+        assert meta["allowIdleConsumers"] == "false"
+    assert sorted(topics) == sorted(settings.input_topics), "one trigger per input topic"
+    scale_down = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]
+    assert scale_down["stabilizationWindowSeconds"] >= spec["cooldownPeriod"]
+    assert [p["value"] for p in scale_down["policies"] if p["type"] == "Pods"] == [1], "one hand-over at a time"
+
+
 # --------------------------------------------------------------------------- docs and kubectl
 
 def test_deploy_docs_cover_kubernetes():
@@ -470,11 +537,38 @@ def test_deploy_docs_cover_kubernetes():
         assert needed in docs, f"docs/deploy.md does not mention {needed}"
 
 
-def test_kustomize_renders_the_manifests(resources):
+def test_deploy_docs_cover_disruptions_autoscaling_and_helm():
+    deploy, scaling = DOCS.read_text(), (ROOT / "docs" / "scaling.md").read_text()
+    for needed in ("PodDisruptionBudget", "maxUnavailable", "components/keda-autoscaling", "lagThreshold",
+                   "TriggerAuthentication", "## Helm"):
+        assert needed in deploy, f"docs/deploy.md does not mention {needed}"
+    for needed in ("keda-autoscaling", "lagThreshold", "maxReplicaCount"):
+        assert needed in scaling, f"docs/scaling.md does not mention {needed}"
+
+
+def kustomize(directory: Path) -> list[dict]:
+    """``kubectl kustomize DIRECTORY`` as parsed documents; skips where kubectl is not installed."""
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.skip("kubectl is not installed; the static checks above cover the manifests")
-    result = subprocess.run([kubectl, "kustomize", str(K8S)], capture_output=True, text=True, timeout=30, check=False)
+    result = subprocess.run([kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=30,
+                            check=False)
     assert result.returncode == 0, result.stderr
-    rendered = {(d["kind"], d["metadata"]["name"]) for d in yaml.safe_load_all(result.stdout) if d}
+    return [d for d in yaml.safe_load_all(result.stdout) if d]
+
+
+def test_kustomize_renders_the_manifests(resources):
+    rendered = {(d["kind"], d["metadata"]["name"]) for d in kustomize(K8S)}
     assert rendered == {key for key in resources if key[0] != "Secret"}
+
+
+def test_kustomize_renders_an_overlay_with_the_keda_component(resources, scaled_object, tmp_path):
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    base = os.path.relpath(K8S, overlay)  # kustomize refuses absolute paths
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
+        "resources": [base], "components": [os.path.relpath(KEDA_COMPONENT, overlay)]}))
+    rendered = {(d["kind"], d["metadata"]["name"]): d for d in kustomize(overlay)}
+    assert set(rendered) == {key for key in resources if key[0] != "Secret"} | {("ScaledObject", WORKER)}
+    assert rendered[("ScaledObject", WORKER)] == scaled_object
+    assert "replicas" not in rendered[("StatefulSet", WORKER)]["spec"]
