@@ -33,7 +33,7 @@ from streams.kafka import cluster_metadata, confluent_consumer_config, consume_d
 log = logging.getLogger(__name__)
 
 #: Header on a replayed message: the dead letter it was made from, ``<topic>:<partition>:<offset>``.
-REPLAYED_FROM = "shoppulse.replayed_from"
+REPLAYED_FROM = "shoppulse.dlq.replayed_from"
 #: The source topics are searched for earlier replays from this long (ms) before the earliest
 #: selected failure time: the replay's Kafka timestamp comes from the replaying machine's clock,
 #: the failure time from the worker's, and the two may disagree.
