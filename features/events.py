@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import unicodedata
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -45,13 +46,17 @@ REASON_TS_FUTURE = "ts_in_future"
 REASON_TS_TOO_OLD = "ts_too_old"
 REASON_WRONG_KEY = "wrong_key"
 REASON_UNSUPPORTED_VERSION = "unsupported_version"
+REASON_UNSAFE_ID = "unsafe_id"
 REASONS = (
     REASON_OVERSIZED, REASON_BAD_JSON, REASON_NOT_OBJECT, REASON_MISSING_FIELD,
     REASON_WRONG_TYPE, REASON_BAD_VALUE, REASON_NEGATIVE_PRICE, REASON_TS_FUTURE,
-    REASON_TS_TOO_OLD, REASON_WRONG_KEY, REASON_UNSUPPORTED_VERSION,
+    REASON_TS_TOO_OLD, REASON_WRONG_KEY, REASON_UNSUPPORTED_VERSION, REASON_UNSAFE_ID,
 )
 
 MAX_ID_CHARS = 128
+#: First characters that make a spreadsheet read an exported CSV cell as a formula (OWASP's
+#: CSV injection list; its tab and carriage return are not printable, so rejected anyway).
+FORMULA_FIRST_CHARS = "=+-@"
 MAX_PRICE = 10_000_000.0
 MAX_QUANTITY = 10_000
 MAX_ORDER_ITEMS = 500
@@ -127,9 +132,22 @@ def _fail(reason: str, detail: str) -> InvalidEvent:
     return InvalidEvent(reason, detail)
 
 
+#: What may not start an id: a space (see _unsafe_id_problem) or a formula character.
+_UNSAFE_FIRST_CHARS = " " + FORMULA_FIRST_CHARS
+#: The Unicode categories ``str.isprintable`` refuses (U+0020 aside), in words for the detail.
+_UNICODE_CATEGORY_NAMES = {
+    "Cc": "a control character", "Cf": "an invisible format character", "Cs": "a lone surrogate",
+    "Co": "a private-use character", "Cn": "an unassigned code point", "Zs": "a space other than U+0020",
+    "Zl": "a line separator", "Zp": "a paragraph separator",
+}
+
+
 def _str(doc: Mapping[str, Any], name: str, where: str, required: bool = True) -> str:
+    """An id field: 1 to MAX_ID_CHARS printable characters (or absent/empty where not ``required``)
+    that a log line, CSV export, Kafka header or dashboard shows as sent (docs/events.md, "Ids")."""
     value = doc.get(name)
-    if type(value) is str and value and len(value) <= MAX_ID_CHARS and value.isascii():
+    if (type(value) is str and value and len(value) <= MAX_ID_CHARS and value.isprintable()
+            and value[0] not in _UNSAFE_FIRST_CHARS and value[-1] != " "):
         return value  # the common case, checked in one go; anything else gets the full checks
     if value is None:
         if not required:
@@ -137,16 +155,36 @@ def _str(doc: Mapping[str, Any], name: str, where: str, required: bool = True) -
         raise _fail(REASON_MISSING_FIELD, f"{where}: field '{name}' is missing; send it as a non-empty string")
     if type(value) is not str:
         raise _fail(REASON_WRONG_TYPE, f"{where}: field '{name}' must be a string, got {type(value).__name__}")
-    if required and not value:
-        raise _fail(REASON_BAD_VALUE, f"{where}: field '{name}' is empty; send a non-empty string")
+    if not value:
+        if required:
+            raise _fail(REASON_BAD_VALUE, f"{where}: field '{name}' is empty; send a non-empty string")
+        return value
     if len(value) > MAX_ID_CHARS:
         raise _fail(REASON_BAD_VALUE, f"{where}: field '{name}' is {len(value)} characters; the limit is {MAX_ID_CHARS}")
-    if not value.isascii():
-        try:
-            value.encode()
-        except UnicodeEncodeError:
-            raise _fail(REASON_BAD_VALUE, f"{where}: field '{name}' holds a lone surrogate; send valid Unicode") from None
-    return value
+    raise _fail(REASON_UNSAFE_ID, f"{where}: field '{name}' {_unsafe_id_problem(value)}")
+
+
+def _unsafe_id_problem(value: str) -> str:
+    """What makes a non-empty id of allowed length unsafe, and what to send instead.
+
+    The detail travels in a dead-letter header and log lines, so it names characters by code
+    point and never contains the offending ones.
+    """
+    for position, char in enumerate(value):
+        if not char.isprintable():
+            category = unicodedata.category(char)
+            name = unicodedata.name(char, "")  # control characters and surrogates have none
+            shown = f"U+{ord(char):04X}" + (f" {name}" if name else "")
+            return (f"holds {_UNICODE_CATEGORY_NAMES[category]} ({shown}, category {category}) at position "
+                    f"{position}; ids are printable text: remove it (no control, format, separator, surrogate, "
+                    "private-use or unassigned characters; spaces only as U+0020 inside the id)")
+    if not value.strip(" "):
+        return "is only spaces and would look empty; send the real id"
+    if value[0] == " " or value[-1] == " ":
+        return "starts or ends with a space, which logs and dashboards do not show; strip it before sending"
+    return (f"starts with {value[0]!r}, which spreadsheets run as a formula when the id is exported to CSV; "
+            f"ids may not start with any of {FORMULA_FIRST_CHARS!r}: give them a leading letter or digit "
+            "(for example 'id-' before a signed number)")
 
 
 def _price(doc: Mapping[str, Any], name: str, where: str) -> float:

@@ -33,6 +33,7 @@ from features.events import (
     REASON_OVERSIZED,
     REASON_TS_FUTURE,
     REASON_TS_TOO_OLD,
+    REASON_UNSAFE_ID,
     REASON_UNSUPPORTED_VERSION,
     REASON_WRONG_KEY,
     REASON_WRONG_TYPE,
@@ -573,6 +574,20 @@ def _oversized(doc: _Doc, topic_kind: str, rng: random.Random) -> bytes:
     return json.dumps(doc).encode()
 
 
+#: (prefix, suffix) pairs that make an id unsafe, one of each kind docs/events.md ("Ids") names:
+#: a log-line break, NUL, a bidi override, a zero-width space, a no-break space, a trailing
+#: space and a CSV formula.
+_UNSAFE_ID_WRAPPINGS = (("", "\nlevel=error"), ("", "\x00"), ("\u202e", ""), ("\u200b", ""), ("", "\u00a0x"),
+                        ("", " "), ("=", ""))
+
+
+def _unsafe_id(doc: _Doc, topic_kind: str, rng: random.Random) -> bytes:
+    name = rng.choice(("event_id", "user_id", "order_id" if topic_kind == TOPIC_KIND_ORDER else "item_id"))
+    prefix, suffix = rng.choice(_UNSAFE_ID_WRAPPINGS)
+    doc[name] = prefix + doc[name] + suffix
+    return json.dumps(doc).encode()
+
+
 #: Invalid-message makers by the reason the worker must give; each breaks exactly one rule.
 _MALFORMERS: dict[str, Callable[[_Doc, str, random.Random], bytes]] = {
     REASON_BAD_JSON: _bad_json,
@@ -585,6 +600,7 @@ _MALFORMERS: dict[str, Callable[[_Doc, str, random.Random], bytes]] = {
     REASON_TS_TOO_OLD: _ts_too_old,
     REASON_UNSUPPORTED_VERSION: _unsupported_version,
     REASON_OVERSIZED: _oversized,
+    REASON_UNSAFE_ID: _unsafe_id,
 }
 #: Reasons :meth:`ShopSimulator.messages` produces invalid messages for (plus ``wrong_key``).
 MALFORMED_REASONS: tuple[str, ...] = (*_MALFORMERS, REASON_WRONG_KEY)

@@ -2,7 +2,7 @@
 
 Every case is one message for an input topic kind, with the reason it must be dead-lettered
 with, or :data:`ACCEPTED` where the documented rules make it a valid event (unknown fields are
-ignored, ids are any Unicode, a repeated ``event_id`` is applied once). Shared by
+ignored, ids are any printable Unicode, a repeated ``event_id`` is applied once). Shared by
 ``tests/unit/test_poison_corpus.py`` (the validator gives exactly these answers) and
 ``tests/integration/test_reliability.py`` (the worker dead-letters them and keeps running).
 """
@@ -14,8 +14,8 @@ from typing import Any
 
 from features.events import (REASON_BAD_JSON, REASON_BAD_VALUE, REASON_MISSING_FIELD, REASON_NEGATIVE_PRICE,
                              REASON_NOT_OBJECT, REASON_OVERSIZED, REASON_TS_FUTURE, REASON_TS_TOO_OLD,
-                             REASON_UNSUPPORTED_VERSION, REASON_WRONG_KEY, REASON_WRONG_TYPE, TOPIC_KIND_CART,
-                             TOPIC_KIND_ORDER, TOPIC_KIND_VIEW)
+                             REASON_UNSAFE_ID, REASON_UNSUPPORTED_VERSION, REASON_WRONG_KEY, REASON_WRONG_TYPE,
+                             TOPIC_KIND_CART, TOPIC_KIND_ORDER, TOPIC_KIND_VIEW)
 
 ACCEPTED = "accepted"
 USER = "poison-u1"
@@ -93,14 +93,48 @@ def poison_corpus(now_ms: int) -> list[PoisonCase]:
         # huge strings
         v("huge-id", REASON_BAD_VALUE, item_id="x" * 10_000),
         v("huge-unknown-field", ACCEPTED, note="y" * 60_000),
-        # unicode oddities
-        v("lone-surrogate", REASON_BAD_VALUE, item_id="\ud800"),
-        case("zero-width-user", TOPIC_KIND_VIEW, {**view, "event_id": "p-zw", "user_id": "poison-\u200bu2"}, ACCEPTED,
-             message_key="poison-\u200bu2".encode()),
-        case("zero-width-key-mismatch", TOPIC_KIND_VIEW, {**view, "event_id": "p-zwk", "user_id": "poison-\u200bu2"},
-             REASON_WRONG_KEY, message_key=b"poison-u2"),
-        v("rtl-category", ACCEPTED, category="\u202etoys\u202c"),
+        # unicode oddities: printable ids pass, anything a log line, CSV, header or dashboard
+        # would show differently from what was sent is unsafe_id
+        v("lone-surrogate", REASON_UNSAFE_ID, item_id="\ud800"),
         v("emoji-item", ACCEPTED, item_id="i-\U0001f6d2"),
+        v("accented-category", ACCEPTED, category="chaussures d\u00e9cor\u00e9es"),
+        v("cjk-category", ACCEPTED, category="\u9774"),
+        v("inner-space", ACCEPTED, category="garden tools"),
+        v("quote-and-comma", ACCEPTED, item_id='sku "1",2'),
+        v("inner-dash-and-at", ACCEPTED, item_id="sku-1@shop=2"),
+        case("zero-width-user", TOPIC_KIND_VIEW, {**view, "event_id": "p-zw", "user_id": "poison-\u200bu2"},
+             REASON_UNSAFE_ID, message_key="poison-\u200bu2".encode()),
+        case("zero-width-key-mismatch", TOPIC_KIND_VIEW, {**view, "event_id": "p-zwk", "user_id": "poison-\u200bu2"},
+             REASON_UNSAFE_ID, message_key=b"poison-u2"),
+        case("newline-user", TOPIC_KIND_VIEW, {**view, "event_id": "p-nl", "user_id": "poison-u1\nlevel=error"},
+             REASON_UNSAFE_ID, message_key=b"poison-u1\nlevel=error"),
+        v("nul-item", REASON_UNSAFE_ID, item_id="i1\x00"),
+        v("cr-session", REASON_UNSAFE_ID, session_id="s\r"),
+        v("tab-item", REASON_UNSAFE_ID, item_id="i\t1"),
+        v("escape-sequence", REASON_UNSAFE_ID, item_id="\x1b[31mi1"),
+        v("del-item", REASON_UNSAFE_ID, item_id="i1\x7f"),
+        v("c1-next-line", REASON_UNSAFE_ID, item_id="i1\x85"),
+        v("rtl-override", REASON_UNSAFE_ID, category="\u202etoys\u202c"),
+        v("bidi-isolate", REASON_UNSAFE_ID, category="\u2066toys\u2069"),
+        v("bom-in-id", REASON_UNSAFE_ID, item_id="\ufeffi1"),
+        v("soft-hyphen", REASON_UNSAFE_ID, item_id="i\u00ad1"),
+        v("line-separator", REASON_UNSAFE_ID, category="toys\u2028"),
+        v("paragraph-separator", REASON_UNSAFE_ID, category="toys\u2029"),
+        v("no-break-space", REASON_UNSAFE_ID, item_id="i\u00a01"),
+        v("ideographic-space", REASON_UNSAFE_ID, category="\u3000"),
+        v("private-use", REASON_UNSAFE_ID, item_id="i\ue000"),
+        v("unassigned", REASON_UNSAFE_ID, item_id="i\U000e0080"),
+        v("noncharacter", REASON_UNSAFE_ID, item_id="i\uffff"),
+        v("all-spaces", REASON_UNSAFE_ID, category="   "),
+        v("leading-space", REASON_UNSAFE_ID, item_id=" i1"),
+        v("trailing-space", REASON_UNSAFE_ID, session_id="s "),
+        v("formula-equals", REASON_UNSAFE_ID, item_id='=HYPERLINK("http://x","i1")'),
+        v("formula-plus", REASON_UNSAFE_ID, category="+toys"),
+        v("formula-minus", REASON_UNSAFE_ID, session_id="-1"),
+        v("formula-at", REASON_UNSAFE_ID, item_id="@SUM(1)"),
+        o("formula-order-line", REASON_UNSAFE_ID, items=[{"item_id": "=1+1", "quantity": 1, "price": 9.5}]),
+        o("control-order-id", REASON_UNSAFE_ID, order_id="o1\n"),
+        c("control-optional-category", REASON_UNSAFE_ID, category="toys\x00"),
         # absurd numbers
         c("negative-quantity", REASON_BAD_VALUE, quantity=-3),
         c("absurd-quantity", REASON_BAD_VALUE, quantity=10**9),

@@ -255,6 +255,17 @@ def test_known_divergence_integral_floats() -> None:
         assert _reason(kind, doc) == reason
 
 
+def test_known_divergence_id_characters() -> None:
+    """The schemas check an id's length only; the worker also rejects unprintable characters, edge
+    spaces and a leading formula character (docs/events.md, "Ids"; tests/unit/test_ids.py)."""
+    for kind, doc in [("page_view", _with("page_view", user_id="u-1842\n")),
+                      ("cart", _with("cart", item_id="\u202esku-1")),
+                      ("order", _with("order", order_id="=o-1")),
+                      ("page_view", _with("page_view", category=" shoes"))]:
+        assert _schema_ok(kind, doc)
+        assert _reason(kind, doc) == events.REASON_UNSAFE_ID
+
+
 # --------------------------------------------------------------------------- parse_event
 
 def _bytes(kind: str, **changes: Any) -> bytes:
