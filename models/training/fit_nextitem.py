@@ -1,4 +1,5 @@
-"""Next item: SASRec against popularity and co-occurrence on the split (:func:`fit_and_evaluate_nextitem`)."""
+"""Next item: SASRec, co-occurrence and popularity; the one to serve chosen on validation
+(:mod:`.select`), all evaluated on the split (:func:`fit_and_evaluate_nextitem`)."""
 from __future__ import annotations
 
 import time
@@ -9,9 +10,14 @@ from features.events import Event
 from ..baselines import CooccurrenceRecommender, PopularityRecommender
 from ..labels import item_sequences, next_item_split
 from ..metrics import DEFAULT_KS, evaluate_full_ranking
-from ..nextitem import NextItemConfig, NextItemRecommender, TrainConfig, train_nextitem
+from ..nextitem import NextItemConfig, NextItemRecommender, TrainConfig, VocabRecommender, train_nextitem
+from ..recommenders import CooccurrenceItemRecommender
 from ..sequences import ItemVocab
 from .config import TrainingConfig
+from .select import select_recommender
+
+#: Candidates serving can load, simplest first (a tie goes to the earlier one).
+SERVABLE = ("cooccurrence", "sasrec")
 
 
 def _grouped_eval(score_fn: Any, hist: list[list[int]], tgt: list[int], kinds: list[str], weights: list[float],
@@ -34,8 +40,15 @@ def _grouped_eval(score_fn: Any, hist: list[list[int]], tgt: list[int], kinds: l
 
 
 def fit_and_evaluate_nextitem(applied: Sequence[Event], split_ms: int, cfg: TrainingConfig,
-                              ) -> tuple[NextItemRecommender, dict[str, Any]]:
-    """SASRec on every shopper's items before ``split_ms`` vs popularity and co-occurrence."""
+                              ) -> tuple[VocabRecommender, dict[str, Any]]:
+    """SASRec, co-occurrence and popularity on every shopper's items before ``split_ms``.
+
+    Validation: each shopper's last item before the split, predicted from the items before it,
+    with every candidate fitted without those targets. The winner there (:data:`SERVABLE`,
+    :func:`select_recommender`) is returned, co-occurrence refitted on all items before the
+    split; every candidate is also evaluated on the targets after the split (the test split,
+    which the choice never sees).
+    """
     seqs = item_sequences(applied, cfg.labels)
     nis = next_item_split(seqs, split_ms)
     vocab = ItemVocab.from_sequences(nis.train)
@@ -56,6 +69,15 @@ def fit_and_evaluate_nextitem(applied: Sequence[Event], split_ms: int, cfg: Trai
     model, rep = train_nextitem(fit, mcfg, tcfg, val_in, val_tg)
     t_train = time.perf_counter() - t0
     model.cpu()
+    held_out = [s[:-1] for s in train_idx]  # validation targets left out of the baselines' fit
+    valid_metrics = {
+        name: evaluate_full_ranking(fn, val_in, val_tg, len(vocab), DEFAULT_KS)
+        for name, fn in (("sasrec", model.score),
+                         ("cooccurrence", CooccurrenceRecommender().fit(held_out, len(vocab)).score),
+                         ("popularity", PopularityRecommender().fit(held_out, len(vocab)).score))
+    } if val_tg else {}
+    selection = select_recommender(valid_metrics, SERVABLE) if valid_metrics else \
+        {"served": "sasrec", "reason": "no shopper has two items before the split: nothing to validate on"}
     pop = PopularityRecommender().fit(train_idx, len(vocab))
     cooc = CooccurrenceRecommender().fit(train_idx, len(vocab))
     t0 = time.perf_counter()
@@ -92,5 +114,9 @@ def fit_and_evaluate_nextitem(applied: Sequence[Event], split_ms: int, cfg: Trai
         "training": {k: v for k, v in rep.to_dict().items() if k != "history"} | {"seconds": t_train},
         "eval_seconds": t_eval,
         "config": mcfg.to_dict(),
+        "selection": selection,
+        "cooccurrence_config": cooc.config(),
     }
+    if selection["served"] == "cooccurrence":
+        return CooccurrenceItemRecommender(cooc, vocab), info
     return NextItemRecommender(model, vocab), info
