@@ -206,11 +206,12 @@ def bootstrap_mean_log_loss_delta(model_p: list[np.ndarray], base_p: list[np.nda
     """
     if n_boot <= 0:
         return []
-    row_deltas = [row_log_loss(m, t) - row_log_loss(b, t) for m, b, t in zip(model_p, base_p, y)]
+    row_deltas = [row_log_loss(m, t) - row_log_loss(b, t) for m, b, t in zip(model_p, base_p, y, strict=True)]
     sizes = np.cumsum([len(c) for c in clusters])[:-1]
     means = []
     for w in _cluster_resamples(np.concatenate(clusters), n_boot, seed):
-        per_task = [float((d * wt).sum() / wt.sum()) for d, wt in zip(row_deltas, np.split(w, sizes)) if wt.sum() > 0]
+        per_task = [float((d * wt).sum() / wt.sum())
+                    for d, wt in zip(row_deltas, np.split(w, sizes), strict=True) if wt.sum() > 0]
         means.append(float(np.mean(per_task)) if per_task else math.nan)
     return [float(np.nanpercentile(means, 2.5)), float(np.nanpercentile(means, 97.5))]
 

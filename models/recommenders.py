@@ -88,7 +88,9 @@ class CooccurrenceRecommender:
         n = rec.num_items + 1
         if tuple(tensors["popularity"].shape) != (n,):
             raise ValueError(f"popularity has shape {tuple(tensors['popularity'].shape)}, expected ({n},)")
-        rec._ct = torch.sparse_coo_tensor(tensors["ct_indices"], tensors["ct_values"], (n, n)).coalesce()
+        # checked: indices out of range in a damaged artifact would otherwise crash the process later
+        rec._ct = torch.sparse_coo_tensor(tensors["ct_indices"], tensors["ct_values"], (n, n),
+                                          check_invariants=True).coalesce()
         rec._pop = tensors["popularity"]
         return rec
 

@@ -140,7 +140,7 @@ def train_all(events: Iterable[Event], out_registry_root: str | Path | None = No
                           "comparison": {t: {b: {k: v for k, v in d.items()} for b, d in c["baselines"].items()}
                                          for t, c in cls_info["comparison"].items()},
                           "served": cls_selection["served"], "selection": cls_selection,
-                          "training": cls_info["mlp_training" if cls_selection["served"] == "mlp" else "logreg_training"],
+                          "training": cls_info[f"{'mlp' if cls_selection['served'] == 'mlp' else 'logreg'}_training"],
                           "seed": cfg.seed}))
     ni_metrics = {p: {m: {k: v for k, v in r.items() if k != "by_target_kind"} for m, r in per.items()}
                   for p, per in ni_info["metrics"].items()}
