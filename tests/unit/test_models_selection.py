@@ -5,13 +5,14 @@ streams.generator is imported here (tests only); models/ itself never imports st
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 
 import numpy as np
 import pytest
 import torch
 
-from features.events import KIND_VIEW, Event
+from features.events import KIND_VIEW, Event, encode_event, topic_kind_of
 from features.offline import final_states
 from features.spec import DEFAULT_FEATURE_SPEC
 from features.state import DAY_MS, HOUR_MS
@@ -171,3 +172,21 @@ def test_the_recommender_choice_is_the_validation_winner_and_never_reads_the_tes
     assert not isinstance(loaded, NextItemRecommender)
     scorer_rec = BatchScorer(DEFAULT_FEATURE_SPEC, tmp_path, device="cpu").recommender
     assert scorer_rec is not None and scorer_rec.kind == COOCCURRENCE_KIND
+
+
+def test_the_selection_benchmark_reports_every_candidate_and_marks_the_served_one(tmp_path, capsys):
+    from models.bench_selection import SECTION, main
+
+    events, _ = ring_events(post_split_step=1)
+    path = tmp_path / "ring.jsonl"
+    path.write_text("".join(json.dumps({"topic_kind": topic_kind_of(e), "key": e.user_id,
+                                        "value": encode_event(e).decode()}) + "\n" for e in events))
+    bench = tmp_path / "BENCHMARKS.md"
+    argv = ["--events", str(path), "--name", "ring", "--quick", "--nextitem-epochs", "1", "--benchmarks", str(bench)]
+    assert main(argv) == 0
+    assert "served: cooccurrence" in capsys.readouterr().out
+    text = bench.read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "| ring |" in line]
+    assert SECTION in text and len(rows) == 3
+    assert [r.split(" | ")[4] for r in rows if "**yes**" in r] == ["cooccurrence"]
+    assert main(["--events", str(path), "--split-fraction", "1.5"]) == 2
