@@ -1,11 +1,11 @@
 """The next-item recommenders serving can load, and :func:`load_recommender`, which picks by kind.
 
 Training registers whichever candidate won on validation under the ``nextitem`` registry name:
-SASRec (:class:`models.nextitem.NextItemRecommender`) or item co-occurrence
+SASRec (:class:`models.nextitem.NextItemRecommender`), item co-occurrence
 (:class:`CooccurrenceItemRecommender` around :class:`CooccurrenceRecommender`, which is also
-the evaluation baseline). Both keep the serving interface
+the evaluation baseline) or a blend of the two (:class:`BlendItemRecommender`). All keep the serving interface
 ``recommend(histories, k)`` (item id strings in and out) and the same artifact format, so
-:class:`models.scoring.BatchScorer` loads either through :func:`load_recommender`.
+:class:`models.scoring.BatchScorer` loads any of them through :func:`load_recommender`.
 """
 from __future__ import annotations
 
@@ -18,10 +18,11 @@ import torch
 from .artifacts import ArtifactError, load_artifact, read_metadata
 from .metrics import top_k_items
 from .nextitem import MODEL_KIND as SASREC_KIND
-from .nextitem import NextItemRecommender, VocabRecommender, popularity_counts, resolve_device
+from .nextitem import NextItemConfig, NextItemRecommender, SASRec, VocabRecommender, popularity_counts, resolve_device
 from .sequences import ItemVocab
 
 COOCCURRENCE_KIND = "nextitem-cooccurrence"
+BLEND_KIND = "nextitem-blend"
 
 
 class CooccurrenceRecommender:
@@ -154,12 +155,87 @@ class CooccurrenceItemRecommender(VocabRecommender):
         return rec.to(device)
 
 
+class BlendScorer:
+    """``weight * P_sasrec + (1 - weight) * P_cooc``: each model's scores made a distribution over
+    the items (SASRec by softmax, co-occurrence by its row sum), so neither scale dominates.
+    Same ``score(histories) -> [B, n + 1]`` interface as the models it blends."""
+
+    def __init__(self, sasrec: SASRec, cooc: CooccurrenceRecommender, weight: float) -> None:
+        if not 0.0 <= weight <= 1.0:
+            raise ValueError(f"blend weight must be in [0, 1], not {weight}")
+        if sasrec.cfg.num_items != cooc.num_items:
+            raise ValueError(f"SASRec has {sasrec.cfg.num_items} items, co-occurrence {cooc.num_items}")
+        self.sasrec, self.cooc, self.weight = sasrec, cooc, float(weight)
+
+    @torch.no_grad()
+    def score(self, histories: Sequence[Sequence[int]]) -> torch.Tensor:
+        s = self.sasrec.score(histories)
+        c = self.cooc.score(histories).to(s.device)[:, 1:]
+        out = torch.zeros_like(s)
+        out[:, 1:] = self.weight * torch.softmax(s[:, 1:], dim=1) + \
+            (1.0 - self.weight) * c / c.sum(dim=1, keepdim=True).clamp_min(1e-12)
+        return out
+
+
+class BlendItemRecommender(VocabRecommender):
+    """A :class:`BlendScorer` plus its item vocabulary; both models travel in one artifact."""
+
+    kind = BLEND_KIND
+
+    def __init__(self, blend: BlendScorer, vocab: ItemVocab, version: str | None = None) -> None:
+        if len(vocab) != blend.cooc.num_items:
+            raise ValueError(f"vocabulary has {len(vocab)} items but the blend was fitted on {blend.cooc.num_items}")
+        super().__init__(vocab, version)
+        self.blend = blend
+
+    def to(self, device: str | torch.device | None) -> "BlendItemRecommender":
+        dev = resolve_device(device)
+        self.blend.sasrec.to(dev)
+        self.blend.cooc.to(dev)
+        return self
+
+    def _top_k(self, histories: list[list[int]], k: int, exclude_history: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        idx, val = top_k_items(self.blend.score(histories), histories, k, exclude_history)
+        return idx.cpu(), val.cpu()
+
+    def _weights(self) -> dict[str, torch.Tensor]:
+        sasrec = {f"sasrec.{k}": v.detach().cpu() for k, v in self.blend.sasrec.state_dict().items()}
+        return sasrec | {f"cooc.{k}": v for k, v in self.blend.cooc.tensors().items()}
+
+    def _config(self) -> dict[str, Any]:
+        return {"sasrec": self.blend.sasrec.cfg.to_dict(), "cooccurrence": dict(self.blend.cooc.config()),
+                "sasrec_weight": self.blend.weight}
+
+    @classmethod
+    def load(cls, directory: str | Path, device: str | torch.device | None = "cpu") -> "BlendItemRecommender":
+        """Load and verify an artifact written by :meth:`save`; raises ``ArtifactError``."""
+        art = load_artifact(directory, expected_kind=BLEND_KIND)
+        config = art.metadata["config"]
+        parts: dict[str, dict[str, torch.Tensor]] = {"sasrec": {}, "cooc": {}}
+        try:
+            for name, tensor in art.state_dict.items():
+                prefix, _, rest = name.partition(".")
+                parts[prefix][rest] = tensor
+            sasrec = SASRec(NextItemConfig.from_dict(config["sasrec"]))
+            sasrec.load_state_dict(parts["sasrec"], strict=True)
+            cooc = CooccurrenceRecommender.from_tensors(config["cooccurrence"], parts["cooc"])
+            blend = BlendScorer(sasrec.eval(), cooc, float(config["sasrec_weight"]))
+            rec = cls(blend, ItemVocab(art.vocab or []), version=art.metadata.get("version"))
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise ArtifactError(f"artifact {directory} does not match the {BLEND_KIND} model code ({exc}); "
+                                "retrain the model or load it with the code version that wrote it") from exc
+        return rec.to(device)
+
+
 def load_recommender(directory: str | Path, device: str | torch.device | None = "cpu") -> VocabRecommender:
     """Load whichever served next-item kind the artifact holds; ``ArtifactError`` for any other."""
     kind = read_metadata(directory).get("kind")
     if kind == COOCCURRENCE_KIND:
         return CooccurrenceItemRecommender.load(directory, device=device)
+    if kind == BLEND_KIND:
+        return BlendItemRecommender.load(directory, device=device)
     if kind == SASREC_KIND:
         return NextItemRecommender.load(directory, device=device)
     raise ArtifactError(f"artifact {directory} holds a {kind!r} model, not a next-item recommender "
-                        f"({SASREC_KIND!r} or {COOCCURRENCE_KIND!r}); point the nextitem model at the right artifact")
+                        f"({SASREC_KIND!r}, {COOCCURRENCE_KIND!r} or {BLEND_KIND!r}); point the nextitem model at the "
+                        "right artifact")

@@ -31,11 +31,13 @@ METHOD_LABELS = {
     "sasrec": "SASRec (ours)",
     "cooccurrence": "co-occurrence",
     "popularity": "popularity",
+    "blend": "blend (SASRec + co-occurrence)",
 }
 #: Reliability bins with fewer rows than this are left out of the plot (they stay in the JSON).
 MIN_BIN_ROWS = 10
 _COLOURS = {"mlp": "#1f77b4", "logistic_regression": "#ff7f0e", "recency_frequency_rule": "#2ca02c",
-            "served_heuristic": "#9467bd", "sasrec": "#1f77b4", "cooccurrence": "#ff7f0e", "popularity": "#2ca02c"}
+            "served_heuristic": "#9467bd", "sasrec": "#1f77b4", "cooccurrence": "#ff7f0e", "popularity": "#2ca02c",
+            "blend": "#d62728"}
 
 
 def _label(method: str) -> str:
@@ -75,14 +77,20 @@ def _classifier_selection(sel: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _candidate(method: str, valid: Mapping[str, Any]) -> str:
+    """A candidate's label, with the blend's SASRec weight when it has one."""
+    weight = valid.get("sasrec_weight")
+    return _label(method) if weight is None else f"{_label(method)} at SASRec weight {weight:g}"
+
+
 def _recommender_selection(sel: Mapping[str, Any]) -> list[str]:
     """Which next-item recommender is registered, chosen on validation (never the test targets)."""
     lines = ["", f"  SERVED (next item): {_label(sel['served'])}, chosen on validation (each shopper's last item "
                  "before the split)"]
     if "criterion" in sel:
         lines.append(f"  rule: {sel['criterion']} among {', '.join(_label(c) for c in sel['candidates'])}")
-        lines.append("  validation: " + ", ".join(f"{_label(m)} HR@10 {_f(v['HR@10'])} NDCG@10 {_f(v['NDCG@10'])}"
-                                                  for m, v in sel["valid"].items()))
+        lines.append("  validation: " + ", ".join(
+            f"{_candidate(m, v)} HR@10 {_f(v['HR@10'])} NDCG@10 {_f(v['NDCG@10'])}" for m, v in sel["valid"].items()))
     lines.append(f"  why: {sel['reason']}")
     return lines
 
@@ -192,7 +200,7 @@ def render_text(report: Mapping[str, Any]) -> str:
                         + [_f(m.get("coverage@10"), 3), _f(w.get("HR@10")), _f(w.get("NDCG@10"))])
         lines += ["  " + s for s in _table(header, rows)]
         if "sasrec" in per:
-            best = max((m for m in per if m != "sasrec"), key=lambda m: per[m]["NDCG@10"], default=None)
+            best = max((m for m in per if m not in ("sasrec", "blend")), key=lambda m: per[m]["NDCG@10"], default=None)
             if best:
                 d_hr = per["sasrec"]["HR@10"] - per[best]["HR@10"]
                 d_nd = per["sasrec"]["NDCG@10"] - per[best]["NDCG@10"]

@@ -19,10 +19,19 @@ from features.state import DAY_MS, HOUR_MS
 from models.artifacts import load_artifact
 from models.labels import TASKS
 from models.names import CLASSIFIER_MODEL, NEXTITEM_MODEL
-from models.nextitem import NextItemRecommender
-from models.recommenders import COOCCURRENCE_KIND, CooccurrenceItemRecommender, load_recommender
+from models.nextitem import NextItemConfig, NextItemRecommender, SASRec
+from models.recommenders import (
+    BLEND_KIND,
+    COOCCURRENCE_KIND,
+    BlendItemRecommender,
+    BlendScorer,
+    CooccurrenceItemRecommender,
+    CooccurrenceRecommender,
+    load_recommender,
+)
 from models.registry import ModelRegistry
 from models.scoring import BatchScorer
+from models.sequences import ItemVocab
 from models.training import TrainingConfig, build_examples, fit_and_evaluate_classifiers, make_time_split, train_all
 from models.training.fit_nextitem import fit_and_evaluate_nextitem
 from models.training.select import select_classifier, select_recommender
@@ -174,6 +183,28 @@ def test_the_recommender_choice_is_the_validation_winner_and_never_reads_the_tes
     assert scorer_rec is not None and scorer_rec.kind == COOCCURRENCE_KIND
 
 
+def test_a_blend_of_sasrec_and_cooccurrence_round_trips_and_ranks_by_both(tmp_path):
+    sequences = [[1, 2, 3, 4], [2, 3, 4, 5], [3, 4, 5, 1], [5, 1, 2, 3]]
+    torch.manual_seed(0)
+    sasrec = SASRec(NextItemConfig(num_items=5, max_len=8, dim=8, layers=1, heads=1)).eval()
+    sasrec.popularity.copy_(torch.tensor([0.0, 4, 3, 3, 3, 2]))
+    cooc = CooccurrenceRecommender().fit(sequences, 5)
+    vocab = ItemVocab(["a", "b", "c", "d", "e"])
+    histories = [[1, 2], [3], []]
+    only_cooc = BlendScorer(sasrec, cooc, 0.0).score(histories)
+    assert torch.equal(only_cooc.argsort(dim=1, descending=True)[:, :2],
+                       (cooc.score(histories)).argsort(dim=1, descending=True)[:, :2])
+    mixed = BlendScorer(sasrec, cooc, 0.5).score(histories)
+    np.testing.assert_allclose(mixed[:, 1:].sum(dim=1).numpy(), 1.0, rtol=1e-5)  # a mix of two distributions
+    rec = BlendItemRecommender(BlendScorer(sasrec, cooc, 0.5), vocab)
+    path = rec.save(tmp_path / "blend", "v1")
+    loaded = load_recommender(path)
+    assert loaded.kind == BLEND_KIND and isinstance(loaded, BlendItemRecommender) and loaded.blend.weight == 0.5
+    ids = [["a", "b"], ["c"], [], ["unknown"]]
+    assert loaded.recommend(ids, k=3) == rec.recommend(ids, k=3)
+    assert [item for item, _ in loaded.recommend([[]], k=1)[0]] == ["a"]  # cold start: the most popular
+
+
 def test_the_selection_benchmark_reports_every_candidate_and_marks_the_served_one(tmp_path, capsys):
     from models.bench_selection import SECTION, main
 
@@ -187,6 +218,6 @@ def test_the_selection_benchmark_reports_every_candidate_and_marks_the_served_on
     assert "served: cooccurrence" in capsys.readouterr().out
     text = bench.read_text()
     rows = [line for line in text.splitlines() if line.startswith("| ") and "| ring |" in line]
-    assert SECTION in text and len(rows) == 3
+    assert SECTION in text and len(rows) == 4  # SASRec, co-occurrence, popularity, blend
     assert [r.split(" | ")[4] for r in rows if "**yes**" in r] == ["cooccurrence"]
     assert main(["--events", str(path), "--split-fraction", "1.5"]) == 2
