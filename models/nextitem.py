@@ -399,7 +399,10 @@ class VocabRecommender:
 
     kind = ""
 
-    def __init__(self, vocab: ItemVocab, version: str | None = None) -> None:
+    def __init__(self, vocab: ItemVocab, num_items: int, version: str | None = None) -> None:
+        """``num_items``: the catalogue size the model was built or fitted for; it must be the vocabulary's."""
+        if len(vocab) != num_items:
+            raise ValueError(f"vocabulary has {len(vocab)} items but the model was built for {num_items}")
         self.vocab = vocab
         self.version = version
         self._id_of_index = ["", *vocab.items]  # item index -> item id (0: padding, no item)
@@ -459,9 +462,7 @@ class NextItemRecommender(VocabRecommender):
     kind = MODEL_KIND
 
     def __init__(self, model: SASRec, vocab: ItemVocab, version: str | None = None) -> None:
-        if len(vocab) != model.cfg.num_items:
-            raise ValueError(f"vocabulary has {len(vocab)} items but the model was built for {model.cfg.num_items}")
-        super().__init__(vocab, version)
+        super().__init__(vocab, model.cfg.num_items, version)
         self.model = model.eval()
 
     @property

@@ -123,9 +123,7 @@ class CooccurrenceItemRecommender(VocabRecommender):
     kind = COOCCURRENCE_KIND
 
     def __init__(self, model: CooccurrenceRecommender, vocab: ItemVocab, version: str | None = None) -> None:
-        if len(vocab) != model.num_items:
-            raise ValueError(f"vocabulary has {len(vocab)} items but the model was fitted on {model.num_items}")
-        super().__init__(vocab, version)
+        super().__init__(vocab, model.num_items, version)
         self.model = model
 
     def to(self, device: str | torch.device | None) -> "CooccurrenceItemRecommender":
@@ -183,9 +181,7 @@ class BlendItemRecommender(VocabRecommender):
     kind = BLEND_KIND
 
     def __init__(self, blend: BlendScorer, vocab: ItemVocab, version: str | None = None) -> None:
-        if len(vocab) != blend.cooc.num_items:
-            raise ValueError(f"vocabulary has {len(vocab)} items but the blend was fitted on {blend.cooc.num_items}")
-        super().__init__(vocab, version)
+        super().__init__(vocab, blend.cooc.num_items, version)
         self.blend = blend
 
     def to(self, device: str | torch.device | None) -> "BlendItemRecommender":
