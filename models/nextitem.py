@@ -24,12 +24,15 @@ Deterministic for a given seed on CPU (same thread count); CUDA is used when ava
 ``device="cpu"``.
 
 :class:`NextItemRecommender` binds a model to its :class:`~models.sequences.ItemVocab` for the
-streaming path (item id strings in, item id strings out) and saves / loads versioned artifacts.
+streaming path (item id strings in, item id strings out) and saves / loads versioned artifacts;
+its base :class:`VocabRecommender` is what every served recommender kind shares (the others,
+co-occurrence and a blend, are in :mod:`models.recommenders`).
 """
 from __future__ import annotations
 
 import random
 import time
+from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -391,7 +394,7 @@ def train_nextitem(
     return model, report
 
 
-class VocabRecommender:
+class VocabRecommender(ABC):
     """What every served next-item recommender shares: item id strings in and out around an
     index-level scorer, and versioned artifacts (kind and config in the metadata, weights as
     safetensors, the vocabulary beside them). Serving only calls :meth:`recommend`, so the
@@ -407,18 +410,21 @@ class VocabRecommender:
         self.version = version
         self._id_of_index = ["", *vocab.items]  # item index -> item id (0: padding, no item)
 
+    @abstractmethod
     def to(self, device: str | torch.device | None) -> "VocabRecommender":
-        raise NotImplementedError
+        """Move the model(s) to ``device``."""
 
+    @abstractmethod
     def _top_k(self, histories: list[list[int]], k: int, exclude_history: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-``k`` item indices and scores per index history (``0`` = no item left)."""
-        raise NotImplementedError
+        """Top-``k`` item indices and scores per index history (CPU tensors; ``0`` = no item left)."""
 
+    @abstractmethod
     def _weights(self) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        """The artifact's tensors (CPU)."""
 
+    @abstractmethod
     def _config(self) -> dict[str, Any]:
-        raise NotImplementedError
+        """The artifact's ``config`` (what :meth:`load` rebuilds the model from)."""
 
     def encode(self, histories: Sequence[Sequence[str]]) -> list[list[int]]:
         """Item id strings -> indices, dropping items unknown to the model."""

@@ -1,4 +1,4 @@
-"""Next item: SASRec, co-occurrence and popularity; the one to serve chosen on validation
+"""Next item: SASRec, co-occurrence, popularity and a blend; the one to serve chosen on validation
 (:mod:`.select`), all evaluated on the split (:func:`fit_and_evaluate_nextitem`)."""
 from __future__ import annotations
 
@@ -43,12 +43,13 @@ def _grouped_eval(score_fn: Any, hist: list[list[int]], tgt: list[int], kinds: l
 
 def fit_and_evaluate_nextitem(applied: Sequence[Event], split_ms: int, cfg: TrainingConfig,
                               ) -> tuple[VocabRecommender, dict[str, Any]]:
-    """SASRec, co-occurrence and popularity on every shopper's items before ``split_ms``.
+    """SASRec, co-occurrence, popularity and a SASRec/co-occurrence blend on every shopper's items
+    before ``split_ms``.
 
     Validation: each shopper's last item before the split, predicted from the items before it,
     with every candidate fitted without those targets. The winner there (:data:`SERVABLE`,
-    :func:`select_recommender`) is returned, co-occurrence refitted on all items before the
-    split; every candidate is also evaluated on the targets after the split (the test split,
+    :func:`select_recommender`) is returned, co-occurrence (alone or in the blend) refitted on
+    all items before the split; every candidate is also evaluated on the targets after the split (the test split,
     which the choice never sees).
     """
     seqs = item_sequences(applied, cfg.labels)
@@ -87,10 +88,9 @@ def fit_and_evaluate_nextitem(applied: Sequence[Event], split_ms: int, cfg: Trai
         selection = select_recommender(valid_metrics, SERVABLE)
     else:
         selection = {"served": "sasrec", "reason": "no shopper has two items before the split: nothing to validate on"}
-    blend = BlendScorer(model, cooc_held_out, blend_weight)
     pop = PopularityRecommender().fit(train_idx, len(vocab))
     cooc = CooccurrenceRecommender().fit(train_idx, len(vocab))
-    blend.cooc = cooc  # served and tested: refitted on every item before the split, like co-occurrence
+    blend = BlendScorer(model, cooc, blend_weight)  # tested and served with the refitted co-occurrence
     t0 = time.perf_counter()
     results: dict[str, Any] = {}
     data = {"shoppers_with_history": len(nis.train), "train_interactions": sum(len(s) for s in train_idx),

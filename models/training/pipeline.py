@@ -38,7 +38,7 @@ class TrainingResult:
         promoted: whether both were promoted to ``current``.
         report: JSON-ready evaluation (what :func:`models.report.write_report` renders).
         classifier / recommender: the models chosen on validation and registered, ready to score
-            (the MLP or the logistic regression; SASRec or co-occurrence).
+            (the MLP or the logistic regression; SASRec, co-occurrence or their blend).
         timings: seconds per stage.
     """
 
