@@ -18,7 +18,15 @@ import torch
 from .artifacts import ArtifactError, load_artifact, read_metadata
 from .metrics import top_k_items
 from .nextitem import MODEL_KIND as SASREC_KIND
-from .nextitem import NextItemConfig, NextItemRecommender, SASRec, VocabRecommender, popularity_counts, resolve_device
+from .nextitem import (
+    NextItemConfig,
+    NextItemRecommender,
+    SASRec,
+    VocabRecommender,
+    popularity_counts,
+    resolve_device,
+    to_device,
+)
 from .sequences import ItemVocab
 
 COOCCURRENCE_KIND = "nextitem-cooccurrence"
@@ -104,13 +112,19 @@ class CooccurrenceRecommender:
     def score(self, histories: Sequence[Sequence[int]]) -> torch.Tensor:
         if self._ct is None:
             raise RuntimeError("CooccurrenceRecommender.fit() must be called before score()")
-        n = self.num_items + 1
-        h = torch.zeros(n, len(histories), device=self._pop.device)
+        rows: list[int] = []
+        cols: list[int] = []
+        weights: list[float] = []
         for col, hist in enumerate(histories):
-            tail = list(hist[-self.history_len:])[::-1]
-            for j, item in enumerate(tail):
-                h[item, col] += self.decay ** j
-        scores = torch.sparse.mm(self._ct, h).T.contiguous()
+            for j, item in enumerate(list(hist[-self.history_len:])[::-1]):
+                rows.append(int(item))
+                cols.append(col)
+                weights.append(self.decay ** j)
+        # built on the CPU and copied once: element-wise writes on a GPU would be one launch each
+        h = torch.zeros(self.num_items + 1, len(histories))
+        h.index_put_((torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)),
+                     torch.tensor(weights, dtype=torch.float32), accumulate=True)
+        scores = torch.sparse.mm(self._ct, to_device(h, self._pop.device)).T.contiguous()
         return scores + self.pop_weight * self._pop.unsqueeze(0)
 
     def recommend(self, histories: Sequence[Sequence[int]], k: int = 10, exclude_history: bool = True):

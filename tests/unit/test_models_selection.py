@@ -221,3 +221,21 @@ def test_the_selection_benchmark_reports_every_candidate_and_marks_the_served_on
     assert SECTION in text and len(rows) == 4  # SASRec, co-occurrence, popularity, blend
     assert [r.split(" | ")[4] for r in rows if "**yes**" in r] == ["cooccurrence"]
     assert main(["--events", str(path), "--split-fraction", "1.5"]) == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch sees none here)")
+def test_cooccurrence_and_blend_recommend_the_same_on_cuda_as_on_the_cpu(tmp_path):
+    events, split_ms = ring_events(post_split_step=1)
+    cfg = TrainingConfig.quick(device="cpu", progress=False, nextitem_epochs=1)
+    served, _ = fit_and_evaluate_nextitem(events, split_ms, cfg)
+    sasrec = SASRec(NextItemConfig(num_items=len(served.vocab), max_len=20, dim=16, layers=1, heads=1)).eval()
+    assert isinstance(served, CooccurrenceItemRecommender)
+    blend = BlendItemRecommender(BlendScorer(sasrec, served.model, 0.5), served.vocab)
+    histories = [[f"i{i}", f"i{i + 1}"] for i in range(20)] + [[]]
+    for rec, name in ((served, "cooc"), (blend, "blend")):
+        path = rec.save(tmp_path / name, "v1")
+        on_cpu = load_recommender(path, device="cpu").recommend(histories, k=5)
+        on_gpu = load_recommender(path, device="cuda").recommend(histories, k=5)
+        for cpu_row, gpu_row in zip(on_cpu, on_gpu, strict=True):
+            assert len(set(i for i, _ in cpu_row) & set(i for i, _ in gpu_row)) >= 4  # near-ties may swap
+            np.testing.assert_allclose([s for _, s in gpu_row], [s for _, s in cpu_row], rtol=1e-4, atol=1e-6)
