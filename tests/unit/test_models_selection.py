@@ -16,7 +16,7 @@ from features.events import KIND_VIEW, Event, encode_event, topic_kind_of
 from features.offline import final_states
 from features.spec import DEFAULT_FEATURE_SPEC
 from features.state import DAY_MS, HOUR_MS
-from models.artifacts import load_artifact
+from models.artifacts import ArtifactError, load_artifact, save_artifact
 from models.labels import TASKS
 from models.names import CLASSIFIER_MODEL, NEXTITEM_MODEL
 from models.nextitem import NextItemConfig, NextItemRecommender, SASRec
@@ -239,3 +239,16 @@ def test_cooccurrence_and_blend_recommend_the_same_on_cuda_as_on_the_cpu(tmp_pat
         for cpu_row, gpu_row in zip(on_cpu, on_gpu, strict=True):
             assert len(set(i for i, _ in cpu_row) & set(i for i, _ in gpu_row)) >= 4  # near-ties may swap
             np.testing.assert_allclose([s for _, s in gpu_row], [s for _, s in cpu_row], rtol=1e-4, atol=1e-6)
+
+
+def test_a_cooccurrence_artifact_with_indices_outside_its_catalogue_is_refused(tmp_path):
+    cooc = CooccurrenceRecommender().fit([[1, 2, 3], [2, 3, 1]], 3)
+    tensors = cooc.tensors()
+    tensors["ct_indices"] = tensors["ct_indices"].clone()
+    tensors["ct_indices"][0, 0] = 99  # consistent checksums, impossible content
+    path = save_artifact(tmp_path / "bad", tensors, kind=COOCCURRENCE_KIND, version="v1", config=cooc.config(),
+                         vocab=["a", "b", "c"])
+    with pytest.raises(ArtifactError, match="does not match the nextitem-cooccurrence model code"):
+        load_recommender(path)
+    with pytest.raises(ArtifactError, match="not a next-item recommender"):
+        load_recommender(save_artifact(tmp_path / "other", {}, kind="something-else", version="v1"))
