@@ -85,10 +85,10 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m models.bench_s
     sel, test = info["selection"], info["metrics"].get("next", {})
     name = args.name or args.events.name
     shoppers = f"{info['data']['valid_shoppers']} / {info['data']['next']['eval_shoppers']}"
-    split_iso = dt.datetime.fromtimestamp(split_ms / 1000, dt.timezone.utc).isoformat(timespec="minutes")
+    split_iso = dt.datetime.fromtimestamp(split_ms / 1000, dt.UTC).isoformat(timespec="minutes")
     print(f"{name}: {stats['valid']:,} valid events ({len(applied):,} applied), split at {split_iso}; "
           f"validation / test shoppers {shoppers}; {info['data']['items']:,} items; {seconds:.1f} s")
-    date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
+    date = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M")
     cmd = command.replace("|", "\\|")
     rows = []
     for cand, valid in sel.get("valid", {}).items():

@@ -9,8 +9,9 @@ the evaluation baseline) or a blend of the two (:class:`BlendItemRecommender`). 
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,7 +52,7 @@ class CooccurrenceRecommender:
         self._ct: torch.Tensor | None = None  # C transposed, sparse COO [n+1, n+1]
         self._pop = torch.zeros(1)
 
-    def fit(self, sequences: Sequence[Sequence[int]], num_items: int) -> "CooccurrenceRecommender":
+    def fit(self, sequences: Sequence[Sequence[int]], num_items: int) -> CooccurrenceRecommender:
         n = int(num_items) + 1
         src: list[np.ndarray] = []
         dst: list[np.ndarray] = []
@@ -89,7 +90,7 @@ class CooccurrenceRecommender:
                 "popularity": self._pop.cpu()}
 
     @classmethod
-    def from_tensors(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> "CooccurrenceRecommender":
+    def from_tensors(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> CooccurrenceRecommender:
         """The inverse of :meth:`config` + :meth:`tensors` (loading an artifact)."""
         rec = cls(int(config["window"]), int(config["history_len"]), float(config["decay"]),
                   float(config["pop_weight"]))
@@ -103,7 +104,7 @@ class CooccurrenceRecommender:
         rec._pop = tensors["popularity"]
         return rec
 
-    def to(self, device: torch.device) -> "CooccurrenceRecommender":
+    def to(self, device: torch.device) -> CooccurrenceRecommender:
         if self._ct is not None:
             self._ct = self._ct.to(device)
         self._pop = self._pop.to(device)
@@ -140,7 +141,7 @@ class CooccurrenceItemRecommender(VocabRecommender):
         super().__init__(vocab, model.num_items, version)
         self.model = model
 
-    def to(self, device: str | torch.device | None) -> "CooccurrenceItemRecommender":
+    def to(self, device: str | torch.device | None) -> CooccurrenceItemRecommender:
         self.model.to(resolve_device(device))
         return self
 
@@ -155,7 +156,7 @@ class CooccurrenceItemRecommender(VocabRecommender):
         return dict(self.model.config())
 
     @classmethod
-    def load(cls, directory: str | Path, device: str | torch.device | None = "cpu") -> "CooccurrenceItemRecommender":
+    def load(cls, directory: str | Path, device: str | torch.device | None = "cpu") -> CooccurrenceItemRecommender:
         """Load and verify an artifact written by :meth:`save`; raises ``ArtifactError``."""
         art = load_artifact(directory, expected_kind=COOCCURRENCE_KIND)
         try:
@@ -198,7 +199,7 @@ class BlendItemRecommender(VocabRecommender):
         super().__init__(vocab, blend.cooc.num_items, version)
         self.blend = blend
 
-    def to(self, device: str | torch.device | None) -> "BlendItemRecommender":
+    def to(self, device: str | torch.device | None) -> BlendItemRecommender:
         dev = resolve_device(device)
         self.blend.sasrec.to(dev)
         self.blend.cooc.to(dev)
@@ -217,7 +218,7 @@ class BlendItemRecommender(VocabRecommender):
                 "sasrec_weight": self.blend.weight}
 
     @classmethod
-    def load(cls, directory: str | Path, device: str | torch.device | None = "cpu") -> "BlendItemRecommender":
+    def load(cls, directory: str | Path, device: str | torch.device | None = "cpu") -> BlendItemRecommender:
         """Load and verify an artifact written by :meth:`save`; raises ``ArtifactError``."""
         art = load_artifact(directory, expected_kind=BLEND_KIND)
         config = art.metadata["config"]
