@@ -78,9 +78,9 @@ def build_parser(prog: str = "shoppulse bench-nextitem") -> argparse.ArgumentPar
     return p
 
 
-def append_benchmark_rows(path: Path, rows: list[str]) -> None:
-    """Append table rows under :data:`SECTION` (append-only; the section is added when it is
-    missing or is not the file's last section)."""
+def append_benchmark_rows(path: Path, rows: list[str], section: str = SECTION, header: str = TABLE_HEADER) -> None:
+    """Append table rows under ``section`` (append-only; the section and its table ``header`` are
+    added when it is missing or is not the file's last section)."""
     path = Path(path)
     text = path.read_text(encoding="utf-8") if path.exists() else ""
     out = []
@@ -90,10 +90,10 @@ def append_benchmark_rows(path: Path, rows: list[str]) -> None:
     for line in text.splitlines():
         if line.startswith("## "):
             last_section = line.strip()
-    if last_section != SECTION:
+    if last_section != section:
         if text and not text.endswith("\n"):
             out.append("\n")
-        out.append(f"\n{SECTION}\n\n{TABLE_HEADER}\n")
+        out.append(f"\n{section}\n\n{header}\n")
     elif text and not text.endswith("\n"):
         out.append("\n")
     out.extend(r.rstrip("\n") + "\n" for r in rows)

@@ -21,7 +21,7 @@ light.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -168,26 +168,52 @@ def binary_metrics(probs: Any, labels: Any) -> dict[str, Any]:
             "mean_p": float(p.mean()) if p.size else math.nan, "rows": int(y.size), "positives": int(y.sum())}
 
 
+def _cluster_resamples(clusters: np.ndarray, n_boot: int, seed: int) -> Iterator[np.ndarray]:
+    """``n_boot`` row-weight vectors of a cluster bootstrap: clusters (shoppers) drawn with
+    replacement, each row weighted by how often its cluster was drawn."""
+    rng = np.random.default_rng(seed)
+    _, inv = np.unique(clusters, return_inverse=True)
+    n_clusters = int(inv.max()) + 1 if inv.size else 0
+    for _ in range(n_boot):
+        yield rng.multinomial(n_clusters, np.full(n_clusters, 1.0 / max(n_clusters, 1)))[inv].astype(np.float64)
+
+
 def bootstrap_deltas(model_p: np.ndarray, base_p: np.ndarray, y: np.ndarray, clusters: np.ndarray,
                      n_boot: int, seed: int) -> dict[str, list[float]]:
     """95% intervals of model - baseline for ROC-AUC, PR-AUC and log loss (shopper-level bootstrap:
     shoppers are resampled with replacement, all their rows with them). Labelled rows only."""
     if n_boot <= 0:
         return {}
-    rng = np.random.default_rng(seed)
-    _, inv = np.unique(clusters, return_inverse=True)
-    n_clusters = int(inv.max()) + 1
     rm, rb = RankedScores(model_p, y), RankedScores(base_p, y)
     ll_m, ll_b = row_log_loss(model_p, y), row_log_loss(base_p, y)
     deltas: dict[str, list[float]] = {"roc_auc": [], "pr_auc": [], "log_loss": []}
-    for _ in range(n_boot):
-        w = rng.multinomial(n_clusters, np.full(n_clusters, 1.0 / n_clusters))[inv].astype(np.float64)
+    for w in _cluster_resamples(clusters, n_boot, seed):
         am, pm = rm.auc_ap(w)
         ab, pb = rb.auc_ap(w)
         deltas["roc_auc"].append(am - ab)
         deltas["pr_auc"].append(pm - pb)
         deltas["log_loss"].append(float(((ll_m - ll_b) * w).sum() / w.sum()))
     return {k: [float(np.nanpercentile(v, 2.5)), float(np.nanpercentile(v, 97.5))] for k, v in deltas.items()}
+
+
+def bootstrap_mean_log_loss_delta(model_p: list[np.ndarray], base_p: list[np.ndarray], y: list[np.ndarray],
+                                  clusters: list[np.ndarray], n_boot: int, seed: int) -> list[float]:
+    """95% interval of the mean over tasks of (model - baseline) log loss, one list entry per task.
+
+    The tasks' rows come from the same shoppers, so shoppers are resampled once for all tasks
+    (a shopper's rows in every task move together), as the selection's criterion needs; an
+    empty list when ``n_boot <= 0``.
+    """
+    if n_boot <= 0:
+        return []
+    row_deltas = [row_log_loss(m, t) - row_log_loss(b, t) for m, b, t in zip(model_p, base_p, y, strict=True)]
+    sizes = np.cumsum([len(c) for c in clusters])[:-1]
+    means = []
+    for w in _cluster_resamples(np.concatenate(clusters), n_boot, seed):
+        per_task = [float((d * wt).sum() / wt.sum())
+                    for d, wt in zip(row_deltas, np.split(w, sizes), strict=True) if wt.sum() > 0]
+        means.append(float(np.mean(per_task)) if per_task else math.nan)
+    return [float(np.nanpercentile(means, 2.5)), float(np.nanpercentile(means, 97.5))]
 
 
 def classification_metrics(probs: Any, labels: Any) -> dict[str, float]:

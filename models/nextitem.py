@@ -24,12 +24,15 @@ Deterministic for a given seed on CPU (same thread count); CUDA is used when ava
 ``device="cpu"``.
 
 :class:`NextItemRecommender` binds a model to its :class:`~models.sequences.ItemVocab` for the
-streaming path (item id strings in, item id strings out) and saves / loads versioned artifacts.
+streaming path (item id strings in, item id strings out) and saves / loads versioned artifacts;
+its base :class:`VocabRecommender` is what every served recommender kind shares (the others,
+co-occurrence and a blend, are in :mod:`models.recommenders`).
 """
 from __future__ import annotations
 
 import random
 import time
+from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -391,24 +394,37 @@ def train_nextitem(
     return model, report
 
 
-class NextItemRecommender:
-    """A trained :class:`SASRec` plus its item vocabulary: item id strings in and out."""
+class VocabRecommender(ABC):
+    """What every served next-item recommender shares: item id strings in and out around an
+    index-level scorer, and versioned artifacts (kind and config in the metadata, weights as
+    safetensors, the vocabulary beside them). Serving only calls :meth:`recommend`, so the
+    registry may hold any subclass (:func:`models.recommenders.load_recommender` picks by kind)."""
 
-    def __init__(self, model: SASRec, vocab: ItemVocab, version: str | None = None) -> None:
-        if len(vocab) != model.cfg.num_items:
-            raise ValueError(f"vocabulary has {len(vocab)} items but the model was built for {model.cfg.num_items}")
-        self.model = model.eval()
+    kind = ""
+
+    def __init__(self, vocab: ItemVocab, num_items: int, version: str | None = None) -> None:
+        """``num_items``: the catalogue size the model was built or fitted for; it must be the vocabulary's."""
+        if len(vocab) != num_items:
+            raise ValueError(f"vocabulary has {len(vocab)} items but the model was built for {num_items}")
         self.vocab = vocab
         self.version = version
         self._id_of_index = ["", *vocab.items]  # item index -> item id (0: padding, no item)
 
-    @property
-    def device(self) -> torch.device:
-        return self.model.device
+    @abstractmethod
+    def to(self, device: str | torch.device | None) -> "VocabRecommender":
+        """Move the model(s) to ``device``."""
 
-    def to(self, device: str | torch.device | None) -> "NextItemRecommender":
-        self.model.to(resolve_device(device))
-        return self
+    @abstractmethod
+    def _top_k(self, histories: list[list[int]], k: int, exclude_history: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-``k`` item indices and scores per index history (CPU tensors; ``0`` = no item left)."""
+
+    @abstractmethod
+    def _weights(self) -> dict[str, torch.Tensor]:
+        """The artifact's tensors (CPU)."""
+
+    @abstractmethod
+    def _config(self) -> dict[str, Any]:
+        """The artifact's ``config`` (what :meth:`load` rebuilds the model from)."""
 
     def encode(self, histories: Sequence[Sequence[str]]) -> list[list[int]]:
         """Item id strings -> indices, dropping items unknown to the model."""
@@ -417,7 +433,7 @@ class NextItemRecommender:
     def recommend(
         self, histories: Sequence[Sequence[str]], k: int = 10, exclude_history: bool = True
     ) -> list[list[tuple[str, float]]]:
-        """Top-``k`` ``(item_id, score)`` per history, one batched forward pass.
+        """Top-``k`` ``(item_id, score)`` per history, one batched pass.
 
         Items unknown to the model are ignored; a history with no known item gets the
         popularity fallback. ``exclude_history`` removes items the shopper already had.
@@ -425,11 +441,10 @@ class NextItemRecommender:
         enc = self.encode(histories)
         if not enc:
             return []
-        idx, val = self.model.recommend(enc, k, exclude_history)
+        idx, val = self._top_k(enc, k, exclude_history)
         id_of = self._id_of_index
         return [[(id_of[i], v) for i, v in zip(irow, vrow) if i] for irow, vrow in zip(idx.tolist(), val.tolist())]
 
-    # ------------------------------------------------------------------ artifacts
     def save(
         self,
         directory: str | Path,
@@ -442,18 +457,36 @@ class NextItemRecommender:
         from .artifacts import save_artifact
 
         self.version = version
-        return save_artifact(
-            directory,
-            {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
-            kind=MODEL_KIND,
-            version=version,
-            config=self.model.cfg.to_dict(),
-            vocab=self.vocab.items,
-            feature_spec_hash=None,
-            metrics=dict(metrics or {}),
-            training_data=dict(training_data or {}),
-            extra=dict(extra or {}),
-        )
+        return save_artifact(directory, self._weights(), kind=self.kind, version=version, config=self._config(),
+                             vocab=self.vocab.items, feature_spec_hash=None, metrics=dict(metrics or {}),
+                             training_data=dict(training_data or {}), extra=dict(extra or {}))
+
+
+class NextItemRecommender(VocabRecommender):
+    """A trained :class:`SASRec` plus its item vocabulary."""
+
+    kind = MODEL_KIND
+
+    def __init__(self, model: SASRec, vocab: ItemVocab, version: str | None = None) -> None:
+        super().__init__(vocab, model.cfg.num_items, version)
+        self.model = model.eval()
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def to(self, device: str | torch.device | None) -> "NextItemRecommender":
+        self.model.to(resolve_device(device))
+        return self
+
+    def _top_k(self, histories: list[list[int]], k: int, exclude_history: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.recommend(histories, k, exclude_history)
+
+    def _weights(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+
+    def _config(self) -> dict[str, Any]:
+        return self.model.cfg.to_dict()
 
     @classmethod
     def load(

@@ -5,7 +5,9 @@
 
 * ``report.json``: everything (metrics, deltas with bootstrap intervals, curves, data summary,
   split windows, configuration, timings);
-* ``report.txt``: one table per task, the model against its baselines, deltas and a verdict;
+* ``report.txt``: one table per task, the model against its baselines, deltas and a verdict on
+  the evaluation period, and which candidate was registered and served, chosen on validation
+  (:mod:`models.training.select`), with the numbers and the reason;
 * ``reliability_churn.png`` / ``reliability_purchase.png``: reliability diagrams;
 * ``roc_churn.png`` / ``roc_purchase.png``: ROC curves;
 * ``nextitem.png``: HR@10 / NDCG@10 bar chart of SASRec against the baselines.
@@ -29,11 +31,13 @@ METHOD_LABELS = {
     "sasrec": "SASRec (ours)",
     "cooccurrence": "co-occurrence",
     "popularity": "popularity",
+    "blend": "blend (SASRec + co-occurrence)",
 }
 #: Reliability bins with fewer rows than this are left out of the plot (they stay in the JSON).
 MIN_BIN_ROWS = 10
 _COLOURS = {"mlp": "#1f77b4", "logistic_regression": "#ff7f0e", "recency_frequency_rule": "#2ca02c",
-            "served_heuristic": "#9467bd", "sasrec": "#1f77b4", "cooccurrence": "#ff7f0e", "popularity": "#2ca02c"}
+            "served_heuristic": "#9467bd", "sasrec": "#1f77b4", "cooccurrence": "#ff7f0e", "popularity": "#2ca02c",
+            "blend": "#d62728"}
 
 
 def _label(method: str) -> str:
@@ -56,6 +60,41 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 
 
 # ------------------------------------------------------------------------------ text
+def _classifier_selection(sel: Mapping[str, Any]) -> list[str]:
+    """Which churn/purchase model is registered, chosen on the validation rows (never the evaluation period)."""
+    cand, base = sel["candidates"]
+    ci = sel.get("ci95") or []
+    interval = f" [{_f(ci[0], signed=True)}, {_f(ci[1], signed=True)}]" if len(ci) == 2 else ""
+    lines = ["", f"SERVED (churn + purchase): {_label(sel['served'])}, chosen on the validation rows",
+             f"  rule: {sel['criterion']}",
+             f"  mean validation log loss: {_label(cand)} {_f(sel['mean_log_loss'][cand])}, {_label(base)} "
+             f"{_f(sel['mean_log_loss'][base])}; difference {_f(sel['delta_log_loss'], signed=True)}{interval}"]
+    for task, per in sel["valid"].items():
+        lines.append(f"  {task:9s} validation: " + ", ".join(
+            f"{_label(m)} log loss {_f(v['log_loss'])} ROC-AUC {_f(v['roc_auc'], 3)}" for m, v in per.items())
+            + f" ({per[cand]['rows']:,} rows)")
+    lines.append(f"  why: {sel['reason']}")
+    return lines
+
+
+def _candidate(method: str, valid: Mapping[str, Any]) -> str:
+    """A candidate's label, with the blend's SASRec weight when it has one."""
+    weight = valid.get("sasrec_weight")
+    return _label(method) if weight is None else f"{_label(method)} at SASRec weight {weight:g}"
+
+
+def _recommender_selection(sel: Mapping[str, Any]) -> list[str]:
+    """Which next-item recommender is registered, chosen on validation (never the test targets)."""
+    lines = ["", f"  SERVED (next item): {_label(sel['served'])}, chosen on validation (each shopper's last item "
+                 "before the split)"]
+    if "criterion" in sel:
+        lines.append(f"  rule: {sel['criterion']} among {', '.join(_label(c) for c in sel['candidates'])}")
+        lines.append("  validation: " + ", ".join(
+            f"{_candidate(m, v)} HR@10 {_f(v['HR@10'])} NDCG@10 {_f(v['NDCG@10'])}" for m, v in sel["valid"].items()))
+    lines.append(f"  why: {sel['reason']}")
+    return lines
+
+
 def render_text(report: Mapping[str, Any]) -> str:
     """The human-readable report (also written as ``report.txt``)."""
     data = report["data"]
@@ -129,6 +168,7 @@ def render_text(report: Mapping[str, Any]) -> str:
                 rows_m = per["mlp"]["by_moment"][moment]["rows"]
                 moment_bits.append(f"  ROC-AUC at {moment} moments ({rows_m:,} rows): " + ", ".join(parts))
         lines += moment_bits
+    lines += _classifier_selection(cls["selection"])
     lines.append("")
     lines.append(f"  MLP: hidden {cls['architecture']['hidden']}, dropout {cls['architecture']['dropout']}, best epoch "
                  f"{cls['mlp_training']['best_epoch']} of {cls['mlp_training']['epochs_run']} (early stopping on "
@@ -160,12 +200,13 @@ def render_text(report: Mapping[str, Any]) -> str:
                         + [_f(m.get("coverage@10"), 3), _f(w.get("HR@10")), _f(w.get("NDCG@10"))])
         lines += ["  " + s for s in _table(header, rows)]
         if "sasrec" in per:
-            best = max((m for m in per if m != "sasrec"), key=lambda m: per[m]["NDCG@10"], default=None)
+            best = max((m for m in per if m not in ("sasrec", "blend")), key=lambda m: per[m]["NDCG@10"], default=None)
             if best:
                 d_hr = per["sasrec"]["HR@10"] - per[best]["HR@10"]
                 d_nd = per["sasrec"]["NDCG@10"] - per[best]["NDCG@10"]
                 lines.append(f"  SASRec vs best baseline ({_label(best)}): HR@10 {_f(d_hr, signed=True)}, "
                              f"NDCG@10 {_f(d_nd, signed=True)}")
+    lines += _recommender_selection(ni["selection"])
     lines.append("  cov@10 = share of the catalogue in at least one top-10 list; wHR/wNDCG = weighted by the target's "
                  "interaction kind (view 1, cart 3, bought 5)")
     t = ni["training"]

@@ -1,6 +1,7 @@
 """Serving: the models the worker scores with, loaded from the registry, one pass per batch.
 
-:class:`BatchScorer` holds the current churn/propensity classifier and next-item recommender,
+:class:`BatchScorer` holds the current churn/propensity classifier (the MLP or the logistic
+regression, whichever training served) and next-item recommender (SASRec or co-occurrence),
 checks the registry between batches and swaps in a new current version (hot reload), and
 keeps the last good models when a new artifact is corrupt or refuses to load. With no trained
 models in the registry it serves the hand-set heuristic, and says so in every result.
@@ -22,7 +23,8 @@ from features.state import ShopperState
 from models.artifacts import METADATA_FILE, ArtifactError
 from models.classifiers import ShopperClassifier
 from models.heuristic import PurchaseIntentHeuristic
-from models.nextitem import NextItemRecommender, resolve_device
+from models.nextitem import VocabRecommender, resolve_device
+from models.recommenders import load_recommender
 from models.registry import ModelRegistry, RegistryError
 from models.names import CLASSIFIER_MODEL, NEXTITEM_MODEL
 
@@ -69,7 +71,7 @@ class BatchScorer:
         self.reload_interval_s = reload_interval_s
         self.heuristic = PurchaseIntentHeuristic(spec)
         self.classifier: ShopperClassifier | None = None
-        self.recommender: NextItemRecommender | None = None
+        self.recommender: VocabRecommender | None = None
         self.load_errors = 0
         self.timings = InferenceTimings()
         self._tried: dict[str, tuple[str, int | None] | None] = {CLASSIFIER_MODEL: None, NEXTITEM_MODEL: None}
@@ -124,7 +126,7 @@ class BatchScorer:
                         classifier.predict_proba(np.zeros((1, self.spec.dim), dtype=np.float32))
                     self.classifier = classifier
                 else:
-                    recommender = NextItemRecommender.load(directory, device=self.device)
+                    recommender = load_recommender(directory, device=self.device)
                     with torch.inference_mode():
                         recommender.recommend([[]], k=self.top_k)
                     self.recommender = recommender

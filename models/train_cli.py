@@ -181,20 +181,25 @@ def main(argv: Sequence[str] | None = None, events_factory: EventsFactory | None
     paths = write_report(result.report, report_dir, plots=not args.no_plots)
     print((report_dir / "report.txt").read_text(encoding="utf-8"))
     print(f"report: {', '.join(str(p) for p in paths.values())}")
+    print("served (chosen on validation): " + ", ".join(f"{m} = {c}" for m, c in result.served.items()),
+          file=sys.stderr)
     if not result.beats_baselines:
-        print("warning: the churn/purchase MLP does not beat every baseline on every metric; see the report",
-              file=sys.stderr)
+        print("warning: the churn/purchase MLP does not beat every baseline on every metric of the evaluation "
+              "period; see the report", file=sys.stderr)
     return 0
 
 
 # ------------------------------------------------------------------------------ models
 def _headline(meta: dict[str, Any]) -> str:
     m = meta.get("metrics") or {}
+    served = (meta.get("extra") or {}).get("served")
     try:
         if "churn" in m:
-            return (f"churn AUC {m['churn']['mlp']['roc_auc']:.3f}, purchase AUC {m['purchase']['mlp']['roc_auc']:.3f}")
+            s = served or "mlp"
+            return (f"{s}: churn AUC {m['churn'][s]['roc_auc']:.3f}, purchase AUC {m['purchase'][s]['roc_auc']:.3f}")
         if "next" in m:
-            return f"HR@10 {m['next']['sasrec']['HR@10']:.3f}, new-item HR@10 {m['next_new']['sasrec']['HR@10']:.3f}"
+            s = served or "sasrec"
+            return f"{s}: HR@10 {m['next'][s]['HR@10']:.3f}, new-item HR@10 {m['next_new'][s]['HR@10']:.3f}"
     except (KeyError, TypeError):
         pass
     return ""

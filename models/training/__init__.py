@@ -29,16 +29,21 @@
    catalogue coverage for each shopper's first interaction at or after ``S`` (history = items
    before ``S``, history items excluded as when serving), unweighted and weighted by interaction
    kind (view 1, cart 3, bought 5).
-6. **Artifacts**: both models saved into the registry (:mod:`models.registry`) as
+6. **Never serve a loser** (:mod:`.select`): on the VALIDATION rows only, the MLP is chosen
+   over logistic regression only when its mean log loss over the two tasks is lower with the
+   95% shopper-bootstrap interval below zero; for next item the best validation NDCG@10 among
+   SASRec, co-occurrence and their blend. The evaluation period never reaches the choice.
+7. **Artifacts**: the two chosen models saved into the registry (:mod:`models.registry`) as
    ``shopper-classifier/<version>`` and ``nextitem/<version>`` with metadata (kind, version,
-   created, training data summary, FeatureSpec hash, item vocabulary, metrics) and promoted.
+   created, training data summary, FeatureSpec hash, item vocabulary, metrics, what was served
+   and why) and promoted.
 
 Deterministic for a seed on CPU with a fixed thread count; ``device="auto"`` uses CUDA when
 available. No Kafka, no Faust, no ``streams`` import.
 
 One module per concern: :mod:`.config` (:class:`TrainingConfig`), :mod:`.examples` (steps 1-2),
-:mod:`.split` (step 3), :mod:`.fit_classifiers` (step 4), :mod:`.fit_nextitem` (step 5) and
-:mod:`.pipeline` (step 6 and :func:`train_all`). Serving never imports this package: the
+:mod:`.split` (step 3), :mod:`.fit_classifiers` (step 4), :mod:`.fit_nextitem` (step 5),
+:mod:`.select` (step 6) and :mod:`.pipeline` (step 7 and :func:`train_all`). Serving never imports this package: the
 registry names it saves under live in :mod:`models.names`.
 """
 from __future__ import annotations
@@ -48,10 +53,11 @@ from .examples import ExampleSet, build_examples
 from .fit_classifiers import PlattRule, fit_and_evaluate_classifiers, rule_scores, train_logistic_regression
 from .fit_nextitem import fit_and_evaluate_nextitem
 from .pipeline import TrainingResult, models_ready, train_all
+from .select import select_classifier, select_recommender
 from .split import TimeSplit, make_time_split
 
 __all__ = (
     "TrainingConfig", "TrainingResult", "ExampleSet", "TimeSplit", "train_all", "build_examples", "make_time_split",
     "fit_and_evaluate_classifiers", "fit_and_evaluate_nextitem", "train_logistic_regression", "rule_scores",
-    "PlattRule", "models_ready",
+    "PlattRule", "models_ready", "select_classifier", "select_recommender",
 )

@@ -1,5 +1,6 @@
-"""Churn + purchase: the MLP and its baselines trained on the split's training windows, all
-evaluated on its evaluation windows (:func:`fit_and_evaluate_classifiers`)."""
+"""Churn + purchase: the MLP and its baselines trained on the split's training windows, the one
+to serve chosen on the validation windows (:mod:`.select`), all evaluated on the evaluation
+windows (:func:`fit_and_evaluate_classifiers`)."""
 from __future__ import annotations
 
 import time
@@ -16,6 +17,7 @@ from ..labels import MOMENT_NAMES, TASKS
 from ..nextitem import seed_everything
 from .config import TrainingConfig
 from .examples import ExampleSet
+from .select import select_classifier
 from .split import TimeSplit
 
 #: Method names in metrics and reports.
@@ -111,8 +113,13 @@ def _served_heuristic(x: np.ndarray, spec: FeatureSpec) -> np.ndarray | None:
 
 def fit_and_evaluate_classifiers(ex: ExampleSet, split: TimeSplit, cfg: TrainingConfig, spec: FeatureSpec,
                                  ) -> tuple[MultiTaskMLP, dict[str, Any]]:
-    """Train the MLP and the baselines on the split's training windows, evaluate all on its
-    evaluation windows; returns the (CPU) MLP and the JSON-ready evaluation."""
+    """Train the MLP and the baselines on the split's training windows, choose between the MLP and
+    the logistic regression on the validation windows, evaluate all on the evaluation windows.
+
+    Returns the (CPU) model to serve, the MLP or the logistic regression (both
+    :class:`MultiTaskMLP`, calibrated), and the JSON-ready evaluation; ``info["selection"]``
+    says which and why.
+    """
     masks = {task: split.masks(ex.ts, task) for task in TASKS}
     labelled = {task: ~np.isnan(ex.y[:, t]) for t, task in enumerate(TASKS)}
 
@@ -152,11 +159,19 @@ def fit_and_evaluate_classifiers(ex: ExampleSet, split: TimeSplit, cfg: Training
         p_mlp = mlp.predict_proba(torch.as_tensor(ex.x)).numpy().astype(np.float64)
         p_lr = logreg.predict_proba(torch.as_tensor(ex.x)).numpy().astype(np.float64)
 
+    users = np.asarray(ex.users)
+    valid_rows = {task: masks[task]["valid"] & labelled[task] for task in TASKS}
+    selection = select_classifier(
+        METHOD_MODEL, METHOD_LOGREG,
+        {METHOD_MODEL: {task: p_mlp[valid_rows[task], t] for t, task in enumerate(TASKS)},
+         METHOD_LOGREG: {task: p_lr[valid_rows[task], t] for t, task in enumerate(TASKS)}},
+        {task: ex.y[valid_rows[task], t].astype(np.float64) for t, task in enumerate(TASKS)},
+        {task: users[valid_rows[task]] for task in TASKS}, cfg.bootstrap, cfg.seed)
+
     metrics: dict[str, dict[str, Any]] = {}
     comparison: dict[str, Any] = {}
     curves: dict[str, Any] = {}
     eval_rows: dict[str, Any] = {}
-    users = np.asarray(ex.users)
     for t, task in enumerate(TASKS):
         fit_m = masks[task]["fit"] & labelled[task]
         ev = masks[task]["eval"] & labelled[task]
@@ -203,9 +218,10 @@ def fit_and_evaluate_classifiers(ex: ExampleSet, split: TimeSplit, cfg: Training
         "mlp_training": {k: v for k, v in mlp_rep.to_dict().items() if k != "history"} | {"seconds": t_mlp},
         "logreg_training": lr_rep | {"seconds": t_lr},
         "calibration": {task: {"a": float(mlp.calib_a[t]), "b": float(mlp.calib_b[t])} for t, task in enumerate(TASKS)},
+        "selection": selection,
         "rule": {"churn": "log1p(hours since last event, cap 720) - log1p(active days in 30 d)",
                  "purchase": "log1p(cart units now) + 0.5 * log1p(views in 24 h)",
                  "calibration": "Platt scaling fitted on the training (fit) rows"},
         "architecture": {"hidden": list(cfg.hidden), "dropout": cfg.dropout, "calibration": cfg.calibration},
     }
-    return mlp, info
+    return (mlp if selection["served"] == METHOD_MODEL else logreg), info

@@ -1,4 +1,5 @@
-"""The whole job: :func:`train_all` (replay, label, split, train, evaluate, save, promote)."""
+"""The whole job: :func:`train_all` (replay, label, split, train, choose on validation, evaluate,
+save the chosen models, promote)."""
 from __future__ import annotations
 
 import datetime as dt
@@ -18,7 +19,7 @@ from ..artifacts import ArtifactError, is_legacy
 from ..classifiers import ShopperClassifier
 from ..labels import TASKS
 from ..names import CLASSIFIER_MODEL, NEXTITEM_MODEL
-from ..nextitem import NextItemRecommender, resolve_device
+from ..nextitem import VocabRecommender, resolve_device
 from ..registry import ModelRegistry, RegistryError
 from .config import TrainingConfig
 from .examples import build_examples
@@ -36,7 +37,8 @@ class TrainingResult:
         artifacts: registry model name -> artifact directory.
         promoted: whether both were promoted to ``current``.
         report: JSON-ready evaluation (what :func:`models.report.write_report` renders).
-        classifier / recommender: the trained models, ready to score.
+        classifier / recommender: the models chosen on validation and registered, ready to score
+            (the MLP or the logistic regression; SASRec, co-occurrence or their blend).
         timings: seconds per stage.
     """
 
@@ -45,13 +47,19 @@ class TrainingResult:
     promoted: bool
     report: dict[str, Any]
     classifier: ShopperClassifier
-    recommender: NextItemRecommender
+    recommender: VocabRecommender
     timings: dict[str, float]
 
     @property
     def beats_baselines(self) -> bool:
         """True when the MLP beats every baseline on ROC-AUC, PR-AUC and log loss for both tasks."""
         return all(c["beats_all"] for c in self.report["classifiers"]["comparison"].values())
+
+    @property
+    def served(self) -> dict[str, str]:
+        """Registry model name -> the candidate registered under it (chosen on validation)."""
+        return {CLASSIFIER_MODEL: self.report["classifiers"]["selection"]["served"],
+                NEXTITEM_MODEL: self.report["nextitem"]["selection"]["served"]}
 
 
 def _json_safe(obj: Any) -> Any:
@@ -104,7 +112,7 @@ def train_all(events: Iterable[Event], out_registry_root: str | Path | None = No
                             cfg.valid_fraction, cfg.warmup_ms)
 
     t0 = time.perf_counter()
-    mlp, cls_info = fit_and_evaluate_classifiers(ex, split, cfg, spec)
+    served_classifier, cls_info = fit_and_evaluate_classifiers(ex, split, cfg, spec)
     timings["classifiers"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -113,7 +121,7 @@ def train_all(events: Iterable[Event], out_registry_root: str | Path | None = No
 
     registry = ModelRegistry(out_registry_root)
     version = _new_version(registry, cfg.version)
-    classifier = ShopperClassifier(mlp, spec.hash, version)
+    classifier = ShopperClassifier(served_classifier, spec.hash, version)
     training_data = {
         "source": cfg.source, "events": ex.counts["events"], "applied_events": ex.counts["applied_events"],
         "duplicates": ex.counts["duplicates"], "shoppers": ex.counts["shoppers"],
@@ -123,6 +131,7 @@ def train_all(events: Iterable[Event], out_registry_root: str | Path | None = No
     }
     cls_metrics = {task: {m: {k: v for k, v in d.items() if k != "by_moment"} for m, d in per.items()}
                    for task, per in cls_info["metrics"].items()}
+    cls_selection = cls_info["selection"]
     t0 = time.perf_counter()
     cls_dir = classifier.save(
         registry.version_dir(CLASSIFIER_MODEL, version), version, metrics=_json_safe(cls_metrics),
@@ -130,7 +139,9 @@ def train_all(events: Iterable[Event], out_registry_root: str | Path | None = No
         extra=_json_safe({"labels": cfg.labels.to_dict(), "feature_names": list(spec.names),
                           "comparison": {t: {b: {k: v for k, v in d.items()} for b, d in c["baselines"].items()}
                                          for t, c in cls_info["comparison"].items()},
-                          "training": cls_info["mlp_training"], "seed": cfg.seed}))
+                          "served": cls_selection["served"], "selection": cls_selection,
+                          "training": cls_info[f"{'mlp' if cls_selection['served'] == 'mlp' else 'logreg'}_training"],
+                          "seed": cfg.seed}))
     ni_metrics = {p: {m: {k: v for k, v in r.items() if k != "by_target_kind"} for m, r in per.items()}
                   for p, per in ni_info["metrics"].items()}
     recommender.version = version
@@ -141,6 +152,7 @@ def train_all(events: Iterable[Event], out_registry_root: str | Path | None = No
                           "history_len": cfg.state.history_len, "interaction_weights": {
                               "view": cfg.labels.view_weight, "cart": cfg.labels.cart_weight,
                               "order": cfg.labels.order_weight},
+                          "served": ni_info["selection"]["served"], "selection": ni_info["selection"],
                           "training": ni_info["training"], "seed": cfg.seed}))
     if cfg.promote:
         registry.promote(CLASSIFIER_MODEL, version)

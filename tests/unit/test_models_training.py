@@ -19,7 +19,7 @@ from models.artifacts import ArtifactError, load_artifact
 from models.binary_metrics import RankedScores, roc_auc
 from models.classifiers import ShopperClassifier
 from models.labels import MOMENT_EVENT, MOMENT_SWEEP, TASKS, LabelConfig
-from models.nextitem import NextItemRecommender
+from models.recommenders import load_recommender
 from models.registry import ModelRegistry
 from models.train_cli import main, models_main, read_events_jsonl
 from models.names import CLASSIFIER_MODEL, NEXTITEM_MODEL
@@ -176,8 +176,11 @@ def test_shoppulse_train_registers_loadable_artifacts_and_writes_the_report(tmp_
         assert meta["metrics"][task]["mlp"]["roc_auc"] is not None
         assert td["split"]["horizons_ms"][task] == h
     assert meta["metrics"]["churn"]["mlp"]["rows"] > 0 and split_ms > 0
-    rec = NextItemRecommender.load(registry.current_dir(NEXTITEM_MODEL))
+    rec = load_recommender(registry.current_dir(NEXTITEM_MODEL))
     art = load_artifact(registry.current_dir(NEXTITEM_MODEL))
+    served = json.loads((rep / "report.json").read_text())["nextitem"]["selection"]["served"]
+    assert art.metadata["kind"] == {"sasrec": "nextitem-sasrec-ce", "cooccurrence": "nextitem-cooccurrence"}[served]
+    assert art.metadata["extra"]["served"] == served
     assert art.vocab == rec.vocab.items and art.metadata["extra"]["feature_spec_hash"] == spec_hash
     top = rec.recommend([rec.vocab.items[:3], []], k=5)
     assert len(top) == 2 and all(len(row) == 5 for row in top)
@@ -202,7 +205,7 @@ def test_shoppulse_train_registers_loadable_artifacts_and_writes_the_report(tmp_
     assert registry.current(CLASSIFIER_MODEL) == "v1"
     assert models_main(["--registry", str(reg), "promote", CLASSIFIER_MODEL, "nope"]) == 1
     assert models_main(["--registry", str(reg), "show", NEXTITEM_MODEL]) == 0
-    assert '"kind": "nextitem-sasrec-ce"' in capsys.readouterr().out
+    assert f'"kind": "{art.metadata["kind"]}"' in capsys.readouterr().out
     assert main(argv, events_factory=_sim_events) == 1  # version v1 exists: immutable
 
 
