@@ -18,6 +18,7 @@ from features.offline import final_states
 from features.spec import DEFAULT_FEATURE_SPEC
 from features.state import StateConfig
 from streams.app import STATE_TABLE
+from streams.envelope import Stored
 from streams.generator import GeneratedMessage, GeneratorConfig, ShopSimulator, at_most_per_shopper
 from streams.kafka import ensure_topics
 from streams.producer import produce
@@ -34,16 +35,21 @@ def valid_events(messages) -> list:
     return [parse_event(m.topic_kind, m.key, m.value, now_ms) for m in messages if m.malformed_reason is None]
 
 
-def changelog_states(settings) -> dict[str, bytes]:
-    """The last state each shopper's changelog holds (read to the end: the worker has stopped)."""
-    states: dict[str, bytes] = {}
+def changelog_values(settings) -> dict[str, Stored]:
+    """The last value each shopper's changelog holds (read to the end: the worker has stopped)."""
+    values: dict[str, Stored] = {}
     for m in read_to_end(settings, f"{settings.app_id}-{STATE_TABLE}-changelog"):
         # a tombstone (None) deletes, as compaction and table recovery read it
         if m.value() is None:
-            states.pop(m.key().decode(), None)
+            values.pop(m.key().decode(), None)
         else:
-            states[m.key().decode()] = m.value()
-    return states
+            values[m.key().decode()] = Stored.decode(m.value())
+    return values
+
+
+def changelog_states(settings) -> dict[str, bytes]:
+    """The last state (encoded) each shopper's changelog holds."""
+    return {user: value.state for user, value in changelog_values(settings).items()}
 
 
 def scored_until(settings, expected_last_ts: dict[str, int]):
