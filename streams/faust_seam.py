@@ -6,7 +6,7 @@ libraries do not promise to keep. All of them are used here and nowhere else, ea
 ``tests/unit/test_faust_seam.py`` checks that every one exists with the kind and signature this
 module expects, and that the upstream methods whose logic is copied here still hash to
 :data:`UPSTREAM_SOURCE_SHA256`. An upgrade that moves a member or changes copied logic fails
-that test, not the worker. Pinned versions and how to upgrade them: docs/deploy.md.
+that test, not the worker. How to upgrade them: docs/deploy.md ("Upgrading Faust, mode or aiokafka").
 
 ============================================  ==========================================================
 internal                                      what it touches, and why

@@ -79,8 +79,8 @@ def assert_state_is_offline_replay(settings: Settings, sent: list) -> None:
 
 
 def traffic(settings: Settings, simulator: ShopSimulator, rate_per_s: float) -> BackgroundProducer:
-    """Live traffic, at most ``dedup_ids`` events per shopper: the envelope in which a crash's
-    replay is absorbed by the event-id dedup (beyond it replayed events count twice; RELIABILITY.md)."""
+    """Live traffic, at most ``dedup_ids`` events per shopper: the envelope in which the state does
+    not depend on the order the three topics are read in (docs/features.md; RELIABILITY.md)."""
     messages = at_most_per_shopper(simulator.messages(), StateConfig().dedup_ids)
     return BackgroundProducer(messages, settings.topic_by_kind, settings.librdkafka_config(), rate_per_s)
 
