@@ -304,9 +304,9 @@ class TableStore:
 def _aiokafka_consumer(app: faust.App) -> Any:
     """aiokafka's consumer inside Faust's consumer thread; None before it started."""
     thread = getattr(app.consumer, "_thread", None)
-    if thread is None:
-        raise SeamBroken("faust's Consumer has no _thread (faust.transport.drivers.aiokafka changed)")
-    return getattr(thread, "_consumer", None)
+    if thread is None or not hasattr(thread, "_consumer"):
+        raise SeamBroken("faust's Consumer has no _thread._consumer (faust.transport.drivers.aiokafka changed)")
+    return thread._consumer
 
 
 def broker_connected(app: faust.App) -> bool:

@@ -57,19 +57,22 @@ class Health:
         return connected
 
     async def refresh(self) -> None:
-        recovered = self.app.tables.recovery.completed.is_set()
-        assigned = bool(self.app.consumer.assignment()) if self.app.consumer else False
         connected = self._broker_connected()
-        ready = bool(recovered and not self.app.rebalancing and assigned and connected)
-        self.state.ready = ready
-        self.state.reason = ("ready" if ready else
-                             f"faust internals missing ({self._broken})" if connected is None else
-                             "broker unreachable" if not connected else
-                             "rebalancing" if self.app.rebalancing else
-                             "recovering tables" if not recovered else "no partitions assigned")
-        self.metrics.ready.set(1 if ready else 0)
+        if connected is None:
+            self._set(False, f"faust internals missing ({self._broken})")
+            return
+        recovered = self.app.tables.recovery.completed.is_set()
+        assigned = bool(self.app.consumer.assignment())
+        ready = recovered and not self.app.rebalancing and assigned and connected
+        self._set(ready, "ready" if ready else "broker unreachable" if not connected else
+                  "rebalancing" if self.app.rebalancing else
+                  "recovering tables" if not recovered else "no partitions assigned")
         if assigned:
             self._refresh_lag()
+
+    def _set(self, ready: bool, reason: str) -> None:
+        self.state.ready, self.state.reason = ready, reason
+        self.metrics.ready.set(1 if ready else 0)
 
     def _refresh_lag(self) -> None:
         """``shoppulse_consumer_lag{topic,partition}`` for the input partitions this worker owns.

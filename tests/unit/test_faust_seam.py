@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import importlib
 import inspect
+import logging
 import re
 from pathlib import Path
 from typing import Any, Iterator
@@ -29,6 +30,9 @@ from mode.utils.futures import notify
 from streams import faust_seam
 from streams.faust_seam import UPSTREAM_SOURCE_SHA256, BatchDrainConsumer, BatchingApp, TableStore
 from streams.batch_consumer import MicroBatcher
+from streams.config import Settings
+from streams.health import Health
+from streams.metrics import HealthState, WorkerMetrics
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -152,11 +156,20 @@ def test_aiokafka_keeps_the_connections_and_fetch_wait_readiness_and_tansu_read(
     assert "self._fetcher = Fetcher(" in inspect.getsource(aiokafka.AIOKafkaConsumer.start)
 
 
-def test_readiness_raises_seam_broken_rather_than_report_a_broker_down(app):
+def test_readiness_fails_loudly_when_the_internals_it_reads_are_gone(app, caplog):
+    """An upgrade that renames aiokafka's consumer inside Faust's thread must not read as a broker outage."""
+    health = Health(app, Settings(), WorkerMetrics(), HealthState())
     assert faust_seam.broker_connected(app) is False  # not started: no aiokafka consumer yet
-    app.consumer._thread = None
-    with pytest.raises(faust_seam.SeamBroken, match="_thread"):
+    app.consumer._thread = object()  # what a Faust without AIOKafkaConsumerThread._consumer would give
+    with pytest.raises(faust_seam.SeamBroken, match="_thread._consumer"):
         faust_seam.broker_connected(app)
+    with caplog.at_level(logging.ERROR, logger="shoppulse.worker"):
+        for _ in range(3):
+            asyncio.run(health.refresh())
+    assert not health.state.ready and health.state.reason.startswith("faust internals missing (")
+    assert health.metrics.ready._value.get() == 0
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "readiness cannot tell whether the brokers are reachable" in errors[0]
 
 
 #: Private members of Faust, mode and aiokafka the seam uses; no other module may name them.
