@@ -176,10 +176,9 @@ class BatchDrainConsumer(AIOKafkaConsumer):
             if commit_every is not None and self._n_acked >= commit_every:  # upstream's broker_commit_every
                 self._n_acked = 0
                 await self.commit()
-            generation = self.app.consumer_generation_id
-            await self._hand_over(await self._read_fetch(), generation)
+            await self._hand_over(*await self._read_fetch())
 
-    async def _read_fetch(self) -> list[InputMessage]:
+    async def _read_fetch(self) -> tuple[list[InputMessage], int]:
         """One fetch: batch-topic messages returned, any other topic's through Faust's callback.
 
         Faust's ``getmany`` with its per-message work done once per partition: the high
@@ -188,16 +187,21 @@ class BatchDrainConsumer(AIOKafkaConsumer):
         Faust's checks are kept: partitions not active are skipped, offsets already read are
         dropped, gaps are recorded, and records fetched while the flow is stopped are dropped and
         the partitions sought back to their committed offsets.
+
+        Also returns the consumer generation the records belong to, read (as ``getmany`` reads
+        it) once the fetch returned: the wait for it may span a whole rebalance, and a
+        generation read before the wait would drop the first records after the rebalance's seek.
         """
         records, active = await self._wait_next_records(1.0)
+        generation = self.app.consumer_generation_id
         if not records or self.should_stop:
-            return []
+            return [], generation
         if not self.flow_active:
             try:
                 await self.perform_seek()
             except Exception as exc:  # Faust's own getmany only warns here too
                 self.log.warning("could not seek back to the committed offsets while the flow is stopped: %r", exc)
-            return []
+            return [], generation
         fetched: list[InputMessage] = []
         read_offset = self._read_offset
         acks_enabled_for = self.app.topics.acks_enabled_for
@@ -223,10 +227,15 @@ class BatchDrainConsumer(AIOKafkaConsumer):
                         break
                     await self.wait_first(self.callback(self._to_message(tp, record)), self.suspend_flow.wait())
                 last = read_offset[tp] = offset
-        return fetched
+        return fetched, generation
 
     async def _hand_over(self, fetched: list[InputMessage], generation: int) -> None:
-        """Buffer a fetch, unless the flow stopped or the generation changed while it was read."""
+        """Buffer a fetch, unless the flow stopped or the generation changed while it was read.
+
+        Either means a rebalance is under way: it ends with Faust seeking every partition back to
+        its committed offset, so dropped messages are read again. (Dropping them otherwise would
+        leave a hole that later, applied offsets would mark as applied.)
+        """
         if not fetched or not self.flow_active or self.batcher is None:
             return
         if generation != self.app.consumer_generation_id:
