@@ -17,8 +17,8 @@ no event is applied to a state twice, however many crashes chain:
 
 **Where the input offsets live, and why there.** Each shopper's stored value
 (:mod:`streams.envelope`) holds its state, its churn alert state, and the highest input offset
-per input topic whose event the state holds. A replayed event at or below that offset is skipped
-(:class:`streams.pipeline.BatchProcessor`). The alternatives fail under a crash:
+per input topic partition whose event the state holds. A replayed event at or below that
+offset is skipped (:class:`streams.pipeline.BatchProcessor`). The alternatives fail under a crash:
 
 * *Only the event-id dedup* (before 2026-12): a shopper remembers its last 64 event ids, so a
   replay of more than 64 of its events (crashes chained before a commit) applied the older ones
@@ -36,7 +36,8 @@ per input topic whose event the state holds. A replayed event at or below that o
   missing. The alert state is in the same value for the same reason: an alert state restored
   without the state it belongs to (or the reverse) re-fires or loses an alert.
 
-The cost: 4 bytes per value, plus 9 bytes and the topic name per input topic a shopper has events on.
+The cost: 4 bytes per value, plus 13 bytes and the topic name per input topic a shopper has
+events on (co-partitioned inputs: one partition each).
 
 The event-id dedup stays: a producer that sends one event twice gives it two offsets.
 

@@ -16,15 +16,18 @@ part                content
 ``u8``              :data:`ENVELOPE_MAGIC` (never a state format version: those count from 1)
 ``u8``              envelope version (:data:`ENVELOPE_VERSION`)
 ``u8``              number of offsets, then per offset: ``u8`` topic name length, the UTF-8
-                    topic name, ``i64`` the highest offset applied from that input topic (the
-                    partition is the shopper's own: inputs are co-partitioned)
+                    topic name, ``u32`` partition, ``i64`` the highest offset applied from
+                    that input partition
 ``u8``              alert state length (0: none), then the alert state (:mod:`streams.alerts`)
 rest                the state, exactly as :func:`features.encoding.encode_state` wrote it
 ==================  ==========================================================================
 
-Topic names, not positions, key the offsets: after a rename the new topic's offsets start
-again at 0, and an offset recorded for another topic must not skip them. A value written
-before envelopes existed (a bare state) still reads: no offsets, no alert state.
+Topic names and partitions, not positions, key the offsets: after a topic rename or a change
+of partition count the new partitions' offsets start again at 0, and a producer with the wrong
+partitioner can put one shopper's events of one topic in two partitions; an offset recorded for
+another partition must not skip any of them. (Co-partitioned inputs give a shopper one
+partition, so a value holds at most three offsets.) A value written before envelopes existed
+(a bare state) still reads: no offsets, no alert state.
 """
 from __future__ import annotations
 
@@ -35,7 +38,7 @@ from dataclasses import dataclass, field
 ENVELOPE_MAGIC = 0xE5
 ENVELOPE_VERSION = 1
 _HEAD = struct.Struct("<BBB")
-_OFFSET = struct.Struct("<q")
+_OFFSET = struct.Struct("<Iq")  # partition, offset
 
 
 class EnvelopeDecodeError(ValueError):
@@ -49,28 +52,28 @@ class Stored:
     Attributes:
         state: the encoded :class:`features.state.ShopperState` (None: no state yet).
         alert: the encoded :class:`streams.alerts.AlertState` (None: never scored for churn).
-        offsets: input topic -> highest offset of that topic (in the shopper's partition) whose
-            event is applied to ``state``.
+        offsets: ``(input topic, partition)`` -> highest offset of that partition whose event
+            is applied to ``state``.
     """
 
     state: bytes | None = None
     alert: bytes | None = None
-    offsets: dict[str, int] = field(default_factory=dict)
+    offsets: dict[tuple[str, int], int] = field(default_factory=dict)
 
-    def applied(self, topic: str, offset: int) -> bool:
-        """Whether the event at ``offset`` of ``topic`` is already in this state (the skip rule)."""
-        return offset <= self.offsets.get(topic, -1)
+    def applied(self, topic: str, partition: int, offset: int) -> bool:
+        """Whether the event at ``offset`` of ``topic[partition]`` is already in this state (the skip rule)."""
+        return offset <= self.offsets.get((topic, partition), -1)
 
     def encode(self) -> bytes:
         if self.state is None:
             raise ValueError("an envelope needs a state")
         alert = self.alert or b""
         out = bytearray(_HEAD.pack(ENVELOPE_MAGIC, ENVELOPE_VERSION, len(self.offsets)))
-        for topic, offset in sorted(self.offsets.items()):  # sorted: equal contents, equal bytes
+        for (topic, partition), offset in sorted(self.offsets.items()):  # sorted: equal contents, equal bytes
             name = topic.encode()
             out.append(len(name))
             out += name
-            out += _OFFSET.pack(offset)
+            out += _OFFSET.pack(partition, offset)
         out.append(len(alert))
         out += alert
         out += self.state
@@ -92,12 +95,13 @@ class Stored:
             if version != ENVELOPE_VERSION:
                 raise EnvelopeDecodeError(f"envelope version {version}; this release reads {ENVELOPE_VERSION}")
             at = _HEAD.size
-            offsets: dict[str, int] = {}
+            offsets: dict[tuple[str, int], int] = {}
             for _ in range(n_offsets):
                 length = data[at]
                 topic = bytes(data[at + 1:at + 1 + length]).decode()
                 at += 1 + length
-                offsets[topic] = _OFFSET.unpack_from(data, at)[0]
+                partition, offset = _OFFSET.unpack_from(data, at)
+                offsets[(topic, partition)] = offset
                 at += _OFFSET.size
             length = data[at]
             alert = bytes(data[at + 1:at + 1 + length]) or None

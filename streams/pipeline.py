@@ -5,8 +5,8 @@
 :class:`BatchOutcome`: the values to store, the messages to publish and the dead letters, as
 data. It writes and sends nothing itself; :class:`streams.checkpoint.Checkpoint` does.
 
-Each stored value (:mod:`streams.envelope`) records the highest input offset per topic whose
-event it holds; an event at or below it is skipped as already applied (a replay after a crash),
+Each stored value (:mod:`streams.envelope`) records the highest input offset per input
+partition whose event it holds; an event at or below it is skipped as already applied (a replay after a crash),
 however many events ago it was. The event-id dedup still absorbs a producer sending an event twice.
 """
 from __future__ import annotations
@@ -203,12 +203,13 @@ class BatchProcessor:
             applied_here = repeated_here = 0
             pairs.sort(key=lambda pair: pair[0].ts_ms)  # stable: ties keep arrival order
             for event, message in pairs:
-                if already.applied(message.topic, message.offset):
+                source = (message.topic, message.partition)
+                if already.applied(*source, message.offset):
                     outcome.replayed += 1
                     repeated_here += 1
                     continue
-                if message.offset > offsets.get(message.topic, -1):
-                    offsets[message.topic] = message.offset
+                if message.offset > offsets.get(source, -1):
+                    offsets[source] = message.offset
                 result = state.update(event, self.state_config)
                 if result == APPLIED:
                     applied_here += 1

@@ -115,9 +115,9 @@ def test_kill9_restarts_mid_stream(broker, tmp_path):
 
 
 def assert_offsets_are_the_input_log(settings: Settings) -> None:
-    """Each shopper's stored input offsets are, per input topic, the highest offset of its valid messages."""
+    """Each shopper's stored input offsets are, per input partition, the highest offset of its valid messages."""
     now_ms = int(time.time() * 1000)
-    expected: dict[str, dict[str, int]] = {}
+    expected: dict[str, dict[tuple[str, int], int]] = {}
     for kind, topic in settings.topic_by_kind.items():
         for m in read_to_end(settings, topic):
             try:
@@ -125,7 +125,7 @@ def assert_offsets_are_the_input_log(settings: Settings) -> None:
             except InvalidEvent:
                 continue
             offsets = expected.setdefault(user, {})
-            offsets[topic] = max(offsets.get(topic, -1), m.offset())
+            offsets[(topic, m.partition())] = max(offsets.get((topic, m.partition()), -1), m.offset())
     stored = {user: value.offsets for user, value in changelog_values(settings).items()}
     assert stored == expected
 

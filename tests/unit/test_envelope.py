@@ -11,7 +11,7 @@ from streams.envelope import ENVELOPE_MAGIC, EnvelopeDecodeError, Stored
 
 def sample() -> Stored:
     return Stored(state=encode_state(ShopperState.new("u1")), alert=AlertState(False, 123, 0.9).encode(),
-                  offsets={"shop.page_views": 41, "shop.cart": 0, "shop.orders": 7_000_000_000})
+                  offsets={("shop.page_views", 3): 41, ("shop.cart", 3): 0, ("shop.orders", 3): 7_000_000_000})
 
 
 def test_round_trip_and_equal_contents_give_equal_bytes():
@@ -35,9 +35,10 @@ def test_a_bare_state_of_an_older_release_reads_without_offsets():
 
 def test_the_skip_rule():
     stored = sample()
-    assert stored.applied("shop.page_views", 41) and stored.applied("shop.page_views", 0)
-    assert not stored.applied("shop.page_views", 42)
-    assert not stored.applied("renamed.page_views", 0)  # another topic: nothing of it applied
+    assert stored.applied("shop.page_views", 3, 41) and stored.applied("shop.page_views", 3, 0)
+    assert not stored.applied("shop.page_views", 3, 42)
+    assert not stored.applied("renamed.page_views", 3, 0)  # another topic: nothing of it applied
+    assert not stored.applied("shop.page_views", 1, 0)  # another partition (a producer's wrong partitioner)
 
 
 def test_truncated_envelopes_raise_their_own_error():

@@ -52,7 +52,7 @@ def test_one_score_per_shopper_with_the_latest_state(processor):
     assert [s.user_id for s in outcome.scored] == ["u1", "u2"]
     assert outcome.applied == 3 and not outcome.dead_letters
     u1 = outcome.scored[0]
-    assert Stored.decode(store[b"u1"]).offsets == {"views": 2}  # the highest offset applied to u1
+    assert Stored.decode(store[b"u1"]).offsets == {("views", 0): 2}  # the highest offset applied to u1
     doc = json.loads(u1.result)
     assert doc["trigger_event_id"] == "u1-e2" and doc["trigger_ts"] == NOW_MS - 2000
     assert 0.0 <= doc["scores"]["purchase_intent_heuristic"] <= 1.0
@@ -145,10 +145,12 @@ def test_offsets_are_per_topic_and_the_highest_whatever_the_event_time_order(pro
     store: dict[bytes, bytes] = {}
     late_in_log = view("u1", 1, NOW_MS - 9000)
     run(processor, [message(view("u1", 2, NOW_MS - 1000), 4), message(late_in_log, 5)], store)
-    assert Stored.decode(store[b"u1"]).offsets == {"views": 5}  # offset 4 is applied last (newer event time)
+    assert Stored.decode(store[b"u1"]).offsets == {("views", 0): 5}  # offset 4 is applied last (newer event time)
     cart = Event("cart_add", "u1-c1", "u1", NOW_MS - 500, session_id="s1", item_id="i1", price=9.5, quantity=1)
     outcome = run(processor, [message(cart, 0, topic="cart")], store)  # offset 0 of another topic is new
-    assert outcome.applied == 1 and Stored.decode(store[b"u1"]).offsets == {"views": 5, "cart": 0}
+    assert outcome.applied == 1 and Stored.decode(store[b"u1"]).offsets == {("views", 0): 5, ("cart", 0): 0}
+    elsewhere = InputMessage("views", 1, 0, b"u1", encode_event(view("u1", 9, NOW_MS - 400)))
+    assert run(processor, [elsewhere], store).applied == 1  # offset 0 of another partition is new too
 
 
 def test_a_producer_repeat_at_a_new_offset_is_still_a_duplicate(processor):
@@ -157,7 +159,7 @@ def test_a_producer_repeat_at_a_new_offset_is_still_a_duplicate(processor):
     run(processor, [message(event, 0)], store)
     outcome = run(processor, [message(event, 1)], store)
     assert (outcome.duplicates, outcome.replayed, outcome.applied) == (1, 0, 0)
-    assert Stored.decode(store[b"u1"]).offsets == {"views": 1}
+    assert Stored.decode(store[b"u1"]).offsets == {("views", 0): 1}
 
 
 def test_a_bare_state_of_an_older_release_is_read_and_enveloped(processor):
