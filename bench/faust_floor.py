@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import faust  # noqa: E402
 
-from streams.batch_consumer import BatchDrainConsumer, BatchingApp, MicroBatcher  # noqa: E402
+from streams.batch_consumer import MicroBatcher  # noqa: E402
+from streams.faust_seam import BatchingApp  # noqa: E402
 from streams.kafka import tansu_client_overrides  # noqa: E402
 
 

@@ -5,12 +5,13 @@ Faust hands each consumed message to its streams on its own: a task race per mes
 per-event ack. On this machine that costs about 90 µs of CPU per event (``bench/faust_floor.py``),
 which alone caps a worker near 11k events/s whatever the agent does.
 
-:class:`BatchDrainConsumer` is Faust's aiokafka consumer with its drain loop replaced: messages
-of the *batch topics* go, a whole fetch at a time, into a :class:`MicroBatcher`; messages of any
-other topic (table changelogs during recovery) still take Faust's own path. The messages are
-light :class:`streams.pipeline.InputMessage` objects, not Faust's ``ConsumerMessage``. The agent
-takes micro-batches (:meth:`BatchDrainConsumer.take_batch`) and acks a whole batch once its
-effects are in Kafka (:meth:`BatchDrainConsumer.ack_batch`).
+:class:`streams.faust_seam.BatchDrainConsumer` is Faust's aiokafka consumer with its drain loop
+replaced: messages of the *batch topics* go, a whole fetch at a time, into the
+:class:`MicroBatcher` of this module (plain asyncio, no Faust); messages of any other topic
+(table changelogs during recovery) still take Faust's own path. The messages are light
+:class:`streams.pipeline.InputMessage` objects, not Faust's ``ConsumerMessage``. The agent takes
+micro-batches (``take_batch``) and acks a whole batch once its effects are in Kafka
+(``ack_batch``, through :class:`streams.checkpoint.Checkpoint`).
 
 Faust keeps everything else: group membership and assignment, offsets (an ack makes an offset
 committable, with Faust's own bookkeeping; gaps in a partition are recorded as Faust records
@@ -24,23 +25,18 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from typing import Any, Iterable
-
-import faust
-from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer
-from faust.types import TP, ConsumerT
-from faust.types.tuples import ack_lock
-from mode.utils.futures import notify
 
 from streams.pipeline import InputMessage
 
 
 class MicroBatch(list):
     """The messages of one micro-batch. Faust's set of unacknowledged messages holds it (weakly)
-    while the agent works on it, so it carries the two attributes Faust reads there."""
+    while the agent works on it, so it carries the two attributes Faust reads there, and the
+    consumer generation its messages were fetched in (the generation guard, :mod:`streams.faust_seam`)."""
 
     acked = False
     refcount = 1
+    generation_id: int | None = None
     __hash__ = object.__hash__  # held in a WeakSet: by identity (no two batches share a message)
 
 
@@ -128,142 +124,3 @@ class MicroBatcher:
         self._full.clear()
         self._room.set()
         return dropped
-
-
-class BatchDrainConsumer(AIOKafkaConsumer):
-    """Faust's aiokafka consumer, handing the messages of :attr:`batch_topics` to a :class:`MicroBatcher`.
-
-    Call :meth:`batch_into` before the app starts.
-    """
-
-    batch_topics: frozenset[str] = frozenset()
-    batcher: MicroBatcher | None = None
-
-    def batch_into(self, topics: Iterable[str], batcher: MicroBatcher) -> None:
-        """Send the messages of ``topics`` to ``batcher`` instead of Faust's streams."""
-        self.batch_topics = frozenset(topics)
-        self.batcher = batcher
-
-    def stop_flow(self) -> None:
-        super().stop_flow()
-        if self.batcher is not None:
-            self.batcher.clear()
-
-    async def take_batch(self) -> MicroBatch:
-        """The next micro-batch, tracked until :meth:`ack_batch`: a rebalance waits for it."""
-        assert self.batcher is not None, "batch_into() first"
-        batch = await self.batcher.take()
-        self._unacked_messages.add(batch)
-        return batch
-
-    def ack_batch(self, batch: MicroBatch) -> None:
-        """Mark a batch done: its offsets become committable (Faust commits on its timer).
-
-        Faust's ``Consumer.ack`` bookkeeping, once per partition instead of once per message.
-        """
-        by_tp: dict[tuple[str, int], list[int]] = {}
-        for message in batch:
-            by_tp.setdefault((message.topic, message.partition), []).append(message.offset)
-        inbound = self.app.monitor.stream_inbound_time
-        now = time.monotonic()
-        with ack_lock:
-            for (topic, partition), offsets in by_tp.items():
-                tp = TP(topic, partition)
-                inbound[tp] = now  # Faust's livelock detector reads when a stream last took an event
-                if not self.app.topics.acks_enabled_for(topic):
-                    continue
-                committed = self._committed_offset[tp]
-                acked_index, acked = self._acked_index[tp], self._acked[tp]
-                for offset in offsets:
-                    if (committed is None or offset >= committed) and offset not in acked_index:
-                        acked_index.add(offset)
-                        acked.append(offset)
-                        self._n_acked += 1
-            batch.acked = True
-            self._unacked_messages.discard(batch)
-            notify(self._waiting_for_ack)
-
-    def forget_batches(self) -> int:
-        """Stop waiting for the batches taken but not acked, without acking them: their offsets stay
-        uncommitted, so they are consumed again after a restart. For a worker about to stop after a
-        failure, whose shutdown would otherwise wait for acks that never come. Returns how many."""
-        with ack_lock:
-            batches = [m for m in self._unacked_messages if isinstance(m, MicroBatch)]
-            self._unacked_messages.difference_update(batches)
-            notify(self._waiting_for_ack)
-        return len(batches)
-
-    async def _drain_messages(self, fetcher: Any) -> None:  # a loop over the broker; tested end to end
-        """Faust's drain loop, with each fetch's batch-topic messages handed over in one call."""
-        consumer_stopped = self._stopped.is_set
-        fetcher_stopped = fetcher._stopped.is_set
-        while not (consumer_stopped() or fetcher_stopped()):
-            await self.sleep(0)
-            if self.should_stop:
-                break
-            await self._hand_over(await self._read_fetch())
-
-    async def _read_fetch(self) -> list[InputMessage]:
-        """One fetch: batch-topic messages returned, any other topic's through Faust's callback.
-
-        Faust's ``getmany`` with its per-message work done once per partition: the high
-        watermark, the monitor, and no round-robin between partitions (the whole fetch goes
-        to one buffer anyway). Batch-topic records become light :class:`InputMessage` objects.
-        Faust's checks are kept: partitions not active are skipped, offsets already read are
-        dropped, gaps are recorded, and records fetched while the flow is stopped are dropped and
-        the partitions sought back to their committed offsets.
-        """
-        records, active = await self._wait_next_records(1.0)
-        if not records or self.should_stop:
-            return []
-        if not self.flow_active:
-            try:
-                await self.perform_seek()
-            except Exception as exc:  # Faust's own getmany only warns here too
-                self.log.warning("could not seek back to the committed offsets while the flow is stopped: %r", exc)
-            return []
-        fetched: list[InputMessage] = []
-        read_offset = self._read_offset
-        acks_enabled_for = self.app.topics.acks_enabled_for
-        buffered = self._buffered_partitions
-        monitor = self.app.monitor
-        for tp, tp_records in records.items():
-            if active is not None and tp not in active and tp not in buffered:
-                continue
-            monitor.track_tp_end_offset(tp, self.highwater(tp))
-            to_batcher = self.batcher is not None and tp.topic in self.batch_topics
-            gaps_matter = acks_enabled_for(tp.topic)
-            last = read_offset[tp]
-            for record in tp_records:
-                offset = record.offset
-                if last is not None and offset < last:
-                    continue  # already read: Faust drops it the same way
-                if last and offset - last > 1 and gaps_matter:
-                    await self._add_gap(tp, last + 1, offset)
-                if to_batcher:
-                    fetched.append(InputMessage(tp.topic, tp.partition, offset, record.key, record.value))
-                else:
-                    if not self.flow_active:
-                        break
-                    await self.wait_first(self.callback(self._to_message(tp, record)), self.suspend_flow.wait())
-                last = read_offset[tp] = offset
-        return fetched
-
-    async def _hand_over(self, fetched: list[InputMessage]) -> None:
-        if fetched and self.flow_active and self.batcher is not None:
-            await self.batcher.put(fetched)
-
-
-class BatchingApp(faust.App):
-    """A Faust app whose consumer hands the messages of ``batch_topics`` to ``batcher``."""
-
-    def __init__(self, *args: Any, batch_topics: Iterable[str], batcher: MicroBatcher, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.batch_topics = frozenset(batch_topics)
-        self.batcher = batcher
-
-    def _new_consumer(self) -> ConsumerT:
-        self.transport.Consumer = BatchDrainConsumer
-        consumer = super()._new_consumer()
-        consumer.batch_into(self.batch_topics, self.batcher)
-        return consumer

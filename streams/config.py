@@ -101,6 +101,8 @@ SETTINGS_DOC: dict[str, tuple[str, str, str]] = {
         "warm copies of each table partition on other workers (Faust table_standby_replicas): each makes every worker "
         "also apply the others' changelog; 0 = a worker that takes over a partition restores it from the changelog",
     ),
+    "commit_interval_s": ("SHOPPULSE_COMMIT_INTERVAL_S", "2.8", "seconds between commits of acknowledged input offsets (Faust broker_commit_interval); a crash replays at most about this much"),
+    "commit_every": ("SHOPPULSE_COMMIT_EVERY", "10000", "also commit once this many input offsets were acknowledged since the last commit (Faust broker_commit_every)"),
     "max_batch": ("SHOPPULSE_MAX_BATCH", "1000", "micro-batch: most events handled in one step"),
     "max_wait_ms": ("SHOPPULSE_MAX_WAIT_MS", "50", "micro-batch: longest wait, in ms, for a batch to fill"),
     "grace_ms": (
@@ -219,6 +221,8 @@ class Settings:
     create_topics: bool = True
     data_dir: Path = Path("./var/worker")
     standby_replicas: int = 0
+    commit_interval_s: float = 2.8
+    commit_every: int = 10_000
     max_batch: int = 1000
     max_wait_ms: int = 50
     grace_ms: int = 3_600_000
@@ -289,6 +293,8 @@ class Settings:
             raise ConfigError("SHOPPULSE_PARTITIONS must be at least 1")
         if self.max_batch < 1:
             raise ConfigError("SHOPPULSE_MAX_BATCH must be at least 1")
+        if self.commit_every < 1 or self.commit_interval_s <= 0:
+            raise ConfigError("SHOPPULSE_COMMIT_EVERY must be at least 1 and SHOPPULSE_COMMIT_INTERVAL_S above 0")
         if self.history_len < 1 or self.eviction_interval_s < 1 or self.silent_sweep_interval_s < 1:
             raise ConfigError("SHOPPULSE_HISTORY_LEN, SHOPPULSE_EVICTION_INTERVAL_S and "
                               "SHOPPULSE_SILENT_SWEEP_INTERVAL_S must be at least 1")

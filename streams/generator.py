@@ -213,8 +213,9 @@ def at_most_per_shopper(messages: Iterable[GeneratedMessage], limit: int) -> Ite
 
     A live-clock run packs days of a shopper's activity into seconds. Capped at the state's
     ``dedup_ids``, a run of less than ``grace_ms`` stays inside the envelope docs/features.md
-    states: online state equals the offline replay, and a replay after a crash is absorbed by
-    the event-id dedup.
+    states for order independence: online state equals the offline replay whatever order the
+    worker reads the three topics in. (Replays after a crash need no such cap: the stored input
+    offsets skip them, :mod:`streams.checkpoint`.)
     """
     seen: dict[bytes | None, int] = {}
     for message in messages:

@@ -125,16 +125,20 @@ def faust_credentials(settings: Settings) -> Any:
 
 
 def faust_client_settings(settings: Settings) -> dict[str, Any]:
-    """Keyword arguments for ``faust.App``: credentials, message size limit and fetch limits.
+    """Keyword arguments for ``faust.App``: credentials, message size limit, fetch limits, commits.
 
     Faust's aiokafka producer refuses messages over ``producer_max_request_size``; its consumer
     fetches at most ``consumer_max_fetch_size`` per partition and Faust buffers at most
     ``stream_buffer_maxsize`` (4096) events per agent, which bounds the worker's input memory.
+    Acknowledged input offsets are committed every ``broker_commit_interval`` seconds and after
+    ``broker_commit_every`` acks (:mod:`streams.faust_seam` keeps the latter in its drain loop).
     """
     return {"broker_credentials": faust_credentials(settings),
             "producer_max_request_size": settings.kafka_max_message_bytes,
             "consumer_max_fetch_size": settings.kafka_max_partition_fetch_bytes,
-            "broker_max_poll_records": settings.kafka_max_poll_records or None}
+            "broker_max_poll_records": settings.kafka_max_poll_records or None,
+            "broker_commit_interval": settings.commit_interval_s,
+            "broker_commit_every": settings.commit_every}
 
 
 # --------------------------------------------------------------------------- the cluster

@@ -35,6 +35,9 @@ class WorkerMetrics:
                                    registry=r)
         self.duplicate_events = Counter("shoppulse_duplicate_events_total", "Valid events seen before (same event_id), applied once",
                                         registry=r)
+        self.replayed_events = Counter("shoppulse_replayed_events_total",
+                                       "Valid events at or below the input offset their shopper's stored value "
+                                       "records: applied before a crash, skipped", registry=r)
         self.state_decode_errors = Counter("shoppulse_state_decode_errors_total",
                                            "Stored shopper states that could not be decoded and were reset", registry=r)
         self.results_published = Counter("shoppulse_results_published_total", "Output messages published, by topic",
@@ -80,7 +83,8 @@ class WorkerMetrics:
 
 METRIC_NAMES = (
     "shoppulse_events_consumed_total", "shoppulse_invalid_events_total", "shoppulse_dead_letter_total",
-    "shoppulse_late_events_total", "shoppulse_duplicate_events_total", "shoppulse_state_decode_errors_total",
+    "shoppulse_late_events_total", "shoppulse_duplicate_events_total", "shoppulse_replayed_events_total",
+    "shoppulse_state_decode_errors_total",
     "shoppulse_results_published_total", "shoppulse_batch_size", "shoppulse_batch_processing_seconds",
     "shoppulse_end_to_end_latency_seconds", "shoppulse_shoppers_per_batch", "shoppulse_shoppers_in_state",
     "shoppulse_shoppers_evicted_total", "shoppulse_inference_seconds", "shoppulse_model_inference_seconds",

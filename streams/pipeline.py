@@ -1,9 +1,13 @@
 """One micro-batch, from raw input messages to state writes, results, alerts and dead letters.
 
-:class:`BatchProcessor` is the worker's whole per-batch logic with no Faust in it: the Faust
-agent (:mod:`streams.app`) hands it the messages of a ``take_events`` batch and a way to read
-stored states, then writes what it returns. The same object runs in ``bench/`` under a bare
-confluent-kafka loop, so the framework's cost can be measured against the same work.
+:class:`BatchProcessor` is the worker's whole per-batch logic with no Faust in it: the worker
+(:mod:`streams.app`) hands it a micro-batch and a way to read stored values, and gets back a
+:class:`BatchOutcome`: the values to store, the messages to publish and the dead letters, as
+data. It writes and sends nothing itself; :class:`streams.checkpoint.Checkpoint` does.
+
+Each stored value (:mod:`streams.envelope`) records the highest input offset per input
+partition whose event it holds; an event at or below it is skipped as already applied (a replay after a crash),
+however many events ago it was. The event-id dedup still absorbs a producer sending an event twice.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from features.spec import FeatureSpec
 from features.state import APPLIED, DUPLICATE, LATE, ShopperState, StateConfig
 from models.scoring import CHURN, ShopperScores
 from streams.alerts import AlertPolicy, AlertState
+from streams.envelope import EnvelopeDecodeError, Stored
 from streams.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
@@ -82,40 +87,44 @@ class DeadLetter:
 
 
 @dataclass(slots=True)
-class ScoredShopper:
-    """A shopper whose state changed in this batch: what to store and what to publish.
+class StateWrite:
+    """A value to store for a shopper (:mod:`streams.envelope`; None deletes) in the partition of its events."""
 
-    ``last_message`` is the shopper's last message in the batch; the state writes are tied to
-    it (its partition, and the changelog offset Faust records for recovery). For a shopper
-    re-scored by the silent-shopper sweep it is the partition number. ``alert_state`` is
-    None when the alert state did not change; ``recommendation`` and ``alert`` are None when
-    there is nothing to publish. ``output_key`` keys the output messages: the user id, or its
-    pseudonym when pseudonymisation is on (``key`` stays the real id: it keys the tables).
-    ``trigger_ts`` is the event time (ms) of the event that caused the scoring, None for a
-    silent-shopper re-score.
+    partition: int
+    key: bytes
+    value: bytes | None
+
+
+@dataclass(slots=True)
+class ScoredShopper:
+    """A scored shopper: what to publish.
+
+    ``recommendation`` and ``alert`` are None when there is nothing to publish. ``output_key``
+    keys the output messages: the user id, or its pseudonym when pseudonymisation is on
+    (``key`` stays the real id: it keys the table). ``trigger_ts`` is the event time (ms) of the
+    event that caused the scoring, None for a silent-shopper re-score.
     """
 
     user_id: str
     key: bytes
-    state_bytes: bytes
-    last_message: InputMessage | int
     result: bytes
     output_key: bytes = b""
     recommendation: bytes | None = None
-    alert_state: bytes | None = None
     alert: bytes | None = None
     trigger_ts: int | None = None
 
 
 @dataclass(slots=True)
 class BatchOutcome:
-    """What one batch produced."""
+    """What one batch produced: values to store, messages to publish, dead letters, and counts."""
 
     consumed: int = 0
     dead_letters: list[DeadLetter] = field(default_factory=list)
     scored: list[ScoredShopper] = field(default_factory=list)
+    writes: list[StateWrite] = field(default_factory=list)
     applied: int = 0
     duplicates: int = 0
+    replayed: int = 0
     late: int = 0
 
 
@@ -131,18 +140,18 @@ class Scorer(Protocol):
     def churn_reasons(self, features: np.ndarray, top: int = 3) -> list[list[tuple[str, float]]]: ...
 
 
-#: ``load(where, key)`` -> stored bytes or None; ``where`` is the message whose partition to read,
-#: or the partition number itself (the silent-shopper sweep has no message).
-StateLoader = Callable[[InputMessage | int, bytes], bytes | None]
+#: ``load(partition, key)`` -> the shopper's stored value (:mod:`streams.envelope`) or None.
+StateLoader = Callable[[int, bytes], bytes | None]
 
 
 @dataclass(slots=True)
 class Touched:
-    """A shopper to score: who, where its writes go, and what triggered the score."""
+    """A shopper to score: who, its stored value (to be replaced), and what triggered the score."""
 
     user_id: str
     key: bytes
-    where: InputMessage | int
+    partition: int
+    stored: Stored
     trigger_event_id: str | None  # None: the silent-shopper sweep
     trigger_ts: int
 
@@ -175,9 +184,8 @@ class BatchProcessor:
         self.pseudonym_key = pseudonym_key
         self._consumed = {topic: metrics.events_consumed.labels(topic) for topic in self.topic_kinds}
 
-    def process(self, messages: Iterable[InputMessage], load_state: StateLoader, load_alert: StateLoader,
-                now_ms: int | None = None) -> BatchOutcome:
-        """Process one batch; the loaders return a shopper's stored state / alert state bytes or None."""
+    def process(self, messages: Iterable[InputMessage], load: StateLoader, now_ms: int | None = None) -> BatchOutcome:
+        """Process one batch; ``load`` returns a shopper's stored value or None."""
         started = time.perf_counter()
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
         outcome = BatchOutcome()
@@ -187,32 +195,47 @@ class BatchProcessor:
         touched: list[Touched] = []
         for user_id, pairs in by_user.items():
             key = user_id.encode()
-            last_message = pairs[-1][1]  # last to arrive: the state write is tied to its offset
-            state = self._load(load_state(last_message, key), user_id)
+            partition = pairs[0][1].partition  # co-partitioned: all of a shopper's messages share it
+            stored = self._unwrap(load(partition, key), user_id)
+            state = self._load(stored.state, user_id)
+            already = Stored(offsets=dict(stored.offsets))  # the skip rule reads the offsets as loaded
+            offsets = stored.offsets
             applied_here = repeated_here = 0
             pairs.sort(key=lambda pair: pair[0].ts_ms)  # stable: ties keep arrival order
-            for event, _ in pairs:
+            for event, message in pairs:
+                source = (message.topic, message.partition)
+                if already.applied(*source, message.offset):
+                    outcome.replayed += 1
+                    repeated_here += 1
+                    continue
+                if message.offset > offsets.get(source, -1):
+                    offsets[source] = message.offset
                 result = state.update(event, self.state_config)
                 if result == APPLIED:
                     applied_here += 1
                 elif result == DUPLICATE:
+                    outcome.duplicates += 1
                     repeated_here += 1
                 elif result == LATE:
                     outcome.late += 1
-            outcome.duplicates += repeated_here
             # Events seen before are a replay after a crash (or a producer retry): the state already
             # holds them, but the outputs of their first pass may have died with the worker, so the
             # shopper is scored and written again (consumers deduplicate on trigger_event_id).
+            # A batch of late events only is stored too: its offsets advance, its state does not.
+            stored.state = encode_state(state)
             if applied_here or repeated_here:
                 outcome.applied += applied_here
                 states.append(state)
                 trigger = pairs[-1][0]  # newest by event time
-                touched.append(Touched(user_id, key, last_message, trigger.event_id, trigger.ts_ms))
+                touched.append(Touched(user_id, key, partition, stored, trigger.event_id, trigger.ts_ms))
+            else:
+                outcome.writes.append(StateWrite(partition, key, stored.encode()))
 
         if states:
             now = np.array([s.last_event_ms for s in states], dtype=np.int64)
-            self._score(states, touched, now, load_alert, outcome)
+            self._score(states, touched, now, outcome)
         self.metrics.duplicate_events.inc(outcome.duplicates)
+        self.metrics.replayed_events.inc(outcome.replayed)
         self.metrics.late_events.inc(outcome.late)
         self.metrics.batch_size.observe(outcome.consumed)
         self.metrics.shoppers_in_batch.observe(len(states))
@@ -239,26 +262,29 @@ class BatchProcessor:
                 outcome.consumed += count
         return by_user
 
-    def rescore_silent(self, stored: Iterable[tuple[int, bytes, bytes]], load_alert: StateLoader,
-                       now_ms: int) -> BatchOutcome:
+    def rescore_silent(self, stored: Iterable[tuple[int, bytes, bytes]], now_ms: int) -> BatchOutcome:
         """Score shoppers who went quiet, as of ``now_ms`` (wall clock): churn risk grows with silence.
 
-        ``stored`` yields ``(partition, key, state bytes)``; results and alerts come back as for
-        events, with no trigger event. States are not changed, so nothing is written back.
+        ``stored`` yields ``(partition, key, stored value)``; results and alerts come back as for
+        events, with no trigger event. States and offsets are not changed; a value is written
+        back only where the alert state changed.
         """
         outcome = BatchOutcome()
         states: list[ShopperState] = []
         touched: list[Touched] = []
         for partition, key, raw in stored:
-            state = self._load(raw, key.decode(errors="replace"))
+            user_id = key.decode(errors="replace")
+            value = self._unwrap(raw, user_id)
+            state = self._load(value.state, user_id)
+            value.state = encode_state(state)  # unchanged, unless it had to be reset
             states.append(state)
-            touched.append(Touched(state.user_id, key, partition, None, now_ms))
+            touched.append(Touched(state.user_id, key, partition, value, None, now_ms))
         if states:
-            self._score(states, touched, np.full(len(states), now_ms, dtype=np.int64), load_alert, outcome)
+            self._score(states, touched, np.full(len(states), now_ms, dtype=np.int64), outcome)
         return outcome
 
     def _score(self, states: list[ShopperState], touched: list[Touched], now: np.ndarray,
-               load_alert: StateLoader, outcome: BatchOutcome) -> None:
+               outcome: BatchOutcome) -> None:
         """One forward pass per model for the batch, then results and alert decisions per shopper."""
         self.scorer.refresh()
         features = self.spec.matrix(states, now)
@@ -276,23 +302,25 @@ class BatchProcessor:
                         "scored_at": scored_at_ms}
             result = _to_json({**envelope, "scores": {name: round(value, 6) for name, value in shopper.scores.items()},
                                "model_versions": versions, "feature_spec": self.spec.hash})
-            out = ScoredShopper(shopper_in.user_id, shopper_in.key, encode_state(state), shopper_in.where,
-                                result.encode(), output_key=public_id.encode(),
+            out = ScoredShopper(shopper_in.user_id, shopper_in.key, result.encode(), output_key=public_id.encode(),
                                 trigger_ts=shopper_in.trigger_ts if shopper_in.trigger_event_id is not None else None)
             if shopper.recommendations:
                 out.recommendation = _to_json({
                     **envelope, "items": [{"item_id": item, "score": round(score, 6)} for item, score in shopper.recommendations],
                     "model_version": versions.get("recommendations")}).encode()
             risk = shopper.scores.get(CHURN)
+            stored, alert_changed = shopper_in.stored, False
             if risk is not None:
-                before = self._load_alert(load_alert(shopper_in.where, shopper_in.key), shopper_in.user_id)
+                before = self._load_alert(stored.alert, shopper_in.user_id)
                 after, fire = before.step(risk, scored_at_ms, self.alert_policy)
                 if after != before:
-                    out.alert_state = after.encode()
+                    stored.alert, alert_changed = after.encode(), True
                 if fire:
                     cause = shopper_in.trigger_event_id or f"silent-since-{state.last_event_ms}"
                     alerting.append((index, risk, f"{public_id}:{cause}"))
             outcome.scored.append(out)
+            if shopper_in.trigger_event_id is not None or alert_changed:  # a silent re-score changes only alerts
+                outcome.writes.append(StateWrite(shopper_in.partition, shopper_in.key, stored.encode()))
             for name, value in shopper.scores.items():
                 self.metrics.score_values.labels(name).observe(value)
         if alerting:
@@ -328,6 +356,15 @@ class BatchProcessor:
         if not self.pseudonym_key:
             return user_id
         return hmac.new(self.pseudonym_key, user_id.encode(), hashlib.sha256).hexdigest()[:32]
+
+    def _unwrap(self, raw: bytes | None, user_id: str) -> Stored:
+        try:
+            return Stored.decode(raw)
+        except EnvelopeDecodeError as exc:
+            self.metrics.state_decode_errors.inc()
+            log.error("stored value of shopper %r could not be read (%s); starting it afresh — "
+                      "if this repeats, check that all workers run the same release", user_id, exc)
+            return Stored()
 
     def _load(self, stored: bytes | None, user_id: str) -> ShopperState:
         if stored is None:

@@ -2,10 +2,11 @@
 
 Faust's ``table[key] = value`` needs a current event (``stream.take()`` has none, faust-streaming
 #497) and sends each changelog record through Faust's producer one at a time.
-:class:`TableWriter` does what Faust does — write the partition's RocksDB, send the same
-changelog record, and record in the store the changelog offset it holds once that offset is
-acknowledged — through a :class:`streams.batch_producer.BatchProducer` that packs a batch's
-records into a few record batches.
+:class:`TableWriter` does what Faust does — write the partition's RocksDB
+(:class:`streams.faust_seam.TableStore`), send the same changelog record, and record in the
+store the changelog offset it holds once that offset is acknowledged — through a
+:class:`streams.batch_producer.BatchProducer` that packs a batch's records into a few record
+batches. :class:`streams.checkpoint.Checkpoint` decides when.
 
 Faust still owns everything else about the tables: assignment, standbys, and recovery from
 the changelog, which reads the records written here like its own.
@@ -22,11 +23,9 @@ input offsets were not committed, so its events are consumed again after the res
 from __future__ import annotations
 
 import asyncio
-from typing import Any
-
-from faust.types import TP
 
 from streams.batch_producer import BatchProducer
+from streams.faust_seam import TableStore
 
 #: The key of the seal record; a tombstone, so it never appears in a table.
 SEAL_KEY = b"__shoppulse_changelog_seal__"
@@ -43,26 +42,14 @@ class TableWriter:
     def __init__(self, producer: BatchProducer, seal: bool) -> None:
         self.producer = producer
         self.seal = seal
-        self._stores: dict[str, Any] = {}  # changelog topic -> the table's store
+        self._stores: dict[str, TableStore] = {}  # changelog topic -> the table's store
         self._written: set[tuple[str, int]] = set()  # changelog partitions written since the last flush
         self._flushing = asyncio.Lock()
 
-    @staticmethod
-    def get(table: Any, partition: int, key: bytes) -> bytes | None:
-        """The stored value of ``key`` in ``partition`` of ``table``, or None."""
-        return table.data._db_for_partition(partition).get(key)
-
-    def put(self, table: Any, partition: int, key: bytes, value: bytes | None) -> None:
+    def put(self, store: TableStore, partition: int, key: bytes, value: bytes | None) -> None:
         """Store ``value`` (None: delete) and queue its changelog record to the same partition."""
-        store = table.data
-        db = store._db_for_partition(partition)
-        if value is None:
-            db.delete(key)
-            store._key_index.pop(key, None)
-        else:
-            db.put(key, value)
-            store._key_index[key] = partition
-        topic = table.changelog_topic_name
+        store.put(partition, key, value)
+        topic = store.changelog_topic
         self._stores[topic] = store
         self._written.add((topic, partition))
         self.producer.send(topic, key, value, partition=partition)
@@ -80,7 +67,7 @@ class TableWriter:
             written, self._written = self._written, set()
             offsets = await asyncio.to_thread(self._deliver_sealed, written)
             for (topic, partition), offset in offsets.items():
-                self._stores[topic].set_persisted_offset(TP(topic, partition), offset)
+                self._stores[topic].set_persisted_offset(partition, offset)
 
     def _deliver_sealed(self, written: set[tuple[str, int]]) -> dict[tuple[str, int], int]:
         """Deliver the queued records, then the seals (blocking; one thread call for both round trips,

@@ -11,6 +11,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from confluent_kafka import Consumer, TopicPartition
 
 from features.encoding import decode_state, encode_state
 from features.events import parse_event
@@ -18,8 +19,9 @@ from features.offline import final_states
 from features.spec import DEFAULT_FEATURE_SPEC
 from features.state import StateConfig
 from streams.app import STATE_TABLE
+from streams.envelope import Stored
 from streams.generator import GeneratedMessage, GeneratorConfig, ShopSimulator, at_most_per_shopper
-from streams.kafka import ensure_topics
+from streams.kafka import confluent_consumer_config, ensure_topics
 from streams.producer import produce
 from streams.table_writer import SEAL_KEY
 
@@ -34,16 +36,21 @@ def valid_events(messages) -> list:
     return [parse_event(m.topic_kind, m.key, m.value, now_ms) for m in messages if m.malformed_reason is None]
 
 
-def changelog_states(settings) -> dict[str, bytes]:
-    """The last state each shopper's changelog holds (read to the end: the worker has stopped)."""
-    states: dict[str, bytes] = {}
+def changelog_values(settings) -> dict[str, Stored]:
+    """The last value each shopper's changelog holds (read to the end: the worker has stopped)."""
+    values: dict[str, Stored] = {}
     for m in read_to_end(settings, f"{settings.app_id}-{STATE_TABLE}-changelog"):
         # a tombstone (None) deletes, as compaction and table recovery read it
         if m.value() is None:
-            states.pop(m.key().decode(), None)
+            values.pop(m.key().decode(), None)
         else:
-            states[m.key().decode()] = m.value()
-    return states
+            values[m.key().decode()] = Stored.decode(m.value())
+    return values
+
+
+def changelog_states(settings) -> dict[str, bytes]:
+    """The last state (encoded) each shopper's changelog holds."""
+    return {user: value.state for user, value in changelog_values(settings).items()}
 
 
 def scored_until(settings, expected_last_ts: dict[str, int]):
@@ -122,6 +129,37 @@ def test_every_event_scored_or_dead_lettered(settings, tmp_path):
                 for n in state.__slots__ if getattr(online[user], n) != getattr(state, n)})[:1500])
         now = state.last_event_ms
         np.testing.assert_array_equal(DEFAULT_FEATURE_SPEC.row(online[user], now), DEFAULT_FEATURE_SPEC.row(state, now))
+
+
+def committed_offsets(settings) -> int:
+    """How many input offsets the worker's consumer group has committed, over every input partition."""
+    consumer = Consumer({**confluent_consumer_config(settings, settings.app_id), "enable.auto.commit": False})
+    try:
+        partitions = [TopicPartition(topic, p) for topic in settings.input_topics for p in range(settings.partitions)]
+        return sum(max(tp.offset, 0) for tp in consumer.committed(partitions, timeout=10))
+    finally:
+        consumer.close()
+
+
+def test_offsets_are_committed_after_commit_every_acks_between_timed_commits(broker, tmp_path):
+    """Faust's broker_commit_every, which the replaced drain loop had dropped: with an hour between
+    timed commits, acked offsets are committed once SHOPPULSE_COMMIT_EVERY of them gathered."""
+    settings = isolated_settings(broker.bootstrap_servers, tmp_path / "worker", commit_interval_s=3600.0,
+                                 commit_every=100)
+    ensure_topics(settings)
+    messages = list(ShopSimulator(GeneratorConfig(seed=12, n_shoppers=50, clock="live")).messages(limit=400))
+    worker = WorkerProcess(settings, tmp_path / "worker.log")
+    try:
+        worker.wait_ready()
+        produce(messages, settings.topic_by_kind, settings.librdkafka_config())
+        scored_until(settings, newest_ts(valid_events(messages)))
+        deadline = time.monotonic() + 30
+        while committed_offsets(settings) < 300 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        committed = committed_offsets(settings)
+    finally:
+        worker.kill()  # no commit on the way out: what is committed was committed while running
+    assert 300 <= committed <= len(messages)
 
 
 def test_a_dead_letter_too_large_to_send_whole_is_cut_to_fit_and_the_worker_goes_on(broker, tmp_path):
