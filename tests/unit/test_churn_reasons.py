@@ -46,8 +46,8 @@ def worker(registry: ModelRegistry) -> BatchProcessor:
 def alert_reasons(processor: BatchProcessor, user: str) -> list[dict]:
     """The reasons of the alert that ``user``'s three views fire on a fresh state."""
     events = [view(user, n, NOW_MS - 60_000 + n * 1000) for n in range(3)]
-    outcome = processor.process([message(e, i) for i, e in enumerate(events)], lambda msg, key: None,
-                                lambda msg, key: None, now_ms=NOW_MS)
+    outcome = processor.process([message(e, i) for i, e in enumerate(events)], lambda partition, key: None,
+                                now_ms=NOW_MS)
     (scored,) = outcome.scored
     assert scored.alert is not None
     return json.loads(scored.alert)["reasons"]
@@ -57,8 +57,7 @@ def test_reasons_do_not_depend_on_the_worker_or_what_it_scored_before(registry):
     busy = worker(registry)
     # A long-running worker has scored many other shoppers (the old running-mean reference drifted with them).
     others = [view(f"other-{n}", n, NOW_MS - 3_600_000 + n) for n in range(500)]
-    busy.process([message(e, i) for i, e in enumerate(others)], lambda msg, key: None, lambda msg, key: None,
-                 now_ms=NOW_MS)
+    busy.process([message(e, i) for i, e in enumerate(others)], lambda partition, key: None, now_ms=NOW_MS)
     on_the_busy_worker = alert_reasons(busy, "u1")
     on_another_worker = alert_reasons(worker(registry), "u1")   # a second replica
     after_a_restart = alert_reasons(worker(registry), "u1")     # a freshly started process
