@@ -1,7 +1,7 @@
 """Feature updates per second on one core, pure (no broker), and bytes per stored shopper.
 
 Builds a seeded synthetic event log (or, with ``--source shop``, the project's
-``streams.generator.ShopSimulator``), then measures on one CPU core:
+``streams.sim.generator.ShopSimulator``), then measures on one CPU core:
 
 * ``ShopperState.update`` throughput over the whole log (best of ``--repeat``);
 * ``encode_state`` / ``decode_state`` time and encoded bytes per shopper;
@@ -109,8 +109,8 @@ def synthetic_events(n_events: int, n_users: int, days: float, seed: int) -> lis
 
 
 def shop_events(n_events: int, n_users: int, days: float, seed: int) -> list[Event]:
-    """Events from the project's ShopSimulator (streams/generator.py)."""
-    from streams.generator import GeneratorConfig, ShopSimulator
+    """Events from the project's ShopSimulator (streams/sim/generator.py)."""
+    from streams.sim.generator import GeneratorConfig, ShopSimulator
     return list(ShopSimulator(GeneratorConfig(seed=seed, n_shoppers=n_users, duration_days=days)).events(n_events))
 
 
@@ -152,7 +152,7 @@ def time_validation(parsers: list[Parser], events: list[Event], rounds: int, blo
     within a second, so whole passes one after the other differed by 15% for the same code.
     Every message must be valid for every parser (a rejection raises).
     """
-    from streams.generator import message_of
+    from streams.sim.generator import message_of
     messages = [message_of(event) for event in events]
     blocks = [messages[i:i + block] for i in range(0, len(messages), block)]
     now_ms = max(event.ts_ms for event in events)
@@ -190,7 +190,7 @@ def main() -> None:
     parser.add_argument("--days", type=float, default=28.0, help="event-time span in days (default 28)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--source", choices=("synthetic", "shop"), default="synthetic",
-                        help="synthetic: this script's generator; shop: streams.generator.ShopSimulator")
+                        help="synthetic: this script's generator; shop: streams.sim.generator.ShopSimulator")
     parser.add_argument("--repeat", type=int, default=3, help="timed repetitions, best kept (default 3)")
     parser.add_argument("--batch", type=int, default=500, help="states per FeatureSpec.matrix call (default 500)")
     parser.add_argument("--validation-baseline", metavar="REV", default=None,

@@ -9,7 +9,7 @@ and on the same broker and topics:
   speed drifts by tens of percent within minutes (``--repeat`` runs the worker that many times);
 * Faust's own floor: an agent taking micro-batches and doing nothing (bench/faust_floor.py),
   once through Faust's per-event stream (``take_events``) and once through whole fetches
-  (:mod:`streams.batch_consumer`, the worker's own path);
+  (:mod:`streams.worker.batch_consumer`, the worker's own path);
 * the ShopPulse worker (``shoppulse worker``, a child process): events/s from ready to the last
   event consumed, with validation, state updates in RocksDB, scoring and publishing;
 * end-to-end latency at a fixed fraction of the worker's saturation rate (``--latency-fraction``):
@@ -46,13 +46,13 @@ from confluent_kafka import Consumer, Producer, TopicPartition  # noqa: E402
 
 from bench.record import append_row, this_command, utc_now  # noqa: E402
 from models.training import models_ready  # noqa: E402
-from streams.broker import EmbeddedBroker, free_port  # noqa: E402
+from streams.kafka.broker import EmbeddedBroker, free_port  # noqa: E402
 from streams.config import Settings  # noqa: E402
-from streams.generator import GeneratorConfig, ShopSimulator  # noqa: E402
-from streams.kafka import (TANSU_FETCH_MAX_WAIT_MS, TopicSpec, confluent_consumer_config,  # noqa: E402
+from streams.sim.generator import GeneratorConfig, ShopSimulator  # noqa: E402
+from streams.kafka.clients import (TANSU_FETCH_MAX_WAIT_MS, TopicSpec, confluent_consumer_config,  # noqa: E402
                            confluent_producer_config, ensure_topics)
-from streams.process import WorkerProcess  # noqa: E402
-from streams.producer import produce  # noqa: E402
+from streams.tools.process import WorkerProcess  # noqa: E402
+from streams.kafka.producer import produce  # noqa: E402
 
 THROUGHPUT_SECTION = "## Worker throughput (embedded broker, this machine)"
 THROUGHPUT_HEADER = ("| date (UTC) | events | shoppers | partitions | bare loop ev/s | Faust no-op agent ev/s "

@@ -3,7 +3,7 @@
 Run by bench_worker.py against topics it has filled: prints the events/s of a Faust agent
 iterating ``stream.take_events`` with no work at all — the ceiling for any per-event Faust
 stream on this machine, whatever the agent does. With ``--batch-drain`` the agent takes its
-micro-batches from :class:`streams.batch_consumer.MicroBatcher` instead, as the worker does:
+micro-batches from :class:`streams.worker.batch_consumer.MicroBatcher` instead, as the worker does:
 the ceiling for the worker's own consumer path.
 """
 from __future__ import annotations
@@ -20,9 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import faust  # noqa: E402
 
-from streams.batch_consumer import MicroBatcher  # noqa: E402
-from streams.faust_seam import BatchingApp  # noqa: E402
-from streams.kafka import tansu_client_overrides  # noqa: E402
+from streams.worker.batch_consumer import MicroBatcher  # noqa: E402
+from streams.worker.faust_seam import BatchingApp  # noqa: E402
+from streams.kafka.clients import tansu_client_overrides  # noqa: E402
 
 
 def main() -> None:

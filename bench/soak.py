@@ -9,7 +9,7 @@ seconds (seeded jitter), one fault from a seeded rotation strikes:
 * ``join-leave``: a second worker joins the group, scores for a while, then leaves;
 * ``flood``: ``--flood-events`` messages at full speed on top of the steady traffic.
 
-Afterwards the accounting checker (streams/accounting.py) reads the output topics: every event
+Afterwards the accounting checker (tests/support/accounting.py) reads the output topics: every event
 scored or dead-lettered with its reason, repeated scores counted, churn alerts never repeated
 within the cooldown (the thresholds make every scored shopper alert once). Prints a table and
 appends the run, with this exact command, to RELIABILITY.md; exits 1 when anything is unaccounted.
@@ -34,14 +34,14 @@ from tqdm import tqdm  # noqa: E402
 
 from bench.record import append_row, this_command, utc_now  # noqa: E402
 from features.state import StateConfig  # noqa: E402
-from streams.accounting import AccountingReport, OutputReader, await_accounted, produced_from  # noqa: E402
-from streams.broker import EmbeddedBroker, free_port  # noqa: E402
+from tests.support.accounting import AccountingReport, OutputReader, await_accounted, produced_from  # noqa: E402
+from streams.kafka.broker import EmbeddedBroker, free_port  # noqa: E402
 from streams.config import Settings  # noqa: E402
-from streams.demo import ensure_models  # noqa: E402
-from streams.generator import GeneratorConfig, ShopSimulator, at_most_per_shopper  # noqa: E402
-from streams.kafka import confluent_producer_config, ensure_topics  # noqa: E402
-from streams.process import WorkerProcess  # noqa: E402
-from streams.producer import BackgroundProducer  # noqa: E402
+from streams.tools.demo import ensure_models  # noqa: E402
+from streams.sim.generator import GeneratorConfig, ShopSimulator, at_most_per_shopper  # noqa: E402
+from streams.kafka.clients import confluent_producer_config, ensure_topics  # noqa: E402
+from streams.tools.process import WorkerProcess  # noqa: E402
+from streams.kafka.producer import BackgroundProducer  # noqa: E402
 
 RELIABILITY = REPO / "RELIABILITY.md"
 RUNS_SECTION = "## Soak runs"

@@ -3,7 +3,7 @@
 Training's report (:mod:`models.training`), the classifier's validation summary
 (:func:`models.classifiers.train_classifier`) and the shopper-level bootstrap all read them from
 here, so a number in a report and the same number in an artifact's metadata cannot drift apart.
-Cross-checked against scikit-learn in ``tests/unit/test_models_binary_metrics.py``.
+Cross-checked against scikit-learn in ``tests/unit/models/test_binary_metrics.py``.
 
 Conventions (the same in every function):
 

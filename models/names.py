@@ -1,7 +1,7 @@
 """The registry names of ShopPulse's two models.
 
 Training registers under them and serving loads from them; they live in this tiny module so
-serving (:mod:`models.scoring`, ``streams.app``) never has to import :mod:`models.training`
+serving (:mod:`models.scoring`, ``streams.worker.app``) never has to import :mod:`models.training`
 (and with it the replay, labelling and training code) for two strings.
 """
 from __future__ import annotations

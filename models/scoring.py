@@ -5,7 +5,7 @@ regression, whichever training served) and next-item recommender (SASRec or co-o
 checks the registry between batches and swaps in a new current version (hot reload), and
 keeps the last good models when a new artifact is corrupt or refuses to load. With no trained
 models in the registry it serves the hand-set heuristic, and says so in every result.
-No Kafka here: :mod:`streams.pipeline` calls it.
+No Kafka here: :mod:`streams.worker.pipeline` calls it.
 """
 from __future__ import annotations
 

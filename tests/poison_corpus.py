@@ -3,7 +3,7 @@
 Every case is one message for an input topic kind, with the reason it must be dead-lettered
 with, or :data:`ACCEPTED` where the documented rules make it a valid event (unknown fields are
 ignored, ids are any printable Unicode, a repeated ``event_id`` is applied once). Shared by
-``tests/unit/test_poison_corpus.py`` (the validator gives exactly these answers) and
+``tests/unit/features/test_poison_corpus.py`` (the validator gives exactly these answers) and
 ``tests/integration/test_reliability.py`` (the worker dead-letters them and keeps running).
 """
 from __future__ import annotations

@@ -5,7 +5,7 @@ from typing import Iterator
 
 import pytest
 
-from streams.broker import EmbeddedBroker
+from streams.kafka.broker import EmbeddedBroker
 
 
 @pytest.fixture(scope="session")

@@ -8,10 +8,10 @@ from typing import Callable
 
 from confluent_kafka import Consumer, Message
 
-from streams.broker import free_port
+from streams.kafka.broker import free_port
 from streams.config import Settings
-from streams.kafka import confluent_consumer_config, consume_data
-from streams.process import WorkerProcess  # noqa: F401 - re-exported for the tests
+from streams.kafka.clients import confluent_consumer_config, consume_data
+from streams.tools.process import WorkerProcess  # noqa: F401 - re-exported for the tests
 
 
 def isolated_settings(bootstrap_servers: str, data_dir: Path, partitions: int = 4, **overrides) -> Settings:

@@ -10,9 +10,9 @@ import time
 import pytest
 from confluent_kafka.admin import AdminClient
 
-from streams.broker import EMBEDDED_CLUSTER_ID, EmbeddedBroker
+from streams.kafka.broker import EMBEDDED_CLUSTER_ID, EmbeddedBroker
 from streams.config import Settings
-from streams.kafka import BROKER_PROFILE_KAFKA, BROKER_PROFILE_TANSU, KafkaSetupError, ensure_topics, resolve_broker_profile
+from streams.kafka.clients import BROKER_PROFILE_KAFKA, BROKER_PROFILE_TANSU, KafkaSetupError, ensure_topics, resolve_broker_profile
 
 pytestmark = pytest.mark.integration
 
@@ -41,7 +41,7 @@ def test_starts_answers_metadata_and_stops(tmp_path):
 def test_broker_dies_with_a_killed_owner():
     """kill -9 of the owning process must not leave an orphan broker (PR_SET_PDEATHSIG)."""
     owner = subprocess.Popen([sys.executable, "-c", (
-        "from streams.broker import EmbeddedBroker; import time, sys\n"
+        "from streams.kafka.broker import EmbeddedBroker; import time, sys\n"
         "b = EmbeddedBroker().start(); print(b.pid, flush=True); time.sleep(60)")],
         stdout=subprocess.PIPE, text=True)
     broker_pid = int(owner.stdout.readline())
@@ -55,7 +55,7 @@ def test_broker_dies_with_a_killed_owner():
 
 
 def test_cli_broker_stops_on_sigterm():
-    cli = subprocess.Popen([sys.executable, "-m", "streams.cli", "broker"], stdout=subprocess.PIPE, text=True)
+    cli = subprocess.Popen([sys.executable, "-m", "streams.tools.cli", "broker"], stdout=subprocess.PIPE, text=True)
     banner = cli.stdout.readline()
     assert "embedded Tansu broker on 127.0.0.1:" in banner
     cli.send_signal(signal.SIGTERM)
@@ -70,11 +70,11 @@ def test_profile_detection(broker):
 
 
 def test_unreachable_broker_gives_a_clear_error():
-    from streams.broker import free_port
+    from streams.kafka.broker import free_port
 
     settings = Settings.from_env({}, bootstrap_servers=f"127.0.0.1:{free_port()}")
     with pytest.raises(KafkaSetupError, match="KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:.*start a broker"):
-        import streams.kafka as kafka
+        import streams.kafka.clients as kafka
         kafka.ADMIN_TIMEOUT_S, saved = 2.0, kafka.ADMIN_TIMEOUT_S
         try:
             ensure_topics(settings)
@@ -88,7 +88,7 @@ def test_ensure_topics_refuses_uneven_inputs(broker):
                                  topic_scores="uneven.scores", topic_dead_letter="uneven.dlq", partitions=2)
     ensure_topics(settings)
     with pytest.raises(KafkaSetupError, match="not co-partitioned"):
-        from streams.kafka import TopicSpec, required_topics
+        from streams.kafka.clients import TopicSpec, required_topics
         specs = required_topics(settings)
         uneven = Settings.from_env({}, bootstrap_servers=broker.bootstrap_servers, topic_page_views="uneven.views",
                                    topic_cart="uneven.cart2", topic_orders="uneven.orders",

@@ -7,17 +7,17 @@ import asyncio
 
 import pytest
 
-from streams.app import STATE_TABLE
-from streams.batch_consumer import MicroBatch, MicroBatcher
-from streams.batch_producer import BatchProducer
-from streams.checkpoint import Checkpoint
+from streams.worker.app import STATE_TABLE
+from streams.worker.batch_consumer import MicroBatch, MicroBatcher
+from streams.kafka.batch_producer import BatchProducer
+from streams.worker.checkpoint import Checkpoint
 from streams.config import Settings
-from streams.faust_seam import TP, BatchingApp, TableStore
-from streams.kafka import TopicSpec, ensure_topics, required_topics
-from streams.metrics import WorkerMetrics
-from streams.pipeline import BatchOutcome, DeadLetter, InputMessage, ScoredShopper, StateWrite
-from streams.publisher import Publisher
-from streams.table_writer import SEAL_KEY, TableWriter
+from streams.worker.faust_seam import TP, BatchingApp, TableStore
+from streams.kafka.clients import TopicSpec, ensure_topics, required_topics
+from streams.worker.metrics import WorkerMetrics
+from streams.worker.pipeline import BatchOutcome, DeadLetter, InputMessage, ScoredShopper, StateWrite
+from streams.worker.publisher import Publisher
+from streams.worker.table_writer import SEAL_KEY, TableWriter
 
 from .kafka_helpers import isolated_settings, read_to_end
 

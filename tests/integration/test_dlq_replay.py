@@ -15,10 +15,10 @@ from features.encoding import decode_state, encode_state
 from features.offline import final_states
 from features.state import StateConfig
 from streams import dlq
-from streams.cli import build_parser
-from streams.generator import GeneratedMessage, GeneratorConfig, ShopSimulator, at_most_per_shopper
-from streams.kafka import ensure_topics
-from streams.producer import produce
+from streams.tools.cli import build_parser
+from streams.sim.generator import GeneratedMessage, GeneratorConfig, ShopSimulator, at_most_per_shopper
+from streams.kafka.clients import ensure_topics
+from streams.kafka.producer import produce
 
 from .kafka_helpers import WorkerProcess, isolated_settings, read_to_end, read_topic
 from .test_worker import changelog_states, newest_ts, scored_until, valid_events

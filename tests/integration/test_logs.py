@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from streams.kafka import ensure_topics
+from streams.kafka.clients import ensure_topics
 
 from .kafka_helpers import WorkerProcess, isolated_settings
 

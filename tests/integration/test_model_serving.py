@@ -19,9 +19,9 @@ from models.registry import ModelRegistry
 from models.scoring import CHURN, PURCHASE
 from models.sequences import ItemVocab
 from models.names import CLASSIFIER_MODEL, NEXTITEM_MODEL
-from streams.generator import GeneratorConfig, ShopSimulator
-from streams.kafka import ensure_topics
-from streams.producer import produce
+from streams.sim.generator import GeneratorConfig, ShopSimulator
+from streams.kafka.clients import ensure_topics
+from streams.kafka.producer import produce
 
 from .kafka_helpers import WorkerProcess, isolated_settings, read_topic
 from .test_worker import newest_ts, scored_until, valid_events

@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from streams.kafka import ensure_topics
-from streams.process import worker_environment
-from streams.replay import read_otto_jsonl, read_rees46_csv
+from streams.kafka.clients import ensure_topics
+from streams.tools.process import worker_environment
+from streams.sim.replay import read_otto_jsonl, read_rees46_csv
 
 from .kafka_helpers import WorkerProcess, isolated_settings, read_topic
 
@@ -30,7 +30,7 @@ def test_replayed_sample_is_scored_end_to_end(broker, tmp_path, shared_data, fmt
     try:
         worker.wait_ready()
         env = worker_environment(settings)
-        replay = subprocess.run([sys.executable, "-m", "streams.cli", "replay", str(path), "--format", fmt, "--quiet"],
+        replay = subprocess.run([sys.executable, "-m", "streams.tools.cli", "replay", str(path), "--format", fmt, "--quiet"],
                                 env=env, capture_output=True, text=True, timeout=120)
         assert replay.returncode == 0, replay.stderr
         assert "failed 0" in replay.stdout

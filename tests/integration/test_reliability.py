@@ -1,4 +1,4 @@
-"""Faults while events flow, each judged by the accounting checker (streams/accounting.py): every
+"""Faults while events flow, each judged by the accounting checker (tests/support/accounting.py): every
 input message scored or dead-lettered with its reason, no churn alert repeated within its
 cooldown, and the final per-shopper state equal to an offline replay. RELIABILITY.md explains
 the guarantees; bench/soak.py runs the long version."""
@@ -19,14 +19,14 @@ from features.events import Event, InvalidEvent, encode_event, parse_event
 from features.offline import final_states
 from features.spec import DEFAULT_FEATURE_SPEC
 from models.registry import ModelRegistry
-from streams.accounting import AccountingReport, OutputReader, await_accounted, produced_from
-from streams.broker import EmbeddedBroker, free_port
+from tests.support.accounting import AccountingReport, OutputReader, await_accounted, produced_from
+from streams.kafka.broker import EmbeddedBroker, free_port
 from streams.config import Settings
 from features.state import StateConfig
-from streams.generator import GeneratedMessage, GeneratorConfig, ShopSimulator, at_most_per_shopper
-from streams.kafka import ensure_topics
-from streams.process import histogram_quantile
-from streams.producer import BackgroundProducer, produce
+from streams.sim.generator import GeneratedMessage, GeneratorConfig, ShopSimulator, at_most_per_shopper
+from streams.kafka.clients import ensure_topics
+from streams.tools.process import histogram_quantile
+from streams.kafka.producer import BackgroundProducer, produce
 from tests.poison_corpus import poison_corpus
 
 from .kafka_helpers import WorkerProcess, isolated_settings, read_to_end

@@ -13,10 +13,10 @@ from features.encoding import decode_state, encode_state
 from features.offline import final_states
 from features.state import StateConfig
 from models.registry import ModelRegistry
-from streams.broker import free_port
-from streams.generator import GeneratorConfig, ShopSimulator, at_most_per_shopper
-from streams.kafka import ensure_topics
-from streams.producer import produce
+from streams.kafka.broker import free_port
+from streams.sim.generator import GeneratorConfig, ShopSimulator, at_most_per_shopper
+from streams.kafka.clients import ensure_topics
+from streams.kafka.producer import produce
 
 from .kafka_helpers import WorkerProcess, isolated_settings, read_topic
 from .test_model_serving import publish_models

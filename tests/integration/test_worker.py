@@ -18,12 +18,12 @@ from features.events import parse_event
 from features.offline import final_states
 from features.spec import DEFAULT_FEATURE_SPEC
 from features.state import StateConfig
-from streams.app import STATE_TABLE
-from streams.envelope import Stored
-from streams.generator import GeneratedMessage, GeneratorConfig, ShopSimulator, at_most_per_shopper
-from streams.kafka import confluent_consumer_config, ensure_topics
-from streams.producer import produce
-from streams.table_writer import SEAL_KEY
+from streams.worker.app import STATE_TABLE
+from streams.worker.envelope import Stored
+from streams.sim.generator import GeneratedMessage, GeneratorConfig, ShopSimulator, at_most_per_shopper
+from streams.kafka.clients import confluent_consumer_config, ensure_topics
+from streams.kafka.producer import produce
+from streams.worker.table_writer import SEAL_KEY
 
 from .kafka_helpers import WorkerProcess, isolated_settings, read_to_end, read_topic
 
@@ -189,7 +189,7 @@ def test_a_dead_letter_too_large_to_send_whole_is_cut_to_fit_and_the_worker_goes
 #: A worker whose batch logic raises on its second batch: a bug no handler anticipates.
 FAULTY_WORKER = """
 import sys
-from streams.app import ScoringWorker
+from streams.worker.app import ScoringWorker
 from streams.config import Settings
 
 worker = ScoringWorker(Settings.from_env())

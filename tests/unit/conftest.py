@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.unit.test_deploy_static import COMPOSE_FILE, load_yaml
+from tests.unit.deploy.test_compose import COMPOSE_FILE, load_yaml
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ metric they name must be one the worker exports (or be named in a sentence sayin
 every topic they name must be one the settings or the set-up jobs know, the number of topics
 docs/deploy.md says the set-up creates must be the number docker-compose.yml's
 ``topic-setup`` and deploy/k8s's ``shoppulse-topics`` Job create, and its alert table must
-list the rules of deploy/prometheus/alerts.yml. Like tests/unit/test_contracts.py
+list the rules of deploy/prometheus/alerts.yml. Like tests/unit/features/test_contracts.py
 does for the event contracts, so that a document cannot lag the code unnoticed.
 """
 from __future__ import annotations
@@ -17,10 +17,10 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from streams.config import Settings
-from streams.kafka import required_topics
-from streams.metrics import METRIC_NAMES, WorkerMetrics
-from tests.unit.test_deploy_static import DOCS, HISTOGRAM_SUFFIXES, ROOT, alert_rules, topic_setup_topics
-from tests.unit.test_k8s_static import (  # noqa: F401 - job, resources, docs_by_file, topics_script are fixtures
+from streams.kafka.clients import required_topics
+from streams.worker.metrics import METRIC_NAMES, WorkerMetrics
+from tests.unit.deploy.test_compose import DOCS, HISTOGRAM_SUFFIXES, ROOT, alert_rules, topic_setup_topics
+from tests.unit.deploy.test_k8s import (  # noqa: F401 - job, resources, docs_by_file, topics_script are fixtures
     _flag,
     _run_topics_script,
     container,
@@ -109,7 +109,7 @@ def test_every_metric_a_document_names_is_exported(path):
                 f"{path.name} says {wrongly} are not exported, but the worker exports them: {sentence!r}"
         else:
             unknown = sorted(named - exported)
-            assert not unknown, f"{path.name} names {unknown}, which streams/metrics.py does not export: {sentence!r}"
+            assert not unknown, f"{path.name} names {unknown}, which streams/worker/metrics.py does not export: {sentence!r}"
 
 
 def test_the_documents_name_metrics_at_all():

@@ -1,0 +1,342 @@
+"""The one place where ShopPulse touches internals of Faust, mode and aiokafka.
+
+The worker replaced Faust's per-event drain loop, its ``getmany``, its ack path and its table
+writes (each cost more than the scoring itself; BENCHMARKS.md). Doing so needs members those
+libraries do not promise to keep. All of them are used here and nowhere else, each listed below;
+``tests/unit/streams/worker/test_faust_seam.py`` checks that every one exists with the kind and signature this
+module expects, and that the upstream methods whose logic is copied here still hash to
+:data:`UPSTREAM_SOURCE_SHA256`. An upgrade that moves a member or changes copied logic fails
+that test, not the worker. How to upgrade them: docs/deploy.md ("Upgrading Faust, mode or aiokafka").
+
+============================================  ==========================================================
+internal                                      what it touches, and why
+============================================  ==========================================================
+``Consumer._drain_messages`` (overridden)     the fetch loop: hands whole fetches to the micro-batcher
+                                              instead of one ``callback`` per message (~90 µs each)
+``Consumer._wait_next_records``               one fetch from aiokafka, as Faust's ``getmany`` does
+``Consumer._read_offset``                     last offset read per partition: drops re-fetched records
+``Consumer._buffered_partitions``             partitions Faust still reads while paused (recovery)
+``Consumer._add_gap``                         records offset gaps, as Faust's drain loop does
+``Consumer._to_message``                      builds Faust's message for non-batch topics (changelogs)
+``Consumer._stopped``, fetcher ``._stopped``  mode's stop flags, ended the drain loop upstream too
+``Consumer._unacked_messages``                a taken batch is tracked there, so a rebalance or
+                                              shutdown (``wait_empty``) waits for it
+``Consumer._acked``, ``_acked_index``,        Faust's ack bookkeeping, done once per partition per
+``_committed_offset``, ``_n_acked``           batch instead of once per message (``Consumer.ack``)
+``Consumer._waiting_for_ack``                 woken after an ack, as ``Consumer.ack`` does
+``Consumer._commit_every``                    ``broker_commit_every``: commit after that many acks
+``faust.types.tuples.ack_lock``               the lock ``Consumer.ack`` holds for the same bookkeeping
+``mode.utils.futures.notify``                 wakes ``_waiting_for_ack``
+``App._new_consumer`` (overridden)            installs :class:`BatchDrainConsumer` as the consumer class
+``App.consumer_generation_id``                the generation guard (below)
+``App.assignor.assigned_actives()``           partitions this worker owns (the sweeps)
+``rocksdb.Store._db_for_partition``           the RocksDB of one partition: reads and writes without
+                                              Faust's current-event context (faust-streaming #497)
+``rocksdb.Store._key_index``                  Faust's key -> partition cache, kept right on writes
+``rocksdb.Store._dbs``, ``_visible_items``    every stored key of a partition (the sweeps)
+``Consumer._thread._consumer._client._conns`` aiokafka's open connections: readiness
+``_thread._consumer._fetcher``                aiokafka's fetcher: the fetch wait on Tansu
+``._fetch_max_wait_ms``
+============================================  ==========================================================
+
+Upstream guards the override keeps:
+
+* **Generation id.** Faust's ``getmany`` stops handing out records once the consumer
+  generation changes, and its streams skip a message fetched in an older generation. Here a
+  fetch whose generation changed before it reached the batcher is dropped, every batch carries
+  the generation its messages were fetched in, and :meth:`BatchDrainConsumer.take_batch`
+  drops a batch of an older generation (Faust seeks the partitions back to their committed
+  offsets after the rebalance, so its messages are read again).
+* **broker_commit_every.** The drain loop commits once that many offsets were acked since the
+  last commit, as upstream's loop does; Faust's timer (``broker_commit_interval``) commits too.
+
+A missing internal is reported where it is read: :class:`SeamBroken` names it, and readiness
+says so in its reason and in an ERROR log line (``streams.worker.health``).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Iterable, Iterator
+
+import faust
+from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer
+from faust.types import TP, ConsumerT
+from faust.types.tuples import ack_lock
+from mode.utils.futures import notify
+
+from streams.worker.batch_consumer import MicroBatch, MicroBatcher
+from streams.worker.pipeline import InputMessage
+
+#: sha256 of ``inspect.getsource`` of each upstream method whose logic is copied here, read from
+#: faust-streaming 0.15.3. ``tests/unit/streams/worker/test_faust_seam.py`` recomputes them. When an upgrade
+#: changes one, re-read the method, carry its change over here, then update the hash.
+UPSTREAM_SOURCE_SHA256: dict[str, str] = {
+    # _read_fetch: the checks of getmany; _drain_messages: the loop, gaps and broker_commit_every
+    "faust.transport.consumer:Consumer.getmany": "4b168d84882a70d6e3e2f9804430a63b92f8fd117d3187cbb4aeb54305bda34e",
+    "faust.transport.consumer:Consumer._drain_messages":
+        "44a2500309e83c630493f6828af50166ec8d96a0b3e4fb2bab735f704ae93417",
+    # ack_batch: the bookkeeping of ack, per partition
+    "faust.transport.consumer:Consumer.ack": "5fcf41cf45153475de3790dc56fec1b83335956dc8b3bf7ff6bbb2b57627f03f",
+    # TableStore.put: what _set and _del do to RocksDB and the key index
+    "faust.stores.rocksdb:Store._set": "4227e561e288d9413bf663a3a67940fd4976f5484e70e49445858ce4d400d26e",
+    "faust.stores.rocksdb:Store._del": "07f42ff3caefffddb002ba3c316120ee8a608a15021fa226fd8e9ba2635004a9",
+    # TableWriter.flush: records the persisted changelog offset once it is acknowledged, as this does
+    "faust.tables.base:Collection._on_changelog_sent": "60122c86a120d82cffa95da4c22323e12d67fa82f3112f08ac7f8edde7c47826",
+}
+
+
+class SeamBroken(RuntimeError):
+    """An internal of Faust, mode or aiokafka this module relies on is missing (an upgrade)."""
+
+
+class BatchDrainConsumer(AIOKafkaConsumer):
+    """Faust's aiokafka consumer, handing the messages of :attr:`batch_topics` to a :class:`MicroBatcher`.
+
+    Call :meth:`batch_into` before the app starts.
+    """
+
+    batch_topics: frozenset[str] = frozenset()
+    batcher: MicroBatcher | None = None
+    _buffer_generation: int | None = None  # the consumer generation of the messages in the batcher
+
+    def batch_into(self, topics: Iterable[str], batcher: MicroBatcher) -> None:
+        """Send the messages of ``topics`` to ``batcher`` instead of Faust's streams."""
+        self.batch_topics = frozenset(topics)
+        self.batcher = batcher
+
+    def stop_flow(self) -> None:
+        super().stop_flow()
+        if self.batcher is not None:
+            self.batcher.clear()
+
+    async def take_batch(self) -> MicroBatch:
+        """The next micro-batch of the current generation, tracked until :meth:`ack_batch`:
+        a rebalance waits for it. A batch fetched in an older generation is dropped."""
+        assert self.batcher is not None, "batch_into() first"
+        while True:
+            batch = await self.batcher.take()
+            generation = batch.generation_id = self._buffer_generation  # of the buffer the batch was cut from
+            if generation == self.app.consumer_generation_id:
+                self._unacked_messages.add(batch)
+                return batch
+            self.log.info("dropped a micro-batch of %d messages fetched in consumer generation %r (now %r); "
+                          "they are read again from the committed offsets", len(batch), generation,
+                          self.app.consumer_generation_id)
+
+    def ack_batch(self, batch: MicroBatch) -> None:
+        """Mark a batch done: its offsets become committable (Faust commits on its timer).
+
+        Faust's ``Consumer.ack`` bookkeeping, once per partition instead of once per message.
+        """
+        by_tp: dict[tuple[str, int], list[int]] = {}
+        for message in batch:
+            by_tp.setdefault((message.topic, message.partition), []).append(message.offset)
+        inbound = self.app.monitor.stream_inbound_time
+        now = time.monotonic()
+        with ack_lock:
+            for (topic, partition), offsets in by_tp.items():
+                tp = TP(topic, partition)
+                inbound[tp] = now  # Faust's livelock detector reads when a stream last took an event
+                if not self.app.topics.acks_enabled_for(topic):
+                    continue
+                committed = self._committed_offset[tp]
+                acked_index, acked = self._acked_index[tp], self._acked[tp]
+                for offset in offsets:
+                    if (committed is None or offset >= committed) and offset not in acked_index:
+                        acked_index.add(offset)
+                        acked.append(offset)
+                        self._n_acked += 1
+            batch.acked = True
+            self._unacked_messages.discard(batch)
+            notify(self._waiting_for_ack)
+
+    def forget_batches(self) -> int:
+        """Stop waiting for the batches taken but not acked, without acking them: their offsets stay
+        uncommitted, so they are consumed again after a restart. For a worker about to stop after a
+        failure, whose shutdown would otherwise wait for acks that never come. Returns how many."""
+        with ack_lock:
+            batches = [m for m in self._unacked_messages if isinstance(m, MicroBatch)]
+            self._unacked_messages.difference_update(batches)
+            notify(self._waiting_for_ack)
+        return len(batches)
+
+    def committed_offset(self, tp: TP) -> int | None:
+        """The offset Faust last committed for ``tp`` (the next to read), None before any commit."""
+        return self._committed_offset.get(tp)
+
+    async def _drain_messages(self, fetcher: Any) -> None:  # a loop over the broker; tested end to end
+        """Faust's drain loop, with each fetch's batch-topic messages handed over in one call."""
+        consumer_stopped = self._stopped.is_set
+        fetcher_stopped = fetcher._stopped.is_set
+        commit_every = self._commit_every
+        while not (consumer_stopped() or fetcher_stopped()):
+            await self.sleep(0)
+            if self.should_stop:
+                break
+            if commit_every is not None and self._n_acked >= commit_every:  # upstream's broker_commit_every
+                self._n_acked = 0
+                await self.commit()
+            await self._hand_over(*await self._read_fetch())
+
+    async def _read_fetch(self) -> tuple[list[InputMessage], int]:
+        """One fetch: batch-topic messages returned, any other topic's through Faust's callback.
+
+        Faust's ``getmany`` with its per-message work done once per partition: the high
+        watermark, the monitor, and no round-robin between partitions (the whole fetch goes
+        to one buffer anyway). Batch-topic records become light :class:`InputMessage` objects.
+        Faust's checks are kept: partitions not active are skipped, offsets already read are
+        dropped, gaps are recorded, and records fetched while the flow is stopped are dropped and
+        the partitions sought back to their committed offsets.
+
+        Also returns the consumer generation the records belong to, read (as ``getmany`` reads
+        it) once the fetch returned: the wait for it may span a whole rebalance, and a
+        generation read before the wait would drop the first records after the rebalance's seek.
+        """
+        records, active = await self._wait_next_records(1.0)
+        generation = self.app.consumer_generation_id
+        if not records or self.should_stop:
+            return [], generation
+        if not self.flow_active:
+            try:
+                await self.perform_seek()
+            except Exception as exc:  # Faust's own getmany only warns here too
+                self.log.warning("could not seek back to the committed offsets while the flow is stopped: %r", exc)
+            return [], generation
+        fetched: list[InputMessage] = []
+        read_offset = self._read_offset
+        acks_enabled_for = self.app.topics.acks_enabled_for
+        buffered = self._buffered_partitions
+        monitor = self.app.monitor
+        for tp, tp_records in records.items():
+            if active is not None and tp not in active and tp not in buffered:
+                continue
+            monitor.track_tp_end_offset(tp, self.highwater(tp))
+            to_batcher = self.batcher is not None and tp.topic in self.batch_topics
+            gaps_matter = acks_enabled_for(tp.topic)
+            last = read_offset[tp]
+            for record in tp_records:
+                offset = record.offset
+                if last is not None and offset < last:
+                    continue  # already read: Faust drops it the same way
+                if last and offset - last > 1 and gaps_matter:
+                    await self._add_gap(tp, last + 1, offset)
+                if to_batcher:
+                    fetched.append(InputMessage(tp.topic, tp.partition, offset, record.key, record.value))
+                else:
+                    if not self.flow_active:
+                        break
+                    await self.wait_first(self.callback(self._to_message(tp, record)), self.suspend_flow.wait())
+                last = read_offset[tp] = offset
+        return fetched, generation
+
+    async def _hand_over(self, fetched: list[InputMessage], generation: int) -> None:
+        """Buffer a fetch, unless the flow stopped or the generation changed while it was read.
+
+        Either means a rebalance is under way: it ends with Faust seeking every partition back to
+        its committed offset, so dropped messages are read again. (Dropping them otherwise would
+        leave a hole that later, applied offsets would mark as applied.)
+        """
+        if not fetched or not self.flow_active or self.batcher is None:
+            return
+        if generation != self.app.consumer_generation_id:
+            self.log.info("dropped a fetch of %d messages from consumer generation %r (now %r)", len(fetched),
+                          generation, self.app.consumer_generation_id)
+            return
+        if generation != self._buffer_generation:
+            self.batcher.clear()  # one generation in the buffer at a time (stop_flow cleared it already)
+            self._buffer_generation = generation
+        await self.batcher.put(fetched)
+
+
+class BatchingApp(faust.App):
+    """A Faust app whose consumer hands the messages of ``batch_topics`` to ``batcher``."""
+
+    def __init__(self, *args: Any, batch_topics: Iterable[str], batcher: MicroBatcher, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.batch_topics = frozenset(batch_topics)
+        self.batcher = batcher
+
+    def _new_consumer(self) -> ConsumerT:
+        self.transport.Consumer = BatchDrainConsumer
+        consumer = super()._new_consumer()
+        consumer.batch_into(self.batch_topics, self.batcher)
+        return consumer
+
+    def owned_partitions(self, changelog_topic: str) -> set[int]:
+        """Partitions of ``changelog_topic`` this worker is the active owner of."""
+        return {tp.partition for tp in self.assignor.assigned_actives() if tp.topic == changelog_topic}
+
+
+class TableStore:
+    """A Faust table's rocksdict store, a partition at a time, without Faust's current event.
+
+    Faust's ``table[key] = value`` needs a current event (``stream.take()`` has none,
+    faust-streaming #497); these do what ``Store._set``/``_del``/``_get`` do for a known
+    partition. The changelog records are the caller's (:mod:`streams.worker.table_writer`).
+    """
+
+    def __init__(self, table: Any) -> None:
+        self.table = table
+
+    @property
+    def changelog_topic(self) -> str:
+        return self.table.changelog_topic_name
+
+    def get(self, partition: int, key: bytes) -> bytes | None:
+        """The stored value of ``key`` in ``partition``, or None."""
+        return self.table.data._db_for_partition(partition).get(key)
+
+    def put(self, partition: int, key: bytes, value: bytes | None) -> None:
+        """Store ``value`` (None: delete) in ``partition``'s RocksDB, keeping Faust's key index right."""
+        store = self.table.data
+        db = store._db_for_partition(partition)
+        if value is None:
+            db.delete(key)
+            store._key_index.pop(key, None)
+        else:
+            db.put(key, value)
+            store._key_index[key] = partition
+
+    def set_persisted_offset(self, partition: int, offset: int) -> None:
+        """Record that the changelog holds everything of ``partition`` up to ``offset`` (recovery starts after it)."""
+        self.table.data.set_persisted_offset(TP(self.changelog_topic, partition), offset)
+
+    def items(self, partitions: set[int]) -> Iterator[tuple[int, bytes, bytes]]:
+        """``(partition, key, value)`` of every stored key in ``partitions`` that this worker has open."""
+        store = self.table.data
+        for partition, db in list(store._dbs.items()):
+            if partition in partitions:
+                for key, value in store._visible_items(db):
+                    yield partition, key, value
+
+
+def _aiokafka_consumer(app: faust.App) -> Any:
+    """aiokafka's consumer inside Faust's consumer thread; None before it started."""
+    thread = getattr(app.consumer, "_thread", None)
+    if thread is None or not hasattr(thread, "_consumer"):
+        raise SeamBroken("faust's Consumer has no _thread._consumer (faust.transport.drivers.aiokafka changed)")
+    return thread._consumer
+
+
+def broker_connected(app: faust.App) -> bool:
+    """Whether the consumer holds an open connection to any broker (aiokafka drops them when it goes away).
+
+    False before the consumer started; :class:`SeamBroken` when the internals read are gone.
+    """
+    consumer = _aiokafka_consumer(app)
+    if consumer is None:
+        return False
+    try:
+        conns = consumer._client._conns
+    except AttributeError as exc:
+        raise SeamBroken(f"aiokafka's consumer has no _client._conns ({exc})") from None
+    return any(conn.connected() for conn in list(conns.values()))
+
+
+def set_fetch_max_wait_ms(app: faust.App, wait_ms: int) -> None:
+    """Cap how long a fetch may wait for data: Faust builds its aiokafka consumer with
+    ``fetch_max_wait_ms=1500`` and no setting to change it. Call once the consumer has started."""
+    fetcher = getattr(_aiokafka_consumer(app), "_fetcher", None)
+    if fetcher is None or not hasattr(fetcher, "_fetch_max_wait_ms"):
+        raise SeamBroken("aiokafka's consumer has no _fetcher._fetch_max_wait_ms")
+    fetcher._fetch_max_wait_ms = wait_ms

@@ -1,0 +1,129 @@
+"""Timers over every stored shopper: evict the idle ones, re-score the silent ones.
+
+Both walk the shopper table of the partitions this worker owns, yielding to the event loop
+every :data:`SWEEP_YIELD_EVERY` keys so the event path never stalls, and write through the
+same :class:`streams.worker.checkpoint.Checkpoint` as the agent: values are re-read and written while
+holding :attr:`Checkpoint.writing <streams.worker.checkpoint.Checkpoint.writing>`, so a sweep never
+overwrites a state the agent wrote since the sweep read it.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import AsyncIterator, Callable
+
+from features.encoding import StateDecodeError, last_event_ms_of
+from features.state import StateConfig
+from streams.worker.checkpoint import Checkpoint
+from streams.worker.envelope import EnvelopeDecodeError, Stored
+from streams.worker.metrics import WorkerMetrics
+from streams.worker.pipeline import BatchOutcome, BatchProcessor, StateWrite
+
+log = logging.getLogger("shoppulse.worker")
+
+#: The sweeps yield to the event loop after this many stored shoppers.
+SWEEP_YIELD_EVERY = 500
+
+
+def idle_since_ms(stored: bytes | None, now_ms: int) -> int:
+    """How long a stored shopper has been idle (wall clock minus its latest event time), in ms.
+
+    An undecodable value counts as idle forever: the sweep removes it rather than keep it.
+    """
+    try:
+        state = Stored.decode(stored).state
+        return now_ms - last_event_ms_of(state) if state is not None else now_ms
+    except (EnvelopeDecodeError, StateDecodeError):
+        return now_ms
+
+
+class Sweeps:
+    """The eviction and silent-shopper sweeps of one worker.
+
+    Args:
+        checkpoint: writes and publishes (its store is the shopper table).
+        owned_partitions: the table partitions this worker owns now.
+        processor: scores silent shoppers.
+        state_config: the retention period (ms).
+        silent_after_ms: idle this long, a shopper is re-scored.
+        max_batch: shoppers re-scored per step.
+    """
+
+    def __init__(self, checkpoint: Checkpoint, owned_partitions: Callable[[], set[int]], processor: BatchProcessor,
+                 state_config: StateConfig, silent_after_ms: int, max_batch: int, metrics: WorkerMetrics) -> None:
+        self.checkpoint = checkpoint
+        self.owned_partitions = owned_partitions
+        self.processor = processor
+        self.retention_ms = state_config.retention_ms
+        self.silent_after_ms = silent_after_ms
+        self.max_batch = max_batch
+        self.metrics = metrics
+
+    async def _stored(self) -> AsyncIterator[tuple[int, bytes, bytes]]:
+        """``(partition, key, value)`` of every shopper in the owned partitions, yielding now and then."""
+        for seen, item in enumerate(self.checkpoint.store.items(self.owned_partitions()), start=1):
+            yield item
+            if seen % SWEEP_YIELD_EVERY == 0:
+                await asyncio.sleep(0)
+
+    async def evict_idle(self) -> None:
+        """Delete shoppers idle past the retention period from the table and, by tombstone, its changelog.
+
+        Also refreshes the shoppers-in-state gauge.
+        """
+        now_ms = int(time.time() * 1000)
+        expired: list[tuple[int, bytes]] = []
+        kept = 0
+        async for partition, key, value in self._stored():
+            if idle_since_ms(value, now_ms) > self.retention_ms:
+                expired.append((partition, key))
+            else:
+                kept += 1
+        outcome = BatchOutcome()
+        async with self.checkpoint.writing:
+            get = self.checkpoint.store.get
+            for partition, key in expired:
+                if idle_since_ms(get(partition, key), now_ms) > self.retention_ms:  # an event may have come since
+                    outcome.writes.append(StateWrite(partition, key, None))
+                else:
+                    kept += 1
+            self.checkpoint.queue(outcome)
+        await self.checkpoint.commit(outcome, None)
+        self.metrics.shoppers_in_state.set(kept)
+        self.metrics.shoppers_evicted.inc(len(outcome.writes))
+        if outcome.writes:
+            log.info("evicted %d shoppers idle for more than %.1f days; %d remain", len(outcome.writes),
+                     self.retention_ms / 86_400_000, kept)
+
+    async def rescore_silent(self) -> None:
+        """Re-score shoppers idle for at least ``silent_after_ms``: their churn risk rises while
+        nothing happens, and a churn alert must fire without waiting for an event that may never come.
+
+        Runs through the same scoring path in batches of ``max_batch``, between event batches.
+        """
+        now_ms = int(time.time() * 1000)
+        silent: list[tuple[int, bytes]] = []
+        rescored = 0
+        async for partition, key, value in self._stored():
+            if self.silent_after_ms <= idle_since_ms(value, now_ms) <= self.retention_ms:
+                silent.append((partition, key))
+            if len(silent) >= self.max_batch:
+                rescored += await self._rescore(silent, now_ms)
+                silent = []
+        if silent:
+            rescored += await self._rescore(silent, now_ms)
+        self.metrics.silent_rescored.inc(rescored)
+        if rescored:
+            log.info("re-scored %d shoppers silent for at least %.1f h", rescored, self.silent_after_ms / 3_600_000)
+
+    async def _rescore(self, silent: list[tuple[int, bytes]], now_ms: int) -> int:
+        async with self.checkpoint.writing:
+            get = self.checkpoint.store.get
+            current = [(partition, key, value) for partition, key in silent
+                       if (value := get(partition, key)) is not None
+                       and self.silent_after_ms <= idle_since_ms(value, now_ms) <= self.retention_ms]
+            outcome = self.processor.rescore_silent(current, now_ms)
+            self.checkpoint.queue(outcome)
+        await self.checkpoint.commit(outcome, None)
+        return len(outcome.scored)

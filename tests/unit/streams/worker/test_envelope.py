@@ -1,0 +1,54 @@
+"""The stored value: state, alert state and applied input offsets as one value."""
+from __future__ import annotations
+
+import pytest
+
+from features.encoding import encode_state
+from features.state import ShopperState
+from streams.worker.alerts import AlertState
+from streams.worker.envelope import ENVELOPE_MAGIC, EnvelopeDecodeError, Stored
+
+
+def sample() -> Stored:
+    return Stored(state=encode_state(ShopperState.new("u1")), alert=AlertState(False, 123, 0.9).encode(),
+                  offsets={("shop.page_views", 3): 41, ("shop.cart", 3): 0, ("shop.orders", 3): 7_000_000_000})
+
+
+def test_round_trip_and_equal_contents_give_equal_bytes():
+    stored = sample()
+    data = stored.encode()
+    assert data[0] == ENVELOPE_MAGIC and Stored.decode(data) == stored
+    reordered = Stored(stored.state, stored.alert, dict(reversed(list(stored.offsets.items()))))
+    assert reordered.encode() == data
+
+
+def test_no_alert_state_and_no_offsets():
+    stored = Stored(state=encode_state(ShopperState.new("u1")))
+    assert Stored.decode(stored.encode()) == stored
+
+
+def test_a_bare_state_of_an_older_release_reads_without_offsets():
+    bare = encode_state(ShopperState.new("u1"))
+    assert Stored.decode(bare) == Stored(state=bare)
+    assert Stored.decode(None) == Stored()
+
+
+def test_the_skip_rule():
+    stored = sample()
+    assert stored.applied("shop.page_views", 3, 41) and stored.applied("shop.page_views", 3, 0)
+    assert not stored.applied("shop.page_views", 3, 42)
+    assert not stored.applied("renamed.page_views", 3, 0)  # another topic: nothing of it applied
+    assert not stored.applied("shop.page_views", 1, 0)  # another partition (a producer's wrong partitioner)
+
+
+def test_truncated_envelopes_raise_their_own_error():
+    data = sample().encode()
+    header_end = len(data) - len(sample().state)
+    for cut in range(1, header_end):
+        with pytest.raises(EnvelopeDecodeError):
+            Stored.decode(data[:cut])
+
+
+def test_a_state_cannot_be_missing_from_an_envelope():
+    with pytest.raises(ValueError):
+        Stored(offsets={"t": 1}).encode()

@@ -1,0 +1,188 @@
+"""Contracts of streams/worker/faust_seam.py with the installed Faust, mode and aiokafka.
+
+Every private member the seam uses must exist with the kind and signature it expects, and every
+upstream method whose logic it copies must still have the source it was copied from. An upgrade
+that breaks either fails here, not in a running worker. Real objects throughout: a Faust app,
+its consumer and a table store are built (no broker is needed until they start).
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import importlib
+import inspect
+import logging
+import re
+from pathlib import Path
+from typing import Any, Iterator
+
+import aiokafka
+import faust
+import pytest
+from aiokafka.client import AIOKafkaClient
+from aiokafka.conn import AIOKafkaConnection
+from aiokafka.consumer.fetcher import Fetcher
+from faust.stores.rocksdb import Store
+from faust.transport.consumer import Consumer
+from faust.types.tuples import ack_lock
+from mode.utils.futures import notify
+
+from streams import faust_seam
+from streams.worker.faust_seam import UPSTREAM_SOURCE_SHA256, BatchDrainConsumer, BatchingApp, TableStore
+from streams.worker.batch_consumer import MicroBatcher
+from streams.config import Settings
+from streams.worker.health import Health
+from streams.worker.metrics import HealthState, WorkerMetrics
+
+ROOT = Path(__file__).resolve().parents[4]
+
+
+def upstream(qualified: str) -> Any:
+    module, name = qualified.split(":")
+    obj: Any = importlib.import_module(module)
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+@pytest.mark.parametrize("qualified", sorted(UPSTREAM_SOURCE_SHA256))
+def test_copied_upstream_logic_is_unchanged(qualified):
+    source = inspect.getsource(upstream(qualified))
+    assert hashlib.sha256(source.encode()).hexdigest() == UPSTREAM_SOURCE_SHA256[qualified], (
+        f"{qualified} changed upstream: re-read it, carry the change over to streams/worker/faust_seam.py, "
+        "then record its new hash in UPSTREAM_SOURCE_SHA256")
+
+
+def parameters(function: Any) -> list[str]:
+    return list(inspect.signature(function).parameters)
+
+
+#: (class, member, coroutine function?, parameter names) of every upstream method the seam calls or overrides.
+METHODS = [
+    (Consumer, "_drain_messages", True, ["self", "fetcher"]),
+    (Consumer, "_wait_next_records", True, ["self", "timeout"]),
+    (Consumer, "_add_gap", True, ["self", "tp", "offset_from", "offset_to"]),
+    (Consumer, "commit", True, ["self", "topics", "start_new_transaction"]),
+    (Consumer, "perform_seek", True, ["self"]),
+    (Consumer, "highwater", False, ["self", "tp"]),
+    (Consumer, "stop_flow", False, ["self"]),
+    (Consumer, "wait_first", True, ["self", "coros", "timeout"]),
+    (Consumer, "sleep", True, ["self", "n"]),
+    (faust_seam.AIOKafkaConsumer, "_to_message", False, ["self", "tp", "record"]),
+    (faust.App, "_new_consumer", False, ["self"]),
+    (Store, "_db_for_partition", False, ["self", "partition"]),
+    (Store, "_visible_items", False, ["self", "db"]),
+    (Store, "set_persisted_offset", False, ["self", "tp", "offset"]),
+    (AIOKafkaConnection, "connected", False, ["self"]),
+]
+
+
+@pytest.mark.parametrize("owner,name,is_coroutine,expected", METHODS,
+                         ids=[f"{owner.__name__}.{name}" for owner, name, _, _ in METHODS])
+def test_upstream_methods_the_seam_uses_keep_their_kind_and_signature(owner, name, is_coroutine, expected):
+    method = getattr(owner, name, None)
+    assert method is not None, f"{owner.__qualname__}.{name} is gone"
+    assert inspect.iscoroutinefunction(method) == is_coroutine
+    assert parameters(method)[:len(expected)] == expected
+
+
+@pytest.fixture
+def app(tmp_path) -> Iterator[BatchingApp]:
+    """A real app (the worker's class) with its consumer and a table; nothing connects until start."""
+    yield BatchingApp("seam-contract", batch_topics=["inputs"], batcher=MicroBatcher(10, 0.01, 20),
+                      broker="kafka://127.0.0.1:1", store="rocksdb://", datadir=str(tmp_path), autodiscover=False,
+                      web_enabled=False)
+
+
+def test_the_consumer_has_the_state_the_seam_reads_and_writes(app):
+    consumer = app.consumer
+    assert isinstance(consumer, BatchDrainConsumer) and consumer.batch_topics == {"inputs"}
+    for name in ("_read_offset", "_committed_offset", "_acked", "_acked_index"):
+        assert hasattr(getattr(consumer, name), "__getitem__"), name
+    assert isinstance(consumer._acked_index["t"], set) and isinstance(consumer._acked["t"], list)
+    assert isinstance(consumer._buffered_partitions, set)
+    assert hasattr(consumer._unacked_messages, "discard") and hasattr(consumer._unacked_messages, "difference_update")
+    assert isinstance(consumer._n_acked, int) and consumer._commit_every == app.conf.broker_commit_every
+    assert hasattr(consumer, "_waiting_for_ack")
+    assert callable(consumer._stopped.is_set) and callable(consumer.suspend_flow.wait)
+    assert callable(consumer.callback)
+    assert isinstance(consumer.flow_active, bool) and isinstance(consumer.should_stop, bool)
+    assert hasattr(consumer._thread, "_consumer")
+
+
+def test_the_app_has_what_the_seam_and_readiness_read(app):
+    assert isinstance(app.consumer_generation_id, int) and isinstance(app.rebalancing, bool)
+    assert callable(app.assignor.assigned_actives) and app.owned_partitions("changelog") == set()
+    assert isinstance(app.monitor.stream_inbound_time, dict) and callable(app.monitor.track_tp_end_offset)
+    assert callable(app.topics.acks_enabled_for)
+    assert callable(app.tables.recovery.completed.is_set)
+    assert hasattr(app.transport, "Consumer")
+
+
+def test_the_table_store_writes_reads_and_lists_a_partition(app):
+    table = app.Table("states", key_type=bytes, value_type=bytes, partitions=2)
+    store = TableStore(table)
+    assert isinstance(table.data, Store) and isinstance(table.data._dbs, dict)
+    store.put(1, b"k", b"v")
+    assert store.get(1, b"k") == b"v" and store.get(0, b"k") is None
+    assert table.data._key_index[b"k"] == 1
+    store.set_persisted_offset(1, 41)
+    assert table.data.persisted_offset(faust_seam.TP(store.changelog_topic, 1)) == 41
+    assert list(store.items({1})) == [(1, b"k", b"v")] and list(store.items({0})) == []
+    store.put(1, b"k", None)
+    assert store.get(1, b"k") is None and b"k" not in table.data._key_index
+
+
+def test_ack_lock_and_notify_behave_as_the_ack_path_needs():
+    with ack_lock:
+        with ack_lock:  # reentrant: Faust's own ack path acquires it twice
+            pass
+
+    async def woken() -> bool:
+        future = asyncio.get_running_loop().create_future()
+        notify(future)
+        notify(None)  # no waiter: a no-op
+        return future.done()
+    assert asyncio.run(woken())
+
+
+def test_aiokafka_keeps_the_connections_and_fetch_wait_readiness_and_tansu_read():
+    async def client_conns() -> Any:
+        consumer = aiokafka.AIOKafkaConsumer(bootstrap_servers="127.0.0.1:1")
+        return consumer._client
+    client = asyncio.run(client_conns())
+    assert isinstance(client, AIOKafkaClient) and isinstance(client._conns, dict)
+    assert "self._fetch_max_wait_ms = fetch_max_wait_ms" in inspect.getsource(Fetcher.__init__)
+    assert "self._fetcher = Fetcher(" in inspect.getsource(aiokafka.AIOKafkaConsumer.start)
+
+
+def test_readiness_fails_loudly_when_the_internals_it_reads_are_gone(app, caplog):
+    """An upgrade that renames aiokafka's consumer inside Faust's thread must not read as a broker outage."""
+    health = Health(app, Settings(), WorkerMetrics(), HealthState())
+    assert faust_seam.broker_connected(app) is False  # not started: no aiokafka consumer yet
+    app.consumer._thread = object()  # what a Faust without AIOKafkaConsumerThread._consumer would give
+    with pytest.raises(faust_seam.SeamBroken, match="_thread._consumer"):
+        faust_seam.broker_connected(app)
+    with caplog.at_level(logging.ERROR, logger="shoppulse.worker"):
+        for _ in range(3):
+            asyncio.run(health.refresh())
+    assert not health.state.ready and health.state.reason.startswith("faust internals missing (")
+    assert health.metrics.ready._value.get() == 0
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "readiness cannot tell whether the brokers are reachable" in errors[0]
+
+
+#: Private members of Faust, mode and aiokafka the seam uses; no other module may name them.
+PRIVATE_NAMES = ("_drain_messages", "_wait_next_records", "_read_offset", "_buffered_partitions", "_add_gap",
+                 "_to_message", "_unacked_messages", "_acked_index", "_committed_offset", "_n_acked",
+                 "_waiting_for_ack", "_commit_every", "_new_consumer", "_db_for_partition", "_key_index", "_dbs",
+                 "_visible_items", "_conns", "_fetch_max_wait_ms", "ack_lock")
+
+
+def test_only_the_seam_names_faust_internals():
+    offenders = [f"{path.relative_to(ROOT)}:{n}: {name}"
+                 for folder in ("streams", "bench", "models", "features") for path in (ROOT / folder).rglob("*.py")
+                 if path.name != "faust_seam.py"
+                 for n, line in enumerate(path.read_text().splitlines(), 1)
+                 for name in PRIVATE_NAMES if re.search(rf"\b{name}\b", line)]
+    assert not offenders, offenders
