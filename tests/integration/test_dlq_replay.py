@@ -14,7 +14,7 @@ import pytest
 from features.encoding import decode_state, encode_state
 from features.offline import final_states
 from features.state import StateConfig
-from streams import dlq
+from streams.tools import dlq
 from streams.tools.cli import build_parser
 from streams.sim.generator import GeneratedMessage, GeneratorConfig, ShopSimulator, at_most_per_shopper
 from streams.kafka.clients import ensure_topics

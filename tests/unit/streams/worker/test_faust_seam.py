@@ -27,7 +27,7 @@ from faust.transport.consumer import Consumer
 from faust.types.tuples import ack_lock
 from mode.utils.futures import notify
 
-from streams import faust_seam
+from streams.worker import faust_seam
 from streams.worker.faust_seam import UPSTREAM_SOURCE_SHA256, BatchDrainConsumer, BatchingApp, TableStore
 from streams.worker.batch_consumer import MicroBatcher
 from streams.config import Settings
