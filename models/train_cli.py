@@ -1,8 +1,7 @@
 """``shoppulse train`` and ``shoppulse models list|show|promote|rollback|migrate``.
 
-``models/`` never imports ``streams/``: the simulator lives there, so ``--simulate`` needs the
-caller (the ``shoppulse`` CLI) to pass an ``events_factory(args) -> Iterable[Event]``. The event
-file reader here reads our message JSONL (``shoppulse generate --out``) with
+``--simulate`` trains on the shop simulator (:mod:`streams.sim.generator`: pure, no Kafka, the one
+part of ``streams/`` that ``models/`` may import). The event file reader here reads our message JSONL (``shoppulse generate --out``) with
 :mod:`features.message_lines`, the reader ``shoppulse replay`` uses, parses each message with
 :func:`features.events.parse_event` and skips invalid ones, counting them by reason.
 
@@ -23,15 +22,13 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from features.events import Event, InvalidEvent, parse_event
 from features.message_lines import read_message_lines
 
 if TYPE_CHECKING:
     from .registry import ModelRegistry
-
-EventsFactory = Callable[[argparse.Namespace], Iterable[Event]]
 
 DAY_MS = 86_400_000
 HOUR_MS = 3_600_000
@@ -79,6 +76,8 @@ def build_parser(prog: str = "shoppulse train") -> argparse.ArgumentParser:
     p.add_argument("--days", type=float, default=None,
                    help="simulated days (default: 28 with --quick, else 56: a 14-day churn horizon needs > 28 days)")
     p.add_argument("--seed", type=int, default=7, help="simulator and training seed (default 7)")
+    p.add_argument("--items", type=int, default=None,
+                   help="simulated catalogue size (default: the simulator's, 5,000 items)")
     p.add_argument("--registry", default=None,
                    help="registry root (default: $SHOPPULSE_MODELS_DIR or artifacts/models)")
     p.add_argument("--report", default=None, help="report directory (default: var/reports/train-<version>)")
@@ -129,7 +128,7 @@ def config_from_args(args: argparse.Namespace, source: dict[str, Any]) -> Any:
     return replace(cfg, **changes)
 
 
-def main(argv: Sequence[str] | None = None, events_factory: EventsFactory | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """``shoppulse train``; returns the exit status (0 ok, 1 training failed, 2 usage)."""
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -141,14 +140,14 @@ def main(argv: Sequence[str] | None = None, events_factory: EventsFactory | None
         torch.set_num_threads(max(1, args.threads))
     t0 = time.perf_counter()
     if args.simulate is not None:
-        if events_factory is None:
-            print("error: --simulate needs the shop simulator, which lives in streams/; run it as "
-                  "`shoppulse train --simulate N` (the CLI passes the events), or pass --events FILE", file=sys.stderr)
-            return 2
         if args.simulate < 1 or args.days <= 0:
             print("error: --simulate needs N >= 1 shoppers and --days > 0", file=sys.stderr)
             return 2
-        events = list(events_factory(args))
+        from streams.sim.generator import GeneratorConfig, ShopSimulator
+
+        catalogue = {} if args.items is None else {"n_items": args.items}
+        events = list(ShopSimulator(GeneratorConfig(seed=args.seed, n_shoppers=args.simulate, duration_days=args.days,
+                                                    **catalogue)).events())
         source: dict[str, Any] = {"kind": "simulated", "shoppers": args.simulate, "days": args.days, "seed": args.seed}
     else:
         try:

@@ -7,6 +7,7 @@ result. Ctrl-C, SIGTERM or ``--duration`` stops everything and leaves no process
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import itertools
 import json
@@ -182,3 +183,13 @@ def _watch(settings: Settings, consumer, generator: _Generator, worker: WorkerPr
     print(f"summary: {generator.sent:,} events in, " + ", ".join(f"{count:,} {kind}" for kind, count in totals.items())
           + f"; first result after {shown}", flush=True)
     return 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--duration", type=float, default=0, help="seconds to run (0 = until Ctrl-C)")
+    parser.add_argument("--rate", type=float, default=2_000, help="generated events per second")
+    parser.add_argument("--seed", type=int, default=7)
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    return run_demo(settings, duration_s=args.duration, rate_per_s=args.rate, seed=args.seed)

@@ -1,6 +1,7 @@
 """``shoppulse tail TOPIC``: an example consumer that pretty-prints any ShopPulse topic."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from typing import cast
@@ -54,3 +55,13 @@ def tail(settings: Settings, topic: str, from_beginning: bool = False, limit: in
     finally:
         consumer.close()
     return 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("topic")
+    parser.add_argument("--from-beginning", action="store_true")
+    parser.add_argument("--limit", type=int, default=0, help="stop after this many messages (0 = never)")
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    return tail(settings, args.topic, from_beginning=args.from_beginning, limit=args.limit)

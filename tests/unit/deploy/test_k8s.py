@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from streams.tools.cli import build_parser
+from streams.tools.cli import parse_args
 from streams.config import Settings
 from streams.kafka.clients import required_topics
 from streams.worker.metrics import HealthState, MetricsServer, WorkerMetrics
@@ -248,9 +248,8 @@ def test_worker_runs_the_image_compose_builds(worker, services):
     assert "command" not in c, "keep the image's ENTRYPOINT [\"shoppulse\"]"
     stage = final_stage(parse_dockerfile(DOCKERFILES["cpu"]))
     assert [exec_form(a) for k, a in stage if k == "ENTRYPOINT"] == [["shoppulse"]]
-    parser = build_parser()
     try:
-        args = parser.parse_args(c["args"])
+        args = parse_args(c["args"])
     except (SystemExit, argparse.ArgumentError):
         pytest.fail(f"`shoppulse {' '.join(c['args'])}` is not a subcommand the image runs")
     assert args.command == c["args"][0] == "worker"

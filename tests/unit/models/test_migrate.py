@@ -19,7 +19,7 @@ from models.scoring import BatchScorer
 from models.train_cli import models_main
 from models.training import models_ready
 
-from .test_models_artifacts import VOCAB, Evil, make_rec
+from .test_artifacts import VOCAB, Evil, make_rec
 
 torch.set_num_threads(1)
 LEGACY_WEIGHTS = "weights.pt"

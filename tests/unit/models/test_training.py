@@ -143,18 +143,13 @@ def test_mlp_beats_the_rule_and_matches_logistic_regression_on_simulated_shopper
     assert purchase["mlp"]["roc_auc"] > purchase["served_heuristic"]["roc_auc"] + 0.1
 
 
-def _sim_events(args):
-    return ShopSimulator(GeneratorConfig(seed=args.seed, n_shoppers=args.simulate, n_items=400,
-                                         duration_days=args.days)).events()
-
-
 def test_shoppulse_train_registers_loadable_artifacts_and_writes_the_report(tmp_path, capsys):
     reg, rep = tmp_path / "registry", tmp_path / "report"
     assert not models_ready(reg)
     argv = ["--simulate", "400", "--days", "21", "--quick", "--seed", "3", "--registry", str(reg), "--report",
             str(rep), "--epochs", "4", "--nextitem-epochs", "1", "--device", "cpu", "--no-progress",
-            "--version", "v1"]
-    assert main(argv, events_factory=_sim_events) == 0
+            "--version", "v1", "--items", "400"]
+    assert main(argv) == 0
     out = capsys.readouterr().out
     assert "CHURN" in out and "PURCHASE" in out and "NEXT ITEM" in out and "verdict" in out
 
@@ -206,11 +201,11 @@ def test_shoppulse_train_registers_loadable_artifacts_and_writes_the_report(tmp_
     assert models_main(["--registry", str(reg), "promote", CLASSIFIER_MODEL, "nope"]) == 1
     assert models_main(["--registry", str(reg), "show", NEXTITEM_MODEL]) == 0
     assert f'"kind": "{art.metadata["kind"]}"' in capsys.readouterr().out
-    assert main(argv, events_factory=_sim_events) == 1  # version v1 exists: immutable
+    assert main(argv) == 1  # version v1 exists: immutable
 
 
 def test_cli_needs_an_event_source_and_reads_our_jsonl(tmp_path, capsys):
-    assert main(["--simulate", "10"]) == 2  # no events_factory: models/ cannot reach the simulator
+    assert main(["--simulate", "0"]) == 2  # no shoppers
     events = shop_log(2, users=2, per_user=5)
     path = tmp_path / "events.jsonl"
     with open(path, "w") as fh:
