@@ -18,6 +18,7 @@ section is created if missing; nothing else in the file is touched).
     .venv/bin/python bench/bench_features.py --events 200000
     .venv/bin/python bench/bench_features.py --source shop --users 4000 --validation-baseline 28f623d
 """
+
 from __future__ import annotations
 
 import argparse
@@ -89,20 +90,50 @@ def synthetic_events(n_events: int, n_users: int, days: float, seed: int) -> lis
                 r = rng.random()
                 if r < 0.05 and cart:
                     lines = tuple(OrderLine(i, 1, p) for i, p in cart)
-                    events.append(Event(KIND_ORDER, f"e{counter}", user_id, ts, order_id=f"o{counter}",
-                                        order_lines=lines, total=round(sum(p for _, p in cart), 2)))
+                    events.append(
+                        Event(
+                            KIND_ORDER,
+                            f"e{counter}",
+                            user_id,
+                            ts,
+                            order_id=f"o{counter}",
+                            order_lines=lines,
+                            total=round(sum(p for _, p in cart), 2),
+                        )
+                    )
                     cart = []
                 elif r < 0.12 and cart:
                     removed, price = cart.pop()
-                    events.append(Event(KIND_CART_REMOVE, f"e{counter}", user_id, ts, item_id=removed,
-                                        price=price, quantity=1))
+                    events.append(
+                        Event(KIND_CART_REMOVE, f"e{counter}", user_id, ts, item_id=removed, price=price, quantity=1)
+                    )
                 elif r < 0.30:
                     cart.append((item, price))
-                    events.append(Event(KIND_CART_ADD, f"e{counter}", user_id, ts, item_id=item,
-                                        category=rng.choice(favourite), price=price, quantity=1))
+                    events.append(
+                        Event(
+                            KIND_CART_ADD,
+                            f"e{counter}",
+                            user_id,
+                            ts,
+                            item_id=item,
+                            category=rng.choice(favourite),
+                            price=price,
+                            quantity=1,
+                        )
+                    )
                 else:
-                    events.append(Event(KIND_VIEW, f"e{counter}", user_id, ts, item_id=item,
-                                        category=rng.choice(favourite), price=price, quantity=1))
+                    events.append(
+                        Event(
+                            KIND_VIEW,
+                            f"e{counter}",
+                            user_id,
+                            ts,
+                            item_id=item,
+                            category=rng.choice(favourite),
+                            price=price,
+                            quantity=1,
+                        )
+                    )
             ts += int(rng.expovariate(1 / (2 * DAY_MS)))
     events.sort(key=lambda e: e.ts_ms)
     return events
@@ -111,6 +142,7 @@ def synthetic_events(n_events: int, n_users: int, days: float, seed: int) -> lis
 def shop_events(n_events: int, n_users: int, days: float, seed: int) -> list[Event]:
     """Events from the project's ShopSimulator (streams/sim/generator.py)."""
     from streams.sim.generator import GeneratorConfig, ShopSimulator
+
     return list(ShopSimulator(GeneratorConfig(seed=seed, n_shoppers=n_users, duration_days=days)).events(n_events))
 
 
@@ -138,8 +170,10 @@ def parser_of(source: str, label: str) -> Parser:
 
 def events_source_at(revision: str) -> tuple[str, str]:
     """``features/events.py`` at a git revision, and the revision's short commit id."""
+
     def git(*args: str) -> str:
         return subprocess.run(["git", "-C", str(REPO), *args], check=True, capture_output=True, text=True).stdout
+
     commit = git("rev-parse", "--short", f"{revision}^{{commit}}").strip()
     return git("show", f"{commit}:features/events.py"), commit
 
@@ -153,8 +187,9 @@ def time_validation(parsers: list[Parser], events: list[Event], rounds: int, blo
     Every message must be valid for every parser (a rejection raises).
     """
     from streams.sim.generator import message_of
+
     messages = [message_of(event) for event in events]
-    blocks = [messages[i:i + block] for i in range(0, len(messages), block)]
+    blocks = [messages[i : i + block] for i in range(0, len(messages), block)]
     now_ms = max(event.ts_ms for event in events)
     best = [[float("inf")] * len(blocks) for _ in parsers]
     gc.collect()
@@ -189,12 +224,20 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=20_000, help="shoppers (default 20000)")
     parser.add_argument("--days", type=float, default=28.0, help="event-time span in days (default 28)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--source", choices=("synthetic", "shop"), default="synthetic",
-                        help="synthetic: this script's generator; shop: streams.sim.generator.ShopSimulator")
+    parser.add_argument(
+        "--source",
+        choices=("synthetic", "shop"),
+        default="synthetic",
+        help="synthetic: this script's generator; shop: streams.sim.generator.ShopSimulator",
+    )
     parser.add_argument("--repeat", type=int, default=3, help="timed repetitions, best kept (default 3)")
     parser.add_argument("--batch", type=int, default=500, help="states per FeatureSpec.matrix call (default 500)")
-    parser.add_argument("--validation-baseline", metavar="REV", default=None,
-                        help="also time features/events.py of this git revision, alternating with this code's")
+    parser.add_argument(
+        "--validation-baseline",
+        metavar="REV",
+        default=None,
+        help="also time features/events.py of this git revision, alternating with this code's",
+    )
     parser.add_argument("--no-record", action="store_true", help="print only; do not touch BENCHMARKS.md")
     args = parser.parse_args()
 
@@ -212,7 +255,7 @@ def main() -> None:
     encode_s = best_of(args.repeat, lambda: [encode_state(state) for state in shoppers])
     decode_s = best_of(args.repeat, lambda: deque(map(decode_state, blobs), maxlen=0))  # as a worker: load, drop
     now_ms = events[-1].ts_ms
-    batches = [shoppers[i:i + args.batch] for i in range(0, len(shoppers), args.batch)]
+    batches = [shoppers[i : i + args.batch] for i in range(0, len(shoppers), args.batch)]
     matrix_s = best_of(args.repeat, lambda: [DEFAULT_FEATURE_SPEC.matrix(batch, now_ms) for batch in batches])
 
     # Validation runs on the generator's messages: the synthetic log leaves ids the contract requires empty.
@@ -226,37 +269,55 @@ def main() -> None:
 
     n, m = len(events), len(shoppers)
     figures = {
-        "updates_per_s": n / update_s, "us_per_update": update_s / n * 1e6,
-        "encode_us": encode_s / m * 1e6, "decode_us": decode_s / m * 1e6, "matrix_us": matrix_s / m * 1e6,
-        "bytes_median": statistics.median(sizes), "bytes_mean": statistics.mean(sizes),
+        "updates_per_s": n / update_s,
+        "us_per_update": update_s / n * 1e6,
+        "encode_us": encode_s / m * 1e6,
+        "decode_us": decode_s / m * 1e6,
+        "matrix_us": matrix_s / m * 1e6,
+        "bytes_median": statistics.median(sizes),
+        "bytes_mean": statistics.mean(sizes),
         "bytes_p90": sizes[int(0.9 * (m - 1))],
     }
-    print(f"{n} events, {m} shoppers ({args.source}), one core, {platform.python_implementation()} "
-          f"{platform.python_version()}")
+    print(
+        f"{n} events, {m} shoppers ({args.source}), one core, {platform.python_implementation()} "
+        f"{platform.python_version()}"
+    )
     print(f"  update        {figures['updates_per_s']:>10,.0f} events/s  ({figures['us_per_update']:.2f} µs each)")
     print(f"  encode_state  {figures['encode_us']:>10.1f} µs/shopper")
     print(f"  decode_state  {figures['decode_us']:>10.1f} µs/shopper")
     print(f"  spec.matrix   {figures['matrix_us']:>10.1f} µs/state (batches of {args.batch})")
-    print(f"  bytes/shopper median {figures['bytes_median']:.0f}, mean {figures['bytes_mean']:.0f}, "
-          f"p90 {figures['bytes_p90']}, max {sizes[-1]}")
+    print(
+        f"  bytes/shopper median {figures['bytes_median']:.0f}, mean {figures['bytes_mean']:.0f}, "
+        f"p90 {figures['bytes_p90']}, max {sizes[-1]}"
+    )
     print(f"  parse_event   {validate_us[0]:>10.2f} µs/message ({len(valid_events)} generator messages)")
     if args.validation_baseline:
-        print(f"    at {baseline_commit:<9} {validate_us[1]:>10.2f} µs/message "
-              f"({validate_us[0] / validate_us[1] - 1:+.1%} now)")
+        print(
+            f"    at {baseline_commit:<9} {validate_us[1]:>10.2f} µs/message "
+            f"({validate_us[0] / validate_us[1] - 1:+.1%} now)"
+        )
     if args.no_record:
         return
     command = shlex.join(sys.orig_argv)
-    date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
-    row = (f"| {date} | {args.source} | {n} | {m} | {figures['updates_per_s']:,.0f} | {figures['us_per_update']:.2f} "
-           f"| {figures['encode_us']:.1f} | {figures['decode_us']:.1f} | {figures['matrix_us']:.1f} "
-           f"| {figures['bytes_median']:.0f} / {figures['bytes_mean']:.0f} / {figures['bytes_p90']} "
-           f"| {platform.python_version()} | `{command}` |\n")
+    date = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M")
+    row = (
+        f"| {date} | {args.source} | {n} | {m} | {figures['updates_per_s']:,.0f} | {figures['us_per_update']:.2f} "
+        f"| {figures['encode_us']:.1f} | {figures['decode_us']:.1f} | {figures['matrix_us']:.1f} "
+        f"| {figures['bytes_median']:.0f} / {figures['bytes_mean']:.0f} / {figures['bytes_p90']} "
+        f"| {platform.python_version()} | `{command}` |\n"
+    )
     append_row(SECTION, TABLE_HEADER, row)
-    baseline = ((f"{baseline_commit} | {validate_us[1]:.2f} | {validate_us[0] / validate_us[1] - 1:+.1%}")
-                if args.validation_baseline else "- | - | -")
-    append_row(VALIDATION_SECTION, VALIDATION_HEADER,
-               f"| {date} | {len(valid_events)} | {validate_us[0]:.2f} | {baseline} | {args.repeat} "
-               f"| {platform.python_version()} | `{command}` |\n")
+    baseline = (
+        (f"{baseline_commit} | {validate_us[1]:.2f} | {validate_us[0] / validate_us[1] - 1:+.1%}")
+        if args.validation_baseline
+        else "- | - | -"
+    )
+    append_row(
+        VALIDATION_SECTION,
+        VALIDATION_HEADER,
+        f"| {date} | {len(valid_events)} | {validate_us[0]:.2f} | {baseline} | {args.repeat} "
+        f"| {platform.python_version()} | `{command}` |\n",
+    )
     print(f"recorded in {BENCHMARKS.relative_to(REPO)}")
 
 

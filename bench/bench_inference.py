@@ -6,6 +6,7 @@ forward pass does not depend on the values), registers them in a temporary regis
 real feature rows and 50-item histories. Prints ms per batch and µs per shopper and appends them,
 with this exact command, to BENCHMARKS.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,15 +27,17 @@ from features.events import KIND_VIEW, Event  # noqa: E402
 from features.spec import DEFAULT_FEATURE_SPEC  # noqa: E402
 from features.state import ShopperState, StateConfig  # noqa: E402
 from models.classifiers import ClassifierConfig, MultiTaskMLP, ShopperClassifier  # noqa: E402
+from models.names import CLASSIFIER_MODEL, NEXTITEM_MODEL  # noqa: E402
 from models.nextitem import NextItemConfig, NextItemRecommender, SASRec  # noqa: E402
 from models.registry import ModelRegistry  # noqa: E402
 from models.scoring import BatchScorer  # noqa: E402
 from models.sequences import ItemVocab  # noqa: E402
-from models.names import CLASSIFIER_MODEL, NEXTITEM_MODEL  # noqa: E402
 
 SECTION = "## Inference per micro-batch (served models, BatchScorer.score)"
-HEADER = ("| date (UTC) | device | batch | items in catalogue | ms / batch (median) | µs / shopper | command |\n"
-          "|---|---|---|---|---|---|---|")
+HEADER = (
+    "| date (UTC) | device | batch | items in catalogue | ms / batch (median) | µs / shopper | command |\n"
+    "|---|---|---|---|---|---|---|"
+)
 
 
 def shoppers(n: int, n_items: int, seed: int) -> list[ShopperState]:
@@ -45,8 +48,20 @@ def shoppers(n: int, n_items: int, seed: int) -> list[ShopperState]:
         ts = 1_760_000_000_000
         for k in range(50):
             ts += int(rng.integers(1_000, 600_000))
-            state.update(Event(KIND_VIEW, f"u{u}-{k}", f"u{u}", ts, session_id="s", item_id=f"i{rng.integers(n_items)}",
-                               category=f"c{rng.integers(20)}", price=10.0, quantity=1), StateConfig())
+            state.update(
+                Event(
+                    KIND_VIEW,
+                    f"u{u}-{k}",
+                    f"u{u}",
+                    ts,
+                    session_id="s",
+                    item_id=f"i{rng.integers(n_items)}",
+                    category=f"c{rng.integers(20)}",
+                    price=10.0,
+                    quantity=1,
+                ),
+                StateConfig(),
+            )
         states.append(state)
     return states
 
@@ -60,10 +75,12 @@ def main() -> None:
     args = parser.parse_args()
     registry = ModelRegistry(Path(tempfile.mkdtemp(prefix="shoppulse-inference-")))
     vocab = ItemVocab([f"i{k}" for k in range(args.items)])
-    ShopperClassifier(MultiTaskMLP(ClassifierConfig(input_dim=DEFAULT_FEATURE_SPEC.dim)), DEFAULT_FEATURE_SPEC.hash
-                      ).save(registry.version_dir(CLASSIFIER_MODEL, "bench"), "bench")
-    NextItemRecommender(SASRec(NextItemConfig(num_items=len(vocab))), vocab
-                        ).save(registry.version_dir(NEXTITEM_MODEL, "bench"), "bench")
+    ShopperClassifier(
+        MultiTaskMLP(ClassifierConfig(input_dim=DEFAULT_FEATURE_SPEC.dim)), DEFAULT_FEATURE_SPEC.hash
+    ).save(registry.version_dir(CLASSIFIER_MODEL, "bench"), "bench")
+    NextItemRecommender(SASRec(NextItemConfig(num_items=len(vocab))), vocab).save(
+        registry.version_dir(NEXTITEM_MODEL, "bench"), "bench"
+    )
     registry.promote(CLASSIFIER_MODEL, "bench")
     registry.promote(NEXTITEM_MODEL, "bench")
     states = shoppers(args.batch, args.items, seed=1)
@@ -81,11 +98,17 @@ def main() -> None:
             timings.append(time.perf_counter() - started)
         median_ms = statistics.median(timings) * 1000
         name = torch.cuda.get_device_name() if device == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-        print(f"{name}: {median_ms:.1f} ms per batch of {args.batch} ({median_ms * 1000 / args.batch:.0f} µs/shopper)",
-              flush=True)
+        print(
+            f"{name}: {median_ms:.1f} ms per batch of {args.batch} ({median_ms * 1000 / args.batch:.0f} µs/shopper)",
+            flush=True,
+        )
         if not args.no_record:
-            append_row(SECTION, HEADER, f"| {utc_now()} | {name} | {args.batch} | {args.items:,} | {median_ms:.1f} | "
-                                        f"{median_ms * 1000 / args.batch:.0f} | `{this_command()}` |")
+            append_row(
+                SECTION,
+                HEADER,
+                f"| {utc_now()} | {name} | {args.batch} | {args.items:,} | {median_ms:.1f} | "
+                f"{median_ms * 1000 / args.batch:.0f} | `{this_command()}` |",
+            )
 
 
 if __name__ == "__main__":

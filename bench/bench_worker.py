@@ -22,6 +22,7 @@ and on the same broker and topics:
 
 Prints the figures and appends them, with this exact command, to BENCHMARKS.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,25 +47,36 @@ from confluent_kafka import Consumer, Producer, TopicPartition  # noqa: E402
 
 from bench.record import append_row, this_command, utc_now  # noqa: E402
 from models.training import models_ready  # noqa: E402
-from streams.kafka.broker import EmbeddedBroker, free_port  # noqa: E402
 from streams.config import Settings  # noqa: E402
-from streams.sim.generator import GeneratorConfig, ShopSimulator  # noqa: E402
-from streams.kafka.clients import (TANSU_FETCH_MAX_WAIT_MS, TopicSpec, confluent_consumer_config,  # noqa: E402
-                           confluent_producer_config, ensure_topics)
-from streams.tools.process import WorkerProcess  # noqa: E402
+from streams.kafka.broker import EmbeddedBroker, free_port  # noqa: E402
+from streams.kafka.clients import (  # noqa: E402
+    TANSU_FETCH_MAX_WAIT_MS,
+    TopicSpec,
+    confluent_consumer_config,
+    confluent_producer_config,
+    ensure_topics,
+)
 from streams.kafka.producer import produce  # noqa: E402
+from streams.sim.generator import GeneratorConfig, ShopSimulator  # noqa: E402
+from streams.tools.process import WorkerProcess  # noqa: E402
 
 THROUGHPUT_SECTION = "## Worker throughput (embedded broker, this machine)"
-THROUGHPUT_HEADER = ("| date (UTC) | events | shoppers | partitions | bare loop ev/s | Faust no-op agent ev/s "
-                     "| worker ev/s | worker / bare | batches | mean batch | models | workers | command |\n"
-                     "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+THROUGHPUT_HEADER = (
+    "| date (UTC) | events | shoppers | partitions | bare loop ev/s | Faust no-op agent ev/s "
+    "| worker ev/s | worker / bare | batches | mean batch | models | workers | command |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+)
 LATENCY_SECTION = "## End-to-end latency at a fixed rate (embedded broker, this machine)"
-LATENCY_HEADER = ("| date (UTC) | rate ev/s | share of worker saturation | seconds | worker p50 ms | worker p99 ms "
-                  "| worker outputs | bare loop p50 ms | bare loop p99 ms | bare loop outputs | models | command |\n"
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|")
+LATENCY_HEADER = (
+    "| date (UTC) | rate ev/s | share of worker saturation | seconds | worker p50 ms | worker p99 ms "
+    "| worker outputs | bare loop p50 ms | bare loop p99 ms | bare loop outputs | models | command |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|"
+)
 RECOVERY_SECTION = "## Table recovery (embedded broker, one worker)"
-RECOVERY_HEADER = ("| date (UTC) | shoppers in table | ready, data dir kept (s) | ready, data dir lost (s) "
-                   "| command |\n|---|---|---|---|---|")
+RECOVERY_HEADER = (
+    "| date (UTC) | shoppers in table | ready, data dir kept (s) | ready, data dir lost (s) "
+    "| command |\n|---|---|---|---|---|"
+)
 
 
 def simulated_messages(events: int, shoppers: int, days: float, seed: int) -> list:
@@ -74,17 +86,29 @@ def simulated_messages(events: int, shoppers: int, days: float, seed: int) -> li
     return list(ShopSimulator(config).messages(limit=events))
 
 
-def bare_loop(settings: Settings, total: int | None, group: str, stop: Any = None, ready: Any = None,
-              offset_reset: str = "earliest") -> float:
+def bare_loop(
+    settings: Settings,
+    total: int | None,
+    group: str,
+    stop: Any = None,
+    ready: Any = None,
+    offset_reset: str = "earliest",
+) -> float:
     """events/s of consume → parse → dict state → produce, the ceiling for this broker and machine.
 
     Runs until ``total`` events (or, with ``total=None``, until the ``stop`` event is set); sets
     the ``ready`` event once it holds its partitions. The output carries the event's ts as
     ``trigger_ts`` for the latency phase.
     """
-    consumer = Consumer({**confluent_consumer_config(settings, group), "auto.offset.reset": offset_reset,
-                         "enable.auto.commit": True, "session.timeout.ms": 6000,
-                         "fetch.wait.max.ms": TANSU_FETCH_MAX_WAIT_MS})  # the worker's setting on Tansu
+    consumer = Consumer(
+        {
+            **confluent_consumer_config(settings, group),
+            "auto.offset.reset": offset_reset,
+            "enable.auto.commit": True,
+            "session.timeout.ms": 6000,
+            "fetch.wait.max.ms": TANSU_FETCH_MAX_WAIT_MS,
+        }
+    )  # the worker's setting on Tansu
     producer = Producer({**confluent_producer_config(settings), "linger.ms": 5, "partitioner": "murmur2_random"})
     consumer.subscribe(list(settings.input_topics))
     counts: dict[bytes, dict[str, int]] = {}
@@ -126,16 +150,25 @@ def _bare_loop_until_stopped(settings: Settings, stop: Any, ready: Any) -> None:
     bare_loop(settings, None, f"bare-latency-{time.time_ns()}", stop, ready, offset_reset="latest")
 
 
-def output_latencies_ms(settings: Settings, topic: str, since_ms: int, until: threading.Event, out: list[float]) -> None:
+def output_latencies_ms(
+    settings: Settings, topic: str, since_ms: int, until: threading.Event, out: list[float]
+) -> None:
     """Append, for each output on ``topic`` triggered by an event at or after ``since_ms``, the ms
     from that event's ts to now (when this reader consumes it), until ``until`` is set and the
     topic is drained. Starts near the end of the topic, so the reader never lags behind old outputs
     (Tansu's reported end can be a little early: the ``since_ms`` filter drops what precedes)."""
-    consumer = Consumer({**confluent_consumer_config(settings, f"latency-{time.time_ns()}"),
-                         "enable.auto.commit": False, "fetch.wait.max.ms": TANSU_FETCH_MAX_WAIT_MS})
+    consumer = Consumer(
+        {
+            **confluent_consumer_config(settings, f"latency-{time.time_ns()}"),
+            "enable.auto.commit": False,
+            "fetch.wait.max.ms": TANSU_FETCH_MAX_WAIT_MS,
+        }
+    )
     partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-    starts = [TopicPartition(topic, p, consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1])
-              for p in partitions]
+    starts = [
+        TopicPartition(topic, p, consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1])
+        for p in partitions
+    ]
     consumer.assign(starts)
     idle_since = None
     while True:
@@ -161,11 +194,17 @@ def paced_latency(settings: Settings, topic: str, rate: float, seconds: float, s
     since_ms = int(time.time() * 1000)
     latencies: list[float] = []
     done = threading.Event()
-    reader = threading.Thread(target=output_latencies_ms, args=(settings, topic, since_ms, done, latencies), daemon=True)
+    reader = threading.Thread(
+        target=output_latencies_ms, args=(settings, topic, since_ms, done, latencies), daemon=True
+    )
     reader.start()
     config = GeneratorConfig(seed=seed, n_shoppers=20_000, clock="live")
-    produce(ShopSimulator(config).messages(limit=int(rate * seconds)), settings.topic_by_kind,
-            confluent_producer_config(settings), rate_per_s=rate)
+    produce(
+        ShopSimulator(config).messages(limit=int(rate * seconds)),
+        settings.topic_by_kind,
+        confluent_producer_config(settings),
+        rate_per_s=rate,
+    )
     done.set()
     reader.join(120)
     return latencies
@@ -177,9 +216,18 @@ def percentile(values: list[float], q: float) -> float:
 
 def faust_floor(settings: Settings, total: int, batch_drain: bool) -> float:
     """events/s of a Faust agent that takes micro-batches and does nothing (a child process)."""
-    command = [sys.executable, str(REPO / "bench" / "faust_floor.py"), "--bootstrap", settings.bootstrap_servers,
-               "--topics", ",".join(settings.input_topics), "--events", str(total),
-               "--partitions", str(settings.partitions)] + (["--batch-drain"] if batch_drain else [])
+    command = [
+        sys.executable,
+        str(REPO / "bench" / "faust_floor.py"),
+        "--bootstrap",
+        settings.bootstrap_servers,
+        "--topics",
+        ",".join(settings.input_topics),
+        "--events",
+        str(total),
+        "--partitions",
+        str(settings.partitions),
+    ] + (["--batch-drain"] if batch_drain else [])
     done = subprocess.run(command, capture_output=True, text=True, timeout=900)
     rates = re.findall(r"(\d+)\s*$", done.stdout, re.MULTILINE)  # the line may carry terminal escapes
     if not rates:
@@ -189,28 +237,41 @@ def faust_floor(settings: Settings, total: int, batch_drain: bool) -> float:
 
 def git_revision(checkout: Path) -> str:
     """The short commit a checkout is at."""
-    return subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True, check=True).stdout.strip()
+    return subprocess.run(
+        ["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.strip()
 
 
-def run_workers(settings: Settings, total: int, workdir: Path, count: int,
-                checkout: Path | None = None) -> tuple[float, float, float, list[WorkerProcess]]:
+def run_workers(
+    settings: Settings, total: int, workdir: Path, count: int, checkout: Path | None = None
+) -> tuple[float, float, float, list[WorkerProcess]]:
     """(events/s, batches, mean batch size) of ``count`` workers in one group, from all ready to
     the last event consumed, counting only the events consumed in that time (a worker starts
     consuming the pre-produced events before it reports ready); the workers keep running.
     Prints where the workers' time went.
     ``checkout``: another checkout whose worker code to run (see :class:`WorkerProcess`)."""
-    workers = [WorkerProcess(dataclasses.replace(settings, data_dir=workdir / f"worker-{n}",
-                                                 metrics_port=settings.metrics_port if n == 0 else free_port()),
-                             workdir / f"worker-{n}.log", checkout) for n in range(count)]
+    workers = [
+        WorkerProcess(
+            dataclasses.replace(
+                settings,
+                data_dir=workdir / f"worker-{n}",
+                metrics_port=settings.metrics_port if n == 0 else free_port(),
+            ),
+            workdir / f"worker-{n}.log",
+            checkout,
+        )
+        for n in range(count)
+    ]
     for worker in workers:
         worker.wait_ready(120)
     cpu_before = sum(worker.cpu_seconds() for worker in workers)
     started = time.perf_counter()
     measured = total - sum(worker.metric("shoppulse_events_consumed_total") for worker in workers)
     if measured < total / 2:
-        raise RuntimeError(f"{total - measured:,.0f} of {total:,} events were consumed before the workers were ready; "
-                           "pre-produce more (--events) for a measurement")
+        raise RuntimeError(
+            f"{total - measured:,.0f} of {total:,} events were consumed before the workers were ready; "
+            "pre-produce more (--events) for a measurement"
+        )
     while sum(worker.metric("shoppulse_events_consumed_total") for worker in workers) < total:
         for worker in workers:
             if worker.process.poll() is not None:
@@ -221,9 +282,12 @@ def run_workers(settings: Settings, total: int, workdir: Path, count: int,
     batches = sum(worker.metric("shoppulse_batch_size_count") for worker in workers)
     processing_s = sum(worker.metric("shoppulse_batch_processing_seconds_sum") for worker in workers)
     models_s = sum(worker.metric("shoppulse_inference_seconds_sum") for worker in workers)
-    print(f"  worker CPU {cpu_us:.1f} µs per event (all threads); in BatchProcessor.process "
-          f"{processing_s / total * 1e6:.1f} µs per event, of which the models {models_s / total * 1e6:.1f}; "
-          f"{total - measured:,.0f} events consumed before ready, not counted", flush=True)
+    print(
+        f"  worker CPU {cpu_us:.1f} µs per event (all threads); in BatchProcessor.process "
+        f"{processing_s / total * 1e6:.1f} µs per event, of which the models {models_s / total * 1e6:.1f}; "
+        f"{total - measured:,.0f} events consumed before ready, not counted",
+        flush=True,
+    )
     return measured / elapsed, batches, total / max(batches, 1), workers
 
 
@@ -234,23 +298,45 @@ def main() -> None:
     parser.add_argument("--days", type=float, default=28.0, help="simulated span (shorter: more shoppers early)")
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--seed", type=int, default=3)
-    parser.add_argument("--models", default="artifacts/models",
-                        help="model registry the worker serves (empty: the heuristic)")
+    parser.add_argument(
+        "--models", default="artifacts/models", help="model registry the worker serves (empty: the heuristic)"
+    )
     parser.add_argument("--workers", type=int, default=1, help="workers in one consumer group")
     parser.add_argument("--device", default="auto", help="where the worker runs its models: auto, cpu or cuda")
-    parser.add_argument("--torch-threads", type=int, default=Settings.torch_threads,
-                        help="the worker's torch CPU threads (0: torch's default, one per core)")
-    parser.add_argument("--standby-replicas", type=int, default=Settings.standby_replicas,
-                        help="warm table copies on other workers (SHOPPULSE_STANDBY_REPLICAS; matters with --workers 2+)")
-    parser.add_argument("--repeat", type=int, default=1,
-                        help="worker runs, each a fresh group between two bare-loop runs (the machine's speed drifts)")
-    parser.add_argument("--compare-with", type=Path, default=None, metavar="CHECKOUT",
-                        help="another checkout of this repository (git worktree add DIR REV): each repeat also runs "
-                             "its worker, alternating with this one, on the same broker and events (no latency or "
-                             "recovery phase then)")
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=Settings.torch_threads,
+        help="the worker's torch CPU threads (0: torch's default, one per core)",
+    )
+    parser.add_argument(
+        "--standby-replicas",
+        type=int,
+        default=Settings.standby_replicas,
+        help="warm table copies on other workers (SHOPPULSE_STANDBY_REPLICAS; matters with --workers 2+)",
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="worker runs, each a fresh group between two bare-loop runs (the machine's speed drifts)",
+    )
+    parser.add_argument(
+        "--compare-with",
+        type=Path,
+        default=None,
+        metavar="CHECKOUT",
+        help="another checkout of this repository (git worktree add DIR REV): each repeat also runs "
+        "its worker, alternating with this one, on the same broker and events (no latency or "
+        "recovery phase then)",
+    )
     parser.add_argument("--recovery", action="store_true", help="also measure restart and restore times")
-    parser.add_argument("--latency-fraction", type=float, default=0.5,
-                        help="latency phase rate as a share of the measured worker saturation (0: skip)")
+    parser.add_argument(
+        "--latency-fraction",
+        type=float,
+        default=0.5,
+        help="latency phase rate as a share of the measured worker saturation (0: skip)",
+    )
     parser.add_argument("--latency-s", type=float, default=20.0, help="length of each latency phase, in s")
     parser.add_argument("--no-record", action="store_true", help="print only; do not touch BENCHMARKS.md")
     args = parser.parse_args()
@@ -267,10 +353,18 @@ def measure(args: argparse.Namespace, workdir: Path) -> None:
     print(f"generating {args.events:,} events from {args.shoppers:,} shoppers …", flush=True)
     messages = simulated_messages(args.events, args.shoppers, args.days, args.seed)
     with EmbeddedBroker(log_path=workdir / "tansu.log") as broker:
-        settings = Settings.from_env({}, bootstrap_servers=broker.bootstrap_servers, partitions=args.partitions,
-                                     data_dir=workdir / "worker", metrics_port=free_port(),
-                                     log_level="WARNING", models_dir=Path(args.models).resolve(), device=args.device,
-                                     torch_threads=args.torch_threads, standby_replicas=args.standby_replicas)
+        settings = Settings.from_env(
+            {},
+            bootstrap_servers=broker.bootstrap_servers,
+            partitions=args.partitions,
+            data_dir=workdir / "worker",
+            metrics_port=free_port(),
+            log_level="WARNING",
+            models_dir=Path(args.models).resolve(),
+            device=args.device,
+            torch_threads=args.torch_threads,
+            standby_replicas=args.standby_replicas,
+        )
         ensure_topics(settings)
         ensure_topics(settings, [TopicSpec(settings.topic_scores + ".bare", args.partitions, {})])
         report = produce(messages, settings.topic_by_kind, confluent_producer_config(settings))
@@ -292,24 +386,42 @@ def measure(args: argparse.Namespace, workdir: Path) -> None:
                     worker.stop()
                 runs += 1
                 # Each run is a fresh consumer group with empty tables: the same work from the first event.
-                run_settings = dataclasses.replace(settings, app_id=f"{settings.app_id}-{runs}") if runs > 1 else settings
+                run_settings = (
+                    dataclasses.replace(settings, app_id=f"{settings.app_id}-{runs}") if runs > 1 else settings
+                )
                 run_dir = workdir / f"run-{runs}"
                 run_dir.mkdir()
                 cpu_s = time.process_time()
                 before = bare_loop(settings, len(messages), f"bare-{time.time_ns()}")
-                print(f"  bare loop CPU {(time.process_time() - cpu_s) / len(messages) * 1e6:.1f} µs per event", flush=True)
-                worker_rate, batches, mean_batch, workers = run_workers(run_settings, len(messages), run_dir,
-                                                                        args.workers, checkout)
+                print(
+                    f"  bare loop CPU {(time.process_time() - cpu_s) / len(messages) * 1e6:.1f} µs per event",
+                    flush=True,
+                )
+                worker_rate, batches, mean_batch, workers = run_workers(
+                    run_settings, len(messages), run_dir, args.workers, checkout
+                )
                 after = bare_loop(settings, len(messages), f"bare-{time.time_ns()}")  # the workers idle, caught up
                 bare = (before + after) / 2
-                print(f"bare confluent-kafka loop: {before:,.0f} before, {after:,.0f} after the worker events/s", flush=True)
-                print(f"shoppulse worker x{args.workers} ({code}): {worker_rate:,.0f} events/s ({worker_rate / bare:.2f} of "
-                      f"the bare loop; {batches:.0f} batches of {mean_batch:.0f} events on average)", flush=True)
+                print(
+                    f"bare confluent-kafka loop: {before:,.0f} before, {after:,.0f} after the worker events/s",
+                    flush=True,
+                )
+                print(
+                    f"shoppulse worker x{args.workers} ({code}): {worker_rate:,.0f} events/s "
+                    f"({worker_rate / bare:.2f} of "
+                    f"the bare loop; {batches:.0f} batches of {mean_batch:.0f} events on average)",
+                    flush=True,
+                )
                 if not args.no_record:
-                    append_row(THROUGHPUT_SECTION, THROUGHPUT_HEADER,
-                               f"| {utc_now()} | {len(messages):,} | {args.shoppers:,} | {args.partitions} | {bare:,.0f} | "
-                               f"{per_event:,.0f} per event / {whole_fetch:,.0f} whole fetches | {worker_rate:,.0f} | {worker_rate / bare:.2f} | {batches:.0f} | "
-                               f"{mean_batch:.0f} | {models}{'' if checkout is None else ', ' + code} | {args.workers} | `{this_command()}` |")
+                    append_row(
+                        THROUGHPUT_SECTION,
+                        THROUGHPUT_HEADER,
+                        f"| {utc_now()} | {len(messages):,} | {args.shoppers:,} | {args.partitions} | {bare:,.0f} | "
+                        f"{per_event:,.0f} per event / {whole_fetch:,.0f} whole fetches | {worker_rate:,.0f} "
+                        f"| {worker_rate / bare:.2f} | {batches:.0f} | "
+                        f"{mean_batch:.0f} | {models}{'' if checkout is None else ', ' + code} | "
+                        f"{args.workers} | `{this_command()}` |",
+                    )
 
         if args.compare_with is not None:  # the last run may have been the other checkout's
             for worker in workers:
@@ -331,17 +443,24 @@ def measure(args: argparse.Namespace, workdir: Path) -> None:
             lost_s = lost.wait_ready(600)
             lost.stop()
             shoppers = len({m.key for m in messages})
-            print(f"ready after restart: {kept_s:.1f} s with the data dir kept, {lost_s:.1f} s after losing it "
-                  f"({shoppers:,} shoppers restored from the changelog)", flush=True)
+            print(
+                f"ready after restart: {kept_s:.1f} s with the data dir kept, {lost_s:.1f} s after losing it "
+                f"({shoppers:,} shoppers restored from the changelog)",
+                flush=True,
+            )
             if not args.no_record:
-                append_row(RECOVERY_SECTION, RECOVERY_HEADER,
-                           f"| {utc_now()} | {shoppers:,} | {kept_s:.1f} | {lost_s:.1f} | `{this_command()}` |")
+                append_row(
+                    RECOVERY_SECTION,
+                    RECOVERY_HEADER,
+                    f"| {utc_now()} | {shoppers:,} | {kept_s:.1f} | {lost_s:.1f} | `{this_command()}` |",
+                )
         else:
             worker.stop()
 
 
-def measure_latency(args: argparse.Namespace, settings: Settings, worker_rate: float, workers: list[WorkerProcess],
-                    models: str) -> None:
+def measure_latency(
+    args: argparse.Namespace, settings: Settings, worker_rate: float, workers: list[WorkerProcess], models: str
+) -> None:
     """Latency at ``latency_fraction`` of the worker's saturation rate: the running workers, then
     (workers stopped: a worker still scoring starved the bare loop to 3-4 s) the bare loop."""
     rate = args.latency_fraction * worker_rate
@@ -358,15 +477,23 @@ def measure_latency(args: argparse.Namespace, settings: Settings, worker_rate: f
     bare_ms = paced_latency(settings, settings.topic_scores + ".bare", rate, args.latency_s, args.seed + 2)
     stop.set()
     bare_process.join(30)
-    row = (f"{percentile(worker_ms, 50):,.1f} | {percentile(worker_ms, 99):,.1f} | {len(worker_ms):,} | "
-           f"{percentile(bare_ms, 50):,.1f} | {percentile(bare_ms, 99):,.1f} | {len(bare_ms):,}")
-    print(f"worker p50/p99 {percentile(worker_ms, 50):,.1f} / {percentile(worker_ms, 99):,.1f} ms over "
-          f"{len(worker_ms):,} outputs; bare loop {percentile(bare_ms, 50):,.1f} / {percentile(bare_ms, 99):,.1f} ms "
-          f"over {len(bare_ms):,}", flush=True)
+    row = (
+        f"{percentile(worker_ms, 50):,.1f} | {percentile(worker_ms, 99):,.1f} | {len(worker_ms):,} | "
+        f"{percentile(bare_ms, 50):,.1f} | {percentile(bare_ms, 99):,.1f} | {len(bare_ms):,}"
+    )
+    print(
+        f"worker p50/p99 {percentile(worker_ms, 50):,.1f} / {percentile(worker_ms, 99):,.1f} ms over "
+        f"{len(worker_ms):,} outputs; bare loop {percentile(bare_ms, 50):,.1f} / {percentile(bare_ms, 99):,.1f} ms "
+        f"over {len(bare_ms):,}",
+        flush=True,
+    )
     if not args.no_record:
-        append_row(LATENCY_SECTION, LATENCY_HEADER,
-                   f"| {utc_now()} | {rate:,.0f} | {args.latency_fraction:.2f} | {args.latency_s:.0f} | {row} | "
-                   f"{models} | `{this_command()}` |")
+        append_row(
+            LATENCY_SECTION,
+            LATENCY_HEADER,
+            f"| {utc_now()} | {rate:,.0f} | {args.latency_fraction:.2f} | {args.latency_s:.0f} | {row} | "
+            f"{models} | `{this_command()}` |",
+        )
 
 
 if __name__ == "__main__":

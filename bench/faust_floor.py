@@ -6,6 +6,7 @@ stream on this machine, whatever the agent does. With ``--batch-drain`` the agen
 micro-batches from :class:`streams.worker.batch_consumer.MicroBatcher` instead, as the worker does:
 the ceiling for the worker's own consumer path.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,9 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import faust  # noqa: E402
 
-from streams.worker.batch_consumer import MicroBatcher  # noqa: E402
-from streams.worker.faust_seam import BatchingApp  # noqa: E402
 from streams.kafka.clients import tansu_client_overrides  # noqa: E402
+from streams.worker.batch_consumer import MicroBatcher  # noqa: E402
+from streams.worker.faust_seam import BatchDrainConsumer, BatchingApp  # noqa: E402
 
 
 def main() -> None:
@@ -35,11 +36,18 @@ def main() -> None:
     parser.add_argument("--batch-drain", action="store_true", help="whole fetches through MicroBatcher")
     args = parser.parse_args()
     batcher = MicroBatcher(args.max_batch, 0.05, 2 * args.max_batch)
-    app = BatchingApp(f"faust-floor-{time.time_ns()}", broker=f"kafka://{args.bootstrap}", web_enabled=False,
-                    datadir=tempfile.mkdtemp(prefix="shoppulse-faust-floor-"),
-                    topic_partitions=args.partitions, consumer_auto_offset_reset="earliest", autodiscover=False,
-                    batch_topics=args.topics.split(",") if args.batch_drain else (), batcher=batcher,
-                    **tansu_client_overrides())
+    app = BatchingApp(
+        f"faust-floor-{time.time_ns()}",
+        broker=f"kafka://{args.bootstrap}",
+        web_enabled=False,
+        datadir=tempfile.mkdtemp(prefix="shoppulse-faust-floor-"),
+        topic_partitions=args.partitions,
+        consumer_auto_offset_reset="earliest",
+        autodiscover=False,
+        batch_topics=args.topics.split(",") if args.batch_drain else (),
+        batcher=batcher,
+        **tansu_client_overrides(),
+    )
     topic = app.topic(*args.topics.split(","), key_serializer="raw", value_serializer="raw")
     seen = {"count": 0, "started": 0.0}
 

@@ -1,4 +1,5 @@
 """Append a measured row, with the exact command, to a section of BENCHMARKS.md."""
+
 from __future__ import annotations
 
 import shlex

@@ -14,6 +14,7 @@ scored or dead-lettered with its reason, repeated scores counted, churn alerts n
 within the cooldown (the thresholds make every scored shopper alert once). Prints a table and
 appends the run, with this exact command, to RELIABILITY.md; exits 1 when anything is unaccounted.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,23 +35,24 @@ from tqdm import tqdm  # noqa: E402
 
 from bench.record import append_row, this_command, utc_now  # noqa: E402
 from features.state import StateConfig  # noqa: E402
-from tests.support.accounting import AccountingReport, OutputReader, await_accounted, produced_from  # noqa: E402
-from streams.kafka.broker import EmbeddedBroker, free_port  # noqa: E402
 from streams.config import Settings  # noqa: E402
-from streams.tools.demo import ensure_models  # noqa: E402
-from streams.sim.generator import GeneratorConfig, ShopSimulator, at_most_per_shopper  # noqa: E402
+from streams.kafka.broker import EmbeddedBroker, free_port  # noqa: E402
 from streams.kafka.clients import confluent_producer_config, ensure_topics  # noqa: E402
-from streams.tools.process import WorkerProcess  # noqa: E402
 from streams.kafka.producer import BackgroundProducer  # noqa: E402
+from streams.sim.generator import GeneratorConfig, ShopSimulator, at_most_per_shopper  # noqa: E402
+from streams.tools.demo import ensure_models  # noqa: E402
+from streams.tools.process import WorkerProcess  # noqa: E402
+from tests.support.accounting import AccountingReport, OutputReader, await_accounted, produced_from  # noqa: E402
 
 RELIABILITY = REPO / "RELIABILITY.md"
 RUNS_SECTION = "## Soak runs"
-RUNS_HEADER = ("| date (UTC) | duration (s) | rate (ev/s) | events in | faults | unaccounted | repeated scores "
-               "| extra dead letters | churn alerts (repeated) | peak RSS (MiB) | ready after kill, median (max) s "
-               "| command |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+RUNS_HEADER = (
+    "| date (UTC) | duration (s) | rate (ev/s) | events in | faults | unaccounted | repeated scores "
+    "| extra dead letters | churn alerts (repeated) | peak RSS (MiB) | ready after kill, median (max) s "
+    "| command |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
+)
 FAULTS_SECTION = "## Recovery after each fault (soak runs)"
-FAULTS_HEADER = ("| date (UTC) | fault | at (s) | ready (s) | scoring again (s) | notes |\n"
-                 "|---|---|---|---|---|---|")
+FAULTS_HEADER = "| date (UTC) | fault | at (s) | ready (s) | scoring again (s) | notes |\n|---|---|---|---|---|---|"
 FAULT_KINDS = ("kill9", "kill9+data-dir", "join-leave", "flood")
 PUBLISHED = "shoppulse_results_published_total"
 
@@ -86,10 +88,16 @@ class Soak:
     def __init__(self, args: argparse.Namespace, workdir: Path, broker: EmbeddedBroker) -> None:
         self.args, self.workdir = args, workdir
         self.rng = random.Random(args.seed)
-        self.settings = Settings.from_env({}, bootstrap_servers=broker.bootstrap_servers, partitions=args.partitions,
-                                          data_dir=workdir / "worker-a", metrics_port=free_port(),
-                                          models_dir=Path(args.models), churn_alert_high=args.alert_high,
-                                          churn_alert_low=args.alert_high / 2)
+        self.settings = Settings.from_env(
+            {},
+            bootstrap_servers=broker.bootstrap_servers,
+            partitions=args.partitions,
+            data_dir=workdir / "worker-a",
+            metrics_port=free_port(),
+            models_dir=Path(args.models),
+            churn_alert_high=args.alert_high,
+            churn_alert_low=args.alert_high / 2,
+        )
         self.second = dataclasses.replace(self.settings, data_dir=workdir / "worker-b", metrics_port=free_port())
         self.started = time.monotonic()  # reset when the traffic starts
         self.starts = 0
@@ -98,11 +106,15 @@ class Soak:
         ensure_topics(self.settings)
         self.worker = self._start(self.settings)
         self.worker.wait_ready(300)
-        simulator = ShopSimulator(GeneratorConfig(seed=args.seed, n_shoppers=args.shoppers, clock="live",
-                                                  malformed_fraction=args.malformed))
-        self.traffic = BackgroundProducer(at_most_per_shopper(simulator.messages(), StateConfig().dedup_ids),
-                                          self.settings.topic_by_kind, confluent_producer_config(self.settings),
-                                          args.rate)
+        simulator = ShopSimulator(
+            GeneratorConfig(seed=args.seed, n_shoppers=args.shoppers, clock="live", malformed_fraction=args.malformed)
+        )
+        self.traffic = BackgroundProducer(
+            at_most_per_shopper(simulator.messages(), StateConfig().dedup_ids),
+            self.settings.topic_by_kind,
+            confluent_producer_config(self.settings),
+            args.rate,
+        )
 
     def _start(self, settings: Settings) -> WorkerProcess:
         self.starts += 1
@@ -163,8 +175,9 @@ class Soak:
             if other.stop() != 0:
                 raise RuntimeError(f"the second worker did not stop cleanly:\n{other.log_tail()}")
             before = self.worker.metric(PUBLISHED)
-            scoring = wait_until(lambda: self.worker.readiness()[0] == 200 and self.worker.metric(PUBLISHED) > before,
-                                 300)
+            scoring = wait_until(
+                lambda: self.worker.readiness()[0] == 200 and self.worker.metric(PUBLISHED) > before, 300
+            )
             fault.scoring_s = None if scoring is None else time.monotonic() - left_at
         else:
             flooded_at = time.monotonic()
@@ -192,16 +205,20 @@ def summarize(soak: Soak, report: AccountingReport, args: argparse.Namespace) ->
     faults = ", ".join(f"{kind} x{n}" for kind, n in counts.items() if n)
     kill_ready = [f.ready_s for f in soak.faults if f.kind.startswith("kill9") and f.ready_s is not None]
     ready = f"{statistics.median(kill_ready):.1f} ({max(kill_ready):.1f})" if kill_ready else "-"
-    rows = [("events produced",
-             f"{report.events_in:,} ({report.valid_events:,} valid, {report.invalid_events:,} invalid)"),
-            ("events processed", f"{report.scored:,} scored, {report.dead_lettered:,} dead-lettered with their reason"),
-            ("faults injected", f"{len(soak.faults)}: {faults or 'none'}"),
-            ("events unaccounted", f"{len(report.unaccounted):,}"),
-            ("duplicate outputs", f"{report.repeated_score_messages:,} repeated scores, {report.extra_dead_letters:,} "
-                                  f"extra dead letters, {len(report.duplicate_alerts)} repeated churn alerts "
-                                  f"(of {report.alerts:,})"),
-            ("peak RSS", f"{soak.peak_rss / 2**20:.0f} MiB"),
-            ("ready after kill -9", f"median (max) {ready} s")]
+    rows = [
+        ("events produced", f"{report.events_in:,} ({report.valid_events:,} valid, {report.invalid_events:,} invalid)"),
+        ("events processed", f"{report.scored:,} scored, {report.dead_lettered:,} dead-lettered with their reason"),
+        ("faults injected", f"{len(soak.faults)}: {faults or 'none'}"),
+        ("events unaccounted", f"{len(report.unaccounted):,}"),
+        (
+            "duplicate outputs",
+            f"{report.repeated_score_messages:,} repeated scores, {report.extra_dead_letters:,} "
+            f"extra dead letters, {len(report.duplicate_alerts)} repeated churn alerts "
+            f"(of {report.alerts:,})",
+        ),
+        ("peak RSS", f"{soak.peak_rss / 2**20:.0f} MiB"),
+        ("ready after kill -9", f"median (max) {ready} s"),
+    ]
     width = max(len(name) for name, _ in rows)
     print("\n" + "\n".join(f"{name:<{width}}  {value}" for name, value in rows))
     print(f"\n{'fault':<15} {'at (s)':>7} {'ready (s)':>10} {'scoring again (s)':>18}  notes")
@@ -212,14 +229,22 @@ def summarize(soak: Soak, report: AccountingReport, args: argparse.Namespace) ->
     if args.no_record:
         return
     date = utc_now()
-    append_row(RUNS_SECTION, RUNS_HEADER,
-               f"| {date} | {args.duration} | {args.rate:g} | {report.events_in:,} | {faults} | "
-               f"{len(report.unaccounted)} | {report.repeated_score_messages:,} | {report.extra_dead_letters:,} | "
-               f"{report.alerts:,} ({len(report.duplicate_alerts)}) | {soak.peak_rss / 2**20:.0f} | {ready} | "
-               f"`{this_command()}` |", path=RELIABILITY)
+    append_row(
+        RUNS_SECTION,
+        RUNS_HEADER,
+        f"| {date} | {args.duration} | {args.rate:g} | {report.events_in:,} | {faults} | "
+        f"{len(report.unaccounted)} | {report.repeated_score_messages:,} | {report.extra_dead_letters:,} | "
+        f"{report.alerts:,} ({len(report.duplicate_alerts)}) | {soak.peak_rss / 2**20:.0f} | {ready} | "
+        f"`{this_command()}` |",
+        path=RELIABILITY,
+    )
     for f in soak.faults:
-        append_row(FAULTS_SECTION, FAULTS_HEADER, f"| {date} | {f.kind} | {f.at_s:.0f} | {seconds(f.ready_s)} | "
-                   f"{seconds(f.scoring_s)} | {f.notes} |", path=RELIABILITY)
+        append_row(
+            FAULTS_SECTION,
+            FAULTS_HEADER,
+            f"| {date} | {f.kind} | {f.at_s:.0f} | {seconds(f.ready_s)} | {seconds(f.scoring_s)} | {f.notes} |",
+            path=RELIABILITY,
+        )
 
 
 def fault_kinds(text: str) -> tuple[str, ...]:
@@ -228,7 +253,8 @@ def fault_kinds(text: str) -> tuple[str, ...]:
     unknown = [kind for kind in kinds if kind not in FAULT_KINDS]
     if not kinds or unknown:
         raise argparse.ArgumentTypeError(
-            f"unknown fault kinds {unknown or [text]}; choose from {', '.join(FAULT_KINDS)}")
+            f"unknown fault kinds {unknown or [text]}; choose from {', '.join(FAULT_KINDS)}"
+        )
     return kinds
 
 
@@ -238,13 +264,20 @@ def main() -> int:
     parser.add_argument("--fault-every", type=float, default=40.0, help="mean seconds between faults")
     parser.add_argument("--rate", type=float, default=300.0, help="steady input events per second")
     parser.add_argument("--flood-events", type=int, default=30_000, help="extra events in a flood burst")
-    parser.add_argument("--faults", type=fault_kinds, default=FAULT_KINDS,
-                        help="comma-separated fault kinds to inject in turn "
-                             f"(default: all of {', '.join(FAULT_KINDS)})")
+    parser.add_argument(
+        "--faults",
+        type=fault_kinds,
+        default=FAULT_KINDS,
+        help=f"comma-separated fault kinds to inject in turn (default: all of {', '.join(FAULT_KINDS)})",
+    )
     parser.add_argument("--shoppers", type=int, default=50_000, help="simulated shop population")
     parser.add_argument("--malformed", type=float, default=0.01, help="share of malformed messages")
-    parser.add_argument("--alert-high", type=float, default=0.01,
-                        help="churn alert threshold (low: every scored shopper alerts, so repeats show)")
+    parser.add_argument(
+        "--alert-high",
+        type=float,
+        default=0.01,
+        help="churn alert threshold (low: every scored shopper alerts, so repeats show)",
+    )
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--models", default="artifacts/models", help="model registry (small models trained if empty)")

@@ -4,6 +4,7 @@ The schemas live next to this module in ``features/schemas/<topic_kind>.v<versio
 describe for other producers what :mod:`features.events` enforces; ``docs/events.md`` explains
 the rules a schema cannot express. Standard library only.
 """
+
 from __future__ import annotations
 
 import json

@@ -43,6 +43,7 @@ Version rule: the first byte never changes meaning. A release that changes the l
 :data:`STATE_FORMAT_VERSION`, adds a decoder for it to ``_DECODERS`` and keeps every older
 decoder, so states written by an older release still load; encoding always writes the newest.
 """
+
 from __future__ import annotations
 
 import struct
@@ -80,6 +81,7 @@ class StateDecodeError(ValueError):
 
 # -- writing ------------------------------------------------------------------------------------
 
+
 def _put_column(out: bytearray, values: list[int]) -> None:
     """Unsigned ints as one width byte plus packed values (``values`` must be non-empty)."""
     top = max(values)
@@ -107,21 +109,59 @@ def encode_state(state: ShopperState) -> bytes:
     lines, history_ts, categories = state.cart_lines, state.history_ts, state.affinity_categories
     recent_ts, recent_items, frozen_items = state.recent_ts, state.recent_item_ids, state.frozen_session_items
     coarse_keys = state.coarse_keys
-    names = list(dict.fromkeys([state.user_id, *state.history_items, *recent_items, *frozen_items,
-                                *[line[1] for line in lines], *categories, *state.recent_categories]))
+    names = list(
+        dict.fromkeys(
+            [
+                state.user_id,
+                *state.history_items,
+                *recent_items,
+                *frozen_items,
+                *[line[1] for line in lines],
+                *categories,
+                *state.recent_categories,
+            ]
+        )
+    )
     index = dict(zip(names, range(len(names)), strict=True))
     encoded = "".join(names).encode()
 
     out = bytearray((STATE_FORMAT_VERSION,))
     out += _LAST_EVENT.pack(last)
-    _put_column(out, [last - t + 1 if t else 0 for t in (
-        state.first_event_ms, state.last_view_ms, state.last_cart_add_ms, state.last_order_ms,
-        state.frozen_session_start_ms, state.frozen_session_last_ms, state.affinity_anchor_ms)]
-        + [state.revenue_lifetime_cents])
-    _put_column(out, [state.events_lifetime, state.orders_lifetime, state.frozen_session_events,
-                      state.cart_compacted_adds, len(names), len(encoded), len(state.fine_keys),
-                      len(state.hour_keys), len(coarse_keys), len(recent_ts), len(frozen_items),
-                      len(lines), len(history_ts), len(categories)])
+    _put_column(
+        out,
+        [
+            last - t + 1 if t else 0
+            for t in (
+                state.first_event_ms,
+                state.last_view_ms,
+                state.last_cart_add_ms,
+                state.last_order_ms,
+                state.frozen_session_start_ms,
+                state.frozen_session_last_ms,
+                state.affinity_anchor_ms,
+            )
+        ]
+        + [state.revenue_lifetime_cents],
+    )
+    _put_column(
+        out,
+        [
+            state.events_lifetime,
+            state.orders_lifetime,
+            state.frozen_session_events,
+            state.cart_compacted_adds,
+            len(names),
+            len(encoded),
+            len(state.fine_keys),
+            len(state.hour_keys),
+            len(coarse_keys),
+            len(recent_ts),
+            len(frozen_items),
+            len(lines),
+            len(history_ts),
+            len(categories),
+        ],
+    )
 
     head = last // FINE_BUCKET_MS
     narrow = [len(name) for name in names]
@@ -138,8 +178,9 @@ def encode_state(state: ShopperState) -> bytes:
     narrow += coarse
     narrow += [i * 4 + code for i, code in zip(map(index.__getitem__, recent_items), state.recent_codes, strict=True)]
     narrow += map(index.__getitem__, frozen_items)
-    narrow += [i * 4 + code
-               for i, code in zip(map(index.__getitem__, state.history_items), state.history_codes, strict=True)]
+    narrow += [
+        i * 4 + code for i, code in zip(map(index.__getitem__, state.history_items), state.history_codes, strict=True)
+    ]
     narrow += [index[line[1]] for line in lines]
     narrow += [2 * line[2] if line[2] >= 0 else -2 * line[2] - 1 for line in lines]
     narrow += [line[4] for line in lines]
@@ -166,6 +207,7 @@ def encode_state(state: ShopperState) -> bytes:
 
 # -- reading ------------------------------------------------------------------------------------
 
+
 class _Reader:
     """Bounds-checked cursor over the payload (everything before the checksum)."""
 
@@ -179,10 +221,11 @@ class _Reader:
     def take(self, size: int, what: str) -> bytes:
         pos = self.pos
         if size > self.end - pos:
-            raise StateDecodeError(f"truncated state: {what} needs {size} bytes at offset {pos}, "
-                                   f"only {self.end - pos} left")
+            raise StateDecodeError(
+                f"truncated state: {what} needs {size} bytes at offset {pos}, only {self.end - pos} left"
+            )
         self.pos = pos + size
-        return self.data[pos:pos + size]
+        return self.data[pos : pos + size]
 
     def column(self, n: int, what: str) -> list[int]:
         pos = self.pos
@@ -191,8 +234,9 @@ class _Reader:
         width = self.data[pos]
         typecode = _TYPECODE_OF_WIDTH.get(width)
         if typecode is None:
-            raise StateDecodeError(f"corrupt state: the {what} column has width {width} at offset {pos}; "
-                                   "expected 1, 2, 4 or 8")
+            raise StateDecodeError(
+                f"corrupt state: the {what} column has width {width} at offset {pos}; expected 1, 2, 4 or 8"
+            )
         self.pos = pos + 1
         raw = self.take(n * width, f"the {what} column")
         return list(raw) if width == 1 else _unpack(typecode, raw)
@@ -223,12 +267,35 @@ def _decode(reader: _Reader, version: int) -> ShopperState:
     if max(times[:-1]) > last + 1:
         raise StateDecodeError(f"corrupt state: a time lies {max(times[:-1]) - 1} ms before last_event_ms {last}")
     first, view, add, order, frozen_start, frozen_last, anchor = [last - age + 1 if age else 0 for age in times[:-1]]
-    (events, orders, frozen_events, compacted_adds, n_strings, n_string_bytes, n_fine, n_hour, n_coarse, n_recent,
-     n_frozen, n_cart, n_history, n_categories) = reader.column(_N_COUNTS, "counts")
+    (
+        events,
+        orders,
+        frozen_events,
+        compacted_adds,
+        n_strings,
+        n_string_bytes,
+        n_fine,
+        n_hour,
+        n_coarse,
+        n_recent,
+        n_frozen,
+        n_cart,
+        n_history,
+        n_categories,
+    ) = reader.column(_N_COUNTS, "counts")
     if n_strings < 1 or n_string_bytes > reader.end - reader.pos:
         raise StateDecodeError(f"corrupt state: string table of {n_strings} strings in {n_string_bytes} bytes")
-    n_narrow = (n_strings + (n_fine + n_hour) * (1 + COUNT_STRIDE) + n_coarse * (1 + COARSE_STRIDE) + n_recent
-                + n_frozen + n_history + 3 * n_cart + n_categories + (n_recent if version >= 2 else 0))
+    n_narrow = (
+        n_strings
+        + (n_fine + n_hour) * (1 + COUNT_STRIDE)
+        + n_coarse * (1 + COARSE_STRIDE)
+        + n_recent
+        + n_frozen
+        + n_history
+        + 3 * n_cart
+        + n_categories
+        + (n_recent if version >= 2 else 0)
+    )
     n_wide = n_coarse + n_recent + n_history + 2 * n_cart
     if n_narrow + n_wide > reader.end - reader.pos:
         raise StateDecodeError(f"corrupt state: section counts need more than the {reader.end - reader.pos} bytes left")
@@ -246,14 +313,14 @@ def _decode(reader: _Reader, version: int) -> ShopperState:
     strings = []
     pos = 0
     for length in lengths:
-        strings.append(text[pos:pos + length])
+        strings.append(text[pos : pos + length])
         pos += length
     at = n_strings
 
     def take(n: int) -> list[int]:
         nonlocal at
         at += n
-        return narrow[at - n:at]
+        return narrow[at - n : at]
 
     def text_of(indexes: list[int], what: str) -> list[str]:
         if indexes and max(indexes) >= n_strings:
@@ -298,14 +365,14 @@ def _decode(reader: _Reader, version: int) -> ShopperState:
     state.recent_categories = text_of(take(n_recent), "category") if version >= 2 else [""] * n_recent
 
     at = n_coarse
-    recent = wide[at:at + n_recent]
+    recent = wide[at : at + n_recent]
     state.recent_ts = [last - (value >> 1) for value in recent]
     state.recent_starts = [value & 1 for value in recent]
     at += n_recent
-    state.history_ts = [last - age for age in wide[at:at + n_history]]
+    state.history_ts = [last - age for age in wide[at : at + n_history]]
     at += n_history
-    cart_ts = [last - age for age in wide[at:at + n_cart]]
-    cart_prices = wide[at + n_cart:at + 2 * n_cart]
+    cart_ts = [last - age for age in wide[at : at + n_cart]]
+    cart_prices = wide[at + n_cart : at + 2 * n_cart]
     state.cart_lines = list(zip(cart_ts, cart_items, quantities, cart_prices, cart_adds, strict=True))
     state.recent_ids = ids
     state.affinity_scores = scores
@@ -344,12 +411,15 @@ _DECODERS = {1: _decode_v1, 2: _decode_v2}
 def _checked_version(data: bytes) -> int:
     """The format version of intact state bytes; StateDecodeError for anything else."""
     if len(data) < 1 + _CHECKSUM_BYTES:
-        raise StateDecodeError(f"truncated state: {len(data)} bytes, fewer than the {1 + _CHECKSUM_BYTES} "
-                               "of version byte and checksum")
+        raise StateDecodeError(
+            f"truncated state: {len(data)} bytes, fewer than the {1 + _CHECKSUM_BYTES} of version byte and checksum"
+        )
     version = data[0]
     if version not in _DECODERS:
-        raise StateDecodeError(f"unknown state format version {version}; this release reads versions "
-                               f"{sorted(_DECODERS)} (was it written by a newer release?)")
+        raise StateDecodeError(
+            f"unknown state format version {version}; this release reads versions "
+            f"{sorted(_DECODERS)} (was it written by a newer release?)"
+        )
     end = len(data) - _CHECKSUM_BYTES
     stored = int.from_bytes(data[end:], "little")
     if zlib.crc32(data[:end]) & 0xFFFF_FFFF != stored:

@@ -13,13 +13,15 @@ and dead-letter header) and a human ``detail`` that says what was wrong and what
 Pure Python: no Kafka, no Faust. The JSON Schemas in ``features/schemas/`` describe the same
 contracts for other producers; tests check the two agree.
 """
+
 from __future__ import annotations
 
 import json
 import math
 import unicodedata
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 CONTRACT_VERSION = 1
 
@@ -48,9 +50,18 @@ REASON_WRONG_KEY = "wrong_key"
 REASON_UNSUPPORTED_VERSION = "unsupported_version"
 REASON_UNSAFE_ID = "unsafe_id"
 REASONS = (
-    REASON_OVERSIZED, REASON_BAD_JSON, REASON_NOT_OBJECT, REASON_MISSING_FIELD,
-    REASON_WRONG_TYPE, REASON_BAD_VALUE, REASON_NEGATIVE_PRICE, REASON_TS_FUTURE,
-    REASON_TS_TOO_OLD, REASON_WRONG_KEY, REASON_UNSUPPORTED_VERSION, REASON_UNSAFE_ID,
+    REASON_OVERSIZED,
+    REASON_BAD_JSON,
+    REASON_NOT_OBJECT,
+    REASON_MISSING_FIELD,
+    REASON_WRONG_TYPE,
+    REASON_BAD_VALUE,
+    REASON_NEGATIVE_PRICE,
+    REASON_TS_FUTURE,
+    REASON_TS_TOO_OLD,
+    REASON_WRONG_KEY,
+    REASON_UNSUPPORTED_VERSION,
+    REASON_UNSAFE_ID,
 )
 
 MAX_ID_CHARS = 128
@@ -136,9 +147,14 @@ def _fail(reason: str, detail: str) -> InvalidEvent:
 _UNSAFE_FIRST_CHARS = " " + FORMULA_FIRST_CHARS
 #: The Unicode categories ``str.isprintable`` refuses (U+0020 aside), in words for the detail.
 _UNICODE_CATEGORY_NAMES = {
-    "Cc": "a control character", "Cf": "an invisible format character", "Cs": "a lone surrogate",
-    "Co": "a private-use character", "Cn": "an unassigned code point", "Zs": "a space other than U+0020",
-    "Zl": "a line separator", "Zp": "a paragraph separator",
+    "Cc": "a control character",
+    "Cf": "an invisible format character",
+    "Cs": "a lone surrogate",
+    "Co": "a private-use character",
+    "Cn": "an unassigned code point",
+    "Zs": "a space other than U+0020",
+    "Zl": "a line separator",
+    "Zp": "a paragraph separator",
 }
 
 
@@ -146,8 +162,14 @@ def _str(doc: Mapping[str, Any], name: str, where: str, required: bool = True) -
     """An id field: 1 to MAX_ID_CHARS printable characters (or absent/empty where not ``required``)
     that a log line, CSV export, Kafka header or dashboard shows as sent (docs/events.md, "Ids")."""
     value = doc.get(name)
-    if (type(value) is str and value and len(value) <= MAX_ID_CHARS and value.isprintable()
-            and value[0] not in _UNSAFE_FIRST_CHARS and value[-1] != " "):
+    if (
+        type(value) is str
+        and value
+        and len(value) <= MAX_ID_CHARS
+        and value.isprintable()
+        and value[0] not in _UNSAFE_FIRST_CHARS
+        and value[-1] != " "
+    ):
         return value  # the common case, checked in one go; anything else gets the full checks
     if value is None:
         if not required:
@@ -160,7 +182,9 @@ def _str(doc: Mapping[str, Any], name: str, where: str, required: bool = True) -
             raise _fail(REASON_BAD_VALUE, f"{where}: field '{name}' is empty; send a non-empty string")
         return value
     if len(value) > MAX_ID_CHARS:
-        raise _fail(REASON_BAD_VALUE, f"{where}: field '{name}' is {len(value)} characters; the limit is {MAX_ID_CHARS}")
+        raise _fail(
+            REASON_BAD_VALUE, f"{where}: field '{name}' is {len(value)} characters; the limit is {MAX_ID_CHARS}"
+        )
     raise _fail(REASON_UNSAFE_ID, f"{where}: field '{name}' {_unsafe_id_problem(value)}")
 
 
@@ -175,16 +199,20 @@ def _unsafe_id_problem(value: str) -> str:
             category = unicodedata.category(char)
             name = unicodedata.name(char, "")  # control characters and surrogates have none
             shown = f"U+{ord(char):04X}" + (f" {name}" if name else "")
-            return (f"holds {_UNICODE_CATEGORY_NAMES[category]} ({shown}, category {category}) at position "
-                    f"{position}; ids are printable text: remove it (no control, format, separator, surrogate, "
-                    "private-use or unassigned characters; spaces only as U+0020 inside the id)")
+            return (
+                f"holds {_UNICODE_CATEGORY_NAMES[category]} ({shown}, category {category}) at position "
+                f"{position}; ids are printable text: remove it (no control, format, separator, surrogate, "
+                "private-use or unassigned characters; spaces only as U+0020 inside the id)"
+            )
     if not value.strip(" "):
         return "is only spaces and would look empty; send the real id"
     if value[0] == " " or value[-1] == " ":
         return "starts or ends with a space, which logs and dashboards do not show; strip it before sending"
-    return (f"starts with {value[0]!r}, which spreadsheets run as a formula when the id is exported to CSV; "
-            f"ids may not start with any of {FORMULA_FIRST_CHARS!r}: give them a leading letter or digit "
-            "(for example 'id-' before a signed number)")
+    return (
+        f"starts with {value[0]!r}, which spreadsheets run as a formula when the id is exported to CSV; "
+        f"ids may not start with any of {FORMULA_FIRST_CHARS!r}: give them a leading letter or digit "
+        "(for example 'id-' before a signed number)"
+    )
 
 
 def _price(doc: Mapping[str, Any], name: str, where: str) -> float:
@@ -198,13 +226,23 @@ def _price(doc: Mapping[str, Any], name: str, where: str) -> float:
     try:
         value = float(value)
     except OverflowError:
-        raise _fail(REASON_BAD_VALUE, f"{where}: field '{name}' is an integer too large for a price; the limit is {MAX_PRICE:.0f}") from None
+        raise _fail(
+            REASON_BAD_VALUE,
+            f"{where}: field '{name}' is an integer too large for a price; the limit is {MAX_PRICE:.0f}",
+        ) from None
     if not math.isfinite(value):
         raise _fail(REASON_BAD_VALUE, f"{where}: field '{name}' is {value}; send a finite number")
     if value < 0:
-        raise _fail(REASON_NEGATIVE_PRICE, f"{where}: field '{name}' is {value}; amounts must be >= 0 (send refunds as their own events, not negative prices)")
+        raise _fail(
+            REASON_NEGATIVE_PRICE,
+            f"{where}: field '{name}' is {value}; amounts must be >= 0 (send refunds as their own events, "
+            "not negative prices)",
+        )
     if value > MAX_PRICE:
-        raise _fail(REASON_BAD_VALUE, f"{where}: field '{name}' is {value}; the limit is {MAX_PRICE:.0f} (check the currency unit)")
+        raise _fail(
+            REASON_BAD_VALUE,
+            f"{where}: field '{name}' is {value}; the limit is {MAX_PRICE:.0f} (check the currency unit)",
+        )
     return value
 
 
@@ -224,11 +262,19 @@ def _ts(doc: Mapping[str, Any], now_ms: int, limits: ValidationLimits) -> int:
     if value is None:
         raise _fail(REASON_MISSING_FIELD, "field 'ts' is missing; send the event time as epoch milliseconds")
     if type(value) is not int:
-        raise _fail(REASON_WRONG_TYPE, f"field 'ts' must be an integer of epoch milliseconds, got {type(value).__name__}")
+        raise _fail(
+            REASON_WRONG_TYPE, f"field 'ts' must be an integer of epoch milliseconds, got {type(value).__name__}"
+        )
     if value < MIN_TS_MS:
-        raise _fail(REASON_TS_TOO_OLD, f"field 'ts' is {value}, before 2000-01-01; send epoch milliseconds (not seconds)")
+        raise _fail(
+            REASON_TS_TOO_OLD, f"field 'ts' is {value}, before 2000-01-01; send epoch milliseconds (not seconds)"
+        )
     if value > now_ms + limits.max_future_skew_ms:
-        raise _fail(REASON_TS_FUTURE, f"field 'ts' is {value - now_ms} ms ahead of this worker's clock (limit {limits.max_future_skew_ms} ms); check the producer's clock and that ts is in milliseconds")
+        raise _fail(
+            REASON_TS_FUTURE,
+            f"field 'ts' is {value - now_ms} ms ahead of this worker's clock (limit "
+            f"{limits.max_future_skew_ms} ms); check the producer's clock and that ts is in milliseconds",
+        )
     return value
 
 
@@ -268,8 +314,11 @@ def _object_without_repeated_names(pairs: list[tuple[str, Any]]) -> dict[str, An
         if name in seen:
             break
         seen.add(name)
-    raise _fail(REASON_BAD_JSON, f"field {name[:40]!r} appears more than once in one object; send each field "
-                                 "once (parsers disagree about which value counts)")
+    raise _fail(
+        REASON_BAD_JSON,
+        f"field {name[:40]!r} appears more than once in one object; send each field "
+        "once (parsers disagree about which value counts)",
+    )
 
 
 def _order_line_names(doc: dict[str, Any]) -> int:
@@ -294,7 +343,10 @@ def decode_json_object(value: bytes | None, limits: ValidationLimits = DEFAULT_L
     if value is None:
         raise _fail(REASON_BAD_JSON, "message has no value (a tombstone?); input topics carry JSON events only")
     if len(value) > limits.max_event_bytes:
-        raise _fail(REASON_OVERSIZED, f"message is {len(value)} bytes; the limit is {limits.max_event_bytes} (SHOPPULSE_MAX_EVENT_BYTES)")
+        raise _fail(
+            REASON_OVERSIZED,
+            f"message is {len(value)} bytes; the limit is {limits.max_event_bytes} (SHOPPULSE_MAX_EVENT_BYTES)",
+        )
     try:  # decoded here: json.loads(bytes) would also take UTF-16/32, a BOM and raw surrogates
         text = value.decode("utf-8")
         try:  # the C scanner alone: a compact document ends where the text ends
@@ -309,33 +361,48 @@ def decode_json_object(value: bytes | None, limits: ValidationLimits = DEFAULT_L
         # as names in the event (and its order lines) leaves no room for a repeat anywhere.
         # Nested unknown objects, colons inside strings or a repeat make them differ: then the
         # checking decoder decides (it raises on a repeated name, or decodes the same).
-        if type(doc) is not dict or ((colons := text.count(":")) != len(doc)
-                                     and colons != len(doc) + _order_line_names(doc)):
+        if type(doc) is not dict or (
+            (colons := text.count(":")) != len(doc) and colons != len(doc) + _order_line_names(doc)
+        ):
             doc = _CHECKING_DECODER.decode(text)
     except InvalidEvent:  # a repeated name: the hook's detail says which
         raise
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise _fail(REASON_BAD_JSON, f"value is not UTF-8 JSON ({str(exc)[:120]}); send one JSON object per message") from None
+        raise _fail(
+            REASON_BAD_JSON, f"value is not UTF-8 JSON ({str(exc)[:120]}); send one JSON object per message"
+        ) from None
     if type(doc) is not dict:
-        raise _fail(REASON_NOT_OBJECT, f"value is a JSON {type(doc).__name__}, not an object; send one JSON object per message")
+        raise _fail(
+            REASON_NOT_OBJECT, f"value is a JSON {type(doc).__name__}, not an object; send one JSON object per message"
+        )
     return doc
 
 
-def event_from_dict(topic_kind: str, doc: Mapping[str, Any], now_ms: int,
-                    limits: ValidationLimits = DEFAULT_LIMITS) -> Event:
+def event_from_dict(
+    topic_kind: str, doc: Mapping[str, Any], now_ms: int, limits: ValidationLimits = DEFAULT_LIMITS
+) -> Event:
     """Validate an already-decoded event document of a topic kind (see :data:`TOPIC_KINDS`)."""
     version = doc.get("schema_version", CONTRACT_VERSION)
     if version != CONTRACT_VERSION or type(version) is not int:
-        raise _fail(REASON_UNSUPPORTED_VERSION, f"schema_version {version!r} is not supported; this worker reads version {CONTRACT_VERSION}")
+        raise _fail(
+            REASON_UNSUPPORTED_VERSION,
+            f"schema_version {version!r} is not supported; this worker reads version {CONTRACT_VERSION}",
+        )
     event_id = _str(doc, "event_id", topic_kind)
     user_id = _str(doc, "user_id", topic_kind)
     ts_ms = _ts(doc, now_ms, limits)
     if topic_kind == TOPIC_KIND_VIEW:
-        return Event(KIND_VIEW, event_id, user_id, ts_ms,
-                     session_id=_str(doc, "session_id", topic_kind),
-                     item_id=_str(doc, "item_id", topic_kind),
-                     category=_str(doc, "category", topic_kind),
-                     price=_price(doc, "price", topic_kind), quantity=1)
+        return Event(
+            KIND_VIEW,
+            event_id,
+            user_id,
+            ts_ms,
+            session_id=_str(doc, "session_id", topic_kind),
+            item_id=_str(doc, "item_id", topic_kind),
+            category=_str(doc, "category", topic_kind),
+            price=_price(doc, "price", topic_kind),
+            quantity=1,
+        )
     if topic_kind == TOPIC_KIND_CART:
         action = doc.get("action")
         if action == "add":
@@ -343,44 +410,65 @@ def event_from_dict(topic_kind: str, doc: Mapping[str, Any], now_ms: int,
         elif action == "remove":
             kind = KIND_CART_REMOVE
         elif action is None:
-            raise _fail(REASON_MISSING_FIELD, "cart: field 'action' is missing; send \"add\" or \"remove\"")
+            raise _fail(REASON_MISSING_FIELD, 'cart: field \'action\' is missing; send "add" or "remove"')
         else:
-            raise _fail(REASON_BAD_VALUE, f"cart: field 'action' is {str(action)[:40]!r}; send \"add\" or \"remove\"")
-        return Event(kind, event_id, user_id, ts_ms,
-                     session_id=_str(doc, "session_id", topic_kind),
-                     item_id=_str(doc, "item_id", topic_kind),
-                     category=_str(doc, "category", topic_kind, required=False),
-                     price=_price(doc, "price", topic_kind), quantity=_quantity(doc, topic_kind))
+            raise _fail(REASON_BAD_VALUE, f'cart: field \'action\' is {str(action)[:40]!r}; send "add" or "remove"')
+        return Event(
+            kind,
+            event_id,
+            user_id,
+            ts_ms,
+            session_id=_str(doc, "session_id", topic_kind),
+            item_id=_str(doc, "item_id", topic_kind),
+            category=_str(doc, "category", topic_kind, required=False),
+            price=_price(doc, "price", topic_kind),
+            quantity=_quantity(doc, topic_kind),
+        )
     if topic_kind == TOPIC_KIND_ORDER:
-        return Event(KIND_ORDER, event_id, user_id, ts_ms,
-                     session_id=_str(doc, "session_id", topic_kind, required=False),
-                     order_id=_str(doc, "order_id", topic_kind),
-                     order_lines=_order_lines(doc),
-                     total=_price(doc, "total", topic_kind))
+        return Event(
+            KIND_ORDER,
+            event_id,
+            user_id,
+            ts_ms,
+            session_id=_str(doc, "session_id", topic_kind, required=False),
+            order_id=_str(doc, "order_id", topic_kind),
+            order_lines=_order_lines(doc),
+            total=_price(doc, "total", topic_kind),
+        )
     raise ValueError(f"unknown topic kind {topic_kind!r}; expected one of {TOPIC_KINDS}")
 
 
-def parse_event(topic_kind: str, key: bytes | None, value: bytes | None, now_ms: int,
-                limits: ValidationLimits = DEFAULT_LIMITS) -> Event:
+def parse_event(
+    topic_kind: str, key: bytes | None, value: bytes | None, now_ms: int, limits: ValidationLimits = DEFAULT_LIMITS
+) -> Event:
     """Validate one Kafka message of a topic kind; the key must be the event's user_id."""
     event = event_from_dict(topic_kind, decode_json_object(value, limits), now_ms, limits)
     expected_key = event.user_id.encode()
     if key != expected_key:
         shown = key[:40] if key is not None else None
-        raise _fail(REASON_WRONG_KEY, f"message key is {shown!r} but user_id is {event.user_id!r}; key every message by its user_id (UTF-8) so a shopper's events share a partition")
+        raise _fail(
+            REASON_WRONG_KEY,
+            f"message key is {shown!r} but user_id is {event.user_id!r}; key every message by its user_id "
+            "(UTF-8) so a shopper's events share a partition",
+        )
     return event
 
 
 def event_to_dict(event: Event) -> dict[str, Any]:
     """The contract document for an event (inverse of :func:`event_from_dict`)."""
-    doc: dict[str, Any] = {"schema_version": CONTRACT_VERSION, "event_id": event.event_id,
-                           "user_id": event.user_id, "ts": event.ts_ms}
+    doc: dict[str, Any] = {
+        "schema_version": CONTRACT_VERSION,
+        "event_id": event.event_id,
+        "user_id": event.user_id,
+        "ts": event.ts_ms,
+    }
     if event.kind == KIND_ORDER:
         doc["order_id"] = event.order_id
         if event.session_id:
             doc["session_id"] = event.session_id
-        doc["items"] = [{"item_id": line.item_id, "quantity": line.quantity, "price": line.price}
-                        for line in event.order_lines]
+        doc["items"] = [
+            {"item_id": line.item_id, "quantity": line.quantity, "price": line.price} for line in event.order_lines
+        ]
         doc["total"] = event.total
         return doc
     doc["session_id"] = event.session_id

@@ -7,14 +7,16 @@ key and value as UTF-8 text, or standard base64 when the bytes are not UTF-8, pl
 replay stops at the first line that is not a message; training counts such lines and goes on,
 so both get every line's verdict from :func:`read_message_lines`. Standard library only.
 """
+
 from __future__ import annotations
 
 import base64
 import binascii
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 EXPECTED = '{"topic_kind", "key" or "key_b64", "value" or "value_b64"}'
 
@@ -48,8 +50,12 @@ def decode_message_line(line: str | bytes) -> MessageLine:
         if not isinstance(topic_kind, str):
             raise TypeError("topic_kind must be a string")
         reason = record.get("malformed_reason")
-        return MessageLine(topic_kind, _field_bytes(record, "key"), _field_bytes(record, "value"),
-                           reason if isinstance(reason, str) else None)
+        return MessageLine(
+            topic_kind,
+            _field_bytes(record, "key"),
+            _field_bytes(record, "value"),
+            reason if isinstance(reason, str) else None,
+        )
     except (KeyError, TypeError, ValueError, UnicodeError, binascii.Error) as exc:
         raise ValueError(f"not a message line ({exc!r}); expected {EXPECTED}") from None
 

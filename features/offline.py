@@ -9,6 +9,7 @@ future.
 Online and offline agree exactly when the worker saw each shopper's events within
 ``grace_ms`` of order (its LATE events are the difference: replay sorts them into place).
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
@@ -34,8 +35,9 @@ def _fold(events: Iterable[Event], config: StateConfig) -> Iterator[tuple[Event,
         yield event, state.update(event, config), state
 
 
-def replay(events: Iterable[Event], config: StateConfig = StateConfig(),
-           spec: FeatureSpec = DEFAULT_FEATURE_SPEC) -> Iterator[tuple[Event, str, np.ndarray]]:
+def replay(
+    events: Iterable[Event], config: StateConfig = StateConfig(), spec: FeatureSpec = DEFAULT_FEATURE_SPEC
+) -> Iterator[tuple[Event, str, np.ndarray]]:
     """Yield ``(event, outcome, row)`` for every event, in event-time order (ties by event-id hash).
 
     ``outcome`` is what ``update`` returned (APPLIED or DUPLICATE; nothing is LATE after

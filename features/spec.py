@@ -10,6 +10,7 @@ Each feature reads one raw value from :meth:`ShopperState.raw_features
 normalises it as ``y = clip(raw / divisor, low, high)``, then ``log1p(y)`` when its transform
 is ``"log1p"``. Durations that never happened are ``inf`` raw, so they clip to ``high``.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -93,23 +94,31 @@ class FeatureSpec:
             raise ValueError(f"feature names repeat in {names}")
         for feature in self.features:
             if feature.name not in _RAW_INDEX:
-                raise ValueError(f"feature {feature.name!r} is not a raw feature of ShopperState; "
-                                 f"choose from {RAW_FEATURE_NAMES}")
+                raise ValueError(
+                    f"feature {feature.name!r} is not a raw feature of ShopperState; choose from {RAW_FEATURE_NAMES}"
+                )
             if feature.transform not in _TRANSFORMS:
-                raise ValueError(f"feature {feature.name!r} has transform {feature.transform!r}; "
-                                 f"use one of {_TRANSFORMS}")
+                raise ValueError(
+                    f"feature {feature.name!r} has transform {feature.transform!r}; use one of {_TRANSFORMS}"
+                )
             if not feature.divisor > 0 or not feature.low <= feature.high:
                 raise ValueError(f"feature {feature.name!r} needs divisor > 0 and low <= high")
-        definition = {"version": self.version, "logic": FEATURE_LOGIC_VERSION,
-                      "features": [[f.name, f.transform, f.divisor, f.low, repr(f.high)] for f in self.features]}
+        definition = {
+            "version": self.version,
+            "logic": FEATURE_LOGIC_VERSION,
+            "features": [[f.name, f.transform, f.divisor, f.low, repr(f.high)] for f in self.features],
+        }
         digest = hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()[:16]
         object.__setattr__(self, "hash", digest)
         object.__setattr__(self, "_columns", np.array([_RAW_INDEX[name] for name in names], dtype=np.intp))
         object.__setattr__(self, "_divisor", np.array([f.divisor for f in self.features], dtype=np.float64))
         object.__setattr__(self, "_low", np.array([f.low for f in self.features], dtype=np.float64))
         object.__setattr__(self, "_high", np.array([f.high for f in self.features], dtype=np.float64))
-        object.__setattr__(self, "_log_columns", np.array(
-            [i for i, f in enumerate(self.features) if f.transform == TRANSFORM_LOG1P], dtype=np.intp))
+        object.__setattr__(
+            self,
+            "_log_columns",
+            np.array([i for i, f in enumerate(self.features) if f.transform == TRANSFORM_LOG1P], dtype=np.intp),
+        )
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -176,47 +185,91 @@ def _money(name: str, description: str) -> Feature:
 
 
 def _hours_since(name: str, description: str) -> Feature:
-    return Feature(name, "ms", TRANSFORM_LOG1P, float(HOUR_MS), 0.0, 720.0,
-                   description + " (in hours, capped at 30 d; never = the cap)")
+    return Feature(
+        name,
+        "ms",
+        TRANSFORM_LOG1P,
+        float(HOUR_MS),
+        0.0,
+        720.0,
+        description + " (in hours, capped at 30 d; never = the cap)",
+    )
 
 
 def _ratio(name: str, description: str, low: float = 0.0) -> Feature:
     return Feature(name, "ratio", TRANSFORM_LINEAR, 1.0, low, 1.0, description)
 
 
-_WINDOWS = (("1h", "last hour (5 min buckets)"), ("24h", "last 24 h (1 h buckets)"),
-            ("7d", "last 7 days (6 h buckets)"), ("30d", "last 30 days (6 h buckets)"))
-_KINDS = (("views", "page views"), ("cart_adds", "cart adds"), ("cart_removes", "cart removes"),
-          ("orders", "orders"))
+_WINDOWS = (
+    ("1h", "last hour (5 min buckets)"),
+    ("24h", "last 24 h (1 h buckets)"),
+    ("7d", "last 7 days (6 h buckets)"),
+    ("30d", "last 30 days (6 h buckets)"),
+)
+_KINDS = (("views", "page views"), ("cart_adds", "cart adds"), ("cart_removes", "cart removes"), ("orders", "orders"))
 
 #: The vector every ShopPulse model reads (version 1, 38 features).
-DEFAULT_FEATURE_SPEC = FeatureSpec(version=1, features=(
-    *(_count(f"{kind}_{window}", f"{words} in the {window_words}")
-      for window, window_words in _WINDOWS for kind, words in _KINDS),
-    _hours_since("ms_since_last_event", "time since the shopper's latest event"),
-    _hours_since("ms_since_last_view", "time since the latest page view"),
-    _hours_since("ms_since_last_cart_add", "time since the latest cart add"),
-    _hours_since("ms_since_last_order", "time since the latest order"),
-    Feature("ms_since_first_event", "ms", TRANSFORM_LOG1P, 86_400_000.0, 0.0, 3650.0,
-            "tenure: time since the first event kept (in days, capped at 10 years)"),
-    _count("orders_lifetime", "orders ever"),
-    _money("revenue_30d", "order totals in the last 30 days"),
-    _money("revenue_lifetime", "order totals ever"),
-    _money("avg_order_value", "revenue_lifetime / orders_lifetime (0 without orders)"),
-    _count("session_events", "events in the session holding the latest event (sessions split at gaps > 30 min)"),
-    _count("session_distinct_items", "distinct items viewed or carted in that session"),
-    Feature("session_length_ms", "ms", TRANSFORM_LOG1P, 60_000.0, 0.0, 1440.0,
-            "that session's first to latest event (in minutes, capped at 24 h)"),
-    _count("sessions_7d", "sessions that started in the last 7 days"),
-    _count("cart_items_now", "units in the cart now (adds minus removes per item since the last order)"),
-    _money("cart_value_now", "value of the cart now (units x latest price per item)"),
-    _count("cart_adds_since_order", "cart adds since the last order (abandonment)"),
-    Feature("active_days_30d", "days", TRANSFORM_LINEAR, 30.0, 0.0, 1.0,
-            "distinct UTC days with an event in the last 30 days"),
-    _ratio("trend_7d", "(events last 7 d - events 7 d before) / their sum; 0 when both are 0", low=-1.0),
-    _ratio("view_to_cart_30d", "cart adds / views over 30 d, capped at 1; 0 without views"),
-    _ratio("cart_to_order_30d", "orders / cart adds over 30 d, capped at 1; 0 without adds"),
-    _ratio("category_top_share", "strongest category's share of the tracked affinity (top 5, half-life 7 d)"),
-    Feature("category_affinity_total", "weighted interactions", TRANSFORM_LOG1P, 1.0, 0.0, math.inf,
-            "decayed category interest: views 1, cart adds 3, halving every 7 days, summed over the top 5"),
-))
+DEFAULT_FEATURE_SPEC = FeatureSpec(
+    version=1,
+    features=(
+        *(
+            _count(f"{kind}_{window}", f"{words} in the {window_words}")
+            for window, window_words in _WINDOWS
+            for kind, words in _KINDS
+        ),
+        _hours_since("ms_since_last_event", "time since the shopper's latest event"),
+        _hours_since("ms_since_last_view", "time since the latest page view"),
+        _hours_since("ms_since_last_cart_add", "time since the latest cart add"),
+        _hours_since("ms_since_last_order", "time since the latest order"),
+        Feature(
+            "ms_since_first_event",
+            "ms",
+            TRANSFORM_LOG1P,
+            86_400_000.0,
+            0.0,
+            3650.0,
+            "tenure: time since the first event kept (in days, capped at 10 years)",
+        ),
+        _count("orders_lifetime", "orders ever"),
+        _money("revenue_30d", "order totals in the last 30 days"),
+        _money("revenue_lifetime", "order totals ever"),
+        _money("avg_order_value", "revenue_lifetime / orders_lifetime (0 without orders)"),
+        _count("session_events", "events in the session holding the latest event (sessions split at gaps > 30 min)"),
+        _count("session_distinct_items", "distinct items viewed or carted in that session"),
+        Feature(
+            "session_length_ms",
+            "ms",
+            TRANSFORM_LOG1P,
+            60_000.0,
+            0.0,
+            1440.0,
+            "that session's first to latest event (in minutes, capped at 24 h)",
+        ),
+        _count("sessions_7d", "sessions that started in the last 7 days"),
+        _count("cart_items_now", "units in the cart now (adds minus removes per item since the last order)"),
+        _money("cart_value_now", "value of the cart now (units x latest price per item)"),
+        _count("cart_adds_since_order", "cart adds since the last order (abandonment)"),
+        Feature(
+            "active_days_30d",
+            "days",
+            TRANSFORM_LINEAR,
+            30.0,
+            0.0,
+            1.0,
+            "distinct UTC days with an event in the last 30 days",
+        ),
+        _ratio("trend_7d", "(events last 7 d - events 7 d before) / their sum; 0 when both are 0", low=-1.0),
+        _ratio("view_to_cart_30d", "cart adds / views over 30 d, capped at 1; 0 without views"),
+        _ratio("cart_to_order_30d", "orders / cart adds over 30 d, capped at 1; 0 without adds"),
+        _ratio("category_top_share", "strongest category's share of the tracked affinity (top 5, half-life 7 d)"),
+        Feature(
+            "category_affinity_total",
+            "weighted interactions",
+            TRANSFORM_LOG1P,
+            1.0,
+            0.0,
+            math.inf,
+            "decayed category interest: views 1, cart adds 3, halving every 7 days, summed over the top 5",
+        ),
+    ),
+)

@@ -57,6 +57,7 @@ for a given arrival order, but no longer independent of it.
 Not thread-safe: one state belongs to the one task that owns the shopper's partition, and
 one :class:`StateConfig` must be used for a state's whole life.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -115,17 +116,44 @@ FEATURE_LOGIC_VERSION = 1
 
 #: Names of :meth:`ShopperState.raw_features`, in order (units: see ``docs/features.md``).
 RAW_FEATURE_NAMES: tuple[str, ...] = (
-    "views_1h", "cart_adds_1h", "cart_removes_1h", "orders_1h",
-    "views_24h", "cart_adds_24h", "cart_removes_24h", "orders_24h",
-    "views_7d", "cart_adds_7d", "cart_removes_7d", "orders_7d",
-    "views_30d", "cart_adds_30d", "cart_removes_30d", "orders_30d",
-    "ms_since_last_event", "ms_since_last_view", "ms_since_last_cart_add", "ms_since_last_order",
+    "views_1h",
+    "cart_adds_1h",
+    "cart_removes_1h",
+    "orders_1h",
+    "views_24h",
+    "cart_adds_24h",
+    "cart_removes_24h",
+    "orders_24h",
+    "views_7d",
+    "cart_adds_7d",
+    "cart_removes_7d",
+    "orders_7d",
+    "views_30d",
+    "cart_adds_30d",
+    "cart_removes_30d",
+    "orders_30d",
+    "ms_since_last_event",
+    "ms_since_last_view",
+    "ms_since_last_cart_add",
+    "ms_since_last_order",
     "ms_since_first_event",
-    "orders_lifetime", "revenue_30d", "revenue_lifetime", "avg_order_value",
-    "session_events", "session_distinct_items", "session_length_ms", "sessions_7d",
-    "cart_items_now", "cart_value_now", "cart_adds_since_order",
-    "active_days_30d", "trend_7d", "view_to_cart_30d", "cart_to_order_30d",
-    "category_top_share", "category_affinity_total",
+    "orders_lifetime",
+    "revenue_30d",
+    "revenue_lifetime",
+    "avg_order_value",
+    "session_events",
+    "session_distinct_items",
+    "session_length_ms",
+    "sessions_7d",
+    "cart_items_now",
+    "cart_value_now",
+    "cart_adds_since_order",
+    "active_days_30d",
+    "trend_7d",
+    "view_to_cart_30d",
+    "cart_to_order_30d",
+    "category_top_share",
+    "category_affinity_total",
 )
 
 
@@ -183,7 +211,7 @@ def _bump(keys: list[int], values: list[int], stride: int, bucket: int, oldest: 
     keys.insert(i, bucket)
     row = [0] * stride
     row[slot] = amount
-    values[i * stride:i * stride] = row
+    values[i * stride : i * stride] = row
 
 
 def _evict(keys: list[int], values: list[int], stride: int, oldest: int) -> None:
@@ -191,7 +219,7 @@ def _evict(keys: list[int], values: list[int], stride: int, oldest: int) -> None
     if keys and keys[0] < oldest:
         i = bisect_left(keys, oldest)
         del keys[:i]
-        del values[:i * stride]
+        del values[: i * stride]
 
 
 def _window(keys: list[int], values: list[int], stride: int, first: int, last: int) -> list[int]:
@@ -201,11 +229,12 @@ def _window(keys: list[int], values: list[int], stride: int, first: int, last: i
     if i0 >= i1:
         return [0] * stride
     start, stop = i0 * stride, i1 * stride
-    return [sum(values[start + slot:stop:stride]) for slot in range(stride)]
+    return [sum(values[start + slot : stop : stride]) for slot in range(stride)]
 
 
-def _fold_affinity(anchor: int, categories: list[str], scores: list[float], category: str, weight: float,
-                   ts: int) -> int:
+def _fold_affinity(
+    anchor: int, categories: list[str], scores: list[float], category: str, weight: float, ts: int
+) -> int:
     """Add ``weight`` at ``ts`` to ``category``'s decayed score (Space-Saving top-K), in place;
     returns the new anchor. Depends only on the accumulator and this event (the anchor moves to
     ``ts`` when ``ts`` is more than :data:`AFFINITY_REBASE_MS` past it), so folding the same
@@ -240,23 +269,48 @@ class ShopperState:
     """
 
     __slots__ = (
-        "user_id", "first_event_ms", "last_event_ms", "last_view_ms", "last_cart_add_ms", "last_order_ms",
-        "events_lifetime", "orders_lifetime", "revenue_lifetime_cents",
+        "user_id",
+        "first_event_ms",
+        "last_event_ms",
+        "last_view_ms",
+        "last_cart_add_ms",
+        "last_order_ms",
+        "events_lifetime",
+        "orders_lifetime",
+        "revenue_lifetime_cents",
         # sparse bucket tiers: sorted bucket numbers (ts // width) and flat per-bucket slots
-        "fine_keys", "fine_counts", "hour_keys", "hour_counts", "coarse_keys", "coarse_values",
+        "fine_keys",
+        "fine_counts",
+        "hour_keys",
+        "hour_counts",
+        "coarse_keys",
+        "coarse_values",
         # events of the last grace_ms (at most dedup_ids), in canonical order (ts, id hash): for
         # dedup, exact sessions and order-independent folds; starts[i] is 1 where event i begins
         # a session; codes are kind codes; categories are "" where the event has no affinity weight
-        "recent_ts", "recent_ids", "recent_item_ids", "recent_starts", "recent_codes", "recent_categories",
+        "recent_ts",
+        "recent_ids",
+        "recent_item_ids",
+        "recent_starts",
+        "recent_codes",
+        "recent_categories",
         # the older part ("frozen") of the session that precedes or holds the recent events
-        "frozen_session_start_ms", "frozen_session_last_ms", "frozen_session_events", "frozen_session_items",
+        "frozen_session_start_ms",
+        "frozen_session_last_ms",
+        "frozen_session_events",
+        "frozen_session_items",
         # cart lines since the last order, sorted: (ts_ms, item_id, quantity_delta, price_cents, adds);
         # lines of frozen events are merged into one line per item (adds moved to compacted adds)
-        "cart_lines", "cart_compacted_adds",
+        "cart_lines",
+        "cart_compacted_adds",
         # last history_len item interactions, sorted by (ts, kind code, item), as parallel lists
-        "history_items", "history_codes", "history_ts",
+        "history_items",
+        "history_codes",
+        "history_ts",
         # decayed category affinity of the frozen events, scores relative to the anchor time
-        "affinity_anchor_ms", "affinity_categories", "affinity_scores",
+        "affinity_anchor_ms",
+        "affinity_categories",
+        "affinity_scores",
     )
 
     def __init__(self, user_id: str) -> None:
@@ -305,8 +359,10 @@ class ShopperState:
         return all(getattr(self, name) == getattr(other, name) for name in self.__slots__)
 
     def __repr__(self) -> str:
-        return (f"ShopperState(user_id={self.user_id!r}, events_lifetime={self.events_lifetime}, "
-                f"last_event_ms={self.last_event_ms})")
+        return (
+            f"ShopperState(user_id={self.user_id!r}, events_lifetime={self.events_lifetime}, "
+            f"last_event_ms={self.last_event_ms})"
+        )
 
     # -- update ---------------------------------------------------------------------------------
 
@@ -335,10 +391,24 @@ class ShopperState:
             self.first_event_ms = ts
         self.events_lifetime += 1
 
-        _bump(self.fine_keys, self.fine_counts, COUNT_STRIDE, ts // FINE_BUCKET_MS,
-              last // FINE_BUCKET_MS - FINE_BUCKETS + 1, code, 1)
-        _bump(self.hour_keys, self.hour_counts, COUNT_STRIDE, ts // HOUR_BUCKET_MS,
-              last // HOUR_BUCKET_MS - HOUR_BUCKETS + 1, code, 1)
+        _bump(
+            self.fine_keys,
+            self.fine_counts,
+            COUNT_STRIDE,
+            ts // FINE_BUCKET_MS,
+            last // FINE_BUCKET_MS - FINE_BUCKETS + 1,
+            code,
+            1,
+        )
+        _bump(
+            self.hour_keys,
+            self.hour_counts,
+            COUNT_STRIDE,
+            ts // HOUR_BUCKET_MS,
+            last // HOUR_BUCKET_MS - HOUR_BUCKETS + 1,
+            code,
+            1,
+        )
         coarse_bucket = ts // COARSE_BUCKET_MS
         coarse_oldest = last // COARSE_BUCKET_MS - COARSE_BUCKETS + 1
         _bump(self.coarse_keys, self.coarse_values, COARSE_STRIDE, coarse_bucket, coarse_oldest, code, 1)
@@ -350,8 +420,15 @@ class ShopperState:
             cents = to_cents(event.total)
             self.orders_lifetime += 1
             self.revenue_lifetime_cents += cents
-            _bump(self.coarse_keys, self.coarse_values, COARSE_STRIDE, coarse_bucket, coarse_oldest,
-                  SLOT_REVENUE_CENTS, cents)
+            _bump(
+                self.coarse_keys,
+                self.coarse_values,
+                COARSE_STRIDE,
+                coarse_bucket,
+                coarse_oldest,
+                SLOT_REVENUE_CENTS,
+                cents,
+            )
             for line in event.order_lines:
                 self._add_history(line.item_id, code, ts)
             if ts > self.last_order_ms:
@@ -375,8 +452,10 @@ class ShopperState:
                         lines.append(cart_line)
                     else:
                         insort(lines, cart_line)
-                    if (len(lines) > CART_MAX_LINES
-                            and len(lines) - bisect_left(lines, (last - config.grace_ms,)) > CART_MAX_LINES):
+                    if (
+                        len(lines) > CART_MAX_LINES
+                        and len(lines) - bisect_left(lines, (last - config.grace_ms,)) > CART_MAX_LINES
+                    ):
                         self._compact_cart(None)
         excess = len(self.history_ts) - config.history_len
         if excess > 0:
@@ -393,8 +472,7 @@ class ShopperState:
         if recent_ts and recent_ts[0] < cutoff:
             self._freeze(bisect_left(recent_ts, cutoff), config)
 
-    def _add_recent(self, ts: int, id_hash: int, item_id: str, code: int, category: str,
-                    config: StateConfig) -> None:
+    def _add_recent(self, ts: int, id_hash: int, item_id: str, code: int, category: str, config: StateConfig) -> None:
         """Insert an event into the recent lists at its canonical place (ts, then id hash) and
         keep session-start flags right."""
         recent_ts = self.recent_ts
@@ -435,8 +513,15 @@ class ShopperState:
                 self.frozen_session_last_ms = ts
                 self.frozen_session_events = 1
                 items = self.frozen_session_items = []
-                _bump(self.coarse_keys, self.coarse_values, COARSE_STRIDE, ts // COARSE_BUCKET_MS, coarse_oldest,
-                      SLOT_SESSION_STARTS, 1)
+                _bump(
+                    self.coarse_keys,
+                    self.coarse_values,
+                    COARSE_STRIDE,
+                    ts // COARSE_BUCKET_MS,
+                    coarse_oldest,
+                    SLOT_SESSION_STARTS,
+                    1,
+                )
             else:
                 self.frozen_session_events += 1
                 if ts > self.frozen_session_last_ms:
@@ -504,8 +589,11 @@ class ShopperState:
                 entry[1] += quantity
                 entry[2] = price_cents
         self.cart_compacted_adds += adds
-        compacted = sorted((ts, item_id, quantity, price_cents, 0)
-                           for item_id, (ts, quantity, price_cents) in merged.items() if quantity)
+        compacted = sorted(
+            (ts, item_id, quantity, price_cents, 0)
+            for item_id, (ts, quantity, price_cents) in merged.items()
+            if quantity
+        )
         self.cart_lines = compacted + lines[i:]
 
     def _affinity(self) -> tuple[int, list[str], list[float]]:
@@ -585,8 +673,9 @@ class ShopperState:
         d14 = _window(keys, values, COARSE_STRIDE, coarse_now - 2 * COARSE_WEEK + 1, coarse_now - COARSE_WEEK)
         month_first = coarse_now - COARSE_BUCKETS + 1
         d30 = _window(keys, values, COARSE_STRIDE, month_first, coarse_now)
-        active_days = len({key // COARSE_PER_DAY for key in
-                           keys[bisect_left(keys, month_first):bisect_right(keys, coarse_now)]})
+        active_days = len(
+            {key // COARSE_PER_DAY for key in keys[bisect_left(keys, month_first) : bisect_right(keys, coarse_now)]}
+        )
 
         inf = math.inf
         last_view, last_add, last_order = self.last_view_ms, self.last_cart_add_ms, self.last_order_ms
@@ -615,21 +704,44 @@ class ShopperState:
         affinity_total = total * 2.0 ** ((anchor - now) / AFFINITY_HALF_LIFE_MS) if scores else 0.0
 
         return (
-            h1[0], h1[1], h1[2], h1[3],
-            h24[0], h24[1], h24[2], h24[3],
-            d7[0], d7[1], d7[2], d7[3],
-            d30[0], d30[1], d30[2], d30[3],
+            h1[0],
+            h1[1],
+            h1[2],
+            h1[3],
+            h24[0],
+            h24[1],
+            h24[2],
+            h24[3],
+            d7[0],
+            d7[1],
+            d7[2],
+            d7[3],
+            d30[0],
+            d30[1],
+            d30[2],
+            d30[3],
             now - self.last_event_ms if self.last_event_ms else inf,
             now - last_view if last_view else inf,
             now - last_add if last_add else inf,
             now - last_order if last_order else inf,
             now - self.first_event_ms if self.first_event_ms else 0,
-            orders_lifetime, d30[SLOT_REVENUE_CENTS] / 100, revenue_lifetime,
+            orders_lifetime,
+            d30[SLOT_REVENUE_CENTS] / 100,
+            revenue_lifetime,
             revenue_lifetime / orders_lifetime if orders_lifetime else 0.0,
-            session_events, session_items, self.last_event_ms - session_start if session_events else 0, sessions_7d,
-            cart_items, cart_value, cart_adds,
-            active_days, trend, view_to_cart, cart_to_order,
-            top_share, affinity_total,
+            session_events,
+            session_items,
+            self.last_event_ms - session_start if session_events else 0,
+            sessions_7d,
+            cart_items,
+            cart_value,
+            cart_adds,
+            active_days,
+            trend,
+            view_to_cart,
+            cart_to_order,
+            top_share,
+            affinity_total,
         )
 
     def _cart_now(self) -> tuple[int, float, int]:

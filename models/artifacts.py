@@ -21,6 +21,7 @@ was just checked. Artifacts of format version 1 (``weights.pt`` written by ``tor
 still listed and verified, but :func:`load_artifact` refuses them and says to run
 ``shoppulse models migrate`` (:mod:`models.migrate`), which converts them in place.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -29,9 +30,10 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -106,14 +108,20 @@ def decode_weights(path: Path, weights: bytes) -> dict[str, torch.Tensor]:
     try:
         return safetensors_load(weights)
     except (SafetensorError, ValueError) as exc:
-        raise ArtifactError(f"artifact {path}: weights could not be read ({type(exc).__name__}: {exc}); "
-                            "re-copy the artifact or retrain") from exc
+        raise ArtifactError(
+            f"artifact {path}: weights could not be read ({type(exc).__name__}: {exc}); re-copy the artifact or retrain"
+        ) from exc
 
 
 def weights_entry(weights: bytes, tensors: int) -> dict[str, Any]:
     """The ``weights`` entry of ``metadata.json`` for safetensors bytes holding ``tensors`` tensors."""
-    return {"file": WEIGHTS_FILE, "format": WEIGHTS_FORMAT, "sha256": hashlib.sha256(weights).hexdigest(),
-            "bytes": len(weights), "tensors": tensors}
+    return {
+        "file": WEIGHTS_FILE,
+        "format": WEIGHTS_FORMAT,
+        "sha256": hashlib.sha256(weights).hexdigest(),
+        "bytes": len(weights),
+        "tensors": tensors,
+    }
 
 
 def _fsync_write(path: Path, data: bytes) -> None:
@@ -179,8 +187,9 @@ def save_artifact(
     """
     target = Path(directory)
     if target.exists():
-        raise ArtifactError(f"artifact directory {target} already exists; artifacts are immutable, "
-                            "save under a new version")
+        raise ArtifactError(
+            f"artifact directory {target} already exists; artifacts are immutable, save under a new version"
+        )
     if not isinstance(version, str) or not version:
         raise ArtifactError("version must be a non-empty string")
     weights = encode_weights(state_dict)
@@ -193,14 +202,18 @@ def save_artifact(
         if vocab is not None:
             items = [str(v) for v in vocab]
             _fsync_write(tmp / VOCAB_FILE, json.dumps(items, separators=(",", ":")).encode("utf-8"))
-            vocab_meta = {"file": VOCAB_FILE, "sha256": vocab_sha256(items), "size": len(items),
-                          "file_sha256": sha256_file(tmp / VOCAB_FILE)}
+            vocab_meta = {
+                "file": VOCAB_FILE,
+                "sha256": vocab_sha256(items),
+                "size": len(items),
+                "file_sha256": sha256_file(tmp / VOCAB_FILE),
+            }
         metadata = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "kind": kind,
             "version": version,
-            "created": dt.datetime.now(dt.timezone.utc).isoformat(),
+            "created": dt.datetime.now(dt.UTC).isoformat(),
             "config": dict(config or {}),
             "feature_spec_hash": feature_spec_hash,
             "vocab": vocab_meta,
@@ -225,8 +238,10 @@ def read_metadata(directory: str | Path) -> dict[str, Any]:
     path = Path(directory)
     fix = "re-copy the artifact directory from its source, or retrain and save a new version"
     if not path.is_dir():
-        raise ArtifactError(f"artifact directory {path} does not exist; check the path or run "
-                            "`shoppulse models list` to see the available versions")
+        raise ArtifactError(
+            f"artifact directory {path} does not exist; check the path or run "
+            "`shoppulse models list` to see the available versions"
+        )
     meta_path = path / METADATA_FILE
     if not meta_path.is_file():
         raise ArtifactError(f"artifact {path} has no {METADATA_FILE}; it is incomplete or not an artifact; {fix}")
@@ -242,8 +257,10 @@ def read_metadata(directory: str | Path) -> dict[str, Any]:
     if meta["format"] != FORMAT:
         raise ArtifactError(f"artifact {path}: format {meta['format']!r} is not {FORMAT!r}; not a ShopPulse artifact")
     if meta["format_version"] not in (FORMAT_VERSION, LEGACY_FORMAT_VERSION):
-        raise ArtifactError(f"artifact {path}: format version {meta['format_version']} is not supported "
-                            f"(this code reads {FORMAT_VERSION}); load it with matching code or retrain")
+        raise ArtifactError(
+            f"artifact {path}: format version {meta['format_version']} is not supported "
+            f"(this code reads {FORMAT_VERSION}); load it with matching code or retrain"
+        )
     w = meta["weights"]
     if not isinstance(w, dict) or not {"file", "sha256", "bytes"} <= set(w):
         raise ArtifactError(f"artifact {path}: weights entry in {METADATA_FILE} is incomplete; {fix}")
@@ -259,15 +276,20 @@ def _check_file(path: Path, name: str, sha: str, size: int | None) -> bytes:
     try:
         data = f.read_bytes()
     except OSError as exc:
-        raise ArtifactError(f"artifact {path}: {name} is missing or unreadable ({exc}); re-copy the whole artifact "
-                            "directory") from exc
+        raise ArtifactError(
+            f"artifact {path}: {name} is missing or unreadable ({exc}); re-copy the whole artifact directory"
+        ) from exc
     actual = len(data)
     if size is not None and actual != size:
-        raise ArtifactError(f"artifact {path}: {name} is {actual} bytes, metadata says {size} "
-                            f"({'truncated' if actual < size else 'grown'}); {fix}")
+        raise ArtifactError(
+            f"artifact {path}: {name} is {actual} bytes, metadata says {size} "
+            f"({'truncated' if actual < size else 'grown'}); {fix}"
+        )
     digest = hashlib.sha256(data).hexdigest()
     if digest != sha:
-        raise ArtifactError(f"artifact {path}: sha256 of {name} is {digest[:12]}..., metadata says {sha[:12]}...; {fix}")
+        raise ArtifactError(
+            f"artifact {path}: sha256 of {name} is {digest[:12]}..., metadata says {sha[:12]}...; {fix}"
+        )
     return data
 
 
@@ -300,12 +322,17 @@ def is_legacy(meta: Mapping[str, Any]) -> bool:
 
 def check_state_dict(path: Path, state: Any, meta: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """``state`` if it is a flat ``{name: tensor}`` dict with as many tensors as the metadata says."""
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                              for k, v in state.items()):
-        raise ArtifactError(f"artifact {path}: weights are not a flat {{name: tensor}} state dict; retrain and save again")
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise ArtifactError(
+            f"artifact {path}: weights are not a flat {{name: tensor}} state dict; retrain and save again"
+        )
     if len(state) != meta["weights"].get("tensors", len(state)):
-        raise ArtifactError(f"artifact {path}: weights hold {len(state)} tensors, metadata says "
-                            f"{meta['weights']['tensors']}; re-copy or retrain")
+        raise ArtifactError(
+            f"artifact {path}: weights hold {len(state)} tensors, metadata says "
+            f"{meta['weights']['tensors']}; re-copy or retrain"
+        )
     return state
 
 
@@ -329,25 +356,32 @@ def load_artifact(
     path = Path(directory)
     meta, weights = verified_files(path)
     if is_legacy(meta):
-        raise ArtifactError(f"artifact {path} keeps its weights in the old torch.save format (format version "
-                            f"{LEGACY_FORMAT_VERSION}), which is not loaded because unpickling can run code; run "
-                            "`shoppulse models migrate` to convert the registry in place (versions and current "
-                            "pointers are kept)")
+        raise ArtifactError(
+            f"artifact {path} keeps its weights in the old torch.save format (format version "
+            f"{LEGACY_FORMAT_VERSION}), which is not loaded because unpickling can run code; run "
+            "`shoppulse models migrate` to convert the registry in place (versions and current "
+            "pointers are kept)"
+        )
     if expected_kind is not None and meta["kind"] != expected_kind:
-        raise ArtifactError(f"artifact {path} holds a {meta['kind']!r} model, expected {expected_kind!r}; "
-                            "point to an artifact of the right model")
+        raise ArtifactError(
+            f"artifact {path} holds a {meta['kind']!r} model, expected {expected_kind!r}; "
+            "point to an artifact of the right model"
+        )
     if expected_feature_spec_hash is not ANY and meta["feature_spec_hash"] != expected_feature_spec_hash:
         raise ArtifactError(
             f"artifact {path} was trained on feature spec {meta['feature_spec_hash']!r} but this worker computes "
             f"{expected_feature_spec_hash!r}; retrain the model on the current feature spec, or deploy the code "
-            "version whose feature spec matches the model")
+            "version whose feature spec matches the model"
+        )
     vocab: list[str] | None = None
     vmeta = meta.get("vocab")
     if vmeta is not None:
         try:
             data = json.loads((path / vmeta["file"]).read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ArtifactError(f"artifact {path}: vocabulary file is unreadable ({exc}); re-copy the artifact") from exc
+            raise ArtifactError(
+                f"artifact {path}: vocabulary file is unreadable ({exc}); re-copy the artifact"
+            ) from exc
         if not isinstance(data, list) or not all(isinstance(x, str) for x in data):
             raise ArtifactError(f"artifact {path}: vocabulary must be a list of item id strings; re-copy or retrain")
         if vocab_sha256(data) != vmeta["sha256"]:
@@ -362,7 +396,7 @@ def load_artifact(
             raise ArtifactError(
                 f"artifact {path} was trained on item vocabulary {str(have)[:12]}... but {want_sha[:12]}... is "
                 "expected; item indices would point at the wrong items. Use the artifact's own vocabulary or "
-                "retrain on the current catalogue")
+                "retrain on the current catalogue"
+            )
     state = check_state_dict(path, decode_weights(path, weights), meta)
-    return Artifact(path=path, metadata=meta, state_dict={k: v.to(map_location) for k, v in state.items()},
-                    vocab=vocab)
+    return Artifact(path=path, metadata=meta, state_dict={k: v.to(map_location) for k, v in state.items()}, vocab=vocab)

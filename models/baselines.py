@@ -2,12 +2,14 @@
 
 Co-occurrence can also be served, so it lives in :mod:`models.recommenders` (serving never
 imports this module) and is re-exported here. Both work on item indices of an
-:class:`models.sequences.ItemVocab` (1..n, 0 = padding) and share the scorer interface of :class:`models.nextitem.SASRec`: ``score(histories)`` returns raw
-``[B, n + 1]`` scores, ``recommend(histories, k, exclude_history)`` the top-K.
+:class:`models.sequences.ItemVocab` (1..n, 0 = padding) and share the scorer interface of
+:class:`models.nextitem.SASRec`: ``score(histories)`` returns raw ``[B, n + 1]`` scores,
+``recommend(histories, k, exclude_history)`` the top-K.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -25,7 +27,7 @@ class PopularityRecommender:
         self.num_items = 0
         self.counts = torch.zeros(1)
 
-    def fit(self, sequences: Sequence[Sequence[int]], num_items: int) -> "PopularityRecommender":
+    def fit(self, sequences: Sequence[Sequence[int]], num_items: int) -> PopularityRecommender:
         self.num_items = int(num_items)
         self.counts = popularity_counts(sequences, num_items)
         return self

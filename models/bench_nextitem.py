@@ -11,6 +11,7 @@ to ``BENCHMARKS.md``. Example::
 
     python -m models.bench_nextitem --json var/bench_nextitem.json --device auto
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,9 @@ import platform
 import shlex
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -42,13 +44,20 @@ TABLE_HEADER = (
 
 # ICLRec (Chen et al., WWW 2022), released model, on exactly this file and protocol.
 ICLREC_PUBLISHED: dict[str, float] = {
-    "HR@5": 0.0598, "NDCG@5": 0.0404, "HR@10": 0.0834, "NDCG@10": 0.0480, "HR@20": 0.1138, "NDCG@20": 0.0557,
+    "HR@5": 0.0598,
+    "NDCG@5": 0.0404,
+    "HR@10": 0.0834,
+    "NDCG@10": 0.0480,
+    "HR@20": 0.1138,
+    "NDCG@20": 0.0557,
 }
 
 
 def build_parser(prog: str = "shoppulse bench-nextitem") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
-    p.add_argument("--sequences", type=Path, default=DEFAULT_SEQUENCES, help="'user item item ...' file (default: %(default)s)")
+    p.add_argument(
+        "--sequences", type=Path, default=DEFAULT_SEQUENCES, help="'user item item ...' file (default: %(default)s)"
+    )
     p.add_argument("--json", type=Path, default=None, help="write the full report to this JSON file")
     p.add_argument("--epochs", type=int, default=200, help="maximum epochs (default %(default)s)")
     p.add_argument("--patience", type=int, default=20, help="early-stopping patience in epochs (default %(default)s)")
@@ -70,10 +79,17 @@ def build_parser(prog: str = "shoppulse bench-nextitem") -> argparse.ArgumentPar
     p.add_argument("--limit-users", type=int, default=None, help="use only the first N users (quick runs)")
     p.add_argument("--no-baselines", action="store_true", help="skip popularity and co-occurrence")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
-    p.add_argument("--benchmarks", type=Path, default=DEFAULT_BENCHMARKS, help="markdown file to append rows to (default %(default)s)")
+    p.add_argument(
+        "--benchmarks",
+        type=Path,
+        default=DEFAULT_BENCHMARKS,
+        help="markdown file to append rows to (default %(default)s)",
+    )
     p.add_argument("--no-append", action="store_true", help="do not append to the benchmarks file")
     p.add_argument("--label", default="SASRec-CE (ours)", help="method name for our model's row")
-    p.add_argument("--save-artifact", type=Path, default=None, help="save the trained model as an artifact directory here")
+    p.add_argument(
+        "--save-artifact", type=Path, default=None, help="save the trained model as an artifact directory here"
+    )
     p.add_argument("--version", default=None, help="artifact version (default: UTC timestamp)")
     return p
 
@@ -121,8 +137,11 @@ def main(argv: list[str] | None = None, *, prog: str = "shoppulse bench-nextitem
     if args.threads:
         torch.set_num_threads(args.threads)
     if not args.sequences.exists():
-        print(f"error: sequences file {args.sequences} not found; pass --sequences PATH "
-              "(the Amazon Toys file lives in ../shared/data/amazon-toys/Toys_and_Games.txt)", file=sys.stderr)
+        print(
+            f"error: sequences file {args.sequences} not found; pass --sequences PATH "
+            "(the Amazon Toys file lives in ../shared/data/amazon-toys/Toys_and_Games.txt)",
+            file=sys.stderr,
+        )
         return 2
     try:
         device = resolve_device(args.device)
@@ -135,17 +154,33 @@ def main(argv: list[str] | None = None, *, prog: str = "shoppulse bench-nextitem
     encoded = [vocab.encode(s) for _, s in raw]
     split = leave_one_out([u for u, _ in raw], encoded)
     n_inter = sum(len(s) for s in encoded)
-    print(f"data: {args.sequences} users={len(raw)} evaluated={len(split.users)} items={len(vocab)} "
-          f"interactions={n_inter} device={_device_name(device)}", flush=True)
+    print(
+        f"data: {args.sequences} users={len(raw)} evaluated={len(split.users)} items={len(vocab)} "
+        f"interactions={n_inter} device={_device_name(device)}",
+        flush=True,
+    )
 
     mcfg = NextItemConfig(
-        num_items=len(vocab), max_len=args.max_len, dim=args.dim, layers=args.layers, heads=args.heads,
-        ffn_mult=args.ffn_mult, dropout=args.dropout, attn_dropout=args.attn_dropout,
+        num_items=len(vocab),
+        max_len=args.max_len,
+        dim=args.dim,
+        layers=args.layers,
+        heads=args.heads,
+        ffn_mult=args.ffn_mult,
+        dropout=args.dropout,
+        attn_dropout=args.attn_dropout,
     )
     tcfg = TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-        patience=args.patience, monitor=args.monitor, seed=args.seed, device=str(device),
-        label_smoothing=args.label_smoothing, progress=not args.no_progress,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        patience=args.patience,
+        monitor=args.monitor,
+        seed=args.seed,
+        device=str(device),
+        label_smoothing=args.label_smoothing,
+        progress=not args.no_progress,
     )
     model, report = train_nextitem(split.train, mcfg, tcfg, split.valid_input, split.valid_target)
     t_eval = time.perf_counter()
@@ -164,36 +199,53 @@ def main(argv: list[str] | None = None, *, prog: str = "shoppulse bench-nextitem
     print()
     print(format_table(table_rows))
     ours = results[args.label]
-    print(f"\n{args.label}: best epoch {report.best_epoch}/{report.epochs_run} "
-          f"(valid {args.monitor} {report.best_metric:.4f}), train {report.train_seconds:.1f}s on {report.device}, "
-          f"test eval {eval_seconds:.1f}s; coverage@10 {ours['coverage@10']:.3f}; "
-          f"targets already in history: {int(ours['target_in_history'])}")
+    print(
+        f"\n{args.label}: best epoch {report.best_epoch}/{report.epochs_run} "
+        f"(valid {args.monitor} {report.best_metric:.4f}), train {report.train_seconds:.1f}s on {report.device}, "
+        f"test eval {eval_seconds:.1f}s; coverage@10 {ours['coverage@10']:.3f}; "
+        f"targets already in history: {int(ours['target_in_history'])}"
+    )
     gap = {k: ours[k] - v for k, v in ICLREC_PUBLISHED.items()}
     print("vs ICLRec: " + ", ".join(f"{k} {v:+.4f}" for k, v in gap.items()))
 
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     artifact_path = None
     if args.save_artifact is not None:
         rec = NextItemRecommender(model.cpu(), vocab)
         version = args.version or now.strftime("%Y%m%dT%H%M%SZ")
-        artifact_path = str(rec.save(
-            args.save_artifact, version,
-            metrics={"test": ours, "valid": report.best_valid},
-            training_data={"path": str(args.sequences), "sha256": sha256_file(args.sequences), "users": len(raw),
-                           "items": len(vocab), "interactions": n_inter, "split": "leave-one-out train part (seq[:-2])"},
-            extra={"train_config": tcfg.to_dict(), "command": command},
-        ))
+        artifact_path = str(
+            rec.save(
+                args.save_artifact,
+                version,
+                metrics={"test": ours, "valid": report.best_valid},
+                training_data={
+                    "path": str(args.sequences),
+                    "sha256": sha256_file(args.sequences),
+                    "users": len(raw),
+                    "items": len(vocab),
+                    "interactions": n_inter,
+                    "split": "leave-one-out train part (seq[:-2])",
+                },
+                extra={"train_config": tcfg.to_dict(), "command": command},
+            )
+        )
         print(f"artifact: {artifact_path}")
 
     report_json: dict[str, Any] = {
         "benchmark": "nextitem-amazon-toys-loo-full-ranking",
         "created": now.isoformat(),
         "command": command,
-        "dataset": {"path": str(args.sequences), "sha256": sha256_file(args.sequences), "users": len(raw),
-                    "evaluated_users": len(split.users), "items": len(vocab), "interactions": n_inter,
-                    "limit_users": args.limit_users},
+        "dataset": {
+            "path": str(args.sequences),
+            "sha256": sha256_file(args.sequences),
+            "users": len(raw),
+            "evaluated_users": len(split.users),
+            "items": len(vocab),
+            "interactions": n_inter,
+            "limit_users": args.limit_users,
+        },
         "protocol": "leave-one-out: last=test, second-to-last=validation (early stopping), rest=training input; "
-                    "full ranking over all items, history items excluded; ties broken in expectation",
+        "full ranking over all items, history items excluded; ties broken in expectation",
         "device": _device_name(device),
         "torch": torch.__version__,
         "model_config": mcfg.to_dict(),
@@ -215,12 +267,23 @@ def main(argv: list[str] | None = None, *, prog: str = "shoppulse bench-nextitem
         date = now.strftime("%Y-%m-%d %H:%M")
         dev = _device_name(device)
         subset = f" [first {args.limit_users} users]" if args.limit_users else ""
-        rows = [_row(date, args.label + subset, ours, dev,
-                     f"{report.train_seconds:.0f}s ({report.epochs_run} ep, best {report.best_epoch})", command)]
+        rows = [
+            _row(
+                date,
+                args.label + subset,
+                ours,
+                dev,
+                f"{report.train_seconds:.0f}s ({report.epochs_run} ep, best {report.best_epoch})",
+                command,
+            )
+        ]
         for name in ("popularity", "co-occurrence"):
             if name in results:
-                rows.append(_row(date, name + subset, results[name], "cpu",
-                                 f"{baseline_seconds[name]:.0f}s (fit+eval)", command))
+                rows.append(
+                    _row(
+                        date, name + subset, results[name], "cpu", f"{baseline_seconds[name]:.0f}s (fit+eval)", command
+                    )
+                )
         append_benchmark_rows(args.benchmarks, rows)
         print(f"appended {len(rows)} rows to {args.benchmarks}")
     return 0

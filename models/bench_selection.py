@@ -11,6 +11,7 @@ candidate to ``BENCHMARKS.md``. Real samples go to our JSONL first with
 
     python -m models.bench_selection --events var/rees46.jsonl --name "REES46 sample" --quick
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,8 +45,12 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--events", type=Path, required=True, help="message JSONL (shoppulse generate/replay --out)")
     p.add_argument("--name", default=None, help="data name in the table (default: the file name)")
-    p.add_argument("--split-fraction", type=float, default=0.8,
-                   help="split at this quantile of the event times (default %(default)s)")
+    p.add_argument(
+        "--split-fraction",
+        type=float,
+        default=0.8,
+        help="split at this quantile of the event times (default %(default)s)",
+    )
     p.add_argument("--quick", action="store_true", help="the demo-size SASRec (TrainingConfig.quick)")
     p.add_argument("--nextitem-epochs", type=int, default=None, help="max SASRec epochs")
     p.add_argument("--seed", type=int, default=0)
@@ -73,8 +78,13 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m models.bench_s
     applied = [e for e, outcome, _ in replay(events) if outcome == APPLIED]
     split_ms = int(np.quantile(np.fromiter((e.ts_ms for e in applied), np.int64, len(applied)), args.split_fraction))
     base = TrainingConfig.quick() if args.quick else TrainingConfig()
-    cfg = replace(base, seed=args.seed, device=args.device, progress=False,
-                  nextitem_epochs=args.nextitem_epochs or base.nextitem_epochs)
+    cfg = replace(
+        base,
+        seed=args.seed,
+        device=args.device,
+        progress=False,
+        nextitem_epochs=args.nextitem_epochs or base.nextitem_epochs,
+    )
     t0 = time.perf_counter()
     try:
         _, info = fit_and_evaluate_nextitem(applied, split_ms, cfg)
@@ -86,18 +96,24 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m models.bench_s
     name = args.name or args.events.name
     shoppers = f"{info['data']['valid_shoppers']} / {info['data']['next']['eval_shoppers']}"
     split_iso = dt.datetime.fromtimestamp(split_ms / 1000, dt.UTC).isoformat(timespec="minutes")
-    print(f"{name}: {stats['valid']:,} valid events ({len(applied):,} applied), split at {split_iso}; "
-          f"validation / test shoppers {shoppers}; {info['data']['items']:,} items; {seconds:.1f} s")
+    print(
+        f"{name}: {stats['valid']:,} valid events ({len(applied):,} applied), split at {split_iso}; "
+        f"validation / test shoppers {shoppers}; {info['data']['items']:,} items; {seconds:.1f} s"
+    )
     date = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M")
     cmd = command.replace("|", "\\|")
     rows = []
     for cand, valid in sel.get("valid", {}).items():
         t = test.get(cand)
-        print(f"  {cand:13s} valid HR@10 {valid['HR@10']:.4f} NDCG@10 {valid['NDCG@10']:.4f}   "
-              f"test HR@10 {_cell(t, 'HR@10')} NDCG@10 {_cell(t, 'NDCG@10')}")
-        rows.append(f"| {date} | {name} | {len(applied):,} | {shoppers} | {cand} | {valid['HR@10']:.4f} | "
-                    f"{valid['NDCG@10']:.4f} | {_cell(t, 'HR@10')} | {_cell(t, 'NDCG@10')} | "
-                    f"{'**yes**' if cand == sel['served'] else ''} | `{cmd}` |")
+        print(
+            f"  {cand:13s} valid HR@10 {valid['HR@10']:.4f} NDCG@10 {valid['NDCG@10']:.4f}   "
+            f"test HR@10 {_cell(t, 'HR@10')} NDCG@10 {_cell(t, 'NDCG@10')}"
+        )
+        rows.append(
+            f"| {date} | {name} | {len(applied):,} | {shoppers} | {cand} | {valid['HR@10']:.4f} | "
+            f"{valid['NDCG@10']:.4f} | {_cell(t, 'HR@10')} | {_cell(t, 'NDCG@10')} | "
+            f"{'**yes**' if cand == sel['served'] else ''} | `{cmd}` |"
+        )
     print(f"served: {sel['served']} ({sel['reason']})")
     if rows and not args.no_append:
         append_benchmark_rows(args.benchmarks, rows, SECTION, TABLE_HEADER)

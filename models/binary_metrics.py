@@ -18,10 +18,12 @@ Conventions (the same in every function):
 Pure numpy: serving imports :mod:`models.classifiers`, which uses this module, so it must stay
 light.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
@@ -154,8 +156,15 @@ def reliability_bins(probs: Any, labels: Any, n_bins: int = CALIBRATION_BINS) ->
     for i in range(n_bins):
         m = bins == i
         if m.any():
-            out.append({"lo": i / n_bins, "hi": (i + 1) / n_bins, "count": int(m.sum()),
-                        "mean_p": float(p[m].mean()), "rate": float(y[m].mean())})
+            out.append(
+                {
+                    "lo": i / n_bins,
+                    "hi": (i + 1) / n_bins,
+                    "count": int(m.sum()),
+                    "mean_p": float(p[m].mean()),
+                    "rate": float(y[m].mean()),
+                }
+            )
     return out
 
 
@@ -163,9 +172,17 @@ def binary_metrics(probs: Any, labels: Any) -> dict[str, Any]:
     """The training report's row: ROC-AUC, PR-AUC, log loss, Brier, ECE, base rate, mean p, counts."""
     p, y, _ = labelled(probs, labels)
     auc, ap = RankedScores(p, y).auc_ap()
-    return {"roc_auc": auc, "pr_auc": ap, "log_loss": log_loss(p, y), "brier": brier_score(p, y),
-            "ece": expected_calibration_error(p, y), "base_rate": float(y.mean()) if y.size else math.nan,
-            "mean_p": float(p.mean()) if p.size else math.nan, "rows": int(y.size), "positives": int(y.sum())}
+    return {
+        "roc_auc": auc,
+        "pr_auc": ap,
+        "log_loss": log_loss(p, y),
+        "brier": brier_score(p, y),
+        "ece": expected_calibration_error(p, y),
+        "base_rate": float(y.mean()) if y.size else math.nan,
+        "mean_p": float(p.mean()) if p.size else math.nan,
+        "rows": int(y.size),
+        "positives": int(y.sum()),
+    }
 
 
 def _cluster_resamples(clusters: np.ndarray, n_boot: int, seed: int) -> Iterator[np.ndarray]:
@@ -178,8 +195,9 @@ def _cluster_resamples(clusters: np.ndarray, n_boot: int, seed: int) -> Iterator
         yield rng.multinomial(n_clusters, np.full(n_clusters, 1.0 / max(n_clusters, 1)))[inv].astype(np.float64)
 
 
-def bootstrap_deltas(model_p: np.ndarray, base_p: np.ndarray, y: np.ndarray, clusters: np.ndarray,
-                     n_boot: int, seed: int) -> dict[str, list[float]]:
+def bootstrap_deltas(
+    model_p: np.ndarray, base_p: np.ndarray, y: np.ndarray, clusters: np.ndarray, n_boot: int, seed: int
+) -> dict[str, list[float]]:
     """95% intervals of model - baseline for ROC-AUC, PR-AUC and log loss (shopper-level bootstrap:
     shoppers are resampled with replacement, all their rows with them). Labelled rows only."""
     if n_boot <= 0:
@@ -196,8 +214,14 @@ def bootstrap_deltas(model_p: np.ndarray, base_p: np.ndarray, y: np.ndarray, clu
     return {k: [float(np.nanpercentile(v, 2.5)), float(np.nanpercentile(v, 97.5))] for k, v in deltas.items()}
 
 
-def bootstrap_mean_log_loss_delta(model_p: list[np.ndarray], base_p: list[np.ndarray], y: list[np.ndarray],
-                                  clusters: list[np.ndarray], n_boot: int, seed: int) -> list[float]:
+def bootstrap_mean_log_loss_delta(
+    model_p: list[np.ndarray],
+    base_p: list[np.ndarray],
+    y: list[np.ndarray],
+    clusters: list[np.ndarray],
+    n_boot: int,
+    seed: int,
+) -> list[float]:
     """95% interval of the mean over tasks of (model - baseline) log loss, one list entry per task.
 
     The tasks' rows come from the same shoppers, so shoppers are resampled once for all tasks
@@ -210,8 +234,11 @@ def bootstrap_mean_log_loss_delta(model_p: list[np.ndarray], base_p: list[np.nda
     sizes = np.cumsum([len(c) for c in clusters])[:-1]
     means = []
     for w in _cluster_resamples(np.concatenate(clusters), n_boot, seed):
-        per_task = [float((d * wt).sum() / wt.sum())
-                    for d, wt in zip(row_deltas, np.split(w, sizes), strict=True) if wt.sum() > 0]
+        per_task = [
+            float((d * wt).sum() / wt.sum())
+            for d, wt in zip(row_deltas, np.split(w, sizes), strict=True)
+            if wt.sum() > 0
+        ]
         means.append(float(np.mean(per_task)) if per_task else math.nan)
     return [float(np.nanpercentile(means, 2.5)), float(np.nanpercentile(means, 97.5))]
 
@@ -219,5 +246,11 @@ def bootstrap_mean_log_loss_delta(model_p: list[np.ndarray], base_p: list[np.nda
 def classification_metrics(probs: Any, labels: Any) -> dict[str, float]:
     """The classifier's validation summary (in its training report): AUC, ECE, Brier, log loss, counts."""
     p, y, _ = labelled(probs, labels)
-    return {"auc": roc_auc(p, y), "ece": expected_calibration_error(p, y), "brier": brier_score(p, y),
-            "log_loss": log_loss(p, y), "positives": float((y == 1).sum()), "rows": float(y.size)}
+    return {
+        "auc": roc_auc(p, y),
+        "ece": expected_calibration_error(p, y),
+        "brier": brier_score(p, y),
+        "log_loss": log_loss(p, y),
+        "positives": float((y == 1).sum()),
+        "rows": float(y.size),
+    }

@@ -19,12 +19,14 @@ loss and the metrics).
 Calibration re-uses the early-stopping validation rows (no third split), which is the usual
 compromise on small data; pass a separate calibration set to :func:`calibrate` to avoid it.
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,9 +53,13 @@ class ClassifierConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "ClassifierConfig":
-        return cls(input_dim=int(d["input_dim"]), tasks=tuple(d["tasks"]), hidden=tuple(int(h) for h in d["hidden"]),
-                   dropout=float(d["dropout"]))
+    def from_dict(cls, d: Mapping[str, Any]) -> ClassifierConfig:
+        return cls(
+            input_dim=int(d["input_dim"]),
+            tasks=tuple(d["tasks"]),
+            hidden=tuple(int(h) for h in d["hidden"]),
+            dropout=float(d["dropout"]),
+        )
 
 
 @dataclass
@@ -153,7 +159,9 @@ def fit_platt(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 200) -
 
 
 @torch.no_grad()
-def calibrate(model: MultiTaskMLP, x: torch.Tensor, y: torch.Tensor, method: str = "temperature") -> dict[str, dict[str, float]]:
+def calibrate(
+    model: MultiTaskMLP, x: torch.Tensor, y: torch.Tensor, method: str = "temperature"
+) -> dict[str, dict[str, float]]:
     """Fit per-task calibration on ``(x, y)`` (NaN labels ignored) into the model's buffers."""
     if method not in ("temperature", "platt", "none"):
         raise ValueError(f"calibration must be 'temperature', 'platt' or 'none', not {method!r}")
@@ -203,8 +211,9 @@ def train_classifier(
         raise ValueError("feature matrix contains NaN/inf; the FeatureSpec should clip every feature")
     cfg = cfg or ClassifierConfig(input_dim=xt.shape[1])
     if cfg.input_dim != xt.shape[1] or len(cfg.tasks) != yt.shape[1]:
-        raise ValueError(f"config expects {cfg.input_dim} features / {len(cfg.tasks)} tasks, "
-                         f"data has {xt.shape[1]} / {yt.shape[1]}")
+        raise ValueError(
+            f"config expects {cfg.input_dim} features / {len(cfg.tasks)} tasks, data has {xt.shape[1]} / {yt.shape[1]}"
+        )
     tc = tcfg or ClassifierTrainConfig()
     seed_everything(tc.seed)
     device = resolve_device(tc.device)
@@ -227,7 +236,7 @@ def train_classifier(
         perm = torch.randperm(len(xt), generator=gen).to(device)
         total, steps = 0.0, 0
         for s in range(0, len(perm), tc.batch_size):
-            idx = perm[s:s + tc.batch_size]
+            idx = perm[s : s + tc.batch_size]
             loss = _masked_bce(model(xt[idx]), yt[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -279,7 +288,7 @@ class ShopperClassifier:
         the "typical shopper" churn reasons compare a shopper to."""
         return self.model.feat_mean.detach().cpu().numpy()
 
-    def to(self, device: str | torch.device | None) -> "ShopperClassifier":
+    def to(self, device: str | torch.device | None) -> ShopperClassifier:
         self.model.to(resolve_device(device))
         return self
 
@@ -291,20 +300,33 @@ class ShopperClassifier:
         p = self.model.predict_proba(to_device(xt, self.model.calib_a.device)).cpu().numpy()
         return {task: p[:, t] for t, task in enumerate(self.tasks)}
 
-    def save(self, directory: str | Path, version: str, metrics: Mapping[str, Any] | None = None,
-             training_data: Mapping[str, Any] | None = None, extra: Mapping[str, Any] | None = None) -> Path:
+    def save(
+        self,
+        directory: str | Path,
+        version: str,
+        metrics: Mapping[str, Any] | None = None,
+        training_data: Mapping[str, Any] | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> Path:
         from .artifacts import save_artifact
 
         self.version = version
         return save_artifact(
-            directory, {k: v.detach().cpu() for k, v in self.model.state_dict().items()}, kind=MODEL_KIND,
-            version=version, config=self.model.cfg.to_dict(), feature_spec_hash=self.feature_spec_hash,
-            metrics=dict(metrics or {}), training_data=dict(training_data or {}), extra=dict(extra or {}),
+            directory,
+            {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            kind=MODEL_KIND,
+            version=version,
+            config=self.model.cfg.to_dict(),
+            feature_spec_hash=self.feature_spec_hash,
+            metrics=dict(metrics or {}),
+            training_data=dict(training_data or {}),
+            extra=dict(extra or {}),
         )
 
     @classmethod
-    def load(cls, directory: str | Path, expected_feature_spec_hash: str | None,
-             device: str | torch.device | None = "cpu") -> "ShopperClassifier":
+    def load(
+        cls, directory: str | Path, expected_feature_spec_hash: str | None, device: str | torch.device | None = "cpu"
+    ) -> ShopperClassifier:
         """Verify and load; refuses an artifact trained on another feature spec (``ArtifactError``)."""
         from .artifacts import ArtifactError, load_artifact
 
@@ -313,12 +335,23 @@ class ShopperClassifier:
             model = MultiTaskMLP(ClassifierConfig.from_dict(art.metadata["config"]))
             model.load_state_dict(art.state_dict, strict=True)
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-            raise ArtifactError(f"artifact {directory} does not match the {MODEL_KIND} model code ({exc}); "
-                                "retrain the model or load it with the code version that wrote it") from exc
+            raise ArtifactError(
+                f"artifact {directory} does not match the {MODEL_KIND} model code ({exc}); "
+                "retrain the model or load it with the code version that wrote it"
+            ) from exc
         return cls(model, art.metadata["feature_spec_hash"], art.metadata.get("version")).to(device)
 
 
 __all__: Sequence[str] = (
-    "ClassifierConfig", "ClassifierTrainConfig", "ClassifierReport", "MultiTaskMLP", "ShopperClassifier",
-    "train_classifier", "calibrate", "fit_temperature", "fit_platt", "MODEL_KIND", "DEFAULT_TASKS",
+    "ClassifierConfig",
+    "ClassifierTrainConfig",
+    "ClassifierReport",
+    "MultiTaskMLP",
+    "ShopperClassifier",
+    "train_classifier",
+    "calibrate",
+    "fit_temperature",
+    "fit_platt",
+    "MODEL_KIND",
+    "DEFAULT_TASKS",
 )

@@ -5,9 +5,10 @@ It is a fixed logistic score over a few features of :data:`features.spec.DEFAULT
 view-to-cart ratio raise it; time since the last cart add lowers it. The weights are chosen
 by hand, not learned, and the output says so in its name. No Kafka, no torch.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -39,11 +39,13 @@ order (the cart) instead of repeating them; ordered items not seen since then ar
 the shopper's first interaction at or after it (``next``), and also the first interaction with an
 item not in the history (``next_new``), since the served recommender never proposes history items.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -114,14 +116,19 @@ class LabelConfig:
         return {
             "churn": f"no event of the shopper in (t, t + {_duration(self.churn_horizon_ms)}]",
             "purchase": f"an order by the shopper in (t, t + {_duration(self.purchase_horizon_ms)}]",
-            "next_item": (f"the shopper's next item interaction (view weight {self.view_weight:g}, cart add "
-                          f"{self.cart_weight:g}, bought {self.order_weight:g}; repeats of the last item merged, "
-                          "cart removes ignored)"),
+            "next_item": (
+                f"the shopper's next item interaction (view weight {self.view_weight:g}, cart add "
+                f"{self.cart_weight:g}, bought {self.order_weight:g}; repeats of the last item merged, "
+                "cart removes ignored)"
+            ),
             "censoring": "a task's label is dropped when t + its horizon is after the end of the log",
-            "moments": (f"event moments: at most one per shopper per {_duration(self.example_gap_ms)}; sweep moments: "
-                        f"every {_duration(self.sweep_every_ms)} for shoppers idle at most "
-                        f"{_duration(self.max_idle_ms)}" if self.sweep_every_ms else
-                        f"event moments only: at most one per shopper per {_duration(self.example_gap_ms)}"),
+            "moments": (
+                f"event moments: at most one per shopper per {_duration(self.example_gap_ms)}; sweep moments: "
+                f"every {_duration(self.sweep_every_ms)} for shoppers idle at most "
+                f"{_duration(self.max_idle_ms)}"
+                if self.sweep_every_ms
+                else f"event moments only: at most one per shopper per {_duration(self.example_gap_ms)}"
+            ),
         }
 
 
@@ -200,26 +207,38 @@ def _happens_within(next_ms: np.ndarray, times: np.ndarray, horizon_ms: int, obs
     return y
 
 
-def churn_labels(index: FutureIndex, users: Sequence[str], times: Sequence[int] | np.ndarray,
-                 horizon_ms: int, observed_until_ms: int) -> np.ndarray:
+def churn_labels(
+    index: FutureIndex, users: Sequence[str], times: Sequence[int] | np.ndarray, horizon_ms: int, observed_until_ms: int
+) -> np.ndarray:
     """1.0 = no event in ``(t, t + horizon]``, 0.0 = some event, NaN = censored (``t + horizon > end``)."""
     times = np.asarray(times, dtype=np.int64)
     return 1.0 - _happens_within(index.next_event_ms(users, times), times, horizon_ms, observed_until_ms)
 
 
-def purchase_labels(index: FutureIndex, users: Sequence[str], times: Sequence[int] | np.ndarray,
-                    horizon_ms: int, observed_until_ms: int) -> np.ndarray:
+def purchase_labels(
+    index: FutureIndex, users: Sequence[str], times: Sequence[int] | np.ndarray, horizon_ms: int, observed_until_ms: int
+) -> np.ndarray:
     """1.0 = an order in ``(t, t + horizon]``, 0.0 = none, NaN = censored (``t + horizon > end``)."""
     times = np.asarray(times, dtype=np.int64)
     return _happens_within(index.next_order_ms(users, times), times, horizon_ms, observed_until_ms)
 
 
-def label_moments(index: FutureIndex, users: Sequence[str], times: Sequence[int] | np.ndarray,
-                  config: LabelConfig, observed_until_ms: int) -> np.ndarray:
+def label_moments(
+    index: FutureIndex,
+    users: Sequence[str],
+    times: Sequence[int] | np.ndarray,
+    config: LabelConfig,
+    observed_until_ms: int,
+) -> np.ndarray:
     """``float32 [M, 2]`` labels (columns :data:`TASKS`) with NaN where censored."""
     h = config.horizons()
-    return np.stack([churn_labels(index, users, times, h["churn"], observed_until_ms),
-                     purchase_labels(index, users, times, h["purchase"], observed_until_ms)], axis=1)
+    return np.stack(
+        [
+            churn_labels(index, users, times, h["churn"], observed_until_ms),
+            purchase_labels(index, users, times, h["purchase"], observed_until_ms),
+        ],
+        axis=1,
+    )
 
 
 # ------------------------------------------------------------------------------ moments
@@ -380,6 +399,10 @@ def label_summary(y: np.ndarray) -> dict[str, dict[str, float]]:
         known = ~np.isnan(col)
         n = int(known.sum())
         pos = int(np.nansum(col))
-        out[task] = {"labelled": n, "positives": pos, "rate": pos / n if n else math.nan,
-                     "censored": int((~known).sum())}
+        out[task] = {
+            "labelled": n,
+            "positives": pos,
+            "rate": pos / n if n else math.nan,
+            "censored": int((~known).sum()),
+        }
     return out

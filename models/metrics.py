@@ -16,11 +16,12 @@ strictly greater items would). For a model with float scores ``e`` is almost alw
 A target that is itself in the history is excluded like every history item, so it is a miss;
 :func:`evaluate_full_ranking` reports how often that happened (``target_in_history``).
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import chain
-from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -171,12 +172,12 @@ def evaluate_full_ranking(
 
         starts = tqdm(starts, desc=desc, leave=False)
     for s in starts:
-        hb = histories[s:s + batch_size]
+        hb = histories[s : s + batch_size]
         scores = score_fn(hb).float()
         if scores.shape != (len(hb), num_items + 1):
             raise ValueError(f"score_fn returned shape {tuple(scores.shape)}, expected ({len(hb)}, {num_items + 1})")
         mask_scores(scores, hb, exclude_history)
-        acc.add(scores, torch.as_tensor(list(targets[s:s + batch_size]), dtype=torch.long))
+        acc.add(scores, torch.as_tensor(list(targets[s : s + batch_size]), dtype=torch.long))
     return acc.result()
 
 

@@ -13,6 +13,7 @@ artifact, and running the command again finishes the job. Version directories, t
 the registry's ``current`` pointers are never touched; each model's registry lock is held so a
 promotion or rollback cannot interleave.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -63,8 +64,10 @@ def _legacy_state(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tens
     try:
         state = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for bad pickles
-        raise ArtifactError(f"artifact {directory}: the torch.save weights could not be read "
-                            f"({type(exc).__name__}: {exc}); retrain this version") from exc
+        raise ArtifactError(
+            f"artifact {directory}: the torch.save weights could not be read "
+            f"({type(exc).__name__}: {exc}); retrain this version"
+        ) from exc
     return meta, check_state_dict(directory, state, meta)
 
 
@@ -90,20 +93,27 @@ def migrate_artifact(directory: str | Path, dry_run: bool = False) -> tuple[str,
     weights = encode_weights(state)
     replace_file(path / WEIGHTS_FILE, weights)
     again = decode_weights(path, (path / WEIGHTS_FILE).read_bytes())
-    if again.keys() != state.keys() or not all(torch.equal(again[name], tensor) and again[name].dtype == tensor.dtype
-                                               for name, tensor in state.items()):
+    if again.keys() != state.keys() or not all(
+        torch.equal(again[name], tensor) and again[name].dtype == tensor.dtype for name, tensor in state.items()
+    ):
         (path / WEIGHTS_FILE).unlink()
         raise ArtifactError(f"artifact {path}: the converted weights do not read back equal; nothing changed")
     new_meta = dict(meta)
     new_meta["format_version"] = FORMAT_VERSION
     new_meta["weights"] = weights_entry(weights, len(state))
-    new_meta["migrated"] = {"from_format_version": meta["format_version"], "from_weights": old_weights,
-                            "at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                            "torch_version": torch.__version__}
+    new_meta["migrated"] = {
+        "from_format_version": meta["format_version"],
+        "from_weights": old_weights,
+        "at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "torch_version": torch.__version__,
+    }
     replace_file(path / METADATA_FILE, metadata_bytes(new_meta))  # the commit point
     (path / old_weights["file"]).unlink(missing_ok=True)
-    return CONVERTED, f"{old_weights['file']} -> {WEIGHTS_FILE} ({len(state)} tensors, sha256 " \
-                      f"{new_meta['weights']['sha256'][:12]}...)"
+    return (
+        CONVERTED,
+        f"{old_weights['file']} -> {WEIGHTS_FILE} ({len(state)} tensors, sha256 "
+        f"{new_meta['weights']['sha256'][:12]}...)",
+    )
 
 
 def migrate_registry(registry: ModelRegistry, dry_run: bool = False) -> list[Migration]:

@@ -28,14 +28,16 @@ streaming path (item id strings in, item id strings out) and saves / loads versi
 its base :class:`VocabRecommender` is what every served recommender kind shares (the others,
 co-occurrence and a blend, are in :mod:`models.recommenders`).
 """
+
 from __future__ import annotations
 
 import random
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -88,7 +90,7 @@ class NextItemConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "NextItemConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> NextItemConfig:
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(d) - known
         if unknown:
@@ -345,7 +347,7 @@ def train_nextitem(
         total, steps = 0.0, 0
         batches = range(0, len(perm), tc.batch_size)
         for s in tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=not tc.progress, dynamic_ncols=True):
-            idx = perm[s:s + tc.batch_size].to(device)
+            idx = perm[s : s + tc.batch_size].to(device)
             x, y = inputs_all[idx], targets_all[idx]
             loss = model.loss(x, y, tc.label_smoothing)
             opt.zero_grad(set_to_none=True)
@@ -377,7 +379,11 @@ def train_nextitem(
         if tc.progress:
             epoch_bar.set_postfix(
                 loss=f"{row['loss']:.4f}",
-                **({tc.monitor: f"{row[tc.monitor]:.4f}", "best": f"{report.best_metric:.4f}@{report.best_epoch}"} if use_valid else {}),
+                **(
+                    {tc.monitor: f"{row[tc.monitor]:.4f}", "best": f"{report.best_metric:.4f}@{report.best_epoch}"}
+                    if use_valid
+                    else {}
+                ),
             )
         if on_epoch is not None:
             on_epoch(row)
@@ -411,7 +417,7 @@ class VocabRecommender(ABC):
         self._id_of_index = ["", *vocab.items]  # item index -> item id (0: padding, no item)
 
     @abstractmethod
-    def to(self, device: str | torch.device | None) -> "VocabRecommender":
+    def to(self, device: str | torch.device | None) -> VocabRecommender:
         """Move the model(s) to ``device``."""
 
     @abstractmethod
@@ -443,7 +449,10 @@ class VocabRecommender(ABC):
             return []
         idx, val = self._top_k(enc, k, exclude_history)
         id_of = self._id_of_index
-        return [[(id_of[i], v) for i, v in zip(irow, vrow) if i] for irow, vrow in zip(idx.tolist(), val.tolist())]
+        return [
+            [(id_of[i], v) for i, v in zip(irow, vrow, strict=False) if i]
+            for irow, vrow in zip(idx.tolist(), val.tolist(), strict=False)
+        ]
 
     def save(
         self,
@@ -457,9 +466,18 @@ class VocabRecommender(ABC):
         from .artifacts import save_artifact
 
         self.version = version
-        return save_artifact(directory, self._weights(), kind=self.kind, version=version, config=self._config(),
-                             vocab=self.vocab.items, feature_spec_hash=None, metrics=dict(metrics or {}),
-                             training_data=dict(training_data or {}), extra=dict(extra or {}))
+        return save_artifact(
+            directory,
+            self._weights(),
+            kind=self.kind,
+            version=version,
+            config=self._config(),
+            vocab=self.vocab.items,
+            feature_spec_hash=None,
+            metrics=dict(metrics or {}),
+            training_data=dict(training_data or {}),
+            extra=dict(extra or {}),
+        )
 
 
 class NextItemRecommender(VocabRecommender):
@@ -475,7 +493,7 @@ class NextItemRecommender(VocabRecommender):
     def device(self) -> torch.device:
         return self.model.device
 
-    def to(self, device: str | torch.device | None) -> "NextItemRecommender":
+    def to(self, device: str | torch.device | None) -> NextItemRecommender:
         self.model.to(resolve_device(device))
         return self
 
@@ -494,7 +512,7 @@ class NextItemRecommender(VocabRecommender):
         directory: str | Path,
         device: str | torch.device | None = "cpu",
         expected_vocab_sha256: str | None = None,
-    ) -> "NextItemRecommender":
+    ) -> NextItemRecommender:
         """Load and verify an artifact written by :meth:`save`; raises ``ArtifactError``."""
         from .artifacts import ArtifactError, load_artifact
 

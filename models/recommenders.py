@@ -7,6 +7,7 @@ the evaluation baseline) or a blend of the two (:class:`BlendItemRecommender`). 
 ``recommend(histories, k)`` (item id strings in and out) and the same artifact format, so
 :class:`models.scoring.BatchScorer` loads any of them through :func:`load_recommender`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -79,28 +80,38 @@ class CooccurrenceRecommender:
 
     def config(self) -> dict[str, float | int]:
         """The hyper-parameters and catalogue size (an artifact's ``config``)."""
-        return {"window": self.window, "history_len": self.history_len, "decay": self.decay,
-                "pop_weight": self.pop_weight, "num_items": self.num_items}
+        return {
+            "window": self.window,
+            "history_len": self.history_len,
+            "decay": self.decay,
+            "pop_weight": self.pop_weight,
+            "num_items": self.num_items,
+        }
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The fitted state as plain tensors (an artifact's weights): C^T as COO indices and values."""
         if self._ct is None:
             raise RuntimeError("CooccurrenceRecommender.fit() must be called before tensors()")
-        return {"ct_indices": self._ct.indices().cpu(), "ct_values": self._ct.values().cpu(),
-                "popularity": self._pop.cpu()}
+        return {
+            "ct_indices": self._ct.indices().cpu(),
+            "ct_values": self._ct.values().cpu(),
+            "popularity": self._pop.cpu(),
+        }
 
     @classmethod
     def from_tensors(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> CooccurrenceRecommender:
         """The inverse of :meth:`config` + :meth:`tensors` (loading an artifact)."""
-        rec = cls(int(config["window"]), int(config["history_len"]), float(config["decay"]),
-                  float(config["pop_weight"]))
+        rec = cls(
+            int(config["window"]), int(config["history_len"]), float(config["decay"]), float(config["pop_weight"])
+        )
         rec.num_items = int(config["num_items"])
         n = rec.num_items + 1
         if tuple(tensors["popularity"].shape) != (n,):
             raise ValueError(f"popularity has shape {tuple(tensors['popularity'].shape)}, expected ({n},)")
         # checked: indices out of range in a damaged artifact would otherwise crash the process later
-        rec._ct = torch.sparse_coo_tensor(tensors["ct_indices"], tensors["ct_values"], (n, n),
-                                          check_invariants=True).coalesce()
+        rec._ct = torch.sparse_coo_tensor(
+            tensors["ct_indices"], tensors["ct_values"], (n, n), check_invariants=True
+        ).coalesce()
         rec._pop = tensors["popularity"]
         return rec
 
@@ -117,14 +128,17 @@ class CooccurrenceRecommender:
         cols: list[int] = []
         weights: list[float] = []
         for col, hist in enumerate(histories):
-            for j, item in enumerate(list(hist[-self.history_len:])[::-1]):
+            for j, item in enumerate(list(hist[-self.history_len :])[::-1]):
                 rows.append(int(item))
                 cols.append(col)
-                weights.append(self.decay ** j)
+                weights.append(self.decay**j)
         # built on the CPU and copied once: element-wise writes on a GPU would be one launch each
         h = torch.zeros(self.num_items + 1, len(histories))
-        h.index_put_((torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)),
-                     torch.tensor(weights, dtype=torch.float32), accumulate=True)
+        h.index_put_(
+            (torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)),
+            torch.tensor(weights, dtype=torch.float32),
+            accumulate=True,
+        )
         scores = torch.sparse.mm(self._ct, to_device(h, self._pop.device)).T.contiguous()
         return scores + self.pop_weight * self._pop.unsqueeze(0)
 
@@ -163,8 +177,10 @@ class CooccurrenceItemRecommender(VocabRecommender):
             model = CooccurrenceRecommender.from_tensors(art.metadata["config"], art.state_dict)
             rec = cls(model, ItemVocab(art.vocab or []), version=art.metadata.get("version"))
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-            raise ArtifactError(f"artifact {directory} does not match the {COOCCURRENCE_KIND} model code ({exc}); "
-                                "retrain the model or load it with the code version that wrote it") from exc
+            raise ArtifactError(
+                f"artifact {directory} does not match the {COOCCURRENCE_KIND} model code ({exc}); "
+                "retrain the model or load it with the code version that wrote it"
+            ) from exc
         return rec.to(device)
 
 
@@ -185,8 +201,9 @@ class BlendScorer:
         s = self.sasrec.score(histories)
         c = self.cooc.score(histories).to(s.device)[:, 1:]
         out = torch.zeros_like(s)
-        out[:, 1:] = self.weight * torch.softmax(s[:, 1:], dim=1) + \
-            (1.0 - self.weight) * c / c.sum(dim=1, keepdim=True).clamp_min(1e-12)
+        out[:, 1:] = self.weight * torch.softmax(s[:, 1:], dim=1) + (1.0 - self.weight) * c / c.sum(
+            dim=1, keepdim=True
+        ).clamp_min(1e-12)
         return out
 
 
@@ -214,8 +231,11 @@ class BlendItemRecommender(VocabRecommender):
         return sasrec | {f"cooc.{k}": v for k, v in self.blend.cooc.tensors().items()}
 
     def _config(self) -> dict[str, Any]:
-        return {"sasrec": self.blend.sasrec.cfg.to_dict(), "cooccurrence": dict(self.blend.cooc.config()),
-                "sasrec_weight": self.blend.weight}
+        return {
+            "sasrec": self.blend.sasrec.cfg.to_dict(),
+            "cooccurrence": dict(self.blend.cooc.config()),
+            "sasrec_weight": self.blend.weight,
+        }
 
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device | None = "cpu") -> BlendItemRecommender:
@@ -233,8 +253,10 @@ class BlendItemRecommender(VocabRecommender):
             blend = BlendScorer(sasrec.eval(), cooc, float(config["sasrec_weight"]))
             rec = cls(blend, ItemVocab(art.vocab or []), version=art.metadata.get("version"))
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-            raise ArtifactError(f"artifact {directory} does not match the {BLEND_KIND} model code ({exc}); "
-                                "retrain the model or load it with the code version that wrote it") from exc
+            raise ArtifactError(
+                f"artifact {directory} does not match the {BLEND_KIND} model code ({exc}); "
+                "retrain the model or load it with the code version that wrote it"
+            ) from exc
         return rec.to(device)
 
 
@@ -247,6 +269,8 @@ def load_recommender(directory: str | Path, device: str | torch.device | None = 
         return BlendItemRecommender.load(directory, device=device)
     if kind == SASREC_KIND:
         return NextItemRecommender.load(directory, device=device)
-    raise ArtifactError(f"artifact {directory} holds a {kind!r} model, not a next-item recommender "
-                        f"({SASREC_KIND!r}, {COOCCURRENCE_KIND!r} or {BLEND_KIND!r}); point the nextitem model at the "
-                        "right artifact")
+    raise ArtifactError(
+        f"artifact {directory} holds a {kind!r} model, not a next-item recommender "
+        f"({SASREC_KIND!r}, {COOCCURRENCE_KIND!r} or {BLEND_KIND!r}); point the nextitem model at the "
+        "right artifact"
+    )

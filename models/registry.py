@@ -18,6 +18,7 @@ The root defaults to ``$SHOPPULSE_MODELS_DIR`` or ``artifacts/models`` (git-igno
 Module-level :func:`list_models`, :func:`promote`, :func:`rollback` and :func:`current` wrap
 the class for the CLI (``shoppulse models list|promote|rollback``).
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -27,10 +28,11 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .artifacts import ArtifactError, is_legacy, read_metadata, replace_file, verify_artifact
 
@@ -55,8 +57,10 @@ class ModelInfo:
 
 def _check_name(kind: str, name: str) -> str:
     if not isinstance(name, str) or not _NAME.match(name):
-        raise RegistryError(f"invalid {kind} name {name!r}: use letters, digits, '.', '_' or '-' (max 128), "
-                            "starting with a letter or digit")
+        raise RegistryError(
+            f"invalid {kind} name {name!r}: use letters, digits, '.', '_' or '-' (max 128), "
+            "starting with a letter or digit"
+        )
     return name
 
 
@@ -97,10 +101,13 @@ class ModelRegistry:
         try:
             data = json.loads(p.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise RegistryError(f"pointer {p} is unreadable ({exc}); run `shoppulse models promote {model} VERSION` "
-                                "to rewrite it") from exc
+            raise RegistryError(
+                f"pointer {p} is unreadable ({exc}); run `shoppulse models promote {model} VERSION` to rewrite it"
+            ) from exc
         if not isinstance(data, dict) or not isinstance(data.get("version"), str):
-            raise RegistryError(f"pointer {p} is malformed; run `shoppulse models promote {model} VERSION` to rewrite it")
+            raise RegistryError(
+                f"pointer {p} is malformed; run `shoppulse models promote {model} VERSION` to rewrite it"
+            )
         data.setdefault("previous", [])
         return data
 
@@ -113,8 +120,10 @@ class ModelRegistry:
         """Directory of the promoted version; raises :class:`RegistryError` when there is none."""
         v = self.current(model)
         if v is None:
-            raise RegistryError(f"model {model!r} has no promoted version under {self.root}; "
-                                f"run `shoppulse models promote {model} VERSION` first")
+            raise RegistryError(
+                f"model {model!r} has no promoted version under {self.root}; "
+                f"run `shoppulse models promote {model} VERSION` first"
+            )
         return self.version_dir(model, v)
 
     def list_models(self) -> list[ModelInfo]:
@@ -125,10 +134,15 @@ class ModelRegistry:
             if not p.is_dir() or not _NAME.match(p.name):
                 continue
             ptr = self._read_pointer(p.name)
-            out.append(ModelInfo(
-                name=p.name, versions=self.versions(p.name), current=ptr["version"] if ptr else None,
-                previous=list(ptr["previous"]) if ptr else [], promoted_at=ptr.get("promoted_at") if ptr else None,
-            ))
+            out.append(
+                ModelInfo(
+                    name=p.name,
+                    versions=self.versions(p.name),
+                    current=ptr["version"] if ptr else None,
+                    previous=list(ptr["previous"]) if ptr else [],
+                    promoted_at=ptr.get("promoted_at") if ptr else None,
+                )
+            )
         return out
 
     # ---------------------------------------------------------------- changes
@@ -157,8 +171,10 @@ class ModelRegistry:
         except ArtifactError as exc:
             raise RegistryError(f"refusing to point {model!r} at {version!r}: {exc}") from exc
         if is_legacy(meta):
-            raise RegistryError(f"refusing to point {model!r} at {version!r}: its weights are in the old torch.save "
-                                "format, which serving does not load; run `shoppulse models migrate` first")
+            raise RegistryError(
+                f"refusing to point {model!r} at {version!r}: its weights are in the old torch.save "
+                "format, which serving does not load; run `shoppulse models migrate` first"
+            )
         return meta
 
     def register(self, model: str, artifact_dir: str | Path, version: str | None = None) -> str:
@@ -190,9 +206,14 @@ class ModelRegistry:
                 return self._info(model)
             if ptr:
                 previous.append(ptr["version"])
-            self._write_pointer(model, {
-                "version": version, "promoted_at": dt.datetime.now(dt.timezone.utc).isoformat(), "previous": previous,
-            })
+            self._write_pointer(
+                model,
+                {
+                    "version": version,
+                    "promoted_at": dt.datetime.now(dt.UTC).isoformat(),
+                    "previous": previous,
+                },
+            )
             return self._info(model)
 
     def rollback(self, model: str) -> ModelInfo:
@@ -203,20 +224,32 @@ class ModelRegistry:
                 raise RegistryError(f"model {model!r} has no promoted version; nothing to roll back")
             previous = list(ptr["previous"])
             if not previous:
-                raise RegistryError(f"model {model!r} is at its first promoted version {ptr['version']!r}; nothing "
-                                    f"to roll back to (promote a specific version with `shoppulse models promote`)")
+                raise RegistryError(
+                    f"model {model!r} is at its first promoted version {ptr['version']!r}; nothing "
+                    f"to roll back to (promote a specific version with `shoppulse models promote`)"
+                )
             target = previous.pop()
             self._verify(model, target)
-            self._write_pointer(model, {
-                "version": target, "promoted_at": dt.datetime.now(dt.timezone.utc).isoformat(), "previous": previous,
-                "rolled_back_from": ptr["version"],
-            })
+            self._write_pointer(
+                model,
+                {
+                    "version": target,
+                    "promoted_at": dt.datetime.now(dt.UTC).isoformat(),
+                    "previous": previous,
+                    "rolled_back_from": ptr["version"],
+                },
+            )
             return self._info(model)
 
     def _info(self, model: str) -> ModelInfo:
         ptr = self._read_pointer(model)
-        return ModelInfo(model, self.versions(model), ptr["version"] if ptr else None,
-                         list(ptr["previous"]) if ptr else [], ptr.get("promoted_at") if ptr else None)
+        return ModelInfo(
+            model,
+            self.versions(model),
+            ptr["version"] if ptr else None,
+            list(ptr["previous"]) if ptr else [],
+            ptr.get("promoted_at") if ptr else None,
+        )
 
     def describe(self, model: str, version: str) -> dict[str, Any]:
         """Metadata of one version (no checksum work)."""

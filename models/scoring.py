@@ -7,13 +7,14 @@ keeps the last good models when a new artifact is corrupt or refuses to load. Wi
 models in the registry it serves the hand-set heuristic, and says so in every result.
 No Kafka here: :mod:`streams.worker.pipeline` calls it.
 """
+
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -23,10 +24,10 @@ from features.state import ShopperState
 from models.artifacts import METADATA_FILE, ArtifactError
 from models.classifiers import ShopperClassifier
 from models.heuristic import PurchaseIntentHeuristic
+from models.names import CLASSIFIER_MODEL, NEXTITEM_MODEL
 from models.nextitem import VocabRecommender, resolve_device
 from models.recommenders import load_recommender
 from models.registry import ModelRegistry, RegistryError
-from models.names import CLASSIFIER_MODEL, NEXTITEM_MODEL
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +63,14 @@ class BatchScorer:
         reload_interval_s: how often, in seconds, to look for a new current version.
     """
 
-    def __init__(self, spec: FeatureSpec, registry_root: Path | None = None, device: str = "auto",
-                 top_k: int = 10, reload_interval_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        spec: FeatureSpec,
+        registry_root: Path | None = None,
+        device: str = "auto",
+        top_k: int = 10,
+        reload_interval_s: float = 5.0,
+    ) -> None:
         self.spec = spec
         self.registry = ModelRegistry(registry_root)
         self.device = resolve_device(None if device == "auto" else device)
@@ -83,8 +90,10 @@ class BatchScorer:
         """Score or output name -> version that produced it."""
         if self.classifier is None:
             return {self.heuristic.name: self.heuristic.version}
-        versions = {CHURN: f"{CLASSIFIER_MODEL}:{self.classifier.version}",
-                    PURCHASE: f"{CLASSIFIER_MODEL}:{self.classifier.version}"}
+        versions = {
+            CHURN: f"{CLASSIFIER_MODEL}:{self.classifier.version}",
+            PURCHASE: f"{CLASSIFIER_MODEL}:{self.classifier.version}",
+        }
         if self.recommender is not None:
             versions["recommendations"] = f"{NEXTITEM_MODEL}:{self.recommender.version}"
         return versions
@@ -120,8 +129,9 @@ class BatchScorer:
                 # Each candidate scores one row before it is swapped in: a model that loads but cannot
                 # run (say, another input width) is refused here instead of failing every batch.
                 if name == CLASSIFIER_MODEL:
-                    classifier = ShopperClassifier.load(directory, expected_feature_spec_hash=self.spec.hash,
-                                                        device=self.device)
+                    classifier = ShopperClassifier.load(
+                        directory, expected_feature_spec_hash=self.spec.hash, device=self.device
+                    )
                     with torch.inference_mode():
                         classifier.predict_proba(np.zeros((1, self.spec.dim), dtype=np.float32))
                     self.classifier = classifier
@@ -132,8 +142,14 @@ class BatchScorer:
                     self.recommender = recommender
             except (ArtifactError, RegistryError, OSError, ValueError, RuntimeError) as exc:
                 self.load_errors += 1
-                log.error("could not load %s version %s (%s); keeping the model already loaded — fix the artifact "
-                          "or run `shoppulse models rollback %s`", name, version, exc, name)
+                log.error(
+                    "could not load %s version %s (%s); keeping the model already loaded — fix the artifact "
+                    "or run `shoppulse models rollback %s`",
+                    name,
+                    version,
+                    exc,
+                    name,
+                )
                 continue
             swapped = True
             log.info("serving %s version %s on %s", name, version, self.device)
@@ -156,11 +172,11 @@ class BatchScorer:
         probabilities = self.classifier.predict_proba(features)
         self.timings.classifier_s = time.perf_counter() - started
         churn, purchase = probabilities["churn"], probabilities["purchase"]
-        results = [ShopperScores({CHURN: float(c), PURCHASE: float(p)}) for c, p in zip(churn, purchase)]
+        results = [ShopperScores({CHURN: float(c), PURCHASE: float(p)}) for c, p in zip(churn, purchase, strict=False)]
         if self.recommender is not None:
             started = time.perf_counter()
             histories = [state.history_item_ids() for state in states]
-            for result, recommended in zip(results, self.recommender.recommend(histories, k=self.top_k)):
+            for result, recommended in zip(results, self.recommender.recommend(histories, k=self.top_k), strict=False):
                 result.recommendations = recommended
             self.timings.nextitem_s = time.perf_counter() - started
         return results

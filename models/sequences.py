@@ -10,13 +10,14 @@ Pure Python + numpy + torch; no Kafka, no Faust.
   target, second-to-last = validation target, everything before = training input.
 * :func:`pad_left` turns histories into the left-padded ``[B, L]`` index matrix the model reads.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -40,7 +41,7 @@ class ItemVocab:
         self._index = index
 
     @classmethod
-    def from_sequences(cls, sequences: Iterable[Sequence[str]]) -> "ItemVocab":
+    def from_sequences(cls, sequences: Iterable[Sequence[str]]) -> ItemVocab:
         """Vocabulary of every item seen, numerically sorted when all ids are integers."""
         seen: set[str] = set()
         for seq in sequences:
@@ -96,7 +97,7 @@ class ItemVocab:
         return json.dumps(self._items, separators=(",", ":"))
 
     @classmethod
-    def from_json(cls, text: str) -> "ItemVocab":
+    def from_json(cls, text: str) -> ItemVocab:
         data = json.loads(text)
         if not isinstance(data, list) or not all(isinstance(x, str) for x in data):
             raise ValueError("vocabulary JSON must be a list of item id strings")
@@ -109,7 +110,7 @@ def read_sequences(path: str | Path, limit_users: int | None = None) -> list[tup
     Blank lines are skipped; a line with a user and no items is kept with an empty list.
     """
     out: list[tuple[str, list[str]]] = []
-    with open(path, "r", encoding="utf-8") as fh:
+    with open(path, encoding="utf-8") as fh:
         for line in fh:
             parts = line.split()
             if not parts:
@@ -148,7 +149,7 @@ class LeaveOneOut:
 
 def leave_one_out(users: Sequence[str], sequences: Sequence[Sequence[int]]) -> LeaveOneOut:
     u, tr, vt, ti, tt = [], [], [], [], []
-    for user, seq in zip(users, sequences):
+    for user, seq in zip(users, sequences, strict=False):
         if len(seq) < 3:
             continue
         seq = list(seq)
@@ -167,12 +168,13 @@ def pad_left(histories: Sequence[Sequence[int]], max_len: int) -> torch.Tensor:
         if len(hist) == 0:
             continue
         tail = list(hist[-max_len:])
-        out[row, max_len - len(tail):] = tail
+        out[row, max_len - len(tail) :] = tail
     return torch.from_numpy(out)
 
 
-def length_buckets(histories: Sequence[Sequence[int]], max_len: int,
-                   min_rows: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def length_buckets(
+    histories: Sequence[Sequence[int]], max_len: int, min_rows: int = 1
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Group histories of similar length: ``(row indices, left-padded [rows, L])`` per group.
 
     Each group is padded only to its own longest history (capped at ``max_len``); lengths are

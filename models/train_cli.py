@@ -1,9 +1,10 @@
 """``shoppulse train`` and ``shoppulse models list|show|promote|rollback|migrate``.
 
 ``--simulate`` trains on the shop simulator (:mod:`streams.sim.generator`: pure, no Kafka, the one
-part of ``streams/`` that ``models/`` may import). The event file reader here reads our message JSONL (``shoppulse generate --out``) with
-:mod:`features.message_lines`, the reader ``shoppulse replay`` uses, parses each message with
-:func:`features.events.parse_event` and skips invalid ones, counting them by reason.
+part of ``streams/`` that ``models/`` may import). The event file reader here reads our message
+JSONL (``shoppulse generate --out``) with :mod:`features.message_lines`, the reader ``shoppulse
+replay`` uses, parses each message with :func:`features.events.parse_event` and skips invalid
+ones, counting them by reason.
 
 Examples::
 
@@ -14,6 +15,7 @@ Examples::
     shoppulse models rollback nextitem
     shoppulse models migrate --dry-run
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +23,9 @@ import json
 import sys
 import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from features.events import Event, InvalidEvent, parse_event
 from features.message_lines import read_message_lines
@@ -60,39 +63,69 @@ def read_events_jsonl(path: str | Path, now_ms: int | None = None) -> tuple[list
             invalid[exc.reason] += 1
         except ValueError:  # unknown topic kind
             invalid["unknown_topic_kind"] += 1
-    return events, {"lines": lines, "valid": len(events), "invalid": dict(sorted(invalid.items())),
-                    "sha256": sha256_file(path)}
+    return events, {
+        "lines": lines,
+        "valid": len(events),
+        "invalid": dict(sorted(invalid.items())),
+        "sha256": sha256_file(path),
+    }
 
 
 # ------------------------------------------------------------------------------ train
 def build_parser(prog: str = "shoppulse train") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="Train churn/purchase and next-item models on an event log, "
-                                "evaluate them against baselines on a time split, write a report and register "
-                                "versioned artifacts.")
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Train churn/purchase and next-item models on an event log, "
+        "evaluate them against baselines on a time split, write a report and register "
+        "versioned artifacts.",
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--events", metavar="PATH", help="message JSONL (shoppulse generate --out)")
-    src.add_argument("--simulate", metavar="N_SHOPPERS", type=int,
-                     help="train on the simulated shop with this many shoppers")
-    p.add_argument("--days", type=float, default=None,
-                   help="simulated days (default: 28 with --quick, else 56: a 14-day churn horizon needs > 28 days)")
+    src.add_argument(
+        "--simulate", metavar="N_SHOPPERS", type=int, help="train on the simulated shop with this many shoppers"
+    )
+    p.add_argument(
+        "--days",
+        type=float,
+        default=None,
+        help="simulated days (default: 28 with --quick, else 56: a 14-day churn horizon needs > 28 days)",
+    )
     p.add_argument("--seed", type=int, default=7, help="simulator and training seed (default 7)")
-    p.add_argument("--items", type=int, default=None,
-                   help="simulated catalogue size (default: the simulator's, 5,000 items)")
-    p.add_argument("--registry", default=None,
-                   help="registry root (default: $SHOPPULSE_MODELS_DIR or artifacts/models)")
+    p.add_argument(
+        "--items", type=int, default=None, help="simulated catalogue size (default: the simulator's, 5,000 items)"
+    )
+    p.add_argument(
+        "--registry", default=None, help="registry root (default: $SHOPPULSE_MODELS_DIR or artifacts/models)"
+    )
     p.add_argument("--report", default=None, help="report directory (default: var/reports/train-<version>)")
-    p.add_argument("--quick", action="store_true",
-                   help="demo size: small models, few epochs, 7-day churn horizon (seconds on one CPU thread)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="demo size: small models, few epochs, 7-day churn horizon (seconds on one CPU thread)",
+    )
     p.add_argument("--epochs", type=int, default=None, help="max epochs of the churn/purchase MLP")
     p.add_argument("--nextitem-epochs", type=int, default=None, help="max epochs of the next-item model")
-    p.add_argument("--churn-horizon-days", type=float, default=None,
-                   help="churn = no event in this many days (default 14, 7 with --quick)")
-    p.add_argument("--purchase-horizon-hours", type=float, default=None,
-                   help="purchase = an order within this many hours (default 24)")
-    p.add_argument("--eval-fraction", type=float, default=None,
-                   help="share of the usable time that is evaluated (default 0.25)")
-    p.add_argument("--warmup-days", type=float, default=None,
-                   help="no training moments in the log's first days (default 7, 3 with --quick)")
+    p.add_argument(
+        "--churn-horizon-days",
+        type=float,
+        default=None,
+        help="churn = no event in this many days (default 14, 7 with --quick)",
+    )
+    p.add_argument(
+        "--purchase-horizon-hours",
+        type=float,
+        default=None,
+        help="purchase = an order within this many hours (default 24)",
+    )
+    p.add_argument(
+        "--eval-fraction", type=float, default=None, help="share of the usable time that is evaluated (default 0.25)"
+    )
+    p.add_argument(
+        "--warmup-days",
+        type=float,
+        default=None,
+        help="no training moments in the log's first days (default 7, 3 with --quick)",
+    )
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--version", default=None, help="artifact version (default: UTC timestamp)")
@@ -114,9 +147,15 @@ def config_from_args(args: argparse.Namespace, source: dict[str, Any]) -> Any:
         labels = replace(labels, churn_horizon_ms=int(args.churn_horizon_days * DAY_MS))
     if args.purchase_horizon_hours is not None:
         labels = replace(labels, purchase_horizon_ms=int(args.purchase_horizon_hours * HOUR_MS))
-    changes: dict[str, Any] = {"labels": labels, "seed": args.seed, "device": args.device,
-                               "progress": not args.no_progress, "version": args.version,
-                               "promote": not args.no_promote, "source": source}
+    changes: dict[str, Any] = {
+        "labels": labels,
+        "seed": args.seed,
+        "device": args.device,
+        "progress": not args.no_progress,
+        "version": args.version,
+        "promote": not args.no_promote,
+        "source": source,
+    }
     if args.epochs is not None:
         changes["epochs"] = args.epochs
     if args.nextitem_epochs is not None:
@@ -146,8 +185,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from streams.sim.generator import GeneratorConfig, ShopSimulator
 
         catalogue = {} if args.items is None else {"n_items": args.items}
-        events = list(ShopSimulator(GeneratorConfig(seed=args.seed, n_shoppers=args.simulate, duration_days=args.days,
-                                                    **catalogue)).events())
+        events = list(
+            ShopSimulator(
+                GeneratorConfig(seed=args.seed, n_shoppers=args.simulate, duration_days=args.days, **catalogue)
+            ).events()
+        )
         source: dict[str, Any] = {"kind": "simulated", "shoppers": args.simulate, "days": args.days, "seed": args.seed}
     else:
         try:
@@ -156,8 +198,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: cannot read {args.events}: {exc}", file=sys.stderr)
             return 2
         skipped = sum(stats["invalid"].values())
-        print(f"read {stats['valid']:,} valid events from {args.events} ({stats['lines']:,} lines, {skipped:,} "
-              f"invalid skipped{': ' + json.dumps(stats['invalid']) if skipped else ''})", file=sys.stderr)
+        print(
+            f"read {stats['valid']:,} valid events from {args.events} ({stats['lines']:,} lines, {skipped:,} "
+            f"invalid skipped{': ' + json.dumps(stats['invalid']) if skipped else ''})",
+            file=sys.stderr,
+        )
         source = {"kind": "events_file", "path": str(args.events), **stats}
     if not events:
         print("error: no valid events to train on", file=sys.stderr)
@@ -180,11 +225,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     paths = write_report(result.report, report_dir, plots=not args.no_plots)
     print((report_dir / "report.txt").read_text(encoding="utf-8"))
     print(f"report: {', '.join(str(p) for p in paths.values())}")
-    print("served (chosen on validation): " + ", ".join(f"{m} = {c}" for m, c in result.served.items()),
-          file=sys.stderr)
+    print(
+        "served (chosen on validation): " + ", ".join(f"{m} = {c}" for m, c in result.served.items()), file=sys.stderr
+    )
     if not result.beats_baselines:
-        print("warning: the churn/purchase MLP does not beat every baseline on every metric of the evaluation "
-              "period; see the report", file=sys.stderr)
+        print(
+            "warning: the churn/purchase MLP does not beat every baseline on every metric of the evaluation "
+            "period; see the report",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -195,7 +244,7 @@ def _headline(meta: dict[str, Any]) -> str:
     try:
         if "churn" in m:
             s = served or "mlp"
-            return (f"{s}: churn AUC {m['churn'][s]['roc_auc']:.3f}, purchase AUC {m['purchase'][s]['roc_auc']:.3f}")
+            return f"{s}: churn AUC {m['churn'][s]['roc_auc']:.3f}, purchase AUC {m['purchase'][s]['roc_auc']:.3f}"
         if "next" in m:
             s = served or "sasrec"
             return f"{s}: HR@10 {m['next'][s]['HR@10']:.3f}, new-item HR@10 {m['next_new'][s]['HR@10']:.3f}"
@@ -206,10 +255,10 @@ def _headline(meta: dict[str, Any]) -> str:
 
 def _print_table(rows: list[list[str]], header: list[str]) -> None:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=False)).rstrip())
     print("  ".join("-" * w for w in widths))
     for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip())
 
 
 def _migrate(reg: ModelRegistry, dry_run: bool) -> int:
@@ -222,10 +271,12 @@ def _migrate(reg: ModelRegistry, dry_run: bool) -> int:
         print(f"{r.model}/{r.version}: {r.outcome}: {r.detail}")
     counts = Counter(r.outcome for r in results)
     after = {info.name: info.current for info in reg.list_models()}
-    print(f"registry {reg.root}: {', '.join(f'{n} {o}' for o, n in sorted(counts.items())) or 'no versions'}"
-          f"{' (dry run: nothing written)' if dry_run else ''}; current pointers "
-          f"{'unchanged' if before == after else 'CHANGED'}: "
-          f"{', '.join(f'{m}={v}' for m, v in sorted(after.items())) or 'none'}")
+    print(
+        f"registry {reg.root}: {', '.join(f'{n} {o}' for o, n in sorted(counts.items())) or 'no versions'}"
+        f"{' (dry run: nothing written)' if dry_run else ''}; current pointers "
+        f"{'unchanged' if before == after else 'CHANGED'}: "
+        f"{', '.join(f'{m}={v}' for m, v in sorted(after.items())) or 'none'}"
+    )
     return 1 if counts[FAILED] or before != after else 0
 
 
@@ -234,10 +285,13 @@ def models_main(argv: Sequence[str] | None = None) -> int:
     from .artifacts import ArtifactError, is_legacy
     from .registry import ModelRegistry, RegistryError
 
-    parser = argparse.ArgumentParser(prog="shoppulse models", description="List, inspect, promote, roll back and "
-                                     "migrate model versions in the registry.")
-    parser.add_argument("--registry", default=None,
-                        help="registry root (default: $SHOPPULSE_MODELS_DIR or artifacts/models)")
+    parser = argparse.ArgumentParser(
+        prog="shoppulse models",
+        description="List, inspect, promote, roll back and migrate model versions in the registry.",
+    )
+    parser.add_argument(
+        "--registry", default=None, help="registry root (default: $SHOPPULSE_MODELS_DIR or artifacts/models)"
+    )
     sub = parser.add_subparsers(dest="action", required=True)
     sub.add_parser("list", help="models, their versions and which one is current")
     p = sub.add_parser("show", help="metadata of one version (default: the current one)")
@@ -248,8 +302,11 @@ def models_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("version")
     p = sub.add_parser("rollback", help="return MODEL to the version current before the last promotion")
     p.add_argument("model")
-    p = sub.add_parser("migrate", help="convert versions saved with torch.save to safetensors, in place (keeps the "
-                       "versions and the current pointers)")
+    p = sub.add_parser(
+        "migrate",
+        help="convert versions saved with torch.save to safetensors, in place (keeps the "
+        "versions and the current pointers)",
+    )
     p.add_argument("--dry-run", action="store_true", help="only say what would be converted")
     args = parser.parse_args(argv)
     reg = ModelRegistry(args.registry)
@@ -267,10 +324,18 @@ def models_main(argv: Sequence[str] | None = None) -> int:
                     except ArtifactError as exc:
                         rows.append([info.name, version, "", "", "", f"unreadable: {exc}"[:60]])
                         continue
-                    rows.append([info.name, version, "*" if version == info.current else "",
-                                 str(meta.get("created", ""))[:19], str(meta.get("feature_spec_hash") or "-"),
-                                 "old torch.save format: run `shoppulse models migrate`" if is_legacy(meta)
-                                 else _headline(meta)])
+                    rows.append(
+                        [
+                            info.name,
+                            version,
+                            "*" if version == info.current else "",
+                            str(meta.get("created", ""))[:19],
+                            str(meta.get("feature_spec_hash") or "-"),
+                            "old torch.save format: run `shoppulse models migrate`"
+                            if is_legacy(meta)
+                            else _headline(meta),
+                        ]
+                    )
                 if not info.versions:
                     rows.append([info.name, "(none)", "", "", "", ""])
             print(f"registry {reg.root}  (* = current)")
@@ -281,8 +346,24 @@ def models_main(argv: Sequence[str] | None = None) -> int:
             if version is None:
                 raise RegistryError(f"model {args.model!r} has no current version; name one")
             meta = reg.describe(args.model, version)
-            print(json.dumps({k: meta.get(k) for k in ("kind", "version", "created", "feature_spec_hash", "vocab",
-                                                       "training_data", "metrics", "config")}, indent=2))
+            print(
+                json.dumps(
+                    {
+                        k: meta.get(k)
+                        for k in (
+                            "kind",
+                            "version",
+                            "created",
+                            "feature_spec_hash",
+                            "vocab",
+                            "training_data",
+                            "metrics",
+                            "config",
+                        )
+                    },
+                    indent=2,
+                )
+            )
             return 0
         if args.action == "promote":
             info = reg.promote(args.model, args.version)

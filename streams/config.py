@@ -5,6 +5,7 @@ from it, and a test keeps the two in step). Kafka connection settings use the us
 (``KAFKA_BOOTSTRAP_SERVERS``, ``KAFKA_SECURITY_PROTOCOL``, ``KAFKA_SASL_*``, ``KAFKA_SSL_*``)
 so the same worker runs against the embedded broker and a production Apache Kafka cluster.
 """
+
 from __future__ import annotations
 
 import os
@@ -101,8 +102,17 @@ SETTINGS_DOC: dict[str, tuple[str, str, str]] = {
         "warm copies of each table partition on other workers (Faust table_standby_replicas): each makes every worker "
         "also apply the others' changelog; 0 = a worker that takes over a partition restores it from the changelog",
     ),
-    "commit_interval_s": ("SHOPPULSE_COMMIT_INTERVAL_S", "2.8", "seconds between commits of acknowledged input offsets (Faust broker_commit_interval); a crash replays at most about this much"),
-    "commit_every": ("SHOPPULSE_COMMIT_EVERY", "10000", "also commit once this many input offsets were acknowledged since the last commit (Faust broker_commit_every)"),
+    "commit_interval_s": (
+        "SHOPPULSE_COMMIT_INTERVAL_S",
+        "2.8",
+        "seconds between commits of acknowledged input offsets (Faust broker_commit_interval); a crash "
+        "replays at most about this much",
+    ),
+    "commit_every": (
+        "SHOPPULSE_COMMIT_EVERY",
+        "10000",
+        "also commit once this many input offsets were acknowledged since the last commit (Faust broker_commit_every)",
+    ),
     "max_batch": ("SHOPPULSE_MAX_BATCH", "1000", "micro-batch: most events handled in one step"),
     "max_wait_ms": ("SHOPPULSE_MAX_WAIT_MS", "50", "micro-batch: longest wait, in ms, for a batch to fill"),
     "grace_ms": (
@@ -152,8 +162,11 @@ SETTINGS_DOC: dict[str, tuple[str, str, str]] = {
     "metrics_host": ("SHOPPULSE_METRICS_HOST", "127.0.0.1", "address of the /metrics, /healthz, /readyz server"),
     "metrics_port": ("SHOPPULSE_METRICS_PORT", "9108", "port of that server (0 = pick a free one)"),
     "log_level": ("SHOPPULSE_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
-    "log_format": ("SHOPPULSE_LOG_FORMAT", "text",
-                   "text (for people) or json (one object per line: time, level, logger, message, exception)"),
+    "log_format": (
+        "SHOPPULSE_LOG_FORMAT",
+        "text",
+        "text (for people) or json (one object per line: time, level, logger, message, exception)",
+    ),
 }
 
 
@@ -273,19 +286,24 @@ class Settings:
         """Raise :class:`ConfigError` naming the variable of the first unusable value."""
         if self.broker_profile not in BROKER_PROFILES:
             raise ConfigError(
-                f"SHOPPULSE_BROKER_PROFILE={self.broker_profile!r}; use one of {', '.join(BROKER_PROFILES)}")
+                f"SHOPPULSE_BROKER_PROFILE={self.broker_profile!r}; use one of {', '.join(BROKER_PROFILES)}"
+            )
         if self.security_protocol not in ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"):
             raise ConfigError(
-                f"KAFKA_SECURITY_PROTOCOL={self.security_protocol!r}; use PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL")
+                f"KAFKA_SECURITY_PROTOCOL={self.security_protocol!r}; use PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL"
+            )
         if self.security_protocol.startswith("SASL") and not (self.sasl_mechanism and self.sasl_username):
-            raise ConfigError("KAFKA_SECURITY_PROTOCOL uses SASL but KAFKA_SASL_MECHANISM or KAFKA_SASL_USERNAME "
-                              "is empty; set both")
+            raise ConfigError(
+                "KAFKA_SECURITY_PROTOCOL uses SASL but KAFKA_SASL_MECHANISM or KAFKA_SASL_USERNAME is empty; set both"
+            )
         if self.security_protocol.startswith("SASL") and self.sasl_mechanism not in SASL_MECHANISMS:
             raise ConfigError(f"KAFKA_SASL_MECHANISM={self.sasl_mechanism!r}; use {', '.join(SASL_MECHANISMS)}")
         if not self.security_protocol.startswith("SASL") and (self.sasl_username or self.sasl_password):
-            raise ConfigError(f"KAFKA_SASL_USERNAME/KAFKA_SASL_PASSWORD are set but KAFKA_SECURITY_PROTOCOL="
-                              f"{self.security_protocol} does not use them; set SASL_SSL or SASL_PLAINTEXT, "
-                              "or unset the credentials")
+            raise ConfigError(
+                f"KAFKA_SASL_USERNAME/KAFKA_SASL_PASSWORD are set but KAFKA_SECURITY_PROTOCOL="
+                f"{self.security_protocol} does not use them; set SASL_SSL or SASL_PLAINTEXT, "
+                "or unset the credentials"
+            )
         if self.ssl_keyfile and not self.ssl_certfile:
             raise ConfigError("KAFKA_SSL_KEYFILE is set without KAFKA_SSL_CERTFILE; mutual TLS needs both")
         self._validate_kafka_limits()
@@ -296,8 +314,10 @@ class Settings:
         if self.commit_every < 1 or self.commit_interval_s <= 0:
             raise ConfigError("SHOPPULSE_COMMIT_EVERY must be at least 1 and SHOPPULSE_COMMIT_INTERVAL_S above 0")
         if self.history_len < 1 or self.eviction_interval_s < 1 or self.silent_sweep_interval_s < 1:
-            raise ConfigError("SHOPPULSE_HISTORY_LEN, SHOPPULSE_EVICTION_INTERVAL_S and "
-                              "SHOPPULSE_SILENT_SWEEP_INTERVAL_S must be at least 1")
+            raise ConfigError(
+                "SHOPPULSE_HISTORY_LEN, SHOPPULSE_EVICTION_INTERVAL_S and "
+                "SHOPPULSE_SILENT_SWEEP_INTERVAL_S must be at least 1"
+            )
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"SHOPPULSE_LOG_LEVEL={self.log_level!r}; use DEBUG, INFO, WARNING or ERROR")
         if self.log_format not in LOG_FORMATS:
@@ -313,20 +333,27 @@ class Settings:
     def _validate_kafka_limits(self) -> None:
         """The message, fetch and buffer limits must be ones librdkafka accepts and that fit together."""
         if not 1000 <= self.kafka_max_message_bytes <= 1_000_000_000:
-            raise ConfigError(f"SHOPPULSE_KAFKA_MAX_MESSAGE_BYTES={self.kafka_max_message_bytes}; "
-                              "use 1000 to 1000000000 (librdkafka's range)")
+            raise ConfigError(
+                f"SHOPPULSE_KAFKA_MAX_MESSAGE_BYTES={self.kafka_max_message_bytes}; "
+                "use 1000 to 1000000000 (librdkafka's range)"
+            )
         if self.kafka_fetch_max_bytes < self.kafka_max_message_bytes:
-            raise ConfigError(f"SHOPPULSE_KAFKA_FETCH_MAX_BYTES={self.kafka_fetch_max_bytes} is below "
-                              f"SHOPPULSE_KAFKA_MAX_MESSAGE_BYTES={self.kafka_max_message_bytes}; raise it")
+            raise ConfigError(
+                f"SHOPPULSE_KAFKA_FETCH_MAX_BYTES={self.kafka_fetch_max_bytes} is below "
+                f"SHOPPULSE_KAFKA_MAX_MESSAGE_BYTES={self.kafka_max_message_bytes}; raise it"
+            )
         if not 1 <= self.kafka_max_partition_fetch_bytes <= 1_000_000_000:
-            raise ConfigError(f"SHOPPULSE_KAFKA_MAX_PARTITION_FETCH_BYTES={self.kafka_max_partition_fetch_bytes}; "
-                              "use 1 to 1000000000")
+            raise ConfigError(
+                f"SHOPPULSE_KAFKA_MAX_PARTITION_FETCH_BYTES={self.kafka_max_partition_fetch_bytes}; use 1 to 1000000000"
+            )
         if self.kafka_producer_buffer_messages < 1:
             raise ConfigError("SHOPPULSE_KAFKA_PRODUCER_BUFFER_MESSAGES must be at least 1")
         if self.kafka_producer_buffer_kbytes * 1024 < self.kafka_max_message_bytes:
-            raise ConfigError(f"SHOPPULSE_KAFKA_PRODUCER_BUFFER_KBYTES={self.kafka_producer_buffer_kbytes} cannot hold "
-                              f"one message of SHOPPULSE_KAFKA_MAX_MESSAGE_BYTES={self.kafka_max_message_bytes}; "
-                              "a producer would wait forever: raise the buffer or lower the message size")
+            raise ConfigError(
+                f"SHOPPULSE_KAFKA_PRODUCER_BUFFER_KBYTES={self.kafka_producer_buffer_kbytes} cannot hold "
+                f"one message of SHOPPULSE_KAFKA_MAX_MESSAGE_BYTES={self.kafka_max_message_bytes}; "
+                "a producer would wait forever: raise the buffer or lower the message size"
+            )
 
     @property
     def input_topics(self) -> tuple[str, str, str]:
@@ -347,11 +374,19 @@ class Settings:
         """Connection settings for confluent-kafka clients (producer, consumer, admin)."""
         config = {"bootstrap.servers": self.bootstrap_servers, "security.protocol": self.security_protocol}
         if self.security_protocol.startswith("SASL"):
-            config.update({"sasl.mechanism": self.sasl_mechanism, "sasl.username": self.sasl_username,
-                           "sasl.password": self.sasl_password})
+            config.update(
+                {
+                    "sasl.mechanism": self.sasl_mechanism,
+                    "sasl.username": self.sasl_username,
+                    "sasl.password": self.sasl_password,
+                }
+            )
         if self.security_protocol.endswith("SSL"):
-            for key, value in (("ssl.ca.location", self.ssl_cafile), ("ssl.certificate.location", self.ssl_certfile),
-                               ("ssl.key.location", self.ssl_keyfile)):
+            for key, value in (
+                ("ssl.ca.location", self.ssl_cafile),
+                ("ssl.certificate.location", self.ssl_certfile),
+                ("ssl.key.location", self.ssl_keyfile),
+            ):
                 if value:
                     config[key] = value
         return config

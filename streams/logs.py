@@ -5,6 +5,7 @@ log through :func:`setup_logging`; the worker hands :func:`worker_logging_config
 whose worker replaces the root logger's handlers with its own (coloured, in another layout)
 when it starts, so both end up with the same handler and format.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -68,6 +69,5 @@ def worker_logging_config(level: str, log_format: str) -> dict[str, Any]:
         "merge": True,
         "version": 1,
         "formatters": {"shoppulse": chosen},
-        "handlers": {"default": {"class": "logging.StreamHandler", "formatter": "shoppulse",
-                                 "level": level.upper()}},
+        "handlers": {"default": {"class": "logging.StreamHandler", "formatter": "shoppulse", "level": level.upper()}},
     }

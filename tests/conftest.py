@@ -1,4 +1,5 @@
 """Shared fixtures: paths to the shared real datasets."""
+
 from __future__ import annotations
 
 from pathlib import Path

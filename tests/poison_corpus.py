@@ -6,16 +6,30 @@ ignored, ids are any printable Unicode, a repeated ``event_id`` is applied once)
 ``tests/unit/features/test_poison_corpus.py`` (the validator gives exactly these answers) and
 ``tests/integration/test_reliability.py`` (the worker dead-letters them and keeps running).
 """
+
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 from typing import Any
 
-from features.events import (REASON_BAD_JSON, REASON_BAD_VALUE, REASON_MISSING_FIELD, REASON_NEGATIVE_PRICE,
-                             REASON_NOT_OBJECT, REASON_OVERSIZED, REASON_TS_FUTURE, REASON_TS_TOO_OLD,
-                             REASON_UNSAFE_ID, REASON_UNSUPPORTED_VERSION, REASON_WRONG_KEY, REASON_WRONG_TYPE,
-                             TOPIC_KIND_CART, TOPIC_KIND_ORDER, TOPIC_KIND_VIEW)
+from features.events import (
+    REASON_BAD_JSON,
+    REASON_BAD_VALUE,
+    REASON_MISSING_FIELD,
+    REASON_NEGATIVE_PRICE,
+    REASON_NOT_OBJECT,
+    REASON_OVERSIZED,
+    REASON_TS_FUTURE,
+    REASON_TS_TOO_OLD,
+    REASON_UNSAFE_ID,
+    REASON_UNSUPPORTED_VERSION,
+    REASON_WRONG_KEY,
+    REASON_WRONG_TYPE,
+    TOPIC_KIND_CART,
+    TOPIC_KIND_ORDER,
+    TOPIC_KIND_VIEW,
+)
 
 ACCEPTED = "accepted"
 USER = "poison-u1"
@@ -40,16 +54,43 @@ def _json(doc: Any) -> bytes:
 def poison_corpus(now_ms: int) -> list[PoisonCase]:
     """The corpus, with valid timestamps one second before ``now_ms``."""
     ts = now_ms - 1000
-    view = {"event_id": "p-view", "user_id": USER, "ts": ts, "session_id": "s", "item_id": "i1", "category": "toys",
-            "price": 9.5}
-    cart = {"event_id": "p-cart", "user_id": USER, "ts": ts, "session_id": "s", "item_id": "i1", "action": "add",
-            "quantity": 1, "price": 9.5}
-    order = {"event_id": "p-order", "user_id": USER, "ts": ts, "order_id": "o1",
-             "items": [{"item_id": "i1", "quantity": 1, "price": 9.5}], "total": 9.5}
+    view = {
+        "event_id": "p-view",
+        "user_id": USER,
+        "ts": ts,
+        "session_id": "s",
+        "item_id": "i1",
+        "category": "toys",
+        "price": 9.5,
+    }
+    cart = {
+        "event_id": "p-cart",
+        "user_id": USER,
+        "ts": ts,
+        "session_id": "s",
+        "item_id": "i1",
+        "action": "add",
+        "quantity": 1,
+        "price": 9.5,
+    }
+    order = {
+        "event_id": "p-order",
+        "user_id": USER,
+        "ts": ts,
+        "order_id": "o1",
+        "items": [{"item_id": "i1", "quantity": 1, "price": 9.5}],
+        "total": 9.5,
+    }
     key = USER.encode()
 
-    def case(name: str, kind: str, doc: dict[str, Any], expected: str, raw: bytes | None = None,
-             message_key: bytes | None = key) -> PoisonCase:
+    def case(
+        name: str,
+        kind: str,
+        doc: dict[str, Any],
+        expected: str,
+        raw: bytes | None = None,
+        message_key: bytes | None = key,
+    ) -> PoisonCase:
         return PoisonCase(name, kind, message_key, _json(doc) if raw is None else raw, expected)
 
     def v(name: str, expected: str, **changes: Any) -> PoisonCase:
@@ -73,11 +114,22 @@ def poison_corpus(now_ms: int) -> list[PoisonCase]:
         case("bom", TOPIC_KIND_VIEW, view, REASON_BAD_JSON, raw=b"\xef\xbb\xbf" + _json(view)),
         case("deep-nesting", TOPIC_KIND_VIEW, view, REASON_BAD_JSON, raw=deep),
         # a repeated name hides a field: Python would take the last user_id, matching the key
-        case("repeated-user-id", TOPIC_KIND_VIEW, view, REASON_BAD_JSON,
-             raw=b'{"user_id": "poison-u9", ' + _json({**view, "event_id": "p-repeated-user-id"})[1:]),
-        case("repeated-line-price", TOPIC_KIND_ORDER, order, REASON_BAD_JSON,
-             raw=_json({**order, "event_id": "p-repeated-line-price"}).replace(b'"price": 9.5',
-                                                                              b'"price": 0.0, "price": 9.5', 1)),
+        case(
+            "repeated-user-id",
+            TOPIC_KIND_VIEW,
+            view,
+            REASON_BAD_JSON,
+            raw=b'{"user_id": "poison-u9", ' + _json({**view, "event_id": "p-repeated-user-id"})[1:],
+        ),
+        case(
+            "repeated-line-price",
+            TOPIC_KIND_ORDER,
+            order,
+            REASON_BAD_JSON,
+            raw=_json({**order, "event_id": "p-repeated-line-price"}).replace(
+                b'"price": 9.5', b'"price": 0.0, "price": 9.5', 1
+            ),
+        ),
         v("nan-price", REASON_BAD_JSON, price=float("nan")),
         o("infinite-total", REASON_BAD_JSON, total=float("inf")),
         case("array", TOPIC_KIND_ORDER, view, REASON_NOT_OBJECT, raw=_json([order])),
@@ -87,8 +139,13 @@ def poison_corpus(now_ms: int) -> list[PoisonCase]:
         v("ts-float", REASON_WRONG_TYPE, ts=float(ts)),
         c("quantity-float", REASON_WRONG_TYPE, quantity=2.0),
         c("quantity-bool", REASON_WRONG_TYPE, quantity=True),
-        case("user-int", TOPIC_KIND_VIEW, {**view, "event_id": "p-user-int", "user_id": 123}, REASON_WRONG_TYPE,
-             message_key=b"123"),
+        case(
+            "user-int",
+            TOPIC_KIND_VIEW,
+            {**view, "event_id": "p-user-int", "user_id": 123},
+            REASON_WRONG_TYPE,
+            message_key=b"123",
+        ),
         o("items-string", REASON_WRONG_TYPE, items="i1"),
         # huge strings
         v("huge-id", REASON_BAD_VALUE, item_id="x" * 10_000),
@@ -102,12 +159,27 @@ def poison_corpus(now_ms: int) -> list[PoisonCase]:
         v("inner-space", ACCEPTED, category="garden tools"),
         v("quote-and-comma", ACCEPTED, item_id='sku "1",2'),
         v("inner-dash-and-at", ACCEPTED, item_id="sku-1@shop=2"),
-        case("zero-width-user", TOPIC_KIND_VIEW, {**view, "event_id": "p-zw", "user_id": "poison-\u200bu2"},
-             REASON_UNSAFE_ID, message_key="poison-\u200bu2".encode()),
-        case("zero-width-key-mismatch", TOPIC_KIND_VIEW, {**view, "event_id": "p-zwk", "user_id": "poison-\u200bu2"},
-             REASON_UNSAFE_ID, message_key=b"poison-u2"),
-        case("newline-user", TOPIC_KIND_VIEW, {**view, "event_id": "p-nl", "user_id": "poison-u1\nlevel=error"},
-             REASON_UNSAFE_ID, message_key=b"poison-u1\nlevel=error"),
+        case(
+            "zero-width-user",
+            TOPIC_KIND_VIEW,
+            {**view, "event_id": "p-zw", "user_id": "poison-\u200bu2"},
+            REASON_UNSAFE_ID,
+            message_key="poison-\u200bu2".encode(),
+        ),
+        case(
+            "zero-width-key-mismatch",
+            TOPIC_KIND_VIEW,
+            {**view, "event_id": "p-zwk", "user_id": "poison-\u200bu2"},
+            REASON_UNSAFE_ID,
+            message_key=b"poison-u2",
+        ),
+        case(
+            "newline-user",
+            TOPIC_KIND_VIEW,
+            {**view, "event_id": "p-nl", "user_id": "poison-u1\nlevel=error"},
+            REASON_UNSAFE_ID,
+            message_key=b"poison-u1\nlevel=error",
+        ),
         v("nul-item", REASON_UNSAFE_ID, item_id="i1\x00"),
         v("cr-session", REASON_UNSAFE_ID, session_id="s\r"),
         v("tab-item", REASON_UNSAFE_ID, item_id="i\t1"),

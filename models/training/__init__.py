@@ -46,6 +46,7 @@ One module per concern: :mod:`.config` (:class:`TrainingConfig`), :mod:`.example
 :mod:`.select` (step 6) and :mod:`.pipeline` (step 7 and :func:`train_all`). Serving never imports this package: the
 registry names it saves under live in :mod:`models.names`.
 """
+
 from __future__ import annotations
 
 from .config import TrainingConfig
@@ -57,7 +58,19 @@ from .select import select_classifier, select_recommender
 from .split import TimeSplit, make_time_split
 
 __all__ = (
-    "TrainingConfig", "TrainingResult", "ExampleSet", "TimeSplit", "train_all", "build_examples", "make_time_split",
-    "fit_and_evaluate_classifiers", "fit_and_evaluate_nextitem", "train_logistic_regression", "rule_scores",
-    "PlattRule", "models_ready", "select_classifier", "select_recommender",
+    "TrainingConfig",
+    "TrainingResult",
+    "ExampleSet",
+    "TimeSplit",
+    "train_all",
+    "build_examples",
+    "make_time_split",
+    "fit_and_evaluate_classifiers",
+    "fit_and_evaluate_nextitem",
+    "train_logistic_regression",
+    "rule_scores",
+    "PlattRule",
+    "models_ready",
+    "select_classifier",
+    "select_recommender",
 )

@@ -1,4 +1,5 @@
 """What :func:`models.training.train_all` needs besides the events: :class:`TrainingConfig`."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
@@ -71,16 +72,32 @@ class TrainingConfig:
     source: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def quick(cls, **overrides: Any) -> "TrainingConfig":
+    def quick(cls, **overrides: Any) -> TrainingConfig:
         """Demo size: seconds on one CPU thread for ~2k shoppers x 28 days.
 
         Uses a 7-day churn horizon: with a 28-day log a 14-day horizon leaves no leakage-free
         training window (training needs ``t + 14 d <= S``, evaluation ``S <= t <= end - 14 d``).
         """
-        base = cls(labels=LabelConfig(churn_horizon_ms=7 * DAY_MS), warmup_ms=3 * DAY_MS, hidden=(32, 16), epochs=40,
-                   patience=4, batch_size=1024, lr=3e-3, bootstrap=100, nextitem_dim=32, nextitem_layers=1,
-                   nextitem_heads=1, nextitem_max_len=20, nextitem_dropout=0.3, nextitem_epochs=6, nextitem_patience=2,
-                   nextitem_batch_size=256, nextitem_lr=5e-3, nextitem_recent_only=True)
+        base = cls(
+            labels=LabelConfig(churn_horizon_ms=7 * DAY_MS),
+            warmup_ms=3 * DAY_MS,
+            hidden=(32, 16),
+            epochs=40,
+            patience=4,
+            batch_size=1024,
+            lr=3e-3,
+            bootstrap=100,
+            nextitem_dim=32,
+            nextitem_layers=1,
+            nextitem_heads=1,
+            nextitem_max_len=20,
+            nextitem_dropout=0.3,
+            nextitem_epochs=6,
+            nextitem_patience=2,
+            nextitem_batch_size=256,
+            nextitem_lr=5e-3,
+            nextitem_recent_only=True,
+        )
         return replace(base, **overrides)
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,8 +1,10 @@
 """Point-in-time rows: replay the log, take rows at scoring moments, label them (:func:`build_examples`)."""
+
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -69,9 +71,14 @@ class ExampleSet:
     counts: dict[str, Any]
 
 
-def build_examples(events: Iterable[Event], labels: LabelConfig = LabelConfig(),
-                   state_config: StateConfig = StateConfig(), spec: FeatureSpec = DEFAULT_FEATURE_SPEC,
-                   observed_until_ms: int | None = None, progress: bool = False) -> ExampleSet:
+def build_examples(
+    events: Iterable[Event],
+    labels: LabelConfig = LabelConfig(),
+    state_config: StateConfig = StateConfig(),
+    spec: FeatureSpec = DEFAULT_FEATURE_SPEC,
+    observed_until_ms: int | None = None,
+    progress: bool = False,
+) -> ExampleSet:
     """Replay the log, take rows at scoring moments, label them (see :mod:`models.labels`)."""
     events = list(events)
     if not events:
@@ -94,12 +101,15 @@ def build_examples(events: Iterable[Event], labels: LabelConfig = LabelConfig(),
     from tqdm.auto import tqdm
 
     stream = replay(events, state_config, tap)  # type: ignore[arg-type]  (duck-typed spec, see _StateTap)
-    for k, (event, outcome, _) in enumerate(tqdm(stream, total=n, desc="replay", disable=not progress,
-                                                 dynamic_ncols=True, mininterval=1.0)):
+    for k, (event, outcome, _) in enumerate(
+        tqdm(stream, total=n, desc="replay", disable=not progress, dynamic_ncols=True, mininterval=1.0)
+    ):
         state = tap.last
         if state is None or state.user_id != event.user_id:
-            raise RuntimeError("features.offline.replay no longer calls spec.row(state, ts) after each update; "
-                               "models.training._StateTap must follow it")
+            raise RuntimeError(
+                "features.offline.replay no longer calls spec.row(state, ts) after each update; "
+                "models.training._StateTap must follow it"
+            )
         tap.last = None
         if outcome == APPLIED:
             applied.append(event)
@@ -122,18 +132,24 @@ def build_examples(events: Iterable[Event], labels: LabelConfig = LabelConfig(),
                 users.extend(s.user_id for s in live)
                 times.extend([t] * len(live))
                 kinds.extend([MOMENT_SWEEP] * len(live))
-    x = np.vstack([r.reshape(-1, spec.dim) for r in rows]).astype(np.float32) if rows else \
-        np.zeros((0, spec.dim), np.float32)
+    x = (
+        np.vstack([r.reshape(-1, spec.dim) for r in rows]).astype(np.float32)
+        if rows
+        else np.zeros((0, spec.dim), np.float32)
+    )
     ts = np.asarray(times, dtype=np.int64)
     index = FutureIndex(applied)
     y = label_moments(index, users, ts, labels, until)
     keep = ~np.isnan(y).all(axis=1)
     moment = np.asarray(kinds, dtype=np.int8)
     counts = {
-        "events": n, "applied_events": len(applied), "duplicates": duplicates, "shoppers": len(tap.states),
+        "events": n,
+        "applied_events": len(applied),
+        "duplicates": duplicates,
+        "shoppers": len(tap.states),
         "moments": {"event": int((moment == MOMENT_EVENT).sum()), "sweep": int((moment == MOMENT_SWEEP).sum())},
         "dropped_all_censored": int((~keep).sum()),
         "labels": label_summary(y),
     }
-    users_kept = [u for u, kk in zip(users, keep) if kk]
+    users_kept = [u for u, kk in zip(users, keep, strict=False) if kk]
     return ExampleSet(x[keep], y[keep], ts[keep], users_kept, moment[keep], applied, first_ms, until, counts)

@@ -1,13 +1,15 @@
 """The whole job: :func:`train_all` (replay, label, split, train, choose on validation, evaluate,
 save the chosen models, promote)."""
+
 from __future__ import annotations
 
 import datetime as dt
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -58,8 +60,10 @@ class TrainingResult:
     @property
     def served(self) -> dict[str, str]:
         """Registry model name -> the candidate registered under it (chosen on validation)."""
-        return {CLASSIFIER_MODEL: self.report["classifiers"]["selection"]["served"],
-                NEXTITEM_MODEL: self.report["nextitem"]["selection"]["served"]}
+        return {
+            CLASSIFIER_MODEL: self.report["classifiers"]["selection"]["served"],
+            NEXTITEM_MODEL: self.report["nextitem"]["selection"]["served"],
+        }
 
 
 def _json_safe(obj: Any) -> Any:
@@ -80,7 +84,7 @@ def _json_safe(obj: Any) -> Any:
 
 
 def _new_version(registry: ModelRegistry, wanted: str | None) -> str:
-    base = wanted or dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    base = wanted or dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     version, n = base, 1
     while any(registry.version_dir(m, version).exists() for m in (CLASSIFIER_MODEL, NEXTITEM_MODEL)):
         if wanted:
@@ -90,8 +94,12 @@ def _new_version(registry: ModelRegistry, wanted: str | None) -> str:
     return version
 
 
-def train_all(events: Iterable[Event], out_registry_root: str | Path | None = None,
-              config: TrainingConfig | None = None, spec: FeatureSpec | None = None) -> TrainingResult:
+def train_all(
+    events: Iterable[Event],
+    out_registry_root: str | Path | None = None,
+    config: TrainingConfig | None = None,
+    spec: FeatureSpec | None = None,
+) -> TrainingResult:
     """Replay, label, split by time, train, evaluate against baselines, save and promote.
 
     Args:
@@ -108,8 +116,14 @@ def train_all(events: Iterable[Event], out_registry_root: str | Path | None = No
     t0 = time.perf_counter()
     ex = build_examples(events, cfg.labels, cfg.state, spec, cfg.observed_until_ms, cfg.progress)
     timings["replay_and_labels"] = time.perf_counter() - t0
-    split = make_time_split(ex.observed_from_ms, ex.observed_until_ms, cfg.labels.horizons(), cfg.eval_fraction,
-                            cfg.valid_fraction, cfg.warmup_ms)
+    split = make_time_split(
+        ex.observed_from_ms,
+        ex.observed_until_ms,
+        cfg.labels.horizons(),
+        cfg.eval_fraction,
+        cfg.valid_fraction,
+        cfg.warmup_ms,
+    )
 
     t0 = time.perf_counter()
     served_classifier, cls_info = fit_and_evaluate_classifiers(ex, split, cfg, spec)
@@ -123,63 +137,112 @@ def train_all(events: Iterable[Event], out_registry_root: str | Path | None = No
     version = _new_version(registry, cfg.version)
     classifier = ShopperClassifier(served_classifier, spec.hash, version)
     training_data = {
-        "source": cfg.source, "events": ex.counts["events"], "applied_events": ex.counts["applied_events"],
-        "duplicates": ex.counts["duplicates"], "shoppers": ex.counts["shoppers"],
-        "observed_from": split.to_dict()["start"], "observed_until": split.to_dict()["end"],
-        "moments": ex.counts["moments"], "labels": ex.counts["labels"], "split": split.to_dict(),
-        "label_definitions": cfg.labels.describe(), "state_config": asdict(cfg.state),
+        "source": cfg.source,
+        "events": ex.counts["events"],
+        "applied_events": ex.counts["applied_events"],
+        "duplicates": ex.counts["duplicates"],
+        "shoppers": ex.counts["shoppers"],
+        "observed_from": split.to_dict()["start"],
+        "observed_until": split.to_dict()["end"],
+        "moments": ex.counts["moments"],
+        "labels": ex.counts["labels"],
+        "split": split.to_dict(),
+        "label_definitions": cfg.labels.describe(),
+        "state_config": asdict(cfg.state),
     }
-    cls_metrics = {task: {m: {k: v for k, v in d.items() if k != "by_moment"} for m, d in per.items()}
-                   for task, per in cls_info["metrics"].items()}
+    cls_metrics = {
+        task: {m: {k: v for k, v in d.items() if k != "by_moment"} for m, d in per.items()}
+        for task, per in cls_info["metrics"].items()
+    }
     cls_selection = cls_info["selection"]
     t0 = time.perf_counter()
     cls_dir = classifier.save(
-        registry.version_dir(CLASSIFIER_MODEL, version), version, metrics=_json_safe(cls_metrics),
+        registry.version_dir(CLASSIFIER_MODEL, version),
+        version,
+        metrics=_json_safe(cls_metrics),
         training_data=_json_safe(training_data | {"rows": cls_info["rows"]}),
-        extra=_json_safe({"labels": cfg.labels.to_dict(), "feature_names": list(spec.names),
-                          "comparison": {t: {b: {k: v for k, v in d.items()} for b, d in c["baselines"].items()}
-                                         for t, c in cls_info["comparison"].items()},
-                          "served": cls_selection["served"], "selection": cls_selection,
-                          "training": cls_info[f"{'mlp' if cls_selection['served'] == 'mlp' else 'logreg'}_training"],
-                          "seed": cfg.seed}))
-    ni_metrics = {p: {m: {k: v for k, v in r.items() if k != "by_target_kind"} for m, r in per.items()}
-                  for p, per in ni_info["metrics"].items()}
+        extra=_json_safe(
+            {
+                "labels": cfg.labels.to_dict(),
+                "feature_names": list(spec.names),
+                "comparison": {
+                    t: {b: {k: v for k, v in d.items()} for b, d in c["baselines"].items()}
+                    for t, c in cls_info["comparison"].items()
+                },
+                "served": cls_selection["served"],
+                "selection": cls_selection,
+                "training": cls_info[f"{'mlp' if cls_selection['served'] == 'mlp' else 'logreg'}_training"],
+                "seed": cfg.seed,
+            }
+        ),
+    )
+    ni_metrics = {
+        p: {m: {k: v for k, v in r.items() if k != "by_target_kind"} for m, r in per.items()}
+        for p, per in ni_info["metrics"].items()
+    }
     recommender.version = version
     ni_dir = recommender.save(
-        registry.version_dir(NEXTITEM_MODEL, version), version, metrics=_json_safe(ni_metrics),
+        registry.version_dir(NEXTITEM_MODEL, version),
+        version,
+        metrics=_json_safe(ni_metrics),
         training_data=_json_safe(training_data | {"nextitem": ni_info["data"]}),
-        extra=_json_safe({"feature_spec_hash": spec.hash, "history_source": "ShopperState.recent_items()",
-                          "history_len": cfg.state.history_len, "interaction_weights": {
-                              "view": cfg.labels.view_weight, "cart": cfg.labels.cart_weight,
-                              "order": cfg.labels.order_weight},
-                          "served": ni_info["selection"]["served"], "selection": ni_info["selection"],
-                          "training": ni_info["training"], "seed": cfg.seed}))
+        extra=_json_safe(
+            {
+                "feature_spec_hash": spec.hash,
+                "history_source": "ShopperState.recent_items()",
+                "history_len": cfg.state.history_len,
+                "interaction_weights": {
+                    "view": cfg.labels.view_weight,
+                    "cart": cfg.labels.cart_weight,
+                    "order": cfg.labels.order_weight,
+                },
+                "served": ni_info["selection"]["served"],
+                "selection": ni_info["selection"],
+                "training": ni_info["training"],
+                "seed": cfg.seed,
+            }
+        ),
+    )
     if cfg.promote:
         registry.promote(CLASSIFIER_MODEL, version)
         registry.promote(NEXTITEM_MODEL, version)
     timings["save"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_all
 
-    report = _json_safe({
-        "version": version,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "feature_spec_hash": spec.hash,
-        "device": str(resolve_device(cfg.device)),
-        "torch_threads": torch.get_num_threads(),
-        "config": cfg.to_dict(),
-        "data": training_data,
-        "censoring": {task: {"censored_rows": ex.counts["labels"][task]["censored"],
-                             "note": f"moments after the log's end minus the {task} horizon have no {task} label "
-                                     "and were dropped"} for task in TASKS},
-        "classifiers": cls_info,
-        "nextitem": ni_info,
-        "artifacts": {CLASSIFIER_MODEL: str(cls_dir), NEXTITEM_MODEL: str(ni_dir)},
-        "registry": str(registry.root),
-        "promoted": cfg.promote,
-        "timings": timings,
-    })
-    return TrainingResult(version, {CLASSIFIER_MODEL: Path(cls_dir), NEXTITEM_MODEL: Path(ni_dir)}, cfg.promote,
-                          report, classifier, recommender, timings)
+    report = _json_safe(
+        {
+            "version": version,
+            "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "feature_spec_hash": spec.hash,
+            "device": str(resolve_device(cfg.device)),
+            "torch_threads": torch.get_num_threads(),
+            "config": cfg.to_dict(),
+            "data": training_data,
+            "censoring": {
+                task: {
+                    "censored_rows": ex.counts["labels"][task]["censored"],
+                    "note": f"moments after the log's end minus the {task} horizon have no {task} label "
+                    "and were dropped",
+                }
+                for task in TASKS
+            },
+            "classifiers": cls_info,
+            "nextitem": ni_info,
+            "artifacts": {CLASSIFIER_MODEL: str(cls_dir), NEXTITEM_MODEL: str(ni_dir)},
+            "registry": str(registry.root),
+            "promoted": cfg.promote,
+            "timings": timings,
+        }
+    )
+    return TrainingResult(
+        version,
+        {CLASSIFIER_MODEL: Path(cls_dir), NEXTITEM_MODEL: Path(ni_dir)},
+        cfg.promote,
+        report,
+        classifier,
+        recommender,
+        timings,
+    )
 
 
 def models_ready(registry_root: str | Path | None = None, spec: FeatureSpec | None = None) -> bool:
@@ -197,5 +260,6 @@ def models_ready(registry_root: str | Path | None = None, spec: FeatureSpec | No
             metas[model] = registry.describe(model, version)
     except (RegistryError, ArtifactError):
         return False
-    return not any(is_legacy(m) for m in metas.values()) and \
-        metas[CLASSIFIER_MODEL].get("feature_spec_hash") == spec.hash
+    return (
+        not any(is_legacy(m) for m in metas.values()) and metas[CLASSIFIER_MODEL].get("feature_spec_hash") == spec.hash
+    )

@@ -13,6 +13,7 @@ can reach them (their arguments do not contain it).
 * Next item (:func:`select_recommender`): the servable candidate with the highest validation
   NDCG@10 (HR@10 breaks ties, then the simpler candidate wins).
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -23,14 +24,22 @@ import numpy as np
 from ..binary_metrics import bootstrap_mean_log_loss_delta, log_loss, roc_auc
 
 #: The rules in words (they go into the report and the artifacts).
-CLASSIFIER_CRITERION = ("mean validation log loss over the tasks; the MLP is served only when it is lower than the "
-                        "logistic regression's with the 95% shopper-bootstrap interval of the difference below zero")
+CLASSIFIER_CRITERION = (
+    "mean validation log loss over the tasks; the MLP is served only when it is lower than the "
+    "logistic regression's with the 95% shopper-bootstrap interval of the difference below zero"
+)
 RECOMMENDER_CRITERION = "highest validation NDCG@10 (HR@10, then the simpler candidate, break ties)"
 
 
-def select_classifier(candidate: str, baseline: str, valid_p: Mapping[str, Mapping[str, np.ndarray]],
-                      valid_y: Mapping[str, np.ndarray], valid_users: Mapping[str, np.ndarray], n_boot: int,
-                      seed: int) -> dict[str, Any]:
+def select_classifier(
+    candidate: str,
+    baseline: str,
+    valid_p: Mapping[str, Mapping[str, np.ndarray]],
+    valid_y: Mapping[str, np.ndarray],
+    valid_users: Mapping[str, np.ndarray],
+    n_boot: int,
+    seed: int,
+) -> dict[str, Any]:
     """Which of ``candidate`` (the MLP) and ``baseline`` (logistic regression) to register.
 
     Args:
@@ -42,25 +51,49 @@ def select_classifier(candidate: str, baseline: str, valid_p: Mapping[str, Mappi
     both, the mean log-loss difference (candidate - baseline), its interval and the reason.
     """
     tasks = list(valid_y)
-    per_task = {task: {m: {"log_loss": log_loss(valid_p[m][task], valid_y[task]),
-                           "roc_auc": roc_auc(valid_p[m][task], valid_y[task]), "rows": int(len(valid_y[task]))}
-                       for m in (candidate, baseline)} for task in tasks}
+    per_task = {
+        task: {
+            m: {
+                "log_loss": log_loss(valid_p[m][task], valid_y[task]),
+                "roc_auc": roc_auc(valid_p[m][task], valid_y[task]),
+                "rows": int(len(valid_y[task])),
+            }
+            for m in (candidate, baseline)
+        }
+        for task in tasks
+    }
     mean = {m: float(np.mean([per_task[t][m]["log_loss"] for t in tasks])) for m in (candidate, baseline)}
     delta = mean[candidate] - mean[baseline]
-    ci = bootstrap_mean_log_loss_delta([valid_p[candidate][t] for t in tasks], [valid_p[baseline][t] for t in tasks],
-                                       [valid_y[t] for t in tasks], [valid_users[t] for t in tasks], n_boot, seed)
+    ci = bootstrap_mean_log_loss_delta(
+        [valid_p[candidate][t] for t in tasks],
+        [valid_p[baseline][t] for t in tasks],
+        [valid_y[t] for t in tasks],
+        [valid_users[t] for t in tasks],
+        n_boot,
+        seed,
+    )
     wins = delta < 0 and (not ci or ci[1] < 0)
     served = candidate if wins else baseline
     interval = f" [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else " (no bootstrap)"
     if wins:
         reason = f"{candidate} has the lower mean validation log loss: {delta:+.4f}{interval}"
     elif delta < 0:
-        reason = (f"{candidate} is lower by {-delta:.4f} on mean validation log loss but the 95% interval{interval} "
-                  f"does not exclude zero, so the simpler {baseline} is served")
+        reason = (
+            f"{candidate} is lower by {-delta:.4f} on mean validation log loss but the 95% interval{interval} "
+            f"does not exclude zero, so the simpler {baseline} is served"
+        )
     else:
         reason = f"{candidate} does not beat {baseline} on mean validation log loss: {delta:+.4f}{interval}"
-    return {"served": served, "candidates": [candidate, baseline], "criterion": CLASSIFIER_CRITERION,
-            "valid": per_task, "mean_log_loss": mean, "delta_log_loss": delta, "ci95": ci, "reason": reason}
+    return {
+        "served": served,
+        "candidates": [candidate, baseline],
+        "criterion": CLASSIFIER_CRITERION,
+        "valid": per_task,
+        "mean_log_loss": mean,
+        "delta_log_loss": delta,
+        "ci95": ci,
+        "reason": reason,
+    }
 
 
 def select_recommender(valid_metrics: Mapping[str, Mapping[str, float]], servable: Sequence[str]) -> dict[str, Any]:
@@ -78,5 +111,10 @@ def select_recommender(valid_metrics: Mapping[str, Mapping[str, float]], servabl
     reason = f"{served} has the best validation NDCG@10 ({valid_metrics[served]['NDCG@10']:.4f})"
     if runner is not None:
         reason += f"; next best {runner} {valid_metrics[runner]['NDCG@10']:.4f}"
-    return {"served": served, "candidates": list(servable), "criterion": RECOMMENDER_CRITERION,
-            "valid": {m: dict(v) for m, v in valid_metrics.items()}, "reason": reason}
+    return {
+        "served": served,
+        "candidates": list(servable),
+        "criterion": RECOMMENDER_CRITERION,
+        "valid": {m: dict(v) for m, v in valid_metrics.items()},
+        "reason": reason,
+    }

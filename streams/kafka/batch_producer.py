@@ -12,11 +12,13 @@ Going through librdkafka instead of Faust's ``topic.send`` takes the per-message
 out of the hot path: librdkafka keeps many requests in flight and packs output messages into
 a few record batches per partition.
 """
+
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from confluent_kafka import KafkaError, Message, Producer
 
@@ -50,8 +52,12 @@ class BatchProducer:
     """
 
     def __init__(self, settings: Settings, track_offsets: bool = False) -> None:
-        config = {**BATCH_PRODUCER_SETTINGS, **confluent_producer_config(settings), "partitioner": PARTITIONER,
-                  "log_level": 3}
+        config = {
+            **BATCH_PRODUCER_SETTINGS,
+            **confluent_producer_config(settings),
+            "partitioner": PARTITIONER,
+            "log_level": 3,
+        }
         self._producer = Producer(config)
         self._failures: list[str] = []
         self._offsets: dict[tuple[str, int], int] = {}
@@ -70,13 +76,20 @@ class BatchProducer:
         if offset > self._offsets.get(tp, -1):
             self._offsets[tp] = offset
 
-    def send(self, topic: str, key: bytes | None, value: bytes | None,
-             headers: Sequence[tuple[str, bytes]] | None = None, partition: int = -1) -> None:
+    def send(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Sequence[tuple[str, bytes]] | None = None,
+        partition: int = -1,
+    ) -> None:
         """Queue one message (-1: the partitioner picks the partition); waits only if the buffer is full."""
         while True:
             try:
-                self._producer.produce(topic, value=value, key=key, headers=headers, partition=partition,
-                                       on_delivery=self._on_delivery)
+                self._producer.produce(
+                    topic, value=value, key=key, headers=headers, partition=partition, on_delivery=self._on_delivery
+                )
                 return
             except BufferError:  # full: serve deliveries until there is room
                 self._producer.poll(0.05)
@@ -97,7 +110,8 @@ class BatchProducer:
             raise DeliveryError(
                 f"{len(failures)} messages refused by the brokers ({shown or 'none'}), {still_queued} still "
                 f"unacknowledged after {timeout_s:.0f} s; the batch is not committed and will be re-processed after "
-                "a restart; check the brokers' health, that the topics exist, and the client's ACLs")
+                "a restart; check the brokers' health, that the topics exist, and the client's ACLs"
+            )
 
     def take_offsets(self) -> dict[tuple[str, int], int]:
         """Highest delivered offset per ``(topic, partition)`` since the last call (``track_offsets`` only)."""

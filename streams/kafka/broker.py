@@ -5,6 +5,7 @@ engine, waits until it answers a metadata request, and stops it cleanly. The chi
 this process (``PR_SET_PDEATHSIG`` on Linux), so a crash, ``kill -9`` or a failed test never
 leaves an orphan broker behind. Broker data lives in memory and is gone when it stops.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -88,8 +89,9 @@ class EmbeddedBroker:
             check that clients fail fast and clearly (``docs/deploy.md``, "Security and limits").
     """
 
-    def __init__(self, port: int = 0, log_path: Path | None = None, start_timeout_s: float = 20.0,
-                 authentication: bool = False) -> None:
+    def __init__(
+        self, port: int = 0, log_path: Path | None = None, start_timeout_s: float = 20.0, authentication: bool = False
+    ) -> None:
         self.host = "127.0.0.1"
         self.port = port or free_port(self.host)
         self.log_path = log_path
@@ -112,15 +114,31 @@ class EmbeddedBroker:
         if self._process is not None:
             return self
         url = f"tcp://{self.bootstrap_servers}"
-        command = [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
-                   "--storage-engine", "memory://tansu/", "--cluster-id", EMBEDDED_CLUSTER_ID]
+        command = [
+            tansu_binary(),
+            "broker",
+            "--listener-url",
+            url,
+            "--advertised-listener-url",
+            url,
+            "--storage-engine",
+            "memory://tansu/",
+            "--cluster-id",
+            EMBEDDED_CLUSTER_ID,
+        ]
         if self.authentication:
             command.append("--authentication")
         output = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         env = {**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")}
         try:
-            self._process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                             env=env, preexec_fn=_die_with_parent)
+            self._process = subprocess.Popen(
+                command,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                preexec_fn=_die_with_parent,
+            )
         finally:
             if not isinstance(output, int):  # not subprocess.DEVNULL
                 output.close()
@@ -142,16 +160,20 @@ class EmbeddedBroker:
         while time.monotonic() < deadline:
             assert self._process is not None
             if self._process.poll() is not None:
-                raise BrokerError(f"Tansu exited with code {self._process.returncode} while starting on "
-                                  f"{self.bootstrap_servers}; see {self.log_path or 'its output (set a log path)'}")
+                raise BrokerError(
+                    f"Tansu exited with code {self._process.returncode} while starting on "
+                    f"{self.bootstrap_servers}; see {self.log_path or 'its output (set a log path)'}"
+                )
             try:
                 self._probe(admin)
                 return
             except Exception as exc:  # KafkaException or BrokerError until the listener answers
                 last_error = exc
                 time.sleep(0.05)
-        raise BrokerError(f"Tansu did not answer on {self.bootstrap_servers} within "
-                          f"{self.start_timeout_s:.0f} s (last error: {last_error}); is the port free?")
+        raise BrokerError(
+            f"Tansu did not answer on {self.bootstrap_servers} within "
+            f"{self.start_timeout_s:.0f} s (last error: {last_error}); is the port free?"
+        )
 
     def _probe(self, admin: Any) -> None:
         """Raise unless the broker answers metadata, or ApiVersions where metadata needs a login."""
@@ -176,6 +198,7 @@ class EmbeddedBroker:
     def __enter__(self) -> EmbeddedBroker:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()

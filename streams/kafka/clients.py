@@ -10,19 +10,21 @@ The embedded Tansu broker needs a few client settings that production Kafka does
 ``docs/embedded-broker.md``); :func:`resolve_broker_profile` tells which one we talk to, so
 the worker applies them only there.
 """
+
 from __future__ import annotations
 
 import logging
 import ssl
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from streams.kafka.broker import EMBEDDED_CLUSTER_ID
 from streams.config import BROKER_PROFILE_AUTO, BROKER_PROFILE_KAFKA, BROKER_PROFILE_TANSU, ConfigError, Settings
+from streams.kafka.broker import EMBEDDED_CLUSTER_ID
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,7 @@ class KafkaSetupError(RuntimeError):
 
 # --------------------------------------------------------------------------- client settings
 
+
 def confluent_admin_config(settings: Settings) -> dict[str, Any]:
     """confluent-kafka AdminClient settings: connection and security; librdkafka logs errors only."""
     return {**settings.librdkafka_config(), "log_level": 3}
@@ -58,27 +61,36 @@ def confluent_producer_config(settings: Settings) -> dict[str, Any]:
     :func:`streams.kafka.producer.produce` then polls for deliveries and retries, so a flood of input
     waits instead of filling memory.
     """
-    return {**settings.librdkafka_config(),
-            "message.max.bytes": settings.kafka_max_message_bytes,
-            "queue.buffering.max.kbytes": settings.kafka_producer_buffer_kbytes,
-            "queue.buffering.max.messages": settings.kafka_producer_buffer_messages}
+    return {
+        **settings.librdkafka_config(),
+        "message.max.bytes": settings.kafka_max_message_bytes,
+        "queue.buffering.max.kbytes": settings.kafka_producer_buffer_kbytes,
+        "queue.buffering.max.messages": settings.kafka_producer_buffer_messages,
+    }
 
 
 def confluent_consumer_config(settings: Settings, group: str) -> dict[str, Any]:
     """confluent-kafka Consumer settings for consumer group ``group``: connection, security, fetch sizes."""
-    return {**settings.librdkafka_config(), "group.id": group,
-            "message.max.bytes": settings.kafka_max_message_bytes,
-            "fetch.max.bytes": settings.kafka_fetch_max_bytes,
-            "max.partition.fetch.bytes": settings.kafka_max_partition_fetch_bytes}
+    return {
+        **settings.librdkafka_config(),
+        "group.id": group,
+        "message.max.bytes": settings.kafka_max_message_bytes,
+        "fetch.max.bytes": settings.kafka_fetch_max_bytes,
+        "max.partition.fetch.bytes": settings.kafka_max_partition_fetch_bytes,
+    }
 
 
 def _raise(error: KafkaError) -> None:
     raise KafkaException(error)
 
 
-def consume_data(consumer: Consumer, max_messages: int, timeout_s: float,
-                 on_error: Callable[[KafkaError], None] = _raise,
-                 on_end: Callable[[Message], None] | None = None) -> Iterator[Message]:
+def consume_data(
+    consumer: Consumer,
+    max_messages: int,
+    timeout_s: float,
+    on_error: Callable[[KafkaError], None] = _raise,
+    on_end: Callable[[Message], None] | None = None,
+) -> Iterator[Message]:
     """The data messages of one ``consumer.consume`` call, in order.
 
     With ``enable.partition.eof`` librdkafka hands out "partition EOF" events as messages that
@@ -105,9 +117,11 @@ def faust_ssl_context(settings: Settings) -> ssl.SSLContext:
         if settings.ssl_certfile:
             context.load_cert_chain(settings.ssl_certfile, settings.ssl_keyfile or None)
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"cannot load the TLS files KAFKA_SSL_CAFILE={settings.ssl_cafile!r}, KAFKA_SSL_CERTFILE="
-                          f"{settings.ssl_certfile!r}, KAFKA_SSL_KEYFILE={settings.ssl_keyfile!r} ({exc}); "
-                          "point them at readable PEM files") from None
+        raise ConfigError(
+            f"cannot load the TLS files KAFKA_SSL_CAFILE={settings.ssl_cafile!r}, KAFKA_SSL_CERTFILE="
+            f"{settings.ssl_certfile!r}, KAFKA_SSL_KEYFILE={settings.ssl_keyfile!r} ({exc}); "
+            "point them at readable PEM files"
+        ) from None
     return context
 
 
@@ -117,8 +131,12 @@ def faust_credentials(settings: Settings) -> Any:
 
     context = faust_ssl_context(settings) if settings.security_protocol.endswith("SSL") else None
     if settings.security_protocol.startswith("SASL"):
-        return faust.SASLCredentials(username=settings.sasl_username, password=settings.sasl_password,
-                                     mechanism=settings.sasl_mechanism, ssl_context=context)
+        return faust.SASLCredentials(
+            username=settings.sasl_username,
+            password=settings.sasl_password,
+            mechanism=settings.sasl_mechanism,
+            ssl_context=context,
+        )
     if context is not None:
         return faust.SSLCredentials(context)
     return None
@@ -133,15 +151,18 @@ def faust_client_settings(settings: Settings) -> dict[str, Any]:
     Acknowledged input offsets are committed every ``broker_commit_interval`` seconds and after
     ``broker_commit_every`` acks (:mod:`streams.worker.faust_seam` keeps the latter in its drain loop).
     """
-    return {"broker_credentials": faust_credentials(settings),
-            "producer_max_request_size": settings.kafka_max_message_bytes,
-            "consumer_max_fetch_size": settings.kafka_max_partition_fetch_bytes,
-            "broker_max_poll_records": settings.kafka_max_poll_records or None,
-            "broker_commit_interval": settings.commit_interval_s,
-            "broker_commit_every": settings.commit_every}
+    return {
+        "broker_credentials": faust_credentials(settings),
+        "producer_max_request_size": settings.kafka_max_message_bytes,
+        "consumer_max_fetch_size": settings.kafka_max_partition_fetch_bytes,
+        "broker_max_poll_records": settings.kafka_max_poll_records or None,
+        "broker_commit_interval": settings.commit_interval_s,
+        "broker_commit_every": settings.commit_every,
+    }
 
 
 # --------------------------------------------------------------------------- the cluster
+
 
 class ReportingAdminClient(AdminClient):
     """An AdminClient that keeps the SASL and TLS errors librdkafka reported, in ``security_errors``."""
@@ -162,8 +183,9 @@ def admin_client(settings: Settings) -> ReportingAdminClient:
     try:
         return ReportingAdminClient(confluent_admin_config(settings))
     except KafkaException as exc:
-        raise KafkaSetupError(f"cannot create a Kafka client ({exc.args[0].str()}); check the KAFKA_SSL_* and "
-                              "KAFKA_SASL_* settings") from None
+        raise KafkaSetupError(
+            f"cannot create a Kafka client ({exc.args[0].str()}); check the KAFKA_SSL_* and KAFKA_SASL_* settings"
+        ) from None
 
 
 def resolve_broker_profile(settings: Settings, admin: ReportingAdminClient | None = None) -> str:
@@ -180,11 +202,13 @@ def _security_failure(settings: Settings, error: KafkaError) -> KafkaSetupError:
         return KafkaSetupError(
             f"{where} refused the SASL login of KAFKA_SASL_USERNAME={settings.sasl_username!r} with "
             f"KAFKA_SASL_MECHANISM={settings.sasl_mechanism} ({error.str()}); check KAFKA_SASL_USERNAME and "
-            "KAFKA_SASL_PASSWORD, and that the brokers offer that KAFKA_SASL_MECHANISM")
+            "KAFKA_SASL_PASSWORD, and that the brokers offer that KAFKA_SASL_MECHANISM"
+        )
     return KafkaSetupError(
         f"{where}: TLS or authentication failed with KAFKA_SECURITY_PROTOCOL={settings.security_protocol} "
         f"({error.str()}); check that the brokers listen with that protocol, and KAFKA_SSL_CAFILE, "
-        "KAFKA_SSL_CERTFILE and KAFKA_SSL_KEYFILE")
+        "KAFKA_SSL_CERTFILE and KAFKA_SSL_KEYFILE"
+    )
 
 
 def cluster_metadata(settings: Settings, admin: ReportingAdminClient | None = None):  # -> ClusterMetadata
@@ -208,7 +232,8 @@ def cluster_metadata(settings: Settings, admin: ReportingAdminClient | None = No
                 f"no answer from Kafka at KAFKA_BOOTSTRAP_SERVERS={settings.bootstrap_servers} within "
                 f"{ADMIN_TIMEOUT_S:.0f} s ({last_error}); start a broker (`shoppulse broker` for the embedded one) "
                 "or fix the address and the security settings (KAFKA_SECURITY_PROTOCOL, KAFKA_SASL_*, KAFKA_SSL_*: "
-                "the brokers may require a SASL login, TLS or a client certificate)")
+                "the brokers may require a SASL login, TLS or a client certificate)"
+            )
 
 
 @dataclass(frozen=True)
@@ -238,25 +263,37 @@ def ensure_topics(settings: Settings, topics: list[TopicSpec] | None = None) -> 
     existing = cluster_metadata(settings, admin).topics
     missing = [t for t in topics if t.name not in existing]
     if missing and settings.create_topics:
-        futures = admin.create_topics([NewTopic(t.name, num_partitions=t.partitions,
-                                                replication_factor=settings.replication_factor, config=t.config)
-                                       for t in missing], operation_timeout=ADMIN_TIMEOUT_S)
+        futures = admin.create_topics(
+            [
+                NewTopic(
+                    t.name, num_partitions=t.partitions, replication_factor=settings.replication_factor, config=t.config
+                )
+                for t in missing
+            ],
+            operation_timeout=ADMIN_TIMEOUT_S,
+        )
         for name, future in futures.items():
             try:
                 future.result()
                 log.info("created topic %s (%d partitions)", name, settings.partitions)
             except KafkaException as exc:
                 if "TOPIC_ALREADY_EXISTS" not in str(exc):
-                    raise KafkaSetupError(f"could not create topic {name}: {exc}; create it by hand with "
-                                          f"{settings.partitions} partitions or check ACLs") from None
+                    raise KafkaSetupError(
+                        f"could not create topic {name}: {exc}; create it by hand with "
+                        f"{settings.partitions} partitions or check ACLs"
+                    ) from None
     elif missing:
-        raise KafkaSetupError(f"topics {[t.name for t in missing]} do not exist and SHOPPULSE_CREATE_TOPICS is off; "
-                              f"create them with {settings.partitions} partitions each")
+        raise KafkaSetupError(
+            f"topics {[t.name for t in missing]} do not exist and SHOPPULSE_CREATE_TOPICS is off; "
+            f"create them with {settings.partitions} partitions each"
+        )
     counts = {name: len(meta.partitions) for name, meta in cluster_metadata(settings, admin).topics.items()}
     inputs = {name: counts.get(name) for name in settings.input_topics}
     if len(set(inputs.values())) != 1:
-        raise KafkaSetupError(f"input topics are not co-partitioned: partition counts {inputs}; give all three "
-                              "the same count, or a shopper's events will be split across workers")
+        raise KafkaSetupError(
+            f"input topics are not co-partitioned: partition counts {inputs}; give all three "
+            "the same count, or a shopper's events will be split across workers"
+        )
 
 
 #: Longest time Tansu may hold a fetch for which no data is ready, in ms. Tansu does not answer a
@@ -281,7 +318,10 @@ def tansu_client_overrides() -> dict[str, object]:
       changelog's end), and every restart again: a crash loop. Without it the worker keeps its
       local state and goes on scoring (tests/integration/test_reliability.py).
     """
-    return {"producer_max_batch_size": 1, "broker_session_timeout": 6.0,
-            "broker_heartbeat_interval": 1.5, "broker_rebalance_timeout": 10.0,
-            "recovery_consistency_check": False}
-
+    return {
+        "producer_max_batch_size": 1,
+        "broker_session_timeout": 6.0,
+        "broker_heartbeat_interval": 1.5,
+        "broker_rebalance_timeout": 10.0,
+        "recovery_consistency_check": False,
+    }

@@ -5,6 +5,7 @@ partitioner): with librdkafka's default CRC32 a user's page views, cart changes 
 would land in different partition numbers on the three topics and break the worker's
 co-partitioned state (see ``/work/shared/notes/faust-pitfalls.md``).
 """
+
 from __future__ import annotations
 
 import threading
@@ -15,8 +16,8 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
-from streams.sim.generator import GeneratedMessage
 from streams.kafka.clients import PARTITIONER
+from streams.sim.generator import GeneratedMessage
 
 #: Producer settings applied unless the caller's config sets them.
 DEFAULT_PRODUCER_SETTINGS: dict[str, Any] = {"linger.ms": 5}
@@ -76,9 +77,14 @@ class _TokenBucket:
             time.sleep((1.0 - self.tokens) / self.rate_per_s)
 
 
-def produce(messages: Iterable[GeneratedMessage], topics: Mapping[str, str], producer_config: dict[str, Any],
-            rate_per_s: float | None = None, progress: bool = False,
-            flush_timeout_s: float = 60.0) -> ProduceReport:
+def produce(
+    messages: Iterable[GeneratedMessage],
+    topics: Mapping[str, str],
+    producer_config: dict[str, Any],
+    rate_per_s: float | None = None,
+    progress: bool = False,
+    flush_timeout_s: float = 60.0,
+) -> ProduceReport:
     """Produce every message to ``topics[message.topic_kind]`` with its key and value.
 
     Args:
@@ -95,8 +101,10 @@ def produce(messages: Iterable[GeneratedMessage], topics: Mapping[str, str], pro
     """
     partitioner = producer_config.get("partitioner", PARTITIONER)
     if partitioner != PARTITIONER:
-        raise ValueError(f"partitioner {partitioner!r} would split a user's events across partition numbers; "
-                         f"input topics need {PARTITIONER!r}")
+        raise ValueError(
+            f"partitioner {partitioner!r} would split a user's events across partition numbers; "
+            f"input topics need {PARTITIONER!r}"
+        )
     producer = Producer({**DEFAULT_PRODUCER_SETTINGS, **producer_config, "partitioner": PARTITIONER})
     report = ProduceReport()
 
@@ -110,6 +118,7 @@ def produce(messages: Iterable[GeneratedMessage], topics: Mapping[str, str], pro
     bar = None
     if progress:
         from tqdm import tqdm
+
         bar = tqdm(unit="msg", unit_scale=True, desc="produce")
     started = time.monotonic()
     try:
@@ -153,16 +162,22 @@ class BackgroundProducer:
     ``failed`` must be 0 for ``sent`` to be exactly what the brokers hold.
     """
 
-    def __init__(self, messages: Iterable[GeneratedMessage], topics: Mapping[str, str],
-                 producer_config: dict[str, Any], rate_per_s: float) -> None:
+    def __init__(
+        self,
+        messages: Iterable[GeneratedMessage],
+        topics: Mapping[str, str],
+        producer_config: dict[str, Any],
+        rate_per_s: float,
+    ) -> None:
         self.sent: list[GeneratedMessage] = []
         self.report: ProduceReport | None = None
         self._messages = iter(messages)
         self._bucket = _TokenBucket(rate_per_s)
         self._burst_until = 0  # unpaced while len(sent) is below this; written only by burst()
         self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(topics, producer_config),
-                                        name="background-producer", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, args=(topics, producer_config), name="background-producer", daemon=True
+        )
 
     def _paced(self) -> Iterator[GeneratedMessage]:
         for message in self._messages:

@@ -6,6 +6,7 @@ objects in event-time order (:meth:`ShopSimulator.events`) or the Kafka messages
 ``features.events.REASON_*`` code the worker must reject them with. ``docs/generator.md``
 describes the simulated shop.
 """
+
 from __future__ import annotations
 
 import heapq
@@ -108,8 +109,24 @@ DEFAULT_SEGMENTS: tuple[Segment, ...] = (
     Segment("loyal_high_value", 0.10, 4.0, 0, 6.0, 45.0, 0.22, 0.03, 0.75, 0.30, -0.5, 0.08, 3),
 )
 
-_DEPARTMENTS = ("electronics", "appliances", "apparel", "home", "garden", "toys", "sports", "beauty",
-                "books", "grocery", "auto", "pets", "office", "health", "jewelry", "music")
+_DEPARTMENTS = (
+    "electronics",
+    "appliances",
+    "apparel",
+    "home",
+    "garden",
+    "toys",
+    "sports",
+    "beauty",
+    "books",
+    "grocery",
+    "auto",
+    "pets",
+    "office",
+    "health",
+    "jewelry",
+    "music",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,8 +173,10 @@ class GeneratorConfig:
 
     def __post_init__(self) -> None:
         if self.n_shoppers < 1 or self.n_categories < 1 or self.n_items < self.n_categories:
-            raise ValueError(f"need n_shoppers >= 1 and n_items >= n_categories >= 1, got {self.n_shoppers}, "
-                             f"{self.n_items}, {self.n_categories}")
+            raise ValueError(
+                f"need n_shoppers >= 1 and n_items >= n_categories >= 1, got {self.n_shoppers}, "
+                f"{self.n_items}, {self.n_categories}"
+            )
         if self.duration_days <= 0 or self.fade_days <= 0 or self.stop_after_decays <= 0:
             raise ValueError("duration_days, fade_days and stop_after_decays must be positive")
         if self.clock not in (CLOCK_SIMULATED, CLOCK_LIVE):
@@ -236,12 +255,35 @@ _VIEW, _ADD, _REMOVE, _ORDER = 0, 1, 2, 3
 class _Shopper:
     """Static traits (from the seed) and run state of one shopper."""
 
-    __slots__ = ("user_id", "segment", "rate_per_ms", "first_session_ms", "fade_start_ms", "fade_decay_ms",
-                 "stop_ms", "favourites", "favourite_cum", "sessions", "cart", "recent", "plan", "position")
+    __slots__ = (
+        "user_id",
+        "segment",
+        "rate_per_ms",
+        "first_session_ms",
+        "fade_start_ms",
+        "fade_decay_ms",
+        "stop_ms",
+        "favourites",
+        "favourite_cum",
+        "sessions",
+        "cart",
+        "recent",
+        "plan",
+        "position",
+    )
 
-    def __init__(self, user_id: str, segment: Segment, rate_per_ms: float, first_session_ms: int,
-                 fade_start_ms: float, fade_decay_ms: float, stop_ms: float,
-                 favourites: tuple[int, ...], favourite_cum: tuple[float, ...]) -> None:
+    def __init__(
+        self,
+        user_id: str,
+        segment: Segment,
+        rate_per_ms: float,
+        first_session_ms: int,
+        fade_start_ms: float,
+        fade_decay_ms: float,
+        stop_ms: float,
+        favourites: tuple[int, ...],
+        favourite_cum: tuple[float, ...],
+    ) -> None:
         self.user_id = user_id
         self.segment = segment
         self.rate_per_ms = rate_per_ms
@@ -282,11 +324,16 @@ class ShopSimulator:
         config = self.config
         rng = np.random.default_rng(config.seed)
         n_items, n_categories = config.n_items, config.n_categories
-        self.category_names = [f"{_DEPARTMENTS[c % len(_DEPARTMENTS)]}.{c // len(_DEPARTMENTS)}"
-                               for c in range(n_categories)]
+        self.category_names = [
+            f"{_DEPARTMENTS[c % len(_DEPARTMENTS)]}.{c // len(_DEPARTMENTS)}" for c in range(n_categories)
+        ]
         category_share = 1.0 / np.arange(1, n_categories + 1) ** 0.7
-        item_category = np.concatenate([np.arange(n_categories), rng.choice(
-            n_categories, size=n_items - n_categories, p=category_share / category_share.sum())])
+        item_category = np.concatenate(
+            [
+                np.arange(n_categories),
+                rng.choice(n_categories, size=n_items - n_categories, p=category_share / category_share.sum()),
+            ]
+        )
         rng.shuffle(item_category)
         median_price = np.exp(rng.uniform(math.log(5.0), math.log(500.0), size=n_categories))
         log_price_ratio = rng.normal(0.0, config.price_sigma, size=n_items)
@@ -346,10 +393,21 @@ class ShopSimulator:
                     favourites.append(category)
             affinity = np.cumsum([rng.expovariate(1.0) for _ in favourites]).tolist()
             user_id = f"u{index:06d}"
-            self._shoppers.append(_Shopper(user_id, segment, rate_per_ms, first, fade_start, decay, stop,
-                                           tuple(favourites), tuple(affinity)))
-            profiles.append(ShopperProfile(user_id, segment.name, first, fades,
-                                           int(fade_start) if fades else None, int(stop) if fades else None))
+            self._shoppers.append(
+                _Shopper(
+                    user_id, segment, rate_per_ms, first, fade_start, decay, stop, tuple(favourites), tuple(affinity)
+                )
+            )
+            profiles.append(
+                ShopperProfile(
+                    user_id,
+                    segment.name,
+                    first,
+                    fades,
+                    int(fade_start) if fades else None,
+                    int(stop) if fades else None,
+                )
+            )
         return profiles
 
     def shopper_profiles(self) -> list[ShopperProfile]:
@@ -468,18 +526,45 @@ class ShopSimulator:
             event_id = f"{id_prefix}{emitted}"
             emitted += 1
             if step == _VIEW:
-                yield Event(KIND_VIEW, event_id, user_id, ts, session_id=session_id, item_id=item_ids[item],
-                            category=category_names[item], price=prices[item], quantity=1)
+                yield Event(
+                    KIND_VIEW,
+                    event_id,
+                    user_id,
+                    ts,
+                    session_id=session_id,
+                    item_id=item_ids[item],
+                    category=category_names[item],
+                    price=prices[item],
+                    quantity=1,
+                )
             elif step == _ORDER:
-                lines = tuple(OrderLine(item_ids[line_item], line_quantity, prices[line_item])
-                              for line_item, line_quantity in item)
+                lines = tuple(
+                    OrderLine(item_ids[line_item], line_quantity, prices[line_item])
+                    for line_item, line_quantity in item
+                )
                 total = round(sum(line.quantity * line.price for line in lines), 2)
-                yield Event(KIND_ORDER, event_id, user_id, ts, session_id=session_id,
-                            order_id=f"{session_id}-o", order_lines=lines, total=total)
+                yield Event(
+                    KIND_ORDER,
+                    event_id,
+                    user_id,
+                    ts,
+                    session_id=session_id,
+                    order_id=f"{session_id}-o",
+                    order_lines=lines,
+                    total=total,
+                )
             else:
-                yield Event(KIND_CART_ADD if step == _ADD else KIND_CART_REMOVE, event_id, user_id, ts,
-                            session_id=session_id, item_id=item_ids[item], category=category_names[item],
-                            price=prices[item], quantity=quantity)
+                yield Event(
+                    KIND_CART_ADD if step == _ADD else KIND_CART_REMOVE,
+                    event_id,
+                    user_id,
+                    ts,
+                    session_id=session_id,
+                    item_id=item_ids[item],
+                    category=category_names[item],
+                    price=prices[item],
+                    quantity=quantity,
+                )
 
     def messages(self, limit: int | None = None) -> Iterator[GeneratedMessage]:
         """Kafka messages of :meth:`events`, at most ``limit`` of them (malformed ones included).
@@ -578,8 +663,15 @@ def _oversized(doc: _Doc, topic_kind: str, rng: random.Random) -> bytes:
 #: (prefix, suffix) pairs that make an id unsafe, one of each kind docs/events.md ("Ids") names:
 #: a log-line break, NUL, a bidi override, a zero-width space, a no-break space, a trailing
 #: space and a CSV formula.
-_UNSAFE_ID_WRAPPINGS = (("", "\nlevel=error"), ("", "\x00"), ("\u202e", ""), ("\u200b", ""), ("", "\u00a0x"),
-                        ("", " "), ("=", ""))
+_UNSAFE_ID_WRAPPINGS = (
+    ("", "\nlevel=error"),
+    ("", "\x00"),
+    ("\u202e", ""),
+    ("\u200b", ""),
+    ("", "\u00a0x"),
+    ("", " "),
+    ("=", ""),
+)
 
 
 def _unsafe_id(doc: _Doc, topic_kind: str, rng: random.Random) -> bytes:
@@ -614,7 +706,6 @@ def malformed_message(event: Event, rng: random.Random) -> GeneratedMessage:
     topic_kind = topic_kind_of(event)
     reason = rng.choice(MALFORMED_REASONS)
     if reason == REASON_WRONG_KEY:  # keyed by session (or event) instead of user
-        return GeneratedMessage(topic_kind, (event.session_id or event.event_id).encode(),
-                                encode_event(event), reason)
+        return GeneratedMessage(topic_kind, (event.session_id or event.event_id).encode(), encode_event(event), reason)
     value = _MALFORMERS[reason](event_to_dict(event), topic_kind, rng)
     return GeneratedMessage(topic_kind, event.user_id.encode(), value, reason)

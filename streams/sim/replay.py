@@ -5,6 +5,7 @@ times are years old while the worker's windows and silence sweep run relative to
 rejects ts more than 5 min ahead of its clock), so shift them with :func:`rebase_times` before
 producing; :func:`paced` replays at the recorded speed or a multiple of it.
 """
+
 from __future__ import annotations
 
 import base64
@@ -50,15 +51,33 @@ def read_rees46_csv(path: str | Path) -> Iterator[Event]:
     with open(path, newline="", encoding="utf-8") as source:
         reader = csv.reader(source)
         header = next(reader, None)
-        expected = ["event_time", "event_type", "product_id", "category_id", "category_code", "brand",
-                    "price", "user_id", "user_session"]
+        expected = [
+            "event_time",
+            "event_type",
+            "product_id",
+            "category_id",
+            "category_code",
+            "brand",
+            "price",
+            "user_id",
+            "user_session",
+        ]
         if header != expected:
             raise ValueError(f"{path}: header {header} is not the REES46 header {expected}")
         for row in reader:
             line = reader.line_num
             try:
-                event_time, event_type, product_id, category_id, category_code, _brand, price_text, \
-                    user_id, user_session = row
+                (
+                    event_time,
+                    event_type,
+                    product_id,
+                    category_id,
+                    category_code,
+                    _brand,
+                    price_text,
+                    user_id,
+                    user_session,
+                ) = row
                 ts_ms = _rees46_ms(event_time)
                 price = float(price_text) if price_text else 0.0
             except ValueError as exc:
@@ -67,18 +86,45 @@ def read_rees46_csv(path: str | Path) -> Iterator[Event]:
             category = category_code or category_id or UNKNOWN_CATEGORY
             session_id = user_session or f"{user_id}-{event_time[:10]}"
             if event_type == "view":
-                yield Event(KIND_VIEW, event_id, user_id, ts_ms, session_id=session_id, item_id=product_id,
-                            category=category, price=price, quantity=1)
+                yield Event(
+                    KIND_VIEW,
+                    event_id,
+                    user_id,
+                    ts_ms,
+                    session_id=session_id,
+                    item_id=product_id,
+                    category=category,
+                    price=price,
+                    quantity=1,
+                )
             elif event_type in ("cart", "remove_from_cart"):
                 kind = KIND_CART_ADD if event_type == "cart" else KIND_CART_REMOVE
-                yield Event(kind, event_id, user_id, ts_ms, session_id=session_id, item_id=product_id,
-                            category=category, price=price, quantity=1)
+                yield Event(
+                    kind,
+                    event_id,
+                    user_id,
+                    ts_ms,
+                    session_id=session_id,
+                    item_id=product_id,
+                    category=category,
+                    price=price,
+                    quantity=1,
+                )
             elif event_type == "purchase":
-                yield Event(KIND_ORDER, event_id, user_id, ts_ms, session_id=session_id, order_id=event_id,
-                            order_lines=(OrderLine(product_id, 1, price),), total=price)
+                yield Event(
+                    KIND_ORDER,
+                    event_id,
+                    user_id,
+                    ts_ms,
+                    session_id=session_id,
+                    order_id=event_id,
+                    order_lines=(OrderLine(product_id, 1, price),),
+                    total=price,
+                )
             else:
-                raise ValueError(f"{path}:{line}: event_type {event_type!r} is not view, cart, "
-                                 "remove_from_cart or purchase")
+                raise ValueError(
+                    f"{path}:{line}: event_type {event_type!r} is not view, cart, remove_from_cart or purchase"
+                )
 
 
 def read_otto_jsonl(path: str | Path) -> Iterator[Event]:
@@ -107,18 +153,50 @@ def read_otto_jsonl(path: str | Path) -> Iterator[Event]:
                 event_type, ts_ms, aid = source_event["type"], source_event["ts"], str(source_event["aid"])
                 event_id = f"{user_id}-{index}"
                 if event_type == "clicks":
-                    events.append(Event(KIND_VIEW, event_id, user_id, ts_ms, session_id=user_id, item_id=aid,
-                                        category=UNKNOWN_CATEGORY, price=0.0, quantity=1))
+                    events.append(
+                        Event(
+                            KIND_VIEW,
+                            event_id,
+                            user_id,
+                            ts_ms,
+                            session_id=user_id,
+                            item_id=aid,
+                            category=UNKNOWN_CATEGORY,
+                            price=0.0,
+                            quantity=1,
+                        )
+                    )
                 elif event_type == "carts":
-                    events.append(Event(KIND_CART_ADD, event_id, user_id, ts_ms, session_id=user_id,
-                                        item_id=aid, category=UNKNOWN_CATEGORY, price=0.0, quantity=1))
+                    events.append(
+                        Event(
+                            KIND_CART_ADD,
+                            event_id,
+                            user_id,
+                            ts_ms,
+                            session_id=user_id,
+                            item_id=aid,
+                            category=UNKNOWN_CATEGORY,
+                            price=0.0,
+                            quantity=1,
+                        )
+                    )
                 elif event_type == "orders":
                     quantities = orders_by_ts.pop(ts_ms, None)
                     if quantities is not None:  # the first order row of this ts carries them all
-                        events.append(Event(
-                            KIND_ORDER, event_id, user_id, ts_ms, session_id=user_id,
-                            order_id=f"{user_id}-{ts_ms}", total=0.0,
-                            order_lines=tuple(OrderLine(item, quantity, 0.0) for item, quantity in quantities.items())))
+                        events.append(
+                            Event(
+                                KIND_ORDER,
+                                event_id,
+                                user_id,
+                                ts_ms,
+                                session_id=user_id,
+                                order_id=f"{user_id}-{ts_ms}",
+                                total=0.0,
+                                order_lines=tuple(
+                                    OrderLine(item, quantity, 0.0) for item, quantity in quantities.items()
+                                ),
+                            )
+                        )
                 else:
                     raise ValueError(f"event type {event_type!r} is not clicks, carts or orders")
         except (KeyError, TypeError, ValueError) as exc:
@@ -133,6 +211,7 @@ def events_to_messages(events: Iterable[Event]) -> Iterator[GeneratedMessage]:
 
 
 # -- our own message JSONL ---------------------------------------------------------------------
+
 
 def write_jsonl(messages: Iterable[GeneratedMessage], path: str | Path) -> int:
     """Write messages one JSON object a line; returns how many.
@@ -176,6 +255,7 @@ def read_jsonl(path: str | Path) -> Iterator[GeneratedMessage]:
 
 
 # -- time ---------------------------------------------------------------------------------------
+
 
 def rebase_times(events: Iterable[Event], start_ms: int, origin_ms: int | None = None) -> Iterator[Event]:
     """Shift every event (and nothing else) by ``start_ms - origin_ms``, keeping the gaps.

@@ -1,4 +1,5 @@
 """``shoppulse bench-nextitem``: the next-item benchmark; its options are ``models.bench_nextitem``'s."""
+
 from __future__ import annotations
 
 import argparse

@@ -1,4 +1,5 @@
 """``shoppulse broker``: the embedded Tansu broker on 127.0.0.1, until Ctrl-C."""
+
 from __future__ import annotations
 
 import argparse

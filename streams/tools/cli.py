@@ -1,11 +1,12 @@
 """The ``shoppulse`` command: broker, worker, generate, replay, tail, dlq, demo, train and model tools."""
+
 from __future__ import annotations
 
 import argparse
 import importlib
 import logging
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from streams.config import ConfigError, Settings
 from streams.logs import setup_logging
@@ -24,7 +25,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "dlq": ("streams.tools.dlq", "dead-letter tools: `shoppulse dlq replay` resends fixed dead letters"),
     "demo": ("streams.tools.demo", "embedded broker + worker + generator, with a live view"),
     "train": ("streams.tools.train", "train, evaluate and register the models (`shoppulse train --help`)"),
-    "models": ("streams.tools.models", "the model registry: list | show | promote MODEL VERSION | rollback MODEL | migrate [--dry-run]"),
+    "models": (
+        "streams.tools.models",
+        "the model registry: list | show | promote MODEL VERSION | rollback MODEL | migrate [--dry-run]",
+    ),
     "bench-nextitem": ("streams.tools.bench_nextitem", "next-item benchmark on a `user item item ...` file"),
 }
 #: Commands whose options belong to another module's parser: everything after the name goes there.
@@ -33,8 +37,9 @@ PASS_THROUGH = ("train", "models", "bench-nextitem")
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The ``shoppulse`` parser; ``command``'s own options are added (its module imported) when given."""
-    parser = argparse.ArgumentParser(prog="shoppulse", description=__doc__,
-                                     epilog="Settings come from environment variables; see README.md.")
+    parser = argparse.ArgumentParser(
+        prog="shoppulse", description=__doc__, epilog="Settings come from environment variables; see README.md."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, add_help=name not in PASS_THROUGH)

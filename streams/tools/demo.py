@@ -5,6 +5,7 @@ process (exactly what ``shoppulse worker`` runs), the generator in a thread at a
 Every second it prints events in, results out and dead letters; every few seconds an example
 result. Ctrl-C, SIGTERM or ``--duration`` stops everything and leaves no process behind.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,8 +18,8 @@ import threading
 import time
 from pathlib import Path
 
-from streams.kafka.broker import EmbeddedBroker, free_port
 from streams.config import Settings
+from streams.kafka.broker import EmbeddedBroker, free_port
 from streams.kafka.clients import consume_data, ensure_topics
 from streams.tools.process import WorkerProcess, stop_on_signals
 from streams.tools.tail import output_consumer
@@ -47,21 +48,32 @@ class _Generator(threading.Thread):
         self.error: BaseException | None = None
 
     def run(self) -> None:
-        from streams.sim.generator import GeneratorConfig, ShopSimulator
         from streams.kafka.clients import confluent_producer_config
         from streams.kafka.producer import produce
+        from streams.sim.generator import GeneratorConfig, ShopSimulator
 
-        config = GeneratorConfig(seed=self.seed, malformed_fraction=DEMO_MALFORMED_FRACTION, clock="live",
-                                 n_shoppers=DEMO_SHOPPERS, duration_days=DEMO_SIMULATED_DAYS)
+        config = GeneratorConfig(
+            seed=self.seed,
+            malformed_fraction=DEMO_MALFORMED_FRACTION,
+            clock="live",
+            n_shoppers=DEMO_SHOPPERS,
+            duration_days=DEMO_SIMULATED_DAYS,
+        )
         messages = itertools.takewhile(lambda _: not self.stop_event.is_set(), ShopSimulator(config).messages())
 
         def counted():
             for message in messages:
                 self.sent += 1
                 yield message
+
         try:
-            produce(counted(), self.settings.topic_by_kind, confluent_producer_config(self.settings),
-                    rate_per_s=self.rate_per_s, progress=False)
+            produce(
+                counted(),
+                self.settings.topic_by_kind,
+                confluent_producer_config(self.settings),
+                rate_per_s=self.rate_per_s,
+                progress=False,
+            )
         except BaseException as exc:  # shown by the main thread
             self.error = exc
 
@@ -74,15 +86,30 @@ def ensure_models(settings: Settings) -> None:
     if models_ready(settings.models_dir):
         print(f"models: using the current versions in {settings.models_dir} (`shoppulse models list`)", flush=True)
         return
-    print(f"models: none in {settings.models_dir} yet; training small ones on {DEMO_TRAIN_SHOPPERS:,} simulated "
-          "shoppers (first run only) …", flush=True)
+    print(
+        f"models: none in {settings.models_dir} yet; training small ones on {DEMO_TRAIN_SHOPPERS:,} simulated "
+        "shoppers (first run only) …",
+        flush=True,
+    )
     started = time.monotonic()
-    code = cli_main(["train", "--simulate", str(DEMO_TRAIN_SHOPPERS), "--quick", "--no-progress",
-                     "--registry", str(settings.models_dir), "--report", str(DEMO_DIR / "training-report")])
+    code = cli_main(
+        [
+            "train",
+            "--simulate",
+            str(DEMO_TRAIN_SHOPPERS),
+            "--quick",
+            "--no-progress",
+            "--registry",
+            str(settings.models_dir),
+            "--report",
+            str(DEMO_DIR / "training-report"),
+        ]
+    )
     if code != 0:
         raise RuntimeError(f"training the demo models failed (exit {code}); see the output above")
-    print(f"models: trained in {time.monotonic() - started:.0f} s; report in {DEMO_DIR / 'training-report'}",
-          flush=True)
+    print(
+        f"models: trained in {time.monotonic() - started:.0f} s; report in {DEMO_DIR / 'training-report'}", flush=True
+    )
 
 
 def run_demo(settings: Settings, duration_s: float = 0, rate_per_s: float = 2000, seed: int = 7) -> int:
@@ -99,8 +126,12 @@ def run_demo(settings: Settings, duration_s: float = 0, rate_per_s: float = 2000
     generator = None
     consumer = None
     try:
-        settings = dataclasses.replace(settings, bootstrap_servers=broker.bootstrap_servers, data_dir=DEMO_DIR / "worker",
-                                       metrics_port=settings.metrics_port or free_port())
+        settings = dataclasses.replace(
+            settings,
+            bootstrap_servers=broker.bootstrap_servers,
+            data_dir=DEMO_DIR / "worker",
+            metrics_port=settings.metrics_port or free_port(),
+        )
         ensure_topics(settings)
         worker = WorkerProcess(settings, DEMO_DIR / "worker.log")
         generator = _Generator(settings, rate_per_s, seed)
@@ -110,8 +141,11 @@ def run_demo(settings: Settings, duration_s: float = 0, rate_per_s: float = 2000
         print(f"  worker   pid {worker.pid}, log {DEMO_DIR / 'worker.log'}")
         print(f"  metrics  http://{settings.metrics_host}:{settings.metrics_port}/metrics  (/healthz, /readyz)")
         print(f"  topics   in: {', '.join(settings.input_topics)}  out: {', '.join(settings.output_topics)}")
-        print(f"  traffic  {rate_per_s:,.0f} events/s, {DEMO_MALFORMED_FRACTION:.1%} deliberately malformed; Ctrl-C stops",
-              flush=True)
+        print(
+            f"  traffic  {rate_per_s:,.0f} events/s, {DEMO_MALFORMED_FRACTION:.1%} deliberately malformed; "
+            "Ctrl-C stops",
+            flush=True,
+        )
         return _watch(settings, consumer, generator, worker, stop, started, duration_s)
     finally:
         if generator is not None:
@@ -137,10 +171,21 @@ def _describe(topic_kind: str, doc: dict) -> str:
     return f"ALERT    user {doc['user_id']}: churn risk {doc['churn_risk']:.2f} (because of {reasons or 'n/a'})"
 
 
-def _watch(settings: Settings, consumer, generator: _Generator, worker: WorkerProcess,
-           stop: threading.Event, started: float, duration_s: float) -> int:
-    kinds = {settings.topic_scores: "scores", settings.topic_recommendations: "recommendations",
-             settings.topic_churn_alerts: "alerts", settings.topic_dead_letter: "dead letters"}
+def _watch(
+    settings: Settings,
+    consumer,
+    generator: _Generator,
+    worker: WorkerProcess,
+    stop: threading.Event,
+    started: float,
+    duration_s: float,
+) -> int:
+    kinds = {
+        settings.topic_scores: "scores",
+        settings.topic_recommendations: "recommendations",
+        settings.topic_churn_alerts: "alerts",
+        settings.topic_dead_letter: "dead letters",
+    }
     totals = dict.fromkeys(kinds.values(), 0)
     examples: dict[str, bytes] = {}
     first_result_s: float | None = None
@@ -151,14 +196,17 @@ def _watch(settings: Settings, consumer, generator: _Generator, worker: WorkerPr
         if duration_s and now - started >= duration_s:
             break
         if worker.process.poll() is not None:
-            print(f"the worker exited with code {worker.process.returncode}; see {DEMO_DIR / 'worker.log'}",
-                  file=sys.stderr)
+            print(
+                f"the worker exited with code {worker.process.returncode}; see {DEMO_DIR / 'worker.log'}",
+                file=sys.stderr,
+            )
             return 1
         if generator.error is not None:
             print(f"the generator failed: {generator.error}", file=sys.stderr)
             return 1
-        for message in consume_data(consumer, 500, 0.2,
-                                    on_error=lambda error: print(f"reading outputs: {error}", file=sys.stderr)):
+        for message in consume_data(
+            consumer, 500, 0.2, on_error=lambda error: print(f"reading outputs: {error}", file=sys.stderr)
+        ):
             kind = kinds[message.topic()]
             totals[kind] += 1
             examples[kind] = message.value()
@@ -170,9 +218,12 @@ def _watch(settings: Settings, consumer, generator: _Generator, worker: WorkerPr
             generator.stop_event.set()
         if now - last_tick >= 1.0:
             span = now - last_tick
-            print(f"[{now - started:5.0f} s] in {(generator.sent - last_sent) / span:7,.0f} events/s | "
-                  f"out {(totals['scores'] - last_results) / span:7,.0f} results/s | totals: {generator.sent:,} in, "
-                  + ", ".join(f"{count:,} {kind}" for kind, count in totals.items()), flush=True)
+            print(
+                f"[{now - started:5.0f} s] in {(generator.sent - last_sent) / span:7,.0f} events/s | "
+                f"out {(totals['scores'] - last_results) / span:7,.0f} results/s | totals: {generator.sent:,} in, "
+                + ", ".join(f"{count:,} {kind}" for kind, count in totals.items()),
+                flush=True,
+            )
             last_tick, last_sent, last_results = now, generator.sent, totals["scores"]
             if now - last_example >= DEMO_EXAMPLE_EVERY_S:
                 for kind in ("scores", "recommendations", "alerts"):
@@ -180,8 +231,12 @@ def _watch(settings: Settings, consumer, generator: _Generator, worker: WorkerPr
                         print(f"    {_describe(kind, json.loads(examples.pop(kind)))}", flush=True)
                 last_example = now
     shown = f"{first_result_s:.1f} s" if first_result_s is not None else "never"
-    print(f"summary: {generator.sent:,} events in, " + ", ".join(f"{count:,} {kind}" for kind, count in totals.items())
-          + f"; first result after {shown}", flush=True)
+    print(
+        f"summary: {generator.sent:,} events in, "
+        + ", ".join(f"{count:,} {kind}" for kind, count in totals.items())
+        + f"; first result after {shown}",
+        flush=True,
+    )
     return 0
 
 

@@ -12,6 +12,7 @@ whose replay is already there. The worker's event-id dedup would not be enough o
 repeated valid event leaves the state alone only while it is among the shopper's recent ids, and
 the shopper is scored (and published) again either way.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,8 @@ from typing import cast
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
 
-from streams.kafka.batch_producer import BatchProducer, DeliveryError
 from streams.config import Settings
+from streams.kafka.batch_producer import BatchProducer, DeliveryError
 from streams.kafka.clients import cluster_metadata, confluent_consumer_config, consume_data
 
 log = logging.getLogger(__name__)
@@ -80,16 +81,32 @@ class StoredDeadLetter:
         return ts if isinstance(ts, int) and not isinstance(ts, bool) else None
 
     @classmethod
-    def parse(cls, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None,
-              headers: Iterable[tuple[str, bytes | None]]) -> StoredDeadLetter | None:
+    def parse(
+        cls,
+        topic: str,
+        partition: int,
+        offset: int,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Iterable[tuple[str, bytes | None]],
+    ) -> StoredDeadLetter | None:
         """Read a message of the dead-letter topic; None when it lacks the worker's headers (not ours)."""
         found = {name: (content or b"").decode(errors="replace") for name, content in headers}
         try:
             truncated = found.get("shoppulse.dlq.value_truncated_from")
-            return cls(topic, partition, offset, key, value, found["shoppulse.dlq.reason"],
-                       found["shoppulse.dlq.source_topic"], int(found["shoppulse.dlq.source_partition"]),
-                       int(found["shoppulse.dlq.source_offset"]), int(found["shoppulse.dlq.failed_at_ms"]),
-                       int(truncated) if truncated is not None else None)
+            return cls(
+                topic,
+                partition,
+                offset,
+                key,
+                value,
+                found["shoppulse.dlq.reason"],
+                found["shoppulse.dlq.source_topic"],
+                int(found["shoppulse.dlq.source_partition"]),
+                int(found["shoppulse.dlq.source_offset"]),
+                int(found["shoppulse.dlq.failed_at_ms"]),
+                int(truncated) if truncated is not None else None,
+            )
         except (KeyError, ValueError):
             return None
 
@@ -117,8 +134,11 @@ class Selection:
         if self.since_ms is None and self.until_ms is None:
             return True
         at_ms = dead.failed_at_ms if self.time == TIME_FAILED else dead.event_ts_ms()
-        return (at_ms is not None and (self.since_ms is None or at_ms >= self.since_ms)
-                and (self.until_ms is None or at_ms < self.until_ms))
+        return (
+            at_ms is not None
+            and (self.since_ms is None or at_ms >= self.since_ms)
+            and (self.until_ms is None or at_ms < self.until_ms)
+        )
 
 
 @dataclass(slots=True)
@@ -132,8 +152,9 @@ class ReplayPlan:
     not_selected: int
 
 
-def plan_replay(dead_letters: Iterable[StoredDeadLetter | None], selection: Selection,
-                replayed_refs: set[str]) -> ReplayPlan:
+def plan_replay(
+    dead_letters: Iterable[StoredDeadLetter | None], selection: Selection, replayed_refs: set[str]
+) -> ReplayPlan:
     """Sort the dead-letter topic's messages into sent, skipped (replayed before, cut short) and unselected."""
     plan = ReplayPlan([], [], [], 0, 0)
     for dead in dead_letters:
@@ -157,8 +178,9 @@ def parse_time_ms(text: str) -> int:
     try:
         when = datetime.datetime.fromisoformat(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is neither epoch milliseconds nor an ISO 8601 time "
-                                         "(e.g. 2026-12-03T11:00:00Z)") from None
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither epoch milliseconds nor an ISO 8601 time (e.g. 2026-12-03T11:00:00Z)"
+        ) from None
     if when.tzinfo is None:
         when = when.replace(tzinfo=datetime.UTC)
     return int(when.timestamp() * 1000)
@@ -166,10 +188,17 @@ def parse_time_ms(text: str) -> int:
 
 # --------------------------------------------------------------------------- Kafka
 
+
 def _reader(settings: Settings) -> Consumer:
     """A consumer that is assigned partitions (no group join, nothing committed) and says when each ends."""
-    return Consumer({**confluent_consumer_config(settings, f"shoppulse-dlq-{os.getpid()}"),
-                     "enable.auto.commit": False, "enable.partition.eof": True, "log_level": 3})
+    return Consumer(
+        {
+            **confluent_consumer_config(settings, f"shoppulse-dlq-{os.getpid()}"),
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+            "log_level": 3,
+        }
+    )
 
 
 def read_to_end(consumer: Consumer, starts: list[TopicPartition]) -> Iterator[Message]:
@@ -183,8 +212,7 @@ def read_to_end(consumer: Consumer, starts: list[TopicPartition]) -> Iterator[Me
         return
     consumer.assign(starts)
     while pending:
-        yield from consume_data(consumer, 1000, 0.5,
-                                on_end=lambda eof: pending.discard((eof.topic(), eof.partition())))
+        yield from consume_data(consumer, 1000, 0.5, on_end=lambda eof: pending.discard((eof.topic(), eof.partition())))
 
 
 def _partitions(settings: Settings, topic: str) -> list[int]:
@@ -200,9 +228,17 @@ def read_dead_letters(settings: Settings, topic: str) -> list[StoredDeadLetter |
     try:
         starts = [TopicPartition(topic, p, OFFSET_BEGINNING) for p in _partitions(settings, topic)]
         # A data message always has a partition and an offset (None only on error events).
-        return [StoredDeadLetter.parse(topic, cast(int, m.partition()), cast(int, m.offset()), m.key(), m.value(),
-                                       cast("list[tuple[str, bytes | None]]", m.headers() or []))
-                for m in read_to_end(consumer, starts)]
+        return [
+            StoredDeadLetter.parse(
+                topic,
+                cast(int, m.partition()),
+                cast(int, m.offset()),
+                m.key(),
+                m.value(),
+                cast("list[tuple[str, bytes | None]]", m.headers() or []),
+            )
+            for m in read_to_end(consumer, starts)
+        ]
     finally:
         consumer.close()
 
@@ -235,10 +271,11 @@ def send(settings: Settings, dead_letters: list[StoredDeadLetter], progress: boo
     bar = None
     if progress:
         from tqdm import tqdm
+
         bar = tqdm(total=len(dead_letters), unit="msg", desc="replay")
     try:
         for start in range(0, len(dead_letters), _CHUNK):
-            chunk = dead_letters[start:start + _CHUNK]
+            chunk = dead_letters[start : start + _CHUNK]
             for dead in chunk:
                 producer.send(dead.source_topic, dead.key, dead.value, [(REPLAYED_FROM, dead.ref.encode())])
             producer.deliver()
@@ -252,21 +289,34 @@ def send(settings: Settings, dead_letters: list[StoredDeadLetter], progress: boo
 
 # --------------------------------------------------------------------------- the command
 
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``shoppulse dlq replay`` and its options."""
     actions = parser.add_subparsers(dest="dlq_action", required=True)
-    p = actions.add_parser("replay", help="send selected dead letters back to their source topic",
-                           description="Send selected dead letters (original key and bytes) back to their source "
-                           f"topic, with a {REPLAYED_FROM} header; dead letters replayed before are skipped.")
+    p = actions.add_parser(
+        "replay",
+        help="send selected dead letters back to their source topic",
+        description="Send selected dead letters (original key and bytes) back to their source "
+        f"topic, with a {REPLAYED_FROM} header; dead letters replayed before are skipped.",
+    )
     p.add_argument("--reason", action="append", default=[], help="only this rejection reason (repeatable)")
-    p.add_argument("--source-topic", action="append", default=[], help="only dead letters of this input topic "
-                   "(repeatable)")
-    p.add_argument("--since", type=parse_time_ms, default=None,
-                   help="only from this time on (inclusive): epoch ms or ISO 8601, UTC unless a zone is given")
+    p.add_argument(
+        "--source-topic", action="append", default=[], help="only dead letters of this input topic (repeatable)"
+    )
+    p.add_argument(
+        "--since",
+        type=parse_time_ms,
+        default=None,
+        help="only from this time on (inclusive): epoch ms or ISO 8601, UTC unless a zone is given",
+    )
     p.add_argument("--until", type=parse_time_ms, default=None, help="only before this time (exclusive)")
-    p.add_argument("--time", choices=(TIME_FAILED, TIME_EVENT), default=TIME_FAILED,
-                   help="what --since/--until compare: the worker's failure time (shoppulse.dlq.failed_at_ms) or "
-                   "the event's own ts field")
+    p.add_argument(
+        "--time",
+        choices=(TIME_FAILED, TIME_EVENT),
+        default=TIME_FAILED,
+        help="what --since/--until compare: the worker's failure time (shoppulse.dlq.failed_at_ms) or "
+        "the event's own ts field",
+    )
     p.add_argument("--topic", default=None, help="the dead-letter topic (default: SHOPPULSE_TOPIC_DEAD_LETTER)")
     p.add_argument("--dry-run", action="store_true", help="only list what would be replayed, by reason and topic")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -288,17 +338,22 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     refs = replayed_refs(settings, {d.source_topic for d in candidates}, search_from_ms)
     plan = plan_replay(dead_letters, selection, refs)
     verb = "would replay" if args.dry_run else "replaying"
-    print(f"{topic}: {len(dead_letters)} messages; {verb} {len(plan.to_send)}, "
-          f"{len(plan.already_replayed)} replayed before (skipped), {len(plan.truncated)} cut short (skipped), "
-          f"{plan.not_selected} not selected, {plan.not_ours} without dead-letter headers")
+    print(
+        f"{topic}: {len(dead_letters)} messages; {verb} {len(plan.to_send)}, "
+        f"{len(plan.already_replayed)} replayed before (skipped), {len(plan.truncated)} cut short (skipped), "
+        f"{plan.not_selected} not selected, {plan.not_ours} without dead-letter headers"
+    )
     if plan.to_send:
         print(f"{verb}, by reason and source topic:\n{_counts(plan.to_send)}")
     if plan.already_replayed:
-        print(f"replayed before (their {REPLAYED_FROM} header is on the source topic):\n"
-              f"{_counts(plan.already_replayed)}")
+        print(
+            f"replayed before (their {REPLAYED_FROM} header is on the source topic):\n{_counts(plan.already_replayed)}"
+        )
     for dead in plan.truncated:
-        print(f"skipped {dead.ref} ({dead.reason}): its value was cut from {dead.truncated_from} bytes to fit the "
-              f"dead-letter topic; the whole message is at {dead.source}: produce it from there")
+        print(
+            f"skipped {dead.ref} ({dead.reason}): its value was cut from {dead.truncated_from} bytes to fit the "
+            f"dead-letter topic; the whole message is at {dead.source}: produce it from there"
+        )
     if args.dry_run or not plan.to_send:
         return 0
     try:

@@ -1,4 +1,5 @@
 """``shoppulse models ...``: the model registry; its options are ``models.train_cli.models_main``'s."""
+
 from __future__ import annotations
 
 import argparse

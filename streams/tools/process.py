@@ -3,6 +3,7 @@
 The child is started with exactly the given settings (as environment variables), dies with its
 parent (``PR_SET_PDEATHSIG``), and is watched through its own ``/readyz`` and ``/metrics``.
 """
+
 from __future__ import annotations
 
 import os
@@ -15,8 +16,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from streams.kafka.broker import _die_with_parent
 from streams.config import SETTINGS_DOC, Settings
+from streams.kafka.broker import _die_with_parent
 
 
 def stop_on_signals() -> threading.Event:
@@ -84,16 +85,22 @@ class WorkerProcess:
     ``script``: Python source to run instead of ``shoppulse worker`` (tests inject faults this way).
     """
 
-    def __init__(self, settings: Settings, log_path: Path, checkout: Path | None = None,
-                 script: str | None = None) -> None:
+    def __init__(
+        self, settings: Settings, log_path: Path, checkout: Path | None = None, script: str | None = None
+    ) -> None:
         self.settings = settings
         self.log_path = log_path
         command = ["-m", "streams.tools.cli", "worker"] if script is None else ["-c", script]
         with open(log_path, "ab") as log_file:
-            self.process = subprocess.Popen([sys.executable, *command], cwd=checkout,
-                                            env=worker_environment(settings), stdout=log_file,
-                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            preexec_fn=_die_with_parent)
+            self.process = subprocess.Popen(
+                [sys.executable, *command],
+                cwd=checkout,
+                env=worker_environment(settings),
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=_die_with_parent,
+            )
 
     @property
     def pid(self) -> int:
@@ -136,14 +143,20 @@ class WorkerProcess:
 
     def metric(self, name: str) -> float:
         """The value of an unlabelled metric, or the sum over its labels."""
-        return sum(float(line.rsplit(" ", 1)[1]) for line in self.metrics_text().splitlines()
-                   if line.startswith(name) and line[len(name):len(name) + 1] in (" ", "{"))
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in self.metrics_text().splitlines()
+            if line.startswith(name) and line[len(name) : len(name) + 1] in (" ", "{")
+        )
 
     def histogram(self, name: str) -> list[tuple[float, float]]:
         """Cumulative ``(le, count)`` buckets of an unlabelled histogram, ``le`` ascending (``inf`` last)."""
         prefix = f'{name}_bucket{{le="'
-        return sorted((float(line[len(prefix):line.index('"', len(prefix))]), float(line.rsplit(" ", 1)[1]))
-                      for line in self.metrics_text().splitlines() if line.startswith(prefix))
+        return sorted(
+            (float(line[len(prefix) : line.index('"', len(prefix))]), float(line.rsplit(" ", 1)[1]))
+            for line in self.metrics_text().splitlines()
+            if line.startswith(prefix)
+        )
 
     def wait_for_metric(self, name: str, at_least: float, timeout_s: float) -> float:
         """Poll :meth:`metric` until it reaches ``at_least`` or ``timeout_s`` passes; returns the last value."""

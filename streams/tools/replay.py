@@ -1,4 +1,5 @@
 """``shoppulse replay PATH``: recorded events (ours, REES46 CSV, OTTO JSONL) to the input topics."""
+
 from __future__ import annotations
 
 import argparse
@@ -13,8 +14,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path")
     parser.add_argument("--format", choices=("jsonl", "rees46", "otto"), default="jsonl")
     parser.add_argument("--speed", type=float, default=None, help="x recorded speed (default: as fast as possible)")
-    parser.add_argument("--keep-times", action="store_true",
-                        help="keep recorded event times (default: shift them to now, keeping the gaps)")
+    parser.add_argument(
+        "--keep-times",
+        action="store_true",
+        help="keep recorded event times (default: shift them to now, keeping the gaps)",
+    )
     add_output_options(parser)
 
 

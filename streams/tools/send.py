@@ -1,9 +1,11 @@
 """What ``generate`` and ``replay`` share: where their messages go (the input topics or a JSONL file)."""
+
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING
 
 from streams.config import Settings
 
@@ -29,8 +31,15 @@ def send(messages: Iterable[GeneratedMessage], args: argparse.Namespace, setting
     from streams.kafka.producer import produce
 
     ensure_topics(settings)
-    report = produce(messages, settings.topic_by_kind, confluent_producer_config(settings), rate_per_s=args.rate,
-                     progress=not args.quiet)
-    print(f"sent {report.sent}, delivered {report.delivered}, failed {report.failed} in {report.seconds:.1f} s "
-          f"({report.delivered / max(report.seconds, 1e-9):,.0f} msg/s)")
+    report = produce(
+        messages,
+        settings.topic_by_kind,
+        confluent_producer_config(settings),
+        rate_per_s=args.rate,
+        progress=not args.quiet,
+    )
+    print(
+        f"sent {report.sent}, delivered {report.delivered}, failed {report.failed} in {report.seconds:.1f} s "
+        f"({report.delivered / max(report.seconds, 1e-9):,.0f} msg/s)"
+    )
     return 0 if report.failed == 0 else 1

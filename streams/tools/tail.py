@@ -1,4 +1,5 @@
 """``shoppulse tail TOPIC``: an example consumer that pretty-prints any ShopPulse topic."""
+
 from __future__ import annotations
 
 import argparse
@@ -15,9 +16,15 @@ from streams.tools.process import stop_on_signals
 
 def output_consumer(settings: Settings, topics: list[str], from_beginning: bool, name: str = "tail") -> Consumer:
     """A consumer in a throwaway group that never commits: reading does not disturb anyone."""
-    consumer = Consumer({**confluent_consumer_config(settings, f"shoppulse-{name}-{os.getpid()}"),
-                         "enable.auto.commit": False, "session.timeout.ms": 6000,
-                         "auto.offset.reset": "earliest" if from_beginning else "latest", "log_level": 3})
+    consumer = Consumer(
+        {
+            **confluent_consumer_config(settings, f"shoppulse-{name}-{os.getpid()}"),
+            "enable.auto.commit": False,
+            "session.timeout.ms": 6000,
+            "auto.offset.reset": "earliest" if from_beginning else "latest",
+            "log_level": 3,
+        }
+    )
     consumer.subscribe(topics)
     return consumer
 
@@ -48,8 +55,9 @@ def tail(settings: Settings, topic: str, from_beginning: bool = False, limit: in
     shown = 0
     try:
         while not stop.is_set() and (limit == 0 or shown < limit):
-            for message in consume_data(consumer, 1, 0.5,
-                                        on_error=lambda error: print(f"error reading {topic}: {error}", flush=True)):
+            for message in consume_data(
+                consumer, 1, 0.5, on_error=lambda error: print(f"error reading {topic}: {error}", flush=True)
+            ):
                 print(format_message(message), flush=True)
                 shown += 1
     finally:

@@ -1,4 +1,5 @@
 """``shoppulse train``: train, evaluate and register the models; its options are ``models.train_cli``'s."""
+
 from __future__ import annotations
 
 import argparse

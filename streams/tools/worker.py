@@ -2,6 +2,7 @@
 
 Imports only the worker runtime: the simulator and the other tools stay unloaded.
 """
+
 from __future__ import annotations
 
 import argparse

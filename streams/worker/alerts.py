@@ -10,6 +10,7 @@ Per shopper, a tiny state (:class:`AlertState`) decides:
 The worker keeps these states in a changelog-backed table, so a restart or a rebalance neither
 repeats nor loses an alert. Pure Python; no Kafka.
 """
+
 from __future__ import annotations
 
 import struct
@@ -67,7 +68,9 @@ class AlertState:
         if data is None:
             return cls()
         if len(data) != _LAYOUT.size or data[0] != _FORMAT_VERSION:
-            raise ValueError(f"alert state of {len(data)} bytes (version {data[:1].hex() or 'none'}) is not "
-                             f"format {_FORMAT_VERSION}; it will be reset")
+            raise ValueError(
+                f"alert state of {len(data)} bytes (version {data[:1].hex() or 'none'}) is not "
+                f"format {_FORMAT_VERSION}; it will be reset"
+            )
         _, armed, last_alert_ms, last_risk = _LAYOUT.unpack(data)
         return cls(armed, last_alert_ms, last_risk)

@@ -16,6 +16,7 @@ after any number of crashes applies no event twice; outputs may repeat (at-least
 :class:`streams.worker.sweeps.Sweeps` evicts idle shoppers and re-scores silent ones;
 :class:`streams.worker.health.Health` keeps ``/readyz`` and the lag gauge.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -29,18 +30,24 @@ import torch
 from features.events import ValidationLimits
 from features.spec import DEFAULT_FEATURE_SPEC
 from features.state import StateConfig
-from models.scoring import BatchScorer
 from models.names import CLASSIFIER_MODEL, NEXTITEM_MODEL
+from models.scoring import BatchScorer
+from streams.config import Settings
+from streams.kafka.batch_producer import BatchProducer
+from streams.kafka.clients import (
+    BROKER_PROFILE_TANSU,
+    TANSU_FETCH_MAX_WAIT_MS,
+    ensure_topics,
+    faust_client_settings,
+    resolve_broker_profile,
+    tansu_client_overrides,
+)
+from streams.logs import worker_logging_config
 from streams.worker.alerts import AlertPolicy
 from streams.worker.batch_consumer import MicroBatcher
-from streams.kafka.batch_producer import BatchProducer
 from streams.worker.checkpoint import Checkpoint
-from streams.config import Settings
 from streams.worker.faust_seam import BatchDrainConsumer, BatchingApp, SeamBroken, TableStore, set_fetch_max_wait_ms
 from streams.worker.health import Health
-from streams.kafka.clients import (BROKER_PROFILE_TANSU, TANSU_FETCH_MAX_WAIT_MS, ensure_topics, faust_client_settings,
-                           resolve_broker_profile, tansu_client_overrides)
-from streams.logs import worker_logging_config
 from streams.worker.metrics import HealthState, MetricsServer, WorkerMetrics
 from streams.worker.pipeline import BatchProcessor
 from streams.worker.publisher import Publisher
@@ -64,8 +71,9 @@ class ScoringWorker:
         self.metrics = metrics or WorkerMetrics()
         self.health_state = HealthState()
         overrides = tansu_client_overrides() if self.profile == BROKER_PROFILE_TANSU else {}
-        self.batcher = MicroBatcher(settings.max_batch, settings.max_wait_ms / 1000.0,
-                                    max_buffered=BATCHES_BUFFERED * settings.max_batch)
+        self.batcher = MicroBatcher(
+            settings.max_batch, settings.max_wait_ms / 1000.0, max_buffered=BATCHES_BUFFERED * settings.max_batch
+        )
         self.app = BatchingApp(
             settings.app_id,
             batch_topics=settings.input_topics,
@@ -82,23 +90,38 @@ class ScoringWorker:
             consumer_auto_offset_reset="earliest",
             **overrides,
         )
-        self.inputs = self.app.topic(*settings.input_topics, partitions=settings.partitions,
-                                     key_serializer="raw", value_serializer="raw")
-        self.table = self.app.Table(STATE_TABLE, key_type=bytes, value_type=bytes, partitions=settings.partitions,
-                                    help="Per-shopper state, churn alert state and applied input offsets "
-                                         "(streams.worker.envelope), keyed by user_id")
+        self.inputs = self.app.topic(
+            *settings.input_topics, partitions=settings.partitions, key_serializer="raw", value_serializer="raw"
+        )
+        self.table = self.app.Table(
+            STATE_TABLE,
+            key_type=bytes,
+            value_type=bytes,
+            partitions=settings.partitions,
+            help="Per-shopper state, churn alert state and applied input offsets "
+            "(streams.worker.envelope), keyed by user_id",
+        )
         self.store = TableStore(self.table)
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
-        self.scorer = BatchScorer(DEFAULT_FEATURE_SPEC, settings.models_dir, device=settings.device, top_k=settings.top_k)
-        self.state_config = StateConfig(grace_ms=settings.grace_ms, history_len=settings.history_len,
-                                        retention_ms=settings.retention_ms)
+        self.scorer = BatchScorer(
+            DEFAULT_FEATURE_SPEC, settings.models_dir, device=settings.device, top_k=settings.top_k
+        )
+        self.state_config = StateConfig(
+            grace_ms=settings.grace_ms, history_len=settings.history_len, retention_ms=settings.retention_ms
+        )
         self.processor = BatchProcessor(
-            topic_kinds=dict(zip(settings.input_topics, ("page_view", "cart", "order"))),
-            state_config=self.state_config, spec=DEFAULT_FEATURE_SPEC, scorer=self.scorer,
-            limits=ValidationLimits(settings.max_event_bytes, settings.max_future_skew_ms), metrics=self.metrics,
-            alert_policy=AlertPolicy(settings.churn_alert_high, settings.churn_alert_low, settings.churn_alert_cooldown_ms),
-            pseudonym_key=settings.pseudonym_key.encode())
+            topic_kinds=dict(zip(settings.input_topics, ("page_view", "cart", "order"), strict=False)),
+            state_config=self.state_config,
+            spec=DEFAULT_FEATURE_SPEC,
+            scorer=self.scorer,
+            limits=ValidationLimits(settings.max_event_bytes, settings.max_future_skew_ms),
+            metrics=self.metrics,
+            alert_policy=AlertPolicy(
+                settings.churn_alert_high, settings.churn_alert_low, settings.churn_alert_cooldown_ms
+            ),
+            pseudonym_key=settings.pseudonym_key.encode(),
+        )
         self.health = Health(self.app, settings, self.metrics, self.health_state)
         self.checkpoint: Checkpoint  # and self.sweeps: their producers connect only when the worker runs
         self.sweeps: Sweeps
@@ -168,9 +191,15 @@ class ScoringWorker:
         """
         self.health_state.alive = False
         unacked = consumer.forget_batches()
-        log.critical("scoring stopped on %s: %s. The worker exits with code 1 for its supervisor to restart it; "
-                     "its unacknowledged batches (%d) are consumed again then. If it fails the same way after every "
-                     "restart, the traceback says where", type(exc).__name__, exc, unacked, exc_info=exc)
+        log.critical(
+            "scoring stopped on %s: %s. The worker exits with code 1 for its supervisor to restart it; "
+            "its unacknowledged batches (%d) are consumed again then. If it fails the same way after every "
+            "restart, the traceback says where",
+            type(exc).__name__,
+            exc,
+            unacked,
+            exc_info=exc,
+        )
         if self._faust_worker is None:  # not started by run(): nobody to stop, so say it loudly
             raise exc
         await self._faust_worker.crash(exc)
@@ -209,8 +238,11 @@ class ScoringWorker:
         try:
             set_fetch_max_wait_ms(self.app, TANSU_FETCH_MAX_WAIT_MS)
         except SeamBroken as exc:
-            log.error("could not shorten the fetch wait on Tansu (%s); results may wait up to 1.5 s for each fetch. "
-                      "The installed Faust/aiokafka differ from the tested versions (docs/deploy.md)", exc)
+            log.error(
+                "could not shorten the fetch wait on Tansu (%s); results may wait up to 1.5 s for each fetch. "
+                "The installed Faust/aiokafka differ from the tested versions (docs/deploy.md)",
+                exc,
+            )
 
     async def _on_startup_finished(self) -> None:
         # The worker's spinner/log setup leaves the root logger at DEBUG, and every aiokafka and
@@ -224,28 +256,47 @@ class ScoringWorker:
         # worker. Frozen, it is left out of the cyclic collector's full passes, which rescanned all of
         # it a few times a second at saturation (12% of the batch work, measured; 3% once frozen).
         gc.freeze()
-        log.info("worker started: broker %s (%s profile), inputs %s, outputs %s, micro-batch %d events / %d ms, "
-                 "state in %s, models from %s", self.settings.bootstrap_servers, self.profile,
-                 ", ".join(self.settings.input_topics), ", ".join(self.settings.output_topics),
-                 self.settings.max_batch, self.settings.max_wait_ms, self.settings.data_dir, self.settings.models_dir)
+        log.info(
+            "worker started: broker %s (%s profile), inputs %s, outputs %s, micro-batch %d events / %d ms, "
+            "state in %s, models from %s",
+            self.settings.bootstrap_servers,
+            self.profile,
+            ", ".join(self.settings.input_topics),
+            ", ".join(self.settings.output_topics),
+            self.settings.max_batch,
+            self.settings.max_wait_ms,
+            self.settings.data_dir,
+            self.settings.models_dir,
+        )
 
     def run(self) -> int:
         """Create topics, start the metrics server and run the worker until SIGINT/SIGTERM."""
         ensure_topics(self.settings)
         publisher = Publisher(BatchProducer(self.settings), self.settings, self.metrics)
-        changelog = TableWriter(BatchProducer(self.settings, track_offsets=True),
-                                seal=self.profile == BROKER_PROFILE_TANSU)
+        changelog = TableWriter(
+            BatchProducer(self.settings, track_offsets=True), seal=self.profile == BROKER_PROFILE_TANSU
+        )
         self.checkpoint = Checkpoint(publisher, changelog, self.store, lambda batch: self.app.consumer.ack_batch(batch))
-        self.sweeps = Sweeps(self.checkpoint, lambda: self.app.owned_partitions(self.store.changelog_topic),
-                             self.processor, self.state_config, self.settings.silent_after_ms, self.settings.max_batch,
-                             self.metrics)
-        self.metrics_server = MetricsServer(self.metrics, self.health_state, self.settings.metrics_host,
-                                            self.settings.metrics_port).start()
-        worker = self._faust_worker = _Worker(self.app, after_start=self._on_startup_finished,
-                                              loglevel=self.settings.log_level.lower().replace("warning", "warn"),
-                                              logging_config=worker_logging_config(self.settings.log_level,
-                                                                                   self.settings.log_format),
-                                              quiet=True, redirect_stdouts=False)
+        self.sweeps = Sweeps(
+            self.checkpoint,
+            lambda: self.app.owned_partitions(self.store.changelog_topic),
+            self.processor,
+            self.state_config,
+            self.settings.silent_after_ms,
+            self.settings.max_batch,
+            self.metrics,
+        )
+        self.metrics_server = MetricsServer(
+            self.metrics, self.health_state, self.settings.metrics_host, self.settings.metrics_port
+        ).start()
+        worker = self._faust_worker = _Worker(
+            self.app,
+            after_start=self._on_startup_finished,
+            loglevel=self.settings.log_level.lower().replace("warning", "warn"),
+            logging_config=worker_logging_config(self.settings.log_level, self.settings.log_format),
+            quiet=True,
+            redirect_stdouts=False,
+        )
         try:
             worker.execute_from_commandline()
         except SystemExit as exc:

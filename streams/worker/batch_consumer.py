@@ -20,6 +20,7 @@ so a rebalance or shutdown waits for the batches in flight (``Consumer.wait_empt
 still buffered when Faust stops the flow are dropped, and Faust seeks every assigned partition
 back to its committed offset after the rebalance.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -94,10 +95,10 @@ class MicroBatcher:
                 self._full.clear()
                 try:
                     await asyncio.wait_for(self._full.wait(), left_s)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
-        batch = MicroBatch(self._buffer[:self.max_batch])
-        del self._buffer[:self.max_batch]
+        batch = MicroBatch(self._buffer[: self.max_batch])
+        del self._buffer[: self.max_batch]
         self._forget_arrivals(len(batch))
         if not self._buffer:
             self._full.clear()

@@ -45,10 +45,11 @@ The event-id dedup stays: a producer that sends one event twice gives it two off
 writes; the sweeps read and write the same values. :attr:`Checkpoint.writing` is held from a
 read to its queued write, so neither overwrites a value the other wrote in between.
 """
+
 from __future__ import annotations
 
 import asyncio
-from typing import Callable
+from collections.abc import Callable
 
 from streams.worker.batch_consumer import MicroBatch
 from streams.worker.faust_seam import TableStore
@@ -68,8 +69,9 @@ class Checkpoint:
             (:meth:`streams.worker.faust_seam.BatchDrainConsumer.ack_batch`).
     """
 
-    def __init__(self, publisher: Publisher, changelog: TableWriter, store: TableStore,
-                 ack: Callable[[MicroBatch], None]) -> None:
+    def __init__(
+        self, publisher: Publisher, changelog: TableWriter, store: TableStore, ack: Callable[[MicroBatch], None]
+    ) -> None:
         self.publisher = publisher
         self.changelog = changelog
         self.store = store

@@ -29,6 +29,7 @@ another partition must not skip any of them. (Co-partitioned inputs give a shopp
 partition, so a value holds at most three offsets.) A value written before envelopes existed
 (a bare state) still reads: no offsets, no alert state.
 """
+
 from __future__ import annotations
 
 import struct
@@ -80,7 +81,7 @@ class Stored:
         return bytes(out)
 
     @classmethod
-    def decode(cls, data: bytes | None) -> "Stored":
+    def decode(cls, data: bytes | None) -> Stored:
         """The stored value; a bare (pre-envelope) state has no offsets and no alert state.
 
         Raises :class:`EnvelopeDecodeError` on bytes that are neither; the state and alert
@@ -98,13 +99,13 @@ class Stored:
             offsets: dict[tuple[str, int], int] = {}
             for _ in range(n_offsets):
                 length = data[at]
-                topic = bytes(data[at + 1:at + 1 + length]).decode()
+                topic = bytes(data[at + 1 : at + 1 + length]).decode()
                 at += 1 + length
                 partition, offset = _OFFSET.unpack_from(data, at)
                 offsets[(topic, partition)] = offset
                 at += _OFFSET.size
             length = data[at]
-            alert = bytes(data[at + 1:at + 1 + length]) or None
+            alert = bytes(data[at + 1 : at + 1 + length]) or None
             at += 1 + length
         except (IndexError, struct.error, UnicodeDecodeError) as exc:
             raise EnvelopeDecodeError(f"truncated or corrupt envelope of {len(data)} bytes: {exc}") from None

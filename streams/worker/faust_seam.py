@@ -53,10 +53,12 @@ Upstream guards the override keeps:
 A missing internal is reported where it is read: :class:`SeamBroken` names it, and readiness
 says so in its reason and in an ERROR log line (``streams.worker.health``).
 """
+
 from __future__ import annotations
 
 import time
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import faust
 from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer
@@ -73,15 +75,14 @@ from streams.worker.pipeline import InputMessage
 UPSTREAM_SOURCE_SHA256: dict[str, str] = {
     # _read_fetch: the checks of getmany; _drain_messages: the loop, gaps and broker_commit_every
     "faust.transport.consumer:Consumer.getmany": "4b168d84882a70d6e3e2f9804430a63b92f8fd117d3187cbb4aeb54305bda34e",
-    "faust.transport.consumer:Consumer._drain_messages":
-        "44a2500309e83c630493f6828af50166ec8d96a0b3e4fb2bab735f704ae93417",
+    "faust.transport.consumer:Consumer._drain_messages": "44a2500309e83c630493f6828af50166ec8d96a0b3e4fb2bab735f704ae93417",  # noqa: E501
     # ack_batch: the bookkeeping of ack, per partition
     "faust.transport.consumer:Consumer.ack": "5fcf41cf45153475de3790dc56fec1b83335956dc8b3bf7ff6bbb2b57627f03f",
     # TableStore.put: what _set and _del do to RocksDB and the key index
     "faust.stores.rocksdb:Store._set": "4227e561e288d9413bf663a3a67940fd4976f5484e70e49445858ce4d400d26e",
     "faust.stores.rocksdb:Store._del": "07f42ff3caefffddb002ba3c316120ee8a608a15021fa226fd8e9ba2635004a9",
     # TableWriter.flush: records the persisted changelog offset once it is acknowledged, as this does
-    "faust.tables.base:Collection._on_changelog_sent": "60122c86a120d82cffa95da4c22323e12d67fa82f3112f08ac7f8edde7c47826",
+    "faust.tables.base:Collection._on_changelog_sent": "60122c86a120d82cffa95da4c22323e12d67fa82f3112f08ac7f8edde7c47826",  # noqa: E501
 }
 
 
@@ -119,9 +120,13 @@ class BatchDrainConsumer(AIOKafkaConsumer):
             if generation == self.app.consumer_generation_id:
                 self._unacked_messages.add(batch)
                 return batch
-            self.log.info("dropped a micro-batch of %d messages fetched in consumer generation %r (now %r); "
-                          "they are read again from the committed offsets", len(batch), generation,
-                          self.app.consumer_generation_id)
+            self.log.info(
+                "dropped a micro-batch of %d messages fetched in consumer generation %r (now %r); "
+                "they are read again from the committed offsets",
+                len(batch),
+                generation,
+                self.app.consumer_generation_id,
+            )
 
     def ack_batch(self, batch: MicroBatch) -> None:
         """Mark a batch done: its offsets become committable (Faust commits on its timer).
@@ -239,8 +244,12 @@ class BatchDrainConsumer(AIOKafkaConsumer):
         if not fetched or not self.flow_active or self.batcher is None:
             return
         if generation != self.app.consumer_generation_id:
-            self.log.info("dropped a fetch of %d messages from consumer generation %r (now %r)", len(fetched),
-                          generation, self.app.consumer_generation_id)
+            self.log.info(
+                "dropped a fetch of %d messages from consumer generation %r (now %r)",
+                len(fetched),
+                generation,
+                self.app.consumer_generation_id,
+            )
             return
         if generation != self._buffer_generation:
             self.batcher.clear()  # one generation in the buffer at a time (stop_flow cleared it already)

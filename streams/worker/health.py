@@ -6,12 +6,13 @@ partitions are assigned. Whether a broker connection is up is read from aiokafka
 ready, says why in ``/readyz``, and logs it at ERROR once, rather than report "broker
 unreachable" forever.
 """
+
 from __future__ import annotations
 
 import logging
 
-from streams.worker.batch_consumer import MicroBatch
 from streams.config import Settings
+from streams.worker.batch_consumer import MicroBatch
 from streams.worker.faust_seam import BatchingApp, SeamBroken, broker_connected
 from streams.worker.metrics import HealthState, WorkerMetrics
 
@@ -42,8 +43,11 @@ class Health:
             connected = broker_connected(self.app)
         except SeamBroken as exc:
             if str(exc) != self._broken:
-                log.error("readiness cannot tell whether the brokers are reachable: %s. The installed Faust/aiokafka "
-                          "differ from the tested versions; install the pinned ones (docs/deploy.md)", exc)
+                log.error(
+                    "readiness cannot tell whether the brokers are reachable: %s. The installed Faust/aiokafka "
+                    "differ from the tested versions; install the pinned ones (docs/deploy.md)",
+                    exc,
+                )
                 self._broken = str(exc)
             return None
         self._broken = None
@@ -51,8 +55,10 @@ class Health:
             if connected:
                 log.info("connected to the brokers at %s", self.settings.bootstrap_servers)
             elif self._connected is not None:
-                log.error("lost every connection to the brokers at %s: not ready until one is back",
-                          self.settings.bootstrap_servers)
+                log.error(
+                    "lost every connection to the brokers at %s: not ready until one is back",
+                    self.settings.bootstrap_servers,
+                )
             self._connected = connected
         return connected
 
@@ -64,9 +70,18 @@ class Health:
         recovered = self.app.tables.recovery.completed.is_set()
         assigned = bool(self.app.consumer.assignment())
         ready = recovered and not self.app.rebalancing and assigned and connected
-        self._set(ready, "ready" if ready else "broker unreachable" if not connected else
-                  "rebalancing" if self.app.rebalancing else
-                  "recovering tables" if not recovered else "no partitions assigned")
+        self._set(
+            ready,
+            "ready"
+            if ready
+            else "broker unreachable"
+            if not connected
+            else "rebalancing"
+            if self.app.rebalancing
+            else "recovering tables"
+            if not recovered
+            else "no partitions assigned",
+        )
         if assigned:
             self._refresh_lag()
 

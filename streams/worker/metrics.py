@@ -3,6 +3,7 @@
 Names follow Prometheus conventions: counters end in ``_total``, durations are in seconds.
 :data:`METRIC_NAMES` lists every exported family; deploy/ rules and dashboards may use only these.
 """
+
 from __future__ import annotations
 
 import logging
@@ -25,71 +26,150 @@ class WorkerMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.events_consumed = Counter("shoppulse_events_consumed_total", "Input messages consumed, by topic",
-                                       ["topic"], registry=r)
-        self.invalid_events = Counter("shoppulse_invalid_events_total", "Input messages that broke their contract, by reason",
-                                      ["reason"], registry=r)
-        self.dead_lettered = Counter("shoppulse_dead_letter_total", "Messages written to the dead-letter topic, by reason",
-                                     ["reason"], registry=r)
-        self.late_events = Counter("shoppulse_late_events_total", "Valid events older than the grace period, not applied",
-                                   registry=r)
-        self.duplicate_events = Counter("shoppulse_duplicate_events_total", "Valid events seen before (same event_id), applied once",
-                                        registry=r)
-        self.replayed_events = Counter("shoppulse_replayed_events_total",
-                                       "Valid events at or below the input offset their shopper's stored value "
-                                       "records: applied before a crash, skipped", registry=r)
-        self.state_decode_errors = Counter("shoppulse_state_decode_errors_total",
-                                           "Stored shopper states that could not be decoded and were reset", registry=r)
-        self.results_published = Counter("shoppulse_results_published_total", "Output messages published, by topic",
-                                         ["topic"], registry=r)
-        self.batch_size = Histogram("shoppulse_batch_size", "Input messages per micro-batch", buckets=BATCH_SIZE_BUCKETS,
-                                    registry=r)
-        self.batch_seconds = Histogram("shoppulse_batch_processing_seconds", "Time to process one micro-batch",
-                                       buckets=LATENCY_BUCKETS_S, registry=r)
-        self.end_to_end_seconds = Histogram("shoppulse_end_to_end_latency_seconds",
-                                            "From event ts to its score being acknowledged by the brokers",
-                                            buckets=LATENCY_BUCKETS_S, registry=r)
-        self.shoppers_in_batch = Histogram("shoppulse_shoppers_per_batch", "Distinct shoppers scored per micro-batch",
-                                           buckets=BATCH_SIZE_BUCKETS, registry=r)
-        self.shoppers_in_state = Gauge("shoppulse_shoppers_in_state",
-                                       "Shoppers stored in this worker's partitions (counted by the eviction sweep)",
-                                       registry=r)
-        self.shoppers_evicted = Counter("shoppulse_shoppers_evicted_total",
-                                        "Shoppers deleted after being idle past the retention period", registry=r)
-        self.inference_seconds = Histogram("shoppulse_inference_seconds",
-                                           "Time for all model forward passes of one micro-batch",
-                                           buckets=LATENCY_BUCKETS_S, registry=r)
-        self.model_inference_seconds = Histogram("shoppulse_model_inference_seconds",
-                                                 "One model's forward pass for one micro-batch, by model and device",
-                                                 ["model", "device"], buckets=LATENCY_BUCKETS_S, registry=r)
-        self.score_values = Histogram("shoppulse_score_value", "Distribution of published scores, by score name",
-                                      ["score"], buckets=SCORE_BUCKETS, registry=r)
+        self.events_consumed = Counter(
+            "shoppulse_events_consumed_total", "Input messages consumed, by topic", ["topic"], registry=r
+        )
+        self.invalid_events = Counter(
+            "shoppulse_invalid_events_total",
+            "Input messages that broke their contract, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.dead_lettered = Counter(
+            "shoppulse_dead_letter_total",
+            "Messages written to the dead-letter topic, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.late_events = Counter(
+            "shoppulse_late_events_total", "Valid events older than the grace period, not applied", registry=r
+        )
+        self.duplicate_events = Counter(
+            "shoppulse_duplicate_events_total", "Valid events seen before (same event_id), applied once", registry=r
+        )
+        self.replayed_events = Counter(
+            "shoppulse_replayed_events_total",
+            "Valid events at or below the input offset their shopper's stored value "
+            "records: applied before a crash, skipped",
+            registry=r,
+        )
+        self.state_decode_errors = Counter(
+            "shoppulse_state_decode_errors_total",
+            "Stored shopper states that could not be decoded and were reset",
+            registry=r,
+        )
+        self.results_published = Counter(
+            "shoppulse_results_published_total", "Output messages published, by topic", ["topic"], registry=r
+        )
+        self.batch_size = Histogram(
+            "shoppulse_batch_size", "Input messages per micro-batch", buckets=BATCH_SIZE_BUCKETS, registry=r
+        )
+        self.batch_seconds = Histogram(
+            "shoppulse_batch_processing_seconds",
+            "Time to process one micro-batch",
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.end_to_end_seconds = Histogram(
+            "shoppulse_end_to_end_latency_seconds",
+            "From event ts to its score being acknowledged by the brokers",
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.shoppers_in_batch = Histogram(
+            "shoppulse_shoppers_per_batch",
+            "Distinct shoppers scored per micro-batch",
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=r,
+        )
+        self.shoppers_in_state = Gauge(
+            "shoppulse_shoppers_in_state",
+            "Shoppers stored in this worker's partitions (counted by the eviction sweep)",
+            registry=r,
+        )
+        self.shoppers_evicted = Counter(
+            "shoppulse_shoppers_evicted_total",
+            "Shoppers deleted after being idle past the retention period",
+            registry=r,
+        )
+        self.inference_seconds = Histogram(
+            "shoppulse_inference_seconds",
+            "Time for all model forward passes of one micro-batch",
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.model_inference_seconds = Histogram(
+            "shoppulse_model_inference_seconds",
+            "One model's forward pass for one micro-batch, by model and device",
+            ["model", "device"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.score_values = Histogram(
+            "shoppulse_score_value",
+            "Distribution of published scores, by score name",
+            ["score"],
+            buckets=SCORE_BUCKETS,
+            registry=r,
+        )
         self.alerts_fired = Counter("shoppulse_churn_alerts_total", "Churn alerts published", registry=r)
-        self.alert_reasons = Counter("shoppulse_churn_alert_reasons_total",
-                                     "Churn alerts that name a feature among their reasons, by feature", ["feature"],
-                                     registry=r)
-        self.model_info = Gauge("shoppulse_model_info", "1 for each model version being served",
-                                ["model", "version"], registry=r)
-        self.model_load_errors = Counter("shoppulse_model_load_errors_total",
-                                         "Model artifacts that could not be loaded (the last good model stays)",
-                                         registry=r)
-        self.silent_rescored = Counter("shoppulse_silent_rescored_total",
-                                       "Shoppers re-scored by the silent-shopper sweep (no new event)", registry=r)
-        self.consumer_lag = Gauge("shoppulse_consumer_lag",
-                                  "Input messages behind the partition's high watermark (from fetch responses)",
-                                  ["topic", "partition"], registry=r)
-        self.ready = Gauge("shoppulse_ready", "1 when a broker connection is up, partitions are assigned and tables recovered", registry=r)
+        self.alert_reasons = Counter(
+            "shoppulse_churn_alert_reasons_total",
+            "Churn alerts that name a feature among their reasons, by feature",
+            ["feature"],
+            registry=r,
+        )
+        self.model_info = Gauge(
+            "shoppulse_model_info", "1 for each model version being served", ["model", "version"], registry=r
+        )
+        self.model_load_errors = Counter(
+            "shoppulse_model_load_errors_total",
+            "Model artifacts that could not be loaded (the last good model stays)",
+            registry=r,
+        )
+        self.silent_rescored = Counter(
+            "shoppulse_silent_rescored_total",
+            "Shoppers re-scored by the silent-shopper sweep (no new event)",
+            registry=r,
+        )
+        self.consumer_lag = Gauge(
+            "shoppulse_consumer_lag",
+            "Input messages behind the partition's high watermark (from fetch responses)",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.ready = Gauge(
+            "shoppulse_ready",
+            "1 when a broker connection is up, partitions are assigned and tables recovered",
+            registry=r,
+        )
 
 
 METRIC_NAMES = (
-    "shoppulse_events_consumed_total", "shoppulse_invalid_events_total", "shoppulse_dead_letter_total",
-    "shoppulse_late_events_total", "shoppulse_duplicate_events_total", "shoppulse_replayed_events_total",
+    "shoppulse_events_consumed_total",
+    "shoppulse_invalid_events_total",
+    "shoppulse_dead_letter_total",
+    "shoppulse_late_events_total",
+    "shoppulse_duplicate_events_total",
+    "shoppulse_replayed_events_total",
     "shoppulse_state_decode_errors_total",
-    "shoppulse_results_published_total", "shoppulse_batch_size", "shoppulse_batch_processing_seconds",
-    "shoppulse_end_to_end_latency_seconds", "shoppulse_shoppers_per_batch", "shoppulse_shoppers_in_state",
-    "shoppulse_shoppers_evicted_total", "shoppulse_inference_seconds", "shoppulse_model_inference_seconds",
-    "shoppulse_score_value", "shoppulse_churn_alerts_total", "shoppulse_churn_alert_reasons_total",
-    "shoppulse_model_info", "shoppulse_model_load_errors_total", "shoppulse_silent_rescored_total", "shoppulse_consumer_lag", "shoppulse_ready",
+    "shoppulse_results_published_total",
+    "shoppulse_batch_size",
+    "shoppulse_batch_processing_seconds",
+    "shoppulse_end_to_end_latency_seconds",
+    "shoppulse_shoppers_per_batch",
+    "shoppulse_shoppers_in_state",
+    "shoppulse_shoppers_evicted_total",
+    "shoppulse_inference_seconds",
+    "shoppulse_model_inference_seconds",
+    "shoppulse_score_value",
+    "shoppulse_churn_alerts_total",
+    "shoppulse_churn_alert_reasons_total",
+    "shoppulse_model_info",
+    "shoppulse_model_load_errors_total",
+    "shoppulse_silent_rescored_total",
+    "shoppulse_consumer_lag",
+    "shoppulse_ready",
 )
 
 
@@ -147,7 +227,7 @@ class MetricsServer:
         host, port = self._server.server_address[:2]
         return f"http://{host}:{port}"
 
-    def start(self) -> "MetricsServer":
+    def start(self) -> MetricsServer:
         self._thread.start()
         log.info("metrics on %s/metrics (health: /healthz, readiness: /readyz)", self.url)
         return self

@@ -9,6 +9,7 @@ Each stored value (:mod:`streams.worker.envelope`) records the highest input off
 partition whose event it holds; an event at or below it is skipped as already applied (a replay after a crash),
 however many events ago it was. The event-id dedup still absorbs a producer sending an event twice.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -16,8 +17,9 @@ import hmac
 import json
 import logging
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping, Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -72,18 +74,27 @@ class DeadLetter:
         if value is None:
             return None, headers
         marker = ("shoppulse.dlq.value_truncated_from", str(len(value)).encode())
-        room = (max_message_bytes - DEAD_LETTER_FRAMING_BYTES - len(self.message.key or b"")
-                - sum(len(name) + len(content) for name, content in (*headers, marker)))
+        room = (
+            max_message_bytes
+            - DEAD_LETTER_FRAMING_BYTES
+            - len(self.message.key or b"")
+            - sum(len(name) + len(content) for name, content in (*headers, marker))
+        )
         if len(value) <= room:
             return value, headers
-        return value[:max(room, 0)], [*headers, marker]
+        return value[: max(room, 0)], [*headers, marker]
 
     def headers(self, failed_at_ms: int) -> list[tuple[str, bytes]]:
         """Kafka headers that say where the original bytes came from and what was wrong."""
         m = self.message
-        return [("shoppulse.dlq.reason", self.reason.encode()), ("shoppulse.dlq.detail", self.detail.encode()),
-                ("shoppulse.dlq.source_topic", m.topic.encode()), ("shoppulse.dlq.source_partition", str(m.partition).encode()),
-                ("shoppulse.dlq.source_offset", str(m.offset).encode()), ("shoppulse.dlq.failed_at_ms", str(failed_at_ms).encode())]
+        return [
+            ("shoppulse.dlq.reason", self.reason.encode()),
+            ("shoppulse.dlq.detail", self.detail.encode()),
+            ("shoppulse.dlq.source_topic", m.topic.encode()),
+            ("shoppulse.dlq.source_partition", str(m.partition).encode()),
+            ("shoppulse.dlq.source_offset", str(m.offset).encode()),
+            ("shoppulse.dlq.failed_at_ms", str(failed_at_ms).encode()),
+        ]
 
 
 @dataclass(slots=True)
@@ -171,9 +182,17 @@ class BatchProcessor:
             characters) instead of the user id: stable per shopper, not reversible without the key.
     """
 
-    def __init__(self, topic_kinds: Mapping[str, str], state_config: StateConfig, spec: FeatureSpec,
-                 scorer: Scorer, limits: ValidationLimits, metrics: WorkerMetrics,
-                 alert_policy: AlertPolicy = AlertPolicy(), pseudonym_key: bytes = b"") -> None:
+    def __init__(
+        self,
+        topic_kinds: Mapping[str, str],
+        state_config: StateConfig,
+        spec: FeatureSpec,
+        scorer: Scorer,
+        limits: ValidationLimits,
+        metrics: WorkerMetrics,
+        alert_policy: AlertPolicy = AlertPolicy(),
+        pseudonym_key: bytes = b"",
+    ) -> None:
         self.topic_kinds = dict(topic_kinds)
         self.state_config = state_config
         self.spec = spec
@@ -242,8 +261,9 @@ class BatchProcessor:
         self.metrics.batch_seconds.observe(time.perf_counter() - started)
         return outcome
 
-    def _validate(self, messages: Iterable[InputMessage], outcome: BatchOutcome,
-                  now_ms: int) -> dict[str, list[tuple[Event, InputMessage]]]:
+    def _validate(
+        self, messages: Iterable[InputMessage], outcome: BatchOutcome, now_ms: int
+    ) -> dict[str, list[tuple[Event, InputMessage]]]:
         """Parse every message; invalid ones become dead letters, valid ones are grouped by shopper."""
         by_user: dict[str, list[tuple[Event, InputMessage]]] = {}
         consumed = dict.fromkeys(self._consumed, 0)
@@ -283,8 +303,9 @@ class BatchProcessor:
             self._score(states, touched, np.full(len(states), now_ms, dtype=np.int64), outcome)
         return outcome
 
-    def _score(self, states: list[ShopperState], touched: list[Touched], now: np.ndarray,
-               outcome: BatchOutcome) -> None:
+    def _score(
+        self, states: list[ShopperState], touched: list[Touched], now: np.ndarray, outcome: BatchOutcome
+    ) -> None:
         """One forward pass per model for the batch, then results and alert decisions per shopper."""
         self.scorer.refresh()
         features = self.spec.matrix(states, now)
@@ -295,19 +316,40 @@ class BatchProcessor:
         scored_at_ms = int(time.time() * 1000)
         alerting: list[tuple[int, float, str]] = []  # (index in batch, risk, alert id)
         first = len(outcome.scored)
-        for index, (shopper_in, state, shopper) in enumerate(zip(touched, states, scored)):
+        for index, (shopper_in, state, shopper) in enumerate(zip(touched, states, scored, strict=False)):
             public_id = self.public_id(shopper_in.user_id)
-            envelope = {"schema_version": OUTPUT_CONTRACT_VERSION, "user_id": public_id,
-                        "trigger_event_id": shopper_in.trigger_event_id, "trigger_ts": shopper_in.trigger_ts,
-                        "scored_at": scored_at_ms}
-            result = _to_json({**envelope, "scores": {name: round(value, 6) for name, value in shopper.scores.items()},
-                               "model_versions": versions, "feature_spec": self.spec.hash})
-            out = ScoredShopper(shopper_in.user_id, shopper_in.key, result.encode(), output_key=public_id.encode(),
-                                trigger_ts=shopper_in.trigger_ts if shopper_in.trigger_event_id is not None else None)
+            envelope = {
+                "schema_version": OUTPUT_CONTRACT_VERSION,
+                "user_id": public_id,
+                "trigger_event_id": shopper_in.trigger_event_id,
+                "trigger_ts": shopper_in.trigger_ts,
+                "scored_at": scored_at_ms,
+            }
+            result = _to_json(
+                {
+                    **envelope,
+                    "scores": {name: round(value, 6) for name, value in shopper.scores.items()},
+                    "model_versions": versions,
+                    "feature_spec": self.spec.hash,
+                }
+            )
+            out = ScoredShopper(
+                shopper_in.user_id,
+                shopper_in.key,
+                result.encode(),
+                output_key=public_id.encode(),
+                trigger_ts=shopper_in.trigger_ts if shopper_in.trigger_event_id is not None else None,
+            )
             if shopper.recommendations:
-                out.recommendation = _to_json({
-                    **envelope, "items": [{"item_id": item, "score": round(score, 6)} for item, score in shopper.recommendations],
-                    "model_version": versions.get("recommendations")}).encode()
+                out.recommendation = _to_json(
+                    {
+                        **envelope,
+                        "items": [
+                            {"item_id": item, "score": round(score, 6)} for item, score in shopper.recommendations
+                        ],
+                        "model_version": versions.get("recommendations"),
+                    }
+                ).encode()
             risk = shopper.scores.get(CHURN)
             stored, alert_changed = shopper_in.stored, False
             if risk is not None:
@@ -326,19 +368,34 @@ class BatchProcessor:
         if alerting:
             self._alerts(alerting, states, features, outcome.scored[first:], versions, scored_at_ms)
 
-    def _alerts(self, alerting: list[tuple[int, float, str]], states: list[ShopperState], features: np.ndarray,
-                scored: list[ScoredShopper], versions: dict[str, str], fired_at_ms: int) -> None:
+    def _alerts(
+        self,
+        alerting: list[tuple[int, float, str]],
+        states: list[ShopperState],
+        features: np.ndarray,
+        scored: list[ScoredShopper],
+        versions: dict[str, str],
+        fired_at_ms: int,
+    ) -> None:
         """Churn alert messages, with what a campaign needs: risk, reasons, last activity, value to date."""
         reasons = self.scorer.churn_reasons(features[[index for index, _, _ in alerting]])
-        for (index, risk, alert_id), why in zip(alerting, reasons):
+        for (index, risk, alert_id), why in zip(alerting, reasons, strict=False):
             state = states[index]
-            scored[index].alert = _to_json({
-                "schema_version": OUTPUT_CONTRACT_VERSION, "alert_id": alert_id,
-                "user_id": self.public_id(state.user_id), "churn_risk": round(risk, 6), "threshold": self.alert_policy.high,
-                "reasons": [{"feature": name, "risk_contribution": value} for name, value in why],
-                "last_activity_ts": state.last_event_ms, "orders_lifetime": state.orders_lifetime,
-                "value_to_date": state.revenue_lifetime_cents / 100.0, "model_version": versions.get(CHURN),
-                "fired_at": fired_at_ms}).encode()
+            scored[index].alert = _to_json(
+                {
+                    "schema_version": OUTPUT_CONTRACT_VERSION,
+                    "alert_id": alert_id,
+                    "user_id": self.public_id(state.user_id),
+                    "churn_risk": round(risk, 6),
+                    "threshold": self.alert_policy.high,
+                    "reasons": [{"feature": name, "risk_contribution": value} for name, value in why],
+                    "last_activity_ts": state.last_event_ms,
+                    "orders_lifetime": state.orders_lifetime,
+                    "value_to_date": state.revenue_lifetime_cents / 100.0,
+                    "model_version": versions.get(CHURN),
+                    "fired_at": fired_at_ms,
+                }
+            ).encode()
             self.metrics.alerts_fired.inc()
             for name, _ in why:
                 self.metrics.alert_reasons.labels(name).inc()
@@ -362,8 +419,12 @@ class BatchProcessor:
             return Stored.decode(raw)
         except EnvelopeDecodeError as exc:
             self.metrics.state_decode_errors.inc()
-            log.error("stored value of shopper %r could not be read (%s); starting it afresh — "
-                      "if this repeats, check that all workers run the same release", user_id, exc)
+            log.error(
+                "stored value of shopper %r could not be read (%s); starting it afresh — "
+                "if this repeats, check that all workers run the same release",
+                user_id,
+                exc,
+            )
             return Stored()
 
     def _load(self, stored: bytes | None, user_id: str) -> ShopperState:
@@ -373,6 +434,10 @@ class BatchProcessor:
             return decode_state(stored)
         except StateDecodeError as exc:
             self.metrics.state_decode_errors.inc()
-            log.error("stored state of shopper %r could not be decoded (%s); starting it afresh — "
-                      "if this repeats, check that all workers run the same release", user_id, exc)
+            log.error(
+                "stored state of shopper %r could not be decoded (%s); starting it afresh — "
+                "if this repeats, check that all workers run the same release",
+                user_id,
+                exc,
+            )
             return ShopperState.new(user_id)

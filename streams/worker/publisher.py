@@ -5,13 +5,14 @@ topics and queues them in one :class:`streams.kafka.batch_producer.BatchProducer
 :class:`streams.worker.checkpoint.Checkpoint` says so, and counts what was delivered then (not when
 queued: a crash before the flush publishes nothing).
 """
+
 from __future__ import annotations
 
 import logging
 import time
 
-from streams.kafka.batch_producer import BatchProducer
 from streams.config import Settings
+from streams.kafka.batch_producer import BatchProducer
 from streams.worker.metrics import WorkerMetrics
 from streams.worker.pipeline import BatchOutcome
 
@@ -34,15 +35,30 @@ class Publisher:
         for dead in outcome.dead_letters:
             value, headers = dead.record(failed_at_ms, settings.kafka_max_message_bytes)
             if value is not dead.message.value:
-                log.warning("dead letter of %s[%d]@%d cut from %d to %d bytes to fit SHOPPULSE_KAFKA_MAX_MESSAGE_BYTES=%d; "
-                            "the whole message stays in its source topic", dead.message.topic, dead.message.partition,
-                            dead.message.offset, len(dead.message.value or b""), len(value or b""),
-                            settings.kafka_max_message_bytes)
+                log.warning(
+                    "dead letter of %s[%d]@%d cut from %d to %d bytes to fit SHOPPULSE_KAFKA_MAX_MESSAGE_BYTES=%d; "
+                    "the whole message stays in its source topic",
+                    dead.message.topic,
+                    dead.message.partition,
+                    dead.message.offset,
+                    len(dead.message.value or b""),
+                    len(value or b""),
+                    settings.kafka_max_message_bytes,
+                )
             send(settings.topic_dead_letter, dead.message.key, value, headers)
             self.metrics.dead_lettered.labels(dead.reason).inc()
-            log.debug("dead-lettered %s[%d]@%d: %s", dead.message.topic, dead.message.partition,
-                      dead.message.offset, dead.detail)
-        scores, recommendations, alerts = settings.topic_scores, settings.topic_recommendations, settings.topic_churn_alerts
+            log.debug(
+                "dead-lettered %s[%d]@%d: %s",
+                dead.message.topic,
+                dead.message.partition,
+                dead.message.offset,
+                dead.detail,
+            )
+        scores, recommendations, alerts = (
+            settings.topic_scores,
+            settings.topic_recommendations,
+            settings.topic_churn_alerts,
+        )
         for shopper in outcome.scored:
             send(scores, shopper.output_key, shopper.result)
             if shopper.recommendation is not None:
@@ -51,15 +67,20 @@ class Publisher:
                 send(alerts, shopper.output_key, shopper.alert)
 
     async def flush(self) -> None:
-        """Wait until the brokers acknowledged everything queued (:class:`streams.kafka.batch_producer.DeliveryError`)."""
+        """Wait until the brokers acknowledged everything queued.
+
+        Raises :class:`streams.kafka.batch_producer.DeliveryError` when they refused records.
+        """
         await self.producer.flush()
 
     def delivered(self, outcome: BatchOutcome) -> None:
         """Count a delivered batch's messages per topic, and the end-to-end latency of its scores."""
         scored = outcome.scored
-        published = {self.settings.topic_scores: len(scored),
-                     self.settings.topic_recommendations: sum(s.recommendation is not None for s in scored),
-                     self.settings.topic_churn_alerts: sum(s.alert is not None for s in scored)}
+        published = {
+            self.settings.topic_scores: len(scored),
+            self.settings.topic_recommendations: sum(s.recommendation is not None for s in scored),
+            self.settings.topic_churn_alerts: sum(s.alert is not None for s in scored),
+        }
         for topic, count in published.items():
             self.metrics.results_published.labels(topic).inc(count)
         delivered_s = time.time()

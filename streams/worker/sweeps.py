@@ -6,12 +6,13 @@ same :class:`streams.worker.checkpoint.Checkpoint` as the agent: values are re-r
 holding :attr:`Checkpoint.writing <streams.worker.checkpoint.Checkpoint.writing>`, so a sweep never
 overwrites a state the agent wrote since the sweep read it.
 """
+
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from typing import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
 
 from features.encoding import StateDecodeError, last_event_ms_of
 from features.state import StateConfig
@@ -50,8 +51,16 @@ class Sweeps:
         max_batch: shoppers re-scored per step.
     """
 
-    def __init__(self, checkpoint: Checkpoint, owned_partitions: Callable[[], set[int]], processor: BatchProcessor,
-                 state_config: StateConfig, silent_after_ms: int, max_batch: int, metrics: WorkerMetrics) -> None:
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        owned_partitions: Callable[[], set[int]],
+        processor: BatchProcessor,
+        state_config: StateConfig,
+        silent_after_ms: int,
+        max_batch: int,
+        metrics: WorkerMetrics,
+    ) -> None:
         self.checkpoint = checkpoint
         self.owned_partitions = owned_partitions
         self.processor = processor
@@ -93,8 +102,12 @@ class Sweeps:
         self.metrics.shoppers_in_state.set(kept)
         self.metrics.shoppers_evicted.inc(len(outcome.writes))
         if outcome.writes:
-            log.info("evicted %d shoppers idle for more than %.1f days; %d remain", len(outcome.writes),
-                     self.retention_ms / 86_400_000, kept)
+            log.info(
+                "evicted %d shoppers idle for more than %.1f days; %d remain",
+                len(outcome.writes),
+                self.retention_ms / 86_400_000,
+                kept,
+            )
 
     async def rescore_silent(self) -> None:
         """Re-score shoppers idle for at least ``silent_after_ms``: their churn risk rises while
@@ -120,9 +133,12 @@ class Sweeps:
     async def _rescore(self, silent: list[tuple[int, bytes]], now_ms: int) -> int:
         async with self.checkpoint.writing:
             get = self.checkpoint.store.get
-            current = [(partition, key, value) for partition, key in silent
-                       if (value := get(partition, key)) is not None
-                       and self.silent_after_ms <= idle_since_ms(value, now_ms) <= self.retention_ms]
+            current = [
+                (partition, key, value)
+                for partition, key in silent
+                if (value := get(partition, key)) is not None
+                and self.silent_after_ms <= idle_since_ms(value, now_ms) <= self.retention_ms
+            ]
             outcome = self.processor.rescore_silent(current, now_ms)
             self.checkpoint.queue(outcome)
         await self.checkpoint.commit(outcome, None)

@@ -20,6 +20,7 @@ reports it is then the true end. Offsets are recorded in the store only once the
 acknowledged: a crash between the two leaves an unsealed tail that belongs to a batch whose
 input offsets were not committed, so its events are consumed again after the restart.
 """
+
 from __future__ import annotations
 
 import asyncio

@@ -1,7 +1,8 @@
 """The embedded broker, shared by every integration test in a run (topics are per test)."""
+
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 

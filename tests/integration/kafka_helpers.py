@@ -1,15 +1,16 @@
 """Helpers for integration tests: settings isolated per test, a worker process, reading topics."""
+
 from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from confluent_kafka import Consumer, Message
 
-from streams.kafka.broker import free_port
 from streams.config import Settings
+from streams.kafka.broker import free_port
 from streams.kafka.clients import confluent_consumer_config, consume_data
 from streams.tools.process import WorkerProcess  # noqa: F401 - re-exported for the tests
 
@@ -17,19 +18,36 @@ from streams.tools.process import WorkerProcess  # noqa: F401 - re-exported for 
 def isolated_settings(bootstrap_servers: str, data_dir: Path, partitions: int = 4, **overrides) -> Settings:
     """Settings with topic names and app id unique to one test, on the shared test broker."""
     tag = uuid.uuid4().hex[:8]
-    return Settings.from_env({}, bootstrap_servers=bootstrap_servers, app_id=f"shoppulse-test-{tag}",
-                             topic_page_views=f"t{tag}.page_views", topic_cart=f"t{tag}.cart",
-                             topic_orders=f"t{tag}.orders", topic_scores=f"t{tag}.scores",
-                             topic_recommendations=f"t{tag}.recommendations",
-                             topic_churn_alerts=f"t{tag}.churn_alerts", topic_dead_letter=f"t{tag}.dead_letter", partitions=partitions, data_dir=data_dir,
-                             metrics_port=free_port(), **overrides)
+    return Settings.from_env(
+        {},
+        bootstrap_servers=bootstrap_servers,
+        app_id=f"shoppulse-test-{tag}",
+        topic_page_views=f"t{tag}.page_views",
+        topic_cart=f"t{tag}.cart",
+        topic_orders=f"t{tag}.orders",
+        topic_scores=f"t{tag}.scores",
+        topic_recommendations=f"t{tag}.recommendations",
+        topic_churn_alerts=f"t{tag}.churn_alerts",
+        topic_dead_letter=f"t{tag}.dead_letter",
+        partitions=partitions,
+        data_dir=data_dir,
+        metrics_port=free_port(),
+        **overrides,
+    )
 
 
-def read_topic(settings: Settings, topic: str | list[str], until: Callable[[list[Message]], bool],
-               timeout_s: float = 60.0) -> list[Message]:
+def read_topic(
+    settings: Settings, topic: str | list[str], until: Callable[[list[Message]], bool], timeout_s: float = 60.0
+) -> list[Message]:
     """Read ``topic`` (or several) from the beginning until ``until(messages)`` holds or the timeout passes."""
-    consumer = Consumer({**confluent_consumer_config(settings, f"test-reader-{uuid.uuid4().hex[:8]}"),
-                         "auto.offset.reset": "earliest", "enable.auto.commit": False, "session.timeout.ms": 6000})
+    consumer = Consumer(
+        {
+            **confluent_consumer_config(settings, f"test-reader-{uuid.uuid4().hex[:8]}"),
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+            "session.timeout.ms": 6000,
+        }
+    )
     consumer.subscribe([topic] if isinstance(topic, str) else topic)
     messages: list[Message] = []
     deadline = time.monotonic() + timeout_s
@@ -43,9 +61,15 @@ def read_topic(settings: Settings, topic: str | list[str], until: Callable[[list
 
 def read_to_end(settings: Settings, topic: str, timeout_s: float = 60.0) -> list[Message]:
     """Every message of ``topic`` up to the end of each partition (for a topic nobody writes to any more)."""
-    consumer = Consumer({**confluent_consumer_config(settings, f"test-reader-{uuid.uuid4().hex[:8]}"),
-                         "auto.offset.reset": "earliest", "enable.auto.commit": False, "session.timeout.ms": 6000,
-                         "enable.partition.eof": True})
+    consumer = Consumer(
+        {
+            **confluent_consumer_config(settings, f"test-reader-{uuid.uuid4().hex[:8]}"),
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+            "session.timeout.ms": 6000,
+            "enable.partition.eof": True,
+        }
+    )
     partitions = len(consumer.list_topics(topic, timeout=10).topics[topic].partitions)
     consumer.subscribe([topic])
     messages: list[Message] = []
@@ -54,12 +78,13 @@ def read_to_end(settings: Settings, topic: str, timeout_s: float = 60.0) -> list
     try:
         while len(at_end) < partitions:
             if time.monotonic() > deadline:
-                raise AssertionError(f"reading {topic}: only partitions {sorted(at_end)} of {partitions} reached "
-                                     f"their end within {timeout_s:.0f} s")
+                raise AssertionError(
+                    f"reading {topic}: only partitions {sorted(at_end)} of {partitions} reached "
+                    f"their end within {timeout_s:.0f} s"
+                )
             for message in consume_data(consumer, 1000, 0.5, on_end=lambda eof: at_end.add(eof.partition())):
                 at_end.discard(message.partition())
                 messages.append(message)
     finally:
         consumer.close()
     return messages
-

@@ -1,4 +1,5 @@
 """The embedded broker: starts, answers Kafka metadata, and never outlives its owner."""
+
 from __future__ import annotations
 
 import os
@@ -10,9 +11,15 @@ import time
 import pytest
 from confluent_kafka.admin import AdminClient
 
-from streams.kafka.broker import EMBEDDED_CLUSTER_ID, EmbeddedBroker
 from streams.config import Settings
-from streams.kafka.clients import BROKER_PROFILE_KAFKA, BROKER_PROFILE_TANSU, KafkaSetupError, ensure_topics, resolve_broker_profile
+from streams.kafka.broker import EMBEDDED_CLUSTER_ID, EmbeddedBroker
+from streams.kafka.clients import (
+    BROKER_PROFILE_KAFKA,
+    BROKER_PROFILE_TANSU,
+    KafkaSetupError,
+    ensure_topics,
+    resolve_broker_profile,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -40,10 +47,18 @@ def test_starts_answers_metadata_and_stops(tmp_path):
 
 def test_broker_dies_with_a_killed_owner():
     """kill -9 of the owning process must not leave an orphan broker (PR_SET_PDEATHSIG)."""
-    owner = subprocess.Popen([sys.executable, "-c", (
-        "from streams.kafka.broker import EmbeddedBroker; import time, sys\n"
-        "b = EmbeddedBroker().start(); print(b.pid, flush=True); time.sleep(60)")],
-        stdout=subprocess.PIPE, text=True)
+    owner = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "from streams.kafka.broker import EmbeddedBroker; import time, sys\n"
+                "b = EmbeddedBroker().start(); print(b.pid, flush=True); time.sleep(60)"
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     broker_pid = int(owner.stdout.readline())
     assert _alive(broker_pid)
     owner.send_signal(signal.SIGKILL)
@@ -75,6 +90,7 @@ def test_unreachable_broker_gives_a_clear_error():
     settings = Settings.from_env({}, bootstrap_servers=f"127.0.0.1:{free_port()}")
     with pytest.raises(KafkaSetupError, match="KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:.*start a broker"):
         import streams.kafka.clients as kafka
+
         kafka.ADMIN_TIMEOUT_S, saved = 2.0, kafka.ADMIN_TIMEOUT_S
         try:
             ensure_topics(settings)
@@ -83,14 +99,29 @@ def test_unreachable_broker_gives_a_clear_error():
 
 
 def test_ensure_topics_refuses_uneven_inputs(broker):
-    settings = Settings.from_env({}, bootstrap_servers=broker.bootstrap_servers, topic_page_views="uneven.views",
-                                 topic_cart="uneven.cart", topic_orders="uneven.orders",
-                                 topic_scores="uneven.scores", topic_dead_letter="uneven.dlq", partitions=2)
+    settings = Settings.from_env(
+        {},
+        bootstrap_servers=broker.bootstrap_servers,
+        topic_page_views="uneven.views",
+        topic_cart="uneven.cart",
+        topic_orders="uneven.orders",
+        topic_scores="uneven.scores",
+        topic_dead_letter="uneven.dlq",
+        partitions=2,
+    )
     ensure_topics(settings)
     with pytest.raises(KafkaSetupError, match="not co-partitioned"):
         from streams.kafka.clients import TopicSpec, required_topics
+
         specs = required_topics(settings)
-        uneven = Settings.from_env({}, bootstrap_servers=broker.bootstrap_servers, topic_page_views="uneven.views",
-                                   topic_cart="uneven.cart2", topic_orders="uneven.orders",
-                                   topic_scores="uneven.scores", topic_dead_letter="uneven.dlq", partitions=3)
+        uneven = Settings.from_env(
+            {},
+            bootstrap_servers=broker.bootstrap_servers,
+            topic_page_views="uneven.views",
+            topic_cart="uneven.cart2",
+            topic_orders="uneven.orders",
+            topic_scores="uneven.scores",
+            topic_dead_letter="uneven.dlq",
+            partitions=3,
+        )
         ensure_topics(uneven, [TopicSpec("uneven.cart2", 3, specs[0].config)])

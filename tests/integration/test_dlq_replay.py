@@ -1,6 +1,7 @@
 """``shoppulse dlq replay`` end to end: a real worker dead-letters events, the "producer fix" is a
 raised SHOPPULSE_MAX_EVENT_BYTES, the replay sends them back, and the fixed worker scores each
 exactly once; a second replay sends nothing. The state equals the offline replay of the events."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,11 +15,11 @@ import pytest
 from features.encoding import decode_state, encode_state
 from features.offline import final_states
 from features.state import StateConfig
-from streams.tools import dlq
-from streams.tools.cli import build_parser
-from streams.sim.generator import GeneratedMessage, GeneratorConfig, ShopSimulator, at_most_per_shopper
 from streams.kafka.clients import ensure_topics
 from streams.kafka.producer import produce
+from streams.sim.generator import GeneratedMessage, GeneratorConfig, ShopSimulator, at_most_per_shopper
+from streams.tools import dlq
+from streams.tools.cli import build_parser
 
 from .kafka_helpers import WorkerProcess, isolated_settings, read_to_end, read_topic
 from .test_worker import changelog_states, newest_ts, scored_until, valid_events
@@ -33,8 +34,17 @@ MAX_MESSAGE_BYTES = 20_000
 
 def padded_page_view(user_id: str, ts_ms: int, pad_bytes: int) -> GeneratedMessage:
     """A valid page view with an extra field that makes it ``pad_bytes`` longer (unknown fields are allowed)."""
-    doc = {"schema_version": 1, "event_id": f"e-{user_id}", "user_id": user_id, "ts": ts_ms, "session_id": "s-1",
-           "item_id": "sku-1", "category": "shoes", "price": 10.0, "padding": "x" * pad_bytes}
+    doc = {
+        "schema_version": 1,
+        "event_id": f"e-{user_id}",
+        "user_id": user_id,
+        "ts": ts_ms,
+        "session_id": "s-1",
+        "item_id": "sku-1",
+        "category": "shoes",
+        "price": 10.0,
+        "padding": "x" * pad_bytes,
+    }
     return GeneratedMessage("page_view", user_id.encode(), json.dumps(doc).encode())
 
 
@@ -44,12 +54,19 @@ def replay(settings, *options: str) -> int:
 
 
 def test_replay_after_the_fix_scores_each_dead_letter_once_and_a_second_replay_sends_nothing(broker, tmp_path, capsys):
-    settings = isolated_settings(broker.bootstrap_servers, tmp_path / "worker", max_event_bytes=TIGHT_EVENT_BYTES,
-                                 kafka_max_message_bytes=MAX_MESSAGE_BYTES)
+    settings = isolated_settings(
+        broker.bootstrap_servers,
+        tmp_path / "worker",
+        max_event_bytes=TIGHT_EVENT_BYTES,
+        kafka_max_message_bytes=MAX_MESSAGE_BYTES,
+    )
     ensure_topics(settings)
     simulator = ShopSimulator(GeneratorConfig(seed=3, n_shoppers=40, malformed_fraction=0.05, clock="live"))
-    base = [m for m in islice(at_most_per_shopper(simulator.messages(), StateConfig().dedup_ids), 600)
-            if len(m.value) < TIGHT_EVENT_BYTES and m.malformed_reason != "oversized"]
+    base = [
+        m
+        for m in islice(at_most_per_shopper(simulator.messages(), StateConfig().dedup_ids), 600)
+        if len(m.value) < TIGHT_EVENT_BYTES and m.malformed_reason != "oversized"
+    ]
     malformed = [m for m in base if m.malformed_reason is not None]
     assert malformed, "other reasons must be in the dead-letter topic, for --reason to leave them"
     now_ms = int(time.time() * 1000)
@@ -103,8 +120,9 @@ def test_replay_after_the_fix_scores_each_dead_letter_once_and_a_second_replay_s
     for message in padded:
         user = message.key.decode()
         assert per_user[user] == 1, f"{user} scored {per_user[user]} times"
-    assert {doc["trigger_event_id"] for doc in scores if doc["user_id"].startswith("u-padded-")} == \
-        {f"e-{m.key.decode()}" for m in padded}
+    assert {doc["trigger_event_id"] for doc in scores if doc["user_id"].startswith("u-padded-")} == {
+        f"e-{m.key.decode()}" for m in padded
+    }
     assert per_user["u-huge"] == 0
 
     # The state: exactly the offline replay of every event the workers accepted.

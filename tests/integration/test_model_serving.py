@@ -1,6 +1,7 @@
 """The worker serving real torch models: scores, recommendations and churn alerts on their topics,
 alerts never repeated across a restart, hot reload of a promoted version, and a corrupt artifact
 that leaves the last good model in place."""
+
 from __future__ import annotations
 
 import json
@@ -14,14 +15,14 @@ import torch
 from features.spec import DEFAULT_FEATURE_SPEC
 from models.artifacts import WEIGHTS_FILE
 from models.classifiers import ClassifierConfig, MultiTaskMLP, ShopperClassifier
+from models.names import CLASSIFIER_MODEL, NEXTITEM_MODEL
 from models.nextitem import NextItemConfig, NextItemRecommender, SASRec
 from models.registry import ModelRegistry
 from models.scoring import CHURN, PURCHASE
 from models.sequences import ItemVocab
-from models.names import CLASSIFIER_MODEL, NEXTITEM_MODEL
-from streams.sim.generator import GeneratorConfig, ShopSimulator
 from streams.kafka.clients import ensure_topics
 from streams.kafka.producer import produce
+from streams.sim.generator import GeneratorConfig, ShopSimulator
 
 from .kafka_helpers import WorkerProcess, isolated_settings, read_topic
 from .test_worker import newest_ts, scored_until, valid_events
@@ -32,12 +33,14 @@ pytestmark = pytest.mark.integration
 def publish_models(registry: ModelRegistry, version: str, items: list[str], seed: int) -> None:
     """Small untrained models with the real artifact format, registered and promoted."""
     torch.manual_seed(seed)
-    classifier = ShopperClassifier(MultiTaskMLP(ClassifierConfig(input_dim=DEFAULT_FEATURE_SPEC.dim)),
-                                   DEFAULT_FEATURE_SPEC.hash)
+    classifier = ShopperClassifier(
+        MultiTaskMLP(ClassifierConfig(input_dim=DEFAULT_FEATURE_SPEC.dim)), DEFAULT_FEATURE_SPEC.hash
+    )
     classifier.save(registry.version_dir(CLASSIFIER_MODEL, version), version)
     vocab = ItemVocab(items)
-    recommender = NextItemRecommender(SASRec(NextItemConfig(num_items=len(vocab), max_len=20, dim=16, layers=1,
-                                                            heads=1)), vocab)
+    recommender = NextItemRecommender(
+        SASRec(NextItemConfig(num_items=len(vocab), max_len=20, dim=16, layers=1, heads=1)), vocab
+    )
     recommender.save(registry.version_dir(NEXTITEM_MODEL, version), version)
     registry.promote(CLASSIFIER_MODEL, version)
     registry.promote(NEXTITEM_MODEL, version)
@@ -49,8 +52,13 @@ def test_models_score_recommend_alert_and_reload(broker, tmp_path):
     items = sorted({e.item_id for e in simulator.events(limit=3000) if e.item_id})
     publish_models(registry, "v1", items, seed=1)
     # Thresholds low enough that every scored shopper alerts once; the 7-day cooldown forbids a second.
-    settings = isolated_settings(broker.bootstrap_servers, tmp_path / "worker", models_dir=registry.root,
-                                 churn_alert_high=0.01, churn_alert_low=0.005)
+    settings = isolated_settings(
+        broker.bootstrap_servers,
+        tmp_path / "worker",
+        models_dir=registry.root,
+        churn_alert_high=0.01,
+        churn_alert_low=0.005,
+    )
     ensure_topics(settings)
     stream = simulator.messages()
     first, second = [next(stream) for _ in range(1500)], [next(stream) for _ in range(1500)]
@@ -65,11 +73,12 @@ def test_models_score_recommend_alert_and_reload(broker, tmp_path):
     worker = WorkerProcess(settings, tmp_path / "worker-2.log")
     try:
         worker.wait_ready()
-        publish_models(registry, "v2", items, seed=2)   # hot reload, between batches
+        publish_models(registry, "v2", items, seed=2)  # hot reload, between batches
         broken = registry.version_dir(CLASSIFIER_MODEL, "v3")
         shutil.copytree(registry.version_dir(CLASSIFIER_MODEL, "v2"), broken)
-        (broken / "metadata.json").write_text(json.dumps({**json.loads((broken / "metadata.json").read_text()),
-                                                          "version": "v3"}))
+        (broken / "metadata.json").write_text(
+            json.dumps({**json.loads((broken / "metadata.json").read_text()), "version": "v3"})
+        )
         weights = broken / WEIGHTS_FILE
         weights.write_bytes(weights.read_bytes()[:100])  # truncated: must be refused, never half-loaded
         produce(second, settings.topic_by_kind, settings.librdkafka_config())
@@ -80,7 +89,9 @@ def test_models_score_recommend_alert_and_reload(broker, tmp_path):
         pointer = registry.root / CLASSIFIER_MODEL / "current"
         pointer.write_text(json.dumps({**json.loads(pointer.read_text()), "version": "v3"}))
         deadline = time.monotonic() + 40  # the worker looks at the registry every few seconds, between batches
-        while worker.metric("shoppulse_model_load_errors_total") == load_errors_before_v3 and time.monotonic() < deadline:
+        while (
+            worker.metric("shoppulse_model_load_errors_total") == load_errors_before_v3 and time.monotonic() < deadline
+        ):
             more = [next(stream) for _ in range(50)]
             produce(more, settings.topic_by_kind, settings.librdkafka_config())
             events += valid_events(more)
@@ -97,15 +108,19 @@ def test_models_score_recommend_alert_and_reload(broker, tmp_path):
     assert load_errors == load_errors_before_v3 + 1 and serving_v2 == 1, "a corrupt artifact must leave v2 in place"
 
     users = {e.user_id for e in events}
-    recommendations = read_topic(settings, settings.topic_recommendations,
-                                 until=lambda ms: users <= {json.loads(m.value())["user_id"] for m in ms})
+    recommendations = read_topic(
+        settings,
+        settings.topic_recommendations,
+        until=lambda ms: users <= {json.loads(m.value())["user_id"] for m in ms},
+    )
     for message in recommendations:
         doc = json.loads(message.value())
         assert message.key() == doc["user_id"].encode() and 0 < len(doc["items"]) <= settings.top_k
         assert all(item["item_id"] in set(items) for item in doc["items"])
 
-    alerts = read_topic(settings, settings.topic_churn_alerts,
-                        until=lambda ms: users <= {json.loads(m.value())["user_id"] for m in ms})
+    alerts = read_topic(
+        settings, settings.topic_churn_alerts, until=lambda ms: users <= {json.loads(m.value())["user_id"] for m in ms}
+    )
     per_user = Counter(json.loads(m.value())["user_id"] for m in alerts)
     assert set(per_user) == users
     assert max(per_user.values()) == 1, f"repeated alerts: {[u for u, n in per_user.items() if n > 1][:5]}"
@@ -119,9 +134,15 @@ def test_silent_shoppers_are_rescored_and_alerted_once(broker, tmp_path):
     registry = ModelRegistry(tmp_path / "registry")
     items = sorted({e.item_id for e in simulator.events(limit=400) if e.item_id})
     publish_models(registry, "v1", items, seed=3)
-    settings = isolated_settings(broker.bootstrap_servers, tmp_path / "worker", models_dir=registry.root,
-                                 silent_after_ms=1500, silent_sweep_interval_s=1,
-                                 churn_alert_high=0.01, churn_alert_low=0.005)
+    settings = isolated_settings(
+        broker.bootstrap_servers,
+        tmp_path / "worker",
+        models_dir=registry.root,
+        silent_after_ms=1500,
+        silent_sweep_interval_s=1,
+        churn_alert_high=0.01,
+        churn_alert_low=0.005,
+    )
     ensure_topics(settings)
     messages = list(simulator.messages(limit=400))
     users = {e.user_id for e in valid_events(messages)}
@@ -134,11 +155,18 @@ def test_silent_shoppers_are_rescored_and_alerted_once(broker, tmp_path):
     finally:
         assert worker.stop() == 0, worker.log_tail()
     assert rescored >= 3 * len(users)
-    silent_scores = read_topic(settings, settings.topic_scores, until=lambda ms: users <= {
-        json.loads(m.value())["user_id"] for m in ms if json.loads(m.value())["trigger_event_id"] is None})
-    assert users <= {json.loads(m.value())["user_id"] for m in silent_scores
-                     if json.loads(m.value())["trigger_event_id"] is None}
-    alerts = read_topic(settings, settings.topic_churn_alerts,
-                        until=lambda ms: users <= {json.loads(m.value())["user_id"] for m in ms})
+    silent_scores = read_topic(
+        settings,
+        settings.topic_scores,
+        until=lambda ms: (
+            users <= {json.loads(m.value())["user_id"] for m in ms if json.loads(m.value())["trigger_event_id"] is None}
+        ),
+    )
+    assert users <= {
+        json.loads(m.value())["user_id"] for m in silent_scores if json.loads(m.value())["trigger_event_id"] is None
+    }
+    alerts = read_topic(
+        settings, settings.topic_churn_alerts, until=lambda ms: users <= {json.loads(m.value())["user_id"] for m in ms}
+    )
     per_user = Counter(json.loads(m.value())["user_id"] for m in alerts)
     assert per_user == Counter(dict.fromkeys(users, 1)), "each silent shopper alerts exactly once per cooldown"

@@ -2,6 +2,7 @@
 input message scored or dead-lettered with its reason, no churn alert repeated within its
 cooldown, and the final per-shopper state equal to an offline replay. RELIABILITY.md explains
 the guarantees; bench/soak.py runs the long version."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,16 +19,16 @@ from features.encoding import decode_state, encode_state
 from features.events import Event, InvalidEvent, encode_event, parse_event
 from features.offline import final_states
 from features.spec import DEFAULT_FEATURE_SPEC
-from models.registry import ModelRegistry
-from tests.support.accounting import AccountingReport, OutputReader, await_accounted, produced_from
-from streams.kafka.broker import EmbeddedBroker, free_port
-from streams.config import Settings
 from features.state import StateConfig
-from streams.sim.generator import GeneratedMessage, GeneratorConfig, ShopSimulator, at_most_per_shopper
+from models.registry import ModelRegistry
+from streams.config import Settings
+from streams.kafka.broker import EmbeddedBroker, free_port
 from streams.kafka.clients import ensure_topics
-from streams.tools.process import histogram_quantile
 from streams.kafka.producer import BackgroundProducer, produce
+from streams.sim.generator import GeneratedMessage, GeneratorConfig, ShopSimulator, at_most_per_shopper
+from streams.tools.process import histogram_quantile
 from tests.poison_corpus import poison_corpus
+from tests.support.accounting import AccountingReport, OutputReader, await_accounted, produced_from
 
 from .kafka_helpers import WorkerProcess, isolated_settings, read_to_end
 from .test_model_serving import publish_models
@@ -45,8 +46,9 @@ def alerting_settings(bootstrap_servers: str, tmp_path: Path, simulator: ShopSim
     shopper alerts once: any repeated alert within the 7-day cooldown is then a failure."""
     registry = ModelRegistry(tmp_path / "registry")
     publish_models(registry, "v1", sorted({e.item_id for e in simulator.events(limit=2000) if e.item_id}), seed=5)
-    settings = isolated_settings(bootstrap_servers, tmp_path / "worker", models_dir=registry.root,
-                                 churn_alert_high=0.01, churn_alert_low=0.005)
+    settings = isolated_settings(
+        bootstrap_servers, tmp_path / "worker", models_dir=registry.root, churn_alert_high=0.01, churn_alert_low=0.005
+    )
     ensure_topics(settings)
     return settings
 
@@ -54,8 +56,9 @@ def alerting_settings(bootstrap_servers: str, tmp_path: Path, simulator: ShopSim
 def assert_accounted(settings: Settings, sent: list, timeout_s: float = 120) -> AccountingReport:
     """Every sent message accounted for in the outputs; prints the report (repeated scores included)."""
     with OutputReader(settings) as reader:
-        report = await_accounted(reader, reader.expect(produced_from(sent, settings.topic_by_kind)), timeout_s,
-                                 settle_s=2)
+        report = await_accounted(
+            reader, reader.expect(produced_from(sent, settings.topic_by_kind)), timeout_s, settle_s=2
+        )
     print(report.summary())
     assert report.ok, report.summary()
     return report
@@ -68,14 +71,22 @@ def assert_state_is_offline_replay(settings: Settings, sent: list) -> None:
     wrong = [user for user, state in offline.items() if encode_state(online[user]) != encode_state(state)]
     if wrong:
         first, replayed = online[wrong[0]], offline[wrong[0]]
-        fields = {name: (getattr(first, name), getattr(replayed, name)) for name in replayed.__slots__
-                  if getattr(first, name) != getattr(replayed, name)}
-        raise AssertionError(f"{len(wrong)} of {len(offline)} shoppers' state differs from the offline replay; "
-                             f"{wrong[0]} (changelog, replay): {str(fields)[:1500]}")
+        fields = {
+            name: (getattr(first, name), getattr(replayed, name))
+            for name in replayed.__slots__
+            if getattr(first, name) != getattr(replayed, name)
+        }
+        raise AssertionError(
+            f"{len(wrong)} of {len(offline)} shoppers' state differs from the offline replay; "
+            f"{wrong[0]} (changelog, replay): {str(fields)[:1500]}"
+        )
     for user, state in offline.items():
         now = state.last_event_ms
-        np.testing.assert_array_equal(DEFAULT_FEATURE_SPEC.row(online[user], now), DEFAULT_FEATURE_SPEC.row(state, now),
-                                      err_msg=f"feature vector of {user}")
+        np.testing.assert_array_equal(
+            DEFAULT_FEATURE_SPEC.row(online[user], now),
+            DEFAULT_FEATURE_SPEC.row(state, now),
+            err_msg=f"feature vector of {user}",
+        )
 
 
 def traffic(settings: Settings, simulator: ShopSimulator, rate_per_s: float) -> BackgroundProducer:
@@ -134,9 +145,26 @@ def one_shoppers_views(user_id: str, n_events: int) -> list[GeneratedMessage]:
     """``n_events`` page views of one shopper, 1 s apart and in order, all within the grace period:
     one topic and event-time order, so the state is independent of how the worker batches them."""
     first_ms = int(time.time() * 1000) - 1000 * (n_events + 60)
-    return [GeneratedMessage("page_view", user_id.encode(), encode_event(Event(
-        "view", f"{user_id}-v{n}", user_id, first_ms + 1000 * n, session_id=f"{user_id}-s1", item_id=f"item-{n % 17}",
-        category="toys", price=9.5, quantity=1))) for n in range(n_events)]
+    return [
+        GeneratedMessage(
+            "page_view",
+            user_id.encode(),
+            encode_event(
+                Event(
+                    "view",
+                    f"{user_id}-v{n}",
+                    user_id,
+                    first_ms + 1000 * n,
+                    session_id=f"{user_id}-s1",
+                    item_id=f"item-{n % 17}",
+                    category="toys",
+                    price=9.5,
+                    quantity=1,
+                )
+            ),
+        )
+        for n in range(n_events)
+    ]
 
 
 def test_kill9_chain_across_more_events_of_one_shopper_than_the_dedup_window(broker, tmp_path):
@@ -145,13 +173,15 @@ def test_kill9_chain_across_more_events_of_one_shopper_than_the_dedup_window(bro
     event-id dedup alone applied the older replayed events again (RELIABILITY.md's old limit); the
     offsets stored with each state skip them. Other shoppers' events flow on all three topics."""
     rng = random.Random(SEED + 1)
-    settings = isolated_settings(broker.bootstrap_servers, tmp_path / "worker", commit_interval_s=3600.0,
-                                 commit_every=10_000_000)
+    settings = isolated_settings(
+        broker.bootstrap_servers, tmp_path / "worker", commit_interval_s=3600.0, commit_every=10_000_000
+    )
     ensure_topics(settings)
     dedup_ids, rounds = StateConfig().dedup_ids, 4
     heavy = one_shoppers_views("heavy-shopper", rounds * dedup_ids)
-    others = at_most_per_shopper(ShopSimulator(GeneratorConfig(seed=SEED, n_shoppers=40, clock="live")).messages(),
-                                 dedup_ids)
+    others = at_most_per_shopper(
+        ShopSimulator(GeneratorConfig(seed=SEED, n_shoppers=40, clock="live")).messages(), dedup_ids
+    )
     sent: list[GeneratedMessage] = []
 
     def send(messages: list[GeneratedMessage]) -> None:
@@ -163,10 +193,10 @@ def test_kill9_chain_across_more_events_of_one_shopper_than_the_dedup_window(bro
     try:
         worker.wait_ready(90)
         for kill in range(1, rounds + 1):
-            chunk = heavy[(kill - 1) * dedup_ids:kill * dedup_ids]
-            send(chunk[:dedup_ids // 2] + list(islice(others, 40)))
+            chunk = heavy[(kill - 1) * dedup_ids : kill * dedup_ids]
+            send(chunk[: dedup_ids // 2] + list(islice(others, 40)))
             scored_until(settings, newest_ts(valid_events(sent)))  # stored: the restart's replay must skip it
-            send(chunk[dedup_ids // 2:] + list(islice(others, 40)))
+            send(chunk[dedup_ids // 2 :] + list(islice(others, 40)))
             time.sleep(rng.uniform(0.0, 1.0))  # kill -9 while the rest may be half processed, half delivered
             worker.kill()
             worker = WorkerProcess(settings, tmp_path / f"worker-{kill}.log")
@@ -287,13 +317,16 @@ def test_flood_drains_with_bounded_memory(broker, tmp_path):
         assert_accounted(settings, messages)
     finally:
         assert worker.stop() == 0, worker.log_tail()
-    print(f"peak lag {peak_lag:.0f}, drained in {drained_s:.1f} s, latency p99 <= {p99} s, "
-          f"RSS {rss_ready / 2**20:.0f} MiB at ready, peak {peak_rss / 2**20:.0f} MiB")
+    print(
+        f"peak lag {peak_lag:.0f}, drained in {drained_s:.1f} s, latency p99 <= {p99} s, "
+        f"RSS {rss_ready / 2**20:.0f} MiB at ready, peak {peak_rss / 2**20:.0f} MiB"
+    )
     assert lag == 0, f"lag did not drain in 120 s: {lag}"
     assert peak_lag >= events / 4, f"lag peaked at {peak_lag:.0f}: the flood never built a backlog"
     assert p99 >= 1.0, f"the latency histogram's p99 is {p99} s after a {drained_s:.0f} s backlog"
-    assert peak_rss - rss_ready < 150 * 2**20, \
+    assert peak_rss - rss_ready < 150 * 2**20, (
         f"peak RSS grew {(peak_rss - rss_ready) / 2**20:.0f} MiB over the {rss_ready / 2**20:.0f} MiB at ready"
+    )
 
 
 def test_poison_corpus_is_dead_lettered_and_memory_stays_flat(broker, tmp_path):
@@ -322,5 +355,6 @@ def test_poison_corpus_is_dead_lettered_and_memory_stays_flat(broker, tmp_path):
     growth = rss[-1] - rss[1]
     print(f"RSS per round (MiB): {[round(r / 2**20) for r in rss]}")
     assert growth < 20 * 2**20, f"RSS grew {growth / 2**20:.1f} MiB over {rounds - 2} rounds of the corpus"
-    assert duplicates == accounted.repeated_event_ids, \
+    assert duplicates == accounted.repeated_event_ids, (
         f"{accounted.repeated_event_ids} repeated event ids sent, the worker counted {duplicates:.0f} duplicates"
+    )

@@ -1,6 +1,7 @@
 """Two workers in one consumer group: partitions split, every event scored, one shopper's state
 never split; when one worker stops, the other takes its partitions with their state and repeats
 no churn alert."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,9 +15,9 @@ from features.offline import final_states
 from features.state import StateConfig
 from models.registry import ModelRegistry
 from streams.kafka.broker import free_port
-from streams.sim.generator import GeneratorConfig, ShopSimulator, at_most_per_shopper
 from streams.kafka.clients import ensure_topics
 from streams.kafka.producer import produce
+from streams.sim.generator import GeneratorConfig, ShopSimulator, at_most_per_shopper
 
 from .kafka_helpers import WorkerProcess, isolated_settings, read_topic
 from .test_model_serving import publish_models
@@ -30,7 +31,7 @@ def owned_partitions(worker: WorkerProcess) -> set[tuple[str, str]]:
     owned = set()
     for line in worker.metrics_text().splitlines():
         if line.startswith("shoppulse_consumer_lag{"):
-            labels = dict(part.split("=") for part in line[line.index("{") + 1:line.index("}")].split(","))
+            labels = dict(part.split("=") for part in line[line.index("{") + 1 : line.index("}")].split(","))
             owned.add((labels["topic"].strip('"'), labels["partition"].strip('"')))
     return owned
 
@@ -39,8 +40,9 @@ def test_two_workers_split_partitions_and_take_over(broker, tmp_path):
     simulator = ShopSimulator(GeneratorConfig(seed=31, n_shoppers=200, n_items=300, clock="live"))
     registry = ModelRegistry(tmp_path / "registry")
     publish_models(registry, "v1", sorted({e.item_id for e in simulator.events(limit=3000) if e.item_id}), seed=5)
-    base = isolated_settings(broker.bootstrap_servers, tmp_path / "a", models_dir=registry.root,
-                             churn_alert_high=0.01, churn_alert_low=0.005)
+    base = isolated_settings(
+        broker.bootstrap_servers, tmp_path / "a", models_dir=registry.root, churn_alert_high=0.01, churn_alert_low=0.005
+    )
     ensure_topics(base)
     other = dataclasses.replace(base, data_dir=tmp_path / "b", metrics_port=free_port())
     stream = at_most_per_shopper(simulator.messages(), StateConfig().dedup_ids)  # the byte-exact parity envelope
@@ -77,8 +79,9 @@ def test_two_workers_split_partitions_and_take_over(broker, tmp_path):
     assert not wrong, f"{len(wrong)} shoppers' state split or lost across the hand-over, e.g. {wrong[:3]}"
 
     users = set(offline)
-    alerts = read_topic(base, base.topic_churn_alerts,
-                        until=lambda ms: users <= {json.loads(m.value())["user_id"] for m in ms})
+    alerts = read_topic(
+        base, base.topic_churn_alerts, until=lambda ms: users <= {json.loads(m.value())["user_id"] for m in ms}
+    )
     alert_ids: dict[str, set[str]] = {}
     for m in alerts:
         doc = json.loads(m.value())

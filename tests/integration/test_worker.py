@@ -1,13 +1,14 @@
 """The worker end to end on the embedded broker: every event is scored or dead-lettered, and the
 state it keeps is exactly what the offline replay of the same events computes — also after the
 worker loses its data directory and restores the table from the changelog."""
+
 from __future__ import annotations
 
 import json
 import shutil
 import time
-from itertools import islice
 from collections import Counter
+from itertools import islice
 
 import numpy as np
 import pytest
@@ -18,11 +19,11 @@ from features.events import parse_event
 from features.offline import final_states
 from features.spec import DEFAULT_FEATURE_SPEC
 from features.state import StateConfig
-from streams.worker.app import STATE_TABLE
-from streams.worker.envelope import Stored
-from streams.sim.generator import GeneratedMessage, GeneratorConfig, ShopSimulator, at_most_per_shopper
 from streams.kafka.clients import confluent_consumer_config, ensure_topics
 from streams.kafka.producer import produce
+from streams.sim.generator import GeneratedMessage, GeneratorConfig, ShopSimulator, at_most_per_shopper
+from streams.worker.app import STATE_TABLE
+from streams.worker.envelope import Stored
 from streams.worker.table_writer import SEAL_KEY
 
 from .kafka_helpers import WorkerProcess, isolated_settings, read_to_end, read_topic
@@ -55,12 +56,14 @@ def changelog_states(settings) -> dict[str, bytes]:
 
 def scored_until(settings, expected_last_ts: dict[str, int]):
     """Read scores until every shopper's newest event has been scored."""
+
     def done(messages):
         latest = {}
         for m in messages:
             doc = json.loads(m.value())
             latest[doc["user_id"]] = max(latest.get(doc["user_id"], 0), doc["trigger_ts"])
         return all(latest.get(user, -1) >= ts for user, ts in expected_last_ts.items())
+
     return read_topic(settings, settings.topic_scores, until=done, timeout_s=90)
 
 
@@ -92,7 +95,9 @@ def test_every_event_scored_or_dead_lettered(settings, tmp_path):
         assert report.failed == 0
         events = valid_events(messages)
         scores = scored_until(settings, newest_ts(events))
-        dead = read_topic(settings, settings.topic_dead_letter, until=lambda ms: len(ms) >= len(malformed), timeout_s=30)
+        dead = read_topic(
+            settings, settings.topic_dead_letter, until=lambda ms: len(ms) >= len(malformed), timeout_s=30
+        )
         dead_total = worker.metric("shoppulse_dead_letter_total")
     finally:
         assert worker.stop() == 0, worker.log_tail()
@@ -114,8 +119,11 @@ def test_every_event_scored_or_dead_lettered(settings, tmp_path):
     sources = {(m.topic(), m.partition(), m.offset()): m.value() for m in inputs}
     for d in dead:
         headers = {k: v.decode() for k, v in d.headers()}
-        position = (headers["shoppulse.dlq.source_topic"], int(headers["shoppulse.dlq.source_partition"]),
-                    int(headers["shoppulse.dlq.source_offset"]))
+        position = (
+            headers["shoppulse.dlq.source_topic"],
+            int(headers["shoppulse.dlq.source_partition"]),
+            int(headers["shoppulse.dlq.source_offset"]),
+        )
         assert sources[position] == d.value(), f"dead letter points at the wrong source message {position}"
         assert headers["shoppulse.dlq.detail"]
     assert dead_total == len(malformed)
@@ -125,8 +133,15 @@ def test_every_event_scored_or_dead_lettered(settings, tmp_path):
     online = {user: decode_state(raw) for user, raw in changelog_states(settings).items()}
     for user, state in offline.items():
         assert encode_state(online[user]) == encode_state(state), (
-            f"state of {user} differs from offline replay: " + str({n: (getattr(online[user], n), getattr(state, n))
-                for n in state.__slots__ if getattr(online[user], n) != getattr(state, n)})[:1500])
+            f"state of {user} differs from offline replay: "
+            + str(
+                {
+                    n: (getattr(online[user], n), getattr(state, n))
+                    for n in state.__slots__
+                    if getattr(online[user], n) != getattr(state, n)
+                }
+            )[:1500]
+        )
         now = state.last_event_ms
         np.testing.assert_array_equal(DEFAULT_FEATURE_SPEC.row(online[user], now), DEFAULT_FEATURE_SPEC.row(state, now))
 
@@ -144,8 +159,9 @@ def committed_offsets(settings) -> int:
 def test_offsets_are_committed_after_commit_every_acks_between_timed_commits(broker, tmp_path):
     """Faust's broker_commit_every, which the replaced drain loop had dropped: with an hour between
     timed commits, acked offsets are committed once SHOPPULSE_COMMIT_EVERY of them gathered."""
-    settings = isolated_settings(broker.bootstrap_servers, tmp_path / "worker", commit_interval_s=3600.0,
-                                 commit_every=100)
+    settings = isolated_settings(
+        broker.bootstrap_servers, tmp_path / "worker", commit_interval_s=3600.0, commit_every=100
+    )
     ensure_topics(settings)
     messages = list(ShopSimulator(GeneratorConfig(seed=12, n_shoppers=50, clock="live")).messages(limit=400))
     worker = WorkerProcess(settings, tmp_path / "worker.log")
@@ -234,15 +250,19 @@ def test_an_error_no_batch_logic_handles_stops_the_worker_and_its_batch_is_score
         assert worker.stop() == 0, worker.log_tail()
 
 
-@pytest.mark.parametrize("stop, lose_data_dir", [("sigterm", True), ("kill", False), ("kill", True)],
-                         ids=["graceful-lost-data-dir", "kill9-kept-data-dir", "kill9-lost-data-dir"])
+@pytest.mark.parametrize(
+    "stop, lose_data_dir",
+    [("sigterm", True), ("kill", False), ("kill", True)],
+    ids=["graceful-lost-data-dir", "kill9-kept-data-dir", "kill9-lost-data-dir"],
+)
 def test_state_survives_a_restart(settings, tmp_path, stop, lose_data_dir):
     """A worker stopped (gracefully or with kill -9) and restarted, with its RocksDB kept or
     deleted, ends with exactly the state of an uninterrupted offline replay. Catches Tansu's
     silent partial restore: with batched changelog writes a restored table lost updates
     without any error (docs/embedded-broker.md)."""
-    stream = at_most_per_shopper(ShopSimulator(GeneratorConfig(seed=5, n_shoppers=150, clock="live")).messages(),
-                                 StateConfig().dedup_ids)  # the parity envelope, as above
+    stream = at_most_per_shopper(
+        ShopSimulator(GeneratorConfig(seed=5, n_shoppers=150, clock="live")).messages(), StateConfig().dedup_ids
+    )  # the parity envelope, as above
     first = [next(stream) for _ in range(2000)]
     second = [next(stream) for _ in range(1000)]
 
@@ -273,8 +293,9 @@ def test_state_survives_a_restart(settings, tmp_path, stop, lose_data_dir):
 
 
 def test_idle_shoppers_are_evicted_from_table_and_changelog(broker, tmp_path):
-    settings = isolated_settings(broker.bootstrap_servers, tmp_path / "worker", retention_ms=4000,
-                                 eviction_interval_s=1)
+    settings = isolated_settings(
+        broker.bootstrap_servers, tmp_path / "worker", retention_ms=4000, eviction_interval_s=1
+    )
     ensure_topics(settings)
     messages = list(ShopSimulator(GeneratorConfig(seed=8, n_shoppers=60, clock="live")).messages(limit=300))
     users = {e.user_id for e in valid_events(messages)}
@@ -289,6 +310,8 @@ def test_idle_shoppers_are_evicted_from_table_and_changelog(broker, tmp_path):
     assert evicted == len(users)
     assert in_state == 0
     topic = f"{settings.app_id}-{STATE_TABLE}-changelog"
-    changelog = read_topic(settings, topic, until=lambda ms: users <= {m.key().decode() for m in ms if m.value() is None})
+    changelog = read_topic(
+        settings, topic, until=lambda ms: users <= {m.key().decode() for m in ms if m.value() is None}
+    )
     last = {m.key().decode(): m.value() for m in changelog if m.key() != SEAL_KEY}
     assert set(last) == users and all(value is None for value in last.values()), "expected a tombstone per shopper"

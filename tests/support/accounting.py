@@ -24,6 +24,7 @@ event was never produced.
 :class:`OutputReader` reads the output topics with confluent-kafka, and :func:`await_accounted`
 re-checks as outputs arrive, so tests and ``bench/soak.py`` share one definition.
 """
+
 from __future__ import annotations
 
 import json
@@ -115,11 +116,13 @@ def alert_of(value: bytes) -> Alert:
     return Alert(doc["user_id"], doc["alert_id"], int(doc["fired_at"]))
 
 
-def dead_letter_of(key: bytes | None, value: bytes | None,
-                   headers: list[tuple[str, bytes | None]] | None) -> DeadLetterRecord:
+def dead_letter_of(
+    key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes | None]] | None
+) -> DeadLetterRecord:
     named = {name: (raw or b"").decode(errors="replace") for name, raw in headers or []}
-    return DeadLetterRecord(named.get(SOURCE_TOPIC_HEADER, ""), key, value, named.get(REASON_HEADER, ""),
-                            named.get(DETAIL_HEADER, ""))
+    return DeadLetterRecord(
+        named.get(SOURCE_TOPIC_HEADER, ""), key, value, named.get(REASON_HEADER, ""), named.get(DETAIL_HEADER, "")
+    )
 
 
 @dataclass
@@ -164,15 +167,20 @@ class AccountingReport:
 
     def summary(self, examples: int = 5) -> str:
         """A few lines for a test failure or a bench log."""
-        lines = [f"events in {self.events_in}: {self.valid_events} valid ({self.repeated_event_ids} repeated event "
-                 f"ids), {self.scored} scored; {self.invalid_events} invalid, {self.dead_lettered} dead-lettered "
-                 "with their reason",
-                 f"score messages {self.score_messages}, repeated {self.repeated_score_messages} "
-                 f"({len(self.duplicate_scores)} shopper/trigger pairs); extra dead letters {self.extra_dead_letters}; "
-                 f"churn alerts {self.alerts}, duplicate {len(self.duplicate_alerts)}",
-                 f"unaccounted {len(self.unaccounted)}, unexpected scores {len(self.unexpected_scores)}"]
-        for title, items in (("unaccounted", self.unaccounted), ("duplicate alerts", self.duplicate_alerts),
-                             ("unexpected scores", self.unexpected_scores)):
+        lines = [
+            f"events in {self.events_in}: {self.valid_events} valid ({self.repeated_event_ids} repeated event "
+            f"ids), {self.scored} scored; {self.invalid_events} invalid, {self.dead_lettered} dead-lettered "
+            "with their reason",
+            f"score messages {self.score_messages}, repeated {self.repeated_score_messages} "
+            f"({len(self.duplicate_scores)} shopper/trigger pairs); extra dead letters {self.extra_dead_letters}; "
+            f"churn alerts {self.alerts}, duplicate {len(self.duplicate_alerts)}",
+            f"unaccounted {len(self.unaccounted)}, unexpected scores {len(self.unexpected_scores)}",
+        ]
+        for title, items in (
+            ("unaccounted", self.unaccounted),
+            ("duplicate alerts", self.duplicate_alerts),
+            ("unexpected scores", self.unexpected_scores),
+        ):
             if items:
                 lines.append(f"{title}, e.g.: " + "; ".join(items[:examples]))
         return "\n".join(lines)
@@ -187,8 +195,9 @@ class Expected:
     repeated_event_ids: int = 0
     invalid: Counter[tuple[str, bytes | None, bytes | None, str]] = field(default_factory=Counter)
 
-    def add(self, produced: Iterable[Produced], now_ms: int | None = None,
-            limits: ValidationLimits = ValidationLimits()) -> Expected:
+    def add(
+        self, produced: Iterable[Produced], now_ms: int | None = None, limits: ValidationLimits = ValidationLimits()
+    ) -> Expected:
         """Classify more produced messages with the worker's own validation (``now_ms``: default now).
 
         Only ``ts_in_future`` depends on the clock, so classify after producing, not before.
@@ -210,11 +219,17 @@ class Expected:
         return self
 
 
-def account(expected: Expected, scores: Iterable[Score], dead_letters: Iterable[DeadLetterRecord],
-            alerts: Iterable[Alert], cooldown_ms: int) -> AccountingReport:
+def account(
+    expected: Expected,
+    scores: Iterable[Score],
+    dead_letters: Iterable[DeadLetterRecord],
+    alerts: Iterable[Alert],
+    cooldown_ms: int,
+) -> AccountingReport:
     """Account for every produced message (see the module docstring for the rules)."""
-    report = AccountingReport(events_in=expected.events_in, valid_events=len(expected.due),
-                              repeated_event_ids=expected.repeated_event_ids)
+    report = AccountingReport(
+        events_in=expected.events_in, valid_events=len(expected.due), repeated_event_ids=expected.repeated_event_ids
+    )
     due, invalid = expected.due, expected.invalid
     newest: dict[str, int] = {}
     published: Counter[tuple[str, str]] = Counter()
@@ -225,17 +240,21 @@ def account(expected: Expected, scores: Iterable[Score], dead_letters: Iterable[
         published[(score.user_id, score.trigger_event_id)] += 1
         newest[score.user_id] = max(newest.get(score.user_id, score.trigger_ts), score.trigger_ts)
     report.duplicate_scores = {pair: n for pair, n in published.items() if n > 1}
-    report.unexpected_scores = [f"{user} triggered by {event_id}" for user, event_id in published
-                                if (user, event_id) not in due]
+    report.unexpected_scores = [
+        f"{user} triggered by {event_id}" for user, event_id in published if (user, event_id) not in due
+    ]
     for (user, event_id), ts in due.items():
         if newest.get(user, -1) >= ts:
             report.scored += 1
         else:
-            report.unaccounted.append(f"valid event {event_id} of {user} (ts {ts}) has no score at or after it "
-                                      f"(newest trigger_ts {newest.get(user)})")
+            report.unaccounted.append(
+                f"valid event {event_id} of {user} (ts {ts}) has no score at or after it "
+                f"(newest trigger_ts {newest.get(user)})"
+            )
 
     found: Counter[tuple[str, bytes | None, bytes | None, str]] = Counter(
-        (d.source_topic, d.key, d.value, d.reason) for d in dead_letters if d.detail)
+        (d.source_topic, d.key, d.value, d.reason) for d in dead_letters if d.detail
+    )
     for ident, sent in invalid.items():
         report.invalid_events += sent
         got = found.get(ident, 0)
@@ -244,8 +263,10 @@ def account(expected: Expected, scores: Iterable[Score], dead_letters: Iterable[
         if got < sent:
             topic, key, value, reason = ident
             shown = (value or b"")[:80]
-            report.unaccounted.append(f"{sent - got} of {sent} invalid message(s) on {topic} key={key!r} "
-                                      f"({reason}) not dead-lettered with that reason: {shown!r}")
+            report.unaccounted.append(
+                f"{sent - got} of {sent} invalid message(s) on {topic} key={key!r} "
+                f"({reason}) not dead-lettered with that reason: {shown!r}"
+            )
 
     by_user: dict[str, list[Alert]] = {}
     for alert in alerts:
@@ -256,8 +277,10 @@ def account(expected: Expected, scores: Iterable[Score], dead_letters: Iterable[
         last = fired[0]
         for alert in fired[1:]:
             if alert.fired_at - last.fired_at < cooldown_ms:
-                report.duplicate_alerts.append(f"{user}: {alert.alert_id} fired {alert.fired_at - last.fired_at} ms "
-                                               f"after {last.alert_id} (cooldown {cooldown_ms} ms)")
+                report.duplicate_alerts.append(
+                    f"{user}: {alert.alert_id} fired {alert.fired_at - last.fired_at} ms "
+                    f"after {last.alert_id} (cooldown {cooldown_ms} ms)"
+                )
             else:
                 last = alert
     return report
@@ -274,11 +297,17 @@ class OutputReader:
         self.scores: list[Score] = []
         self.dead_letters: list[DeadLetterRecord] = []
         self.alerts: list[Alert] = []
-        self._consumer = Consumer({**confluent_consumer_config(settings, "shoppulse-accounting"),
-                                   "enable.auto.commit": False, "log_level": 3})
+        self._consumer = Consumer(
+            {**confluent_consumer_config(settings, "shoppulse-accounting"), "enable.auto.commit": False, "log_level": 3}
+        )
         topics = (settings.topic_scores, settings.topic_dead_letter, settings.topic_churn_alerts)
-        self._consumer.assign([TopicPartition(topic, partition, OFFSET_BEGINNING)
-                               for topic in topics for partition in range(settings.partitions)])
+        self._consumer.assign(
+            [
+                TopicPartition(topic, partition, OFFSET_BEGINNING)
+                for topic in topics
+                for partition in range(settings.partitions)
+            ]
+        )
 
     def poll(self, seconds: float) -> int:
         """Read what arrives for about ``seconds``; returns how many messages were read."""
@@ -317,8 +346,9 @@ class OutputReader:
         self.close()
 
 
-def await_accounted(reader: OutputReader, expected: Expected, timeout_s: float,
-                    settle_s: float = 0.0) -> AccountingReport:
+def await_accounted(
+    reader: OutputReader, expected: Expected, timeout_s: float, settle_s: float = 0.0
+) -> AccountingReport:
     """Read outputs until every produced message is accounted for, or ``timeout_s`` passes.
 
     Then keeps reading for ``settle_s`` more seconds, so that late duplicates (repeated scores

@@ -1,4 +1,5 @@
 """Fixtures shared by the static deployment tests (compose and Kubernetes)."""
+
 from __future__ import annotations
 
 import pytest

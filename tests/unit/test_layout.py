@@ -1,6 +1,7 @@
 """The layering the design card asks for: features/ and models/ never import Kafka or Faust; the only
 part of streams/ that models/ may import is the pure simulator (streams.sim); the worker loads only
 the worker runtime."""
+
 from __future__ import annotations
 
 import ast
@@ -34,14 +35,20 @@ def imported_roots(path: Path) -> set[str]:
 
 def streaming_imports(path: Path, allowed: tuple[str, ...] = ()) -> list[str]:
     """The modules ``path`` imports from Kafka, Faust or streams/, less those under ``allowed``."""
-    return sorted(m for m in imported_modules(path) if m.split(".")[0] in FORBIDDEN
-                  and not any(m == a or m.startswith(a + ".") for a in allowed))
+    return sorted(
+        m
+        for m in imported_modules(path)
+        if m.split(".")[0] in FORBIDDEN and not any(m == a or m.startswith(a + ".") for a in allowed)
+    )
 
 
 @pytest.mark.parametrize("package", ["features", "models"])
 def test_pure_packages_do_not_import_the_streaming_stack(package):
-    offenders = {str(p.relative_to(ROOT)): streaming_imports(p, PURE_STREAMS[package])
-                 for p in (ROOT / package).rglob("*.py") if streaming_imports(p, PURE_STREAMS[package])}
+    offenders = {
+        str(p.relative_to(ROOT)): streaming_imports(p, PURE_STREAMS[package])
+        for p in (ROOT / package).rglob("*.py")
+        if streaming_imports(p, PURE_STREAMS[package])
+    }
     assert not offenders, f"{package}/ must stay free of Kafka/Faust/streams imports: {offenders}"
 
 
@@ -51,25 +58,44 @@ def test_features_do_not_import_torch():
 
 
 def test_top_level_layout():
-    for name in ("pyproject.toml", "streams", "models", "features", "deploy", "tests", "docker-compose.yml",
-                 "README.md", "Makefile", ".ci/run"):
+    for name in (
+        "pyproject.toml",
+        "streams",
+        "models",
+        "features",
+        "deploy",
+        "tests",
+        "docker-compose.yml",
+        "README.md",
+        "Makefile",
+        ".ci/run",
+    ):
         assert (ROOT / name).exists(), f"{name} is part of the design card's layout"
 
 
 def test_the_worker_loads_neither_the_simulator_nor_the_other_tools():
     """``shoppulse worker`` imports the worker runtime only (a fresh interpreter, as the command starts)."""
-    probe = ("import sys; from streams.tools import cli; cli.parse_args(['worker']); import streams.worker.app; "
-             "print(' '.join(sorted(m for m in sys.modules if m.startswith('streams'))))")
-    loaded = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True,
-                            check=True).stdout.split()
+    probe = (
+        "import sys; from streams.tools import cli; cli.parse_args(['worker']); import streams.worker.app; "
+        "print(' '.join(sorted(m for m in sys.modules if m.startswith('streams'))))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
     assert "streams.worker.app" in loaded
-    strays = [m for m in loaded if m.startswith(("streams.sim", "streams.tools.")) and m not in
-              ("streams.tools.cli", "streams.tools.worker")]
+    strays = [
+        m
+        for m in loaded
+        if m.startswith(("streams.sim", "streams.tools.")) and m not in ("streams.tools.cli", "streams.tools.worker")
+    ]
     assert not strays, f"the worker loads {strays}"
 
 
 def test_the_simulator_is_pure():
     """models/ training imports the simulator, so it must not bring the streaming stack with it."""
-    offenders = {str(p.relative_to(ROOT)): streaming_imports(p, ("streams.sim",))
-                 for p in (ROOT / "streams" / "sim").rglob("*.py") if streaming_imports(p, ("streams.sim",))}
+    offenders = {
+        str(p.relative_to(ROOT)): streaming_imports(p, ("streams.sim",))
+        for p in (ROOT / "streams" / "sim").rglob("*.py")
+        if streaming_imports(p, ("streams.sim",))
+    }
     assert not offenders

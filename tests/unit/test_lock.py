@@ -1,6 +1,7 @@
 """The lock, ci/constraints.txt: exact pins of every package pyproject.toml needs, within its
 bounds, down to the last transitive dependency. ``make venv`` installs with it, so a stale lock
 means users get versions the tests never ran with (docs/upgrading.md)."""
+
 from __future__ import annotations
 
 import tomllib
@@ -45,8 +46,9 @@ def test_the_lock_pins_every_project_requirement_within_its_bounds() -> None:
     for requirement in project_requirements():
         name = canonicalize_name(requirement.name)
         assert name in pins, f"{requirement} is not in {LOCK.name}: run make lock"
-        assert requirement.specifier.contains(pins[name], prereleases=True), \
+        assert requirement.specifier.contains(pins[name], prereleases=True), (
             f"{LOCK.name} pins {name}=={pins[name]}, outside pyproject's {requirement}"
+        )
 
 
 def test_the_lock_holds_every_dependency_of_what_it_pins() -> None:

@@ -6,6 +6,7 @@ for real against the worker's metrics server, and where ``promtool`` is installe
 test`` installs Debian's ``prometheus``), the scrape config and alert rules are checked and
 the rule unit tests (``deploy/prometheus/alerts_test.yml``) run with it.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -24,12 +25,13 @@ import pytest
 try:
     import yaml
 except ImportError as exc:  # pragma: no cover - a setup problem, said plainly
-    raise ImportError("PyYAML is missing: it is in pyproject's test extra; run `make test` or "
-                      "`pip install -e '.[test]'`") from exc
+    raise ImportError(
+        "PyYAML is missing: it is in pyproject's test extra; run `make test` or `pip install -e '.[test]'`"
+    ) from exc
 
-from streams.tools.cli import COMMANDS, parse_args  # noqa: E402
 from streams.config import SETTINGS_DOC, Settings  # noqa: E402
 from streams.kafka.clients import required_topics  # noqa: E402
+from streams.tools.cli import COMMANDS, parse_args  # noqa: E402
 from streams.worker.metrics import METRIC_NAMES, HealthState, MetricsServer, WorkerMetrics  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -54,8 +56,15 @@ HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count", "_created")
 
 #: Variables docker-compose.yml interpolates that are not ShopPulse settings; docs/deploy.md
 #: documents each of them.
-COMPOSE_VARIABLES = ("KAFKA_HOST_PORT", "KAFKA_CLUSTER_ID", "PROMETHEUS_HOST_PORT", "PROMETHEUS_RETENTION",
-                     "GRAFANA_HOST_PORT", "GRAFANA_ADMIN_PASSWORD", "SHOPPULSE_MODELS_HOST_DIR")
+COMPOSE_VARIABLES = (
+    "KAFKA_HOST_PORT",
+    "KAFKA_CLUSTER_ID",
+    "PROMETHEUS_HOST_PORT",
+    "PROMETHEUS_RETENTION",
+    "GRAFANA_HOST_PORT",
+    "GRAFANA_ADMIN_PASSWORD",
+    "SHOPPULSE_MODELS_HOST_DIR",
+)
 #: Services that run the `shoppulse` command from our image.
 SHOPPULSE_SERVICES = ("worker", "generator")
 SETTING_VARS = {var for var, _, _ in SETTINGS_DOC.values()}
@@ -64,12 +73,15 @@ DEFAULTS = {name: default for name, (_, default, _) in SETTINGS_DOC.items()}
 
 # --------------------------------------------------------------------------- helpers
 
+
 def load_yaml(path: Path):
     return yaml.safe_load(path.read_text())
 
 
-_VAR = re.compile(r"\$(?:\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?-)(?P<default>[^}]*))?\}"
-                  r"|(?P<bare>[A-Za-z_][A-Za-z0-9_]*))")
+_VAR = re.compile(
+    r"\$(?:\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?-)(?P<default>[^}]*))?\}"
+    r"|(?P<bare>[A-Za-z_][A-Za-z0-9_]*))"
+)
 
 
 def interpolate(text, environ: dict[str, str] | None = None):
@@ -158,8 +170,22 @@ def healthcheck_command(instructions: list[tuple[str, str]]) -> list[str]:
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')
 _GROUPING = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)")
 _IDENT = re.compile(r"(?<![\w.$:])([A-Za-z_:][A-Za-z0-9_:]*)(?![\w:]|\s*\()")
-_PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless", "bool",
-                 "offset", "inf", "nan", "atan2"}
+_PROMQL_WORDS = {
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "and",
+    "or",
+    "unless",
+    "bool",
+    "offset",
+    "inf",
+    "nan",
+    "atan2",
+}
 
 
 def promql_metric_names(expr: str) -> set[str]:
@@ -192,10 +218,13 @@ def dashboard_panels(dashboard: dict) -> list[dict]:
 
 # --------------------------------------------------------------------------- helpers' own tests
 
+
 def test_promql_metric_names_finds_selectors_only():
-    expr = ('histogram_quantile(0.99, sum by (le) (rate(shoppulse_end_to_end_latency_seconds_bucket'
-            '{job="w", instance=~"$instance"}[$__rate_interval]))) > 1 and on (instance) up == 1e-9 '
-            'unless count by (model, version) (shoppulse_model_info offset 5m)')
+    expr = (
+        "histogram_quantile(0.99, sum by (le) (rate(shoppulse_end_to_end_latency_seconds_bucket"
+        '{job="w", instance=~"$instance"}[$__rate_interval]))) > 1 and on (instance) up == 1e-9 '
+        "unless count by (model, version) (shoppulse_model_info offset 5m)"
+    )
     assert promql_metric_names(expr) == {"shoppulse_end_to_end_latency_seconds_bucket", "up", "shoppulse_model_info"}
 
 
@@ -207,6 +236,7 @@ def test_interpolate_follows_compose_rules():
 
 
 # --------------------------------------------------------------------------- compose
+
 
 def test_compose_has_the_stack(services):
     assert {"kafka", "topic-setup", "worker", "generator", "prometheus", "grafana"} <= set(services)
@@ -224,8 +254,9 @@ def test_images_are_pinned(services):
     assert services["prometheus"]["image"].startswith("prom/prometheus:")
     assert services["grafana"]["image"].startswith("grafana/grafana:")
     for name in SHOPPULSE_SERVICES:
-        assert services[name]["image"] == f"shoppulse:{pyproject['project']['version']}", \
+        assert services[name]["image"] == f"shoppulse:{pyproject['project']['version']}", (
             f"{name}: tag our image with the project version"
+        )
     for path in DOCKERFILES.values():
         for keyword, args in parse_dockerfile(path):
             if keyword == "FROM":
@@ -305,11 +336,13 @@ def test_worker_reads_the_model_registry_read_only(services):
     assert models_dir in mounts(), f"SHOPPULSE_MODELS_DIR={models_dir} is not mounted into the worker"
     source, options = mounts()[models_dir]
     assert options == ["ro"], "workers only read the registry"
-    assert Path(source) == Path(DEFAULTS["models_dir"]), \
+    assert Path(source) == Path(DEFAULTS["models_dir"]), (
         "by default the worker serves the registry `shoppulse train` writes on the host"
+    )
     assert mounts({"SHOPPULSE_MODELS_HOST_DIR": "/srv/models"})[models_dir][0] == "/srv/models"
-    assert Path(models_dir).is_absolute(), \
+    assert Path(models_dir).is_absolute(), (
         "a relative SHOPPULSE_MODELS_DIR depends on the container's working directory"
+    )
 
 
 def test_worker_healthcheck_matches_the_image_and_works(services):
@@ -360,10 +393,13 @@ def test_ports_agree(services):
     # From the host, the CLI's default KAFKA_BOOTSTRAP_SERVERS reaches the broker.
     host_listener = [ln for ln, (h, _) in advertised.items() if h in ("127.0.0.1", "localhost")]
     assert len(host_listener) == 1
-    published = [interpolate(m).split(":") for m in services["kafka"]["ports"]
-                 if int(interpolate(m).split(":")[-1]) == listeners[host_listener[0]][1]]
+    published = [
+        interpolate(m).split(":")
+        for m in services["kafka"]["ports"]
+        if int(interpolate(m).split(":")[-1]) == listeners[host_listener[0]][1]
+    ]
     assert len(published) == 1, "publish the host listener's port, once"
-    (host_ip, host_port, _), = published
+    ((host_ip, host_port, _),) = published
     assert host_ip == "127.0.0.1", "a PLAINTEXT broker without authentication stays on the loopback"
     assert f"{host_ip}:{host_port}" == DEFAULTS["bootstrap_servers"], "the CLI's default must reach the broker"
     assert advertised[host_listener[0]] == (host_ip, int(host_port))
@@ -486,6 +522,7 @@ def test_generator_waits_for_topics_and_has_no_healthcheck(services):
 
 # --------------------------------------------------------------------------- Dockerfiles
 
+
 def test_dockerfiles_match_the_code():
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert pyproject["project"]["scripts"]["shoppulse"] == "streams.tools.cli:main"
@@ -496,8 +533,11 @@ def test_dockerfiles_match_the_code():
         base = stage[0][1].split()[0]
         if kind == "cpu":
             assert base.startswith("python:3.11-slim")
-            assert any("--extra-index-url https://download.pytorch.org/whl/cpu" in args
-                       for keyword, args in instructions if keyword == "RUN")
+            assert any(
+                "--extra-index-url https://download.pytorch.org/whl/cpu" in args
+                for keyword, args in instructions
+                if keyword == "RUN"
+            )
         else:
             assert base.startswith(("nvidia/cuda:", "pytorch/pytorch:")) and "runtime" in base
         (entrypoint,) = [exec_form(a) for k, a in stage if k == "ENTRYPOINT"]
@@ -524,8 +564,11 @@ def _ignored(path: str, patterns: list[str]) -> bool:
 
 
 def test_dockerignore_keeps_the_context_small_but_sufficient():
-    patterns = [line.strip().rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines()
-                if line.strip() and not line.startswith("#")]
+    patterns = [
+        line.strip().rstrip("/")
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     for must in (".venv", "var", ".git", "tests"):
         assert _ignored(must, patterns), f".dockerignore should exclude {must}"
     for path in DOCKERFILES.values():
@@ -549,8 +592,10 @@ def test_alert_rules_use_known_metrics():
         used = {family(name) for name in promql_metric_names(rule["expr"])}
         assert used, f"{rule.get('alert')}: no metric found in {rule['expr']!r}"
         unknown = sorted(used - KNOWN_METRICS)
-        assert not unknown, (f"alert {rule.get('alert')} uses {unknown}: not in streams.worker.metrics.METRIC_NAMES; "
-                             "export it or add it to PLANNED_METRICS")
+        assert not unknown, (
+            f"alert {rule.get('alert')} uses {unknown}: not in streams.worker.metrics.METRIC_NAMES; "
+            "export it or add it to PLANNED_METRICS"
+        )
         assert rule["labels"]["severity"] in ("warning", "critical")
         assert rule["annotations"]["summary"]
 
@@ -589,13 +634,23 @@ def test_dashboard_uses_known_metrics_and_the_provisioned_datasource():
         for target in panel["targets"]:
             names = {family(n) for n in promql_metric_names(target["expr"])}
             unknown = sorted(names - KNOWN_METRICS)
-            assert not unknown, (f"panel {panel['title']!r} queries {unknown}: not in streams.worker.metrics.METRIC_NAMES; "
-                                 "export it or add it to PLANNED_METRICS")
+            assert not unknown, (
+                f"panel {panel['title']!r} queries {unknown}: not in streams.worker.metrics.METRIC_NAMES; "
+                "export it or add it to PLANNED_METRICS"
+            )
             assert target.get("datasource", datasource)["uid"] == datasource["uid"]
             used |= names
-    for needed in ("shoppulse_events_consumed_total", "shoppulse_invalid_events_total", "shoppulse_dead_letter_total",
-                   "shoppulse_batch_size", "shoppulse_batch_processing_seconds", "shoppulse_end_to_end_latency_seconds",
-                   "shoppulse_results_published_total", "shoppulse_ready", "shoppulse_consumer_lag"):
+    for needed in (
+        "shoppulse_events_consumed_total",
+        "shoppulse_invalid_events_total",
+        "shoppulse_dead_letter_total",
+        "shoppulse_batch_size",
+        "shoppulse_batch_processing_seconds",
+        "shoppulse_end_to_end_latency_seconds",
+        "shoppulse_results_published_total",
+        "shoppulse_ready",
+        "shoppulse_consumer_lag",
+    ):
         assert needed in used, f"the dashboard has no panel for {needed}"
     ids = [p["id"] for p in dashboard_panels(dashboard)]
     assert len(ids) == len(set(ids)), "panel ids must be unique"
@@ -604,10 +659,18 @@ def test_dashboard_uses_known_metrics_and_the_provisioned_datasource():
 
 # --------------------------------------------------------------------------- docs
 
+
 def test_deploy_docs_cover_running_scaling_and_security():
     docs = DOCS.read_text()
-    for needed in ("docker compose up", "--scale worker=", "deploy/Dockerfile", "deploy/Dockerfile.cuda",
-                   "deploy/prometheus/alerts.yml", "deploy/grafana/", "SHOPPULSE_CREATE_TOPICS"):
+    for needed in (
+        "docker compose up",
+        "--scale worker=",
+        "deploy/Dockerfile",
+        "deploy/Dockerfile.cuda",
+        "deploy/prometheus/alerts.yml",
+        "deploy/grafana/",
+        "SHOPPULSE_CREATE_TOPICS",
+    ):
         assert needed in docs, f"docs/deploy.md does not mention {needed}"
     for var in SETTING_VARS:
         if var.startswith(("KAFKA_SASL_", "KAFKA_SSL_")) or var == "KAFKA_SECURITY_PROTOCOL":
@@ -615,6 +678,7 @@ def test_deploy_docs_cover_running_scaling_and_security():
 
 
 # --------------------------------------------------------------------------- real tools
+
 
 @pytest.fixture(scope="module")
 def promtool() -> str:

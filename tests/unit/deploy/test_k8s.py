@@ -7,6 +7,7 @@ is run with a stand-in for ``kafka-topics.sh``), ``deploy/Dockerfile`` (uid, vol
 ``docker-compose.yml`` (images, topics, grace period). Where ``kubectl`` is installed,
 ``kubectl kustomize`` renders the kustomization as well.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,9 +23,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from streams.tools.cli import parse_args
 from streams.config import Settings
 from streams.kafka.clients import required_topics
+from streams.tools.cli import parse_args
 from streams.worker.metrics import HealthState, MetricsServer, WorkerMetrics
 from tests.unit.deploy.test_compose import (
     DOCKERFILES,
@@ -55,6 +56,7 @@ KAFKA_TOPICS_SH = "/opt/kafka/bin/kafka-topics.sh"
 
 
 # --------------------------------------------------------------------------- helpers
+
 
 def _manifest_files() -> list[Path]:
     return sorted(p for p in K8S.glob("*.yaml") if p != KUSTOMIZATION)
@@ -133,8 +135,8 @@ def kubelet_expand(text: str, env: dict[str, str]) -> str:
             if nxt == "(":
                 close = text.find(")", i + 2)
                 if close != -1:
-                    name = text[i + 2:close]
-                    out.append(env[name] if name in env else text[i:close + 1])
+                    name = text[i + 2 : close]
+                    out.append(env[name] if name in env else text[i : close + 1])
                     i = close + 1
                     continue
         out.append(text[i])
@@ -144,8 +146,17 @@ def kubelet_expand(text: str, env: dict[str, str]) -> str:
 
 _CPU = re.compile(r"^(\d+(?:\.\d+)?)(m?)$")
 _MEMORY = re.compile(r"^(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti|k|M|G|T)?$")
-_MEMORY_UNITS = {None: 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
-                 "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+_MEMORY_UNITS = {
+    None: 1,
+    "k": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "T": 10**12,
+    "Ki": 2**10,
+    "Mi": 2**20,
+    "Gi": 2**30,
+    "Ti": 2**40,
+}
 
 
 def cpu_cores(quantity) -> float:
@@ -179,6 +190,7 @@ def image_user(path: Path) -> tuple[str, int, int]:
 
 # --------------------------------------------------------------------------- files
 
+
 def test_every_manifest_parses_and_the_kustomization_lists_them(docs_by_file, resources):
     kustomization = load_yaml(KUSTOMIZATION)
     assert kustomization["kind"] == "Kustomization"
@@ -192,8 +204,16 @@ def test_every_manifest_parses_and_the_kustomization_lists_them(docs_by_file, re
         assert doc.get("apiVersion") and doc.get("kind") and doc["metadata"].get("name"), name
         assert "namespace" not in doc["metadata"], f"{name}: manifests are namespace-less"
     assert len(resources) == len(docs_by_file), "(kind, name) pairs must be unique"
-    for kind in ("ConfigMap", "Secret", "StatefulSet", "Service", "PodMonitor", "Job", "PersistentVolumeClaim",
-                 "PodDisruptionBudget"):
+    for kind in (
+        "ConfigMap",
+        "Secret",
+        "StatefulSet",
+        "Service",
+        "PodMonitor",
+        "Job",
+        "PersistentVolumeClaim",
+        "PodDisruptionBudget",
+    ):
         assert any(k == kind for k, _ in resources), f"deploy/k8s has no {kind}"
 
 
@@ -207,11 +227,13 @@ def test_secret_is_a_clearly_marked_template(docs_by_file, resources):
         assert value.startswith("REPLACE_ME"), f"{key}: placeholders only, never a real credential"
     for workload in (one(resources, "StatefulSet"), one(resources, "Job")):
         refs = [s["secretRef"] for s in container(workload).get("envFrom", []) if "secretRef" in s]
-        assert refs == [{"name": secret["metadata"]["name"], "optional": True}], \
+        assert refs == [{"name": secret["metadata"]["name"], "optional": True}], (
             f"{workload['metadata']['name']} reads the Secret, and runs without one (PLAINTEXT)"
+        )
 
 
 # --------------------------------------------------------------------------- settings
+
 
 def test_configmap_holds_valid_shoppulse_settings(config, compose):
     assert all(isinstance(v, str) for v in config.values()), "ConfigMap values must be strings: quote numbers"
@@ -224,8 +246,9 @@ def test_configmap_holds_valid_shoppulse_settings(config, compose):
     # Same topic names and partition count as the compose stack.
     compose_env = {k: str(interpolate(v)) for k, v in compose["x-shoppulse-env"].items()}
     compose_settings = Settings.from_env(compose_env)
-    assert [(t.name, t.partitions) for t in required_topics(settings)] == \
-        [(t.name, t.partitions) for t in required_topics(compose_settings)]
+    assert [(t.name, t.partitions) for t in required_topics(settings)] == [
+        (t.name, t.partitions) for t in required_topics(compose_settings)
+    ]
 
 
 def test_every_environment_variable_is_a_setting(resources):
@@ -234,18 +257,20 @@ def test_every_environment_variable_is_a_setting(resources):
             env = container_env(c, resources)
             unknown = sorted(set(env) - SETTING_VARS)
             assert not unknown, f"{workload['metadata']['name']}/{c['name']}: {unknown} are not ShopPulse settings"
-        assert pod_spec(workload)["enableServiceLinks"] is False, \
+        assert pod_spec(workload)["enableServiceLinks"] is False, (
             "Service links inject KAFKA_PORT=tcp://... and the like into the environment"
+        )
 
 
 # --------------------------------------------------------------------------- the worker
+
 
 def test_worker_runs_the_image_compose_builds(worker, services):
     c = container(worker)
     compose_worker = services["worker"]
     assert compose_worker["build"]["dockerfile"] == "deploy/Dockerfile"
     assert c["image"] == compose_worker["image"], "the image docker-compose.yml builds from deploy/Dockerfile"
-    assert "command" not in c, "keep the image's ENTRYPOINT [\"shoppulse\"]"
+    assert "command" not in c, 'keep the image\'s ENTRYPOINT ["shoppulse"]'
     stage = final_stage(parse_dockerfile(DOCKERFILES["cpu"]))
     assert [exec_form(a) for k, a in stage if k == "ENTRYPOINT"] == [["shoppulse"]]
     try:
@@ -293,6 +318,7 @@ def test_probe_paths_answer_as_kubernetes_expects(worker):
     health = HealthState()
     server = MetricsServer(WorkerMetrics(), health, "127.0.0.1", 0).start()
     try:
+
         def probe(name: str) -> int:
             return _status(server.url + c[name]["httpGet"]["path"])
 
@@ -316,8 +342,9 @@ def test_volumes_hold_the_tables_and_the_models(worker, config, resources, servi
         assert m["name"] in volumes or m["name"] in claims, f"{m['mountPath']}: no volume {m['name']}"
 
     data_dir = config["SHOPPULSE_DATA_DIR"]
-    image_volumes = [v for k, a in final_stage(parse_dockerfile(DOCKERFILES["cpu"])) if k == "VOLUME"
-                     for v in exec_form(a)]
+    image_volumes = [
+        v for k, a in final_stage(parse_dockerfile(DOCKERFILES["cpu"])) if k == "VOLUME" for v in exec_form(a)
+    ]
     assert image_volumes == [data_dir], "SHOPPULSE_DATA_DIR is the image's VOLUME"
     data = mounts[data_dir]
     assert data["name"] in claims, "RocksDB needs a volume of its own per replica: a volumeClaimTemplate"
@@ -326,8 +353,9 @@ def test_volumes_hold_the_tables_and_the_models(worker, config, resources, servi
 
     models = mounts[config["SHOPPULSE_MODELS_DIR"]]
     assert models["readOnly"] is True, "workers only read the registry"
-    assert config["SHOPPULSE_MODELS_DIR"] == env_of(services["worker"])["SHOPPULSE_MODELS_DIR"], \
+    assert config["SHOPPULSE_MODELS_DIR"] == env_of(services["worker"])["SHOPPULSE_MODELS_DIR"], (
         "compose and Kubernetes mount the registry at one path"
+    )
     claim = volumes[models["name"]]["persistentVolumeClaim"]
     assert claim == {"claimName": "shoppulse-models", "readOnly": True}
     pvc = one(resources, "PersistentVolumeClaim", "shoppulse-models")
@@ -352,16 +380,18 @@ def test_worker_runs_as_the_image_user(worker):
 def test_statefulset_scales_within_the_partitions_and_stops_gracefully(worker, config, resources, services):
     spec = worker["spec"]
     assert spec["podManagementPolicy"] == "Parallel"
-    assert 1 <= spec["replicas"] <= int(config["SHOPPULSE_PARTITIONS"]), \
+    assert 1 <= spec["replicas"] <= int(config["SHOPPULSE_PARTITIONS"]), (
         "replicas beyond SHOPPULSE_PARTITIONS get no partition and never become ready"
+    )
     labels = pod_labels(worker)
     assert spec["selector"]["matchLabels"].items() <= labels.items()
     service = one(resources, "Service", spec["serviceName"])
     assert service["spec"]["clusterIP"] == "None", "the StatefulSet's governing Service is headless"
     assert service["spec"]["selector"].items() <= labels.items()
     grace = pod_spec(worker)["terminationGracePeriodSeconds"]
-    assert grace >= seconds(services["worker"]["stop_grace_period"]), \
+    assert grace >= seconds(services["worker"]["stop_grace_period"]), (
         "at least compose's stop_grace_period to commit offsets and close the tables"
+    )
     resources_ = container(worker)["resources"]
     requests, limits = resources_["requests"], resources_["limits"]
     assert cpu_cores(requests["cpu"]) <= cpu_cores(limits["cpu"])
@@ -389,6 +419,7 @@ def test_pod_monitor_scrapes_the_worker_pods_as_the_alerts_expect(worker, job, r
 
 # --------------------------------------------------------------------------- the topic Job
 
+
 def test_topics_job_uses_the_compose_kafka_image(job, services):
     c = container(job)
     assert c["image"] == services["topic-setup"]["image"] == services["kafka"]["image"]
@@ -411,15 +442,28 @@ def _run_topics_script(script: str, env: dict[str, str], tmp: Path, partitions_f
     """Run the Job's script with a stand-in kafka-topics.sh; (exit code, calls, stderr)."""
     log = tmp / "calls.log"
     stub = tmp / "kafka-topics.sh"
-    stub.write_text('#!/bin/bash\n(IFS=$\'\\x1f\'; echo "$*") >> "$STUB_LOG"\n'
-                    'case " $* " in *" --describe "*) printf \'Topic: t\\tTopicId: x\\tPartitionCount: %s\\t'
-                    'ReplicationFactor: 1\\tConfigs: \\n\' "$STUB_PARTITIONS";; esac\n')
+    stub.write_text(
+        '#!/bin/bash\n(IFS=$\'\\x1f\'; echo "$*") >> "$STUB_LOG"\n'
+        'case " $* " in *" --describe "*) printf \'Topic: t\\tTopicId: x\\tPartitionCount: %s\\t'
+        'ReplicationFactor: 1\\tConfigs: \\n\' "$STUB_PARTITIONS";; esac\n'
+    )
     stub.chmod(stub.stat().st_mode | stat.S_IXUSR)
     assert script.count(KAFKA_TOPICS_SH) == 2
-    run_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "TMPDIR": str(tmp), "STUB_LOG": str(log),
-               "STUB_PARTITIONS": partitions_found, **env}
-    result = subprocess.run(["/bin/bash", "-euo", "pipefail", "-c", script.replace(KAFKA_TOPICS_SH, str(stub))],
-                            env=run_env, capture_output=True, text=True, timeout=20, check=False)
+    run_env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "TMPDIR": str(tmp),
+        "STUB_LOG": str(log),
+        "STUB_PARTITIONS": partitions_found,
+        **env,
+    }
+    result = subprocess.run(
+        ["/bin/bash", "-euo", "pipefail", "-c", script.replace(KAFKA_TOPICS_SH, str(stub))],
+        env=run_env,
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
     calls = [line.split("\x1f") for line in log.read_text().splitlines()] if log.exists() else []
     return result.returncode, calls, result.stderr
 
@@ -430,15 +474,21 @@ def _flag(argv: list[str], flag: str) -> str:
 
 def test_topics_job_creates_the_required_topics(job, topics_script, resources, tmp_path):
     env = container_env(container(job), resources)
-    env.update(KAFKA_SECURITY_PROTOCOL="SASL_SSL", KAFKA_SASL_MECHANISM="SCRAM-SHA-512",
-               KAFKA_SASL_USERNAME="shoppulse", KAFKA_SASL_PASSWORD="s3cret", KAFKA_SSL_CAFILE="/etc/tls/ca.pem")
+    env.update(
+        KAFKA_SECURITY_PROTOCOL="SASL_SSL",
+        KAFKA_SASL_MECHANISM="SCRAM-SHA-512",
+        KAFKA_SASL_USERNAME="shoppulse",
+        KAFKA_SASL_PASSWORD="s3cret",
+        KAFKA_SSL_CAFILE="/etc/tls/ca.pem",
+    )
     settings = Settings.from_env(env)
     code, calls, stderr = _run_topics_script(topics_script, env, tmp_path, str(settings.partitions))
     assert code == 0, stderr
     creates = [argv for argv in calls if "--create" in argv]
     expected = required_topics(settings)
-    assert [_flag(a, "--topic") for a in creates] == [t.name for t in expected], \
+    assert [_flag(a, "--topic") for a in creates] == [t.name for t in expected], (
         "the Job must create exactly streams.kafka.clients.required_topics"
+    )
     for argv, spec in zip(creates, expected, strict=True):
         assert "--if-not-exists" in argv
         assert int(_flag(argv, "--partitions")) == spec.partitions
@@ -465,12 +515,14 @@ def test_topics_job_fails_on_another_partition_count(job, topics_script, resourc
 
 # --------------------------------------------------------------------------- disruptions and autoscaling
 
+
 def test_disruption_budget_lets_one_worker_go_at_a_time(worker, job, resources):
     pdb = one(resources, "PodDisruptionBudget", WORKER)
     assert pdb["apiVersion"] == "policy/v1"
     selector = {"matchLabels": worker["spec"]["selector"]["matchLabels"]}
-    assert pdb["spec"] == {"maxUnavailable": 1, "selector": selector}, \
+    assert pdb["spec"] == {"maxUnavailable": 1, "selector": selector}, (
         "maxUnavailable 1 (minAvailable would block drains of a single replica), over the workers' pods only"
+    )
     assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels(worker).items()
     assert not pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels(job).items(), "the Job is no worker"
 
@@ -482,8 +534,12 @@ def keda_component() -> dict:
 
 @pytest.fixture(scope="module")
 def scaled_object(keda_component) -> dict:
-    docs = [d for name in keda_component["resources"] for d in yaml.safe_load_all((KEDA_COMPONENT / name).read_text())
-            if d is not None]
+    docs = [
+        d
+        for name in keda_component["resources"]
+        for d in yaml.safe_load_all((KEDA_COMPONENT / name).read_text())
+        if d is not None
+    ]
     (only,) = docs
     assert (only["apiVersion"], only["kind"]) == ("keda.sh/v1alpha1", "ScaledObject")
     return only
@@ -491,35 +547,44 @@ def scaled_object(keda_component) -> dict:
 
 def test_keda_component_adds_the_autoscaler_and_frees_the_replica_count(keda_component):
     assert (keda_component["apiVersion"], keda_component["kind"]) == ("kustomize.config.k8s.io/v1alpha1", "Component")
-    assert sorted(keda_component["resources"]) == sorted(p.name for p in KEDA_COMPONENT.glob("*.yaml")
-                                                         if p.name != "kustomization.yaml")
+    assert sorted(keda_component["resources"]) == sorted(
+        p.name for p in KEDA_COMPONENT.glob("*.yaml") if p.name != "kustomization.yaml"
+    )
     (patch,) = keda_component["patches"]
     assert patch["target"] == {"group": "apps", "version": "v1", "kind": "StatefulSet", "name": WORKER}
-    assert yaml.safe_load(patch["patch"]) == [{"op": "remove", "path": "/spec/replicas"}], \
+    assert yaml.safe_load(patch["patch"]) == [{"op": "remove", "path": "/spec/replicas"}], (
         "`kubectl apply` must not reset the replica count the autoscaler chose"
+    )
 
 
 def test_keda_scales_the_worker_on_the_lag_of_its_input_topics(scaled_object, worker, config, resources):
     spec = scaled_object["spec"]
-    assert spec["scaleTargetRef"] == {"apiVersion": worker["apiVersion"], "kind": worker["kind"],
-                                      "name": worker["metadata"]["name"],
-                                      "envSourceContainerName": container(worker)["name"]}
+    assert spec["scaleTargetRef"] == {
+        "apiVersion": worker["apiVersion"],
+        "kind": worker["kind"],
+        "name": worker["metadata"]["name"],
+        "envSourceContainerName": container(worker)["name"],
+    }
     assert spec["minReplicaCount"] == 1
-    assert spec["maxReplicaCount"] == int(config["SHOPPULSE_PARTITIONS"]), \
+    assert spec["maxReplicaCount"] == int(config["SHOPPULSE_PARTITIONS"]), (
         "one worker per partition at most: more would idle and never report ready"
+    )
     settings = Settings.from_env(config)
     env = container_env(container(worker), resources)
     topics = []
     for trigger in spec["triggers"]:
         assert trigger["type"] == "kafka" and "authenticationRef" not in trigger
         meta = trigger["metadata"]
-        assert not {"topic", "consumerGroup", "bootstrapServers"} & set(meta), \
+        assert not {"topic", "consumerGroup", "bootstrapServers"} & set(meta), (
             "read names from the worker's environment (*FromEnv), so they cannot drift from the ConfigMap"
+        )
         assert env[meta["bootstrapServersFromEnv"]] == settings.bootstrap_servers
         assert env[meta["consumerGroupFromEnv"]] == settings.app_id, "Faust's consumer group is the app id"
         topics.append(env[meta["topicFromEnv"]])
         assert int(meta["lagThreshold"]) > 0 and meta["lagThreshold"] == spec["triggers"][0]["metadata"]["lagThreshold"]
-        assert meta["offsetResetPolicy"] == "earliest", "a new group starts at the earliest offset (streams/worker/app.py)"
+        assert meta["offsetResetPolicy"] == "earliest", (
+            "a new group starts at the earliest offset (streams/worker/app.py)"
+        )
         assert meta["allowIdleConsumers"] == "false"
     assert sorted(topics) == sorted(settings.input_topics), "one trigger per input topic"
     scale_down = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]
@@ -529,17 +594,30 @@ def test_keda_scales_the_worker_on_the_lag_of_its_input_topics(scaled_object, wo
 
 # --------------------------------------------------------------------------- docs and kubectl
 
+
 def test_deploy_docs_cover_kubernetes():
     docs = DOCS.read_text()
-    for needed in ("## Kubernetes", "kubectl apply -k deploy/k8s", "kubectl scale statefulset/shoppulse-worker",
-                   "shoppulse-models", "secret-kafka.template.yaml", "SHOPPULSE_PARTITIONS"):
+    for needed in (
+        "## Kubernetes",
+        "kubectl apply -k deploy/k8s",
+        "kubectl scale statefulset/shoppulse-worker",
+        "shoppulse-models",
+        "secret-kafka.template.yaml",
+        "SHOPPULSE_PARTITIONS",
+    ):
         assert needed in docs, f"docs/deploy.md does not mention {needed}"
 
 
 def test_deploy_docs_cover_disruptions_autoscaling_and_helm():
     deploy, scaling = DOCS.read_text(), (ROOT / "docs" / "scaling.md").read_text()
-    for needed in ("PodDisruptionBudget", "maxUnavailable", "components/keda-autoscaling", "lagThreshold",
-                   "TriggerAuthentication", "## Helm"):
+    for needed in (
+        "PodDisruptionBudget",
+        "maxUnavailable",
+        "components/keda-autoscaling",
+        "lagThreshold",
+        "TriggerAuthentication",
+        "## Helm",
+    ):
         assert needed in deploy, f"docs/deploy.md does not mention {needed}"
     for needed in ("keda-autoscaling", "lagThreshold", "maxReplicaCount"):
         assert needed in scaling, f"docs/scaling.md does not mention {needed}"
@@ -550,8 +628,9 @@ def kustomize(directory: Path) -> list[dict]:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.skip("kubectl is not installed; the static checks above cover the manifests")
-    result = subprocess.run([kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=30,
-                            check=False)
+    result = subprocess.run(
+        [kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=30, check=False
+    )
     assert result.returncode == 0, result.stderr
     return [d for d in yaml.safe_load_all(result.stdout) if d]
 
@@ -565,8 +644,9 @@ def test_kustomize_renders_an_overlay_with_the_keda_component(resources, scaled_
     overlay = tmp_path / "overlay"
     overlay.mkdir()
     base = os.path.relpath(K8S, overlay)  # kustomize refuses absolute paths
-    (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
-        "resources": [base], "components": [os.path.relpath(KEDA_COMPONENT, overlay)]}))
+    (overlay / "kustomization.yaml").write_text(
+        yaml.safe_dump({"resources": [base], "components": [os.path.relpath(KEDA_COMPONENT, overlay)]})
+    )
     rendered = {(d["kind"], d["metadata"]["name"]): d for d in kustomize(overlay)}
     assert set(rendered) == {key for key in resources if key[0] != "Secret"} | {("ScaledObject", WORKER)}
     assert rendered[("ScaledObject", WORKER)] == scaled_object

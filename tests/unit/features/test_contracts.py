@@ -1,4 +1,5 @@
 """The JSON Schemas, the hand-written validator and docs/events.md agree on the event contracts."""
+
 from __future__ import annotations
 
 import copy
@@ -8,13 +9,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from jsonschema import Draft202012Validator
 
 from features import events
 from features.contracts import SCHEMA_DIALECT, load_schema
 from features.events import (
-    InvalidEvent, ValidationLimits, event_from_dict, event_to_dict, parse_event,
+    InvalidEvent,
+    ValidationLimits,
+    event_from_dict,
+    event_to_dict,
+    parse_event,
 )
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -84,6 +88,7 @@ def _line_without(field: str) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- schemas and loader
 
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_schema_files_are_valid_draft_2020_12(kind: str) -> None:
     schema = load_schema(kind)
@@ -102,6 +107,7 @@ def test_load_schema_returns_fresh_dicts_and_rejects_unknown_kinds() -> None:
 
 
 # --------------------------------------------------------------------------- valid documents
+
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_doc_examples_are_valid_under_schema_and_validator(kind: str) -> None:
@@ -144,6 +150,7 @@ def test_round_trip_of_examples_validates_under_schema(kind: str) -> None:
 
 # --------------------------------------------------------------------------- boundaries
 
+
 def _boundary_cases() -> list[tuple[str, dict[str, Any], str | None]]:
     long_id = "x" * events.MAX_ID_CHARS
     line = EXAMPLES["order"]["items"][0]
@@ -172,6 +179,7 @@ def test_limits_match_at_the_boundaries(kind: str, doc: dict[str, Any], reason: 
 
 
 # --------------------------------------------------------------------------- invalid corpus
+
 
 def _required(kind: str) -> list[str]:
     return list(load_schema(kind)["required"])
@@ -258,15 +266,18 @@ def test_known_divergence_integral_floats() -> None:
 def test_known_divergence_id_characters() -> None:
     """The schemas check an id's length only; the worker also rejects unprintable characters, edge
     spaces and a leading formula character (docs/events.md, "Ids"; tests/unit/features/test_ids.py)."""
-    for kind, doc in [("page_view", _with("page_view", user_id="u-1842\n")),
-                      ("cart", _with("cart", item_id="\u202esku-1")),
-                      ("order", _with("order", order_id="=o-1")),
-                      ("page_view", _with("page_view", category=" shoes"))]:
+    for kind, doc in [
+        ("page_view", _with("page_view", user_id="u-1842\n")),
+        ("cart", _with("cart", item_id="\u202esku-1")),
+        ("order", _with("order", order_id="=o-1")),
+        ("page_view", _with("page_view", category=" shoes")),
+    ]:
         assert _schema_ok(kind, doc)
         assert _reason(kind, doc) == events.REASON_UNSAFE_ID
 
 
 # --------------------------------------------------------------------------- parse_event
+
 
 def _bytes(kind: str, **changes: Any) -> bytes:
     return json.dumps(_with(kind, **changes)).encode()
@@ -283,7 +294,13 @@ def test_parse_event_accepts_examples_keyed_by_user_id(kind: str) -> None:
 
 PARSE_FAILURES = [
     ("oversized", _bytes("page_view", padding="x" * 70_000), USER_KEY, ValidationLimits(), events.REASON_OVERSIZED),
-    ("oversized small limit", _bytes("page_view"), USER_KEY, ValidationLimits(max_event_bytes=64), events.REASON_OVERSIZED),
+    (
+        "oversized small limit",
+        _bytes("page_view"),
+        USER_KEY,
+        ValidationLimits(max_event_bytes=64),
+        events.REASON_OVERSIZED,
+    ),
     ("bad json", b'{"event_id": ', USER_KEY, ValidationLimits(), events.REASON_BAD_JSON),
     ("not utf-8", b'{"event_id": "\xff"}', USER_KEY, ValidationLimits(), events.REASON_BAD_JSON),
     ("tombstone", None, USER_KEY, ValidationLimits(), events.REASON_BAD_JSON),
@@ -293,18 +310,36 @@ PARSE_FAILURES = [
     ("other key", _bytes("page_view"), b"u-9999", ValidationLimits(), events.REASON_WRONG_KEY),
     ("json-quoted key", _bytes("page_view"), b'"u-1842"', ValidationLimits(), events.REASON_WRONG_KEY),
     ("no key", _bytes("page_view"), None, ValidationLimits(), events.REASON_WRONG_KEY),
-    ("ts in future", _bytes("page_view", ts=NOW_MS + 5 * 60 * 1000 + 1), USER_KEY, ValidationLimits(),
-     events.REASON_TS_FUTURE),
-    ("ts in microseconds", _bytes("page_view", ts=NOW_MS * 1000), USER_KEY, ValidationLimits(), events.REASON_TS_FUTURE),
-    ("schema_version 2", _bytes("cart", schema_version=2), USER_KEY, ValidationLimits(),
-     events.REASON_UNSUPPORTED_VERSION),
+    (
+        "ts in future",
+        _bytes("page_view", ts=NOW_MS + 5 * 60 * 1000 + 1),
+        USER_KEY,
+        ValidationLimits(),
+        events.REASON_TS_FUTURE,
+    ),
+    (
+        "ts in microseconds",
+        _bytes("page_view", ts=NOW_MS * 1000),
+        USER_KEY,
+        ValidationLimits(),
+        events.REASON_TS_FUTURE,
+    ),
+    (
+        "schema_version 2",
+        _bytes("cart", schema_version=2),
+        USER_KEY,
+        ValidationLimits(),
+        events.REASON_UNSUPPORTED_VERSION,
+    ),
 ]
 
 
-@pytest.mark.parametrize(("label", "value", "key", "limits", "reason"), PARSE_FAILURES,
-                         ids=[case[0] for case in PARSE_FAILURES])
-def test_parse_event_reason_codes(label: str, value: bytes | None, key: bytes | None,
-                                  limits: ValidationLimits, reason: str) -> None:
+@pytest.mark.parametrize(
+    ("label", "value", "key", "limits", "reason"), PARSE_FAILURES, ids=[case[0] for case in PARSE_FAILURES]
+)
+def test_parse_event_reason_codes(
+    label: str, value: bytes | None, key: bytes | None, limits: ValidationLimits, reason: str
+) -> None:
     kind = "cart" if label == "schema_version 2" else "page_view"
     with pytest.raises(InvalidEvent) as caught:
         parse_event(kind, key, value, NOW_MS, limits)
@@ -360,6 +395,7 @@ def test_parse_event_allows_the_skew_limit_exactly() -> None:
 
 # --------------------------------------------------------------------------- the doc itself
 
+
 def test_doc_reason_table_lists_exactly_the_validator_codes() -> None:
     section = _doc_text().split("## Rejection reasons", 1)[1].split("\n## ", 1)[0]
     codes = re.findall(r"^\| `([a-z_]+)` +\|", section, flags=re.M)
@@ -369,8 +405,12 @@ def test_doc_reason_table_lists_exactly_the_validator_codes() -> None:
 
 
 def test_doc_kcat_example_is_a_valid_keyed_page_view() -> None:
-    match = re.search(r"^echo '([^|']+)\|(\{.*?\})' \\\n +\| kcat -P .*-t shop\.page_views .*"
-                      r"-K '\|' -X partitioner=murmur2_random", _doc_text(), flags=re.M)
+    match = re.search(
+        r"^echo '([^|']+)\|(\{.*?\})' \\\n +\| kcat -P .*-t shop\.page_views .*"
+        r"-K '\|' -X partitioner=murmur2_random",
+        _doc_text(),
+        flags=re.M,
+    )
     assert match, "kcat produce example not found in docs/events.md"
     key, value = match.group(1).encode(), match.group(2).encode()
     event = parse_event("page_view", key, value, NOW_MS)
@@ -380,10 +420,26 @@ def test_doc_kcat_example_is_a_valid_keyed_page_view() -> None:
 
 def test_doc_names_topics_env_vars_and_dead_letter_headers() -> None:
     text = _doc_text()
-    for needle in ("shop.page_views", "shop.cart", "shop.orders", "SHOPPULSE_TOPIC_PAGE_VIEWS",
-                   "SHOPPULSE_TOPIC_CART", "SHOPPULSE_TOPIC_ORDERS", "shoppulse.dead_letter",
-                   "shoppulse_dead_letter_total{reason}", "partitioner=murmur2_random", "-f '%k %h %s\\n'"):
+    for needle in (
+        "shop.page_views",
+        "shop.cart",
+        "shop.orders",
+        "SHOPPULSE_TOPIC_PAGE_VIEWS",
+        "SHOPPULSE_TOPIC_CART",
+        "SHOPPULSE_TOPIC_ORDERS",
+        "shoppulse.dead_letter",
+        "shoppulse_dead_letter_total{reason}",
+        "partitioner=murmur2_random",
+        "-f '%k %h %s\\n'",
+    ):
         assert needle in text, needle
-    for header in ("reason", "detail", "source_topic", "source_partition", "source_offset", "failed_at_ms",
-                   "value_truncated_from"):
+    for header in (
+        "reason",
+        "detail",
+        "source_topic",
+        "source_partition",
+        "source_offset",
+        "failed_at_ms",
+        "value_truncated_from",
+    ):
         assert f"`shoppulse.dlq.{header}`" in text, header

@@ -1,4 +1,5 @@
 """Binary state encoding: exact round trips, size, and StateDecodeError on every bad input."""
+
 from __future__ import annotations
 
 import random
@@ -24,14 +25,34 @@ def random_stream(seed: int, n: int, user_id: str, categories: list[str]) -> lis
         ts += rng.choice((rng.randint(1, 5 * MINUTE_MS), rng.randint(1, 3 * HOUR_MS), rng.randint(1, 4 * DAY_MS)))
         kind = rng.choices((KIND_VIEW, KIND_CART_ADD, KIND_CART_REMOVE, KIND_ORDER), (60, 20, 8, 6))[0]
         if kind == KIND_ORDER:
-            lines = tuple(OrderLine(rng.choice(items), rng.randint(1, 3), round(rng.uniform(1, 3000), 2))
-                          for _ in range(rng.randint(1, 3)))
-            events.append(Event(kind, f"{user_id}-{i}", user_id, ts, order_id=f"o{i}", order_lines=lines,
-                                total=round(sum(line.quantity * line.price for line in lines), 2)))
+            lines = tuple(
+                OrderLine(rng.choice(items), rng.randint(1, 3), round(rng.uniform(1, 3000), 2))
+                for _ in range(rng.randint(1, 3))
+            )
+            events.append(
+                Event(
+                    kind,
+                    f"{user_id}-{i}",
+                    user_id,
+                    ts,
+                    order_id=f"o{i}",
+                    order_lines=lines,
+                    total=round(sum(line.quantity * line.price for line in lines), 2),
+                )
+            )
         else:
-            events.append(Event(kind, f"{user_id}-{i}", user_id, ts, item_id=rng.choice(items),
-                                category=rng.choice(categories), price=round(rng.uniform(0.5, 900), 2),
-                                quantity=rng.randint(1, 40)))
+            events.append(
+                Event(
+                    kind,
+                    f"{user_id}-{i}",
+                    user_id,
+                    ts,
+                    item_id=rng.choice(items),
+                    category=rng.choice(categories),
+                    price=round(rng.uniform(0.5, 900), 2),
+                    quantity=rng.randint(1, 40),
+                )
+            )
     return events
 
 
@@ -45,6 +66,7 @@ def fold(events: list[Event], config: StateConfig = StateConfig(), user_id: str 
 def shuffled_within(events: list[Event], max_delay_ms: int, seed: int) -> list[Event]:
     rng = random.Random(seed)
     return [e for _, e in sorted(((e.ts_ms + rng.randint(0, max_delay_ms), e) for e in events), key=lambda p: p[0])]
+
 
 #: Version-1 bytes of the golden state below (written by the release before order independence).
 #: Never edit this: if the layout must change, bump STATE_FORMAT_VERSION, add a decoder, keep
@@ -84,16 +106,51 @@ def golden_events() -> list[Event]:
     day3 = T + 3 * DAY_MS
     return [
         Event("view", "g1", "u-golden", T, session_id="s1", item_id="sku-1", category="toys", price=19.99, quantity=1),
-        Event("cart_add", "g2", "u-golden", T + 60_000, session_id="s1", item_id="sku-1", category="toys",
-              price=19.99, quantity=2),
-        Event("view", "g3", "u-golden", T + 120_000, session_id="s1", item_id="sku-2", category="books",
-              price=5.5, quantity=1),
-        Event("order", "g4", "u-golden", T + 180_000, session_id="s1", order_id="o1",
-              order_lines=(OrderLine("sku-1", 2, 19.99),), total=39.98),
+        Event(
+            "cart_add",
+            "g2",
+            "u-golden",
+            T + 60_000,
+            session_id="s1",
+            item_id="sku-1",
+            category="toys",
+            price=19.99,
+            quantity=2,
+        ),
+        Event(
+            "view",
+            "g3",
+            "u-golden",
+            T + 120_000,
+            session_id="s1",
+            item_id="sku-2",
+            category="books",
+            price=5.5,
+            quantity=1,
+        ),
+        Event(
+            "order",
+            "g4",
+            "u-golden",
+            T + 180_000,
+            session_id="s1",
+            order_id="o1",
+            order_lines=(OrderLine("sku-1", 2, 19.99),),
+            total=39.98,
+        ),
         Event("cart_add", "g5", "u-golden", day3, session_id="s2", item_id="sku-3", price=7.25, quantity=1),
         Event("cart_remove", "g6", "u-golden", day3 + 5_000, session_id="s2", item_id="sku-3", price=7.25, quantity=1),
-        Event("view", "g7", "u-golden", day3 + 9_000, session_id="s2", item_id="sku-é", category="books",
-              price=3.0, quantity=1),
+        Event(
+            "view",
+            "g7",
+            "u-golden",
+            day3 + 9_000,
+            session_id="s2",
+            item_id="sku-é",
+            category="books",
+            price=3.0,
+            quantity=1,
+        ),
     ]
 
 
@@ -105,8 +162,15 @@ def tie_events() -> list[Event]:
         Event("cart_add", "t2", "u-ties", T, item_id="sku-1", category="toys", price=2.0, quantity=1),
         Event("cart_add", "t3", "u-ties", t2, item_id="sku-2", category="books", price=3.0, quantity=2),
         Event("cart_add", "t4", "u-ties", t2, item_id="sku-2", category="games", price=4.0, quantity=1),
-        Event("order", "t5", "u-ties", t2 + 1, order_id="o1", total=5.0,
-              order_lines=(OrderLine("sku-9", 1, 3.0), OrderLine("sku-3", 1, 2.0))),
+        Event(
+            "order",
+            "t5",
+            "u-ties",
+            t2 + 1,
+            order_id="o1",
+            total=5.0,
+            order_lines=(OrderLine("sku-9", 1, 3.0), OrderLine("sku-3", 1, 2.0)),
+        ),
         Event("view", "t6", "u-ties", t2, item_id="sku-4", category="books", price=1.0, quantity=1),
         Event("cart_remove", "t7", "u-ties", t2 + 2, item_id="sku-2", price=4.0, quantity=1),
         Event("cart_add", "t8", "u-ties", t2 + 2, item_id="sku-2", category="games", price=4.5, quantity=1),
@@ -155,9 +219,11 @@ def test_golden_v2_bytes_are_stable():
     assert decode_state(bytes.fromhex(GOLDEN_V2_HEX)) == state
 
 
-@pytest.mark.parametrize("hex_blob, events, user_id", [(GOLDEN_V1_HEX, golden_events, "u-golden"),
-                                                       (GOLDEN_V1_TIES_HEX, tie_events, "u-ties")],
-                         ids=["golden", "ties"])
+@pytest.mark.parametrize(
+    "hex_blob, events, user_id",
+    [(GOLDEN_V1_HEX, golden_events, "u-golden"), (GOLDEN_V1_TIES_HEX, tie_events, "u-ties")],
+    ids=["golden", "ties"],
+)
 def test_golden_v1_bytes_still_decode(hex_blob, events, user_id):
     """A version-1 blob decodes to today's state of the same events, except that its recent events
     carry no kind or category (version 1 folded them into the affinity accumulator on arrival, in
@@ -167,7 +233,12 @@ def test_golden_v1_bytes_still_decode(hex_blob, events, user_id):
     state = fold(events(), config, user_id=user_id)
     old = decode_state(bytes.fromhex(hex_blob))
     assert {name for name in state.__slots__ if getattr(old, name) != getattr(state, name)} <= {
-        "recent_codes", "recent_categories", "affinity_anchor_ms", "affinity_categories", "affinity_scores"}
+        "recent_codes",
+        "recent_categories",
+        "affinity_anchor_ms",
+        "affinity_categories",
+        "affinity_scores",
+    }
     assert old.recent_categories == [""] * len(old.recent_ts)
     for now in (state.last_event_ms, state.last_event_ms + DAY_MS):
         assert old.raw_features(now) == pytest.approx(state.raw_features(now), rel=1e-12, abs=0)
@@ -209,7 +280,7 @@ def test_structurally_broken_payload_with_valid_checksum_raises_only_decode_erro
             if action < 0.6 and len(body) > 1:
                 body[pos] = rng.randrange(256)
             elif action < 0.8:
-                del body[pos:pos + rng.randint(1, 8)]
+                del body[pos : pos + rng.randint(1, 8)]
             else:
                 body[pos:pos] = rng.randbytes(rng.randint(1, 8))
         body[0] = STATE_FORMAT_VERSION
@@ -262,8 +333,12 @@ def test_the_latest_event_time_is_read_without_a_full_decode():
     from features.state import ShopperState, StateConfig
 
     state = ShopperState.new("u1")
-    state.update(Event(KIND_VIEW, "e1", "u1", 1_760_000_000_123, session_id="s", item_id="i", category="c",
-                       price=1.0, quantity=1), StateConfig())
+    state.update(
+        Event(
+            KIND_VIEW, "e1", "u1", 1_760_000_000_123, session_id="s", item_id="i", category="c", price=1.0, quantity=1
+        ),
+        StateConfig(),
+    )
     data = encode_state(state)
     assert last_event_ms_of(data) == 1_760_000_000_123 == decode_state(data).last_event_ms
     for broken in (data[:3], data[:-1] + bytes([data[-1] ^ 1]), b"\x09" + data[1:]):

@@ -2,6 +2,7 @@
 exactly the ids an independent oracle (built on ``unicodedata.category``, not on
 ``str.isprintable``) calls safe, and rejects the rest as ``unsafe_id`` with a printable detail,
 never with an exception of another kind."""
+
 from __future__ import annotations
 
 import json
@@ -23,16 +24,43 @@ TS_MS = NOW_MS - 1000
 #: The categories docs/events.md rejects; a Zs character is rejected unless it is U+0020.
 REJECTED_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp", "Zs"})
 DOCS = {
-    events.TOPIC_KIND_VIEW: {"event_id": "e1", "user_id": "u1", "ts": TS_MS, "session_id": "s1", "item_id": "i1",
-                             "category": "toys", "price": 9.5},
-    events.TOPIC_KIND_CART: {"event_id": "e1", "user_id": "u1", "ts": TS_MS, "session_id": "s1", "item_id": "i1",
-                             "category": "toys", "action": "add", "quantity": 1, "price": 9.5},
-    events.TOPIC_KIND_ORDER: {"event_id": "e1", "user_id": "u1", "ts": TS_MS, "session_id": "s1", "order_id": "o1",
-                              "items": [{"item_id": "i1", "quantity": 1, "price": 9.5}], "total": 9.5},
+    events.TOPIC_KIND_VIEW: {
+        "event_id": "e1",
+        "user_id": "u1",
+        "ts": TS_MS,
+        "session_id": "s1",
+        "item_id": "i1",
+        "category": "toys",
+        "price": 9.5,
+    },
+    events.TOPIC_KIND_CART: {
+        "event_id": "e1",
+        "user_id": "u1",
+        "ts": TS_MS,
+        "session_id": "s1",
+        "item_id": "i1",
+        "category": "toys",
+        "action": "add",
+        "quantity": 1,
+        "price": 9.5,
+    },
+    events.TOPIC_KIND_ORDER: {
+        "event_id": "e1",
+        "user_id": "u1",
+        "ts": TS_MS,
+        "session_id": "s1",
+        "order_id": "o1",
+        "items": [{"item_id": "i1", "quantity": 1, "price": 9.5}],
+        "total": 9.5,
+    },
 }
 #: Every id field as (kind, field); "items.item_id" is the order line's.
-ID_FIELDS = [(kind, field) for kind, doc in DOCS.items() for field, value in doc.items() if type(value) is str
-             and field != "action"] + [(events.TOPIC_KIND_ORDER, "items.item_id")]
+ID_FIELDS = [
+    (kind, field)
+    for kind, doc in DOCS.items()
+    for field, value in doc.items()
+    if type(value) is str and field != "action"
+] + [(events.TOPIC_KIND_ORDER, "items.item_id")]
 
 
 def _char_is_safe(char: str) -> bool:
@@ -41,8 +69,12 @@ def _char_is_safe(char: str) -> bool:
 
 def oracle_accepts(value: str) -> bool:
     """docs/events.md's rule, written out independently of the validator."""
-    return (0 < len(value) <= MAX_ID_CHARS and all(_char_is_safe(char) for char in value)
-            and value.strip(" ") == value and value[0] not in "=+-@")
+    return (
+        0 < len(value) <= MAX_ID_CHARS
+        and all(_char_is_safe(char) for char in value)
+        and value.strip(" ") == value
+        and value[0] not in "=+-@"
+    )
 
 
 def _with_id(kind: str, field: str, value: str) -> dict[str, Any]:
@@ -72,9 +104,34 @@ def _outcome(kind: str, field: str, value: str) -> str:
     return "accepted"
 
 
-interesting = st.sampled_from([" ", "=", "+", "-", "@", "a", "7", "\u00e9", "\u3000", "\u00a0", "\n", "\t",
-                               "\x7f", "\x85", "\u200b", "\u200d", "\u202e", "\u2066", "\ufeff", "\u2028",
-                               "\ud800", "\ue000", "\uffff", "\U0001f6d2"])
+interesting = st.sampled_from(
+    [
+        " ",
+        "=",
+        "+",
+        "-",
+        "@",
+        "a",
+        "7",
+        "\u00e9",
+        "\u3000",
+        "\u00a0",
+        "\n",
+        "\t",
+        "\x7f",
+        "\x85",
+        "\u200b",
+        "\u200d",
+        "\u202e",
+        "\u2066",
+        "\ufeff",
+        "\u2028",
+        "\ud800",
+        "\ue000",
+        "\uffff",
+        "\U0001f6d2",
+    ]
+)
 ids = st.text(alphabet=st.characters(exclude_categories=()) | interesting, max_size=MAX_ID_CHARS + 2)
 
 
@@ -89,8 +146,10 @@ def test_an_id_is_accepted_safe_or_rejected_as_unsafe_id(field: tuple[str, str],
     if oracle_accepts(value):
         assert got == "accepted"
     elif not value or len(value) > MAX_ID_CHARS:
-        optional_empty = not value and (kind, name) in {(events.TOPIC_KIND_CART, "category"),
-                                                        (events.TOPIC_KIND_ORDER, "session_id")}
+        optional_empty = not value and (kind, name) in {
+            (events.TOPIC_KIND_CART, "category"),
+            (events.TOPIC_KIND_ORDER, "session_id"),
+        }
         assert got == ("accepted" if optional_empty else events.REASON_BAD_VALUE)
     else:
         assert got == events.REASON_UNSAFE_ID
@@ -113,15 +172,18 @@ def test_every_code_point_of_the_first_two_planes_follows_the_rule() -> None:
     assert not wrong, f"{len(wrong)} code points break the rule, e.g. {wrong[:10]}"
 
 
-@pytest.mark.parametrize(("value", "words"), [
-    ("u1\n", ["U+000A", "control character", "position 2"]),
-    ("u\u202e1", ["U+202E RIGHT-TO-LEFT OVERRIDE", "format character", "category Cf", "position 1"]),
-    ("u\ud8001", ["U+D800", "lone surrogate"]),
-    ("u\u00a01", ["U+00A0 NO-BREAK SPACE", "space other than U+0020"]),
-    ("  ", ["only spaces"]),
-    ("u1 ", ["starts or ends with a space", "strip"]),
-    ("=1+1", ["'='", "formula", "CSV", "leading letter or digit"]),
-])
+@pytest.mark.parametrize(
+    ("value", "words"),
+    [
+        ("u1\n", ["U+000A", "control character", "position 2"]),
+        ("u\u202e1", ["U+202E RIGHT-TO-LEFT OVERRIDE", "format character", "category Cf", "position 1"]),
+        ("u\ud8001", ["U+D800", "lone surrogate"]),
+        ("u\u00a01", ["U+00A0 NO-BREAK SPACE", "space other than U+0020"]),
+        ("  ", ["only spaces"]),
+        ("u1 ", ["starts or ends with a space", "strip"]),
+        ("=1+1", ["'='", "formula", "CSV", "leading letter or digit"]),
+    ],
+)
 def test_the_detail_says_what_is_wrong_and_what_to_send(value: str, words: list[str]) -> None:
     with pytest.raises(InvalidEvent) as caught:
         event_from_dict(events.TOPIC_KIND_VIEW, {**DOCS[events.TOPIC_KIND_VIEW], "user_id": value}, NOW_MS)

@@ -1,4 +1,5 @@
 """The message JSONL is read in one place: replay and training give every line the same verdict."""
+
 from __future__ import annotations
 
 import base64
@@ -12,8 +13,12 @@ from streams.sim.replay import read_jsonl
 
 GOOD = [
     {"topic_kind": "page_view", "key": "u1", "value": "{}"},
-    {"topic_kind": "cart", "key_b64": base64.b64encode(b"\xff\xfe").decode(), "value": "x",
-     "malformed_reason": "bad_key"},
+    {
+        "topic_kind": "cart",
+        "key_b64": base64.b64encode(b"\xff\xfe").decode(),
+        "value": "x",
+        "malformed_reason": "bad_key",
+    },
 ]
 BAD = [
     {"topic_kind": "page_view", "key": 5, "value": "{}"},  # not text

@@ -1,4 +1,5 @@
 """Offline replay: same update code, event-time order, point-in-time rows, online/offline parity."""
+
 from __future__ import annotations
 
 import random
@@ -24,11 +25,30 @@ def shop_log(seed: int, users: int = 12, per_user: int = 60) -> list[Event]:
             kind = rng.choices((KIND_VIEW, KIND_CART_ADD, KIND_CART_REMOVE, KIND_ORDER), (60, 20, 8, 6))[0]
             user_id, event_id = f"u{u}", f"u{u}-e{i}"
             if kind == KIND_ORDER:
-                events.append(Event(kind, event_id, user_id, ts, order_id=f"o{i}",
-                                    order_lines=(OrderLine(f"i{rng.randint(0, 9)}", 1, 12.5),), total=12.5))
+                events.append(
+                    Event(
+                        kind,
+                        event_id,
+                        user_id,
+                        ts,
+                        order_id=f"o{i}",
+                        order_lines=(OrderLine(f"i{rng.randint(0, 9)}", 1, 12.5),),
+                        total=12.5,
+                    )
+                )
             else:
-                events.append(Event(kind, event_id, user_id, ts, item_id=f"i{rng.randint(0, 9)}",
-                                    category=rng.choice(("toys", "books")), price=12.5, quantity=1))
+                events.append(
+                    Event(
+                        kind,
+                        event_id,
+                        user_id,
+                        ts,
+                        item_id=f"i{rng.randint(0, 9)}",
+                        category=rng.choice(("toys", "books")),
+                        price=12.5,
+                        quantity=1,
+                    )
+                )
     events.sort(key=lambda e: e.ts_ms)
     return events
 
@@ -51,7 +71,7 @@ def test_rows_are_point_in_time():
     for i in range(0, len(log), 7):
         event = log[i]
         state = ShopperState.new(event.user_id)
-        for earlier in log[:i + 1]:
+        for earlier in log[: i + 1]:
             if earlier.user_id == event.user_id:
                 state.update(earlier, config)
         np.testing.assert_array_equal(out[i][2], DEFAULT_FEATURE_SPEC.row(state, event.ts_ms))
@@ -60,8 +80,18 @@ def test_rows_are_point_in_time():
 def test_future_events_do_not_change_past_rows():
     log = shop_log(2)
     cut = len(log) // 2
-    future = [Event(KIND_ORDER, f"future-{i}", e.user_id, log[-1].ts_ms + HOUR_MS + i, order_id="f",
-                    order_lines=(OrderLine("i1", 9, 999.0),), total=8991.0) for i, e in enumerate(log[:cut])]
+    future = [
+        Event(
+            KIND_ORDER,
+            f"future-{i}",
+            e.user_id,
+            log[-1].ts_ms + HOUR_MS + i,
+            order_id="f",
+            order_lines=(OrderLine("i1", 9, 999.0),),
+            total=8991.0,
+        )
+        for i, e in enumerate(log[:cut])
+    ]
     past_rows = [row for _, _, row in replay(log[:cut])]
     with_future = [row for _, _, row in replay(log[:cut] + future)][:cut]
     for a, b in zip(past_rows, with_future, strict=True):
@@ -81,8 +111,10 @@ def test_final_states_match_the_worker_fed_out_of_order_within_grace():
     config = StateConfig(dedup_ids=10_000)
     log = shop_log(4)
     rng = random.Random(4)
-    arrival = [e for _, e in sorted(((e.ts_ms + rng.randint(0, config.grace_ms - 1), e) for e in log),
-                                    key=lambda pair: pair[0])]
+    arrival = [
+        e
+        for _, e in sorted(((e.ts_ms + rng.randint(0, config.grace_ms - 1), e) for e in log), key=lambda pair: pair[0])
+    ]
     online: dict[str, ShopperState] = {}
     for event in arrival:
         state = online.setdefault(event.user_id, ShopperState.new(event.user_id))
@@ -91,7 +123,10 @@ def test_final_states_match_the_worker_fed_out_of_order_within_grace():
     assert online.keys() == offline.keys()
     now = log[-1].ts_ms + HOUR_MS
     users = sorted(online)
-    np.testing.assert_allclose(DEFAULT_FEATURE_SPEC.matrix([online[u] for u in users], now),
-                               DEFAULT_FEATURE_SPEC.matrix([offline[u] for u in users], now), rtol=1e-6)
+    np.testing.assert_allclose(
+        DEFAULT_FEATURE_SPEC.matrix([online[u] for u in users], now),
+        DEFAULT_FEATURE_SPEC.matrix([offline[u] for u in users], now),
+        rtol=1e-6,
+    )
     for user in users:
         assert online[user].recent_items() == offline[user].recent_items()

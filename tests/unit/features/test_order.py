@@ -7,6 +7,7 @@ tests check that every arrival order the rules allow (each event at most ``grace
 shopper's watermark, at most ``dedup_ids`` events per grace period) gives byte-identical
 ``encode_state`` output and identical feature rows.
 """
+
 from __future__ import annotations
 
 import random
@@ -76,14 +77,35 @@ def tied_stream(seed: int, n: int, config: StateConfig, user_id: str = "u1") -> 
         kind = rng.choices((KIND_VIEW, KIND_CART_ADD, KIND_CART_REMOVE, KIND_ORDER), kind_weights)[0]
         event_id = f"{user_id}-{i}-{rng.getrandbits(32):08x}"
         if kind == KIND_ORDER:
-            lines = tuple(OrderLine(rng.choice(ITEMS), rng.randint(1, 3), rng.choice((4.99, 12.5, 30.0)))
-                          for _ in range(rng.randint(1, 4)))
-            events.append(Event(kind, event_id, user_id, ts, order_id=f"o{i}", order_lines=lines,
-                                total=round(sum(line.quantity * line.price for line in lines), 2)))
+            lines = tuple(
+                OrderLine(rng.choice(ITEMS), rng.randint(1, 3), rng.choice((4.99, 12.5, 30.0)))
+                for _ in range(rng.randint(1, 4))
+            )
+            events.append(
+                Event(
+                    kind,
+                    event_id,
+                    user_id,
+                    ts,
+                    order_id=f"o{i}",
+                    order_lines=lines,
+                    total=round(sum(line.quantity * line.price for line in lines), 2),
+                )
+            )
         else:
-            events.append(Event(kind, event_id, user_id, ts, session_id="s", item_id=rng.choice(ITEMS),
-                                category=rng.choice(CATEGORIES) if rng.random() < 0.95 else "",
-                                price=rng.choice((1.0, 2.5, 9.99, 20.0)), quantity=rng.randint(1, 3)))
+            events.append(
+                Event(
+                    kind,
+                    event_id,
+                    user_id,
+                    ts,
+                    session_id="s",
+                    item_id=rng.choice(ITEMS),
+                    category=rng.choice(CATEGORIES) if rng.random() < 0.95 else "",
+                    price=rng.choice((1.0, 2.5, 9.99, 20.0)),
+                    quantity=rng.randint(1, 3),
+                )
+            )
     return events
 
 
@@ -118,8 +140,11 @@ def three_topics(events: list[Event], grace_ms: int, rng: random.Random) -> list
     arrival = []
     while any(queues.values()):
         heads = {topic: queue[0].ts_ms for topic, queue in queues.items() if queue}
-        allowed = [topic for topic in heads
-                   if all(heads[topic] - grace_ms <= ts for other, ts in heads.items() if other != topic)]
+        allowed = [
+            topic
+            for topic in heads
+            if all(heads[topic] - grace_ms <= ts for other, ts in heads.items() if other != topic)
+        ]
         topic = rng.choice(allowed)
         queue = queues[topic]
         for _ in range(rng.randint(1, 12)):
@@ -157,14 +182,18 @@ def fold_arrival(arrival: list[Event], config: StateConfig, rng: random.Random |
 
 
 def assert_same(got: ShopperState, want: ShopperState, label: str) -> None:
-    diff = {name: (getattr(got, name), getattr(want, name))
-            for name in want.__slots__ if getattr(got, name) != getattr(want, name)}
+    diff = {
+        name: (getattr(got, name), getattr(want, name))
+        for name in want.__slots__
+        if getattr(got, name) != getattr(want, name)
+    }
     assert encode_state(got) == encode_state(want), f"{label}: state differs: {str(diff)[:2000]}"
     now = want.last_event_ms
     for at in (now, now + 30 * MINUTE_MS, now + 3 * DAY_MS):
         assert got.raw_features(at) == want.raw_features(at), f"{label}: raw features differ at {at}"
-        np.testing.assert_array_equal(DEFAULT_FEATURE_SPEC.row(got, at), DEFAULT_FEATURE_SPEC.row(want, at),
-                                      err_msg=label)
+        np.testing.assert_array_equal(
+            DEFAULT_FEATURE_SPEC.row(got, at), DEFAULT_FEATURE_SPEC.row(want, at), err_msg=label
+        )
     assert got.top_categories() == want.top_categories(), label
     assert got.recent_items() == want.recent_items(), label
 
@@ -206,7 +235,7 @@ def test_interleaved_topics_agree_at_every_batch_boundary_once_caught_up(seed):
     for i, event in enumerate(arrival):
         state.update(event, config)
         seen.add(event.event_id)
-        prefix = events[:len(seen)]
+        prefix = events[: len(seen)]
         closed_prefix = len(seen) == len(events) or events[len(seen)].ts_ms > prefix[-1].ts_ms
         if {e.event_id for e in prefix} == seen and closed_prefix:
             assert_same(state, final_states(prefix, config)["u1"], f"after {i + 1} arrivals")
@@ -228,8 +257,10 @@ def test_cart_compaction_does_not_depend_on_arrival():
     the cart happens to be long at some arrival: a view that moves the watermark before the
     last cart add arrives must not change the stored cart."""
     config = StateConfig()
-    adds = [Event(KIND_CART_ADD, f"c{i}", "u1", START_MS + i * MINUTE_MS, item_id=ITEMS[i % 3], price=1.0 + i,
-                  quantity=1) for i in range(17)]
+    adds = [
+        Event(KIND_CART_ADD, f"c{i}", "u1", START_MS + i * MINUTE_MS, item_id=ITEMS[i % 3], price=1.0 + i, quantity=1)
+        for i in range(17)
+    ]
     view = Event(KIND_VIEW, "v", "u1", START_MS + 70 * MINUTE_MS, item_id="sku-9", category="cat1")
     want = final_states(adds + [view], config)["u1"]
     got = fold_arrival(adds[:16] + [view, adds[16]], config)
@@ -242,8 +273,9 @@ def test_frozen_session_items_do_not_depend_on_freeze_order():
     traffic gives), events freeze in arrival order; the frozen session's items still come out the same."""
     config = StateConfig(dedup_ids=8)
     views = [Event(KIND_VIEW, f"v{i}", "u1", START_MS, item_id=f"sku-{i % 5}", category="cat1") for i in range(12)]
-    adds = [Event(KIND_CART_ADD, f"c{i}", "u1", START_MS, item_id=f"sku-{9 - i}", price=1.0, quantity=1)
-            for i in range(4)]
+    adds = [
+        Event(KIND_CART_ADD, f"c{i}", "u1", START_MS, item_id=f"sku-{9 - i}", price=1.0, quantity=1) for i in range(4)
+    ]
     later = [Event(KIND_VIEW, f"w{i}", "u1", START_MS + 1 + i, item_id="sku-7", category="cat1") for i in range(10)]
     views_first = fold_arrival(views + adds + later, config)
     adds_first = fold_arrival(adds + views + later, config)

@@ -1,5 +1,6 @@
 """The validator answers every poison-corpus case as docs/events.md says (the worker side is in
 tests/integration/test_reliability.py)."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,5 +1,6 @@
 """Property-based tests: the validator and the state and alert-state encodings never let an
 unexpected exception escape, whatever bytes arrive, and a state always survives its own encoding."""
+
 from __future__ import annotations
 
 import json
@@ -26,17 +27,40 @@ NOW_MS = 1_760_000_000_000
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.integers(10**300, 10**400)  # beyond float range
-    | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=40),
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.integers(10**300, 10**400)  # beyond float range
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=40),
     lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=12), children, max_size=6),
-    max_leaves=25)
-field_names = st.sampled_from(["event_id", "user_id", "session_id", "item_id", "category", "price", "ts", "action",
-                               "quantity", "order_id", "items", "total", "schema_version"])
+    max_leaves=25,
+)
+field_names = st.sampled_from(
+    [
+        "event_id",
+        "user_id",
+        "session_id",
+        "item_id",
+        "category",
+        "price",
+        "ts",
+        "action",
+        "quantity",
+        "order_id",
+        "items",
+        "total",
+        "schema_version",
+    ]
+)
 
 
 @FAST
-@given(topic_kind=st.sampled_from(TOPIC_KINDS), key=st.none() | st.binary(max_size=40),
-       value=st.none() | st.binary(max_size=400))
+@given(
+    topic_kind=st.sampled_from(TOPIC_KINDS),
+    key=st.none() | st.binary(max_size=40),
+    value=st.none() | st.binary(max_size=400),
+)
 def test_random_bytes_are_rejected_with_a_reason_or_accepted(topic_kind, key, value):
     try:
         parse_event(topic_kind, key, value, NOW_MS)
@@ -45,19 +69,42 @@ def test_random_bytes_are_rejected_with_a_reason_or_accepted(topic_kind, key, va
 
 
 VALID = {
-    "page_view": {"event_id": "e1", "user_id": "u1", "session_id": "s1", "item_id": "i1", "category": "toys",
-                  "price": 9.5, "ts": NOW_MS - 1000},
-    "cart": {"event_id": "e2", "user_id": "u1", "session_id": "s1", "item_id": "i1", "action": "add",
-             "quantity": 1, "price": 9.5, "ts": NOW_MS - 1000},
-    "order": {"event_id": "e3", "user_id": "u1", "order_id": "o1", "items": [{"item_id": "i1", "quantity": 1,
-              "price": 9.5}], "total": 9.5, "ts": NOW_MS - 1000},
+    "page_view": {
+        "event_id": "e1",
+        "user_id": "u1",
+        "session_id": "s1",
+        "item_id": "i1",
+        "category": "toys",
+        "price": 9.5,
+        "ts": NOW_MS - 1000,
+    },
+    "cart": {
+        "event_id": "e2",
+        "user_id": "u1",
+        "session_id": "s1",
+        "item_id": "i1",
+        "action": "add",
+        "quantity": 1,
+        "price": 9.5,
+        "ts": NOW_MS - 1000,
+    },
+    "order": {
+        "event_id": "e3",
+        "user_id": "u1",
+        "order_id": "o1",
+        "items": [{"item_id": "i1", "quantity": 1, "price": 9.5}],
+        "total": 9.5,
+        "ts": NOW_MS - 1000,
+    },
 }
 
 
 @FAST
-@given(topic_kind=st.sampled_from(TOPIC_KINDS),
-       changes=st.dictionaries(field_names, json_values, min_size=1, max_size=3),
-       drop=st.sets(field_names, max_size=2))
+@given(
+    topic_kind=st.sampled_from(TOPIC_KINDS),
+    changes=st.dictionaries(field_names, json_values, min_size=1, max_size=3),
+    drop=st.sets(field_names, max_size=2),
+)
 def test_near_miss_documents_never_escape_as_another_exception(topic_kind, changes, drop):
     """A valid event with a few fields replaced by arbitrary JSON (huge ints, NaN, nesting) or removed."""
     doc = {**VALID[topic_kind], **changes}
@@ -94,12 +141,31 @@ def event_streams(draw) -> list[Event]:
         event_id = f"e{draw(st.integers(0, n))}"  # repeats: duplicates
         if kind == KIND_ORDER:
             lines = (OrderLine(item, draw(st.integers(1, 5)), draw(st.floats(0, 500))),)
-            events.append(Event(kind, event_id, "u1", ts, order_id=f"o{n}", order_lines=lines,
-                                total=sum(line.price * line.quantity for line in lines)))
+            events.append(
+                Event(
+                    kind,
+                    event_id,
+                    "u1",
+                    ts,
+                    order_id=f"o{n}",
+                    order_lines=lines,
+                    total=sum(line.price * line.quantity for line in lines),
+                )
+            )
         else:
-            events.append(Event(kind, event_id, "u1", ts, session_id="s", item_id=item,
-                                category=f"c{draw(st.integers(0, 8))}", price=draw(st.floats(0, 500)),
-                                quantity=draw(st.integers(1, 5))))
+            events.append(
+                Event(
+                    kind,
+                    event_id,
+                    "u1",
+                    ts,
+                    session_id="s",
+                    item_id=item,
+                    category=f"c{draw(st.integers(0, 8))}",
+                    price=draw(st.floats(0, 500)),
+                    quantity=draw(st.integers(1, 5)),
+                )
+            )
     return events
 
 
@@ -112,13 +178,20 @@ def test_decode_of_encode_is_the_state(events):
         assert decode_state(encode_state(state)) == state
 
 
-numbers = st.integers() | st.integers(10**300, 10**400) | st.integers(-(10**400), -(10**300)) | st.floats(
-    allow_nan=True, allow_infinity=True)
+numbers = (
+    st.integers()
+    | st.integers(10**300, 10**400)
+    | st.integers(-(10**400), -(10**300))
+    | st.floats(allow_nan=True, allow_infinity=True)
+)
 
 
 @FAST
-@given(topic_kind=st.sampled_from(TOPIC_KINDS), name=st.sampled_from(["price", "total", "quantity", "ts",
-                                                                          "schema_version"]), value=numbers)
+@given(
+    topic_kind=st.sampled_from(TOPIC_KINDS),
+    name=st.sampled_from(["price", "total", "quantity", "ts", "schema_version"]),
+    value=numbers,
+)
 def test_extreme_numbers_are_rejected_with_a_reason_or_accepted(topic_kind, name, value):
     doc = {**VALID[topic_kind], name: value}
     try:
@@ -138,7 +211,7 @@ def test_damaged_encodings_raise_only_state_decode_errors(events, cut, flip, bit
     raw = encode_state(state)
     flipped = bytearray(raw)
     flipped[flip % len(raw)] ^= 1 << bit
-    for damaged in (raw[:cut % len(raw)], bytes(flipped)):
+    for damaged in (raw[: cut % len(raw)], bytes(flipped)):
         for reader in (decode_state, last_event_ms_of):
             try:
                 reader(damaged)

@@ -1,4 +1,5 @@
 """FeatureSpec: stable hash, vectorised matrix equal to per-state rows, documented normalisation."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,11 +33,32 @@ def random_states(n: int, seed: int = 0) -> list[ShopperState]:
             ts += rng.choice((rng.randint(1, 3 * MINUTE_MS), rng.randint(1, 2 * DAY_MS)))
             kind = rng.choice((KIND_VIEW, KIND_VIEW, KIND_CART_ADD, KIND_ORDER))
             if kind == KIND_ORDER:
-                state.update(Event(kind, f"{u}-{i}", f"u{u}", ts, order_id=f"o{i}",
-                                   order_lines=(OrderLine("x", 1, 20.0),), total=rng.uniform(1, 5000)), config)
+                state.update(
+                    Event(
+                        kind,
+                        f"{u}-{i}",
+                        f"u{u}",
+                        ts,
+                        order_id=f"o{i}",
+                        order_lines=(OrderLine("x", 1, 20.0),),
+                        total=rng.uniform(1, 5000),
+                    ),
+                    config,
+                )
             else:
-                state.update(Event(kind, f"{u}-{i}", f"u{u}", ts, item_id=f"i{rng.randint(0, 30)}",
-                                   category=rng.choice("abcdefg"), price=rng.uniform(1, 100), quantity=1), config)
+                state.update(
+                    Event(
+                        kind,
+                        f"{u}-{i}",
+                        f"u{u}",
+                        ts,
+                        item_id=f"i{rng.randint(0, 30)}",
+                        category=rng.choice("abcdefg"),
+                        price=rng.uniform(1, 100),
+                        quantity=1,
+                    ),
+                    config,
+                )
         states.append(state)
     return states
 
@@ -56,8 +78,9 @@ def test_hash_changes_with_version_order_and_normalisation():
         FeatureSpec(spec.version, tuple(features[:-1])),
         FeatureSpec(spec.version, (dataclasses.replace(features[0], transform="linear"), *features[1:])),
         FeatureSpec(spec.version, (dataclasses.replace(features[16], high=721.0), *features[:16], *features[17:])),
-        FeatureSpec(spec.version,
-                    (dataclasses.replace(features[20], divisor=3_600_000.0), *features[:20], *features[21:])),
+        FeatureSpec(
+            spec.version, (dataclasses.replace(features[20], divisor=3_600_000.0), *features[:20], *features[21:])
+        ),
     ]
     hashes = {spec.hash, *(variant.hash for variant in variants)}
     assert len(hashes) == len(variants) + 1
@@ -91,8 +114,9 @@ def test_normalisation_of_a_known_state():
     config = StateConfig()
     state = ShopperState.new("u1")
     state.update(Event(KIND_VIEW, "v1", "u1", T, item_id="a", category="toys", price=10.0, quantity=1), config)
-    state.update(Event(KIND_CART_ADD, "c1", "u1", T + MINUTE_MS, item_id="a", category="toys", price=10.0,
-                       quantity=3), config)
+    state.update(
+        Event(KIND_CART_ADD, "c1", "u1", T + MINUTE_MS, item_id="a", category="toys", price=10.0, quantity=3), config
+    )
     spec = DEFAULT_FEATURE_SPEC
     row = spec.row(state, T + 2 * HOUR_MS)
     value = dict(zip(spec.names, row.tolist(), strict=True))
@@ -121,17 +145,21 @@ def test_every_feature_is_documented_and_known():
 
 
 def test_docs_table_matches_the_spec():
-    assert DEFAULT_FEATURE_SPEC.markdown_table() in DOCS.read_text(), \
+    assert DEFAULT_FEATURE_SPEC.markdown_table() in DOCS.read_text(), (
         "docs/features.md is out of date: paste DEFAULT_FEATURE_SPEC.markdown_table() into it"
+    )
 
 
-@pytest.mark.parametrize("features, message", [
-    ((), "at least one"),
-    ((Feature("nope", "count", "log1p", 1.0, 0.0, math.inf, "x"),), "not a raw feature"),
-    ((Feature("views_1h", "count", "sqrt", 1.0, 0.0, math.inf, "x"),), "transform"),
-    ((Feature("views_1h", "count", "log1p", 0.0, 0.0, math.inf, "x"),), "divisor"),
-    ((Feature("views_1h", "count", "log1p", 1.0, 0.0, 1.0, "x"),) * 2, "repeat"),
-])
+@pytest.mark.parametrize(
+    "features, message",
+    [
+        ((), "at least one"),
+        ((Feature("nope", "count", "log1p", 1.0, 0.0, math.inf, "x"),), "not a raw feature"),
+        ((Feature("views_1h", "count", "sqrt", 1.0, 0.0, math.inf, "x"),), "transform"),
+        ((Feature("views_1h", "count", "log1p", 0.0, 0.0, math.inf, "x"),), "divisor"),
+        ((Feature("views_1h", "count", "log1p", 1.0, 0.0, 1.0, "x"),) * 2, "repeat"),
+    ],
+)
 def test_invalid_specs_are_refused(features, message):
     with pytest.raises(ValueError, match=message):
         FeatureSpec(1, features)

@@ -1,4 +1,5 @@
 """ShopperState against a brute-force reference over random event streams, plus arrival rules."""
+
 from __future__ import annotations
 
 import math
@@ -32,8 +33,9 @@ CATEGORIES = ["toys", "books", "garden", "music", "pets"]
 ROOMY = StateConfig(dedup_ids=100_000)
 
 
-def random_stream(seed: int, n: int, user_id: str = "u1", start_ms: int = START_MS,
-                  categories: list[str] = CATEGORIES) -> list[Event]:
+def random_stream(
+    seed: int, n: int, user_id: str = "u1", start_ms: int = START_MS, categories: list[str] = CATEGORIES
+) -> list[Event]:
     """Events of one shopper in strictly increasing ts: bursts (sessions), gaps of hours and days."""
     rng = random.Random(seed)
     events = []
@@ -51,15 +53,27 @@ def random_stream(seed: int, n: int, user_id: str = "u1", start_ms: int = START_
         kind = rng.choices((KIND_VIEW, KIND_CART_ADD, KIND_CART_REMOVE, KIND_ORDER), (60, 20, 8, 6))[0]
         event_id = f"{user_id}-e{i}"
         if kind == KIND_ORDER:
-            lines = tuple(OrderLine(rng.choice(ITEMS), rng.randint(1, 3), round(rng.uniform(1, 300), 2))
-                          for _ in range(rng.randint(1, 3)))
+            lines = tuple(
+                OrderLine(rng.choice(ITEMS), rng.randint(1, 3), round(rng.uniform(1, 300), 2))
+                for _ in range(rng.randint(1, 3))
+            )
             total = round(sum(line.quantity * line.price for line in lines), 2)
             events.append(Event(kind, event_id, user_id, ts, order_id=f"o{i}", order_lines=lines, total=total))
         else:
             category = rng.choice(categories) if rng.random() < 0.9 else ""
-            events.append(Event(kind, event_id, user_id, ts, session_id="s", item_id=rng.choice(ITEMS),
-                                category=category, price=round(rng.uniform(0.5, 500), 2),
-                                quantity=1 if kind == KIND_VIEW else rng.randint(1, 4)))
+            events.append(
+                Event(
+                    kind,
+                    event_id,
+                    user_id,
+                    ts,
+                    session_id="s",
+                    item_id=rng.choice(ITEMS),
+                    category=category,
+                    price=round(rng.uniform(0.5, 500), 2),
+                    quantity=1 if kind == KIND_VIEW else rng.randint(1, 4),
+                )
+            )
     return events
 
 
@@ -78,6 +92,7 @@ def shuffled_within(events: list[Event], max_delay_ms: int, seed: int) -> list[E
 
 # -- brute-force reference ------------------------------------------------------------------------
 
+
 def reference(events: list[Event], now: int, gap_ms: int = 30 * MINUTE_MS) -> dict[str, float]:
     """Every raw feature from the full event list, by definition (bucket-aligned windows)."""
     events = sorted(events, key=lambda e: e.ts_ms)
@@ -88,11 +103,19 @@ def reference(events: list[Event], now: int, gap_ms: int = 30 * MINUTE_MS) -> di
         return [e for e in events if hi - n < e.ts_ms // width <= hi]
 
     ref: dict[str, float] = {}
-    for label, width, n in (("1h", FINE_BUCKET_MS, 12), ("24h", HOUR_MS, 24), ("7d", COARSE_BUCKET_MS, 28),
-                            ("30d", COARSE_BUCKET_MS, 120)):
+    for label, width, n in (
+        ("1h", FINE_BUCKET_MS, 12),
+        ("24h", HOUR_MS, 24),
+        ("7d", COARSE_BUCKET_MS, 28),
+        ("30d", COARSE_BUCKET_MS, 120),
+    ):
         in_window = window(width, n)
-        for name, kind in (("views", KIND_VIEW), ("cart_adds", KIND_CART_ADD), ("cart_removes", KIND_CART_REMOVE),
-                           ("orders", KIND_ORDER)):
+        for name, kind in (
+            ("views", KIND_VIEW),
+            ("cart_adds", KIND_CART_ADD),
+            ("cart_removes", KIND_CART_REMOVE),
+            ("orders", KIND_ORDER),
+        ):
             ref[f"{name}_{label}"] = sum(1 for e in in_window if e.kind == kind)
 
     def since(kind: str | None) -> float:
@@ -179,13 +202,22 @@ def assert_matches(state: ShopperState, events: list[Event], now: int) -> None:
 
 # -- tests ---------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("seed", range(6))
 def test_every_feature_matches_brute_force_reference(seed):
     events = random_stream(seed, 400)
     state = fold(events)
     last = events[-1].ts_ms
-    for now in (last, last + 7 * MINUTE_MS, last + 50 * MINUTE_MS, last + 5 * HOUR_MS, last + 3 * DAY_MS,
-                last + 8 * DAY_MS, last + 29 * DAY_MS, last + 40 * DAY_MS):
+    for now in (
+        last,
+        last + 7 * MINUTE_MS,
+        last + 50 * MINUTE_MS,
+        last + 5 * HOUR_MS,
+        last + 3 * DAY_MS,
+        last + 8 * DAY_MS,
+        last + 29 * DAY_MS,
+        last + 40 * DAY_MS,
+    ):
         assert_matches(state, events, now)
     assert state.recent_items() == reference_history(events)
     assert state.history_item_ids() == [item for item, _, _ in reference_history(events)]
@@ -197,7 +229,7 @@ def test_features_match_reference_after_every_prefix(seed):
     state = ShopperState.new("u1")
     for i, event in enumerate(events):
         assert state.update(event, StateConfig()) == APPLIED
-        assert_matches(state, events[:i + 1], event.ts_ms)
+        assert_matches(state, events[: i + 1], event.ts_ms)
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -212,8 +244,18 @@ def test_out_of_order_within_grace_equals_in_order(seed):
         assert out_of_order.raw_features(now) == pytest.approx(in_order.raw_features(now), rel=1e-12, abs=1e-12)
         assert_matches(out_of_order, events, now)
     assert out_of_order.recent_items() == in_order.recent_items()
-    for name in ("fine_keys", "fine_counts", "hour_keys", "hour_counts", "coarse_keys", "coarse_values",
-                 "recent_ts", "recent_starts", "frozen_session_start_ms", "frozen_session_events"):
+    for name in (
+        "fine_keys",
+        "fine_counts",
+        "hour_keys",
+        "hour_counts",
+        "coarse_keys",
+        "coarse_values",
+        "recent_ts",
+        "recent_starts",
+        "frozen_session_start_ms",
+        "frozen_session_events",
+    ):
         assert getattr(out_of_order, name) == getattr(in_order, name), name
 
 
@@ -236,8 +278,15 @@ def test_late_beyond_grace_is_not_applied():
     state = fold(events, config)
     before = state.raw_features(events[-1].ts_ms), state.recent_items(), state.events_lifetime
     last = state.last_event_ms
-    too_old = Event(KIND_ORDER, "late-1", "u1", last - config.grace_ms - 1, order_id="o",
-                    order_lines=(OrderLine("i0001", 1, 10.0),), total=10.0)
+    too_old = Event(
+        KIND_ORDER,
+        "late-1",
+        "u1",
+        last - config.grace_ms - 1,
+        order_id="o",
+        order_lines=(OrderLine("i0001", 1, 10.0),),
+        total=10.0,
+    )
     assert state.update(too_old, config) == LATE
     edge = Event(KIND_VIEW, "edge-1", "u1", last - config.grace_ms, item_id="i0002")
     assert state.update(edge, config) == APPLIED  # exactly grace old is still on time
@@ -312,8 +361,12 @@ def test_bucketed_windows_are_within_one_bucket_of_exact_sliding_windows():
     now = events[-1].ts_ms
     raw = dict(zip(RAW_FEATURE_NAMES, state.raw_features(now), strict=True))
     views = [e.ts_ms for e in events if e.kind == KIND_VIEW]
-    for label, span, width in (("1h", HOUR_MS, FINE_BUCKET_MS), ("24h", DAY_MS, HOUR_MS),
-                               ("7d", 7 * DAY_MS, COARSE_BUCKET_MS), ("30d", 30 * DAY_MS, COARSE_BUCKET_MS)):
+    for label, span, width in (
+        ("1h", HOUR_MS, FINE_BUCKET_MS),
+        ("24h", DAY_MS, HOUR_MS),
+        ("7d", 7 * DAY_MS, COARSE_BUCKET_MS),
+        ("30d", 30 * DAY_MS, COARSE_BUCKET_MS),
+    ):
         shortest = sum(1 for t in views if now - (span - width) < t <= now)
         longest = sum(1 for t in views if now - span < t <= now)
         assert shortest <= raw[f"views_{label}"] <= longest, label
@@ -335,25 +388,53 @@ def test_late_order_clears_only_cart_lines_before_it():
     state = ShopperState.new("u1")
     state.update(Event(KIND_CART_ADD, "a", "u1", START_MS, item_id="x", price=10.0, quantity=2), config)
     state.update(Event(KIND_CART_ADD, "b", "u1", START_MS + 20 * MINUTE_MS, item_id="y", price=5.0, quantity=1), config)
-    state.update(Event(KIND_ORDER, "o", "u1", START_MS + 10 * MINUTE_MS, order_id="o",
-                       order_lines=(OrderLine("x", 2, 10.0),), total=20.0), config)
+    state.update(
+        Event(
+            KIND_ORDER,
+            "o",
+            "u1",
+            START_MS + 10 * MINUTE_MS,
+            order_id="o",
+            order_lines=(OrderLine("x", 2, 10.0),),
+            total=20.0,
+        ),
+        config,
+    )
     raw = dict(zip(RAW_FEATURE_NAMES, state.raw_features(), strict=True))
     assert (raw["cart_items_now"], raw["cart_value_now"], raw["cart_adds_since_order"]) == (1, 5.0, 1)
-    state.update(Event(KIND_CART_REMOVE, "c", "u1", START_MS + 30 * MINUTE_MS, item_id="y", price=5.0, quantity=3),
-                 config)
+    state.update(
+        Event(KIND_CART_REMOVE, "c", "u1", START_MS + 30 * MINUTE_MS, item_id="y", price=5.0, quantity=3), config
+    )
     raw = dict(zip(RAW_FEATURE_NAMES, state.raw_features(), strict=True))
     assert (raw["cart_items_now"], raw["cart_value_now"]) == (0, 0.0)
 
 
 def test_cart_compaction_keeps_late_orders_exact():
     config = StateConfig()
-    events = [Event(KIND_CART_ADD if i % 4 else KIND_CART_REMOVE, f"c{i}", "u1", START_MS + i * 4 * MINUTE_MS,
-                    item_id=ITEMS[i % 5], price=1.0 + i, quantity=1 + i % 3) for i in range(60)]
+    events = [
+        Event(
+            KIND_CART_ADD if i % 4 else KIND_CART_REMOVE,
+            f"c{i}",
+            "u1",
+            START_MS + i * 4 * MINUTE_MS,
+            item_id=ITEMS[i % 5],
+            price=1.0 + i,
+            quantity=1 + i % 3,
+        )
+        for i in range(60)
+    ]
     for minutes_late in (2, 21, 39, 55, 59):
         state = fold(events, config)
         assert len(state.cart_lines) < 30  # lines older than the grace period were merged per item
-        late_order = Event(KIND_ORDER, "o", "u1", events[-1].ts_ms - minutes_late * MINUTE_MS - 1, order_id="o",
-                           order_lines=(OrderLine(ITEMS[0], 1, 1.0),), total=1.0)
+        late_order = Event(
+            KIND_ORDER,
+            "o",
+            "u1",
+            events[-1].ts_ms - minutes_late * MINUTE_MS - 1,
+            order_id="o",
+            order_lines=(OrderLine(ITEMS[0], 1, 1.0),),
+            total=1.0,
+        )
         assert state.update(late_order, config) == APPLIED
         assert_matches(state, events + [late_order], state.last_event_ms)
 

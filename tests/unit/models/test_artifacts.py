@@ -1,4 +1,5 @@
 """Artifacts: round trip, corrupt / truncated / tampered refused, spec and vocab mismatch; registry."""
+
 from __future__ import annotations
 
 import json
@@ -96,8 +97,9 @@ def test_tampered_vocabulary_refused(tmp_path):
 
 def test_feature_spec_and_vocab_mismatch_refused(tmp_path):
     state = {"w": torch.ones(3)}
-    path = save_artifact(tmp_path / "clf", state, kind="classifier", version="1", feature_spec_hash="abc",
-                         vocab=["a", "b"])
+    path = save_artifact(
+        tmp_path / "clf", state, kind="classifier", version="1", feature_spec_hash="abc", vocab=["a", "b"]
+    )
     assert load_artifact(path, expected_feature_spec_hash="abc", expected_vocab=["a", "b"]).state_dict["w"].sum() == 3
     with pytest.raises(ArtifactError, match="feature spec 'abc'.*retrain"):
         load_artifact(path, expected_feature_spec_hash="def")

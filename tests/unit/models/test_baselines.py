@@ -1,4 +1,5 @@
 """Popularity and co-occurrence next-item baselines."""
+
 from __future__ import annotations
 
 import torch

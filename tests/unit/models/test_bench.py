@@ -1,4 +1,5 @@
 """bench-nextitem end to end on a tiny synthetic file (CPU, 1 thread, 2 epochs)."""
+
 from __future__ import annotations
 
 import json
@@ -22,9 +23,29 @@ def test_bench_writes_json_and_appends_rows(tmp_path):
     bench = tmp_path / "BENCHMARKS.md"
     bench.write_text("# Benchmarks\n\n## Something else\n\nrow\n")
     out = tmp_path / "r.json"
-    args = ["--sequences", str(seq), "--json", str(out), "--epochs", "2", "--device", "cpu", "--threads", "1",
-            "--dim", "8", "--layers", "1", "--max-len", "5", "--no-progress", "--benchmarks", str(bench),
-            "--save-artifact", str(tmp_path / "art")]
+    args = [
+        "--sequences",
+        str(seq),
+        "--json",
+        str(out),
+        "--epochs",
+        "2",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--dim",
+        "8",
+        "--layers",
+        "1",
+        "--max-len",
+        "5",
+        "--no-progress",
+        "--benchmarks",
+        str(bench),
+        "--save-artifact",
+        str(tmp_path / "art"),
+    ]
     assert main(args) == 0
     rep = json.loads(out.read_text())
     assert set(rep["results"]) == {"SASRec-CE (ours)", "popularity", "co-occurrence"}

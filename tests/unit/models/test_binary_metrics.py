@@ -1,4 +1,5 @@
 """models.binary_metrics agrees with scikit-learn: ties, weights, NaN labels, one class."""
+
 from __future__ import annotations
 
 import math
@@ -42,10 +43,12 @@ def test_agrees_with_sklearn_with_ties_and_weights(seed, levels):
     assert brier_score(p, y) == pytest.approx(sk.brier_score_loss(y, p), abs=1e-12)
     report = binary_metrics(p, y)
     assert (report["roc_auc"], report["pr_auc"], report["log_loss"]) == pytest.approx(
-        (sk.roc_auc_score(y, p), sk.average_precision_score(y, p), sk.log_loss(y, p)), abs=1e-12)
+        (sk.roc_auc_score(y, p), sk.average_precision_score(y, p), sk.log_loss(y, p)), abs=1e-12
+    )
     ranked = RankedScores(p, y)  # the bootstrap's path: one sort, many weightings
     assert ranked.auc_ap(w) == pytest.approx(
-        (sk.roc_auc_score(y, p, sample_weight=w), sk.average_precision_score(y, p, sample_weight=w)), abs=1e-12)
+        (sk.roc_auc_score(y, p, sample_weight=w), sk.average_precision_score(y, p, sample_weight=w)), abs=1e-12
+    )
 
 
 def test_all_scores_tied_is_chance():

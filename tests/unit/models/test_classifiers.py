@@ -1,4 +1,5 @@
 """Churn / purchase MLP: learns, calibrates, metrics by hand, artifact with feature-spec hash."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -8,7 +9,12 @@ import torch
 from models.artifacts import ArtifactError
 from models.binary_metrics import expected_calibration_error, roc_auc
 from models.classifiers import (
-    ClassifierConfig, ClassifierTrainConfig, ShopperClassifier, fit_platt, fit_temperature, train_classifier,
+    ClassifierConfig,
+    ClassifierTrainConfig,
+    ShopperClassifier,
+    fit_platt,
+    fit_temperature,
+    train_classifier,
 )
 
 torch.set_num_threads(1)

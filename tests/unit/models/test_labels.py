@@ -1,4 +1,5 @@
 """Labels from behaviour: churn / purchase horizons, censoring, moments, next-item sequences."""
+
 from __future__ import annotations
 
 import math
@@ -44,8 +45,13 @@ def order(user: str, ts: int, *items: str) -> Event:
 
 def test_churn_is_no_event_in_the_half_open_horizon():
     h = 14 * DAY_MS
-    log = [view("a", T), view("a", T + 3 * DAY_MS), view("a", T + 17 * DAY_MS),
-           view("b", T + DAY_MS), view("z", T + 60 * DAY_MS)]  # z only sets the end of the log
+    log = [
+        view("a", T),
+        view("a", T + 3 * DAY_MS),
+        view("a", T + 17 * DAY_MS),
+        view("b", T + DAY_MS),
+        view("z", T + 60 * DAY_MS),
+    ]  # z only sets the end of the log
     idx = FutureIndex(log)
     end = idx.last_ms
     users = ["a", "a", "a", "b", "a"]
@@ -78,8 +84,13 @@ def test_censoring_drops_labels_whose_horizon_passes_the_end():
 
 
 def test_purchase_is_an_order_within_the_horizon_and_censored_at_the_end():
-    log = [view("a", T), order("a", T + 5 * HOUR_MS, "i1"), view("a", T + 2 * DAY_MS),
-           order("a", T + 2 * DAY_MS + DAY_MS + 1, "i2"), view("b", T + 10 * DAY_MS)]
+    log = [
+        view("a", T),
+        order("a", T + 5 * HOUR_MS, "i1"),
+        view("a", T + 2 * DAY_MS),
+        order("a", T + 2 * DAY_MS + DAY_MS + 1, "i2"),
+        view("b", T + 10 * DAY_MS),
+    ]
     idx = FutureIndex(log)
     end = idx.last_ms
     h = DAY_MS
@@ -88,8 +99,13 @@ def test_purchase_is_an_order_within_the_horizon_and_censored_at_the_end():
     # the order at the moment itself does not count; the next one is 1 ms past 24 h of the 2 d view
     assert y[:4].tolist() == [1.0, 0.0, 0.0, 1.0]
     assert math.isnan(y[4])
-    both = label_moments(idx, ["a", "b"], [T, T + 10 * DAY_MS - 2 * DAY_MS],
-                         LabelConfig(churn_horizon_ms=DAY_MS, purchase_horizon_ms=DAY_MS), end)
+    both = label_moments(
+        idx,
+        ["a", "b"],
+        [T, T + 10 * DAY_MS - 2 * DAY_MS],
+        LabelConfig(churn_horizon_ms=DAY_MS, purchase_horizon_ms=DAY_MS),
+        end,
+    )
     assert both.shape == (2, 2) and both.dtype == np.float32
     assert both[0].tolist() == [0.0, 1.0]  # a: an event (the order) within a day, and it is an order
     assert both[1].tolist() == [1.0, 0.0]  # b: its next event is 2 days later, beyond the 1-day churn horizon
@@ -113,7 +129,7 @@ def test_vectorised_labels_match_brute_force_and_are_fast():
     h_c, h_p = 7 * DAY_MS, DAY_MS
     yc = churn_labels(idx, users, times, h_c, end)
     yp = purchase_labels(idx, users, times, h_p, end)
-    for i, (u, t) in enumerate(zip(users, times)):
+    for i, (u, t) in enumerate(zip(users, times, strict=False)):
         later = [e for e in log if e.user_id == u and t < e.ts_ms <= t + h_c]
         orders = [e for e in log if e.user_id == u and e.kind == KIND_ORDER and t < e.ts_ms <= t + h_p]
         if t + h_c > end:
@@ -134,8 +150,19 @@ def test_vectorised_labels_match_brute_force_and_are_fast():
 
 def test_moment_sampler_takes_at_most_one_example_per_shopper_per_gap():
     s = MomentSampler(HOUR_MS)
-    got = [(u, t) for u, t in [("a", T), ("a", T + 10 * MINUTE_MS), ("b", T + MINUTE_MS), ("a", T + HOUR_MS - 1),
-                               ("a", T + HOUR_MS), ("a", T + HOUR_MS + 1), ("a", T + 3 * HOUR_MS)] if s.accept(u, t)]
+    got = [
+        (u, t)
+        for u, t in [
+            ("a", T),
+            ("a", T + 10 * MINUTE_MS),
+            ("b", T + MINUTE_MS),
+            ("a", T + HOUR_MS - 1),
+            ("a", T + HOUR_MS),
+            ("a", T + HOUR_MS + 1),
+            ("a", T + 3 * HOUR_MS),
+        ]
+        if s.accept(u, t)
+    ]
     assert got == [("a", T), ("b", T + MINUTE_MS), ("a", T + HOUR_MS), ("a", T + 3 * HOUR_MS)]
     every = MomentSampler(0)
     assert all(every.accept("a", T) for _ in range(3))
@@ -160,10 +187,19 @@ def test_label_config_validates_and_describes():
 
 
 def test_item_sequences_merge_repeats_and_let_carts_and_orders_weigh_more():
-    log = [view("a", T, "i1"), cart("a", T + 1, "i1"), view("a", T + 2, "i2"), view("a", T + 3, "i2"),
-           cart("a", T + 4, "i2", KIND_CART_REMOVE), view("a", T + 5, "i3"), cart("a", T + 6, "i3"),
-           order("a", T + 7, "i1", "i3", "i9"), view("a", T + 8, "i1"), order("a", T + 9, "i1"),
-           view("b", T + 1, "i5")]
+    log = [
+        view("a", T, "i1"),
+        cart("a", T + 1, "i1"),
+        view("a", T + 2, "i2"),
+        view("a", T + 3, "i2"),
+        cart("a", T + 4, "i2", KIND_CART_REMOVE),
+        view("a", T + 5, "i3"),
+        cart("a", T + 6, "i3"),
+        order("a", T + 7, "i1", "i3", "i9"),
+        view("a", T + 8, "i1"),
+        order("a", T + 9, "i1"),
+        view("b", T + 1, "i5"),
+    ]
     seqs = item_sequences(log)
     a = seqs["a"]
     assert a.items == ["i1", "i2", "i3", "i9", "i1"]
@@ -177,8 +213,16 @@ def test_item_sequences_merge_repeats_and_let_carts_and_orders_weigh_more():
 
 
 def test_next_item_split_uses_only_the_past_as_history():
-    log = [view("a", T, "i1"), view("a", T + 10, "i2"), view("a", T + 20, "i1"), view("a", T + 30, "i3"),
-           view("b", T + 5, "i4"), view("c", T + 25, "i5"), view("d", T, "i6"), view("d", T + 1, "i7")]
+    log = [
+        view("a", T, "i1"),
+        view("a", T + 10, "i2"),
+        view("a", T + 20, "i1"),
+        view("a", T + 30, "i3"),
+        view("b", T + 5, "i4"),
+        view("c", T + 25, "i5"),
+        view("d", T, "i6"),
+        view("d", T + 1, "i7"),
+    ]
     split = next_item_split(item_sequences(log), T + 15)
     assert split.train_users == ["a", "b", "d"]
     assert split.train == [["i1", "i2"], ["i4"], ["i6", "i7"]]

@@ -1,4 +1,5 @@
 """HR@K / NDCG@K / coverage against hand-computed values, history exclusion, ties."""
+
 from __future__ import annotations
 
 import math
@@ -7,8 +8,14 @@ import pytest
 import torch
 
 from models.metrics import (
-    RankingAccumulator, catalogue_coverage, evaluate_full_ranking, expected_hr_ndcg, hit_rate_at_k, mask_scores,
-    ndcg_at_k, top_k_items,
+    RankingAccumulator,
+    catalogue_coverage,
+    evaluate_full_ranking,
+    expected_hr_ndcg,
+    hit_rate_at_k,
+    mask_scores,
+    ndcg_at_k,
+    top_k_items,
 )
 
 torch.set_num_threads(1)

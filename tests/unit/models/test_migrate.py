@@ -1,5 +1,6 @@
 """``shoppulse models migrate``: registries written by the torch.save code convert in place to
 safetensors, keep their versions and current pointers, and serve exactly the same scores."""
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,12 @@ def to_legacy(path: Path) -> Path:
     (path / WEIGHTS_FILE).unlink()
     torch.save(state, path / LEGACY_WEIGHTS)
     meta["format_version"] = 1
-    meta["weights"] = {"file": LEGACY_WEIGHTS, "sha256": sha256_file(path / LEGACY_WEIGHTS),
-                       "bytes": (path / LEGACY_WEIGHTS).stat().st_size, "tensors": len(state)}
+    meta["weights"] = {
+        "file": LEGACY_WEIGHTS,
+        "sha256": sha256_file(path / LEGACY_WEIGHTS),
+        "bytes": (path / LEGACY_WEIGHTS).stat().st_size,
+        "tensors": len(state),
+    }
     (path / "metadata.json").write_text(json.dumps(meta, indent=2, sort_keys=True, allow_nan=False) + "\n")
     return path
 
@@ -56,8 +61,9 @@ def write_pointer(reg: ModelRegistry, model: str, version: str, previous: list[s
 
 def snapshot(root: Path) -> dict[str, bytes]:
     """Every file's bytes but the registry's (empty) lock files."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name != ".lock"}
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".lock"
+    }
 
 
 @pytest.fixture
@@ -103,8 +109,9 @@ def test_migrate_converts_in_place_keeping_versions_pointers_and_scores(legacy_r
     for (model, version), meta in old_meta.items():
         new = reg.describe(model, version)
         assert new["format_version"] == 2 and new["migrated"]["from_weights"] == meta["weights"]
-        assert {k: v for k, v in new.items() if k not in ("format_version", "weights", "migrated")} == \
-            {k: v for k, v in meta.items() if k not in ("format_version", "weights")}
+        assert {k: v for k, v in new.items() if k not in ("format_version", "weights", "migrated")} == {
+            k: v for k, v in meta.items() if k not in ("format_version", "weights")
+        }
 
     x = np.random.default_rng(0).normal(size=(16, DEFAULT_FEATURE_SPEC.dim)).astype(np.float32)
     histories = [["sku1", "sku2"], [], ["sku7", "sku3"]]
@@ -112,8 +119,9 @@ def test_migrate_converts_in_place_keeping_versions_pointers_and_scores(legacy_r
         loaded = ShopperClassifier.load(reg.version_dir(CLASSIFIER_MODEL, version), DEFAULT_FEATURE_SPEC.hash)
         for task, p in loaded.predict_proba(x).items():
             assert np.array_equal(p, classifier.predict_proba(x)[task])
-        recommender = NextItemRecommender.load(reg.version_dir(NEXTITEM_MODEL, version),
-                                               expected_vocab_sha256=VOCAB.sha256())
+        recommender = NextItemRecommender.load(
+            reg.version_dir(NEXTITEM_MODEL, version), expected_vocab_sha256=VOCAB.sha256()
+        )
         assert recommender.recommend(histories, k=4) == rec.recommend(histories, k=4)
     assert models_ready(reg.root)
     assert reg.rollback(CLASSIFIER_MODEL).current == "20261101T000000Z"  # verified and allowed now
@@ -139,8 +147,9 @@ def test_tampered_or_malicious_legacy_weights_are_not_converted(legacy_registry,
     marker = tmp_path / "pwned"
     torch.save({"w": Evil(marker)}, malicious / LEGACY_WEIGHTS)  # with a checksum that matches it
     meta = json.loads((malicious / "metadata.json").read_text())
-    meta["weights"].update(sha256=sha256_file(malicious / LEGACY_WEIGHTS),
-                           bytes=(malicious / LEGACY_WEIGHTS).stat().st_size)
+    meta["weights"].update(
+        sha256=sha256_file(malicious / LEGACY_WEIGHTS), bytes=(malicious / LEGACY_WEIGHTS).stat().st_size
+    )
     (malicious / "metadata.json").write_text(json.dumps(meta))
     untouched = {p: p.read_bytes() for d in (tampered.parent, malicious) for p in d.iterdir()}
 
@@ -184,5 +193,6 @@ def test_a_running_scorer_picks_up_the_migrated_current_versions(legacy_registry
     assert scorer.refresh()
     assert scorer.served == {CLASSIFIER_MODEL: "20261102T000000Z", NEXTITEM_MODEL: "20261102T000000Z"}
     x = np.zeros((3, DEFAULT_FEATURE_SPEC.dim), dtype=np.float32)
-    assert np.array_equal(scorer.classifier.predict_proba(x)["churn"],
-                          models["20261102T000000Z"][0].predict_proba(x)["churn"])
+    assert np.array_equal(
+        scorer.classifier.predict_proba(x)["churn"], models["20261102T000000Z"][0].predict_proba(x)["churn"]
+    )

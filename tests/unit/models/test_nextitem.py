@@ -1,4 +1,5 @@
 """SASRec-CE next-item model: learns a predictable pattern, determinism, cold start, exclusion."""
+
 from __future__ import annotations
 
 import random
@@ -32,8 +33,18 @@ SMALL = dict(num_items=N_ITEMS, max_len=6, dim=16, layers=1, heads=2, ffn_mult=2
 def fast_train(seed: int = 0, epochs: int = 12, **kw):
     seqs = cyclic_sequences(120, 7, seed=1)
     split = leave_one_out([str(i) for i in range(len(seqs))], seqs)
-    tc = TrainConfig(epochs=epochs, batch_size=32, lr=1e-2, weight_decay=0.0, patience=50, seed=seed,
-                     device="cpu", progress=False, label_smoothing=0.0, **kw)
+    tc = TrainConfig(
+        epochs=epochs,
+        batch_size=32,
+        lr=1e-2,
+        weight_decay=0.0,
+        patience=50,
+        seed=seed,
+        device="cpu",
+        progress=False,
+        label_smoothing=0.0,
+        **kw,
+    )
     model, report = train_nextitem(split.train, NextItemConfig(**SMALL), tc, split.valid_input, split.valid_target)
     return model, report, split
 
@@ -60,8 +71,9 @@ def test_early_stopping_stops():
     seqs = [[1, 2, 3, 4]] * 4
     split = leave_one_out(list("abcd"), seqs)
     tc = TrainConfig(epochs=50, patience=2, lr=0.0, device="cpu", progress=False)
-    _, report = train_nextitem(split.train, NextItemConfig(num_items=4, max_len=4, dim=8, layers=1), tc,
-                               split.valid_input, split.valid_target)
+    _, report = train_nextitem(
+        split.train, NextItemConfig(num_items=4, max_len=4, dim=8, layers=1), tc, split.valid_input, split.valid_target
+    )
     assert report.stopped_early and report.epochs_run == 3 and report.best_epoch == 1
 
 
@@ -152,6 +164,6 @@ def test_length_buckets_join_small_groups_into_the_next_longer_ones():
     buckets = length_buckets(histories, max_len=50, min_rows=3)
     widths = {tuple(sorted(int(r) for r in rows)): seqs.shape[1] for rows, seqs in buckets}
     assert widths == {(0, 1, 2, 3): 4, (4, 5, 6): 9, (7,): 50}  # the last group may stay small
-    (rows, seqs), = length_buckets(histories, max_len=50, min_rows=len(histories))
+    ((rows, seqs),) = length_buckets(histories, max_len=50, min_rows=len(histories))
     assert sorted(int(r) for r in rows) == list(range(len(histories))) and seqs.shape == (len(histories), 50)
     assert seqs[0].tolist() == [0] * 50 and seqs[2].tolist() == [0] * 47 + [1] * 3

@@ -1,4 +1,5 @@
 """A promoted model that loads but cannot score is refused; the last good model keeps serving."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -6,9 +7,9 @@ import numpy as np
 from features.spec import DEFAULT_FEATURE_SPEC
 from features.state import ShopperState
 from models.classifiers import ClassifierConfig, MultiTaskMLP, ShopperClassifier
+from models.names import CLASSIFIER_MODEL
 from models.registry import ModelRegistry
 from models.scoring import CHURN, PURCHASE, BatchScorer
-from models.names import CLASSIFIER_MODEL
 
 NOW_MS = 1_760_000_000_000
 

@@ -2,6 +2,7 @@
 
 streams.sim.generator is imported here (tests only); models/ itself never imports streams/.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -51,8 +52,10 @@ def _choose(sharp_mlp: float, sharp_lr: float, shoppers: int) -> dict:
     rng = np.random.default_rng(0)
     y = {t: (rng.random(4 * shoppers) < 0.3).astype(float) for t in TASKS}
     users = {t: np.repeat(np.arange(shoppers), 4) for t in TASKS}
-    p = {"mlp": {t: _probabilities(rng, y[t], sharp_mlp) for t in TASKS},
-         "logistic_regression": {t: _probabilities(rng, y[t], sharp_lr) for t in TASKS}}
+    p = {
+        "mlp": {t: _probabilities(rng, y[t], sharp_mlp) for t in TASKS},
+        "logistic_regression": {t: _probabilities(rng, y[t], sharp_lr) for t in TASKS},
+    }
     return select_classifier("mlp", "logistic_regression", p, y, users, 200, seed=0)
 
 
@@ -67,18 +70,26 @@ def test_classifier_rule_serves_the_mlp_only_when_it_is_clearly_better():
     towards_truth = np.where(users % 2 == 0, 0.65, 0.4)  # probability the MLP gives the true label
     p_mlp = np.where(y == 1, towards_truth, 1 - towards_truth)
     p = {"mlp": {t: p_mlp for t in TASKS}, "logistic_regression": {t: np.full(160, 0.5) for t in TASKS}}
-    noisy = select_classifier("mlp", "logistic_regression", p, {t: y for t in TASKS}, {t: users for t in TASKS},
-                              200, seed=0)
+    noisy = select_classifier(
+        "mlp", "logistic_regression", p, {t: y for t in TASKS}, {t: users for t in TASKS}, 200, seed=0
+    )
     assert noisy["delta_log_loss"] < 0 and noisy["ci95"][0] < 0 < noisy["ci95"][1]
     assert noisy["served"] == "logistic_regression" and "does not exclude zero" in noisy["reason"]
     # without a bootstrap the point estimate decides
-    assert select_classifier("mlp", "logistic_regression", p, {t: y for t in TASKS}, {t: users for t in TASKS},
-                             0, seed=0)["served"] == "mlp"
+    assert (
+        select_classifier("mlp", "logistic_regression", p, {t: y for t in TASKS}, {t: users for t in TASKS}, 0, seed=0)[
+            "served"
+        ]
+        == "mlp"
+    )
 
 
 def test_recommender_rule_picks_the_best_validation_ndcg_and_the_simpler_on_a_tie():
-    valid = {"sasrec": {"HR@10": 0.30, "NDCG@10": 0.20}, "cooccurrence": {"HR@10": 0.35, "NDCG@10": 0.18},
-             "popularity": {"HR@10": 0.9, "NDCG@10": 0.9}}
+    valid = {
+        "sasrec": {"HR@10": 0.30, "NDCG@10": 0.20},
+        "cooccurrence": {"HR@10": 0.35, "NDCG@10": 0.18},
+        "popularity": {"HR@10": 0.9, "NDCG@10": 0.9},
+    }
     chosen = select_recommender(valid, ("cooccurrence", "sasrec"))
     assert chosen["served"] == "sasrec" and set(chosen["valid"]) == set(valid)  # popularity reported, not servable
     valid["cooccurrence"]["NDCG@10"] = 0.25
@@ -92,8 +103,14 @@ def simulated():
     events = list(ShopSimulator(GeneratorConfig(seed=11, n_shoppers=700, n_items=300, duration_days=28)).events())
     cfg = TrainingConfig.quick(device="cpu", progress=False, bootstrap=50, epochs=6, nextitem_epochs=1)
     ex = build_examples(events, cfg.labels, cfg.state)
-    split = make_time_split(ex.observed_from_ms, ex.observed_until_ms, cfg.labels.horizons(), cfg.eval_fraction,
-                            cfg.valid_fraction, cfg.warmup_ms)
+    split = make_time_split(
+        ex.observed_from_ms,
+        ex.observed_until_ms,
+        cfg.labels.horizons(),
+        cfg.eval_fraction,
+        cfg.valid_fraction,
+        cfg.warmup_ms,
+    )
     return events, cfg, ex, split
 
 
@@ -148,8 +165,19 @@ def ring_events(post_split_step: int, shoppers: int = 120, items: int = 30) -> t
     for u in range(shoppers):
         ts, item = T + rng.randint(0, DAY_MS), rng.randrange(items)
         for i in range(16):
-            events.append(Event(KIND_VIEW, f"u{u}-{i}", f"u{u}", ts, session_id=f"s{u}", item_id=f"i{item}",
-                                category="c", price=1.0, quantity=1))
+            events.append(
+                Event(
+                    KIND_VIEW,
+                    f"u{u}-{i}",
+                    f"u{u}",
+                    ts,
+                    session_id=f"s{u}",
+                    item_id=f"i{item}",
+                    category="c",
+                    price=1.0,
+                    quantity=1,
+                )
+            )
             ts += rng.randint(HOUR_MS, 14 * HOUR_MS)
             item = (item + (1 if ts < split_ms else post_split_step)) % items
     return sorted(events, key=lambda e: e.ts_ms), split_ms
@@ -192,8 +220,9 @@ def test_a_blend_of_sasrec_and_cooccurrence_round_trips_and_ranks_by_both(tmp_pa
     vocab = ItemVocab(["a", "b", "c", "d", "e"])
     histories = [[1, 2], [3], []]
     only_cooc = BlendScorer(sasrec, cooc, 0.0).score(histories)
-    assert torch.equal(only_cooc.argsort(dim=1, descending=True)[:, :2],
-                       (cooc.score(histories)).argsort(dim=1, descending=True)[:, :2])
+    assert torch.equal(
+        only_cooc.argsort(dim=1, descending=True)[:, :2], (cooc.score(histories)).argsort(dim=1, descending=True)[:, :2]
+    )
     mixed = BlendScorer(sasrec, cooc, 0.5).score(histories)
     np.testing.assert_allclose(mixed[:, 1:].sum(dim=1).numpy(), 1.0, rtol=1e-5)  # a mix of two distributions
     rec = BlendItemRecommender(BlendScorer(sasrec, cooc, 0.5), vocab)
@@ -210,8 +239,12 @@ def test_the_selection_benchmark_reports_every_candidate_and_marks_the_served_on
 
     events, _ = ring_events(post_split_step=1)
     path = tmp_path / "ring.jsonl"
-    path.write_text("".join(json.dumps({"topic_kind": topic_kind_of(e), "key": e.user_id,
-                                        "value": encode_event(e).decode()}) + "\n" for e in events))
+    path.write_text(
+        "".join(
+            json.dumps({"topic_kind": topic_kind_of(e), "key": e.user_id, "value": encode_event(e).decode()}) + "\n"
+            for e in events
+        )
+    )
     bench = tmp_path / "BENCHMARKS.md"
     argv = ["--events", str(path), "--name", "ring", "--quick", "--nextitem-epochs", "1", "--benchmarks", str(bench)]
     assert main(argv) == 0
@@ -246,8 +279,9 @@ def test_a_cooccurrence_artifact_with_indices_outside_its_catalogue_is_refused(t
     tensors = cooc.tensors()
     tensors["ct_indices"] = tensors["ct_indices"].clone()
     tensors["ct_indices"][0, 0] = 99  # consistent checksums, impossible content
-    path = save_artifact(tmp_path / "bad", tensors, kind=COOCCURRENCE_KIND, version="v1", config=cooc.config(),
-                         vocab=["a", "b", "c"])
+    path = save_artifact(
+        tmp_path / "bad", tensors, kind=COOCCURRENCE_KIND, version="v1", config=cooc.config(), vocab=["a", "b", "c"]
+    )
     with pytest.raises(ArtifactError, match="does not match the nextitem-cooccurrence model code"):
         load_recommender(path)
     with pytest.raises(ArtifactError, match="not a next-item recommender"):

@@ -1,5 +1,6 @@
 """Serving never imports training: a fresh interpreter that loads the worker's model code
 holds none of the training modules (replay, labels, baselines, the training package)."""
+
 from __future__ import annotations
 
 import json
@@ -11,14 +12,24 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[3]
 #: Modules only training, evaluation and reports need.
-TRAINING_ONLY = ("models.training", "models.labels", "models.baselines", "models.report", "models.train_cli",
-                 "models.bench_nextitem", "features.offline", "sklearn")
+TRAINING_ONLY = (
+    "models.training",
+    "models.labels",
+    "models.baselines",
+    "models.report",
+    "models.train_cli",
+    "models.bench_nextitem",
+    "features.offline",
+    "sklearn",
+)
 
 
 def modules_after_importing(*names: str) -> set[str]:
     """``sys.modules`` of a new interpreter after importing ``names`` (this process has imported everything)."""
-    code = f"import importlib, json, sys\nfor n in {list(names)!r}: importlib.import_module(n)\n" \
-           "print(json.dumps(sorted(sys.modules)))"
+    code = (
+        f"import importlib, json, sys\nfor n in {list(names)!r}: importlib.import_module(n)\n"
+        "print(json.dumps(sorted(sys.modules)))"
+    )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     return set(json.loads(done.stdout.strip().splitlines()[-1]))

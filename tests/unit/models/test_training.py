@@ -2,6 +2,7 @@
 
 streams.sim.generator is imported here (tests only); models/ itself never imports streams/.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,10 +20,10 @@ from models.artifacts import ArtifactError, load_artifact
 from models.binary_metrics import RankedScores, roc_auc
 from models.classifiers import ShopperClassifier
 from models.labels import MOMENT_EVENT, MOMENT_SWEEP, TASKS, LabelConfig
+from models.names import CLASSIFIER_MODEL, NEXTITEM_MODEL
 from models.recommenders import load_recommender
 from models.registry import ModelRegistry
 from models.train_cli import main, models_main, read_events_jsonl
-from models.names import CLASSIFIER_MODEL, NEXTITEM_MODEL
 from models.training import (
     TrainingConfig,
     build_examples,
@@ -46,11 +47,31 @@ def shop_log(seed: int, users: int = 8, per_user: int = 40) -> list[Event]:
             kind = rng.choices((KIND_VIEW, KIND_CART_ADD, KIND_ORDER), (70, 20, 10))[0]
             item = f"i{rng.randint(0, 9)}"
             if kind == KIND_ORDER:
-                events.append(Event(kind, f"u{u}-e{i}", f"u{u}", ts, order_id=f"o{u}-{i}",
-                                    order_lines=(OrderLine(item, 1, 9.5),), total=9.5))
+                events.append(
+                    Event(
+                        kind,
+                        f"u{u}-e{i}",
+                        f"u{u}",
+                        ts,
+                        order_id=f"o{u}-{i}",
+                        order_lines=(OrderLine(item, 1, 9.5),),
+                        total=9.5,
+                    )
+                )
             else:
-                events.append(Event(kind, f"u{u}-e{i}", f"u{u}", ts, session_id=f"s{u}", item_id=item,
-                                    category=f"c{item[-1]}", price=9.5, quantity=1))
+                events.append(
+                    Event(
+                        kind,
+                        f"u{u}-e{i}",
+                        f"u{u}",
+                        ts,
+                        session_id=f"s{u}",
+                        item_id=item,
+                        category=f"c{item[-1]}",
+                        price=9.5,
+                        quantity=1,
+                    )
+                )
     events.append(events[5])  # a duplicate delivery
     return events
 
@@ -124,8 +145,14 @@ def test_mlp_beats_the_rule_and_matches_logistic_regression_on_simulated_shopper
     events = list(ShopSimulator(GeneratorConfig(seed=11, n_shoppers=1500, duration_days=28)).events())
     cfg = TrainingConfig.quick(device="cpu", progress=False, bootstrap=0)
     ex = build_examples(events, cfg.labels, cfg.state)
-    split = make_time_split(ex.observed_from_ms, ex.observed_until_ms, cfg.labels.horizons(), cfg.eval_fraction,
-                            cfg.valid_fraction, cfg.warmup_ms)
+    split = make_time_split(
+        ex.observed_from_ms,
+        ex.observed_until_ms,
+        cfg.labels.horizons(),
+        cfg.eval_fraction,
+        cfg.valid_fraction,
+        cfg.warmup_ms,
+    )
     model, info = fit_and_evaluate_classifiers(ex, split, cfg, DEFAULT_FEATURE_SPEC)
     for task in TASKS:
         m = info["metrics"][task]
@@ -146,9 +173,30 @@ def test_mlp_beats_the_rule_and_matches_logistic_regression_on_simulated_shopper
 def test_shoppulse_train_registers_loadable_artifacts_and_writes_the_report(tmp_path, capsys):
     reg, rep = tmp_path / "registry", tmp_path / "report"
     assert not models_ready(reg)
-    argv = ["--simulate", "400", "--days", "21", "--quick", "--seed", "3", "--registry", str(reg), "--report",
-            str(rep), "--epochs", "4", "--nextitem-epochs", "1", "--device", "cpu", "--no-progress",
-            "--version", "v1", "--items", "400"]
+    argv = [
+        "--simulate",
+        "400",
+        "--days",
+        "21",
+        "--quick",
+        "--seed",
+        "3",
+        "--registry",
+        str(reg),
+        "--report",
+        str(rep),
+        "--epochs",
+        "4",
+        "--nextitem-epochs",
+        "1",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--version",
+        "v1",
+        "--items",
+        "400",
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "CHURN" in out and "PURCHASE" in out and "NEXT ITEM" in out and "verdict" in out
@@ -210,11 +258,14 @@ def test_cli_needs_an_event_source_and_reads_our_jsonl(tmp_path, capsys):
     path = tmp_path / "events.jsonl"
     with open(path, "w") as fh:
         for e in events:
-            fh.write(json.dumps({"topic_kind": topic_kind_of(e), "key": e.user_id,
-                                 "value": encode_event(e).decode()}) + "\n")
+            fh.write(
+                json.dumps({"topic_kind": topic_kind_of(e), "key": e.user_id, "value": encode_event(e).decode()}) + "\n"
+            )
         fh.write(json.dumps({"topic_kind": "page_view", "key": "u0", "value": "{not json"}) + "\n")
-        fh.write(json.dumps({"topic_kind": "page_view", "key": "someone-else",
-                             "value": encode_event(events[0]).decode()}) + "\n")
+        fh.write(
+            json.dumps({"topic_kind": "page_view", "key": "someone-else", "value": encode_event(events[0]).decode()})
+            + "\n"
+        )
         fh.write("not a record\n\n")
     got, stats = read_events_jsonl(path)
     assert got == events and stats["valid"] == len(events) and stats["lines"] == len(events) + 3

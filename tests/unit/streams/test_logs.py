@@ -1,5 +1,6 @@
 """SHOPPULSE_LOG_FORMAT: text for people, one JSON object per line for collectors, for the tools
 and (through mode's own logging set-up, run here for real) for the worker."""
+
 from __future__ import annotations
 
 import datetime as dt

@@ -1,4 +1,5 @@
 """The accounting checker's rules, on hand-made inputs and outputs (no Kafka)."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,15 @@ VIEWS = "shop.page_views"
 
 
 def view(user: str, event_id: str, ts: int, price: float = 9.5) -> Produced:
-    doc = {"event_id": event_id, "user_id": user, "ts": ts, "session_id": "s", "item_id": "i1",
-           "category": "toys", "price": price}
+    doc = {
+        "event_id": event_id,
+        "user_id": user,
+        "ts": ts,
+        "session_id": "s",
+        "item_id": "i1",
+        "category": "toys",
+        "price": price,
+    }
     return Produced(VIEWS, "page_view", user.encode(), json.dumps(doc).encode())
 
 
@@ -32,8 +40,13 @@ def expected(messages: list[Produced]) -> Expected:
 
 def test_everything_accounted_and_a_later_score_covers_earlier_events():
     scores = [Score("u1", "e2", NOW_MS - 2000), Score("u2", "e3", NOW_MS - 1000)]  # e1 covered by e2's score
-    report = account(expected(GOOD + [NEGATIVE, TRUNCATED]), scores,
-                     [dead(NEGATIVE, REASON_NEGATIVE_PRICE), dead(TRUNCATED, REASON_BAD_JSON)], [], COOLDOWN_MS)
+    report = account(
+        expected(GOOD + [NEGATIVE, TRUNCATED]),
+        scores,
+        [dead(NEGATIVE, REASON_NEGATIVE_PRICE), dead(TRUNCATED, REASON_BAD_JSON)],
+        [],
+        COOLDOWN_MS,
+    )
     assert report.ok, report.summary()
     assert (report.events_in, report.valid_events, report.scored) == (5, 3, 3)
     assert (report.invalid_events, report.dead_lettered) == (2, 2)
@@ -46,8 +59,9 @@ def test_a_missing_score_is_unaccounted():
 
 
 def test_a_score_before_the_event_does_not_cover_it():
-    report = account(expected(GOOD), [Score("u1", "e1", NOW_MS - 3000), Score("u2", "e3", NOW_MS - 1000)], [], [],
-                     COOLDOWN_MS)
+    report = account(
+        expected(GOOD), [Score("u1", "e1", NOW_MS - 3000), Score("u2", "e3", NOW_MS - 1000)], [], [], COOLDOWN_MS
+    )
     assert [line.split(" of ")[0] for line in report.unaccounted] == ["valid event e2"], report.summary()
 
 
@@ -97,12 +111,17 @@ def test_a_second_alert_within_the_cooldown_is_a_failure():
     after_cooldown = Alert("u1", "u1:e9", NOW_MS + COOLDOWN_MS)
     assert account(expected([]), [], [], [first, after_cooldown], COOLDOWN_MS).ok
     report = account(expected([]), [], [], [after_cooldown, replay, first], COOLDOWN_MS)
-    assert not report.ok and len(report.duplicate_alerts) == 1 and "u1:e1 fired 5 ms" in report.duplicate_alerts[0], \
+    assert not report.ok and len(report.duplicate_alerts) == 1 and "u1:e1 fired 5 ms" in report.duplicate_alerts[0], (
         report.summary()
+    )
 
 
 def test_dead_letter_headers_are_read_by_name():
-    headers = [("shoppulse.dlq.source_topic", b"shop.cart"), ("shoppulse.dlq.reason", b"bad_json"),
-               ("shoppulse.dlq.detail", b"broken"), ("other", None)]
+    headers = [
+        ("shoppulse.dlq.source_topic", b"shop.cart"),
+        ("shoppulse.dlq.reason", b"bad_json"),
+        ("shoppulse.dlq.detail", b"broken"),
+        ("other", None),
+    ]
     record = dead_letter_of(b"k", b"v", headers)
     assert record == DeadLetterRecord("shop.cart", b"k", b"v", "bad_json", "broken")

@@ -7,6 +7,7 @@ line. The embedded broker speaks no TLS, so the TLS handshakes themselves (serve
 client certificates) are made against a plain TLS listener on 127.0.0.1: real handshakes, no
 Kafka behind them.
 """
+
 from __future__ import annotations
 
 import os
@@ -17,8 +18,8 @@ import ssl
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import faust
 import pytest
@@ -27,7 +28,6 @@ from confluent_kafka.admin import AdminClient
 from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
 
 from streams.config import ConfigError, Settings
-from streams.sim.generator import GeneratedMessage
 from streams.kafka.clients import (
     KafkaSetupError,
     admin_client,
@@ -39,14 +39,20 @@ from streams.kafka.clients import (
     faust_ssl_context,
 )
 from streams.kafka.producer import produce
+from streams.sim.generator import GeneratedMessage
 
 ROOT = Path(__file__).resolve().parents[4]
 #: Nobody listens here: clients are created, never connected.
 NOWHERE = "127.0.0.1:9"
 PASSWORD = "pw-never-logged-7f3a"
-LIMITS = {"SHOPPULSE_KAFKA_MAX_MESSAGE_BYTES": "200000", "SHOPPULSE_KAFKA_FETCH_MAX_BYTES": "4000000",
-          "SHOPPULSE_KAFKA_MAX_PARTITION_FETCH_BYTES": "300000", "SHOPPULSE_KAFKA_MAX_POLL_RECORDS": "250",
-          "SHOPPULSE_KAFKA_PRODUCER_BUFFER_KBYTES": "2048", "SHOPPULSE_KAFKA_PRODUCER_BUFFER_MESSAGES": "5000"}
+LIMITS = {
+    "SHOPPULSE_KAFKA_MAX_MESSAGE_BYTES": "200000",
+    "SHOPPULSE_KAFKA_FETCH_MAX_BYTES": "4000000",
+    "SHOPPULSE_KAFKA_MAX_PARTITION_FETCH_BYTES": "300000",
+    "SHOPPULSE_KAFKA_MAX_POLL_RECORDS": "250",
+    "SHOPPULSE_KAFKA_PRODUCER_BUFFER_KBYTES": "2048",
+    "SHOPPULSE_KAFKA_PRODUCER_BUFFER_MESSAGES": "5000",
+}
 
 
 def make_certificate(folder: Path, name: str) -> tuple[str, str]:
@@ -57,9 +63,31 @@ def make_certificate(folder: Path, name: str) -> tuple[str, str]:
             pytest.fail("openssl is not installed; `make test` installs it (Debian package `openssl`)")
         pytest.skip("the openssl command line is not installed (apt-get install openssl; `make test` installs it)")
     cert, key = folder / f"{name}.pem", folder / f"{name}.key"
-    subprocess.run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-                    "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", f"/CN={name}",
-                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        [
+            openssl,
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            f"/CN={name}",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     return str(cert), str(key)
 
 
@@ -119,30 +147,53 @@ class TlsListener:
 @pytest.fixture
 def listener(tls_files) -> Iterator[TlsListener]:
     """Presents the test certificate; requires a client certificate the test CA signed."""
-    server = TlsListener(tls_files["KAFKA_SSL_CERTFILE"], tls_files["KAFKA_SSL_KEYFILE"],
-                         client_ca=tls_files["KAFKA_SSL_CAFILE"])
+    server = TlsListener(
+        tls_files["KAFKA_SSL_CERTFILE"], tls_files["KAFKA_SSL_KEYFILE"], client_ca=tls_files["KAFKA_SSL_CAFILE"]
+    )
     yield server
     server.close()
 
 
 def secured(tls_files: dict[str, str], protocol: str = "SASL_SSL", **extra: str) -> Settings:
     sasl = {"KAFKA_SASL_MECHANISM": "SCRAM-SHA-512", "KAFKA_SASL_USERNAME": "svc", "KAFKA_SASL_PASSWORD": PASSWORD}
-    return Settings.from_env({"KAFKA_BOOTSTRAP_SERVERS": NOWHERE, "KAFKA_SECURITY_PROTOCOL": protocol,
-                              **(sasl if protocol.startswith("SASL") else {}), **tls_files, **LIMITS, **extra})
+    return Settings.from_env(
+        {
+            "KAFKA_BOOTSTRAP_SERVERS": NOWHERE,
+            "KAFKA_SECURITY_PROTOCOL": protocol,
+            **(sasl if protocol.startswith("SASL") else {}),
+            **tls_files,
+            **LIMITS,
+            **extra,
+        }
+    )
 
 
 def test_confluent_clients_get_security_and_limits(tls_files):
     settings = secured(tls_files)
-    security = {"bootstrap.servers": NOWHERE, "security.protocol": "SASL_SSL", "sasl.mechanism": "SCRAM-SHA-512",
-                "sasl.username": "svc", "sasl.password": PASSWORD, "ssl.ca.location": tls_files["KAFKA_SSL_CAFILE"],
-                "ssl.certificate.location": tls_files["KAFKA_SSL_CERTFILE"],
-                "ssl.key.location": tls_files["KAFKA_SSL_KEYFILE"]}
+    security = {
+        "bootstrap.servers": NOWHERE,
+        "security.protocol": "SASL_SSL",
+        "sasl.mechanism": "SCRAM-SHA-512",
+        "sasl.username": "svc",
+        "sasl.password": PASSWORD,
+        "ssl.ca.location": tls_files["KAFKA_SSL_CAFILE"],
+        "ssl.certificate.location": tls_files["KAFKA_SSL_CERTFILE"],
+        "ssl.key.location": tls_files["KAFKA_SSL_KEYFILE"],
+    }
     assert confluent_admin_config(settings) == {**security, "log_level": 3}
-    assert confluent_producer_config(settings) == {**security, "message.max.bytes": 200000,
-                                                   "queue.buffering.max.kbytes": 2048,
-                                                   "queue.buffering.max.messages": 5000}
-    assert confluent_consumer_config(settings, "g1") == {**security, "group.id": "g1", "message.max.bytes": 200000,
-                                                         "fetch.max.bytes": 4000000, "max.partition.fetch.bytes": 300000}
+    assert confluent_producer_config(settings) == {
+        **security,
+        "message.max.bytes": 200000,
+        "queue.buffering.max.kbytes": 2048,
+        "queue.buffering.max.messages": 5000,
+    }
+    assert confluent_consumer_config(settings, "g1") == {
+        **security,
+        "group.id": "g1",
+        "message.max.bytes": 200000,
+        "fetch.max.bytes": 4000000,
+        "max.partition.fetch.bytes": 300000,
+    }
     plain = Settings.from_env({})
     assert "sasl.password" not in confluent_producer_config(plain)
     assert confluent_producer_config(plain)["security.protocol"] == "PLAINTEXT"
@@ -171,8 +222,9 @@ def test_a_full_producer_buffer_makes_send_wait():
 def test_a_message_over_the_size_limit_is_refused_before_it_is_sent():
     settings = Settings.from_env({"KAFKA_BOOTSTRAP_SERVERS": NOWHERE, "SHOPPULSE_KAFKA_MAX_MESSAGE_BYTES": "1000"})
     big = GeneratedMessage(topic_kind="page_view", key=b"u1", value=b"x" * 2000)
-    report = produce([big], settings.topic_by_kind, {**confluent_producer_config(settings), "log_level": 0},
-                     flush_timeout_s=1.0)
+    report = produce(
+        [big], settings.topic_by_kind, {**confluent_producer_config(settings), "log_level": 0}, flush_timeout_s=1.0
+    )
     assert (report.sent, report.delivered, report.errors) == (1, 0, {"MSG_SIZE_TOO_LARGE": 1})
 
 
@@ -180,17 +232,23 @@ def test_faust_gets_credentials_tls_and_limits(tls_files):
     settings = secured(tls_files)
     options = faust_client_settings(settings)
     auth = credentials_to_aiokafka_auth(options["broker_credentials"])  # what Faust hands aiokafka
-    assert {k: auth[k] for k in ("security_protocol", "sasl_mechanism", "sasl_plain_username",
-                                 "sasl_plain_password")} == {"security_protocol": "SASL_SSL",
-                                                             "sasl_mechanism": "SCRAM-SHA-512",
-                                                             "sasl_plain_username": "svc",
-                                                             "sasl_plain_password": PASSWORD}
+    assert {
+        k: auth[k] for k in ("security_protocol", "sasl_mechanism", "sasl_plain_username", "sasl_plain_password")
+    } == {
+        "security_protocol": "SASL_SSL",
+        "sasl_mechanism": "SCRAM-SHA-512",
+        "sasl_plain_username": "svc",
+        "sasl_plain_password": PASSWORD,
+    }
     context = auth["ssl_context"]
     assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
     assert len(context.get_ca_certs()) == 1, "verifies the brokers against KAFKA_SSL_CAFILE"
     conf = faust.App("limits-test", broker=f"kafka://{NOWHERE}", **options).conf
-    assert (conf.producer_max_request_size, conf.consumer_max_fetch_size, conf.broker_max_poll_records) == \
-        (200000, 300000, 250)
+    assert (conf.producer_max_request_size, conf.consumer_max_fetch_size, conf.broker_max_poll_records) == (
+        200000,
+        300000,
+        250,
+    )
 
     tls_only = faust_client_settings(secured(tls_files, protocol="SSL"))
     assert credentials_to_aiokafka_auth(tls_only["broker_credentials"])["security_protocol"] == "SSL"
@@ -206,8 +264,9 @@ def test_unreadable_tls_files_name_the_variables(tls_files, tmp_path):
 
 
 def test_mutual_tls_handshakes_with_the_configured_files(tls_files, listener):
-    settings = Settings.from_env({"KAFKA_BOOTSTRAP_SERVERS": listener.address, "KAFKA_SECURITY_PROTOCOL": "SSL",
-                                  **tls_files})
+    settings = Settings.from_env(
+        {"KAFKA_BOOTSTRAP_SERVERS": listener.address, "KAFKA_SECURITY_PROTOCOL": "SSL", **tls_files}
+    )
     admin = admin_client(settings)
     for _ in range(10):
         try:
@@ -216,8 +275,9 @@ def test_mutual_tls_handshakes_with_the_configured_files(tls_files, listener):
             pass
         if listener.client_certs:
             break
-    assert listener.client_certs and ((("commonName", "shoppulse-test"),),) == listener.client_certs[0]["subject"], \
+    assert listener.client_certs and ((("commonName", "shoppulse-test"),),) == listener.client_certs[0]["subject"], (
         "librdkafka verified the listener against KAFKA_SSL_CAFILE and showed KAFKA_SSL_CERTFILE"
+    )
     assert not admin.security_errors
 
     listener.client_certs.clear()
@@ -229,11 +289,19 @@ def test_mutual_tls_handshakes_with_the_configured_files(tls_files, listener):
 
 def test_brokers_another_ca_signed_are_refused_fast(tls_files, listener, tmp_path):
     other_ca, _ = make_certificate(tmp_path, "someone-else")
-    settings = Settings.from_env({"KAFKA_BOOTSTRAP_SERVERS": listener.address, "KAFKA_SECURITY_PROTOCOL": "SSL",
-                                  **tls_files, "KAFKA_SSL_CAFILE": other_ca})
+    settings = Settings.from_env(
+        {
+            "KAFKA_BOOTSTRAP_SERVERS": listener.address,
+            "KAFKA_SECURITY_PROTOCOL": "SSL",
+            **tls_files,
+            "KAFKA_SSL_CAFILE": other_ca,
+        }
+    )
     started = time.monotonic()
-    with pytest.raises(KafkaSetupError, match="certificate verify failed.*check that the brokers listen with that "
-                                              "protocol, and KAFKA_SSL_CAFILE"):
+    with pytest.raises(
+        KafkaSetupError,
+        match="certificate verify failed.*check that the brokers listen with that protocol, and KAFKA_SSL_CAFILE",
+    ):
         cluster_metadata(settings)
     assert time.monotonic() - started < 3.0
     host, port = listener.address.split(":")
@@ -246,12 +314,19 @@ def test_brokers_another_ca_signed_are_refused_fast(tls_files, listener, tmp_pat
 def test_the_worker_builds_faust_from_faust_client_settings(tls_files, tmp_path):
     from streams.worker.app import ScoringWorker
 
-    settings = secured(tls_files, SHOPPULSE_BROKER_PROFILE="kafka", SHOPPULSE_DATA_DIR=str(tmp_path / "data"),
-                       SHOPPULSE_MODELS_DIR=str(tmp_path / "models"))
+    settings = secured(
+        tls_files,
+        SHOPPULSE_BROKER_PROFILE="kafka",
+        SHOPPULSE_DATA_DIR=str(tmp_path / "data"),
+        SHOPPULSE_MODELS_DIR=str(tmp_path / "models"),
+    )
     conf = ScoringWorker(settings).app.conf
     assert conf.broker_credentials.username == "svc"
-    assert (conf.producer_max_request_size, conf.consumer_max_fetch_size, conf.broker_max_poll_records) == \
-        (200000, 300000, 250)
+    assert (conf.producer_max_request_size, conf.consumer_max_fetch_size, conf.broker_max_poll_records) == (
+        200000,
+        300000,
+        250,
+    )
 
 
 @pytest.mark.parametrize("standby_replicas", ["0", "1"])
@@ -259,17 +334,29 @@ def test_the_worker_gives_faust_the_configured_standby_replicas(tmp_path, standb
     """Standbys double the table work with two workers (BENCHMARKS.md), so the setting must reach Faust."""
     from streams.worker.app import ScoringWorker
 
-    settings = Settings.from_env({"SHOPPULSE_STANDBY_REPLICAS": standby_replicas, "SHOPPULSE_BROKER_PROFILE": "kafka",
-                                  "SHOPPULSE_DATA_DIR": str(tmp_path / "data"),
-                                  "SHOPPULSE_MODELS_DIR": str(tmp_path / "models")})
+    settings = Settings.from_env(
+        {
+            "SHOPPULSE_STANDBY_REPLICAS": standby_replicas,
+            "SHOPPULSE_BROKER_PROFILE": "kafka",
+            "SHOPPULSE_DATA_DIR": str(tmp_path / "data"),
+            "SHOPPULSE_MODELS_DIR": str(tmp_path / "models"),
+        }
+    )
     assert ScoringWorker(settings).app.conf.table_standby_replicas == int(standby_replicas)
 
 
 def test_only_streams_kafka_turns_settings_into_client_settings():
     """A client built from ``Settings.librdkafka_config()`` directly would miss the limits."""
     allowed = {ROOT / "streams" / "config.py", ROOT / "streams" / "kafka" / "clients.py"}
-    offenders = [f"{path.relative_to(ROOT)}:{n}" for folder in ("streams", "bench") for path in (ROOT / folder).rglob("*.py")
-                 if path not in allowed
-                 for n, line in enumerate(path.read_text().splitlines(), 1) if re.search(r"\.librdkafka_config\(", line)]
-    assert not offenders, (f"{offenders} build client settings from librdkafka_config(); use "
-                           "streams.kafka.clients.confluent_producer_config / confluent_consumer_config / confluent_admin_config")
+    offenders = [
+        f"{path.relative_to(ROOT)}:{n}"
+        for folder in ("streams", "bench")
+        for path in (ROOT / folder).rglob("*.py")
+        if path not in allowed
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if re.search(r"\.librdkafka_config\(", line)
+    ]
+    assert not offenders, (
+        f"{offenders} build client settings from librdkafka_config(); use "
+        "streams.kafka.clients.confluent_producer_config / confluent_consumer_config / confluent_admin_config"
+    )

@@ -1,4 +1,5 @@
 """The synthetic shop: determinism, time order, funnel, carts, churn, invalid messages, speed."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -132,8 +133,9 @@ def test_live_clock_stamps_wall_time_and_keeps_the_content() -> None:
     stamps = [event.ts_ms for event in live]
     assert stamps == sorted(stamps) and before_ms <= stamps[0] and stamps[-1] <= after_ms
     simulated = ShopSimulator(SMALL).events(2000)
-    assert [dataclasses.replace(event, ts_ms=0) for event in live] == \
-        [dataclasses.replace(event, ts_ms=0) for event in simulated]
+    assert [dataclasses.replace(event, ts_ms=0) for event in live] == [
+        dataclasses.replace(event, ts_ms=0) for event in simulated
+    ]
 
 
 def test_config_rejects_impossible_values() -> None:

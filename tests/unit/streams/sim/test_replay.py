@@ -1,4 +1,5 @@
 """Replay of real and recorded events: REES46, OTTO, our JSONL, time rebasing and pacing."""
+
 from __future__ import annotations
 
 import csv
@@ -32,8 +33,10 @@ OTTO_JSONL = DATA_DIR / "otto-sample" / "train.jsonl"
 
 def _require(path: Path) -> Path:
     if not path.is_file():
-        pytest.skip(f"shared sample {path} is missing: the real-data samples live in ../shared/data "
-                    "next to the repository (see its README.md)")
+        pytest.skip(
+            f"shared sample {path} is missing: the real-data samples live in ../shared/data "
+            "next to the repository (see its README.md)"
+        )
     return path
 
 
@@ -52,8 +55,9 @@ def test_rees46_sample_parses_fully_into_valid_events() -> None:
         rows = list(csv.DictReader(source))
     events = list(read_rees46_csv(path))
     assert len(events) == len(rows)
-    file_kinds = Counter({"view": KIND_VIEW, "cart": KIND_CART_ADD, "purchase": KIND_ORDER}[row["event_type"]]
-                         for row in rows)
+    file_kinds = Counter(
+        {"view": KIND_VIEW, "cart": KIND_CART_ADD, "purchase": KIND_ORDER}[row["event_type"]] for row in rows
+    )
     assert Counter(event.kind for event in events) == file_kinds
     _assert_round_trips(events)
     assert events == list(read_rees46_csv(path)), "event ids are deterministic"
@@ -69,9 +73,11 @@ def test_rees46_sample_parses_fully_into_valid_events() -> None:
 
 def test_rees46_reports_the_line_of_a_bad_row(tmp_path: Path) -> None:
     path = tmp_path / "bad.csv"
-    path.write_text("event_time,event_type,product_id,category_id,category_code,brand,price,user_id,user_session\n"
-                    "2019-10-01 00:00:00 UTC,view,1,2,,,1.0,3,s\n"
-                    "2019-10-01 00:00:01 CET,view,1,2,,,1.0,3,s\n")
+    path.write_text(
+        "event_time,event_type,product_id,category_id,category_code,brand,price,user_id,user_session\n"
+        "2019-10-01 00:00:00 UTC,view,1,2,,,1.0,3,s\n"
+        "2019-10-01 00:00:01 CET,view,1,2,,,1.0,3,s\n"
+    )
     with pytest.raises(ValueError, match=r"bad.csv:3: .*not in UTC"):
         list(read_rees46_csv(path))
 
@@ -80,8 +86,9 @@ def test_otto_sample_parses_fully_into_valid_events() -> None:
     path = _require(OTTO_JSONL)
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     source_kinds = Counter(item["type"] for record in records for item in record["events"])
-    order_groups = {(record["session"], item["ts"]) for record in records for item in record["events"]
-                    if item["type"] == "orders"}
+    order_groups = {
+        (record["session"], item["ts"]) for record in records for item in record["events"] if item["type"] == "orders"
+    }
     events = list(read_otto_jsonl(path))
     kinds = Counter(event.kind for event in events)
     assert kinds[KIND_VIEW] == source_kinds["clicks"] and kinds[KIND_CART_ADD] == source_kinds["carts"]
@@ -114,10 +121,10 @@ def test_rebase_keeps_the_gaps() -> None:
     now_ms = time.time_ns() // 1_000_000
     rebased = list(rebase_times(events, now_ms - span_ms))
     assert rebased[0].ts_ms == now_ms - span_ms and rebased[-1].ts_ms == now_ms
-    assert [b.ts_ms - a.ts_ms for a, b in pairwise(rebased)] == \
-        [b.ts_ms - a.ts_ms for a, b in pairwise(events)]
-    assert [dataclasses.replace(event, ts_ms=0) for event in rebased] == \
-        [dataclasses.replace(event, ts_ms=0) for event in events]
+    assert [b.ts_ms - a.ts_ms for a, b in pairwise(rebased)] == [b.ts_ms - a.ts_ms for a, b in pairwise(events)]
+    assert [dataclasses.replace(event, ts_ms=0) for event in rebased] == [
+        dataclasses.replace(event, ts_ms=0) for event in events
+    ]
     unsorted = list(read_otto_jsonl(OTTO_JSONL))
     shifted = list(rebase_times(unsorted, 0, origin_ms=events[0].ts_ms))
     assert min(event.ts_ms for event in shifted) == 0

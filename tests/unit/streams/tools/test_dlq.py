@@ -1,5 +1,6 @@
 """The dead-letter replay's selection and planning (streams/tools/dlq.py), on dead letters made by the
 worker's own :meth:`DeadLetter.record`, so the reader stays tied to the headers the worker writes."""
+
 from __future__ import annotations
 
 import argparse
@@ -19,8 +20,14 @@ from streams.worker.pipeline import DEAD_LETTER_FRAMING_BYTES, DeadLetter, Input
 FAILED_AT_MS = 1_764_700_000_000
 
 
-def stored(reason: str = "oversized", topic: str = "shop.page_views", value: bytes | None = b'{"ts": 5}',
-           offset: int = 0, failed_at_ms: int = FAILED_AT_MS, max_message_bytes: int = 1 << 20) -> StoredDeadLetter:
+def stored(
+    reason: str = "oversized",
+    topic: str = "shop.page_views",
+    value: bytes | None = b'{"ts": 5}',
+    offset: int = 0,
+    failed_at_ms: int = FAILED_AT_MS,
+    max_message_bytes: int = 1 << 20,
+) -> StoredDeadLetter:
     """A dead letter as the worker writes it (value and headers), read back at dead-letter offset ``offset``."""
     source = InputMessage(topic, 2, 100 + offset, b"u-1", value)
     record_value, headers = DeadLetter(source, reason, "why").record(failed_at_ms, max_message_bytes)
@@ -31,8 +38,13 @@ def stored(reason: str = "oversized", topic: str = "shop.page_views", value: byt
 
 def test_headers_of_the_worker_are_read_back():
     dead = stored(reason="ts_in_future", offset=7)
-    assert (dead.reason, dead.source_topic, dead.source_partition, dead.source_offset, dead.failed_at_ms) == \
-        ("ts_in_future", "shop.page_views", 2, 107, FAILED_AT_MS)
+    assert (dead.reason, dead.source_topic, dead.source_partition, dead.source_offset, dead.failed_at_ms) == (
+        "ts_in_future",
+        "shop.page_views",
+        2,
+        107,
+        FAILED_AT_MS,
+    )
     assert dead.ref == "dlq:1:7" and dead.source == "shop.page_views[2]@107"
     assert dead.truncated_from is None and dead.key == b"u-1" and dead.value == b'{"ts": 5}'
 
@@ -43,11 +55,21 @@ def test_a_cut_value_is_marked_with_its_original_length():
     assert dead.truncated_from == len(value) and len(dead.value or b"") < len(value)
 
 
-@pytest.mark.parametrize("headers", [[], [("shoppulse.dlq.reason", b"bad_json")],
-                                     [("shoppulse.dlq.reason", b"x"), ("shoppulse.dlq.source_topic", b"t"),
-                                      ("shoppulse.dlq.source_partition", b"zero"),
-                                      ("shoppulse.dlq.source_offset", b"1"), ("shoppulse.dlq.failed_at_ms", b"2")]],
-                         ids=["none", "reason-only", "partition-not-a-number"])
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [],
+        [("shoppulse.dlq.reason", b"bad_json")],
+        [
+            ("shoppulse.dlq.reason", b"x"),
+            ("shoppulse.dlq.source_topic", b"t"),
+            ("shoppulse.dlq.source_partition", b"zero"),
+            ("shoppulse.dlq.source_offset", b"1"),
+            ("shoppulse.dlq.failed_at_ms", b"2"),
+        ],
+    ],
+    ids=["none", "reason-only", "partition-not-a-number"],
+)
 def test_a_message_without_the_worker_headers_is_not_a_dead_letter(headers):
     assert StoredDeadLetter.parse("dlq", 0, 0, b"k", b"v", headers) is None
 
@@ -83,11 +105,15 @@ def test_the_event_time_filter_reads_ts_and_never_matches_without_one():
 def test_the_plan_skips_replayed_and_cut_dead_letters_and_says_why():
     fresh = stored(offset=0)
     replayed = stored(offset=1)
-    cut = stored(value=json.dumps({"ts": 1, "pad": "x" * 5000}).encode(), offset=2,
-                 max_message_bytes=DEAD_LETTER_FRAMING_BYTES + 1000)
+    cut = stored(
+        value=json.dumps({"ts": 1, "pad": "x" * 5000}).encode(),
+        offset=2,
+        max_message_bytes=DEAD_LETTER_FRAMING_BYTES + 1000,
+    )
     other = stored(reason="bad_json", offset=3)
-    plan = plan_replay([fresh, replayed, cut, other, None], Selection(reasons=("oversized",)),
-                       replayed_refs={replayed.ref, "dlq:9:9"})
+    plan = plan_replay(
+        [fresh, replayed, cut, other, None], Selection(reasons=("oversized",)), replayed_refs={replayed.ref, "dlq:9:9"}
+    )
     assert plan.to_send == [fresh] and plan.already_replayed == [replayed] and plan.truncated == [cut]
     assert (plan.not_selected, plan.not_ours) == (1, 1)
 

@@ -1,4 +1,5 @@
 """``shoppulse tail``'s formatting of one consumed message (real confluent-kafka Message objects)."""
+
 from __future__ import annotations
 
 from confluent_kafka import Message
@@ -12,8 +13,14 @@ def _message(value: bytes | None, headers: list[tuple[str, str | bytes | None]] 
 
 def test_a_json_value_is_pretty_printed_under_its_position_and_headers() -> None:
     text = format_message(_message(b'{"user_id": "u1"}', [("shoppulse.dlq.reason", b"bad_json"), ("empty", None)]))
-    assert text.splitlines() == ["shoppulse.dead_letter[2]@7 key=u1", "  shoppulse.dlq.reason: bad_json", "  empty: ",
-                                 "{", '  "user_id": "u1"', "}"]
+    assert text.splitlines() == [
+        "shoppulse.dead_letter[2]@7 key=u1",
+        "  shoppulse.dlq.reason: bad_json",
+        "  empty: ",
+        "{",
+        '  "user_id": "u1"',
+        "}",
+    ]
 
 
 def test_bytes_that_are_not_json_are_shown_raw() -> None:

@@ -1,4 +1,5 @@
 """Churn alerts: hysteresis, cooldown and a state that survives a round trip."""
+
 from __future__ import annotations
 
 import pytest
@@ -24,9 +25,14 @@ def test_fires_once_on_an_upward_crossing_and_not_while_hovering():
 
 
 def test_rearms_only_below_the_low_threshold_and_after_the_cooldown():
-    risks = [(0.9, 0), (0.6, DAY_MS), (0.9, 2 * DAY_MS),          # no re-arm at 0.6
-             (0.4, 3 * DAY_MS), (0.9, 4 * DAY_MS),                  # re-armed, but cooling down
-             (0.9, 8 * DAY_MS)]                                     # cooldown over, still armed
+    risks = [
+        (0.9, 0),
+        (0.6, DAY_MS),
+        (0.9, 2 * DAY_MS),  # no re-arm at 0.6
+        (0.4, 3 * DAY_MS),
+        (0.9, 4 * DAY_MS),  # re-armed, but cooling down
+        (0.9, 8 * DAY_MS),
+    ]  # cooldown over, still armed
     assert run(risks) == [0, 8 * DAY_MS]
 
 

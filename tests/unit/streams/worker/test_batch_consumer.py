@@ -1,4 +1,5 @@
 """MicroBatcher: batches of at most max_batch, a deadline from the oldest message, a bounded buffer."""
+
 from __future__ import annotations
 
 import asyncio
@@ -84,6 +85,7 @@ def test_put_waits_while_the_buffer_is_at_its_bound():
 
 def test_clear_drops_the_buffer_and_a_put_waiting_across_it():
     """A rebalance stops the flow: nothing read before it may be scored after it."""
+
     async def scenario():
         batcher = MicroBatcher(max_batch=2, max_wait_s=0.01, max_buffered=2)
         await batcher.put([1, 2])

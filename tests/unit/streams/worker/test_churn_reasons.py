@@ -1,4 +1,5 @@
 """Churn-alert reasons are a property of the shopper and the model, not of the process that scored them."""
+
 from __future__ import annotations
 
 import json
@@ -11,9 +12,9 @@ from features.events import DEFAULT_LIMITS
 from features.spec import DEFAULT_FEATURE_SPEC
 from features.state import StateConfig
 from models.classifiers import ClassifierConfig, MultiTaskMLP, ShopperClassifier
+from models.names import CLASSIFIER_MODEL
 from models.registry import ModelRegistry
 from models.scoring import BatchScorer
-from models.names import CLASSIFIER_MODEL
 from streams.worker.alerts import AlertPolicy
 from streams.worker.metrics import WorkerMetrics
 from streams.worker.pipeline import BatchProcessor
@@ -39,15 +40,23 @@ def registry(tmp_path) -> ModelRegistry:
 
 def worker(registry: ModelRegistry) -> BatchProcessor:
     """What one worker process builds: its own scorer over the shared registry."""
-    return BatchProcessor(TOPICS, StateConfig(), DEFAULT_FEATURE_SPEC, BatchScorer(DEFAULT_FEATURE_SPEC, registry.root),
-                          DEFAULT_LIMITS, WorkerMetrics(), alert_policy=ALWAYS_ALERT)
+    return BatchProcessor(
+        TOPICS,
+        StateConfig(),
+        DEFAULT_FEATURE_SPEC,
+        BatchScorer(DEFAULT_FEATURE_SPEC, registry.root),
+        DEFAULT_LIMITS,
+        WorkerMetrics(),
+        alert_policy=ALWAYS_ALERT,
+    )
 
 
 def alert_reasons(processor: BatchProcessor, user: str) -> list[dict]:
     """The reasons of the alert that ``user``'s three views fire on a fresh state."""
     events = [view(user, n, NOW_MS - 60_000 + n * 1000) for n in range(3)]
-    outcome = processor.process([message(e, i) for i, e in enumerate(events)], lambda partition, key: None,
-                                now_ms=NOW_MS)
+    outcome = processor.process(
+        [message(e, i) for i, e in enumerate(events)], lambda partition, key: None, now_ms=NOW_MS
+    )
     (scored,) = outcome.scored
     assert scored.alert is not None
     return json.loads(scored.alert)["reasons"]
@@ -59,8 +68,8 @@ def test_reasons_do_not_depend_on_the_worker_or_what_it_scored_before(registry):
     others = [view(f"other-{n}", n, NOW_MS - 3_600_000 + n) for n in range(500)]
     busy.process([message(e, i) for i, e in enumerate(others)], lambda partition, key: None, now_ms=NOW_MS)
     on_the_busy_worker = alert_reasons(busy, "u1")
-    on_another_worker = alert_reasons(worker(registry), "u1")   # a second replica
-    after_a_restart = alert_reasons(worker(registry), "u1")     # a freshly started process
+    on_another_worker = alert_reasons(worker(registry), "u1")  # a second replica
+    after_a_restart = alert_reasons(worker(registry), "u1")  # a freshly started process
     assert on_the_busy_worker, "the test needs a shopper whose alert has reasons"
     assert on_the_busy_worker == on_another_worker == after_a_restart
 
@@ -80,14 +89,18 @@ def test_the_reference_is_the_training_mean_the_artifact_holds(registry):
     risks = scorer.classifier.predict_proba(moved)["churn"]
     riskier = int(np.argmax(risks))
     assert risks[riskier] > at_mean
-    assert scorer.churn_reasons(moved[riskier:riskier + 1]) == [
-        [(DEFAULT_FEATURE_SPEC.names[0], round(float(risks[riskier] - at_mean), 4))]]
+    assert scorer.churn_reasons(moved[riskier : riskier + 1]) == [
+        [(DEFAULT_FEATURE_SPEC.names[0], round(float(risks[riskier] - at_mean), 4))]
+    ]
 
 
 def test_alert_reasons_are_counted_by_feature(registry):
     processor = worker(registry)
     reasons = alert_reasons(processor, "u1")
-    counted = {sample.labels["feature"]: sample.value
-               for metric in processor.metrics.alert_reasons.collect() for sample in metric.samples
-               if sample.name == "shoppulse_churn_alert_reasons_total"}
+    counted = {
+        sample.labels["feature"]: sample.value
+        for metric in processor.metrics.alert_reasons.collect()
+        for sample in metric.samples
+        if sample.name == "shoppulse_churn_alert_reasons_total"
+    }
     assert counted == {reason["feature"]: 1.0 for reason in reasons}

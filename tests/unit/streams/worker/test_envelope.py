@@ -1,4 +1,5 @@
 """The stored value: state, alert state and applied input offsets as one value."""
+
 from __future__ import annotations
 
 import pytest
@@ -10,8 +11,11 @@ from streams.worker.envelope import ENVELOPE_MAGIC, EnvelopeDecodeError, Stored
 
 
 def sample() -> Stored:
-    return Stored(state=encode_state(ShopperState.new("u1")), alert=AlertState(False, 123, 0.9).encode(),
-                  offsets={("shop.page_views", 3): 41, ("shop.cart", 3): 0, ("shop.orders", 3): 7_000_000_000})
+    return Stored(
+        state=encode_state(ShopperState.new("u1")),
+        alert=AlertState(False, 123, 0.9).encode(),
+        offsets={("shop.page_views", 3): 41, ("shop.cart", 3): 0, ("shop.orders", 3): 7_000_000_000},
+    )
 
 
 def test_round_trip_and_equal_contents_give_equal_bytes():

@@ -5,6 +5,7 @@ upstream method whose logic it copies must still have the source it was copied f
 that breaks either fails here, not in a running worker. Real objects throughout: a Faust app,
 its consumer and a table store are built (no broker is needed until they start).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -13,8 +14,9 @@ import importlib
 import inspect
 import logging
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import aiokafka
 import faust
@@ -27,10 +29,10 @@ from faust.transport.consumer import Consumer
 from faust.types.tuples import ack_lock
 from mode.utils.futures import notify
 
-from streams.worker import faust_seam
-from streams.worker.faust_seam import UPSTREAM_SOURCE_SHA256, BatchDrainConsumer, BatchingApp, TableStore
-from streams.worker.batch_consumer import MicroBatcher
 from streams.config import Settings
+from streams.worker import faust_seam
+from streams.worker.batch_consumer import MicroBatcher
+from streams.worker.faust_seam import UPSTREAM_SOURCE_SHA256, BatchDrainConsumer, BatchingApp, TableStore
 from streams.worker.health import Health
 from streams.worker.metrics import HealthState, WorkerMetrics
 
@@ -50,7 +52,8 @@ def test_copied_upstream_logic_is_unchanged(qualified):
     source = inspect.getsource(upstream(qualified))
     assert hashlib.sha256(source.encode()).hexdigest() == UPSTREAM_SOURCE_SHA256[qualified], (
         f"{qualified} changed upstream: re-read it, carry the change over to streams/worker/faust_seam.py, "
-        "then record its new hash in UPSTREAM_SOURCE_SHA256")
+        "then record its new hash in UPSTREAM_SOURCE_SHA256"
+    )
 
 
 def parameters(function: Any) -> list[str]:
@@ -77,21 +80,29 @@ METHODS = [
 ]
 
 
-@pytest.mark.parametrize("owner,name,is_coroutine,expected", METHODS,
-                         ids=[f"{owner.__name__}.{name}" for owner, name, _, _ in METHODS])
+@pytest.mark.parametrize(
+    "owner,name,is_coroutine,expected", METHODS, ids=[f"{owner.__name__}.{name}" for owner, name, _, _ in METHODS]
+)
 def test_upstream_methods_the_seam_uses_keep_their_kind_and_signature(owner, name, is_coroutine, expected):
     method = getattr(owner, name, None)
     assert method is not None, f"{owner.__qualname__}.{name} is gone"
     assert inspect.iscoroutinefunction(method) == is_coroutine
-    assert parameters(method)[:len(expected)] == expected
+    assert parameters(method)[: len(expected)] == expected
 
 
 @pytest.fixture
 def app(tmp_path) -> Iterator[BatchingApp]:
     """A real app (the worker's class) with its consumer and a table; nothing connects until start."""
-    yield BatchingApp("seam-contract", batch_topics=["inputs"], batcher=MicroBatcher(10, 0.01, 20),
-                      broker="kafka://127.0.0.1:1", store="rocksdb://", datadir=str(tmp_path), autodiscover=False,
-                      web_enabled=False)
+    yield BatchingApp(
+        "seam-contract",
+        batch_topics=["inputs"],
+        batcher=MicroBatcher(10, 0.01, 20),
+        broker="kafka://127.0.0.1:1",
+        store="rocksdb://",
+        datadir=str(tmp_path),
+        autodiscover=False,
+        web_enabled=False,
+    )
 
 
 def test_the_consumer_has_the_state_the_seam_reads_and_writes(app):
@@ -143,6 +154,7 @@ def test_ack_lock_and_notify_behave_as_the_ack_path_needs():
         notify(future)
         notify(None)  # no waiter: a no-op
         return future.done()
+
     assert asyncio.run(woken())
 
 
@@ -150,6 +162,7 @@ def test_aiokafka_keeps_the_connections_and_fetch_wait_readiness_and_tansu_read(
     async def client_conns() -> Any:
         consumer = aiokafka.AIOKafkaConsumer(bootstrap_servers="127.0.0.1:1")
         return consumer._client
+
     client = asyncio.run(client_conns())
     assert isinstance(client, AIOKafkaClient) and isinstance(client._conns, dict)
     assert "self._fetch_max_wait_ms = fetch_max_wait_ms" in inspect.getsource(Fetcher.__init__)
@@ -167,22 +180,44 @@ def test_readiness_fails_loudly_when_the_internals_it_reads_are_gone(app, caplog
         for _ in range(3):
             asyncio.run(health.refresh())
     assert not health.state.ready and health.state.reason.startswith("faust internals missing (")
-    assert health.metrics.ready._value.get() == 0
+    assert health.metrics.registry.get_sample_value("shoppulse_ready") == 0
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert len(errors) == 1 and "readiness cannot tell whether the brokers are reachable" in errors[0]
 
 
 #: Private members of Faust, mode and aiokafka the seam uses; no other module may name them.
-PRIVATE_NAMES = ("_drain_messages", "_wait_next_records", "_read_offset", "_buffered_partitions", "_add_gap",
-                 "_to_message", "_unacked_messages", "_acked_index", "_committed_offset", "_n_acked",
-                 "_waiting_for_ack", "_commit_every", "_new_consumer", "_db_for_partition", "_key_index", "_dbs",
-                 "_visible_items", "_conns", "_fetch_max_wait_ms", "ack_lock")
+PRIVATE_NAMES = (
+    "_drain_messages",
+    "_wait_next_records",
+    "_read_offset",
+    "_buffered_partitions",
+    "_add_gap",
+    "_to_message",
+    "_unacked_messages",
+    "_acked_index",
+    "_committed_offset",
+    "_n_acked",
+    "_waiting_for_ack",
+    "_commit_every",
+    "_new_consumer",
+    "_db_for_partition",
+    "_key_index",
+    "_dbs",
+    "_visible_items",
+    "_conns",
+    "_fetch_max_wait_ms",
+    "ack_lock",
+)
 
 
 def test_only_the_seam_names_faust_internals():
-    offenders = [f"{path.relative_to(ROOT)}:{n}: {name}"
-                 for folder in ("streams", "bench", "models", "features") for path in (ROOT / folder).rglob("*.py")
-                 if path.name != "faust_seam.py"
-                 for n, line in enumerate(path.read_text().splitlines(), 1)
-                 for name in PRIVATE_NAMES if re.search(rf"\b{name}\b", line)]
+    offenders = [
+        f"{path.relative_to(ROOT)}:{n}: {name}"
+        for folder in ("streams", "bench", "models", "features")
+        for path in (ROOT / folder).rglob("*.py")
+        if path.name != "faust_seam.py"
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        for name in PRIVATE_NAMES
+        if re.search(rf"\b{name}\b", line)
+    ]
     assert not offenders, offenders

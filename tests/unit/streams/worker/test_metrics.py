@@ -1,4 +1,5 @@
 """/metrics, /healthz and /readyz answer as an orchestrator and Prometheus expect."""
+
 from __future__ import annotations
 
 import urllib.error

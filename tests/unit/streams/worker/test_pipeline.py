@@ -1,4 +1,5 @@
 """The per-batch logic without a broker: validation, dead letters, event-time order, one score per shopper."""
+
 from __future__ import annotations
 
 import json
@@ -19,7 +20,9 @@ TOPICS = {"views": "page_view", "cart": "cart", "orders": "order"}
 
 
 def view(user: str, n: int, ts: int) -> Event:
-    return Event("view", f"{user}-e{n}", user, ts, session_id="s1", item_id=f"i{n}", category="toys", price=9.5, quantity=1)
+    return Event(
+        "view", f"{user}-e{n}", user, ts, session_id="s1", item_id=f"i{n}", category="toys", price=9.5, quantity=1
+    )
 
 
 def message(event: Event, offset: int, topic: str = "views", key: bytes | None = None) -> InputMessage:
@@ -29,8 +32,14 @@ def message(event: Event, offset: int, topic: str = "views", key: bytes | None =
 @pytest.fixture
 def processor(tmp_path) -> BatchProcessor:
     """With an empty model registry: the heuristic scores."""
-    return BatchProcessor(TOPICS, StateConfig(), DEFAULT_FEATURE_SPEC, BatchScorer(DEFAULT_FEATURE_SPEC, tmp_path),
-                          DEFAULT_LIMITS, WorkerMetrics())
+    return BatchProcessor(
+        TOPICS,
+        StateConfig(),
+        DEFAULT_FEATURE_SPEC,
+        BatchScorer(DEFAULT_FEATURE_SPEC, tmp_path),
+        DEFAULT_LIMITS,
+        WorkerMetrics(),
+    )
 
 
 def run(processor, messages, store):
@@ -72,10 +81,18 @@ def test_events_are_applied_in_event_time_order_within_a_batch(processor):
 
 def test_invalid_messages_become_dead_letters_with_their_source(processor):
     good = view("u1", 1, NOW_MS - 1000)
-    messages = [message(good, 0), InputMessage("cart", 3, 41, b"u9", b"{not json"),
-                message(good, 2, key=b"someone-else"), InputMessage("orders", 1, 7, b"u1", b"[]")]
+    messages = [
+        message(good, 0),
+        InputMessage("cart", 3, 41, b"u9", b"{not json"),
+        message(good, 2, key=b"someone-else"),
+        InputMessage("orders", 1, 7, b"u1", b"[]"),
+    ]
     outcome = run(processor, messages, {})
-    assert [(d.message.offset, d.reason) for d in outcome.dead_letters] == [(41, "bad_json"), (2, "wrong_key"), (7, "not_object")]
+    assert [(d.message.offset, d.reason) for d in outcome.dead_letters] == [
+        (41, "bad_json"),
+        (2, "wrong_key"),
+        (7, "not_object"),
+    ]
     headers = dict(outcome.dead_letters[0].headers(failed_at_ms=NOW_MS))
     assert headers["shoppulse.dlq.source_topic"] == b"cart" and headers["shoppulse.dlq.source_partition"] == b"3"
     assert headers["shoppulse.dlq.source_offset"] == b"41" and headers["shoppulse.dlq.reason"] == b"bad_json"
@@ -123,7 +140,7 @@ def test_a_replay_longer_than_the_dedup_window_applies_nothing_twice(processor):
     run(processor, [message(e, n) for n, e in enumerate(events)], once)
     store: dict[bytes, bytes] = {}
     for start in range(0, n_events, 10):
-        run(processor, [message(e, start + i) for i, e in enumerate(events[start:start + 10])], store)
+        run(processor, [message(e, start + i) for i, e in enumerate(events[start : start + 10])], store)
     replay = run(processor, [message(e, n) for n, e in enumerate(events)], store)  # nothing was committed
     assert replay.replayed == n_events and replay.applied == 0
     assert store[b"u1"] == once[b"u1"]
@@ -174,7 +191,7 @@ def test_a_corrupt_stored_state_is_reset_and_counted(processor):
     store = {b"u1": b"\x07 garbage"}
     outcome = run(processor, [message(view("u1", 1, NOW_MS - 1000), 0)], store)
     assert outcome.applied == 1
-    assert processor.metrics.state_decode_errors._value.get() == 1
+    assert processor.metrics.registry.get_sample_value("shoppulse_state_decode_errors_total") == 1
     assert decode_state(state_of(store)).user_id == "u1"
 
 
@@ -185,10 +202,23 @@ def test_state_bytes_round_trip(processor):
 
 
 def test_outputs_carry_a_keyed_pseudonym_when_configured(tmp_path):
-    plain = BatchProcessor(TOPICS, StateConfig(), DEFAULT_FEATURE_SPEC, BatchScorer(DEFAULT_FEATURE_SPEC, tmp_path),
-                           DEFAULT_LIMITS, WorkerMetrics())
-    hidden = BatchProcessor(TOPICS, StateConfig(), DEFAULT_FEATURE_SPEC, BatchScorer(DEFAULT_FEATURE_SPEC, tmp_path),
-                            DEFAULT_LIMITS, WorkerMetrics(), pseudonym_key=b"secret")
+    plain = BatchProcessor(
+        TOPICS,
+        StateConfig(),
+        DEFAULT_FEATURE_SPEC,
+        BatchScorer(DEFAULT_FEATURE_SPEC, tmp_path),
+        DEFAULT_LIMITS,
+        WorkerMetrics(),
+    )
+    hidden = BatchProcessor(
+        TOPICS,
+        StateConfig(),
+        DEFAULT_FEATURE_SPEC,
+        BatchScorer(DEFAULT_FEATURE_SPEC, tmp_path),
+        DEFAULT_LIMITS,
+        WorkerMetrics(),
+        pseudonym_key=b"secret",
+    )
     batch = [message(view("shopper-42", 1, NOW_MS - 1000), 0)]
     assert json.loads(run(plain, batch, {}).scored[0].result)["user_id"] == "shopper-42"
     store: dict[bytes, bytes] = {}
@@ -196,6 +226,13 @@ def test_outputs_carry_a_keyed_pseudonym_when_configured(tmp_path):
     public = json.loads(scored.result)["user_id"]
     assert public != "shopper-42" and len(public) == 32 and scored.output_key == public.encode()
     assert b"shopper-42" in store  # tables keep the real id
-    other_key = BatchProcessor(TOPICS, StateConfig(), DEFAULT_FEATURE_SPEC, BatchScorer(DEFAULT_FEATURE_SPEC, tmp_path),
-                               DEFAULT_LIMITS, WorkerMetrics(), pseudonym_key=b"another")
+    other_key = BatchProcessor(
+        TOPICS,
+        StateConfig(),
+        DEFAULT_FEATURE_SPEC,
+        BatchScorer(DEFAULT_FEATURE_SPEC, tmp_path),
+        DEFAULT_LIMITS,
+        WorkerMetrics(),
+        pseudonym_key=b"another",
+    )
     assert other_key.public_id("shopper-42") != public == hidden.public_id("shopper-42")
