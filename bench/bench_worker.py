@@ -330,6 +330,12 @@ def main() -> None:
         "its worker, alternating with this one, on the same broker and events (no latency or "
         "recovery phase then)",
     )
+    parser.add_argument(
+        "--compare-models",
+        default=None,
+        help="model registry the --compare-with checkout's worker serves (default: --models); for a revision "
+        "that reads another artifact format, a registry of the same models in that format",
+    )
     parser.add_argument("--recovery", action="store_true", help="also measure restart and restore times")
     parser.add_argument(
         "--latency-fraction",
@@ -389,6 +395,8 @@ def measure(args: argparse.Namespace, workdir: Path) -> None:
                 run_settings = (
                     dataclasses.replace(settings, app_id=f"{settings.app_id}-{runs}") if runs > 1 else settings
                 )
+                if checkout is not None and args.compare_models is not None:
+                    run_settings = dataclasses.replace(run_settings, models_dir=Path(args.compare_models).resolve())
                 run_dir = workdir / f"run-{runs}"
                 run_dir.mkdir()
                 cpu_s = time.process_time()

@@ -77,6 +77,14 @@ def stop_process(process: subprocess.Popen[bytes], timeout_s: float = 20.0) -> i
     return process.returncode
 
 
+def cli_module(checkout: Path | None) -> str:
+    """The ``shoppulse`` command's module in ``checkout`` (None: this one). Checkouts from before
+    streams/ was split by role (benchmarks compare with them) have it at ``streams/cli.py``."""
+    if checkout is not None and not (checkout / "streams" / "tools" / "cli.py").exists():
+        return "streams.cli"
+    return "streams.tools.cli"
+
+
 class WorkerProcess:
     """``shoppulse worker`` as a child process, its output kept in ``log_path``.
 
@@ -90,7 +98,7 @@ class WorkerProcess:
     ) -> None:
         self.settings = settings
         self.log_path = log_path
-        command = ["-m", "streams.tools.cli", "worker"] if script is None else ["-c", script]
+        command = ["-m", cli_module(checkout), "worker"] if script is None else ["-c", script]
         with open(log_path, "ab") as log_file:
             self.process = subprocess.Popen(
                 [sys.executable, *command],
