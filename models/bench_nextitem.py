@@ -211,10 +211,10 @@ def main(argv: list[str] | None = None, *, prog: str = "shoppulse bench-nextitem
     now = dt.datetime.now(dt.UTC)
     artifact_path = None
     if args.save_artifact is not None:
-        rec = NextItemRecommender(model.cpu(), vocab)
+        recommender = NextItemRecommender(model.cpu(), vocab)
         version = args.version or now.strftime("%Y%m%dT%H%M%SZ")
         artifact_path = str(
-            rec.save(
+            recommender.save(
                 args.save_artifact,
                 version,
                 metrics={"test": ours, "valid": report.best_valid},

@@ -91,6 +91,12 @@ class ClassifierReport:
 
 
 class MultiTaskMLP(nn.Module):
+    # buffers registered in __init__ (declared so that attribute access is typed as a Tensor)
+    feat_mean: torch.Tensor
+    feat_std: torch.Tensor
+    calib_a: torch.Tensor
+    calib_b: torch.Tensor
+
     def __init__(self, cfg: ClassifierConfig) -> None:
         super().__init__()
         self.cfg = cfg

@@ -166,7 +166,7 @@ def evaluate_full_ranking(
     if len(histories) != len(targets):
         raise ValueError(f"{len(histories)} histories but {len(targets)} targets")
     acc = RankingAccumulator(num_items, ks)
-    starts = range(0, len(histories), batch_size)
+    starts: Iterable[int] = range(0, len(histories), batch_size)
     if progress:
         from tqdm.auto import tqdm
 

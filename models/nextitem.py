@@ -186,6 +186,8 @@ class _Block(nn.Module):
 class SASRec(nn.Module):
     """Causal self-attention next-item model with tied input/output item embeddings."""
 
+    popularity: torch.Tensor  # buffer registered in __init__
+
     def __init__(self, cfg: NextItemConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -235,7 +237,9 @@ class SASRec(nn.Module):
         if last_only:
             for blk in blocks[:-1]:
                 x = blk(x, attend)
-            return self.final_ln(blocks[-1].forward_last(x, attend[:, :, -1:]))
+            last = blocks[-1]
+            assert isinstance(last, _Block)
+            return self.final_ln(last.forward_last(x, attend[:, :, -1:]))
         for blk in blocks:
             x = blk(x, attend)
         return self.final_ln(x)
@@ -325,7 +329,8 @@ def train_nextitem(
     data = data.to(device)  # small: keep the whole training set on the device
     inputs_all, targets_all = data[:, :-1], data[:, 1:]
 
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for p in model.parameters():
         (no_decay if p.ndim < 2 else decay).append(p)  # no decay on biases and LayerNorm gains
     opt = torch.optim.AdamW(
@@ -363,6 +368,7 @@ def train_nextitem(
         report.epochs_run = epoch
         if use_valid:
             model.eval()
+            assert valid_inputs is not None and valid_targets is not None  # use_valid says so
             metrics = evaluate_full_ranking(
                 model.score, valid_inputs, valid_targets, model_cfg.num_items, DEFAULT_KS, tc.eval_batch_size
             )
@@ -377,14 +383,12 @@ def train_nextitem(
                 bad_epochs += 1
         report.history.append(row)
         if tc.progress:
-            epoch_bar.set_postfix(
-                loss=f"{row['loss']:.4f}",
-                **(
-                    {tc.monitor: f"{row[tc.monitor]:.4f}", "best": f"{report.best_metric:.4f}@{report.best_epoch}"}
-                    if use_valid
-                    else {}
-                ),
-            )
+            postfix = {"loss": f"{row['loss']:.4f}"}
+            if use_valid:
+                postfix[tc.monitor] = f"{row[tc.monitor]:.4f}"
+                postfix["best"] = f"{report.best_metric:.4f}@{report.best_epoch}"
+            # sorted: the order tqdm gave these when they were passed as keyword arguments
+            epoch_bar.set_postfix(dict(sorted(postfix.items())))
         if on_epoch is not None:
             on_epoch(row)
         if use_valid and bad_epochs >= tc.patience:

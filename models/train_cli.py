@@ -342,10 +342,10 @@ def models_main(argv: Sequence[str] | None = None) -> int:
             _print_table(rows, ["model", "version", "cur", "created (UTC)", "feature spec", "metrics"])
             return 0
         if args.action == "show":
-            version = args.version or reg.current(args.model)
-            if version is None:
+            shown: str | None = args.version or reg.current(args.model)
+            if shown is None:
                 raise RegistryError(f"model {args.model!r} has no current version; name one")
-            meta = reg.describe(args.model, version)
+            meta = reg.describe(args.model, shown)
             print(
                 json.dumps(
                     {

@@ -11,7 +11,7 @@ import numpy as np
 from features.events import Event
 from features.offline import replay
 from features.spec import DEFAULT_FEATURE_SPEC, FeatureSpec
-from features.state import APPLIED, StateConfig
+from features.state import APPLIED, ShopperState, StateConfig
 
 from ..labels import (
     MOMENT_EVENT,
@@ -38,10 +38,10 @@ class _StateTap:
 
     def __init__(self, spec: FeatureSpec) -> None:
         self.spec = spec
-        self.states: dict[str, Any] = {}
-        self.last: Any = None
+        self.states: dict[str, ShopperState] = {}
+        self.last: ShopperState | None = None
 
-    def row(self, state: Any, now_ms: int) -> np.ndarray:
+    def row(self, state: ShopperState, now_ms: int) -> np.ndarray:
         self.states[state.user_id] = state
         self.last = state
         return self._EMPTY
@@ -100,7 +100,8 @@ def build_examples(
     n = len(events)
     from tqdm.auto import tqdm
 
-    stream = replay(events, state_config, tap)  # type: ignore[arg-type]  (duck-typed spec, see _StateTap)
+    # duck-typed spec (see _StateTap): replay's parameter is typed FeatureSpec, not a protocol of row()
+    stream = replay(events, state_config, tap)  # type: ignore[arg-type]
     for k, (event, outcome, _) in enumerate(
         tqdm(stream, total=n, desc="replay", disable=not progress, dynamic_ncols=True, mininterval=1.0)
     ):

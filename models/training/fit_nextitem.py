@@ -27,7 +27,7 @@ BLEND_WEIGHTS = (0.25, 0.5, 0.75)
 def _grouped_eval(
     score_fn: Any, hist: list[list[int]], tgt: list[int], kinds: list[str], weights: list[float], num_items: int
 ) -> dict[str, Any]:
-    overall = evaluate_full_ranking(score_fn, hist, tgt, num_items, DEFAULT_KS)
+    overall: dict[str, Any] = evaluate_full_ranking(score_fn, hist, tgt, num_items, DEFAULT_KS)
     by_kind: dict[str, Any] = {}
     num = {f"{m}@{k}": 0.0 for m in ("HR", "NDCG") for k in DEFAULT_KS}
     den = 0.0
@@ -118,7 +118,7 @@ def fit_and_evaluate_nextitem(
     blend = BlendScorer(model, cooc, blend_weight)  # tested and served with the refitted co-occurrence
     t0 = time.perf_counter()
     results: dict[str, Any] = {}
-    data = {
+    data: dict[str, Any] = {
         "shoppers_with_history": len(nis.train),
         "train_interactions": sum(len(s) for s in train_idx),
         "items": len(vocab),

@@ -6,8 +6,8 @@ import math
 
 import numpy as np
 import pytest
-from sklearn import metrics as sk
-from sklearn.exceptions import UndefinedMetricWarning
+from sklearn import metrics as sk  # type: ignore[import-untyped]  # scikit-learn ships no stubs or py.typed
+from sklearn.exceptions import UndefinedMetricWarning  # type: ignore[import-untyped]  # no stubs either
 
 from models.binary_metrics import (
     RankedScores,

@@ -116,11 +116,11 @@ def test_purchase_is_an_order_within_the_horizon_and_censored_at_the_end():
 def test_vectorised_labels_match_brute_force_and_are_fast():
     rng = random.Random(3)
     log = []
-    for u in range(40):
+    for shopper in range(40):
         ts = T + rng.randint(0, DAY_MS)
         for i in range(rng.randint(1, 30)):
             ts += rng.choice((MINUTE_MS, HOUR_MS, DAY_MS, 5 * DAY_MS, 12 * DAY_MS))
-            log.append(order(f"u{u}", ts, "i") if rng.random() < 0.15 else view(f"u{u}", ts, n=i))
+            log.append(order(f"u{shopper}", ts, "i") if rng.random() < 0.15 else view(f"u{shopper}", ts, n=i))
     log.sort(key=lambda e: e.ts_ms)
     idx = FutureIndex(log)
     end = idx.last_ms

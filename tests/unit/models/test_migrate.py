@@ -53,6 +53,12 @@ def make_classifier(seed: int) -> ShopperClassifier:
     return ShopperClassifier(model, DEFAULT_FEATURE_SPEC.hash)
 
 
+def loaded_classifier(scorer: BatchScorer) -> ShopperClassifier:
+    """The scorer's classifier, which the caller expects loaded (typed afresh after earlier narrowing)."""
+    assert scorer.classifier is not None
+    return scorer.classifier
+
+
 def write_pointer(reg: ModelRegistry, model: str, version: str, previous: list[str]) -> None:
     """A ``current`` pointer as the registry writes it (promotion now refuses legacy versions)."""
     pointer = {"version": version, "promoted_at": "2026-11-01T00:00:00+00:00", "previous": previous}
@@ -194,5 +200,5 @@ def test_a_running_scorer_picks_up_the_migrated_current_versions(legacy_registry
     assert scorer.served == {CLASSIFIER_MODEL: "20261102T000000Z", NEXTITEM_MODEL: "20261102T000000Z"}
     x = np.zeros((3, DEFAULT_FEATURE_SPEC.dim), dtype=np.float32)
     assert np.array_equal(
-        scorer.classifier.predict_proba(x)["churn"], models["20261102T000000Z"][0].predict_proba(x)["churn"]
+        loaded_classifier(scorer).predict_proba(x)["churn"], models["20261102T000000Z"][0].predict_proba(x)["churn"]
     )

@@ -27,7 +27,9 @@ def cyclic_sequences(n_users: int, length: int, seed: int) -> list[list[int]]:
     return out
 
 
-SMALL = dict(num_items=N_ITEMS, max_len=6, dim=16, layers=1, heads=2, ffn_mult=2, dropout=0.1, attn_dropout=0.0)
+SMALL = NextItemConfig(
+    num_items=N_ITEMS, max_len=6, dim=16, layers=1, heads=2, ffn_mult=2, dropout=0.1, attn_dropout=0.0
+)
 
 
 def fast_train(seed: int = 0, epochs: int = 12, **kw):
@@ -45,7 +47,7 @@ def fast_train(seed: int = 0, epochs: int = 12, **kw):
         label_smoothing=0.0,
         **kw,
     )
-    model, report = train_nextitem(split.train, NextItemConfig(**SMALL), tc, split.valid_input, split.valid_target)
+    model, report = train_nextitem(split.train, SMALL, tc, split.valid_input, split.valid_target)
     return model, report, split
 
 

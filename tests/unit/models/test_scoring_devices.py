@@ -49,6 +49,7 @@ def test_cuda_scores_and_recommendations_match_the_cpu(tmp_path):
 
     on_cpu = BatchScorer(DEFAULT_FEATURE_SPEC, tmp_path, device="cpu").score(states, features)
     gpu = BatchScorer(DEFAULT_FEATURE_SPEC, tmp_path, device="cuda")
+    assert isinstance(gpu.recommender, NextItemRecommender)
     assert gpu.device.type == "cuda" and gpu.recommender.model.item_emb.weight.is_cuda
     on_gpu = gpu.score(states, features)
 
