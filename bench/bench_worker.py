@@ -111,7 +111,7 @@ def bare_loop(
     )  # the worker's setting on Tansu
     producer = Producer({**confluent_producer_config(settings), "linger.ms": 5, "partitioner": "murmur2_random"})
     consumer.subscribe(list(settings.input_topics))
-    counts: dict[bytes, dict[str, int]] = {}
+    counts: dict[bytes | None, dict[str, int]] = {}
     seen = 0
     started = None
     output = settings.topic_scores + ".bare"
@@ -125,12 +125,14 @@ def bare_loop(
             if started is None:
                 started = time.perf_counter()
             seen += 1
+            raw, topic = message.value(), message.topic()
+            assert raw is not None and topic is not None  # consumed from the input topics: JSON events
             try:
-                doc = json.loads(message.value())
+                doc = json.loads(raw)
             except ValueError:
                 continue
             user = counts.setdefault(message.key(), {})
-            user[message.topic()] = user.get(message.topic(), 0) + 1
+            user[topic] = user.get(topic, 0) + 1
             value = json.dumps({"user_id": doc.get("user_id"), "trigger_ts": doc.get("ts"), "counts": user}).encode()
             while True:
                 try:
@@ -175,9 +177,10 @@ def output_latencies_ms(
         batch = consumer.consume(1000, timeout=0.05)
         now_ms = time.time() * 1000
         for message in batch:
-            if message.error() or message.value() is None:
+            value = message.value()
+            if message.error() or value is None:
                 continue
-            trigger_ts = json.loads(message.value()).get("trigger_ts")
+            trigger_ts = json.loads(value).get("trigger_ts")
             if trigger_ts is not None and trigger_ts >= since_ms:
                 out.append(now_ms - trigger_ts)
         if until.is_set():

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -331,7 +331,8 @@ def _order_line_names(doc: dict[str, Any]) -> int:
 
 #: One decoder for every message (``json.loads`` with options builds a new one per call).
 _JSON_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
-_SCAN_JSON = _JSON_DECODER.scan_once
+#: ``scan_once(text, index) -> (value, end)``, set by ``JSONDecoder.__init__``; typeshed's stub lacks it.
+_SCAN_JSON: Callable[[str, int], tuple[Any, int]] = _JSON_DECODER.scan_once  # type: ignore[attr-defined]
 #: The same, refusing repeated names. Its hook made parse_event 17% slower on the generator's
 #: messages, so it only decides those a colon count cannot clear (see :func:`decode_json_object`).
 _CHECKING_DECODER = json.JSONDecoder(parse_constant=_reject_constant, object_pairs_hook=_object_without_repeated_names)

@@ -71,8 +71,10 @@ class BatchProducer:
         if error is not None:
             self._record_failure(error, message)
             return
-        tp = (message.topic(), message.partition())
-        offset = message.offset()
+        topic, partition, offset = message.topic(), message.partition(), message.offset()
+        # A delivered message always has its topic, partition and offset (None only before delivery).
+        assert topic is not None and partition is not None and offset is not None
+        tp = (topic, partition)
         if offset > self._offsets.get(tp, -1):
             self._offsets[tp] = offset
 
@@ -85,10 +87,12 @@ class BatchProducer:
         partition: int = -1,
     ) -> None:
         """Queue one message (-1: the partitioner picks the partition); waits only if the buffer is full."""
+        # produce takes headers as a list (or a dict), not as any sequence
+        header_list: list[tuple[str, str | bytes | None]] | None = None if headers is None else list(headers)
         while True:
             try:
                 self._producer.produce(
-                    topic, value=value, key=key, headers=headers, partition=partition, on_delivery=self._on_delivery
+                    topic, value=value, key=key, headers=header_list, partition=partition, on_delivery=self._on_delivery
                 )
                 return
             except BufferError:  # full: serve deliveries until there is room

@@ -175,7 +175,9 @@ class ReportingAdminClient(AdminClient):
                 errors.append(error)
 
         self.security_errors = errors
-        super().__init__({**config, "error_cb": keep_security_errors})
+        # The stub types the config's values as str/int/float/bool only; librdkafka also takes callbacks.
+        full_config: dict[str, Any] = {**config, "error_cb": keep_security_errors}
+        super().__init__(full_config)
 
 
 def admin_client(settings: Settings) -> ReportingAdminClient:

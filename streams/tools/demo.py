@@ -207,9 +207,12 @@ def _watch(
         for message in consume_data(
             consumer, 500, 0.2, on_error=lambda error: print(f"reading outputs: {error}", file=sys.stderr)
         ):
-            kind = kinds[message.topic()]
+            topic, value = message.topic(), message.value()
+            assert topic is not None  # a consumed message has its topic
+            kind = kinds[topic]
             totals[kind] += 1
-            examples[kind] = message.value()
+            if value is not None:  # outputs are JSON; only a dead letter of a tombstone has none (never shown)
+                examples[kind] = value
             if first_result_s is None and kind == "scores":
                 first_result_s = time.monotonic() - started
                 print(f"first result {first_result_s:.1f} s after start", flush=True)

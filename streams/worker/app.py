@@ -162,7 +162,7 @@ class ScoringWorker:
         acked, so acks stay in order and N's changelog flush never takes N+1's records. States are
         read and written under :attr:`Checkpoint.writing <streams.worker.checkpoint.Checkpoint.writing>`.
         """
-        consumer = self.app.consumer
+        consumer = self.app.batch_consumer
         checkpoint, load = self.checkpoint, self.store.get
         delivering: asyncio.Future[None] | None = None
         try:
@@ -228,7 +228,10 @@ class ScoringWorker:
     async def _rescore_silent_shoppers(self) -> None:
         await self.sweeps.rescore_silent()
 
-    async def _on_assigned(self, sender: Any, assigned: set[Any], **kwargs: Any) -> None:
+    async def _on_assigned(self, sender: Any, /, *args: set[Any], **kwargs: Any) -> None:
+        # Faust sends ``(sender, assigned, signal=...)``; mode types a handler as taking the sender
+        # positionally, then any positionals and keywords.
+        (assigned,) = args
         mine = sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned if tp.topic in self.settings.input_topics)
         log.info("assigned %d input partitions: %s", len(mine), ", ".join(mine) or "none")
 
@@ -276,7 +279,9 @@ class ScoringWorker:
         changelog = TableWriter(
             BatchProducer(self.settings, track_offsets=True), seal=self.profile == BROKER_PROFILE_TANSU
         )
-        self.checkpoint = Checkpoint(publisher, changelog, self.store, lambda batch: self.app.consumer.ack_batch(batch))
+        self.checkpoint = Checkpoint(
+            publisher, changelog, self.store, lambda batch: self.app.batch_consumer.ack_batch(batch)
+        )
         self.sweeps = Sweeps(
             self.checkpoint,
             lambda: self.app.owned_partitions(self.store.changelog_topic),

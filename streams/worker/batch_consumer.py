@@ -38,7 +38,9 @@ class MicroBatch(list):
     acked = False
     refcount = 1
     generation_id: int | None = None
-    __hash__ = object.__hash__  # held in a WeakSet: by identity (no two batches share a message)
+    # Held in a WeakSet: hashed by identity (no two batches share a message). typeshed types
+    # list.__hash__ as None (lists are unhashable), so no subclass may restore it without this.
+    __hash__ = object.__hash__  # type: ignore[assignment]
 
 
 class MicroBatcher:

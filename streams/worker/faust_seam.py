@@ -58,12 +58,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, cast
+from weakref import WeakSet
 
 import faust
+from faust.tables import TableManager
 from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer
-from faust.types import TP, ConsumerT
-from faust.types.tuples import ack_lock
+from faust.types import TP
+from faust.types.tuples import Message, ack_lock
 from mode.utils.futures import notify
 
 from streams.worker.batch_consumer import MicroBatch, MicroBatcher
@@ -100,6 +102,12 @@ class BatchDrainConsumer(AIOKafkaConsumer):
     batcher: MicroBatcher | None = None
     _buffer_generation: int | None = None  # the consumer generation of the messages in the batcher
 
+    @property
+    def _unacked(self) -> WeakSet[Message | MicroBatch]:
+        """Faust's set of unacknowledged messages (a WeakSet, typed as a set of messages), which
+        also holds the batches taken and not yet acked."""
+        return cast("WeakSet[Message | MicroBatch]", self._unacked_messages)
+
     def batch_into(self, topics: Iterable[str], batcher: MicroBatcher) -> None:
         """Send the messages of ``topics`` to ``batcher`` instead of Faust's streams."""
         self.batch_topics = frozenset(topics)
@@ -118,7 +126,7 @@ class BatchDrainConsumer(AIOKafkaConsumer):
             batch = await self.batcher.take()
             generation = batch.generation_id = self._buffer_generation  # of the buffer the batch was cut from
             if generation == self.app.consumer_generation_id:
-                self._unacked_messages.add(batch)
+                self._unacked.add(batch)
                 return batch
             self.log.info(
                 "dropped a micro-batch of %d messages fetched in consumer generation %r (now %r); "
@@ -152,7 +160,7 @@ class BatchDrainConsumer(AIOKafkaConsumer):
                         acked.append(offset)
                         self._n_acked += 1
             batch.acked = True
-            self._unacked_messages.discard(batch)
+            self._unacked.discard(batch)
             notify(self._waiting_for_ack)
 
     def forget_batches(self) -> int:
@@ -160,8 +168,9 @@ class BatchDrainConsumer(AIOKafkaConsumer):
         uncommitted, so they are consumed again after a restart. For a worker about to stop after a
         failure, whose shutdown would otherwise wait for acks that never come. Returns how many."""
         with ack_lock:
-            batches = [m for m in self._unacked_messages if isinstance(m, MicroBatch)]
-            self._unacked_messages.difference_update(batches)
+            unacked = self._unacked
+            batches = [m for m in unacked if isinstance(m, MicroBatch)]
+            unacked.difference_update(batches)
             notify(self._waiting_for_ack)
         return len(batches)
 
@@ -265,11 +274,27 @@ class BatchingApp(faust.App):
         self.batch_topics = frozenset(batch_topics)
         self.batcher = batcher
 
-    def _new_consumer(self) -> ConsumerT:
-        self.transport.Consumer = BatchDrainConsumer
+    def _new_consumer(self) -> BatchDrainConsumer:
+        # Faust declares Transport.Consumer a ClassVar; set on this app's transport only, so that
+        # other apps in the process keep Faust's consumer class.
+        self.transport.Consumer = BatchDrainConsumer  # type: ignore[misc]
         consumer = super()._new_consumer()
+        assert isinstance(consumer, BatchDrainConsumer)
         consumer.batch_into(self.batch_topics, self.batcher)
         return consumer
+
+    @property
+    def batch_consumer(self) -> BatchDrainConsumer:
+        """The app's consumer: the one :meth:`_new_consumer` creates."""
+        consumer = self.consumer
+        assert isinstance(consumer, BatchDrainConsumer)
+        return consumer
+
+    def tables_recovered(self) -> bool:
+        """Whether Faust has recovered the tables from their changelogs."""
+        tables = self.tables
+        assert isinstance(tables, TableManager)  # Faust's own; the type it is declared as lacks ``recovery``
+        return tables.recovery.completed.is_set()
 
     def owned_partitions(self, changelog_topic: str) -> set[int]:
         """Partitions of ``changelog_topic`` this worker is the active owner of."""

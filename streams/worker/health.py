@@ -67,7 +67,7 @@ class Health:
         if connected is None:
             self._set(False, f"faust internals missing ({self._broken})")
             return
-        recovered = self.app.tables.recovery.completed.is_set()
+        recovered = self.app.tables_recovered()
         assigned = bool(self.app.consumer.assignment())
         ready = recovered and not self.app.rebalancing and assigned and connected
         self._set(
@@ -95,7 +95,7 @@ class Health:
         Uses the high watermark from fetch responses (right on Tansu too, unlike ListOffsets)
         and the last offset this worker handed to a batch.
         """
-        consumer = self.app.consumer
+        consumer = self.app.batch_consumer
         owned = set()
         for tp in consumer.assignment():
             if tp.topic not in self.settings.input_topics:

@@ -225,6 +225,7 @@ class MetricsServer:
     @property
     def url(self) -> str:
         host, port = self._server.server_address[:2]
+        assert isinstance(host, str)  # an AF_INET server's address: (host, port); bytes only for AF_UNIX
         return f"http://{host}:{port}"
 
     def start(self) -> MetricsServer:

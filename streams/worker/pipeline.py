@@ -142,7 +142,8 @@ class BatchOutcome:
 class Scorer(Protocol):
     """Serves the models: see :class:`models.scoring.BatchScorer`."""
 
-    model_versions: dict[str, str]
+    @property
+    def model_versions(self) -> dict[str, str]: ...
 
     def refresh(self, force: bool = False) -> bool: ...
 

@@ -400,8 +400,7 @@ def test_doc_reason_table_lists_exactly_the_validator_codes() -> None:
     section = _doc_text().split("## Rejection reasons", 1)[1].split("\n## ", 1)[0]
     codes = re.findall(r"^\| `([a-z_]+)` +\|", section, flags=re.M)
     assert len(codes) == len(set(codes))
-    codes = set(codes)
-    assert codes == set(events.REASONS)
+    assert set(codes) == set(events.REASONS)
 
 
 def test_doc_kcat_example_is_a_valid_keyed_page_view() -> None:

@@ -321,7 +321,8 @@ def test_the_worker_builds_faust_from_faust_client_settings(tls_files, tmp_path)
         SHOPPULSE_MODELS_DIR=str(tmp_path / "models"),
     )
     conf = ScoringWorker(settings).app.conf
-    assert conf.broker_credentials.username == "svc"
+    credentials = conf.broker_credentials
+    assert isinstance(credentials, faust.SASLCredentials) and credentials.username == "svc"
     assert (conf.producer_max_request_size, conf.consumer_max_fetch_size, conf.broker_max_poll_records) == (
         200000,
         300000,

@@ -30,8 +30,10 @@ def registry(tmp_path) -> ModelRegistry:
     torch.manual_seed(7)
     model = MultiTaskMLP(ClassifierConfig(input_dim=DEFAULT_FEATURE_SPEC.dim))
     rng = np.random.default_rng(7)
-    model.feat_mean.copy_(torch.as_tensor(rng.uniform(1.0, 5.0, DEFAULT_FEATURE_SPEC.dim), dtype=torch.float32))
-    model.feat_std.copy_(torch.as_tensor(rng.uniform(0.5, 2.0, DEFAULT_FEATURE_SPEC.dim), dtype=torch.float32))
+    feat_mean, feat_std = model.feat_mean, model.feat_std  # buffers: typed Tensor | Module by nn.Module
+    assert isinstance(feat_mean, torch.Tensor) and isinstance(feat_std, torch.Tensor)
+    feat_mean.copy_(torch.as_tensor(rng.uniform(1.0, 5.0, DEFAULT_FEATURE_SPEC.dim), dtype=torch.float32))
+    feat_std.copy_(torch.as_tensor(rng.uniform(0.5, 2.0, DEFAULT_FEATURE_SPEC.dim), dtype=torch.float32))
     registry = ModelRegistry(tmp_path)
     ShopperClassifier(model, DEFAULT_FEATURE_SPEC.hash).save(registry.version_dir(CLASSIFIER_MODEL, "v1"), "v1")
     registry.promote(CLASSIFIER_MODEL, "v1")
@@ -77,7 +79,9 @@ def test_reasons_do_not_depend_on_the_worker_or_what_it_scored_before(registry):
 def test_the_reference_is_the_training_mean_the_artifact_holds(registry):
     scorer = BatchScorer(DEFAULT_FEATURE_SPEC, registry.root)
     assert scorer.classifier is not None
-    trained_mean = scorer.classifier.model.feat_mean.numpy()
+    feat_mean = scorer.classifier.model.feat_mean
+    assert isinstance(feat_mean, torch.Tensor)
+    trained_mean = feat_mean.numpy()
     np.testing.assert_array_equal(scorer.classifier.reference_features, trained_mean)
     # A shopper who *is* the training mean has nothing that raises the risk above it.
     assert scorer.churn_reasons(trained_mean[None, :].astype(np.float32)) == [[]]

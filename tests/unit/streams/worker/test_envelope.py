@@ -47,7 +47,9 @@ def test_the_skip_rule():
 
 def test_truncated_envelopes_raise_their_own_error():
     data = sample().encode()
-    header_end = len(data) - len(sample().state)
+    state = sample().state
+    assert state is not None
+    header_end = len(data) - len(state)
     for cut in range(1, header_end):
         with pytest.raises(EnvelopeDecodeError):
             Stored.decode(data[:cut])
@@ -55,4 +57,4 @@ def test_truncated_envelopes_raise_their_own_error():
 
 def test_a_state_cannot_be_missing_from_an_envelope():
     with pytest.raises(ValueError):
-        Stored(offsets={"t": 1}).encode()
+        Stored(offsets={("t", 0): 1}).encode()

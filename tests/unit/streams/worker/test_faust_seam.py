@@ -110,7 +110,8 @@ def test_the_consumer_has_the_state_the_seam_reads_and_writes(app):
     assert isinstance(consumer, BatchDrainConsumer) and consumer.batch_topics == {"inputs"}
     for name in ("_read_offset", "_committed_offset", "_acked", "_acked_index"):
         assert hasattr(getattr(consumer, name), "__getitem__"), name
-    assert isinstance(consumer._acked_index["t"], set) and isinstance(consumer._acked["t"], list)
+    tp = faust_seam.TP("t", 0)
+    assert isinstance(consumer._acked_index[tp], set) and isinstance(consumer._acked[tp], list)
     assert isinstance(consumer._buffered_partitions, set)
     assert hasattr(consumer._unacked_messages, "discard") and hasattr(consumer._unacked_messages, "difference_update")
     assert isinstance(consumer._n_acked, int) and consumer._commit_every == app.conf.broker_commit_every

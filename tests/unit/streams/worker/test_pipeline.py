@@ -51,7 +51,9 @@ def run(processor, messages, store):
 
 
 def state_of(store, key: bytes = b"u1") -> bytes:
-    return Stored.decode(store[key]).state
+    state = Stored.decode(store[key]).state
+    assert state is not None
+    return state
 
 
 def test_one_score_per_shopper_with_the_latest_state(processor):
@@ -72,7 +74,8 @@ def test_one_score_per_shopper_with_the_latest_state(processor):
 
 
 def test_events_are_applied_in_event_time_order_within_a_batch(processor):
-    in_order, shuffled = {}, {}
+    in_order: dict[bytes, bytes] = {}
+    shuffled: dict[bytes, bytes] = {}
     events = [view("u1", n, NOW_MS - 10_000 + n * 1000) for n in range(5)]
     run(processor, [message(e, i) for i, e in enumerate(events)], in_order)
     run(processor, [message(e, i) for i, e in enumerate(reversed(events))], shuffled)
@@ -110,6 +113,7 @@ def test_a_dead_letter_keeps_its_bytes_or_is_cut_to_fit_the_message_limit(size):
     if size <= 5_000:
         assert value is original and "shoppulse.dlq.value_truncated_from" not in names
     else:
+        assert value is not None
         assert original.startswith(value) and names["shoppulse.dlq.value_truncated_from"] == str(size).encode()
         message_bytes = len(value) + len(b"u1") + sum(len(n) + len(c) for n, c in headers)
         assert limit - DEAD_LETTER_FRAMING_BYTES - 1 <= message_bytes <= limit - DEAD_LETTER_FRAMING_BYTES
