@@ -19,7 +19,7 @@ from streams.kafka.clients import ensure_topics
 from streams.kafka.producer import produce
 from streams.sim.generator import GeneratedMessage, GeneratorConfig, ShopSimulator, at_most_per_shopper
 from streams.tools import dlq
-from streams.tools.cli import build_parser
+from streams.tools.cli import parse_args
 
 from .kafka_helpers import (
     WorkerProcess,
@@ -57,7 +57,7 @@ def padded_page_view(user_id: str, ts_ms: int, pad_bytes: int) -> GeneratedMessa
 
 
 def replay(settings, *options: str) -> int:
-    args = build_parser().parse_args(["dlq", "replay", "--quiet", *options])
+    args = parse_args(["dlq", "replay", "--quiet", *options])
     return dlq.run(args, settings)
 
 
