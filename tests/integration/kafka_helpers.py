@@ -74,6 +74,12 @@ def read_to_end(settings: Settings, topic: str, timeout_s: float = 60.0) -> list
     consumer.subscribe([topic])
     messages: list[Message] = []
     at_end: set[int] = set()
+
+    def on_end(eof: Message) -> None:
+        partition = eof.partition()
+        assert partition is not None, "a partition EOF names its partition"
+        at_end.add(partition)
+
     deadline = time.monotonic() + timeout_s
     try:
         while len(at_end) < partitions:
@@ -82,9 +88,51 @@ def read_to_end(settings: Settings, topic: str, timeout_s: float = 60.0) -> list
                     f"reading {topic}: only partitions {sorted(at_end)} of {partitions} reached "
                     f"their end within {timeout_s:.0f} s"
                 )
-            for message in consume_data(consumer, 1000, 0.5, on_end=lambda eof: at_end.add(eof.partition())):
+            for message in consume_data(consumer, 1000, 0.5, on_end=on_end):
                 at_end.discard(message.partition())
                 messages.append(message)
     finally:
         consumer.close()
     return messages
+
+
+def _where(message: Message) -> str:
+    return f"{message.topic()}[{message.partition()}]@{message.offset()}"
+
+
+def key_of(message: Message) -> bytes:
+    """The key of a consumed message that has one (every message the tests read is keyed)."""
+    key = message.key()
+    assert key is not None, f"no key at {_where(message)}"
+    return key
+
+
+def value_of(message: Message) -> bytes:
+    """The value of a consumed message that has one (not a tombstone)."""
+    value = message.value()
+    assert value is not None, f"no value (a tombstone) at {_where(message)}"
+    return value
+
+
+def headers_of(message: Message) -> dict[str, bytes | None]:
+    """A consumed message's headers by name, as ``dict(message.headers())`` (the last of a repeated name wins).
+
+    confluent-kafka types ``headers()`` with the produce-side union (a dict or a list, values str, bytes
+    or None); a consumed message has a list of (name, bytes or None), or None when it has no headers.
+    """
+    headers = message.headers()
+    assert isinstance(headers, list), f"no headers at {_where(message)}"
+    found: dict[str, bytes | None] = {}
+    for name, value in headers:
+        assert not isinstance(value, str), "consumed header values are bytes"
+        found[name] = value
+    return found
+
+
+def decoded_headers(message: Message) -> dict[str, str]:
+    """Every header of a consumed message, decoded from UTF-8 (each must have a value)."""
+    decoded: dict[str, str] = {}
+    for name, value in headers_of(message).items():
+        assert value is not None, f"header {name!r} without a value at {_where(message)}"
+        decoded[name] = value.decode()
+    return decoded

@@ -59,6 +59,7 @@ def test_broker_dies_with_a_killed_owner():
         stdout=subprocess.PIPE,
         text=True,
     )
+    assert owner.stdout is not None
     broker_pid = int(owner.stdout.readline())
     assert _alive(broker_pid)
     owner.send_signal(signal.SIGKILL)
@@ -71,6 +72,7 @@ def test_broker_dies_with_a_killed_owner():
 
 def test_cli_broker_stops_on_sigterm():
     cli = subprocess.Popen([sys.executable, "-m", "streams.tools.cli", "broker"], stdout=subprocess.PIPE, text=True)
+    assert cli.stdout is not None
     banner = cli.stdout.readline()
     assert "embedded Tansu broker on 127.0.0.1:" in banner
     cli.send_signal(signal.SIGTERM)

@@ -21,7 +21,15 @@ from streams.sim.generator import GeneratedMessage, GeneratorConfig, ShopSimulat
 from streams.tools import dlq
 from streams.tools.cli import parse_args
 
-from .kafka_helpers import WorkerProcess, isolated_settings, read_to_end, read_topic
+from .kafka_helpers import (
+    WorkerProcess,
+    decoded_headers,
+    headers_of,
+    isolated_settings,
+    read_to_end,
+    read_topic,
+    value_of,
+)
 from .test_worker import changelog_states, newest_ts, scored_until, valid_events
 
 pytestmark = pytest.mark.integration
@@ -108,14 +116,14 @@ def test_replay_after_the_fix_scores_each_dead_letter_once_and_a_second_replay_s
     # The source topic holds one replay per dead letter, each naming a distinct dead letter.
     dead = {f"{m.topic()}:{m.partition()}:{m.offset()}": m for m in read_to_end(settings, settings.topic_dead_letter)}
     replays = [m for m in read_to_end(settings, settings.topic_page_views) if m.headers()]
-    refs = [dict(m.headers())[dlq.REPLAYED_FROM].decode() for m in replays]
+    refs = [decoded_headers(m)[dlq.REPLAYED_FROM] for m in replays]
     assert len(refs) == len(set(refs)) == len(padded)
-    for message, ref in zip(replays, refs, strict=True):
-        assert (message.key(), message.value()) == (dead[ref].key(), dead[ref].value())
-        assert dict(dead[ref].headers())["shoppulse.dlq.reason"] == b"oversized"
+    for replayed, ref in zip(replays, refs, strict=True):
+        assert (replayed.key(), replayed.value()) == (dead[ref].key(), dead[ref].value())
+        assert headers_of(dead[ref])["shoppulse.dlq.reason"] == b"oversized"
 
     # Each replayed event scored exactly once (by its own event id); the cut one never.
-    scores = [json.loads(m.value()) for m in read_to_end(settings, settings.topic_scores)]
+    scores = [json.loads(value_of(m)) for m in read_to_end(settings, settings.topic_scores)]
     per_user = Counter(doc["user_id"] for doc in scores)
     for message in padded:
         user = message.key.decode()

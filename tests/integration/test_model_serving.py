@@ -24,7 +24,7 @@ from streams.kafka.clients import ensure_topics
 from streams.kafka.producer import produce
 from streams.sim.generator import GeneratorConfig, ShopSimulator
 
-from .kafka_helpers import WorkerProcess, isolated_settings, read_topic
+from .kafka_helpers import WorkerProcess, isolated_settings, read_topic, value_of
 from .test_worker import newest_ts, scored_until, valid_events
 
 pytestmark = pytest.mark.integration
@@ -102,7 +102,7 @@ def test_models_score_recommend_alert_and_reload(broker, tmp_path):
     finally:
         assert worker.stop() == 0, worker.log_tail()
 
-    docs = [json.loads(m.value()) for m in scores]
+    docs = [json.loads(value_of(m)) for m in scores]
     assert all(set(doc["scores"]) == {CHURN, PURCHASE} for doc in docs)
     assert {doc["model_versions"][CHURN] for doc in docs} >= {"shopper-classifier:v1", "shopper-classifier:v2"}
     assert load_errors == load_errors_before_v3 + 1 and serving_v2 == 1, "a corrupt artifact must leave v2 in place"
@@ -111,20 +111,22 @@ def test_models_score_recommend_alert_and_reload(broker, tmp_path):
     recommendations = read_topic(
         settings,
         settings.topic_recommendations,
-        until=lambda ms: users <= {json.loads(m.value())["user_id"] for m in ms},
+        until=lambda ms: users <= {json.loads(value_of(m))["user_id"] for m in ms},
     )
     for message in recommendations:
-        doc = json.loads(message.value())
+        doc = json.loads(value_of(message))
         assert message.key() == doc["user_id"].encode() and 0 < len(doc["items"]) <= settings.top_k
         assert all(item["item_id"] in set(items) for item in doc["items"])
 
     alerts = read_topic(
-        settings, settings.topic_churn_alerts, until=lambda ms: users <= {json.loads(m.value())["user_id"] for m in ms}
+        settings,
+        settings.topic_churn_alerts,
+        until=lambda ms: users <= {json.loads(value_of(m))["user_id"] for m in ms},
     )
-    per_user = Counter(json.loads(m.value())["user_id"] for m in alerts)
+    per_user = Counter(json.loads(value_of(m))["user_id"] for m in alerts)
     assert set(per_user) == users
     assert max(per_user.values()) == 1, f"repeated alerts: {[u for u, n in per_user.items() if n > 1][:5]}"
-    alert = json.loads(alerts[0].value())
+    alert = json.loads(value_of(alerts[0]))
     assert {"alert_id", "churn_risk", "reasons", "last_activity_ts", "value_to_date", "model_version"} <= set(alert)
 
 
@@ -159,14 +161,17 @@ def test_silent_shoppers_are_rescored_and_alerted_once(broker, tmp_path):
         settings,
         settings.topic_scores,
         until=lambda ms: (
-            users <= {json.loads(m.value())["user_id"] for m in ms if json.loads(m.value())["trigger_event_id"] is None}
+            users
+            <= {json.loads(value_of(m))["user_id"] for m in ms if json.loads(value_of(m))["trigger_event_id"] is None}
         ),
     )
     assert users <= {
-        json.loads(m.value())["user_id"] for m in silent_scores if json.loads(m.value())["trigger_event_id"] is None
+        json.loads(value_of(m))["user_id"] for m in silent_scores if json.loads(value_of(m))["trigger_event_id"] is None
     }
     alerts = read_topic(
-        settings, settings.topic_churn_alerts, until=lambda ms: users <= {json.loads(m.value())["user_id"] for m in ms}
+        settings,
+        settings.topic_churn_alerts,
+        until=lambda ms: users <= {json.loads(value_of(m))["user_id"] for m in ms},
     )
-    per_user = Counter(json.loads(m.value())["user_id"] for m in alerts)
+    per_user = Counter(json.loads(value_of(m))["user_id"] for m in alerts)
     assert per_user == Counter(dict.fromkeys(users, 1)), "each silent shopper alerts exactly once per cooldown"

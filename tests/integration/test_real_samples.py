@@ -13,7 +13,7 @@ from streams.kafka.clients import ensure_topics
 from streams.sim.replay import read_otto_jsonl, read_rees46_csv
 from streams.tools.process import worker_environment
 
-from .kafka_helpers import WorkerProcess, isolated_settings, read_topic
+from .kafka_helpers import WorkerProcess, headers_of, isolated_settings, read_topic, value_of
 
 pytestmark = pytest.mark.integration
 
@@ -45,11 +45,11 @@ def test_replayed_sample_is_scored_end_to_end(broker, tmp_path, shared_data, fmt
         scores = read_topic(
             settings,
             settings.topic_scores,
-            until=lambda ms: users <= {json.loads(m.value())["user_id"] for m in ms},
+            until=lambda ms: users <= {json.loads(value_of(m))["user_id"] for m in ms},
             timeout_s=60,
         )
         dead = read_topic(settings, settings.topic_dead_letter, until=lambda ms: False, timeout_s=3)
     finally:
         assert worker.stop() == 0, worker.log_tail()
-    assert {json.loads(m.value())["user_id"] for m in scores} == users
-    assert dead == [], [dict(d.headers()) for d in dead]
+    assert {json.loads(value_of(m))["user_id"] for m in scores} == users
+    assert dead == [], [headers_of(d) for d in dead]

@@ -136,7 +136,9 @@ def assert_offsets_are_the_input_log(settings: Settings) -> None:
             except InvalidEvent:
                 continue
             offsets = expected.setdefault(user, {})
-            offsets[(topic, m.partition())] = max(offsets.get((topic, m.partition()), -1), m.offset())
+            partition, offset = m.partition(), m.offset()
+            assert partition is not None and offset is not None, "a consumed message has its position"
+            offsets[(topic, partition)] = max(offsets.get((topic, partition), -1), offset)
     stored = {user: value.offsets for user, value in changelog_values(settings).items()}
     assert stored == expected
 

@@ -19,7 +19,7 @@ from streams.kafka.clients import ensure_topics
 from streams.kafka.producer import produce
 from streams.sim.generator import GeneratorConfig, ShopSimulator, at_most_per_shopper
 
-from .kafka_helpers import WorkerProcess, isolated_settings, read_topic
+from .kafka_helpers import WorkerProcess, isolated_settings, read_topic, value_of
 from .test_model_serving import publish_models
 from .test_worker import changelog_states, newest_ts, scored_until, valid_events
 
@@ -80,11 +80,11 @@ def test_two_workers_split_partitions_and_take_over(broker, tmp_path):
 
     users = set(offline)
     alerts = read_topic(
-        base, base.topic_churn_alerts, until=lambda ms: users <= {json.loads(m.value())["user_id"] for m in ms}
+        base, base.topic_churn_alerts, until=lambda ms: users <= {json.loads(value_of(m))["user_id"] for m in ms}
     )
     alert_ids: dict[str, set[str]] = {}
     for m in alerts:
-        doc = json.loads(m.value())
+        doc = json.loads(value_of(m))
         alert_ids.setdefault(doc["user_id"], set()).add(doc["alert_id"])
     assert set(alert_ids) == users
     assert all(len(ids) == 1 for ids in alert_ids.values()), {u: i for u, i in alert_ids.items() if len(i) > 1}

@@ -129,9 +129,13 @@ def test_tansu_limits_as_documented(broker, tmp_path):
 
     admin = AdminClient({"bootstrap.servers": broker.bootstrap_servers})
     upsert = UserScramCredentialUpsertion("alice", ScramCredentialInfo(ScramMechanism.SCRAM_SHA_512, 4096), b"pw")
-    (created,) = admin.alter_user_scram_credentials([upsert]).values()
+    altered = admin.alter_user_scram_credentials([upsert])
+    assert isinstance(altered, dict), "a list of alterations gets a future per user"
+    (created,) = altered.values()
     assert created.result() is None, "Tansu reports the credential as stored"
-    (described,) = admin.describe_user_scram_credentials(["alice"]).values()
+    descriptions = admin.describe_user_scram_credentials(["alice"])
+    assert isinstance(descriptions, dict), "a list of users gets a future per user"
+    (described,) = descriptions.values()
     try:
         stored = described.result().scram_credential_infos
     except RuntimeError as exc:  # confluent-kafka's words for an answer without any user in it

@@ -26,7 +26,15 @@ from streams.worker.app import STATE_TABLE
 from streams.worker.envelope import Stored
 from streams.worker.table_writer import SEAL_KEY
 
-from .kafka_helpers import WorkerProcess, isolated_settings, read_to_end, read_topic
+from .kafka_helpers import (
+    WorkerProcess,
+    decoded_headers,
+    isolated_settings,
+    key_of,
+    read_to_end,
+    read_topic,
+    value_of,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -42,25 +50,30 @@ def changelog_values(settings) -> dict[str, Stored]:
     values: dict[str, Stored] = {}
     for m in read_to_end(settings, f"{settings.app_id}-{STATE_TABLE}-changelog"):
         # a tombstone (None) deletes, as compaction and table recovery read it
-        if m.value() is None:
-            values.pop(m.key().decode(), None)
+        user, value = key_of(m).decode(), m.value()
+        if value is None:
+            values.pop(user, None)
         else:
-            values[m.key().decode()] = Stored.decode(m.value())
+            values[user] = Stored.decode(value)
     return values
 
 
 def changelog_states(settings) -> dict[str, bytes]:
     """The last state (encoded) each shopper's changelog holds."""
-    return {user: value.state for user, value in changelog_values(settings).items()}
+    states: dict[str, bytes] = {}
+    for user, value in changelog_values(settings).items():
+        assert value.state is not None, f"{user}'s changelog value holds no state"
+        states[user] = value.state
+    return states
 
 
 def scored_until(settings, expected_last_ts: dict[str, int]):
     """Read scores until every shopper's newest event has been scored."""
 
     def done(messages):
-        latest = {}
+        latest: dict[str, int] = {}
         for m in messages:
-            doc = json.loads(m.value())
+            doc = json.loads(value_of(m))
             latest[doc["user_id"]] = max(latest.get(doc["user_id"], 0), doc["trigger_ts"])
         return all(latest.get(user, -1) >= ts for user, ts in expected_last_ts.items())
 
@@ -103,22 +116,22 @@ def test_every_event_scored_or_dead_lettered(settings, tmp_path):
         assert worker.stop() == 0, worker.log_tail()
 
     # Scores: every shopper with a valid event, the newest event of each covered, no stranger.
-    by_user = Counter(json.loads(m.value())["user_id"] for m in scores)
+    by_user = Counter(json.loads(value_of(m))["user_id"] for m in scores)
     assert set(by_user) == {e.user_id for e in events}
     for m in scores:
-        doc = json.loads(m.value())
+        doc = json.loads(value_of(m))
         assert m.key() == doc["user_id"].encode()
         assert doc["schema_version"] == 1 and doc["feature_spec"] == DEFAULT_FEATURE_SPEC.hash
 
     # Dead letters: each malformed message exactly once, original bytes, reason and source position.
     assert len(dead) == len(malformed)
     expected = Counter((m.value, m.malformed_reason) for m in malformed)
-    got = Counter((d.value(), dict(d.headers())["shoppulse.dlq.reason"].decode()) for d in dead)
+    got = Counter((d.value(), decoded_headers(d)["shoppulse.dlq.reason"]) for d in dead)
     assert got == expected
     inputs = read_topic(settings, list(settings.input_topics), until=lambda ms: len(ms) >= len(messages))
     sources = {(m.topic(), m.partition(), m.offset()): m.value() for m in inputs}
     for d in dead:
-        headers = {k: v.decode() for k, v in d.headers()}
+        headers = decoded_headers(d)
         position = (
             headers["shoppulse.dlq.source_topic"],
             int(headers["shoppulse.dlq.source_partition"]),
@@ -196,10 +209,10 @@ def test_a_dead_letter_too_large_to_send_whole_is_cut_to_fit_and_the_worker_goes
     finally:
         assert worker.stop() == 0, worker.log_tail()
     assert len(dead) == 1
-    headers = {k: v.decode() for k, v in dead[0].headers()}
+    headers = decoded_headers(dead[0])
     assert headers["shoppulse.dlq.reason"] == "bad_json" and headers["shoppulse.dlq.value_truncated_from"] == "30001"
-    assert dead[0].key() == too_big.key and too_big.value.startswith(dead[0].value())
-    assert 15_000 < len(dead[0].value()) < 20_000
+    assert dead[0].key() == too_big.key and too_big.value.startswith(value_of(dead[0]))
+    assert 15_000 < len(value_of(dead[0])) < 20_000
 
 
 #: A worker whose batch logic raises on its second batch: a bug no handler anticipates.
@@ -311,7 +324,7 @@ def test_idle_shoppers_are_evicted_from_table_and_changelog(broker, tmp_path):
     assert in_state == 0
     topic = f"{settings.app_id}-{STATE_TABLE}-changelog"
     changelog = read_topic(
-        settings, topic, until=lambda ms: users <= {m.key().decode() for m in ms if m.value() is None}
+        settings, topic, until=lambda ms: users <= {key_of(m).decode() for m in ms if m.value() is None}
     )
-    last = {m.key().decode(): m.value() for m in changelog if m.key() != SEAL_KEY}
+    last = {key_of(m).decode(): m.value() for m in changelog if m.key() != SEAL_KEY}
     assert set(last) == users and all(value is None for value in last.values()), "expected a tombstone per shopper"
