@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
@@ -77,8 +77,20 @@ class _TokenBucket:
             time.sleep((1.0 - self.tokens) / self.rate_per_s)
 
 
+class ProducibleMessage(Protocol):
+    """What :func:`produce` reads of a message: a GeneratedMessage, or a test's hand-made one
+    (tests/poison_corpus.PoisonCase, whose key or value may be missing)."""
+
+    @property
+    def topic_kind(self) -> str: ...
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes | None: ...
+
+
 def produce(
-    messages: Iterable[GeneratedMessage],
+    messages: Iterable[ProducibleMessage],
     topics: Mapping[str, str],
     producer_config: dict[str, Any],
     rate_per_s: float | None = None,
