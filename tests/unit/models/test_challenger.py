@@ -15,6 +15,7 @@ from models.classifiers import ClassifierConfig, MultiTaskMLP, ShopperClassifier
 from models.names import CLASSIFIER_MODEL, NEXTITEM_MODEL
 from models.nextitem import NextItemConfig, NextItemRecommender, SASRec
 from models.registry import CHALLENGER_FILE, SHADOW, SPLIT, Challenger, ModelRegistry, RegistryError
+from models.scoring import CHURN, PURCHASE, BatchScorer
 from models.sequences import ItemVocab
 from models.train_cli import models_main
 from models.variants import in_share
@@ -163,3 +164,76 @@ def test_cli_promotes_lists_and_clears_a_challenger(registry, capsys):
     assert models_main(["--registry", root, "clear-challenger", CLASSIFIER_MODEL]) == 0
     assert "challenger v2 cleared" in capsys.readouterr().out
     assert registry.challenger(CLASSIFIER_MODEL) is None and registry.current(CLASSIFIER_MODEL) == "v1"
+
+
+# ------------------------------------------------------------------------------ scorer
+def test_scorer_serves_champion_and_challenger_side_by_side(registry, shoppers):
+    states, features, items = shoppers
+    for version, seed in (("r1", 5), ("r2", 6)):
+        save_recommender(registry, version, seed, items)
+    registry.promote(NEXTITEM_MODEL, "r1")
+    registry.set_challenger(CLASSIFIER_MODEL, "v2", SPLIT, 0.5, salt="s")
+    scorer = BatchScorer(DEFAULT_FEATURE_SPEC, registry.root, device="cpu")
+    assert scorer.champion_versions == {CLASSIFIER_MODEL: "v1", NEXTITEM_MODEL: "r1"}
+    assert scorer.challengers == {CLASSIFIER_MODEL: Challenger(CLASSIFIER_MODEL, "v2", SPLIT, 0.5, "s")}
+
+    champion = scorer.score(states, features)
+    challenger = scorer.score_challenger(CLASSIFIER_MODEL, states, features)
+    assert len(challenger) == len(states)
+    assert all(set(row.scores) == {CHURN, PURCHASE} and row.recommendations == [] for row in challenger)
+    expected = ShopperClassifier.load(
+        registry.version_dir(CLASSIFIER_MODEL, "v2"), DEFAULT_FEATURE_SPEC.hash
+    ).predict_proba(features)
+    np.testing.assert_allclose([row.scores[CHURN] for row in challenger], expected["churn"], rtol=1e-6)
+    np.testing.assert_allclose([row.scores[PURCHASE] for row in challenger], expected["purchase"], rtol=1e-6)
+    assert any(abs(a.scores[CHURN] - b.scores[CHURN]) > 1e-4 for a, b in zip(champion, challenger, strict=True))
+    assert scorer.timings.challenger_classifier_s > 0
+    with pytest.raises(LookupError, match="no challenger loaded for 'nextitem'"):
+        scorer.score_challenger(NEXTITEM_MODEL, states, features)
+
+    registry.set_challenger(NEXTITEM_MODEL, "r2", SHADOW)
+    assert scorer.refresh(force=True) is True  # hot reload picks up a new challenger
+    recommended = scorer.score_challenger(NEXTITEM_MODEL, states, features)
+    rec = NextItemRecommender.load(registry.version_dir(NEXTITEM_MODEL, "r2"))
+    assert [row.recommendations for row in recommended] == rec.recommend(
+        [s.history_item_ids() for s in states], k=scorer.top_k
+    )
+    assert all(row.scores == {} for row in recommended)
+    assert [row.recommendations for row in recommended] != [row.recommendations for row in champion]
+    assert scorer.champion_versions == {CLASSIFIER_MODEL: "v1", NEXTITEM_MODEL: "r1"}  # the champion stays
+
+
+def test_challenger_hot_reload_keeps_the_last_good_one_and_unloads_a_cleared_one(registry, shoppers):
+    states, features, _ = shoppers
+    scorer = BatchScorer(DEFAULT_FEATURE_SPEC, registry.root, device="cpu")
+    assert scorer.challengers == {} and scorer.refresh(force=True) is False
+    registry.set_challenger(CLASSIFIER_MODEL, "v2", SHADOW, salt="a")
+    assert scorer.refresh(force=True) is True
+    before = scorer.score_challenger(CLASSIFIER_MODEL, states, features)
+
+    # same artifact, new split: the record changes, the model is not reloaded
+    registry.set_challenger(CLASSIFIER_MODEL, "v2", SPLIT, 0.1, salt="b")
+    assert scorer.refresh(force=True) is True
+    assert scorer.challengers[CLASSIFIER_MODEL] == Challenger(CLASSIFIER_MODEL, "v2", SPLIT, 0.1, "b")
+    assert scorer.load_errors == 0
+
+    # a challenger whose artifact broke after it was verified: refused once, the last good one serves
+    registry.set_challenger(CLASSIFIER_MODEL, "v3", SHADOW, salt="c")
+    (registry.version_dir(CLASSIFIER_MODEL, "v3") / WEIGHTS_FILE).write_bytes(b"broken")
+    assert scorer.refresh(force=True) is False
+    assert scorer.refresh(force=True) is False
+    assert scorer.load_errors == 1
+    assert scorer.challengers[CLASSIFIER_MODEL].version == "v2"
+    after = scorer.score_challenger(CLASSIFIER_MODEL, states, features)
+    assert [row.scores for row in after] == [row.scores for row in before]
+
+    # an unreadable pointer: logged once, the loaded challenger stays
+    (registry.model_dir(CLASSIFIER_MODEL) / CHALLENGER_FILE).write_text("{not json")
+    assert scorer.refresh(force=True) is False and scorer.refresh(force=True) is False
+    assert scorer.load_errors == 2 and scorer.challengers[CLASSIFIER_MODEL].version == "v2"
+
+    registry.clear_challenger(CLASSIFIER_MODEL)
+    assert scorer.refresh(force=True) is True
+    assert scorer.challengers == {} and scorer.champion_versions == {CLASSIFIER_MODEL: "v1"}
+    with pytest.raises(LookupError):
+        scorer.score_challenger(CLASSIFIER_MODEL, states, features)
