@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -220,18 +221,22 @@ def workers() -> Iterator[tuple[list[str], list[dict[str, Counter]]]]:
         server.server_close()
 
 
-@pytest.fixture
-def trial(tmp_path) -> ModelRegistry:
-    """A registry with a champion and a challenger of each kind."""
-    reg = ModelRegistry(tmp_path / "registry")
+def trial_registry(root: Path, nextitem_mode: str = SPLIT) -> ModelRegistry:
+    """A registry with champions v1 / r1 and challengers v2 (shadow) / r2 (``nextitem_mode``, half the shoppers)."""
+    reg = ModelRegistry(root)
     for version, seed in (("v1", 1), ("v2", 2)):
         save_classifier(reg, version, seed)
         save_recommender(reg, f"r{version[1]}", seed, [f"sku{i}" for i in range(20)])
     reg.promote(CLASSIFIER_MODEL, "v1")
     reg.promote(NEXTITEM_MODEL, "r1")
     reg.set_challenger(CLASSIFIER_MODEL, "v2", SHADOW)
-    reg.set_challenger(NEXTITEM_MODEL, "r2", SPLIT, 0.5)
+    reg.set_challenger(NEXTITEM_MODEL, "r2", nextitem_mode, 0.5)
     return reg
+
+
+@pytest.fixture
+def trial(tmp_path) -> ModelRegistry:
+    return trial_registry(tmp_path / "registry")
 
 
 def test_compare_reads_every_worker_and_ranks_the_better_model(trial, workers, capsys):
