@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from collections.abc import Iterator
@@ -44,6 +45,8 @@ from models.names import CLASSIFIER_MODEL, NEXTITEM_MODEL
 from models.registry import SHADOW, SPLIT, ModelRegistry
 from models.train_cli import models_main
 from models.variants import CHALLENGER, CHAMPION
+from streams.config import Settings
+from streams.tools import models as models_tool
 
 from .test_challenger import save_classifier, save_recommender
 
@@ -315,3 +318,16 @@ def test_sources_refuse_what_they_cannot_read():
     assert prometheus_query(GAIN, "6h") == (
         f"sum by (model, version, variant, k, score, decile, outcome) (increase({GAIN}[6h]))"
     )
+
+
+def test_shoppulse_models_compare_reads_the_local_worker_by_default(trial, workers, capsys):
+    """`shoppulse models compare` without a source reads the worker this configuration runs."""
+    urls, counters = workers
+    record_recommendations(counters[1], "r1", CHAMPION, [1] * 150)
+    record_recommendations(counters[1], "r2", CHALLENGER, [2] * 150)
+    port = int(urls[1].rsplit(":", 1)[1].split("/")[0])
+    settings = Settings.from_env({}, metrics_host="0.0.0.0", metrics_port=port)
+    args = argparse.Namespace(rest=["--registry", str(trial.root), "compare", "--model", NEXTITEM_MODEL, "--json"])
+    assert models_tool.run(args, settings) == 1
+    (nextitem,) = json.loads(capsys.readouterr().out)["models"]
+    assert nextitem["metrics"][0]["champion"]["n"] == 150 and nextitem["verdict"] == CHAMPION_WINS
