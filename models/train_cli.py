@@ -407,7 +407,7 @@ def models_main(argv: Sequence[str] | None = None, default_metrics_url: str | No
     p.add_argument(
         "--mode",
         choices=MODES,
-        default=SHADOW,
+        default=None,
         help="challenger only: shadow (default; scored for every shopper, never published) or split "
         "(published for --share of shoppers)",
     )
@@ -512,15 +512,15 @@ def models_main(argv: Sequence[str] | None = None, default_metrics_url: str | No
             if args.role == CHALLENGER_ALIAS:
                 if (args.mode == SPLIT) != (args.share is not None):
                     parser.error("--share is required with --mode split, and only then")
-                ch = reg.set_challenger(args.model, args.version, args.mode, args.share or 1.0, args.salt)
+                ch = reg.set_challenger(args.model, args.version, args.mode or SHADOW, args.share or 1.0, args.salt)
                 scope = f"{ch.share:.0%} of shoppers get its results" if ch.mode == SPLIT else "never published"
                 print(
                     f"{ch.model}: challenger = {ch.version} ({ch.mode}, {scope}; salt {ch.salt}); "
                     f"champion = {reg.current(ch.model)}"
                 )
                 return 0
-            if args.share is not None or args.salt is not None:
-                parser.error("--share and --salt only apply with --as challenger")
+            if args.mode is not None or args.share is not None or args.salt is not None:
+                parser.error("--mode, --share and --salt only apply with --as challenger")
             info = reg.promote(args.model, args.version)
             print(f"{info.name}: current = {info.current} (previous: {', '.join(info.previous) or 'none'})")
             return 0
