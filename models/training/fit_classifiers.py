@@ -14,6 +14,7 @@ from features.spec import FeatureSpec
 
 from ..binary_metrics import RankedScores, binary_metrics, bootstrap_deltas, reliability_bins
 from ..classifiers import ClassifierConfig, ClassifierTrainConfig, MultiTaskMLP, calibrate, fit_platt, train_classifier
+from ..drift import FeatureDistribution
 from ..labels import MOMENT_NAMES, TASKS
 from ..nextitem import seed_everything
 from .config import TrainingConfig
@@ -142,7 +143,8 @@ def fit_and_evaluate_classifiers(
 
     Returns the (CPU) model to serve, the MLP or the logistic regression (both
     :class:`MultiTaskMLP`, calibrated), and the JSON-ready evaluation; ``info["selection"]``
-    says which and why.
+    says which and why, ``info["training_distribution"]`` holds the fit rows' quantile bins per
+    feature (:meth:`models.drift.FeatureDistribution.to_dict`), the reference of live drift.
     """
     masks = {task: split.masks(ex.ts, task) for task in TASKS}
     labelled = {task: ~np.isnan(ex.y[:, t]) for t, task in enumerate(TASKS)}
@@ -282,5 +284,6 @@ def fit_and_evaluate_classifiers(
             "calibration": "Platt scaling fitted on the training (fit) rows",
         },
         "architecture": {"hidden": list(cfg.hidden), "dropout": cfg.dropout, "calibration": cfg.calibration},
+        "training_distribution": FeatureDistribution.fit(x_fit, spec.names).to_dict(),
     }
     return (mlp if selection["served"] == METHOD_MODEL else logreg), info
