@@ -97,6 +97,9 @@ def test_gauge_equals_the_psi_of_the_scored_rows_and_follows_the_served_classifi
     expected = population_stability_index(reference.shares, reference.bin_counts(rows))
     assert psi_samples(metrics, "v1") == [float(v) for v in expected]  # exactly the offline PSI of those rows
     assert max(expected) > 0.2  # the hand-made traffic looks nothing like the random reference
+    silent = processor.rescore_silent([(0, key, value) for key, value in store.items()], NOW_MS + 2 * 86_400_000)
+    assert silent.scored and sum(len(r) for r in scored) == len(rows)  # sweep re-scores are not drift rows
+    assert psi_samples(metrics, "v1") == [float(v) for v in expected]
 
     clock[0] += 70.0  # the window emptied; one small batch is too few rows to claim anything
     run(batch(0, 5, offset))
