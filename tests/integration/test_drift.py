@@ -8,18 +8,17 @@ import time
 
 import numpy as np
 import pytest
-import torch
 
 from features.offline import replay
 from features.spec import DEFAULT_FEATURE_SPEC
 from features.state import APPLIED
-from models.classifiers import ClassifierConfig, MultiTaskMLP, ShopperClassifier
 from models.drift import FeatureDistribution
 from models.names import CLASSIFIER_MODEL
 from models.registry import ModelRegistry
 from streams.kafka.clients import ensure_topics
 from streams.kafka.producer import produce
 from streams.sim.generator import GeneratorConfig, ShopSimulator
+from tests.unit.streams.worker.test_drift_gauge import publish
 
 from .kafka_helpers import WorkerProcess, isolated_settings
 from .test_worker import newest_ts, scored_until, valid_events
@@ -27,14 +26,6 @@ from .test_worker import newest_ts, scored_until, valid_events
 pytestmark = pytest.mark.integration
 
 _PSI = re.compile(r'^shoppulse_live_feature_psi\{feature="(\w+)",model="([\w-]+)",version="(\w+)"\} (\S+)$', re.M)
-
-
-def publish(registry: ModelRegistry, version: str, distribution: FeatureDistribution | None) -> None:
-    torch.manual_seed(0)
-    model = MultiTaskMLP(ClassifierConfig(input_dim=DEFAULT_FEATURE_SPEC.dim))
-    classifier = ShopperClassifier(model, DEFAULT_FEATURE_SPEC.hash, training_distribution=distribution)
-    classifier.save(registry.version_dir(CLASSIFIER_MODEL, version), version)
-    registry.promote(CLASSIFIER_MODEL, version)
 
 
 def psi_series(worker: WorkerProcess) -> dict[tuple[str, str], float]:

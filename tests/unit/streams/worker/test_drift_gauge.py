@@ -82,7 +82,11 @@ def test_gauge_equals_the_psi_of_the_scored_rows_and_follows_the_served_classifi
 
     def run(messages: list[InputMessage]) -> None:
         outcome = processor.process(messages, lambda partition, key: store.get(key), now_ms=NOW_MS)
-        store.update({w.key: w.value for w in outcome.writes})
+        for write in outcome.writes:
+            if write.value is None:  # a deletion
+                store.pop(write.key, None)
+            else:
+                store[write.key] = write.value
 
     run(batch(0, 30, 0))  # 30 shoppers scored: below min_rows, nothing exported
     assert psi_samples(metrics, "v1") == [None] * len(NAMES)
