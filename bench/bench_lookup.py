@@ -46,8 +46,9 @@ from streams.tools.process import WorkerProcess, histogram_quantile  # noqa: E40
 SECTION = "## Shopper lookup latency under load (embedded broker, this machine)"
 HEADER = (
     "| date (UTC) | shoppers in table | saturation ev/s | load ev/s (share) | consumed ev/s meanwhile "
-    "| lookups | p50 ms | p99 ms | max ms | server p99 bucket ms | non-200 | models | command |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    "| GIL switch ms | lookups | p50 ms | p99 ms | max ms | server p99 bucket ms | non-200 | kept / computed "
+    "| models | command |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 #: Goal for a local key's p99 (issue #18).
 GOAL_P99_MS = 10.0
@@ -63,15 +64,16 @@ def server_p99_bound_ms(worker: WorkerProcess) -> float:
     return histogram_quantile(sorted(counts.items()), 0.99) * 1000
 
 
-def timed_lookup(host: str, port: int, user: str) -> tuple[float, int]:
-    """(ms from connect to the last byte of the answer, HTTP status) of one lookup."""
+def timed_lookup(host: str, port: int, user: str) -> tuple[float, int, bool]:
+    """(ms from connect to the last byte of the answer, HTTP status, whether the scores were the kept
+    published ones rather than computed) of one lookup."""
     started = time.perf_counter()
     connection = http.client.HTTPConnection(host, port, timeout=10)
     try:
         connection.request("GET", f"/shoppers/{urllib.parse.quote(user, safe='')}")
         answer = connection.getresponse()
-        answer.read()
-        return (time.perf_counter() - started) * 1000, answer.status
+        body = answer.read()
+        return (time.perf_counter() - started) * 1000, answer.status, b'"source":"published"' in body
     finally:
         connection.close()
 
@@ -84,24 +86,26 @@ def produce_live(config: GeneratorConfig, total: int, settings: Settings, rate_p
 
 def lookups_while_loaded(
     worker: WorkerProcess, users: list[str], rate_per_s: float, seconds: float, load: multiprocessing.Process, seed: int
-) -> tuple[list[float], int]:
-    """Lookups of random ``users`` at ``rate_per_s`` for ``seconds`` while ``load`` runs: latencies (ms), non-200s."""
+) -> tuple[list[float], int, int]:
+    """Lookups of random ``users`` at ``rate_per_s`` for ``seconds`` while ``load`` runs: latencies
+    (ms), how many were not 200, how many answered with kept published scores."""
     chooser = random.Random(seed)
     host, port = worker.settings.metrics_host, worker.settings.metrics_port
     latencies: list[float] = []
-    failed = 0
+    failed = kept = 0
     load.start()
     started = time.perf_counter()
     n = 0
     while time.perf_counter() - started < seconds:
         due = started + n / rate_per_s
         time.sleep(max(0.0, due - time.perf_counter()))
-        elapsed_ms, status = timed_lookup(host, port, chooser.choice(users))
+        elapsed_ms, status, published = timed_lookup(host, port, chooser.choice(users))
         latencies.append(elapsed_ms)
         failed += status != 200
+        kept += published
         n += 1
     load.join()
-    return latencies, failed
+    return latencies, failed, kept
 
 
 def main() -> None:
@@ -115,6 +119,12 @@ def main() -> None:
     parser.add_argument("--load", type=float, default=0.5, help="event rate as a share of the saturation rate")
     parser.add_argument("--seconds", type=float, default=30.0, help="length of the loaded phase")
     parser.add_argument("--lookups-per-s", type=float, default=40.0)
+    parser.add_argument(
+        "--gil-switch-interval-ms",
+        type=float,
+        default=Settings.gil_switch_interval_ms,
+        help="the worker's SHOPPULSE_GIL_SWITCH_INTERVAL_MS",
+    )
     parser.add_argument("--no-record", action="store_true", help="print only; do not touch BENCHMARKS.md")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="shoppulse-bench-lookup-"))
@@ -137,6 +147,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> None:
             metrics_port=free_port(),
             log_level="WARNING",
             models_dir=Path(args.models).resolve(),
+            gil_switch_interval_ms=args.gil_switch_interval_ms,
         )
         ensure_topics(settings)
         produce(messages, settings.topic_by_kind, confluent_producer_config(settings))
@@ -152,7 +163,9 @@ def measure(args: argparse.Namespace, workdir: Path) -> None:
             # hold this process's GIL while the client waits to read an answer.
             load = multiprocessing.Process(target=produce_live, args=(live, total, settings, rate))
             consumed_before, loaded_at = worker.metric("shoppulse_events_consumed_total"), time.perf_counter()
-            latencies, failed = lookups_while_loaded(worker, users, args.lookups_per_s, args.seconds, load, args.seed)
+            latencies, failed, kept = lookups_while_loaded(
+                worker, users, args.lookups_per_s, args.seconds, load, args.seed
+            )
             consumed = (worker.metric("shoppulse_events_consumed_total") - consumed_before) / (
                 time.perf_counter() - loaded_at
             )
@@ -162,7 +175,8 @@ def measure(args: argparse.Namespace, workdir: Path) -> None:
     p50, p99, worst = percentile(latencies, 50), percentile(latencies, 99), max(latencies)
     print(
         f"{len(latencies):,} lookups of {len(users):,} shoppers while the worker consumed {consumed:,.0f} events/s: "
-        f"p50 {p50:.2f} ms, p99 {p99:.2f} ms, max {worst:.2f} ms, {failed} not 200 "
+        f"p50 {p50:.2f} ms, p99 {p99:.2f} ms, max {worst:.2f} ms, {failed} not 200, {kept} answered with the "
+        f"kept published scores (the rest computed) "
         f"(goal p99 <= {GOAL_P99_MS:.0f} ms: {'met' if p99 <= GOAL_P99_MS else 'NOT met'}); "
         f"server side (the worker's shoppulse_lookup_seconds) p99 <= {server_p99_ms:g} ms",
         flush=True,
@@ -172,7 +186,9 @@ def measure(args: argparse.Namespace, workdir: Path) -> None:
             SECTION,
             HEADER,
             f"| {utc_now()} | {len(users):,} | {saturation:,.0f} | {rate:,.0f} ({args.load:.2f}) | {consumed:,.0f} | "
-            f"{len(latencies):,} | {p50:.2f} | {p99:.2f} | {worst:.2f} | <= {server_p99_ms:g} | {failed} | {models} "
+            f"{args.gil_switch_interval_ms:g} | {len(latencies):,} | {p50:.2f} | {p99:.2f} | {worst:.2f} | "
+            f"<= {server_p99_ms:g} | {failed} | "
+            f"{kept:,} / {len(latencies) - kept:,} | {models} "
             f"| `{this_command()}` |",
         )
 

@@ -171,7 +171,13 @@ SETTINGS_DOC: dict[str, tuple[str, str, str]] = {
         "SHOPPULSE_LOOKUP_KEEP_SHOPPERS",
         "50000",
         "shoppers whose last published scores and recommendations the shopper lookup keeps in memory "
-        "(about 1.2 KB each at SHOPPULSE_TOP_K=10; 0 = keep none, compute every answer)",
+        "(about 1.3 KB each at SHOPPULSE_TOP_K=10; 0 = keep none, compute every answer)",
+    ),
+    "gil_switch_interval_ms": (
+        "SHOPPULSE_GIL_SWITCH_INTERVAL_MS",
+        "5.0",
+        "how long a worker thread waiting for Python's GIL waits before the running one must hand it over "
+        "(sys.setswitchinterval; Python's default is 5 ms): a shopper lookup waits for it a few times per request",
     ),
     "log_level": ("SHOPPULSE_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
     "log_format": (
@@ -270,6 +276,7 @@ class Settings:
     metrics_port: int = 9108
     advertised_url: str = ""
     lookup_keep_shoppers: int = 50_000
+    gil_switch_interval_ms: float = 5.0
     log_level: str = "INFO"
     log_format: str = "text"
 
@@ -340,6 +347,8 @@ class Settings:
             raise ConfigError("SHOPPULSE_CHURN_ALERT_LOW must be below SHOPPULSE_CHURN_ALERT_HIGH, both in [0, 1]")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"SHOPPULSE_DEVICE={self.device!r}; use auto, cpu or cuda")
+        if not 0.01 <= self.gil_switch_interval_ms <= 100:
+            raise ConfigError(f"SHOPPULSE_GIL_SWITCH_INTERVAL_MS={self.gil_switch_interval_ms}; use 0.01 to 100")
         if self.advertised_url and not self.advertised_url.startswith("http://"):
             raise ConfigError(
                 f"SHOPPULSE_ADVERTISED_URL={self.advertised_url!r}; "

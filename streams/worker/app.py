@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import sys
 from typing import Any
 
 import faust
@@ -306,6 +307,7 @@ class ScoringWorker:
 
     def run(self) -> int:
         """Create topics, start the metrics server and run the worker until SIGINT/SIGTERM."""
+        sys.setswitchinterval(self.settings.gil_switch_interval_ms / 1000)
         ensure_topics(self.settings)
         publisher = Publisher(BatchProducer(self.settings), self.settings, self.metrics)
         changelog = TableWriter(

@@ -67,8 +67,9 @@ class Checkpoint:
         store: the shopper table's store (the values of :mod:`streams.worker.envelope`).
         ack: makes a batch's input offsets committable
             (:meth:`streams.worker.faust_seam.BatchDrainConsumer.ack_batch`).
-        on_queued: told of every outcome once queued, from the agent and the sweeps alike
-            (the shopper lookup keeps the outputs: :class:`streams.worker.lookup.KeptOutputs`).
+        on_queued: told of every outcome as it is queued, before its values are stored, from the
+            agent and the sweeps alike (the shopper lookup keeps the outputs:
+            :class:`streams.worker.lookup.KeptOutputs`).
     """
 
     def __init__(
@@ -91,11 +92,11 @@ class Checkpoint:
         """Step 1: the outputs and dead letters into the output producer; the state writes into
         RocksDB, their changelog records into the changelog producer. Sends nothing itself."""
         self.publisher.queue(outcome)
+        if self.on_queued is not None:
+            self.on_queued(outcome)
         put = self.changelog.put
         for write in outcome.writes:
             put(self.store, write.partition, write.key, write.value)
-        if self.on_queued is not None:
-            self.on_queued(outcome)
 
     async def commit(self, outcome: BatchOutcome, batch: MicroBatch | None) -> None:
         """Steps 2 to 4 for what :meth:`queue` took: flush both producers (the changelog's flush

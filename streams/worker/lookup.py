@@ -117,6 +117,10 @@ class PartitionNotOpen(LookupError):
     """The partition's store is not open on this worker (revoked, or not assigned yet)."""
 
 
+#: One kept version of a shopper's outputs: (tag of the stored value, scores message, recommendations message).
+_Kept = tuple[bytes, bytes, bytes | None]
+
+
 class KeptOutputs:
     """The last scores and recommendations messages queued for each shopper, up to ``capacity`` shoppers.
 
@@ -126,50 +130,63 @@ class KeptOutputs:
     product costs as much for one shopper as for hundreds.) Each entry is tagged with the
     applied-offsets part of the stored value it was scored from
     (:func:`streams.worker.envelope.offsets_section`), which changes with every applied event: an
-    entry whose tag differs from the stored value the lookup reads (a newer event, a partition
-    that moved away and back) is not used, and the view computes the answer instead. The least
-    recently scored shoppers are dropped first.
+    entry whose tag differs from the stored value the lookup reads (a partition that moved away and
+    back, a value written without a score) is not used, and the view computes the answer instead.
+    The least recently scored shoppers are dropped first.
 
-    Written by the batch loop (:meth:`remember`, through :class:`streams.worker.checkpoint.Checkpoint`),
-    read by lookup threads (:meth:`get`): one dict whose single operations the GIL keeps atomic,
-    and entries that are immutable tuples of the published bytes (no copies).
+    Written by the batch loop (:meth:`remember`, through :class:`streams.worker.checkpoint.Checkpoint`,
+    just before the batch's values are stored), read by lookup threads (:meth:`get`): one dict whose
+    single operations the GIL keeps atomic, and entries that are immutable tuples of the published
+    bytes (no copies). Until the values of a batch are stored, a lookup may still read a shopper's
+    previous value, so each entry of the latest batch also holds the version before it; the next
+    call drops those (its batch was stored by then: ``Checkpoint.queue`` stores synchronously).
     """
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._entries: dict[str, tuple[bytes, bytes, bytes | None]] = {}
+        self._entries: dict[str, tuple[_Kept, _Kept | None]] = {}
+        self._with_previous: list[str] = []  # shoppers whose entry still holds its previous version
 
     def remember(self, outcome: BatchOutcome) -> None:
-        """Keep the outputs of ``outcome`` (called when they are queued for publication)."""
+        """Keep the outputs of ``outcome``; call before its values are stored."""
         if not self.capacity:
             return
-        written = {write.key: write.value for write in outcome.writes}
         entries = self._entries
+        for user_id in self._with_previous:
+            entry = entries.get(user_id)
+            if entry is not None and entry[1] is not None:
+                entries[user_id] = (entry[0], None)
+        self._with_previous = []
+        written = {write.key: write.value for write in outcome.writes}
         for key, value in written.items():
             if value is None:  # deleted (evicted, erased): nothing of theirs is kept
                 entries.pop(key.decode(errors="replace"), None)
         for scored in outcome.scored:
             value = written.get(scored.key)
+            before = entries.pop(scored.user_id, None)  # re-inserted last: the dict's order is the eviction order
             if value is not None:
                 tag = offsets_section(value)
-            elif scored.key in written:
+            elif scored.key in written or before is None:
                 continue
             else:  # a silent re-score that left the stored value as it was: same state, newer outputs
-                kept = entries.get(scored.user_id)
-                if kept is None:
-                    continue
-                tag = kept[0]
-            entries.pop(scored.user_id, None)  # re-inserted last: the dict's order is the eviction order
-            entries[scored.user_id] = (tag, scored.result, scored.recommendation)
+                tag = before[0][0]
+            previous = before[0] if before is not None and before[0][0] != tag else None
+            entries[scored.user_id] = ((tag, scored.result, scored.recommendation), previous)
+            if previous is not None:
+                self._with_previous.append(scored.user_id)
         while len(entries) > self.capacity:
             del entries[next(iter(entries))]
 
     def get(self, user_id: str, stored_value: bytes) -> tuple[bytes, bytes | None] | None:
         """The kept (scores, recommendations) messages scored from ``stored_value``, or None."""
-        kept = self._entries.get(user_id)
-        if kept is None or kept[0] != offsets_section(stored_value):
+        entry = self._entries.get(user_id)
+        if entry is None:
             return None
-        return kept[1], kept[2]
+        tag = offsets_section(stored_value)
+        for kept in entry:
+            if kept is not None and kept[0] == tag:
+                return kept[1], kept[2]
+        return None
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -162,13 +162,22 @@ def test_scores_are_those_published_for_the_stored_state_kept_or_computed(tmp_pa
         if user in again:  # kept: the message itself, not a recomputation
             assert with_kept.document(user, value)["trigger_event_id"] == published[user]["trigger_event_id"]
 
-    # An entry scored from an older state is not used for a newer one.
+    # While a batch's values are being stored, a lookup may read a shopper's value from before it:
+    # it gets the outputs of that value, not the newer ones (nor a recomputation).
     rescored = sorted(again & {s.user_id for s in first.scored})
     assert rescored, "the test needs shoppers scored in both batches"
-    kept.remember(first)  # first's outputs again, tagged with first's (older) stored values
+    first_values = {w.key.decode(): w.value for w in first.writes if w.value is not None}
+    first_published = {s.user_id: json.loads(s.result) for s in first.scored}
     for user in rescored:
+        doc = with_kept.document(user, first_values[user])
+        assert doc["source"] == "published" and doc["trigger_event_id"] == first_published[user]["trigger_event_id"]
+    # Once the next batch is queued, the one before was stored: its previous versions are dropped,
+    # and a value with no kept version (an older one here) is answered by computing.
+    kept.remember(BatchOutcome())
+    for user in rescored:
+        assert with_kept.document(user, first_values[user])["source"] == "computed"
         key = user.encode()
-        assert with_kept.document(user, stored[(key_partition(key, PARTITIONS), key)])["source"] == "computed"
+        assert with_kept.document(user, stored[(key_partition(key, PARTITIONS), key)])["source"] == "published"
 
 
 def test_kept_outputs_drop_the_least_recently_scored_first(tmp_path):
