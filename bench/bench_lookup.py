@@ -23,7 +23,6 @@ import argparse
 import http.client
 import multiprocessing
 import random
-import shutil
 import sys
 import tempfile
 import time
@@ -33,11 +32,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.bench_worker import percentile, run_workers, simulated_messages  # noqa: E402
+from bench.bench_worker import bench_settings, percentile, run_workers, simulated_messages  # noqa: E402
 from bench.record import append_row, this_command, utc_now  # noqa: E402
 from models.training import models_ready  # noqa: E402
 from streams.config import Settings  # noqa: E402
-from streams.kafka.broker import EmbeddedBroker, free_port  # noqa: E402
+from streams.kafka.broker import EmbeddedBroker  # noqa: E402
 from streams.kafka.clients import confluent_producer_config, ensure_topics  # noqa: E402
 from streams.kafka.producer import produce  # noqa: E402
 from streams.sim.generator import GeneratorConfig, ShopSimulator  # noqa: E402
@@ -127,11 +126,8 @@ def main() -> None:
     )
     parser.add_argument("--no-record", action="store_true", help="print only; do not touch BENCHMARKS.md")
     args = parser.parse_args()
-    workdir = Path(tempfile.mkdtemp(prefix="shoppulse-bench-lookup-"))
-    try:
-        measure(args, workdir)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix="shoppulse-bench-lookup-") as workdir:
+        measure(args, Path(workdir))
 
 
 def measure(args: argparse.Namespace, workdir: Path) -> None:
@@ -139,15 +135,8 @@ def measure(args: argparse.Namespace, workdir: Path) -> None:
     messages = simulated_messages(args.events, args.shoppers, args.days, args.seed)
     users = sorted({m.key.decode() for m in messages if m.key and m.malformed_reason is None})
     with EmbeddedBroker(log_path=workdir / "tansu.log") as broker:
-        settings = Settings.from_env(
-            {},
-            bootstrap_servers=broker.bootstrap_servers,
-            partitions=args.partitions,
-            data_dir=workdir / "worker",
-            metrics_port=free_port(),
-            log_level="WARNING",
-            models_dir=Path(args.models).resolve(),
-            gil_switch_interval_ms=args.gil_switch_interval_ms,
+        settings = bench_settings(
+            broker, args.partitions, workdir, args.models, gil_switch_interval_ms=args.gil_switch_interval_ms
         )
         ensure_topics(settings)
         produce(messages, settings.topic_by_kind, confluent_producer_config(settings))

@@ -3,7 +3,6 @@ owner stored and published; an unknown shopper is 404 from either."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 import urllib.error
@@ -14,16 +13,12 @@ import pytest
 
 from features.offline import final_states
 from features.state import StateConfig
-from models.registry import ModelRegistry
-from streams.kafka.broker import free_port
-from streams.kafka.clients import ensure_topics
 from streams.kafka.producer import produce
 from streams.sim.generator import GeneratorConfig, ShopSimulator, at_most_per_shopper
 from streams.worker.lookup import key_partition
 
-from .kafka_helpers import WorkerProcess, isolated_settings, key_of, read_topic, value_of
-from .test_model_serving import publish_models
-from .test_scale_out import owned_partitions
+from .kafka_helpers import WorkerProcess, key_of, read_topic, value_of
+from .test_scale_out import owned_partitions, two_workers
 from .test_worker import newest_ts, scored_until, valid_events
 
 pytestmark = pytest.mark.integration
@@ -45,13 +40,7 @@ def lookup(base: str, user: str, timeout_s: float = 30.0) -> tuple[int, dict]:
 
 def test_each_worker_answers_for_the_shoppers_the_other_owns(broker, tmp_path):
     simulator = ShopSimulator(GeneratorConfig(seed=41, n_shoppers=120, n_items=300, clock="live"))
-    registry = ModelRegistry(tmp_path / "registry")
-    publish_models(registry, "v1", sorted({e.item_id for e in simulator.events(limit=2000) if e.item_id}), seed=4)
-    base = isolated_settings(
-        broker.bootstrap_servers, tmp_path / "a", models_dir=registry.root, churn_alert_high=0.01, churn_alert_low=0.005
-    )
-    ensure_topics(base)
-    other = dataclasses.replace(base, data_dir=tmp_path / "b", metrics_port=free_port())
+    base, other = two_workers(broker, tmp_path, simulator, model_seed=4)
     messages = list(at_most_per_shopper(simulator.messages(limit=1500), StateConfig().dedup_ids))
     events = valid_events(messages)
     users = sorted({e.user_id for e in events})
