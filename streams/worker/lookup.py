@@ -131,8 +131,9 @@ class KeptOutputs:
     applied-offsets part of the stored value it was scored from
     (:func:`streams.worker.envelope.offsets_section`), which changes with every applied event: an
     entry whose tag differs from the stored value the lookup reads (a partition that moved away and
-    back, a value written without a score) is not used, and the view computes the answer instead.
-    The least recently scored shoppers are dropped first.
+    back) is not used, and the view computes the answer instead. A value stored without a score
+    (late events only: the offsets advance, the state does not) re-tags the entry. The least
+    recently scored shoppers are dropped first.
 
     Written by the batch loop (:meth:`remember`, through :class:`streams.worker.checkpoint.Checkpoint`,
     just before the batch's values are stored), read by lookup threads (:meth:`get`): one dict whose
@@ -174,6 +175,15 @@ class KeptOutputs:
             entries[scored.user_id] = ((tag, scored.result, scored.recommendation), previous)
             if previous is not None:
                 self._with_previous.append(scored.user_id)
+            written.pop(scored.key, None)
+        # What is left was stored without a score: a batch of late events only, which advance the
+        # applied offsets but leave the state, so the outputs kept for it stay the shopper's latest.
+        for key, value in written.items():
+            user_id = key.decode(errors="replace")
+            before = entries.get(user_id)
+            if value is not None and before is not None:
+                entries[user_id] = ((offsets_section(value), *before[0][1:]), before[0])
+                self._with_previous.append(user_id)
         while len(entries) > self.capacity:
             del entries[next(iter(entries))]
 
@@ -225,8 +235,11 @@ class ShopperView:
         self._raw_columns = [(name, RAW_FEATURE_NAMES.index(name)) for name in spec.names]
         self._lock = threading.Lock()
 
-    def document(self, user_id: str, raw: bytes, now_ms: int | None = None) -> dict[str, object]:
-        """The shopper as JSON-ready data, features as of ``now_ms`` (default: the wall clock).
+    def document(
+        self, user_id: str, raw: bytes, kept: tuple[bytes, bytes | None] | None, now_ms: int | None = None
+    ) -> dict[str, object]:
+        """The shopper as JSON-ready data, features as of ``now_ms`` (default: the wall clock);
+        ``kept`` is what :attr:`kept` holds for ``raw`` (read right after it), None to compute.
 
         Raises :class:`EnvelopeDecodeError`, :class:`StateDecodeError` or ValueError on a stored
         value this release cannot read.
@@ -241,7 +254,6 @@ class ShopperView:
         # clock is accepted, and features of a time before it would count it as not yet happened.
         as_of_ms = max(wall_ms, state.last_event_ms)
         raw_values = state.raw_features(as_of_ms)
-        kept = self.kept.get(user_id, raw)
         latest = self._published(*kept) if kept is not None else self._computed(state, wall_ms)
         return {
             "user_id": user_id,
@@ -384,7 +396,7 @@ class ShopperLookup:
                 503, "not_ready", "this worker is recovering its tables or rebalancing; retry", retry_after_s=1
             )
         try:
-            raw = self.read(partition, key)
+            raw, kept = self._read(user_id, key, partition)
         except PartitionNotOpen:
             return error_reply(
                 503, "owner_moved", f"partition {partition} is being handed over; retry", retry_after_s=1
@@ -398,7 +410,7 @@ class ShopperLookup:
                 user_id=user_id,
             )
         try:
-            document = self.view.document(user_id, raw)
+            document = self.view.document(user_id, raw, kept)
         except (EnvelopeDecodeError, StateDecodeError, ValueError) as exc:
             log.error("the stored value of shopper %r could not be read for a lookup: %s", user_id, exc)
             return error_reply(
@@ -407,6 +419,19 @@ class ShopperLookup:
                 f"the stored value of this shopper could not be read ({exc}); its next event resets it",
             )
         return Reply(200, _to_json({**document, "partition": partition, "served_by": self.self_url}).encode())
+
+    def _read(self, user_id: str, key: bytes, partition: int) -> tuple[bytes | None, tuple[bytes, bytes | None] | None]:
+        """The stored value and the outputs kept for it, read back to back, and once more when none
+        are kept: the batch loop may have queued and stored a newer value between the two reads."""
+        raw = kept = None
+        for _ in range(2):
+            raw = self.read(partition, key)
+            if raw is None:
+                return None, None
+            kept = self.view.kept.get(user_id, raw)
+            if kept is not None:
+                break
+        return raw, kept
 
 
 def same_url(url: str) -> str:

@@ -25,6 +25,7 @@ from streams.worker.lookup import (
     FORWARDED_HEADER,
     KeptOutputs,
     PartitionNotOpen,
+    Reply,
     ShopperLookup,
     ShopperView,
     advertised_url,
@@ -95,7 +96,7 @@ def test_the_document_holds_features_scores_alert_state_and_last_event(tmp_path,
     user, state = next(iter(shoppers.items()))
     alert = AlertState(False, state.last_event_ms - 5, 0.81)
     now_ms = state.last_event_ms + 3_600_000
-    doc = view(tmp_path, b"k").document(user, stored_value(state, alert), now_ms=now_ms)
+    doc = view(tmp_path, b"k").document(user, stored_value(state, alert), None, now_ms=now_ms)
 
     independent = BatchScorer(DEFAULT_FEATURE_SPEC, tmp_path)
     (expected,) = independent.score((state,), DEFAULT_FEATURE_SPEC.matrix((state,), state.last_event_ms))
@@ -121,11 +122,16 @@ def test_the_document_holds_features_scores_alert_state_and_last_event(tmp_path,
 def test_features_are_as_of_now_but_never_before_the_last_event(tmp_path, shoppers):
     user, state = next(iter(shoppers.items()))
     shopper_view = view(tmp_path)
-    later = shopper_view.document(user, stored_value(state), now_ms=state.last_event_ms + 86_400_000)
+    later = shopper_view.document(user, stored_value(state), None, now_ms=state.last_event_ms + 86_400_000)
     assert later["as_of"] == state.last_event_ms + 86_400_000
     assert later["alert"]["last_alert_ts"] is None  # type: ignore[index]  # never alerted
-    earlier = shopper_view.document(user, stored_value(state), now_ms=state.last_event_ms - 1000)
+    earlier = shopper_view.document(user, stored_value(state), None, now_ms=state.last_event_ms - 1000)
     assert earlier["as_of"] == state.last_event_ms
+
+
+def answer(shopper_view: ShopperView, user: str, value: bytes) -> dict[str, object]:
+    """The document for a stored value, with the outputs kept for it (as the lookup reads them)."""
+    return shopper_view.document(user, value, shopper_view.kept.get(user, value))
 
 
 def batch(messages, first_offset: int = 0) -> list[InputMessage]:
@@ -155,12 +161,12 @@ def test_scores_are_those_published_for_the_stored_state_kept_or_computed(tmp_pa
     for (_, key), value in stored.items():
         user = key.decode()
         for shopper_view, source in ((with_kept, "published"), (computing, "computed")):
-            doc = shopper_view.document(user, value)
+            doc = answer(shopper_view, user, value)
             assert doc["source"] == source
             assert doc["scores"] == published[user]["scores"], (user, source)
             assert doc["model_versions"] == published[user]["model_versions"]
         if user in again:  # kept: the message itself, not a recomputation
-            assert with_kept.document(user, value)["trigger_event_id"] == published[user]["trigger_event_id"]
+            assert answer(with_kept, user, value)["trigger_event_id"] == published[user]["trigger_event_id"]
 
     # While a batch's values are being stored, a lookup may read a shopper's value from before it:
     # it gets the outputs of that value, not the newer ones (nor a recomputation).
@@ -169,15 +175,15 @@ def test_scores_are_those_published_for_the_stored_state_kept_or_computed(tmp_pa
     first_values = {w.key.decode(): w.value for w in first.writes if w.value is not None}
     first_published = {s.user_id: json.loads(s.result) for s in first.scored}
     for user in rescored:
-        doc = with_kept.document(user, first_values[user])
+        doc = answer(with_kept, user, first_values[user])
         assert doc["source"] == "published" and doc["trigger_event_id"] == first_published[user]["trigger_event_id"]
     # Once the next batch is queued, the one before was stored: its previous versions are dropped,
     # and a value with no kept version (an older one here) is answered by computing.
     kept.remember(BatchOutcome())
     for user in rescored:
-        assert with_kept.document(user, first_values[user])["source"] == "computed"
+        assert answer(with_kept, user, first_values[user])["source"] == "computed"
         key = user.encode()
-        assert with_kept.document(user, stored[(key_partition(key, PARTITIONS), key)])["source"] == "published"
+        assert answer(with_kept, user, stored[(key_partition(key, PARTITIONS), key)])["source"] == "published"
 
 
 def test_kept_outputs_drop_the_least_recently_scored_first(tmp_path):
@@ -322,3 +328,53 @@ def test_the_advertised_url_defaults_to_the_bind_host_or_the_fqdn():
     assert advertised_url(Settings(metrics_host="0.0.0.0"), 9108).endswith(":9108")
     assert "0.0.0.0" not in advertised_url(Settings(metrics_host="0.0.0.0"), 9108)
     assert advertised_url(Settings(advertised_url="http://w-1.svc:9108/"), 1) == "http://w-1.svc:9108"
+
+
+def test_a_value_stored_between_its_read_and_the_kept_lookup_is_read_again(tmp_path):
+    simulated = ShopSimulator(GeneratorConfig(seed=12, n_shoppers=5)).messages(limit=60)
+    messages = batch([m for m in simulated if m.malformed_reason is None])
+    worker = processor(tmp_path)
+    first = worker.process(messages[:30], lambda *_: None)
+    older = {(w.partition, w.key): w.value for w in first.writes}
+    second = worker.process(messages[30:], lambda p, k: older.get((p, k)))
+    kept = KeptOutputs(100)
+    kept.remember(second)
+    kept.remember(BatchOutcome())  # second's values are stored: only their outputs are kept
+    (write,) = [w for w in second.writes if (w.partition, w.key) in older][:1]
+    reads = iter([older[(write.partition, write.key)], write.value])  # the batch stores in between
+    lookup = ShopperLookup(
+        view(tmp_path, kept=kept),
+        PARTITIONS,
+        "http://here:1",
+        owners=lambda: dict.fromkeys(range(PARTITIONS), "http://here:1"),
+        read=lambda partition, key: next(reads),
+        ready=lambda: True,
+        forwarder=lambda *_: Reply(500, b""),
+    )
+    reply = lookup.handle(f"/shoppers/{write.key.decode()}", None)
+    assert reply.status == 200 and json.loads(reply.body)["source"] == "published"
+
+
+def test_late_events_only_leave_the_kept_outputs_the_latest(tmp_path):
+    simulated = [m for m in ShopSimulator(GeneratorConfig(seed=13, n_shoppers=20)).messages(limit=2000)]
+    valid = [m for m in simulated if m.malformed_reason is None]
+    ts = {id(m): json.loads(m.value)["ts"] for m in valid}
+    by_user: dict[bytes, list] = {}
+    for m in valid:
+        by_user.setdefault(m.key, []).append(m)
+    grace_ms = StateConfig().grace_ms
+    user, mine = next((k, ms) for k, ms in by_user.items() if ts[id(ms[-1])] - ts[id(ms[0])] > 2 * grace_ms)
+    worker = processor(tmp_path)
+    newest = worker.process(batch([mine[-1]]), lambda *_: None)
+    stored = {(w.partition, w.key): w.value for w in newest.writes}
+    late = worker.process(batch([mine[0]], 1), lambda p, k: stored.get((p, k)))  # older than the grace period
+    assert late.late == 1 and not late.scored and len(late.writes) == 1
+    kept = KeptOutputs(10)
+    kept.remember(newest)
+    kept.remember(late)
+    kept.remember(BatchOutcome())
+    (after,) = late.writes
+    assert after.value is not None and kept.get(user.decode(), after.value) == (
+        newest.scored[0].result,
+        newest.scored[0].recommendation,
+    )
