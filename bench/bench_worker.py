@@ -96,6 +96,21 @@ def simulated_messages(events: int, shoppers: int, days: float, seed: int) -> li
     return list(ShopSimulator(config).messages(limit=events))
 
 
+def bench_settings(broker: EmbeddedBroker, partitions: int, workdir: Path, models: str, **overrides: Any) -> Settings:
+    """A benchmark worker's settings: the embedded broker, a data dir under ``workdir``, a free
+    metrics port, warnings only, the model registry at ``models``."""
+    return Settings.from_env(
+        {},
+        bootstrap_servers=broker.bootstrap_servers,
+        partitions=partitions,
+        data_dir=workdir / "worker",
+        metrics_port=free_port(),
+        log_level="WARNING",
+        models_dir=Path(models).resolve(),
+        **overrides,
+    )
+
+
 def bare_loop(
     settings: Settings,
     total: int | None,
@@ -410,14 +425,11 @@ def measure(args: argparse.Namespace, workdir: Path) -> None:
     print(f"generating {args.events:,} events from {args.shoppers:,} shoppers …", flush=True)
     messages = simulated_messages(args.events, args.shoppers, args.days, args.seed)
     with EmbeddedBroker(log_path=workdir / "tansu.log") as broker:
-        settings = Settings.from_env(
-            {},
-            bootstrap_servers=broker.bootstrap_servers,
-            partitions=args.partitions,
-            data_dir=workdir / "worker",
-            metrics_port=free_port(),
-            log_level="WARNING",
-            models_dir=Path(args.models).resolve(),
+        settings = bench_settings(
+            broker,
+            args.partitions,
+            workdir,
+            args.models,
             device=args.device,
             torch_threads=args.torch_threads,
             standby_replicas=args.standby_replicas,

@@ -171,6 +171,24 @@ SETTINGS_DOC: dict[str, tuple[str, str, str]] = {
     ),
     "metrics_host": ("SHOPPULSE_METRICS_HOST", "127.0.0.1", "address of the /metrics, /healthz, /readyz server"),
     "metrics_port": ("SHOPPULSE_METRICS_PORT", "9108", "port of that server (0 = pick a free one)"),
+    "advertised_url": (
+        "SHOPPULSE_ADVERTISED_URL",
+        "",
+        "URL other workers forward shopper lookups to (http://host:port of that server); empty = "
+        "http://SHOPPULSE_METRICS_HOST:port, or the host's FQDN when that host is 0.0.0.0; unique per worker",
+    ),
+    "lookup_keep_shoppers": (
+        "SHOPPULSE_LOOKUP_KEEP_SHOPPERS",
+        "50000",
+        "shoppers whose last published scores and recommendations the shopper lookup keeps in memory "
+        "(about 1.3 KB each at SHOPPULSE_TOP_K=10; 0 = keep none, compute every answer)",
+    ),
+    "gil_switch_interval_ms": (
+        "SHOPPULSE_GIL_SWITCH_INTERVAL_MS",
+        "5.0",
+        "how long a worker thread waiting for Python's GIL waits before the running one must hand it over "
+        "(sys.setswitchinterval; Python's default is 5 ms): a shopper lookup waits for it a few times per request",
+    ),
     "log_level": ("SHOPPULSE_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
     "log_format": (
         "SHOPPULSE_LOG_FORMAT",
@@ -268,6 +286,9 @@ class Settings:
     pseudonym_key: str = field(default="", repr=False)
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9108
+    advertised_url: str = ""
+    lookup_keep_shoppers: int = 50_000
+    gil_switch_interval_ms: float = 5.0
     log_level: str = "INFO"
     log_format: str = "text"
 
@@ -340,6 +361,13 @@ class Settings:
             raise ConfigError("SHOPPULSE_CHURN_ALERT_LOW must be below SHOPPULSE_CHURN_ALERT_HIGH, both in [0, 1]")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"SHOPPULSE_DEVICE={self.device!r}; use auto, cpu or cuda")
+        if not 0.01 <= self.gil_switch_interval_ms <= 100:
+            raise ConfigError(f"SHOPPULSE_GIL_SWITCH_INTERVAL_MS={self.gil_switch_interval_ms}; use 0.01 to 100")
+        if self.advertised_url and not self.advertised_url.startswith("http://"):
+            raise ConfigError(
+                f"SHOPPULSE_ADVERTISED_URL={self.advertised_url!r}; "
+                "use http://HOST:PORT (the lookup server speaks plain HTTP)"
+            )
         topics = self.input_topics + self.output_topics
         if len(set(topics)) != len(topics):
             raise ConfigError(f"topic names must differ, got {topics}")

@@ -67,15 +67,24 @@ class Checkpoint:
         store: the shopper table's store (the values of :mod:`streams.worker.envelope`).
         ack: makes a batch's input offsets committable
             (:meth:`streams.worker.faust_seam.BatchDrainConsumer.ack_batch`).
+        on_queued: told of every outcome as it is queued, before its values are stored, from the
+            agent and the sweeps alike (the shopper lookup keeps the outputs:
+            :class:`streams.worker.lookup.KeptOutputs`).
     """
 
     def __init__(
-        self, publisher: Publisher, changelog: TableWriter, store: TableStore, ack: Callable[[MicroBatch], None]
+        self,
+        publisher: Publisher,
+        changelog: TableWriter,
+        store: TableStore,
+        ack: Callable[[MicroBatch], None],
+        on_queued: Callable[[BatchOutcome], None] | None = None,
     ) -> None:
         self.publisher = publisher
         self.changelog = changelog
         self.store = store
         self.ack = ack
+        self.on_queued = on_queued
         #: Held from reading stored values to queueing their writes (the agent and the sweeps).
         self.writing = asyncio.Lock()
 
@@ -83,6 +92,8 @@ class Checkpoint:
         """Step 1: the outputs and dead letters into the output producer; the state writes into
         RocksDB, their changelog records into the changelog producer. Sends nothing itself."""
         self.publisher.queue(outcome)
+        if self.on_queued is not None:
+            self.on_queued(outcome)
         put = self.changelog.put
         for write in outcome.writes:
             put(self.store, write.partition, write.key, write.value)

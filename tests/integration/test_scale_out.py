@@ -14,6 +14,7 @@ from features.encoding import decode_state, encode_state
 from features.offline import final_states
 from features.state import StateConfig
 from models.registry import ModelRegistry
+from streams.config import Settings
 from streams.kafka.broker import free_port
 from streams.kafka.clients import ensure_topics
 from streams.kafka.producer import produce
@@ -36,15 +37,23 @@ def owned_partitions(worker: WorkerProcess) -> set[tuple[str, str]]:
     return owned
 
 
-def test_two_workers_split_partitions_and_take_over(broker, tmp_path):
-    simulator = ShopSimulator(GeneratorConfig(seed=31, n_shoppers=200, n_items=300, clock="live"))
+def two_workers(broker, tmp_path, simulator: ShopSimulator, model_seed: int) -> tuple[Settings, Settings]:
+    """Settings of two workers in one group (own data dirs and ports) serving small models over the
+    simulator's items, with alert thresholds low enough that every scored shopper alerts once;
+    the topics exist."""
     registry = ModelRegistry(tmp_path / "registry")
-    publish_models(registry, "v1", sorted({e.item_id for e in simulator.events(limit=3000) if e.item_id}), seed=5)
+    items = sorted({e.item_id for e in simulator.events(limit=3000) if e.item_id})
+    publish_models(registry, "v1", items, seed=model_seed)
     base = isolated_settings(
         broker.bootstrap_servers, tmp_path / "a", models_dir=registry.root, churn_alert_high=0.01, churn_alert_low=0.005
     )
     ensure_topics(base)
-    other = dataclasses.replace(base, data_dir=tmp_path / "b", metrics_port=free_port())
+    return base, dataclasses.replace(base, data_dir=tmp_path / "b", metrics_port=free_port())
+
+
+def test_two_workers_split_partitions_and_take_over(broker, tmp_path):
+    simulator = ShopSimulator(GeneratorConfig(seed=31, n_shoppers=200, n_items=300, clock="live"))
+    base, other = two_workers(broker, tmp_path, simulator, model_seed=5)
     stream = at_most_per_shopper(simulator.messages(), StateConfig().dedup_ids)  # the byte-exact parity envelope
     first, second = [next(stream) for _ in range(2000)], [next(stream) for _ in range(1500)]
 
