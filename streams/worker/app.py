@@ -46,6 +46,7 @@ from streams.logs import worker_logging_config
 from streams.worker.alerts import AlertPolicy
 from streams.worker.batch_consumer import MicroBatcher
 from streams.worker.checkpoint import Checkpoint
+from streams.worker.console import AlertFeed
 from streams.worker.faust_seam import BatchDrainConsumer, BatchingApp, SeamBroken, TableStore, set_fetch_max_wait_ms
 from streams.worker.health import Health
 from streams.worker.metrics import HealthState, MetricsServer, WorkerMetrics
@@ -70,6 +71,7 @@ class ScoringWorker:
         self.profile = resolve_broker_profile(settings)
         self.metrics = metrics or WorkerMetrics()
         self.health_state = HealthState()
+        self.alert_feed = AlertFeed()  # delivered churn alerts, for the console
         overrides = tansu_client_overrides() if self.profile == BROKER_PROFILE_TANSU else {}
         self.batcher = MicroBatcher(
             settings.max_batch, settings.max_wait_ms / 1000.0, max_buffered=BATCHES_BUFFERED * settings.max_batch
@@ -275,7 +277,7 @@ class ScoringWorker:
     def run(self) -> int:
         """Create topics, start the metrics server and run the worker until SIGINT/SIGTERM."""
         ensure_topics(self.settings)
-        publisher = Publisher(BatchProducer(self.settings), self.settings, self.metrics)
+        publisher = Publisher(BatchProducer(self.settings), self.settings, self.metrics, self.alert_feed)
         changelog = TableWriter(
             BatchProducer(self.settings, track_offsets=True), seal=self.profile == BROKER_PROFILE_TANSU
         )
@@ -292,7 +294,7 @@ class ScoringWorker:
             self.metrics,
         )
         self.metrics_server = MetricsServer(
-            self.metrics, self.health_state, self.settings.metrics_host, self.settings.metrics_port
+            self.metrics, self.health_state, self.settings.metrics_host, self.settings.metrics_port, self.alert_feed
         ).start()
         worker = self._faust_worker = _Worker(
             self.app,

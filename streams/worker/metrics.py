@@ -1,4 +1,5 @@
-"""Prometheus metrics and the worker's HTTP endpoints: ``/metrics``, ``/healthz``, ``/readyz``.
+"""Prometheus metrics and the worker's HTTP endpoints: ``/metrics``, ``/healthz``, ``/readyz`` and the
+live console, ``/console`` with the ``/console/stats`` it polls (:mod:`streams.worker.console`).
 
 Names follow Prometheus conventions: counters end in ``_total``, durations are in seconds.
 :data:`METRIC_NAMES` lists every exported family; deploy/ rules and dashboards may use only these.
@@ -6,11 +7,14 @@ Names follow Prometheus conventions: counters end in ``_total``, durations are i
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from streams.worker.console import AlertFeed, ConsoleStats, page
 
 log = logging.getLogger(__name__)
 
@@ -183,17 +187,21 @@ class HealthState:
 
 
 class MetricsServer:
-    """A small threaded HTTP server for ``/metrics``, ``/healthz`` and ``/readyz``.
+    """A small threaded HTTP server for ``/metrics``, ``/healthz``, ``/readyz`` and the console.
 
     Args:
         host: address to bind (``127.0.0.1`` keeps it local; ``0.0.0.0`` for a scraper elsewhere).
         port: TCP port; 0 lets the OS pick (see :attr:`port` after :meth:`start`).
+        alerts: the churn alerts the console lists (the publisher records them); None: an empty feed.
     """
 
-    def __init__(self, metrics: WorkerMetrics, health: HealthState, host: str, port: int) -> None:
+    def __init__(
+        self, metrics: WorkerMetrics, health: HealthState, host: str, port: int, alerts: AlertFeed | None = None
+    ) -> None:
         self.metrics = metrics
         self.health = health
         registry = metrics.registry
+        console = ConsoleStats(registry, health, alerts or AlertFeed())
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 - http.server API
@@ -205,8 +213,12 @@ class MetricsServer:
                 elif path == "/readyz":
                     body = ("ready\n" if health.ready else f"not ready: {health.reason}\n").encode()
                     self._reply(200 if health.ready else 503, body)
+                elif path in ("/console", "/console/"):
+                    self._reply(200, page(), "text/html; charset=utf-8")
+                elif path == "/console/stats":
+                    self._reply(200, json.dumps(console.snapshot()).encode(), "application/json")
                 else:
-                    self._reply(404, b"try /metrics, /healthz or /readyz\n")
+                    self._reply(404, b"try /metrics, /healthz, /readyz or /console\n")
 
             def _reply(self, status: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> None:
                 self.send_response(status)
@@ -230,7 +242,7 @@ class MetricsServer:
 
     def start(self) -> MetricsServer:
         self._thread.start()
-        log.info("metrics on %s/metrics (health: /healthz, readiness: /readyz)", self.url)
+        log.info("metrics on %s/metrics (health: /healthz, readiness: /readyz, console: /console)", self.url)
         return self
 
     def stop(self) -> None:

@@ -1,0 +1,310 @@
+"""The live console: ``GET /console`` (one page of plain HTML and JS, no CDN, no build step) and the
+compact JSON it polls, ``GET /console/stats``.
+
+Everything the page shows is read from what the worker already keeps: the Prometheus registry (by
+metric name, so the live-evaluation counters of ``shoppulse_live_*`` show up as soon as a worker
+exports them, and "no live outcomes yet" before) and :class:`AlertFeed`, the last churn alerts
+delivered. Rates and latency quantiles are differences between two samples of the registry
+:data:`STATS_WINDOW_S` apart, so they describe the last seconds, not the worker's whole life.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry
+
+if TYPE_CHECKING:  # metrics.py serves the console, so the console only names its HealthState
+    from streams.worker.metrics import HealthState
+
+#: Churn alerts the console keeps in memory, newest first (what the page lists).
+CONSOLE_ALERTS_KEPT = 50
+#: Seconds of history behind every rate and latency quantile the console shows.
+STATS_WINDOW_S = 5.0
+#: The page, a package file next to this module (``pyproject.toml`` ships it).
+CONSOLE_PAGE = "console.html"
+
+_LATENCY_BUCKET = "shoppulse_end_to_end_latency_seconds_bucket"
+#: The live-evaluation counters of the loop contract (docs/console.md); absent until a worker exports them.
+_LIVE_OPPORTUNITIES = "shoppulse_live_recommendation_opportunities_total"
+_LIVE_HITS = "shoppulse_live_recommendation_hits_total"
+_LIVE_GAIN = "shoppulse_live_recommendation_gain_total"
+_LIVE_OUTCOMES = "shoppulse_live_score_outcomes_total"
+_LIVE_BRIER = "shoppulse_live_score_brier_sum_total"
+_LIVE_RETURNS = "shoppulse_live_alert_returns_total"
+
+Samples = dict[str, list[tuple[dict[str, str], float]]]
+
+
+def page() -> bytes:
+    """The console page's bytes (read per request: it is small, and a changed file shows on reload)."""
+    return resources.files("streams.worker").joinpath(CONSOLE_PAGE).read_bytes()
+
+
+class AlertFeed:
+    """The last :data:`CONSOLE_ALERTS_KEPT` churn alerts delivered, as published (pseudonymised ids).
+
+    The publisher records an alert once the brokers acknowledged it, so the console lists exactly
+    what subscribers of the churn-alert topic received. The HTTP thread reads while the worker appends.
+    """
+
+    def __init__(self, kept: int = CONSOLE_ALERTS_KEPT) -> None:
+        self._recent: deque[dict[str, Any]] = deque(maxlen=kept)
+        self._lock = threading.Lock()
+        self.delivered = 0  # alerts recorded since the worker started
+
+    def record(self, alert: bytes) -> None:
+        """Keep a summary of one delivered alert message (the JSON of docs/outputs.md)."""
+        doc = json.loads(alert)
+        summary = {
+            "alert_id": doc["alert_id"],
+            "user_id": doc["user_id"],
+            "churn_risk": doc["churn_risk"],
+            "reasons": [reason["feature"] for reason in doc["reasons"]],
+            "fired_at": doc["fired_at"],
+            "variant": doc.get("variant"),  # carried once the challenger work lands (loop contract)
+        }
+        with self._lock:
+            self._recent.appendleft(summary)
+            self.delivered += 1
+
+    def recent(self) -> list[dict[str, Any]]:
+        """The kept summaries, newest first."""
+        with self._lock:
+            return list(self._recent)
+
+
+@dataclass(frozen=True, slots=True)
+class _Sample:
+    """What the rates are computed from: counter totals at one moment (monotonic seconds)."""
+
+    at_s: float
+    events: float
+    outputs_by_topic: dict[str, float]
+    dead_by_reason: dict[str, float]
+    latency_buckets: tuple[tuple[float, float], ...]  # (upper bound s, cumulative count), +Inf last
+
+
+def read_samples(registry: CollectorRegistry) -> Samples:
+    """Every sample of the registry by sample name (``..._total``, ``..._bucket``): labels and value."""
+    samples: Samples = {}
+    for family in registry.collect():
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append((sample.labels, sample.value))
+    return samples
+
+
+def _sum_by(samples: Samples, name: str, label: str) -> dict[str, float]:
+    totals: dict[str, float] = {}
+    for labels, value in samples.get(name, ()):
+        totals[labels[label]] = totals.get(labels[label], 0.0) + value
+    return totals
+
+
+def interval_quantile(buckets: Iterable[tuple[float, float]], q: float) -> float | None:
+    """Quantile ``q`` of cumulative ``(upper bound, count)`` buckets, interpolated linearly within its
+    bucket as Prometheus' ``histogram_quantile`` does; the last finite bound when it lies in +Inf,
+    None without observations."""
+    buckets = list(buckets)
+    total = buckets[-1][1] if buckets else 0.0
+    if total <= 0:
+        return None
+    rank = q * total
+    lower, below = 0.0, 0.0
+    for upper, count in buckets:
+        if count >= rank:
+            if math.isinf(upper):
+                return lower
+            inside = count - below
+            return lower + (upper - lower) * ((rank - below) / inside if inside else 1.0)
+        lower, below = upper, count
+    return lower
+
+
+class ConsoleStats:
+    """Builds the ``/console/stats`` document from the registry, the health state and the alert feed.
+
+    Each call samples the registry and compares with the oldest sample still within
+    :data:`STATS_WINDOW_S` (kept across calls, so any number of open pages share one history).
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        health: HealthState,
+        alerts: AlertFeed,
+        window_s: float = STATS_WINDOW_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.registry, self.health, self.alerts = registry, health, alerts
+        self.window_s, self.clock = window_s, clock
+        self._history: deque[_Sample] = deque()
+        self._lock = threading.Lock()
+
+    def _sample(self, samples: Samples) -> _Sample:
+        buckets = sorted((float(labels["le"]), value) for labels, value in samples.get(_LATENCY_BUCKET, ()))
+        return _Sample(
+            at_s=self.clock(),
+            events=sum(_sum_by(samples, "shoppulse_events_consumed_total", "topic").values()),
+            outputs_by_topic=_sum_by(samples, "shoppulse_results_published_total", "topic"),
+            dead_by_reason=_sum_by(samples, "shoppulse_dead_letter_total", "reason"),
+            latency_buckets=tuple(buckets),
+        )
+
+    def _base(self, now: _Sample) -> _Sample | None:
+        """Remember ``now``; the oldest sample no more than a window before it (None on the first call)."""
+        with self._lock:
+            history = self._history
+            history.append(now)
+            while len(history) > 2 and history[1].at_s <= now.at_s - self.window_s:
+                history.popleft()
+            base = history[0]
+        return None if base is now else base
+
+    def snapshot(self) -> dict[str, Any]:
+        samples = read_samples(self.registry)
+        now = self._sample(samples)
+        base = self._base(now)
+        span_s = now.at_s - base.at_s if base is not None else 0.0
+
+        def per_s(current: float, before: float) -> float | None:
+            return (current - before) / span_s if base is not None and span_s > 0 else None
+
+        outputs_before = base.outputs_by_topic if base is not None else {}
+        dead_before = base.dead_by_reason if base is not None else {}
+        latency = _interval_buckets(now, base)
+        return {
+            "at_ms": int(time.time() * 1000),
+            "window_s": round(span_s, 3),
+            "ready": self.health.ready,
+            "status": self.health.reason,
+            "events_per_s": per_s(now.events, base.events if base is not None else 0.0),
+            "outputs_per_s": per_s(sum(now.outputs_by_topic.values()), sum(outputs_before.values())),
+            "outputs_per_s_by_topic": {
+                topic: per_s(total, outputs_before.get(topic, 0.0)) for topic, total in now.outputs_by_topic.items()
+            },
+            "latency_ms": {
+                "p50": _ms(interval_quantile(latency, 0.50)),
+                "p99": _ms(interval_quantile(latency, 0.99)),
+                "observed": int(latency[-1][1]) if latency else 0,
+            },
+            "totals": {
+                "events": int(now.events),
+                "outputs": int(sum(now.outputs_by_topic.values())),
+                "dead_letters": int(sum(now.dead_by_reason.values())),
+                "alerts": self.alerts.delivered,
+            },
+            "dead_letters": [
+                {"reason": reason, "total": int(total), "per_s": per_s(total, dead_before.get(reason, 0.0))}
+                for reason, total in sorted(now.dead_by_reason.items(), key=lambda item: (-item[1], item[0]))
+            ],
+            "alerts": self.alerts.recent(),
+            "models": sorted(
+                (
+                    {"model": labels["model"], "version": labels["version"]}
+                    for labels, value in samples.get("shoppulse_model_info", ())
+                    if value
+                ),
+                key=lambda model: (model["model"], model["version"]),
+            ),
+            "shoppers_in_state": int(sum(value for _, value in samples.get("shoppulse_shoppers_in_state", ()))),
+            "consumer_lag": int(sum(value for _, value in samples.get("shoppulse_consumer_lag", ()))),
+            "live": live_outcomes(samples),
+        }
+
+
+def _interval_buckets(now: _Sample, base: _Sample | None) -> list[tuple[float, float]]:
+    """The latency histogram of the observations between ``base`` and ``now`` (all of them without a base)."""
+    before = dict(base.latency_buckets) if base is not None else {}
+    return [(upper, count - before.get(upper, 0.0)) for upper, count in now.latency_buckets]
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000.0, 3)
+
+
+def _ratio(part: float, whole: float) -> float | None:
+    return part / whole if whole else None
+
+
+def _variant_order(row: dict[str, Any]) -> tuple[str, str, int, str]:
+    """Champion before challenger, per model (and score)."""
+    return (row["model"], row.get("score", ""), 0 if row["variant"] == "champion" else 1, row["version"])
+
+
+def live_outcomes(samples: Samples) -> dict[str, list[dict[str, Any]]] | None:
+    """Live hit rate, calibration and alert returns per model version and variant, from the
+    ``shoppulse_live_*`` counters; None while they hold no outcome (or do not exist yet)."""
+    recommendations: dict[tuple[str, str, str], dict[str, float]] = {}
+    for name, field in ((_LIVE_OPPORTUNITIES, "opportunities"), (_LIVE_GAIN, "gain")):
+        for labels, value in samples.get(name, ()):
+            key = (labels["model"], labels["version"], labels["variant"])
+            row = recommendations.setdefault(key, {})
+            row[field] = row.get(field, 0.0) + value
+    for labels, value in samples.get(_LIVE_HITS, ()):
+        row = recommendations.setdefault((labels["model"], labels["version"], labels["variant"]), {})
+        row[f"hits@{labels['k']}"] = row.get(f"hits@{labels['k']}", 0.0) + value
+    scores: dict[tuple[str, str, str, str], dict[str, float]] = {}
+    for labels, value in samples.get(_LIVE_OUTCOMES, ()):
+        row = scores.setdefault((labels["model"], labels["version"], labels["variant"], labels["score"]), {})
+        row["outcomes"] = row.get("outcomes", 0.0) + value
+        if labels["outcome"] == "positive":
+            row["positives"] = row.get("positives", 0.0) + value
+    for labels, value in samples.get(_LIVE_BRIER, ()):
+        row = scores.setdefault((labels["model"], labels["version"], labels["variant"], labels["score"]), {})
+        row["brier_sum"] = row.get("brier_sum", 0.0) + value
+    returns: dict[str, dict[str, float]] = {}
+    for labels, value in samples.get(_LIVE_RETURNS, ()):
+        counts = returns.setdefault(labels["group"], {})
+        counts[labels["outcome"]] = counts.get(labels["outcome"], 0.0) + value
+    rec_rows = [
+        {
+            "model": model,
+            "version": version,
+            "variant": variant,
+            "opportunities": int(row.get("opportunities", 0)),
+            "hit_rate_at_5": _ratio(row.get("hits@5", 0.0), row.get("opportunities", 0.0)),
+            "hit_rate_at_10": _ratio(row.get("hits@10", 0.0), row.get("opportunities", 0.0)),
+            "ndcg_at_10": _ratio(row.get("gain", 0.0), row.get("opportunities", 0.0)),
+        }
+        for (model, version, variant), row in recommendations.items()
+        if row.get("opportunities")
+    ]
+    score_rows = [
+        {
+            "model": model,
+            "version": version,
+            "variant": variant,
+            "score": score,
+            "outcomes": int(row.get("outcomes", 0)),
+            "positive_rate": _ratio(row.get("positives", 0.0), row.get("outcomes", 0.0)),
+            "brier": _ratio(row.get("brier_sum", 0.0), row.get("outcomes", 0.0)),
+        }
+        for (model, version, variant, score), row in scores.items()
+        if row.get("outcomes")
+    ]
+    return_rows = [
+        {
+            "group": group,
+            "returned": int(counts.get("returned", 0)),
+            "lapsed": int(counts.get("lapsed", 0)),
+            "return_rate": _ratio(counts.get("returned", 0.0), sum(counts.values())),
+        }
+        for group, counts in sorted(returns.items())
+        if sum(counts.values())
+    ]
+    if not (rec_rows or score_rows or return_rows):
+        return None
+    return {
+        "recommendations": sorted(rec_rows, key=_variant_order),
+        "scores": sorted(score_rows, key=_variant_order),
+        "alert_returns": return_rows,
+    }
