@@ -87,7 +87,7 @@ class ScoringWorker:
             table_standby_replicas=settings.standby_replicas,
             topic_partitions=settings.partitions,
             topic_replication_factor=settings.replication_factor,
-            web_enabled=False,  # our own /metrics, /healthz, /readyz server replaces it
+            web_enabled=False,  # our own /metrics, /healthz, /readyz, /console server replaces it
             autodiscover=False,
             consumer_auto_offset_reset="earliest",
             **overrides,
