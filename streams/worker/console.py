@@ -231,80 +231,77 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000.0, 3)
 
 
-def _ratio(part: float, whole: float) -> float | None:
-    return part / whole if whole else None
+def _variant_order(row: dict[str, Any]) -> tuple[str, str, bool, str, str]:
+    """Champion before challenger, per model (and score); alert-return rows by group."""
+    return (
+        row.get("model", ""),
+        row.get("score", ""),
+        row.get("variant") != "champion",
+        row.get("version", ""),
+        row.get("group", ""),
+    )
 
 
-def _variant_order(row: dict[str, Any]) -> tuple[str, str, int, str]:
-    """Champion before challenger, per model (and score)."""
-    return (row["model"], row.get("score", ""), 0 if row["variant"] == "champion" else 1, row["version"])
+#: The labels that tell the rows of each live panel apart.
+_RECOMMENDATION_KEYS = ("model", "version", "variant")
+_SCORE_KEYS = ("model", "version", "variant", "score")
+_RETURN_KEYS = ("group",)
+
+Table = dict[tuple[str, ...], dict[str, float]]
+
+
+def _add(
+    table: Table, samples: Samples, name: str, keys: tuple[str, ...], field: Callable[[dict[str, str]], str]
+) -> None:
+    """Sum the samples of ``name`` into ``table[their values of keys][field(their labels)]``."""
+    for labels, value in samples.get(name, ()):
+        row = table.setdefault(tuple(labels[key] for key in keys), {})
+        row[field(labels)] = row.get(field(labels), 0.0) + value
+
+
+def _rows(
+    table: Table, keys: tuple[str, ...], total: tuple[str, Callable[[dict[str, float]], float]], ratios: dict[str, str]
+) -> list[dict[str, Any]]:
+    """One row per key with a non-zero ``total``: the key's labels, the total, and each ratio field / total."""
+    total_name, total_of = total
+    rows = []
+    for key, sums in table.items():
+        if count := total_of(sums):
+            ratio_values = {name: sums.get(field, 0.0) / count for name, field in ratios.items()}
+            rows.append({**dict(zip(keys, key, strict=True)), total_name: int(count), **ratio_values})
+    return sorted(rows, key=_variant_order)
 
 
 def live_outcomes(samples: Samples) -> dict[str, list[dict[str, Any]]] | None:
-    """Live hit rate, calibration and alert returns per model version and variant, from the
-    ``shoppulse_live_*`` counters; None while they hold no outcome (or do not exist yet)."""
-    recommendations: dict[tuple[str, str, str], dict[str, float]] = {}
-    for name, field in ((_LIVE_OPPORTUNITIES, "opportunities"), (_LIVE_GAIN, "gain")):
-        for labels, value in samples.get(name, ()):
-            key = (labels["model"], labels["version"], labels["variant"])
-            row = recommendations.setdefault(key, {})
-            row[field] = row.get(field, 0.0) + value
-    for labels, value in samples.get(_LIVE_HITS, ()):
-        row = recommendations.setdefault((labels["model"], labels["version"], labels["variant"]), {})
-        row[f"hits@{labels['k']}"] = row.get(f"hits@{labels['k']}", 0.0) + value
-    scores: dict[tuple[str, str, str, str], dict[str, float]] = {}
-    for labels, value in samples.get(_LIVE_OUTCOMES, ()):
-        row = scores.setdefault((labels["model"], labels["version"], labels["variant"], labels["score"]), {})
-        row["outcomes"] = row.get("outcomes", 0.0) + value
-        if labels["outcome"] == "positive":
-            row["positives"] = row.get("positives", 0.0) + value
-    for labels, value in samples.get(_LIVE_BRIER, ()):
-        row = scores.setdefault((labels["model"], labels["version"], labels["variant"], labels["score"]), {})
-        row["brier_sum"] = row.get("brier_sum", 0.0) + value
-    returns: dict[str, dict[str, float]] = {}
-    for labels, value in samples.get(_LIVE_RETURNS, ()):
-        counts = returns.setdefault(labels["group"], {})
-        counts[labels["outcome"]] = counts.get(labels["outcome"], 0.0) + value
-    rec_rows = [
-        {
-            "model": model,
-            "version": version,
-            "variant": variant,
-            "opportunities": int(row.get("opportunities", 0)),
-            "hit_rate_at_5": _ratio(row.get("hits@5", 0.0), row.get("opportunities", 0.0)),
-            "hit_rate_at_10": _ratio(row.get("hits@10", 0.0), row.get("opportunities", 0.0)),
-            "ndcg_at_10": _ratio(row.get("gain", 0.0), row.get("opportunities", 0.0)),
-        }
-        for (model, version, variant), row in recommendations.items()
-        if row.get("opportunities")
-    ]
-    score_rows = [
-        {
-            "model": model,
-            "version": version,
-            "variant": variant,
-            "score": score,
-            "outcomes": int(row.get("outcomes", 0)),
-            "positive_rate": _ratio(row.get("positives", 0.0), row.get("outcomes", 0.0)),
-            "brier": _ratio(row.get("brier_sum", 0.0), row.get("outcomes", 0.0)),
-        }
-        for (model, version, variant, score), row in scores.items()
-        if row.get("outcomes")
-    ]
-    return_rows = [
-        {
-            "group": group,
-            "returned": int(counts.get("returned", 0)),
-            "lapsed": int(counts.get("lapsed", 0)),
-            "return_rate": _ratio(counts.get("returned", 0.0), sum(counts.values())),
-        }
-        for group, counts in sorted(returns.items())
-        if sum(counts.values())
-    ]
-    if not (rec_rows or score_rows or return_rows):
-        return None
-    return {
-        "recommendations": sorted(rec_rows, key=_variant_order),
-        "scores": sorted(score_rows, key=_variant_order),
-        "alert_returns": return_rows,
+    """Live hit rate, calibration and alert returns per model version and variant, from the live-evaluation
+    counters; None while they hold no outcome (or do not exist yet)."""
+    recommendations: Table = {}
+    _add(recommendations, samples, _LIVE_OPPORTUNITIES, _RECOMMENDATION_KEYS, lambda _: "opportunities")
+    _add(recommendations, samples, _LIVE_HITS, _RECOMMENDATION_KEYS, lambda labels: f"hits@{labels['k']}")
+    _add(recommendations, samples, _LIVE_GAIN, _RECOMMENDATION_KEYS, lambda _: "gain")
+    scores: Table = {}
+    _add(scores, samples, _LIVE_OUTCOMES, _SCORE_KEYS, lambda labels: labels["outcome"])  # positive / negative
+    _add(scores, samples, _LIVE_BRIER, _SCORE_KEYS, lambda _: "brier_sum")
+    returns: Table = {}
+    _add(returns, samples, _LIVE_RETURNS, _RETURN_KEYS, lambda labels: labels["outcome"])  # returned / lapsed
+    live = {
+        "recommendations": _rows(
+            recommendations,
+            _RECOMMENDATION_KEYS,
+            ("opportunities", lambda sums: sums.get("opportunities", 0.0)),
+            {"hit_rate_at_5": "hits@5", "hit_rate_at_10": "hits@10", "ndcg_at_10": "gain"},
+        ),
+        "scores": _rows(
+            scores,
+            _SCORE_KEYS,
+            ("outcomes", lambda sums: sums.get("positive", 0.0) + sums.get("negative", 0.0)),
+            {"positive_rate": "positive", "brier": "brier_sum"},
+        ),
+        "alert_returns": _rows(
+            returns,
+            _RETURN_KEYS,
+            ("shoppers", lambda sums: sums.get("returned", 0.0) + sums.get("lapsed", 0.0)),
+            {"return_rate": "returned"},
+        ),
     }
+    return live if any(live.values()) else None

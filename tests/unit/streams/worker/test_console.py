@@ -200,8 +200,8 @@ def test_live_outcomes_absent_until_the_loop_counters_hold_outcomes(stats):
         }
     ]
     assert live["alert_returns"] == [
-        {"group": "alerted", "returned": 6, "lapsed": 4, "return_rate": 0.6},
-        {"group": "holdout", "returned": 0, "lapsed": 5, "return_rate": 0.0},
+        {"group": "alerted", "shoppers": 10, "return_rate": 0.6},
+        {"group": "holdout", "shoppers": 5, "return_rate": 0.0},
     ]
 
 
