@@ -165,6 +165,12 @@ SETTINGS_DOC: dict[str, tuple[str, str, str]] = {
         "address of the /metrics, /healthz, /readyz and /console server",
     ),
     "metrics_port": ("SHOPPULSE_METRICS_PORT", "9108", "port of that server (0 = pick a free one)"),
+    "advertised_url": (
+        "SHOPPULSE_ADVERTISED_URL",
+        "",
+        "URL other workers forward shopper lookups to (http://host:port of that server); empty = "
+        "http://SHOPPULSE_METRICS_HOST:port, or the host's FQDN when that host is 0.0.0.0; unique per worker",
+    ),
     "log_level": ("SHOPPULSE_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
     "log_format": (
         "SHOPPULSE_LOG_FORMAT",
@@ -260,6 +266,7 @@ class Settings:
     pseudonym_key: str = field(default="", repr=False)
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9108
+    advertised_url: str = ""
     log_level: str = "INFO"
     log_format: str = "text"
 
@@ -330,6 +337,11 @@ class Settings:
             raise ConfigError("SHOPPULSE_CHURN_ALERT_LOW must be below SHOPPULSE_CHURN_ALERT_HIGH, both in [0, 1]")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"SHOPPULSE_DEVICE={self.device!r}; use auto, cpu or cuda")
+        if self.advertised_url and not self.advertised_url.startswith("http://"):
+            raise ConfigError(
+                f"SHOPPULSE_ADVERTISED_URL={self.advertised_url!r}; "
+                "use http://HOST:PORT (the lookup server speaks plain HTTP)"
+            )
         topics = self.input_topics + self.output_topics
         if len(set(topics)) != len(topics):
             raise ConfigError(f"topic names must differ, got {topics}")

@@ -34,6 +34,7 @@ from models.names import CLASSIFIER_MODEL, NEXTITEM_MODEL
 from models.scoring import BatchScorer
 from streams.config import Settings
 from streams.kafka.batch_producer import BatchProducer
+from streams.kafka.broker import free_port
 from streams.kafka.clients import (
     BROKER_PROFILE_TANSU,
     TANSU_FETCH_MAX_WAIT_MS,
@@ -49,6 +50,7 @@ from streams.worker.checkpoint import Checkpoint
 from streams.worker.console import AlertFeed
 from streams.worker.faust_seam import BatchDrainConsumer, BatchingApp, SeamBroken, TableStore, set_fetch_max_wait_ms
 from streams.worker.health import Health
+from streams.worker.lookup import FORWARD_TIMEOUT_S, ShopperLookup, ShopperView, advertised_url, forward
 from streams.worker.metrics import HealthState, MetricsServer, WorkerMetrics
 from streams.worker.pipeline import BatchProcessor
 from streams.worker.publisher import Publisher
@@ -73,6 +75,9 @@ class ScoringWorker:
         self.health_state = HealthState()
         self.alert_feed = AlertFeed()  # delivered churn alerts, for the console
         overrides = tansu_client_overrides() if self.profile == BROKER_PROFILE_TANSU else {}
+        # The port is fixed before the app exists: the assignor publishes the URL to the group.
+        self.http_port = settings.metrics_port or free_port(settings.metrics_host)
+        self.advertised_url = advertised_url(settings, self.http_port)
         self.batcher = MicroBatcher(
             settings.max_batch, settings.max_wait_ms / 1000.0, max_buffered=BATCHES_BUFFERED * settings.max_batch
         )
@@ -87,7 +92,8 @@ class ScoringWorker:
             table_standby_replicas=settings.standby_replicas,
             topic_partitions=settings.partitions,
             topic_replication_factor=settings.replication_factor,
-            web_enabled=False,  # our own /metrics, /healthz, /readyz, /console server replaces it
+            web_enabled=False,  # our own /metrics, /healthz, /readyz, /shoppers, /console server replaces it
+            canonical_url=self.advertised_url,  # what the assignor tells the group: lookups are forwarded there
             autodiscover=False,
             consumer_auto_offset_reset="earliest",
             **overrides,
@@ -125,6 +131,18 @@ class ScoringWorker:
             pseudonym_key=settings.pseudonym_key.encode(),
         )
         self.health = Health(self.app, settings, self.metrics, self.health_state)
+        lookup_scorer = BatchScorer(  # the lookup threads' own: see streams.worker.lookup
+            DEFAULT_FEATURE_SPEC, settings.models_dir, device=settings.device, top_k=settings.top_k
+        )
+        self.lookup = ShopperLookup(
+            ShopperView(DEFAULT_FEATURE_SPEC, lookup_scorer, self.processor.alert_policy, self.processor.public_id),
+            settings.partitions,
+            self.advertised_url,
+            owners=lambda: self.app.partition_owners(self.store.changelog_topic),
+            read=self.store.get_if_open,
+            ready=lambda: self.health_state.ready,
+            forwarder=lambda owner, target, via: forward(owner, target, via, FORWARD_TIMEOUT_S),
+        )
         self.checkpoint: Checkpoint  # and self.sweeps: their producers connect only when the worker runs
         self.sweeps: Sweeps
         self._served_versions: dict[str, str] = {}
@@ -294,7 +312,12 @@ class ScoringWorker:
             self.metrics,
         )
         self.metrics_server = MetricsServer(
-            self.metrics, self.health_state, self.settings.metrics_host, self.settings.metrics_port, self.alert_feed
+            self.metrics,
+            self.health_state,
+            self.settings.metrics_host,
+            self.http_port,
+            self.lookup,
+            alerts=self.alert_feed,
         ).start()
         worker = self._faust_worker = _Worker(
             self.app,

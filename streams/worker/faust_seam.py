@@ -30,6 +30,8 @@ internal                                      what it touches, and why
 ``App._new_consumer`` (overridden)            installs :class:`BatchDrainConsumer` as the consumer class
 ``App.consumer_generation_id``                the generation guard (below)
 ``App.assignor.assigned_actives()``           partitions this worker owns (the sweeps)
+``App.assignor.table_metadata()``             the table's partition -> owner URL map (shopper lookup);
+                                              a public assignor method, listed for its contract test
 ``rocksdb.Store._db_for_partition``           the RocksDB of one partition: reads and writes without
                                               Faust's current-event context (faust-streaming #497)
 ``rocksdb.Store._key_index``                  Faust's key -> partition cache, kept right on writes
@@ -69,6 +71,7 @@ from faust.types.tuples import Message, ack_lock
 from mode.utils.futures import notify
 
 from streams.worker.batch_consumer import MicroBatch, MicroBatcher
+from streams.worker.lookup import PartitionNotOpen
 from streams.worker.pipeline import InputMessage
 
 #: sha256 of ``inspect.getsource`` of each upstream method whose logic is copied here, read from
@@ -300,6 +303,16 @@ class BatchingApp(faust.App):
         """Partitions of ``changelog_topic`` this worker is the active owner of."""
         return {tp.partition for tp in self.assignor.assigned_actives() if tp.topic == changelog_topic}
 
+    def partition_owners(self, changelog_topic: str) -> dict[int, str]:
+        """Partition -> URL (``canonical_url``) of the worker that actively owns it, for every member
+        of the group: the map the group leader's assignor hands every member after each rebalance.
+        Empty before the first assignment."""
+        return {
+            partition: url
+            for url, topics in self.assignor.table_metadata(changelog_topic).items()
+            for partition in topics.get(changelog_topic, ())
+        }
+
 
 class TableStore:
     """A Faust table's rocksdict store, a partition at a time, without Faust's current event.
@@ -319,6 +332,15 @@ class TableStore:
     def get(self, partition: int, key: bytes) -> bytes | None:
         """The stored value of ``key`` in ``partition``, or None."""
         return self.table.data._db_for_partition(partition).get(key)
+
+    def get_if_open(self, partition: int, key: bytes) -> bytes | None:
+        """Like :meth:`get`, for another thread: never opens a partition's RocksDB (that is Faust's,
+        on assignment), and raises :class:`~streams.worker.lookup.PartitionNotOpen` when it is not open."""
+        db = self.table.data._dbs.get(partition)
+        if db is None:
+            raise PartitionNotOpen(partition)
+        value: bytes | None = db.get(key)
+        return value
 
     def put(self, partition: int, key: bytes, value: bytes | None) -> None:
         """Store ``value`` (None: delete) in ``partition``'s RocksDB, keeping Faust's key index right."""

@@ -1,5 +1,6 @@
-"""Prometheus metrics and the worker's HTTP endpoints: ``/metrics``, ``/healthz``, ``/readyz`` and the
-live console, ``/console`` with the ``/console/stats`` it polls (:mod:`streams.worker.console`).
+"""Prometheus metrics and the worker's HTTP endpoints: ``/metrics``, ``/healthz``, ``/readyz``,
+``/shoppers/{user_id}`` (:mod:`streams.worker.lookup`) and the live console, ``/console`` with the
+``/console/stats`` it polls (:mod:`streams.worker.console`).
 
 Names follow Prometheus conventions: counters end in ``_total``, durations are in seconds.
 :data:`METRIC_NAMES` lists every exported family; deploy/ rules and dashboards may use only these.
@@ -10,11 +11,13 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from streams.worker.console import AlertFeed, ConsoleStats, page
+from streams.worker.lookup import FORWARDED_HEADER, LOOKUP_PATH, ShopperLookup
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +25,8 @@ log = logging.getLogger(__name__)
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 SCORE_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 BATCH_SIZE_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
+# Finer at the low end: a local lookup's goal is a p99 of 10 ms.
+LOOKUP_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0)
 
 
 class WorkerMetrics:
@@ -147,6 +152,14 @@ class WorkerMetrics:
             "1 when a broker connection is up, partitions are assigned and tables recovered",
             registry=r,
         )
+        self.lookup_seconds = Histogram(
+            "shoppulse_lookup_seconds",
+            "Time to answer GET /shoppers/{user_id}, by route (local: this worker owns the shopper; "
+            "forwarded: relayed from the owner) and HTTP status code",
+            ["route", "code"],
+            buckets=LOOKUP_BUCKETS_S,
+            registry=r,
+        )
 
 
 METRIC_NAMES = (
@@ -174,6 +187,7 @@ METRIC_NAMES = (
     "shoppulse_silent_rescored_total",
     "shoppulse_consumer_lag",
     "shoppulse_ready",
+    "shoppulse_lookup_seconds",
 )
 
 
@@ -187,21 +201,32 @@ class HealthState:
 
 
 class MetricsServer:
-    """A small threaded HTTP server for ``/metrics``, ``/healthz``, ``/readyz`` and the console.
+    """A small threaded HTTP server for ``/metrics``, ``/healthz``, ``/readyz``, the shopper lookup and the console.
+
+    Threads, not the worker's event loop: a lookup must not wait for a micro-batch to finish
+    (tens of ms), and it holds the GIL only while it builds its answer.
 
     Args:
         host: address to bind (``127.0.0.1`` keeps it local; ``0.0.0.0`` for a scraper elsewhere).
         port: TCP port; 0 lets the OS pick (see :attr:`port` after :meth:`start`).
+        lookup: answers ``/shoppers/{user_id}``; None: that path answers 404.
         alerts: the churn alerts the console lists (the publisher records them); None: an empty feed.
     """
 
     def __init__(
-        self, metrics: WorkerMetrics, health: HealthState, host: str, port: int, alerts: AlertFeed | None = None
+        self,
+        metrics: WorkerMetrics,
+        health: HealthState,
+        host: str,
+        port: int,
+        lookup: ShopperLookup | None = None,
+        alerts: AlertFeed | None = None,
     ) -> None:
         self.metrics = metrics
         self.health = health
         registry = metrics.registry
         console = ConsoleStats(registry, health, alerts or AlertFeed())
+        lookup_seconds = metrics.lookup_seconds
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 - http.server API
@@ -213,17 +238,31 @@ class MetricsServer:
                 elif path == "/readyz":
                     body = ("ready\n" if health.ready else f"not ready: {health.reason}\n").encode()
                     self._reply(200 if health.ready else 503, body)
+                elif lookup is not None and path.startswith(LOOKUP_PATH):
+                    started = time.perf_counter()
+                    reply = lookup.handle(self.path, self.headers.get(FORWARDED_HEADER))
+                    route = "local" if reply.served_here else "forwarded"
+                    lookup_seconds.labels(route, str(reply.status)).observe(time.perf_counter() - started)
+                    self._reply(reply.status, reply.body, reply.content_type, reply.headers)
                 elif path in ("/console", "/console/"):
                     self._reply(200, page(), "text/html; charset=utf-8")
                 elif path == "/console/stats":
                     self._reply(200, json.dumps(console.snapshot()).encode(), "application/json")
                 else:
-                    self._reply(404, b"try /metrics, /healthz, /readyz or /console\n")
+                    self._reply(404, b"try /metrics, /healthz, /readyz, /shoppers/USER_ID or /console\n")
 
-            def _reply(self, status: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> None:
+            def _reply(
+                self,
+                status: int,
+                body: bytes,
+                content_type: str = "text/plain; charset=utf-8",
+                headers: tuple[tuple[str, str], ...] = (),
+            ) -> None:
                 self.send_response(status)
                 self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(body)))
+                for name, value in headers:
+                    self.send_header(name, value)
                 self.end_headers()
                 self.wfile.write(body)
 

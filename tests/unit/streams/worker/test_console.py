@@ -215,7 +215,7 @@ def test_the_page_needs_nothing_but_the_worker():
 
 def test_the_worker_serves_the_console_and_its_stats():
     metrics, health, feed = WorkerMetrics(), HealthState(), AlertFeed()
-    server = MetricsServer(metrics, health, "127.0.0.1", 0, feed).start()
+    server = MetricsServer(metrics, health, "127.0.0.1", 0, alerts=feed).start()
     try:
         feed.record(alert(1))
         metrics.events_consumed.labels("shop.cart").inc(7)

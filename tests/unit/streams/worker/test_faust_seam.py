@@ -34,6 +34,7 @@ from streams.worker import faust_seam
 from streams.worker.batch_consumer import MicroBatcher
 from streams.worker.faust_seam import UPSTREAM_SOURCE_SHA256, BatchDrainConsumer, BatchingApp, TableStore
 from streams.worker.health import Health
+from streams.worker.lookup import PartitionNotOpen
 from streams.worker.metrics import HealthState, WorkerMetrics
 
 ROOT = Path(__file__).resolve().parents[4]
@@ -143,6 +144,26 @@ def test_the_table_store_writes_reads_and_lists_a_partition(app):
     assert list(store.items({1})) == [(1, b"k", b"v")] and list(store.items({0})) == []
     store.put(1, b"k", None)
     assert store.get(1, b"k") is None and b"k" not in table.data._key_index
+
+
+def test_the_lookup_reads_only_open_partitions_and_the_assignors_owner_map(app):
+    table = app.Table("states", key_type=bytes, value_type=bytes, partitions=4)
+    store = TableStore(table)
+    with pytest.raises(PartitionNotOpen):
+        store.get_if_open(2, b"k")  # never opens a partition itself
+    assert 2 not in table.data._dbs
+    store.put(2, b"k", b"v")
+    assert store.get_if_open(2, b"k") == b"v" and store.get_if_open(2, b"other") is None
+
+    topic = store.changelog_topic
+    assert app.partition_owners(topic) == {}  # before any assignment
+    # What on_assignment sets on every member from the leader's assignment (url -> topic -> partitions).
+    app.assignor.changelog_distribution = {
+        "http://a:1": {topic: [0, 2], "another-changelog": [1]},
+        "http://b:2": {topic: [1, 3]},
+    }
+    assert app.partition_owners(topic) == {0: "http://a:1", 2: "http://a:1", 1: "http://b:2", 3: "http://b:2"}
+    assert app.conf.canonical_url.host  # the URL the assignor publishes for this member
 
 
 def test_ack_lock_and_notify_behave_as_the_ack_path_needs():

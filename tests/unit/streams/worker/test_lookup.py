@@ -1,0 +1,244 @@
+"""The shopper lookup: which partition, which worker, what the answer holds, and forwarding over real HTTP."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+
+from features.encoding import encode_state
+from features.events import DEFAULT_LIMITS
+from features.spec import DEFAULT_FEATURE_SPEC
+from features.state import RAW_FEATURE_NAMES, ShopperState, StateConfig
+from models.scoring import BatchScorer
+from streams.config import Settings
+from streams.kafka.broker import free_port
+from streams.sim.generator import GeneratorConfig, ShopSimulator
+from streams.worker.alerts import AlertPolicy, AlertState
+from streams.worker.envelope import Stored
+from streams.worker.lookup import (
+    AT_LAST_EVENT,
+    FORWARDED_HEADER,
+    PartitionNotOpen,
+    ShopperLookup,
+    ShopperView,
+    advertised_url,
+    forward,
+    key_partition,
+)
+from streams.worker.metrics import HealthState, MetricsServer, WorkerMetrics
+from streams.worker.pipeline import BatchProcessor
+
+PARTITIONS = 4
+POLICY = AlertPolicy(0.7, 0.5, 1000)
+
+
+def test_key_partition_is_the_java_clients_murmur2():
+    # Kafka's own test vectors (clients UtilsTest.testMurmur2): the Java client, librdkafka's
+    # murmur2_random and every ShopPulse producer partition by this hash.
+    vectors = {
+        b"21": -973932308,
+        b"foobar": -790332482,
+        b"a-little-bit-long-string": -985981536,
+        b"a-little-bit-longer-string": -1486304829,
+        b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8": -58897971,
+        b"abc": 479470107,
+    }
+    for key, signed in vectors.items():
+        assert key_partition(key, 2**31 - 1) == (signed & 0x7FFFFFFF) % (2**31 - 1), key
+        assert key_partition(key, 12) == (ctypes.c_uint32(signed).value & 0x7FFFFFFF) % 12
+
+
+def states(n: int) -> dict[str, ShopperState]:
+    """Real shopper states, from simulated events applied as the worker applies them."""
+    built: dict[str, ShopperState] = {}
+    config = StateConfig()
+    for event in ShopSimulator(GeneratorConfig(seed=3, n_shoppers=n, n_items=50)).events(limit=40 * n):
+        built.setdefault(event.user_id, ShopperState.new(event.user_id)).update(event, config)
+    return built
+
+
+def stored_value(state: ShopperState, alert: AlertState | None = None) -> bytes:
+    return Stored(encode_state(state), alert.encode() if alert else None, {("t", 0): 7}).encode()
+
+
+@pytest.fixture(scope="module")
+def shoppers() -> dict[str, ShopperState]:
+    return states(30)
+
+
+def view(tmp_path, pseudonym_key: bytes = b"") -> ShopperView:
+    scorer = BatchScorer(DEFAULT_FEATURE_SPEC, tmp_path)
+    processor = BatchProcessor(
+        {}, StateConfig(), DEFAULT_FEATURE_SPEC, scorer, DEFAULT_LIMITS, WorkerMetrics(), pseudonym_key=pseudonym_key
+    )  # the worker's own pseudonym function
+    return ShopperView(DEFAULT_FEATURE_SPEC, BatchScorer(DEFAULT_FEATURE_SPEC, tmp_path), POLICY, processor.public_id)
+
+
+def test_the_document_holds_features_scores_alert_state_and_last_event(tmp_path, shoppers):
+    user, state = next(iter(shoppers.items()))
+    alert = AlertState(False, state.last_event_ms - 5, 0.81)
+    doc = view(tmp_path, b"k").document(user, stored_value(state, alert), AT_LAST_EVENT)
+
+    independent = BatchScorer(DEFAULT_FEATURE_SPEC, tmp_path)
+    (expected,) = independent.score((state,), DEFAULT_FEATURE_SPEC.matrix((state,), state.last_event_ms))
+    assert doc["scores"] == {name: round(value, 6) for name, value in expected.scores.items()}
+    assert doc["model_versions"] == independent.model_versions
+    raw = dict(zip(RAW_FEATURE_NAMES, state.raw_features(state.last_event_ms), strict=True))
+    features = doc["features"]
+    assert isinstance(features, dict) and list(features) == list(DEFAULT_FEATURE_SPEC.names)
+    assert all(features[name] == (raw[name] if raw[name] != float("inf") else None) for name in features)
+    assert doc["last_event_ts"] == doc["as_of"] == state.last_event_ms
+    assert doc["alert"] == {
+        "armed": False,
+        "last_alert_ts": state.last_event_ms - 5,
+        "last_risk": 0.81,
+        "high": POLICY.high,
+        "low": POLICY.low,
+    }
+    assert doc["user_id"] == user and doc["public_id"] != user and len(str(doc["public_id"])) == 32
+    json.dumps(doc, allow_nan=False)  # valid JSON: no infinities
+
+
+def test_as_of_now_is_the_wall_clock_but_never_before_the_last_event(tmp_path, shoppers):
+    user, state = next(iter(shoppers.items()))
+    shopper_view = view(tmp_path)
+    later = shopper_view.document(user, stored_value(state), "now", now_ms=state.last_event_ms + 86_400_000)
+    assert later["as_of"] == state.last_event_ms + 86_400_000
+    assert later["alert"]["last_alert_ts"] is None  # type: ignore[index]  # never alerted
+    earlier = shopper_view.document(user, stored_value(state), "now", now_ms=state.last_event_ms - 1000)
+    assert earlier["as_of"] == state.last_event_ms
+
+
+class Cluster:
+    """Two lookups over real HTTP servers; partitions split between them, stores are plain dicts."""
+
+    def __init__(self, tmp_path, shoppers: dict[str, ShopperState]) -> None:
+        ports = [free_port(), free_port()]
+        self.urls = [f"http://127.0.0.1:{port}" for port in ports]
+        self.owners = {p: self.urls[p % 2] for p in range(PARTITIONS)}
+        self.stores: list[dict[tuple[int, bytes], bytes]] = [{}, {}]
+        for user, state in shoppers.items():
+            partition = key_partition(user.encode(), PARTITIONS)
+            self.stores[partition % 2][(partition, user.encode())] = stored_value(state)
+        self.ready = [True, True]
+        self.metrics = [WorkerMetrics(), WorkerMetrics()]
+        self.servers = [
+            MetricsServer(self.metrics[i], HealthState(), "127.0.0.1", ports[i], self._lookup(i, tmp_path)).start()
+            for i in range(2)
+        ]
+
+    def _lookup(self, i: int, tmp_path) -> ShopperLookup:
+        def read(partition: int, key: bytes) -> bytes | None:
+            if self.owners.get(partition) != self.urls[i]:
+                raise PartitionNotOpen(partition)
+            return self.stores[i].get((partition, key))
+
+        return ShopperLookup(
+            view(tmp_path),
+            PARTITIONS,
+            self.urls[i] + "/",  # a trailing slash, as a person may write it
+            owners=lambda: self.owners,
+            read=read,
+            ready=lambda: self.ready[i],
+            forwarder=lambda owner, target, via: forward(owner, target, via, 2.0),
+        )
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()
+
+
+@pytest.fixture
+def cluster(tmp_path, shoppers) -> Iterator[Cluster]:
+    running = Cluster(tmp_path, shoppers)
+    yield running
+    running.stop()
+
+
+def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict, dict[str, str]]:
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as reply:
+            return reply.status, json.loads(reply.read()), dict(reply.headers)
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read()), dict(exc.headers)
+
+
+def lookup_url(base: str, user: str, query: str = "") -> str:
+    return f"{base}/shoppers/{urllib.parse.quote(user, safe='')}{query}"
+
+
+def test_each_worker_answers_for_shoppers_the_other_owns(cluster, shoppers):
+    served_by: dict[str, set[str]] = {}
+    for user, state in shoppers.items():
+        for base in cluster.urls:
+            status, doc, _ = get(lookup_url(base, user, "?at=last_event"))
+            assert status == 200, doc
+            assert doc["user_id"] == user and doc["last_event_ts"] == state.last_event_ms
+            assert doc["partition"] == key_partition(user.encode(), PARTITIONS)
+            served_by.setdefault(user, set()).add(doc["served_by"])
+    owners = {user: cluster.owners[key_partition(user.encode(), PARTITIONS)] for user in shoppers}
+    assert served_by == {user: {owner} for user, owner in owners.items()}
+    assert len(set(owners.values())) == 2, "the test shoppers must fall on both workers"
+    for metrics in cluster.metrics:
+        routes = {
+            sample.labels["route"]
+            for family in metrics.registry.collect()
+            if family.name == "shoppulse_lookup_seconds"
+            for sample in family.samples
+        }
+        assert routes == {"local", "forwarded"}
+
+
+def test_an_unknown_shopper_is_404_with_a_body_that_says_so_from_either_worker(cluster):
+    for base in cluster.urls:
+        status, doc, _ = get(lookup_url(base, "nobody here/ü"))
+        assert status == 404
+        assert doc["error"] == "unknown_shopper" and doc["user_id"] == "nobody here/ü"
+        assert "real user id" in doc["message"]
+
+
+def test_requests_that_cannot_be_answered_say_why(cluster, shoppers):
+    user = next(iter(shoppers))
+    partition = key_partition(user.encode(), PARTITIONS)
+    owner = cluster.urls[partition % 2]
+    other = cluster.urls[1 - partition % 2]
+    assert get(f"{owner}/shoppers/")[:2] == (400, get(f"{other}/shoppers/")[1])
+    assert get(lookup_url(owner, user, "?at=yesterday"))[1]["error"] == "bad_at"
+
+    cluster.ready[partition % 2] = False
+    status, doc, headers = get(lookup_url(other, user))  # forwarded, and the owner is recovering
+    assert (status, doc["error"], headers["Retry-After"]) == (503, "not_ready", "1")
+    cluster.ready[partition % 2] = True
+
+    # A forwarded request reaching a worker that no longer owns the partition is not sent on.
+    status, doc, _ = get(lookup_url(other, user), {FORWARDED_HEADER: owner})
+    assert (status, doc["error"]) == (503, "owner_moved")
+
+    del cluster.owners[partition]
+    assert get(lookup_url(other, user))[1]["error"] == "owner_unknown"
+
+    cluster.owners[partition] = f"http://127.0.0.1:{free_port()}"  # nobody listens there
+    status, doc, _ = get(lookup_url(other, user))
+    assert (status, doc["error"]) == (502, "owner_unreachable")
+
+
+def test_an_unreadable_stored_value_is_500_not_a_crash(cluster, shoppers):
+    user = next(iter(shoppers))
+    partition = key_partition(user.encode(), PARTITIONS)
+    cluster.stores[partition % 2][(partition, user.encode())] = b"\xe5\x01\x09garbage"
+    status, doc, _ = get(lookup_url(cluster.urls[partition % 2], user))
+    assert (status, doc["error"]) == (500, "unreadable_state")
+
+
+def test_the_advertised_url_defaults_to_the_bind_host_or_the_fqdn():
+    assert advertised_url(Settings(metrics_host="10.1.2.3"), 9108) == "http://10.1.2.3:9108"
+    assert advertised_url(Settings(metrics_host="0.0.0.0"), 9108).endswith(":9108")
+    assert "0.0.0.0" not in advertised_url(Settings(metrics_host="0.0.0.0"), 9108)
+    assert advertised_url(Settings(advertised_url="http://w-1.svc:9108/"), 1) == "http://w-1.svc:9108"
