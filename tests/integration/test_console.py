@@ -166,10 +166,12 @@ def test_the_console_loads_and_its_numbers_move_while_events_flow(live: Live) ->
 def test_the_lookup_box_shows_a_shopper(live: Live) -> None:
     base = live.worker.url
     try:
-        urllib.request.urlopen(f"{base}/shoppers/{live.shopper}", timeout=5).close()
+        with urllib.request.urlopen(f"{base}/shoppers/{live.shopper}", timeout=5) as reply:
+            answer = json.load(reply)
     except urllib.error.HTTPError as exc:
         if exc.code == 404 and exc.read().startswith(b"try /metrics"):
             pytest.skip("this checkout's worker has no GET /shoppers/{user_id} yet (issue #18 section 1, branch serve)")
+        raise
     browser = live.browser
     browser.navigate(f"{base}/console?user={live.shopper}")  # ?user= fills the box and looks up on load
     assert browser.evaluate("document.getElementById('lookup-id').value") == live.shopper
@@ -180,7 +182,12 @@ def test_the_lookup_box_shows_a_shopper(live: Live) -> None:
     )
     text = browser.evaluate("document.getElementById('lookup-result').textContent")
     assert status == "200", text
-    assert live.shopper in text
+    # What the API answered is on the page: the shopper, every score and every named feature.
+    assert live.shopper in text and "churn alert state" in text
+    missing = [name for name in [*answer["scores"], *answer["features"]] if name not in text]
+    assert not missing, f"the lookup box does not show {missing}"
+    # A few updates first, so the screenshot (docs/console.png is one) shows the sparkline too.
+    browser.wait_for("Number(document.getElementById('updates').textContent) >= 5", "five updates of the page")
     browser.screenshot(ARTIFACTS / "console-lookup.png")
 
     # Typed into the box: an unknown shopper gets the API's 404 and its body, not a blank.
