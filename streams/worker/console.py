@@ -222,8 +222,11 @@ class ConsoleStats:
 
 
 def _interval_buckets(now: _Sample, base: _Sample | None) -> list[tuple[float, float]]:
-    """The latency histogram of the observations between ``base`` and ``now`` (all of them without a base)."""
-    before = dict(base.latency_buckets) if base is not None else {}
+    """The latency histogram of the observations between ``base`` and ``now``; none without a base (the
+    history since start would mix a start-up backlog into "the last seconds")."""
+    if base is None:
+        return []
+    before = dict(base.latency_buckets)
     return [(upper, count - before.get(upper, 0.0)) for upper, count in now.latency_buckets]
 
 

@@ -80,7 +80,8 @@ def test_latency_quantiles_cover_only_the_window(stats):
     console, metrics, clock = stats
     for _ in range(1000):  # an old, slow stretch
         metrics.end_to_end_seconds.observe(4.0)
-    console.snapshot()
+    first = console.snapshot()
+    assert first["latency_ms"] == {"p50": None, "p99": None, "observed": 0}  # no window yet
     clock.now_s += 1.0
     for _ in range(98):
         metrics.end_to_end_seconds.observe(0.004)  # in the (2.5 ms, 5 ms] bucket
