@@ -132,8 +132,8 @@ def interval_quantile(buckets: Iterable[tuple[float, float]], q: float) -> float
 class ConsoleStats:
     """Builds the ``/console/stats`` document from the registry, the health state and the alert feed.
 
-    Each call samples the registry and compares with the oldest sample still within
-    :data:`STATS_WINDOW_S` (kept across calls, so any number of open pages share one history).
+    Each call samples the registry and compares with the newest earlier sample at least
+    :data:`STATS_WINDOW_S` older (kept across calls, so any number of open pages share one history).
     """
 
     def __init__(
@@ -160,7 +160,8 @@ class ConsoleStats:
         )
 
     def _base(self, now: _Sample) -> _Sample | None:
-        """Remember ``now``; the oldest sample no more than a window before it (None on the first call)."""
+        """Remember ``now``; return the newest sample at least a window older (the oldest kept while there is
+        none yet, None on the first call). Older samples are dropped: the history stays a few seconds long."""
         with self._lock:
             history = self._history
             history.append(now)
