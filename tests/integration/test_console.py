@@ -147,12 +147,16 @@ def test_the_console_loads_and_its_numbers_move_while_events_flow(live: Live) ->
     # Churn alerts as they fire: each listed one is on the churn-alert topic.
     browser.wait_for("document.querySelectorAll('#alerts li').length > 0", "a churn alert in the list")
     listed = set(browser.evaluate("[...document.querySelectorAll('#alerts li .id')].map(e => e.textContent)"))
-    read_topic(
-        live.settings,
-        live.settings.topic_churn_alerts,
-        until=lambda ms: listed <= {json.loads(value_of(m))["user_id"] for m in ms},
-        timeout_s=30,
+
+    def alerted(messages: list) -> set[str]:
+        return {json.loads(value_of(m))["user_id"] for m in messages}
+
+    published = alerted(
+        read_topic(
+            live.settings, live.settings.topic_churn_alerts, until=lambda ms: listed <= alerted(ms), timeout_s=30
+        )
     )
+    assert listed and listed <= published, f"listed but never published: {sorted(listed - published)}"
 
     # Live outcomes: the panel follows what the worker's counters hold.
     with urllib.request.urlopen(f"{url}/stats", timeout=5) as reply:
