@@ -15,15 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from models.registry import ModelRegistry
 from streams.config import Settings
-from streams.kafka.clients import ensure_topics
 from streams.kafka.producer import produce
 from streams.sim.generator import GeneratedMessage, GeneratorConfig, ShopSimulator
 
 from .browser import CHROMIUM, CHROMIUM_MISSING, HeadlessChromium
-from .kafka_helpers import WorkerProcess, isolated_settings, read_topic, value_of
-from .test_model_serving import publish_models
+from .kafka_helpers import WorkerProcess, read_topic, value_of
+from .test_model_serving import serving_models
 from .test_worker import newest_ts, scored_until, valid_events
 
 pytestmark = pytest.mark.integration
@@ -68,17 +66,8 @@ def live(broker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     simulator = ShopSimulator(
         GeneratorConfig(seed=31, n_shoppers=150, n_items=300, malformed_fraction=0.03, clock="live")
     )
-    registry = ModelRegistry(tmp / "registry")
-    publish_models(registry, "v1", sorted({e.item_id for e in simulator.events(limit=3000) if e.item_id}), seed=3)
-    # Thresholds low enough that scored shoppers alert: the page must list alerts as they fire.
-    settings = isolated_settings(
-        broker.bootstrap_servers,
-        tmp / "worker",
-        models_dir=registry.root,
-        churn_alert_high=0.01,
-        churn_alert_low=0.005,
-    )
-    ensure_topics(settings)
+    # Models whose every scored shopper alerts: the page must list alerts as they fire.
+    settings, _, _ = serving_models(broker, tmp, simulator, item_events=3000, seed=3)
     stream = simulator.messages()
     first = [next(stream) for _ in range(400)]
     worker = WorkerProcess(settings, tmp / "worker.log")
