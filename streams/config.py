@@ -171,6 +171,12 @@ SETTINGS_DOC: dict[str, tuple[str, str, str]] = {
         "URL other workers forward shopper lookups to (http://host:port of that server); empty = "
         "http://SHOPPULSE_METRICS_HOST:port, or the host's FQDN when that host is 0.0.0.0; unique per worker",
     ),
+    "lookup_keep_shoppers": (
+        "SHOPPULSE_LOOKUP_KEEP_SHOPPERS",
+        "50000",
+        "shoppers whose last published scores and recommendations the shopper lookup keeps in memory "
+        "(about 1.2 KB each at SHOPPULSE_TOP_K=10; 0 = keep none, compute every answer)",
+    ),
     "log_level": ("SHOPPULSE_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
     "log_format": (
         "SHOPPULSE_LOG_FORMAT",
@@ -267,6 +273,7 @@ class Settings:
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9108
     advertised_url: str = ""
+    lookup_keep_shoppers: int = 50_000
     log_level: str = "INFO"
     log_format: str = "text"
 

@@ -50,7 +50,14 @@ from streams.worker.checkpoint import Checkpoint
 from streams.worker.console import AlertFeed
 from streams.worker.faust_seam import BatchDrainConsumer, BatchingApp, SeamBroken, TableStore, set_fetch_max_wait_ms
 from streams.worker.health import Health
-from streams.worker.lookup import FORWARD_TIMEOUT_S, ShopperLookup, ShopperView, advertised_url, forward
+from streams.worker.lookup import (
+    FORWARD_TIMEOUT_S,
+    KeptOutputs,
+    ShopperLookup,
+    ShopperView,
+    advertised_url,
+    forward,
+)
 from streams.worker.metrics import HealthState, MetricsServer, WorkerMetrics
 from streams.worker.pipeline import BatchProcessor
 from streams.worker.publisher import Publisher
@@ -134,8 +141,15 @@ class ScoringWorker:
         lookup_scorer = BatchScorer(  # the lookup threads' own: see streams.worker.lookup
             DEFAULT_FEATURE_SPEC, settings.models_dir, device=settings.device, top_k=settings.top_k
         )
+        self.kept_outputs = KeptOutputs(settings.lookup_keep_shoppers)
         self.lookup = ShopperLookup(
-            ShopperView(DEFAULT_FEATURE_SPEC, lookup_scorer, self.processor.alert_policy, self.processor.public_id),
+            ShopperView(
+                DEFAULT_FEATURE_SPEC,
+                lookup_scorer,
+                self.processor.alert_policy,
+                self.processor.public_id,
+                self.kept_outputs,
+            ),
             settings.partitions,
             self.advertised_url,
             owners=lambda: self.app.partition_owners(self.store.changelog_topic),
@@ -300,7 +314,11 @@ class ScoringWorker:
             BatchProducer(self.settings, track_offsets=True), seal=self.profile == BROKER_PROFILE_TANSU
         )
         self.checkpoint = Checkpoint(
-            publisher, changelog, self.store, lambda batch: self.app.batch_consumer.ack_batch(batch)
+            publisher,
+            changelog,
+            self.store,
+            lambda batch: self.app.batch_consumer.ack_batch(batch),
+            on_queued=self.kept_outputs.remember,
         )
         self.sweeps = Sweeps(
             self.checkpoint,

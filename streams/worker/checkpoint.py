@@ -67,15 +67,23 @@ class Checkpoint:
         store: the shopper table's store (the values of :mod:`streams.worker.envelope`).
         ack: makes a batch's input offsets committable
             (:meth:`streams.worker.faust_seam.BatchDrainConsumer.ack_batch`).
+        on_queued: told of every outcome once queued, from the agent and the sweeps alike
+            (the shopper lookup keeps the outputs: :class:`streams.worker.lookup.KeptOutputs`).
     """
 
     def __init__(
-        self, publisher: Publisher, changelog: TableWriter, store: TableStore, ack: Callable[[MicroBatch], None]
+        self,
+        publisher: Publisher,
+        changelog: TableWriter,
+        store: TableStore,
+        ack: Callable[[MicroBatch], None],
+        on_queued: Callable[[BatchOutcome], None] | None = None,
     ) -> None:
         self.publisher = publisher
         self.changelog = changelog
         self.store = store
         self.ack = ack
+        self.on_queued = on_queued
         #: Held from reading stored values to queueing their writes (the agent and the sweeps).
         self.writing = asyncio.Lock()
 
@@ -86,6 +94,8 @@ class Checkpoint:
         put = self.changelog.put
         for write in outcome.writes:
             put(self.store, write.partition, write.key, write.value)
+        if self.on_queued is not None:
+            self.on_queued(outcome)
 
     async def commit(self, outcome: BatchOutcome, batch: MicroBatch | None) -> None:
         """Steps 2 to 4 for what :meth:`queue` took: flush both producers (the changelog's flush

@@ -112,3 +112,19 @@ class Stored:
         if at > len(data) or (alert is not None and len(alert) != length):
             raise EnvelopeDecodeError(f"truncated envelope: {len(data)} bytes")
         return cls(state=bytes(data[at:]), alert=alert, offsets=offsets)
+
+
+def offsets_section(data: bytes) -> bytes:
+    """The applied-offsets part of a stored value, as stored (empty for a bare state).
+
+    It changes with every event applied to the state, so it tells two versions of one shopper's
+    state apart without decoding either (:class:`streams.worker.lookup.KeptOutputs`).
+    """
+    if not data or data[0] != ENVELOPE_MAGIC or len(data) < _HEAD.size:
+        return b""
+    at = _HEAD.size
+    for _ in range(data[2]):
+        if at >= len(data):
+            break
+        at += 1 + data[at] + _OFFSET.size
+    return bytes(data[_HEAD.size : at])

@@ -18,14 +18,18 @@ the lookup:
   :data:`FORWARDED_HEADER`; one that arrives at a worker that is not the owner either (ownership
   moved in a rebalance) gets 503 with ``Retry-After`` instead of travelling on.
 
-The answer is computed on request from the stored value (state, alert state), not kept: a kept
-copy of the last outputs would be a second per-shopper store that has to be restored exactly after
-a crash, and the features "as of now" would not match it anyway. The scores and recommendations
-come from :class:`ShopperView`'s own :class:`models.scoring.BatchScorer`, which only lookup
-threads use, under one lock: the batch loop's scorer is never touched from another thread, and a
-hot reload (which replaces a scorer's models between two of its calls) happens in the lookup's
-scorer only between two lookups. It loads the same registry, so both serve the same versions
-within ``reload_interval_s`` of a promotion; the answer names the versions it used.
+The answer is built from the stored value (state, alert state: always current) plus the scores and
+recommendations last published for that very state, which the worker keeps in memory for its
+most recently scored shoppers (:class:`KeptOutputs`): a lookup then reads RocksDB and runs no
+model. For a shopper not kept (after a restart or a rebalance, or beyond
+``SHOPPULSE_LOOKUP_KEEP_SHOPPERS``), :class:`ShopperView` computes them with its own
+:class:`models.scoring.BatchScorer`, as of the shopper's last event as the batch loop does. Only
+lookup threads use that scorer, under one lock: the batch loop's scorer is never touched from
+another thread, and a hot reload (which replaces a scorer's models between two of its calls)
+happens in the lookup's scorer only between two lookups. It loads the same registry, so both
+serve the same versions within ``reload_interval_s`` of a promotion; the answer names them.
+Nothing here is a second store: the kept outputs are a cache of published messages, checked
+against the stored state on every read, and gone with the process.
 """
 
 from __future__ import annotations
@@ -39,17 +43,21 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
-from urllib.parse import parse_qs, quote, unquote, urlsplit
+from typing import TYPE_CHECKING
+from urllib.parse import quote, unquote, urlsplit
 
 from aiokafka.partitioner import murmur2
 
 from features.encoding import StateDecodeError, decode_state
 from features.spec import FeatureSpec
-from features.state import RAW_FEATURE_NAMES
+from features.state import RAW_FEATURE_NAMES, ShopperState
 from models.scoring import BatchScorer
 from streams.config import Settings
 from streams.worker.alerts import NEVER, AlertPolicy, AlertState
-from streams.worker.envelope import EnvelopeDecodeError, Stored
+from streams.worker.envelope import EnvelopeDecodeError, Stored, offsets_section
+
+if TYPE_CHECKING:  # pipeline imports metrics, which imports this module
+    from streams.worker.pipeline import BatchOutcome
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +65,8 @@ log = logging.getLogger(__name__)
 LOOKUP_PATH = "/shoppers/"
 #: Set on a forwarded request to the URL of the worker that forwarded it (the loop guard).
 FORWARDED_HEADER = "X-ShopPulse-Forwarded-By"
-#: ``?at=`` values: features and scores as of the wall clock, or as of the shopper's last event.
-AT_NOW = "now"
-AT_LAST_EVENT = "last_event"
+#: Fields of a published scores message the answer passes on (``variant`` once the challenger split lands).
+_SCORE_FIELDS = ("scores", "model_versions", "scored_at", "trigger_event_id", "variant", "score_seq")
 JSON_TYPE = "application/json"
 
 #: How long a worker waits for the owner's answer to a forwarded lookup.
@@ -110,28 +117,99 @@ class PartitionNotOpen(LookupError):
     """The partition's store is not open on this worker (revoked, or not assigned yet)."""
 
 
+class KeptOutputs:
+    """The last scores and recommendations messages queued for each shopper, up to ``capacity`` shoppers.
+
+    Why keep them: the answer's scores and recommendations are then exactly what the output
+    topics carry for the shopper's current state, and cost no model call. (The next-item model
+    alone took 15-20 ms for a single shopper here, measured: a co-occurrence model's sparse
+    product costs as much for one shopper as for hundreds.) Each entry is tagged with the
+    applied-offsets part of the stored value it was scored from
+    (:func:`streams.worker.envelope.offsets_section`), which changes with every applied event: an
+    entry whose tag differs from the stored value the lookup reads (a newer event, a partition
+    that moved away and back) is not used, and the view computes the answer instead. The least
+    recently scored shoppers are dropped first.
+
+    Written by the batch loop (:meth:`remember`, through :class:`streams.worker.checkpoint.Checkpoint`),
+    read by lookup threads (:meth:`get`): one dict whose single operations the GIL keeps atomic,
+    and entries that are immutable tuples of the published bytes (no copies).
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._entries: dict[str, tuple[bytes, bytes, bytes | None]] = {}
+
+    def remember(self, outcome: BatchOutcome) -> None:
+        """Keep the outputs of ``outcome`` (called when they are queued for publication)."""
+        if not self.capacity:
+            return
+        written = {write.key: write.value for write in outcome.writes}
+        entries = self._entries
+        for key, value in written.items():
+            if value is None:  # deleted (evicted, erased): nothing of theirs is kept
+                entries.pop(key.decode(errors="replace"), None)
+        for scored in outcome.scored:
+            value = written.get(scored.key)
+            if value is not None:
+                tag = offsets_section(value)
+            elif scored.key in written:
+                continue
+            else:  # a silent re-score that left the stored value as it was: same state, newer outputs
+                kept = entries.get(scored.user_id)
+                if kept is None:
+                    continue
+                tag = kept[0]
+            entries.pop(scored.user_id, None)  # re-inserted last: the dict's order is the eviction order
+            entries[scored.user_id] = (tag, scored.result, scored.recommendation)
+        while len(entries) > self.capacity:
+            del entries[next(iter(entries))]
+
+    def get(self, user_id: str, stored_value: bytes) -> tuple[bytes, bytes | None] | None:
+        """The kept (scores, recommendations) messages scored from ``stored_value``, or None."""
+        kept = self._entries.get(user_id)
+        if kept is None or kept[0] != offsets_section(stored_value):
+            return None
+        return kept[1], kept[2]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 class ShopperView:
-    """Turns one stored value into the lookup's JSON document, scoring the shopper on request.
+    """Turns one stored value into the lookup's JSON document.
+
+    Features are as of now. Scores and recommendations are the last ones published for the
+    shopper's current state when :class:`KeptOutputs` has them (``"source": "published"``), else
+    computed on request as the worker computes them for an event: as of the shopper's last event
+    (``"source": "computed"``; equal to what the last event's outputs said, unless a model was
+    promoted since or a silent-shopper re-score published later ones).
 
     Args:
         spec: the feature vector (names and order) the models read.
         scorer: a scorer used by lookups only (see the module docstring for why not the batch loop's).
         alert_policy: thresholds reported next to the alert state.
         public_id: the id the output topics carry for a user id (the pseudonym when one is configured).
+        kept: the outputs the batch loop kept.
     """
 
     def __init__(
-        self, spec: FeatureSpec, scorer: BatchScorer, alert_policy: AlertPolicy, public_id: Callable[[str], str]
+        self,
+        spec: FeatureSpec,
+        scorer: BatchScorer,
+        alert_policy: AlertPolicy,
+        public_id: Callable[[str], str],
+        kept: KeptOutputs,
     ) -> None:
         self.spec = spec
         self.scorer = scorer
         self.alert_policy = alert_policy
         self.public_id = public_id
+        self.kept = kept
         self._raw_columns = [(name, RAW_FEATURE_NAMES.index(name)) for name in spec.names]
         self._lock = threading.Lock()
 
-    def document(self, user_id: str, raw: bytes, at: str, now_ms: int | None = None) -> dict[str, object]:
-        """The shopper as JSON-ready data; ``at`` is :data:`AT_NOW` or :data:`AT_LAST_EVENT`.
+    def document(self, user_id: str, raw: bytes, now_ms: int | None = None) -> dict[str, object]:
+        """The shopper as JSON-ready data, features as of ``now_ms`` (default: the wall clock).
 
         Raises :class:`EnvelopeDecodeError`, :class:`StateDecodeError` or ValueError on a stored
         value this release cannot read.
@@ -144,13 +222,10 @@ class ShopperView:
         wall_ms = int(time.time() * 1000) if now_ms is None else now_ms
         # Never before the last event: an event up to SHOPPULSE_MAX_FUTURE_SKEW_MS ahead of the
         # clock is accepted, and features of a time before it would count it as not yet happened.
-        as_of_ms = state.last_event_ms if at == AT_LAST_EVENT else max(wall_ms, state.last_event_ms)
+        as_of_ms = max(wall_ms, state.last_event_ms)
         raw_values = state.raw_features(as_of_ms)
-        features = self.spec.matrix((state,), as_of_ms)
-        with self._lock:
-            self.scorer.refresh()
-            (scored,) = self.scorer.score((state,), features)
-            versions = self.scorer.model_versions
+        kept = self.kept.get(user_id, raw)
+        latest = self._published(*kept) if kept is not None else self._computed(state, wall_ms)
         return {
             "user_id": user_id,
             "public_id": self.public_id(user_id),
@@ -158,9 +233,7 @@ class ShopperView:
             "last_event_ts": state.last_event_ms,
             "features": {name: _finite(raw_values[column]) for name, column in self._raw_columns},
             "feature_spec": self.spec.hash,
-            "scores": {name: round(value, 6) for name, value in scored.scores.items()},
-            "model_versions": versions,
-            "recommendations": [{"item_id": item, "score": round(score, 6)} for item, score in scored.recommendations],
+            **latest,
             "alert": {
                 "armed": alert.armed,
                 "last_alert_ts": None if alert.last_alert_ms == NEVER else alert.last_alert_ms,
@@ -168,6 +241,33 @@ class ShopperView:
                 "high": self.alert_policy.high,
                 "low": self.alert_policy.low,
             },
+        }
+
+    @staticmethod
+    def _published(result: bytes, recommendation: bytes | None) -> dict[str, object]:
+        """The answer's score part from the messages published for this state."""
+        scores = json.loads(result)
+        items = json.loads(recommendation)["items"] if recommendation is not None else []
+        return {
+            "source": "published",
+            **{name: scores[name] for name in _SCORE_FIELDS if name in scores},
+            "recommendations": items,
+        }
+
+    def _computed(self, state: ShopperState, wall_ms: int) -> dict[str, object]:
+        """The answer's score part computed now, as the batch loop scores an event: as of the last event."""
+        features = self.spec.matrix((state,), state.last_event_ms)
+        with self._lock:
+            self.scorer.refresh()
+            (scored,) = self.scorer.score((state,), features)
+            versions = self.scorer.model_versions
+        return {
+            "source": "computed",
+            "scores": {name: round(value, 6) for name, value in scored.scores.items()},
+            "model_versions": versions,
+            "scored_at": wall_ms,
+            "trigger_event_id": None,
+            "recommendations": [{"item_id": item, "score": round(score, 6)} for item, score in scored.recommendations],
         }
 
 
@@ -234,18 +334,14 @@ class ShopperLookup:
 
     def handle(self, target: str, forwarded_by: str | None) -> Reply:
         """Answer the request for ``target`` (path and query); ``forwarded_by`` is :data:`FORWARDED_HEADER`."""
-        parts = urlsplit(target)
-        user_id = unquote(parts.path[len(LOOKUP_PATH) :])
-        at = parse_qs(parts.query).get("at", [AT_NOW])[-1]
+        user_id = unquote(urlsplit(target).path[len(LOOKUP_PATH) :])
         if not user_id:
             return error_reply(400, "missing_user_id", f"ask for GET {LOOKUP_PATH}USER_ID (percent-encoded)")
-        if at not in (AT_NOW, AT_LAST_EVENT):
-            return error_reply(400, "bad_at", f"at={at!r}; use at={AT_NOW} (default) or at={AT_LAST_EVENT}")
         key = user_id.encode()
         partition = key_partition(key, self.partitions)
         owner = self.owners().get(partition)
         if owner is not None and same_url(owner) == self.self_url:
-            return self._local(user_id, key, partition, at)
+            return self._local(user_id, key, partition)
         if owner is None:
             return error_reply(
                 503,
@@ -263,10 +359,9 @@ class ShopperLookup:
                 retry_after_s=1,
                 partition=partition,
             )
-        query = f"?at={at}" if at != AT_NOW else ""
-        return self.forwarder(owner, f"{LOOKUP_PATH}{quote(user_id, safe='')}{query}", self.self_url)
+        return self.forwarder(owner, f"{LOOKUP_PATH}{quote(user_id, safe='')}", self.self_url)
 
-    def _local(self, user_id: str, key: bytes, partition: int, at: str) -> Reply:
+    def _local(self, user_id: str, key: bytes, partition: int) -> Reply:
         if not self.ready():
             return error_reply(
                 503, "not_ready", "this worker is recovering its tables or rebalancing; retry", retry_after_s=1
@@ -286,7 +381,7 @@ class ShopperLookup:
                 user_id=user_id,
             )
         try:
-            document = self.view.document(user_id, raw, at)
+            document = self.view.document(user_id, raw)
         except (EnvelopeDecodeError, StateDecodeError, ValueError) as exc:
             log.error("the stored value of shopper %r could not be read for a lookup: %s", user_id, exc)
             return error_reply(

@@ -29,12 +29,12 @@ from .test_worker import newest_ts, scored_until, valid_events
 pytestmark = pytest.mark.integration
 
 
-def lookup(base: str, user: str, query: str = "", timeout_s: float = 30.0) -> tuple[int, dict]:
+def lookup(base: str, user: str, timeout_s: float = 30.0) -> tuple[int, dict]:
     """GET /shoppers/USER, retrying while ownership is moving (503) for up to ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            with urllib.request.urlopen(f"{base}/shoppers/{urllib.parse.quote(user, safe='')}{query}", timeout=5) as r:
+            with urllib.request.urlopen(f"{base}/shoppers/{urllib.parse.quote(user, safe='')}", timeout=5) as r:
                 return r.status, json.loads(r.read())
         except urllib.error.HTTPError as exc:
             status, body = exc.code, json.loads(exc.read())
@@ -67,7 +67,7 @@ def test_each_worker_answers_for_the_shoppers_the_other_owns(broker, tmp_path):
             time.sleep(0.5)
         assert owned_partitions(a) and owned_partitions(b), "both workers must own partitions"
 
-        answers = {(w.url, user): lookup(w.url, user, "?at=last_event") for w in (a, b) for user in users}
+        answers = {(w.url, user): lookup(w.url, user) for w in (a, b) for user in users}
         unknown = [lookup(worker.url, "never-seen-shopper") for worker in (a, b)]
         recommendations = read_topic(
             base, base.topic_recommendations, until=lambda ms: set(users) <= {key_of(m).decode() for m in ms}
@@ -89,13 +89,14 @@ def test_each_worker_answers_for_the_shoppers_the_other_owns(broker, tmp_path):
     forwarded = {url for (url, _), served_by in served.items() if served_by != url}
     assert forwarded == {a.url, b.url}, "each worker must have relayed shoppers the other owns"
 
-    # What the owner answers is what it stored and, as of the last event, what it last published.
+    # What the owner answers is what it stored and what it last published (kept: it scored them all).
     offline = final_states(events)
     last_scores = {json.loads(value_of(m))["user_id"]: json.loads(value_of(m)) for m in scores}
     last_items = {json.loads(value_of(m))["user_id"]: json.loads(value_of(m))["items"] for m in recommendations}
     for user in users:
         _, doc = answers[(a.url, user)]
         assert doc["last_event_ts"] == offline[user].last_event_ms
+        assert doc["source"] == "published" and doc["trigger_event_id"] == last_scores[user]["trigger_event_id"]
         assert doc["scores"] == last_scores[user]["scores"], user
         assert doc["model_versions"] == last_scores[user]["model_versions"]
         assert [item["item_id"] for item in doc["recommendations"]] == [item["item_id"] for item in last_items[user]]

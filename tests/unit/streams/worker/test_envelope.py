@@ -7,7 +7,7 @@ import pytest
 from features.encoding import encode_state
 from features.state import ShopperState
 from streams.worker.alerts import AlertState
-from streams.worker.envelope import ENVELOPE_MAGIC, EnvelopeDecodeError, Stored
+from streams.worker.envelope import ENVELOPE_MAGIC, EnvelopeDecodeError, Stored, offsets_section
 
 
 def sample() -> Stored:
@@ -58,3 +58,13 @@ def test_truncated_envelopes_raise_their_own_error():
 def test_a_state_cannot_be_missing_from_an_envelope():
     with pytest.raises(ValueError):
         Stored(offsets={("t", 0): 1}).encode()
+
+
+def test_the_offsets_section_tells_state_versions_apart_without_decoding():
+    value = Stored(b"\x01state", None, {("shop.cart", 2): 41, ("shop.orders", 2): 7})
+    same = Stored(b"\x01other state", b"", {("shop.orders", 2): 7, ("shop.cart", 2): 41})
+    later = Stored(b"\x01state", None, {("shop.cart", 2): 42, ("shop.orders", 2): 7})
+    assert offsets_section(value.encode()) == offsets_section(same.encode()) != b""
+    assert offsets_section(later.encode()) != offsets_section(value.encode())
+    assert offsets_section(b"\x01a bare state") == b"" == offsets_section(b"")
+    assert offsets_section(value.encode()[:9]) == value.encode()[3:9]  # truncated: no IndexError

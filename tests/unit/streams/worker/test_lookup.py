@@ -22,8 +22,8 @@ from streams.sim.generator import GeneratorConfig, ShopSimulator
 from streams.worker.alerts import AlertPolicy, AlertState
 from streams.worker.envelope import Stored
 from streams.worker.lookup import (
-    AT_LAST_EVENT,
     FORWARDED_HEADER,
+    KeptOutputs,
     PartitionNotOpen,
     ShopperLookup,
     ShopperView,
@@ -32,7 +32,7 @@ from streams.worker.lookup import (
     key_partition,
 )
 from streams.worker.metrics import HealthState, MetricsServer, WorkerMetrics
-from streams.worker.pipeline import BatchProcessor
+from streams.worker.pipeline import BatchOutcome, BatchProcessor, InputMessage, StateWrite
 
 PARTITIONS = 4
 POLICY = AlertPolicy(0.7, 0.5, 1000)
@@ -72,28 +72,41 @@ def shoppers() -> dict[str, ShopperState]:
     return states(30)
 
 
-def view(tmp_path, pseudonym_key: bytes = b"") -> ShopperView:
+def processor(tmp_path, pseudonym_key: bytes = b"") -> BatchProcessor:
+    """The worker's own batch logic (its scorer serves the registry at ``tmp_path``)."""
+    kinds = {"pv": "page_view", "cart": "cart", "orders": "order"}
     scorer = BatchScorer(DEFAULT_FEATURE_SPEC, tmp_path)
-    processor = BatchProcessor(
-        {}, StateConfig(), DEFAULT_FEATURE_SPEC, scorer, DEFAULT_LIMITS, WorkerMetrics(), pseudonym_key=pseudonym_key
-    )  # the worker's own pseudonym function
-    return ShopperView(DEFAULT_FEATURE_SPEC, BatchScorer(DEFAULT_FEATURE_SPEC, tmp_path), POLICY, processor.public_id)
+    return BatchProcessor(
+        kinds, StateConfig(), DEFAULT_FEATURE_SPEC, scorer, DEFAULT_LIMITS, WorkerMetrics(), pseudonym_key=pseudonym_key
+    )
+
+
+def view(tmp_path, pseudonym_key: bytes = b"", kept: KeptOutputs | None = None) -> ShopperView:
+    return ShopperView(
+        DEFAULT_FEATURE_SPEC,
+        BatchScorer(DEFAULT_FEATURE_SPEC, tmp_path),
+        POLICY,
+        processor(tmp_path, pseudonym_key).public_id,
+        kept or KeptOutputs(0),
+    )
 
 
 def test_the_document_holds_features_scores_alert_state_and_last_event(tmp_path, shoppers):
     user, state = next(iter(shoppers.items()))
     alert = AlertState(False, state.last_event_ms - 5, 0.81)
-    doc = view(tmp_path, b"k").document(user, stored_value(state, alert), AT_LAST_EVENT)
+    now_ms = state.last_event_ms + 3_600_000
+    doc = view(tmp_path, b"k").document(user, stored_value(state, alert), now_ms=now_ms)
 
     independent = BatchScorer(DEFAULT_FEATURE_SPEC, tmp_path)
     (expected,) = independent.score((state,), DEFAULT_FEATURE_SPEC.matrix((state,), state.last_event_ms))
+    assert doc["source"] == "computed"
     assert doc["scores"] == {name: round(value, 6) for name, value in expected.scores.items()}
     assert doc["model_versions"] == independent.model_versions
-    raw = dict(zip(RAW_FEATURE_NAMES, state.raw_features(state.last_event_ms), strict=True))
+    raw = dict(zip(RAW_FEATURE_NAMES, state.raw_features(now_ms), strict=True))
     features = doc["features"]
     assert isinstance(features, dict) and list(features) == list(DEFAULT_FEATURE_SPEC.names)
     assert all(features[name] == (raw[name] if raw[name] != float("inf") else None) for name in features)
-    assert doc["last_event_ts"] == doc["as_of"] == state.last_event_ms
+    assert doc["last_event_ts"] == state.last_event_ms and doc["as_of"] == now_ms
     assert doc["alert"] == {
         "armed": False,
         "last_alert_ts": state.last_event_ms - 5,
@@ -105,14 +118,73 @@ def test_the_document_holds_features_scores_alert_state_and_last_event(tmp_path,
     json.dumps(doc, allow_nan=False)  # valid JSON: no infinities
 
 
-def test_as_of_now_is_the_wall_clock_but_never_before_the_last_event(tmp_path, shoppers):
+def test_features_are_as_of_now_but_never_before_the_last_event(tmp_path, shoppers):
     user, state = next(iter(shoppers.items()))
     shopper_view = view(tmp_path)
-    later = shopper_view.document(user, stored_value(state), "now", now_ms=state.last_event_ms + 86_400_000)
+    later = shopper_view.document(user, stored_value(state), now_ms=state.last_event_ms + 86_400_000)
     assert later["as_of"] == state.last_event_ms + 86_400_000
     assert later["alert"]["last_alert_ts"] is None  # type: ignore[index]  # never alerted
-    earlier = shopper_view.document(user, stored_value(state), "now", now_ms=state.last_event_ms - 1000)
+    earlier = shopper_view.document(user, stored_value(state), now_ms=state.last_event_ms - 1000)
     assert earlier["as_of"] == state.last_event_ms
+
+
+def batch(messages, first_offset: int = 0) -> list[InputMessage]:
+    topics = {"page_view": "pv", "cart": "cart", "order": "orders"}
+    return [
+        InputMessage(topics[m.topic_kind], key_partition(m.key, PARTITIONS), first_offset + n, m.key, m.value)
+        for n, m in enumerate(messages)
+    ]
+
+
+def test_scores_are_those_published_for_the_stored_state_kept_or_computed(tmp_path):
+    simulated = list(ShopSimulator(GeneratorConfig(seed=8, n_shoppers=40, n_items=60)).messages(limit=400))
+    valid = [m for m in simulated if m.malformed_reason is None]
+    worker = processor(tmp_path)
+    stored: dict[tuple[int, bytes], bytes] = {}
+    first = worker.process(batch(valid[:200]), lambda p, k: stored.get((p, k)), now_ms=2**62)
+    stored.update({(w.partition, w.key): w.value for w in first.writes if w.value is not None})
+    second = worker.process(batch(valid[200:], 200), lambda p, k: stored.get((p, k)), now_ms=2**62)
+    stored.update({(w.partition, w.key): w.value for w in second.writes if w.value is not None})
+    published = {s.user_id: json.loads(s.result) for s in first.scored + second.scored}  # the last one wins
+
+    kept = KeptOutputs(10_000)
+    kept.remember(first)
+    kept.remember(second)
+    with_kept, computing = view(tmp_path, kept=kept), view(tmp_path)
+    again = {s.user_id for s in second.scored}
+    for (_, key), value in stored.items():
+        user = key.decode()
+        for shopper_view, source in ((with_kept, "published"), (computing, "computed")):
+            doc = shopper_view.document(user, value)
+            assert doc["source"] == source
+            assert doc["scores"] == published[user]["scores"], (user, source)
+            assert doc["model_versions"] == published[user]["model_versions"]
+        if user in again:  # kept: the message itself, not a recomputation
+            assert with_kept.document(user, value)["trigger_event_id"] == published[user]["trigger_event_id"]
+
+    # An entry scored from an older state is not used for a newer one.
+    rescored = sorted(again & {s.user_id for s in first.scored})
+    assert rescored, "the test needs shoppers scored in both batches"
+    kept.remember(first)  # first's outputs again, tagged with first's (older) stored values
+    for user in rescored:
+        key = user.encode()
+        assert with_kept.document(user, stored[(key_partition(key, PARTITIONS), key)])["source"] == "computed"
+
+
+def test_kept_outputs_drop_the_least_recently_scored_first(tmp_path):
+    simulated = ShopSimulator(GeneratorConfig(seed=9, n_shoppers=30)).messages(limit=300)
+    outcome = processor(tmp_path).process(batch([m for m in simulated if m.malformed_reason is None]), lambda *_: None)
+    kept = KeptOutputs(5)
+    kept.remember(outcome)
+    values = {w.key.decode(): w.value or b"" for w in outcome.writes}
+    held = [s.user_id for s in outcome.scored if kept.get(s.user_id, values[s.user_id]) is not None]
+    assert held == [s.user_id for s in outcome.scored][-5:] and len(kept) == 5
+    assert KeptOutputs(0).get(held[0], values[held[0]]) is None
+
+    # A shopper whose stored value is deleted (evicted, erased) is no longer kept.
+    (gone,) = [write for write in outcome.writes if write.key.decode() == held[-1]]
+    kept.remember(BatchOutcome(writes=[StateWrite(gone.partition, gone.key, None)]))
+    assert kept.get(held[-1], values[held[-1]]) is None and len(kept) == 4
 
 
 class Cluster:
@@ -170,15 +242,15 @@ def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict, dic
         return exc.code, json.loads(exc.read()), dict(exc.headers)
 
 
-def lookup_url(base: str, user: str, query: str = "") -> str:
-    return f"{base}/shoppers/{urllib.parse.quote(user, safe='')}{query}"
+def lookup_url(base: str, user: str) -> str:
+    return f"{base}/shoppers/{urllib.parse.quote(user, safe='')}"
 
 
 def test_each_worker_answers_for_shoppers_the_other_owns(cluster, shoppers):
     served_by: dict[str, set[str]] = {}
     for user, state in shoppers.items():
         for base in cluster.urls:
-            status, doc, _ = get(lookup_url(base, user, "?at=last_event"))
+            status, doc, _ = get(lookup_url(base, user))
             assert status == 200, doc
             assert doc["user_id"] == user and doc["last_event_ts"] == state.last_event_ms
             assert doc["partition"] == key_partition(user.encode(), PARTITIONS)
@@ -210,7 +282,6 @@ def test_requests_that_cannot_be_answered_say_why(cluster, shoppers):
     owner = cluster.urls[partition % 2]
     other = cluster.urls[1 - partition % 2]
     assert get(f"{owner}/shoppers/")[:2] == (400, get(f"{other}/shoppers/")[1])
-    assert get(lookup_url(owner, user, "?at=yesterday"))[1]["error"] == "bad_at"
 
     cluster.ready[partition % 2] = False
     status, doc, headers = get(lookup_url(other, user))  # forwarded, and the owner is recovering
