@@ -37,7 +37,9 @@ lock:
 	@touch $(BIN)/.installed
 
 # Real tools the tests use: promtool checks the alert rules and scrape config; openssl makes
-# the test certificate of the TLS settings tests.
+# the test certificate of the TLS settings tests; chromium (headless) loads the worker's console.
+# Where chromium cannot be installed this says what to install, and the console's browser tests
+# skip with the same advice (under CI=true they fail instead: a skip there would hide them).
 tools:
 	@command -v promtool >/dev/null || { \
 	  echo "installing Debian's prometheus package (for promtool)"; \
@@ -45,9 +47,14 @@ tools:
 	@command -v openssl >/dev/null || { \
 	  echo "installing Debian's openssl package"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends openssl >/dev/null; }
+	@command -v chromium >/dev/null || { \
+	  echo "installing Debian's chromium package (the console's browser tests run it headless)"; \
+	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends chromium >/dev/null; } || \
+	  echo "could not install chromium: install Debian's chromium package (sudo apt-get install chromium);" \
+	    "until then tests/integration/test_console.py is skipped" >&2; }
 
 demo: venv
-	$(BIN)/shoppulse demo --duration $(DURATION) --rate $(RATE)
+	@$(BIN)/shoppulse demo --duration $(DURATION) --rate $(RATE)
 
 # Every check runs even when an earlier one fails, so one run lists all findings.
 lint: venv

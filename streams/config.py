@@ -169,7 +169,11 @@ SETTINGS_DOC: dict[str, tuple[str, str, str]] = {
         "",
         "when set, outputs carry HMAC-SHA256(key, user_id) instead of user ids (never logged)",
     ),
-    "metrics_host": ("SHOPPULSE_METRICS_HOST", "127.0.0.1", "address of the /metrics, /healthz, /readyz server"),
+    "metrics_host": (
+        "SHOPPULSE_METRICS_HOST",
+        "127.0.0.1",
+        "address of the /metrics, /healthz, /readyz and /console server",
+    ),
     "metrics_port": ("SHOPPULSE_METRICS_PORT", "9108", "port of that server (0 = pick a free one)"),
     "advertised_url": (
         "SHOPPULSE_ADVERTISED_URL",

@@ -2,8 +2,9 @@
 
 Everything runs on this machine: Tansu on a free 127.0.0.1 port, the worker as a child
 process (exactly what ``shoppulse worker`` runs), the generator in a thread at a fixed rate.
-Every second it prints events in, results out and dead letters; every few seconds an example
-result. Ctrl-C, SIGTERM or ``--duration`` stops everything and leaves no process behind.
+It prints the worker's console URL first (``/console``: the same figures, alerts and a shopper
+lookup in a browser). Every second it prints events in, results out and dead letters; every few
+seconds an example result. Ctrl-C, SIGTERM or ``--duration`` stops everything and leaves no process behind.
 """
 
 from __future__ import annotations
@@ -78,6 +79,12 @@ class _Generator(threading.Thread):
             self.error = exc
 
 
+def console_url(settings: Settings) -> str:
+    """Where a browser on this machine finds the worker's console (a wildcard bind is reached on loopback)."""
+    host = "127.0.0.1" if settings.metrics_host in ("", "0.0.0.0", "::") else settings.metrics_host
+    return f"http://{host}:{settings.metrics_port}/console"
+
+
 def ensure_models(settings: Settings) -> None:
     """Train small models on simulated traffic when the registry has none (first run: ~20 s)."""
     from models.training import models_ready
@@ -115,6 +122,9 @@ def ensure_models(settings: Settings) -> None:
 def run_demo(settings: Settings, duration_s: float = 0, rate_per_s: float = 2000, seed: int = 7) -> int:
     """Run the demo until Ctrl-C, SIGTERM or ``duration_s`` seconds (0 = no limit)."""
     started = time.monotonic()
+    # The console's address comes first, so it can be opened while the models train and the worker starts.
+    settings = dataclasses.replace(settings, metrics_port=settings.metrics_port or free_port())
+    print(f"console  {console_url(settings)}  (live; it answers once the worker is up)", flush=True)
     shutil.rmtree(DEMO_DIR, ignore_errors=True)
     DEMO_DIR.mkdir(parents=True)
     stop = stop_on_signals()
@@ -130,7 +140,6 @@ def run_demo(settings: Settings, duration_s: float = 0, rate_per_s: float = 2000
             settings,
             bootstrap_servers=broker.bootstrap_servers,
             data_dir=DEMO_DIR / "worker",
-            metrics_port=settings.metrics_port or free_port(),
         )
         ensure_topics(settings)
         worker = WorkerProcess(settings, DEMO_DIR / "worker.log")
@@ -139,6 +148,7 @@ def run_demo(settings: Settings, duration_s: float = 0, rate_per_s: float = 2000
         consumer = output_consumer(settings, list(settings.output_topics), from_beginning=True, name="demo")
         print(f"  broker   {broker.bootstrap_servers} (Tansu, in memory; log {DEMO_DIR / 'broker.log'})")
         print(f"  worker   pid {worker.pid}, log {DEMO_DIR / 'worker.log'}")
+        print(f"  console  {console_url(settings)}")
         print(f"  metrics  http://{settings.metrics_host}:{settings.metrics_port}/metrics  (/healthz, /readyz)")
         print(f"  topics   in: {', '.join(settings.input_topics)}  out: {', '.join(settings.output_topics)}")
         print(

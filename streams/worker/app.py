@@ -48,6 +48,7 @@ from streams.logs import worker_logging_config
 from streams.worker.alerts import AlertPolicy
 from streams.worker.batch_consumer import MicroBatcher
 from streams.worker.checkpoint import Checkpoint
+from streams.worker.console import AlertFeed
 from streams.worker.drift import DriftGauge
 from streams.worker.faust_seam import BatchDrainConsumer, BatchingApp, SeamBroken, TableStore, set_fetch_max_wait_ms
 from streams.worker.health import Health
@@ -81,6 +82,7 @@ class ScoringWorker:
         self.profile = resolve_broker_profile(settings)
         self.metrics = metrics or WorkerMetrics()
         self.health_state = HealthState()
+        self.alert_feed = AlertFeed()  # delivered churn alerts, for the console
         overrides = tansu_client_overrides() if self.profile == BROKER_PROFILE_TANSU else {}
         # The port is fixed before the app exists: the assignor publishes the URL to the group.
         self.http_port = settings.metrics_port or free_port(settings.metrics_host)
@@ -99,7 +101,7 @@ class ScoringWorker:
             table_standby_replicas=settings.standby_replicas,
             topic_partitions=settings.partitions,
             topic_replication_factor=settings.replication_factor,
-            web_enabled=False,  # our own /metrics, /healthz, /readyz, /shoppers server replaces it
+            web_enabled=False,  # our own /metrics, /healthz, /readyz, /shoppers, /console server replaces it
             canonical_url=self.advertised_url,  # what the assignor tells the group: lookups are forwarded there
             autodiscover=False,
             consumer_auto_offset_reset="earliest",
@@ -314,7 +316,7 @@ class ScoringWorker:
         """Create topics, start the metrics server and run the worker until SIGINT/SIGTERM."""
         sys.setswitchinterval(self.settings.gil_switch_interval_ms / 1000)
         ensure_topics(self.settings)
-        publisher = Publisher(BatchProducer(self.settings), self.settings, self.metrics)
+        publisher = Publisher(BatchProducer(self.settings), self.settings, self.metrics, self.alert_feed)
         changelog = TableWriter(
             BatchProducer(self.settings, track_offsets=True), seal=self.profile == BROKER_PROFILE_TANSU
         )
@@ -335,7 +337,12 @@ class ScoringWorker:
             self.metrics,
         )
         self.metrics_server = MetricsServer(
-            self.metrics, self.health_state, self.settings.metrics_host, self.http_port, self.lookup
+            self.metrics,
+            self.health_state,
+            self.settings.metrics_host,
+            self.http_port,
+            self.lookup,
+            alerts=self.alert_feed,
         ).start()
         worker = self._faust_worker = _Worker(
             self.app,

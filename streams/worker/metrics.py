@@ -1,5 +1,6 @@
-"""Prometheus metrics and the worker's HTTP endpoints: ``/metrics``, ``/healthz``, ``/readyz`` and
-``/shoppers/{user_id}`` (:mod:`streams.worker.lookup`).
+"""Prometheus metrics and the worker's HTTP endpoints: ``/metrics``, ``/healthz``, ``/readyz``,
+``/shoppers/{user_id}`` (:mod:`streams.worker.lookup`) and the live console, ``/console`` with the
+``/console/stats`` it polls (:mod:`streams.worker.console`).
 
 Names follow Prometheus conventions: counters end in ``_total``, durations are in seconds.
 :data:`METRIC_NAMES` lists every exported family; deploy/ rules and dashboards may use only these.
@@ -7,6 +8,7 @@ Names follow Prometheus conventions: counters end in ``_total``, durations are i
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -14,6 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from streams.worker.console import AlertFeed, ConsoleStats, page
 from streams.worker.lookup import FORWARDED_HEADER, LOOKUP_PATH, ShopperLookup
 
 log = logging.getLogger(__name__)
@@ -206,7 +209,7 @@ class HealthState:
 
 
 class MetricsServer:
-    """A small threaded HTTP server for ``/metrics``, ``/healthz``, ``/readyz`` and the shopper lookup.
+    """A small threaded HTTP server for ``/metrics``, ``/healthz``, ``/readyz``, the shopper lookup and the console.
 
     Threads, not the worker's event loop: a lookup must not wait for a micro-batch to finish
     (tens of ms), and it holds the GIL only while it builds its answer.
@@ -215,14 +218,22 @@ class MetricsServer:
         host: address to bind (``127.0.0.1`` keeps it local; ``0.0.0.0`` for a scraper elsewhere).
         port: TCP port; 0 lets the OS pick (see :attr:`port` after :meth:`start`).
         lookup: answers ``/shoppers/{user_id}``; None: that path answers 404.
+        alerts: the churn alerts the console lists (the publisher records them); None: an empty feed.
     """
 
     def __init__(
-        self, metrics: WorkerMetrics, health: HealthState, host: str, port: int, lookup: ShopperLookup | None = None
+        self,
+        metrics: WorkerMetrics,
+        health: HealthState,
+        host: str,
+        port: int,
+        lookup: ShopperLookup | None = None,
+        alerts: AlertFeed | None = None,
     ) -> None:
         self.metrics = metrics
         self.health = health
         registry = metrics.registry
+        console = ConsoleStats(registry, health, alerts or AlertFeed())
         lookup_seconds = metrics.lookup_seconds
 
         class Handler(BaseHTTPRequestHandler):
@@ -241,8 +252,12 @@ class MetricsServer:
                     route = "local" if reply.served_here else "forwarded"
                     lookup_seconds.labels(route, str(reply.status)).observe(time.perf_counter() - started)
                     self._reply(reply.status, reply.body, reply.content_type, reply.headers)
+                elif path in ("/console", "/console/"):
+                    self._reply(200, page(), "text/html; charset=utf-8")
+                elif path == "/console/stats":
+                    self._reply(200, json.dumps(console.snapshot()).encode(), "application/json")
                 else:
-                    self._reply(404, b"try /metrics, /healthz, /readyz or /shoppers/USER_ID\n")
+                    self._reply(404, b"try /metrics, /healthz, /readyz, /shoppers/USER_ID or /console\n")
 
             def _reply(
                 self,
@@ -274,7 +289,7 @@ class MetricsServer:
 
     def start(self) -> MetricsServer:
         self._thread.start()
-        log.info("metrics on %s/metrics (health: /healthz, readiness: /readyz)", self.url)
+        log.info("metrics on %s/metrics (health: /healthz, readiness: /readyz, console: /console)", self.url)
         return self
 
     def stop(self) -> None:

@@ -13,6 +13,7 @@ import time
 
 from streams.config import Settings
 from streams.kafka.batch_producer import BatchProducer
+from streams.worker.console import AlertFeed
 from streams.worker.metrics import WorkerMetrics
 from streams.worker.pipeline import BatchOutcome
 
@@ -20,12 +21,18 @@ log = logging.getLogger("shoppulse.worker")
 
 
 class Publisher:
-    """Queues a batch's output messages and dead letters; reports them once delivered."""
+    """Queues a batch's output messages and dead letters; reports them once delivered.
 
-    def __init__(self, producer: BatchProducer, settings: Settings, metrics: WorkerMetrics) -> None:
+    ``alerts`` receives every churn alert once delivered, for the console (None: a feed nobody reads).
+    """
+
+    def __init__(
+        self, producer: BatchProducer, settings: Settings, metrics: WorkerMetrics, alerts: AlertFeed | None = None
+    ) -> None:
         self.producer = producer
         self.settings = settings
         self.metrics = metrics
+        self.alerts = alerts or AlertFeed()
 
     def queue(self, outcome: BatchOutcome) -> None:
         """Dead letters first (with headers that say where each came from and why), then one score
@@ -74,7 +81,8 @@ class Publisher:
         await self.producer.flush()
 
     def delivered(self, outcome: BatchOutcome) -> None:
-        """Count a delivered batch's messages per topic, and the end-to-end latency of its scores."""
+        """Count a delivered batch's messages per topic, and the end-to-end latency of its scores; hand
+        its churn alerts to the console's feed."""
         scored = outcome.scored
         published = {
             self.settings.topic_scores: len(scored),
@@ -87,6 +95,8 @@ class Publisher:
         for shopper in scored:
             if shopper.trigger_ts is not None:
                 self.metrics.end_to_end_seconds.observe(max(0.0, delivered_s - shopper.trigger_ts / 1000.0))
+            if shopper.alert is not None:
+                self.alerts.record(shopper.alert)
 
     def close(self) -> int:
         """Flush what is left (blocking); returns how many messages were still undelivered."""

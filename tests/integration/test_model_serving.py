@@ -8,6 +8,8 @@ import json
 import shutil
 import time
 from collections import Counter
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -20,6 +22,8 @@ from models.nextitem import NextItemConfig, NextItemRecommender, SASRec
 from models.registry import ModelRegistry
 from models.scoring import CHURN, PURCHASE
 from models.sequences import ItemVocab
+from streams.config import Settings
+from streams.kafka.broker import EmbeddedBroker
 from streams.kafka.clients import ensure_topics
 from streams.kafka.producer import produce
 from streams.sim.generator import GeneratorConfig, ShopSimulator
@@ -46,20 +50,30 @@ def publish_models(registry: ModelRegistry, version: str, items: list[str], seed
     registry.promote(NEXTITEM_MODEL, version)
 
 
-def test_models_score_recommend_alert_and_reload(broker, tmp_path):
-    simulator = ShopSimulator(GeneratorConfig(seed=21, n_shoppers=120, n_items=300, clock="live"))
+def serving_models(
+    broker: EmbeddedBroker, tmp_path: Path, simulator: ShopSimulator, item_events: int, seed: int, **overrides: Any
+) -> tuple[Settings, ModelRegistry, list[str]]:
+    """Settings (topics created) for a worker serving small untrained models, v1, over the items of
+    the simulator's first ``item_events`` events; the registry and those items. Churn alert
+    thresholds are so low that every scored shopper alerts once; the 7-day cooldown forbids a second."""
     registry = ModelRegistry(tmp_path / "registry")
-    items = sorted({e.item_id for e in simulator.events(limit=3000) if e.item_id})
-    publish_models(registry, "v1", items, seed=1)
-    # Thresholds low enough that every scored shopper alerts once; the 7-day cooldown forbids a second.
+    items = sorted({e.item_id for e in simulator.events(limit=item_events) if e.item_id})
+    publish_models(registry, "v1", items, seed=seed)
     settings = isolated_settings(
         broker.bootstrap_servers,
         tmp_path / "worker",
         models_dir=registry.root,
         churn_alert_high=0.01,
         churn_alert_low=0.005,
+        **overrides,
     )
     ensure_topics(settings)
+    return settings, registry, items
+
+
+def test_models_score_recommend_alert_and_reload(broker, tmp_path):
+    simulator = ShopSimulator(GeneratorConfig(seed=21, n_shoppers=120, n_items=300, clock="live"))
+    settings, registry, items = serving_models(broker, tmp_path, simulator, item_events=3000, seed=1)
     stream = simulator.messages()
     first, second = [next(stream) for _ in range(1500)], [next(stream) for _ in range(1500)]
 
@@ -133,19 +147,9 @@ def test_models_score_recommend_alert_and_reload(broker, tmp_path):
 def test_silent_shoppers_are_rescored_and_alerted_once(broker, tmp_path):
     """No event needed: the sweep re-scores idle shoppers; repeated sweeps do not repeat an alert."""
     simulator = ShopSimulator(GeneratorConfig(seed=4, n_shoppers=40, n_items=200, clock="live"))
-    registry = ModelRegistry(tmp_path / "registry")
-    items = sorted({e.item_id for e in simulator.events(limit=400) if e.item_id})
-    publish_models(registry, "v1", items, seed=3)
-    settings = isolated_settings(
-        broker.bootstrap_servers,
-        tmp_path / "worker",
-        models_dir=registry.root,
-        silent_after_ms=1500,
-        silent_sweep_interval_s=1,
-        churn_alert_high=0.01,
-        churn_alert_low=0.005,
+    settings, _, _ = serving_models(
+        broker, tmp_path, simulator, item_events=400, seed=3, silent_after_ms=1500, silent_sweep_interval_s=1
     )
-    ensure_topics(settings)
     messages = list(simulator.messages(limit=400))
     users = {e.user_id for e in valid_events(messages)}
     worker = WorkerProcess(settings, tmp_path / "worker.log")
