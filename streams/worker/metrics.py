@@ -138,6 +138,17 @@ class WorkerMetrics:
             ["topic", "partition"],
             registry=r,
         )
+        self.erasures = Counter(
+            "shoppulse_erasures_total",
+            "Erasure requests carried out, by outcome: deleted (something was held) or nothing_found",
+            ["outcome"],
+            registry=r,
+        )
+        self.trace_context_invalid = Counter(
+            "shoppulse_trace_context_invalid_total",
+            "Input events whose traceparent header was malformed: ignored, the event is scored without it",
+            registry=r,
+        )
         self.ready = Gauge(
             "shoppulse_ready",
             "1 when a broker connection is up, partitions are assigned and tables recovered",
@@ -169,6 +180,8 @@ METRIC_NAMES = (
     "shoppulse_model_load_errors_total",
     "shoppulse_silent_rescored_total",
     "shoppulse_consumer_lag",
+    "shoppulse_erasures_total",
+    "shoppulse_trace_context_invalid_total",
     "shoppulse_ready",
 )
 
