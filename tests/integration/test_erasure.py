@@ -116,7 +116,7 @@ def test_forget_erases_a_shopper_for_good_and_a_new_event_starts_afresh(broker, 
     try:
         worker.wait_ready()
         send(settings, [new])
-        assert scores_of(settings, gone, new.event_id)[-1]["trigger_event_id"] == new.event_id
+        assert new.event_id in {s["trigger_event_id"] for s in scores_of(settings, gone, new.event_id)}
     finally:
         assert worker.stop() == 0, worker.log_tail()
     state = changelog_values(settings)[gone].state
