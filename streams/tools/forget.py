@@ -14,7 +14,6 @@ import json
 import sys
 import time
 import uuid
-from dataclasses import dataclass
 
 from features.events import (
     ErasureRequest,
@@ -23,22 +22,14 @@ from features.events import (
     erasure_request_to_dict,
     parse_erasure_request,
 )
+from features.message_lines import MessageLine
 from streams.config import Settings
 
 #: The request-topic kind :func:`streams.kafka.producer.produce` maps to the erasure-request topic.
 ERASURE_KIND = "erasure"
 
 
-@dataclass(frozen=True, slots=True)
-class ErasureMessage:
-    """One erasure request as :func:`streams.kafka.producer.produce` sends it."""
-
-    topic_kind: str
-    key: bytes
-    value: bytes
-
-
-def erasure_messages(user_ids: list[str], now_ms: int, settings: Settings) -> list[ErasureMessage]:
+def erasure_messages(user_ids: list[str], now_ms: int, settings: Settings) -> list[MessageLine]:
     """One request per user id, checked with the worker's own rules first: an id the worker would
     dead-letter is refused here, with the reason, before anything is sent."""
     limits = ValidationLimits(settings.max_event_bytes, settings.max_future_skew_ms)
@@ -47,7 +38,7 @@ def erasure_messages(user_ids: list[str], now_ms: int, settings: Settings) -> li
         request = ErasureRequest(str(uuid.uuid4()), user_id, now_ms)
         key, value = user_id.encode(), json.dumps(erasure_request_to_dict(request)).encode()
         parse_erasure_request(key, value, now_ms, limits)  # raises InvalidEvent
-        messages.append(ErasureMessage(ERASURE_KIND, key, value))
+        messages.append(MessageLine(ERASURE_KIND, key, value, malformed_reason=None))
     return messages
 
 

@@ -8,56 +8,26 @@ import pytest
 
 from features.encoding import decode_state
 from features.events import DEFAULT_LIMITS, ErasureRequest, InvalidEvent, erasure_request_to_dict, parse_erasure_request
-from features.spec import DEFAULT_FEATURE_SPEC
 from features.state import ShopperState, StateConfig
-from models.scoring import BatchScorer
 from streams.config import Settings
 from streams.tools.forget import erasure_messages
 from streams.worker.alerts import AlertState
 from streams.worker.envelope import Stored
-from streams.worker.metrics import WorkerMetrics
 from streams.worker.pipeline import BatchProcessor, InputMessage, offsets_committed, trace_headers
-from tests.unit.streams.worker.test_pipeline import NOW_MS, TOPICS, message, view
+from tests.unit.streams.worker.test_pipeline import NOW_MS, make_processor, message, run, view
 
 ERASURES = "erasure_requests"
 TRACEPARENT = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
 
-def make_processor(tmp_path, **kwargs) -> BatchProcessor:
-    return BatchProcessor(
-        TOPICS,
-        StateConfig(),
-        DEFAULT_FEATURE_SPEC,
-        BatchScorer(DEFAULT_FEATURE_SPEC, tmp_path),
-        DEFAULT_LIMITS,
-        WorkerMetrics(),
-        erasure_topic=ERASURES,
-        **kwargs,
-    )
-
-
 @pytest.fixture
 def processor(tmp_path) -> BatchProcessor:
-    return make_processor(tmp_path)
+    return make_processor(tmp_path, erasure_topic=ERASURES)
 
 
 def forget(user: str, offset: int, ts: int = NOW_MS, request_id: str = "r1", key: bytes | None = None) -> InputMessage:
     doc = erasure_request_to_dict(ErasureRequest(request_id, user, ts))
     return InputMessage(ERASURES, 0, offset, user.encode() if key is None else key, json.dumps(doc).encode())
-
-
-def run(processor, messages, store, committed=None):
-    """One batch against ``store``; ``committed``: (topic, partition) -> committed offset (absent: none)."""
-    committed = committed or {}
-    outcome = processor.process(
-        messages, lambda partition, key: store.get(key), now_ms=NOW_MS, committed=lambda t, p: committed.get((t, p))
-    )
-    for write in outcome.writes:
-        if write.value is None:
-            store.pop(write.key, None)
-        else:
-            store[write.key] = write.value
-    return outcome
 
 
 def sample(processor, name: str, **labels: str) -> float:
@@ -175,7 +145,7 @@ def test_an_erased_shopper_is_not_rescored_by_the_silent_sweep(processor):
 
 
 def test_the_confirmation_carries_the_pseudonym_when_configured(tmp_path):
-    processor = make_processor(tmp_path, pseudonym_key=b"secret")
+    processor = make_processor(tmp_path, erasure_topic=ERASURES, pseudonym_key=b"secret")
     store: dict[bytes, bytes] = {}
     run(processor, [message(view("u1", 1, NOW_MS - 5000), 0)], store)
     outcome = run(processor, [forget("u1", 0)], store, committed={("views", 0): 1})
@@ -238,7 +208,7 @@ def traced(event, offset: int, headers) -> InputMessage:
 def test_the_trigger_events_trace_context_is_kept_for_its_outputs(tmp_path):
     """The newest event by event time triggers the scoring; the publisher puts its headers on the
     score, recommendations and churn alert (tests/integration/test_erasure.py reads them back)."""
-    processor = make_processor(tmp_path)
+    processor = make_processor(tmp_path, erasure_topic=ERASURES)
     older = traced(view("u1", 1, NOW_MS - 5000), 0, [("traceparent", b"00-" + b"1" * 32 + b"-" + b"2" * 16 + b"-00")])
     newest = traced(view("u1", 2, NOW_MS - 1000), 1, [("traceparent", TRACEPARENT), ("tracestate", b"vendor=abc")])
     outcome = run(processor, [newest, older], {})  # arrival order differs from event time
