@@ -33,7 +33,7 @@ def view(user: str, n: int, ts_ms: int) -> Event:
     )
 
 
-def send(settings, events: list[Event], headers: list[tuple[str, bytes]] | None = None) -> None:
+def send(settings, events: list[Event], headers: list[tuple[str, str | bytes | None]] | None = None) -> None:
     """Page views keyed by user id with the inputs' partitioner, each with ``headers``."""
     producer = Producer({**settings.librdkafka_config(), "partitioner": PARTITIONER})
     for event in events:

@@ -14,7 +14,7 @@ from streams.tools.forget import erasure_messages
 from streams.worker.alerts import AlertState
 from streams.worker.envelope import Stored
 from streams.worker.pipeline import BatchProcessor, InputMessage, offsets_committed, trace_headers
-from tests.unit.streams.worker.test_pipeline import NOW_MS, make_processor, message, run, view
+from tests.unit.streams.worker.test_pipeline import NOW_MS, make_processor, message, run, state_of, view
 
 ERASURES = "erasure_requests"
 TRACEPARENT = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
@@ -89,9 +89,8 @@ def test_events_after_the_request_start_afresh_and_earlier_ones_are_erased(proce
     assert confirmation(outcome)["deleted"] == ["state"], "the earlier events were held when the request came"
     assert [s.user_id for s in outcome.scored] == ["u1"], "scored once, on its fresh state"
     assert json.loads(outcome.scored[0].result)["trigger_event_id"] == "u1-e11"
-    stored = Stored.decode(store[b"u1"])
-    assert decode_state(stored.state) == replayed_from_scratch(after)
-    assert stored.offsets == {("views", 0): 4, (ERASURES, 0): 0}
+    assert decode_state(state_of(store)) == replayed_from_scratch(after)
+    assert Stored.decode(store[b"u1"]).offsets == {("views", 0): 4, (ERASURES, 0): 0}
 
 
 def test_uncommitted_erased_events_leave_a_marker_that_a_reordered_replay_cannot_undo(processor):
@@ -100,13 +99,13 @@ def test_uncommitted_erased_events_leave_a_marker_that_a_reordered_replay_cannot
     run(processor, [message(e, n) for n, e in enumerate(events)], store)
     outcome = run(processor, [forget("u1", 0)], store, committed={})  # the events are not committed yet
     marker = Stored.decode(store[b"u1"])
-    assert marker.alert is None and decode_state(marker.state).last_event_ms == 0, "nothing of the shopper is kept"
+    assert marker.alert is None and decode_state(state_of(store)).last_event_ms == 0, "nothing of the shopper is kept"
     assert marker.offsets == {("views", 0): 2, (ERASURES, 0): 0}
     assert outcome.scored == []
     # A crash before the commit: the events come again, after the request this time (Kafka orders no two topics).
     replay = run(processor, [message(e, n) for n, e in enumerate(events)], store)
     assert replay.replayed == 3 and replay.applied == 0
-    assert decode_state(Stored.decode(store[b"u1"]).state).last_event_ms == 0, "the erased events stay erased"
+    assert decode_state(state_of(store)).last_event_ms == 0, "the erased events stay erased"
     # The request itself again: nothing to erase, confirmed again.
     again = run(processor, [forget("u1", 0)], store, committed={("views", 0): 3})
     assert confirmation(again)["found"] is False
@@ -114,7 +113,7 @@ def test_uncommitted_erased_events_leave_a_marker_that_a_reordered_replay_cannot
     new = view("u1", 99, NOW_MS - 100)
     fresh = run(processor, [message(new, 3)], store)
     assert [s.user_id for s in fresh.scored] == ["u1"]
-    assert decode_state(Stored.decode(store[b"u1"]).state) == replayed_from_scratch([new])
+    assert decode_state(state_of(store)) == replayed_from_scratch([new])
 
 
 def test_a_replayed_request_does_not_erase_what_came_after_it(processor):
@@ -122,14 +121,14 @@ def test_a_replayed_request_does_not_erase_what_came_after_it(processor):
     old = view("u1", 1, NOW_MS - 5000)
     new = view("u1", 2, NOW_MS - 1000)
     run(processor, [message(old, 0), forget("u1", 0, ts=NOW_MS - 2000), message(new, 1)], store)
-    kept = decode_state(Stored.decode(store[b"u1"]).state)
+    kept = decode_state(state_of(store))
     assert kept == replayed_from_scratch([new])
     # The same batch consumed again after a crash, cut differently: the request first, alone.
     outcome = run(processor, [forget("u1", 0, ts=NOW_MS - 2000)], store)
     assert confirmation(outcome)["deleted"] == []
-    assert decode_state(Stored.decode(store[b"u1"]).state) == kept
+    assert decode_state(state_of(store)) == kept
     run(processor, [message(old, 0), message(new, 1)], store)
-    assert decode_state(Stored.decode(store[b"u1"]).state) == kept
+    assert decode_state(state_of(store)) == kept
 
 
 def test_an_erased_shopper_is_not_rescored_by_the_silent_sweep(processor):
