@@ -328,7 +328,8 @@ class BatchProcessor:
                     state, stored, erased = ShopperState.new(user_id), Stored(offsets=offsets), True
                     applied_here = repeated_here = 0
             stored.state = encode_state(state)
-            if applied_here or repeated_here:
+            holds_events = state.last_event_ms > 0  # none: erased, or an erasure marker (_erased_write)
+            if (applied_here or repeated_here) and holds_events:
                 outcome.applied += applied_here
                 states.append(state)
                 trigger, message = pairs[-1]  # newest by event time
@@ -337,7 +338,7 @@ class BatchProcessor:
                         user_id, key, partition, stored, trigger.event_id, trigger.ts_ms, self._trace(message.headers)
                     )
                 )
-            elif erased:
+            elif erased or not holds_events:  # replayed erased events score nothing
                 outcome.writes.append(self._erased_write(partition, key, stored, committed))
             else:
                 outcome.writes.append(StateWrite(partition, key, stored.encode()))
