@@ -50,14 +50,13 @@ from streams.worker.checkpoint import Checkpoint
 from streams.worker.faust_seam import BatchDrainConsumer, BatchingApp, SeamBroken, TableStore, set_fetch_max_wait_ms
 from streams.worker.health import Health
 from streams.worker.metrics import HealthState, MetricsServer, WorkerMetrics
-from streams.worker.pipeline import BatchProcessor
+from streams.worker.pipeline import STATE_TABLE, BatchProcessor
 from streams.worker.publisher import Publisher
 from streams.worker.sweeps import Sweeps
 from streams.worker.table_writer import TableWriter
 
 log = logging.getLogger("shoppulse.worker")
 
-STATE_TABLE = "shopper_state"
 #: The consumer stops fetching while this many micro-batches are buffered ahead of the agent.
 BATCHES_BUFFERED = 2
 

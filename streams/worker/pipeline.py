@@ -210,8 +210,8 @@ class Scorer(Protocol):
 StateLoader = Callable[[int, bytes], bytes | None]
 #: ``committed(topic, partition)`` -> the committed input offset (the next to read), None before any commit.
 CommittedOffsets = Callable[[str, int], int | None]
-#: The store an erasure deletes from: the worker's shopper table (state, alert state, offsets: one value).
-ERASED_STORE = "shopper_state"
+#: The worker's shopper table (state, alert state, offsets: one value per shopper): what an erasure deletes.
+STATE_TABLE = "shopper_state"
 
 
 @dataclass(slots=True)
@@ -423,7 +423,7 @@ class BatchProcessor:
             "requested_at": request.ts_ms,
             "erased_at": now_ms,
             "found": bool(deleted),
-            "store": ERASED_STORE,
+            "store": STATE_TABLE,
             "deleted": deleted,
         }
         outcome.erasures.append(Erasure(public_id.encode(), _to_json(confirmation).encode()))
