@@ -6,6 +6,7 @@ changelog into an empty data directory; a new event starts afresh. Also the trac
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import time
@@ -122,3 +123,53 @@ def test_forget_erases_a_shopper_for_good_and_a_new_event_starts_afresh(broker, 
     state = changelog_values(settings)[gone].state
     assert state is not None
     assert encode_state(decode_state(state)) == encode_state(final_states([new])[gone]), "afresh: the new event only"
+
+
+def test_an_erasure_before_its_events_are_committed_survives_kill_9_and_a_reordered_replay(broker, tmp_path, capsys):
+    """Nothing committed (a commit only every hour): kill -9 after the erasure replays the events and the
+    request from the start, in whatever order the fetches bring them. The erasure marker skips the
+    erased events, also restored from the changelog into an empty data directory; once they are
+    committed, the eviction sweep replaces it with a tombstone."""
+    settings = isolated_settings(
+        broker.bootstrap_servers,
+        tmp_path / "worker",
+        commit_interval_s=3600.0,
+        commit_every=1_000_000,
+        eviction_interval_s=1,
+    )
+    ensure_topics(settings)
+    now_ms = int(time.time() * 1000)
+    gone, kept = "shopper-gone", "shopper-kept"
+    worker = WorkerProcess(settings, tmp_path / "worker-1.log")
+    try:
+        worker.wait_ready()
+        send(settings, [view(gone, n, now_ms - 10_000 + n) for n in range(5)])
+        scores_of(settings, gone, f"{gone}-e4")
+        assert forget.run(argparse.Namespace(user_ids=[gone], wait=30.0), settings) == 0, capsys.readouterr().err
+        time.sleep(3.0)  # eviction sweeps: the marker stays, its events are not committed
+        assert worker.metric("shoppulse_shoppers_evicted_total") == 0
+    finally:
+        worker.kill()
+    shutil.rmtree(settings.data_dir)  # the marker comes back from the changelog, or nothing would skip the replay
+
+    started_ms = int(time.time() * 1000)
+    worker = WorkerProcess(settings, tmp_path / "worker-2.log")
+    try:
+        worker.wait_ready()
+        assert worker.wait_for_metric("shoppulse_replayed_events_total", 5, timeout_s=30) >= 5, "skipped as applied"
+        send(settings, [view(kept, 1, now_ms - 5_000)])  # a probe: scored after the replayed batches' outputs
+        replayed = [s for s in scores_of(settings, gone, f"{kept}-e1") if s["scored_at"] >= started_ms]
+        assert replayed == [], "the replayed events of the erased shopper were scored"
+    finally:
+        assert worker.stop() == 0, worker.log_tail()  # a graceful stop commits what was consumed
+    marker = changelog_values(settings)[gone]
+    assert marker.state is not None and decode_state(marker.state).last_event_ms == 0 and marker.alert is None
+
+    settings = dataclasses.replace(settings, commit_interval_s=0.5)
+    worker = WorkerProcess(settings, tmp_path / "worker-3.log")
+    try:
+        worker.wait_ready()
+        assert worker.wait_for_metric("shoppulse_shoppers_evicted_total", 1, timeout_s=30) >= 1
+    finally:
+        assert worker.stop() == 0, worker.log_tail()
+    assert gone not in changelog_values(settings), "once committed, the marker is replaced by a tombstone"
