@@ -1,7 +1,8 @@
 """Erasure end to end on the embedded broker: `shoppulse forget`, the confirmation, no more outputs,
 the state gone from table and changelog, still gone after a restart and after a restore from the
-changelog into an empty data directory; a new event starts afresh. Also the trace context: a
-``traceparent`` on an input event comes back on the outputs it caused."""
+changelog into an empty data directory; a new event starts afresh; an erasure before the events
+are committed, through kill -9. Also the trace context: a ``traceparent`` on an input event comes
+back on the score, recommendations and churn alert it caused."""
 
 from __future__ import annotations
 
@@ -17,10 +18,12 @@ from confluent_kafka import Producer
 from features.encoding import decode_state, encode_state
 from features.events import Event, encode_event
 from features.offline import final_states
+from models.registry import ModelRegistry
 from streams.kafka.clients import PARTITIONER, ensure_topics
 from streams.tools import forget
 
 from .kafka_helpers import WorkerProcess, headers_of, isolated_settings, read_topic, value_of
+from .test_model_serving import publish_models
 from .test_worker import changelog_values
 
 pytestmark = pytest.mark.integration
@@ -173,3 +176,33 @@ def test_an_erasure_before_its_events_are_committed_survives_kill_9_and_a_reorde
     finally:
         assert worker.stop() == 0, worker.log_tail()
     assert gone not in changelog_values(settings), "once committed, the marker is replaced by a tombstone"
+
+
+def test_the_traceparent_reaches_score_recommendations_and_alert_and_forget_deletes_the_alert_state(
+    broker, tmp_path, capsys
+):
+    registry = ModelRegistry(tmp_path / "registry")
+    publish_models(registry, "v1", [f"i{n}" for n in range(20)], seed=1)
+    settings = isolated_settings(  # thresholds low enough that the first score alerts
+        broker.bootstrap_servers,
+        tmp_path / "worker",
+        models_dir=registry.root,
+        churn_alert_high=0.01,
+        churn_alert_low=0.005,
+    )
+    ensure_topics(settings)
+    event = view("traced", 1, int(time.time() * 1000) - 1000)
+    outputs = [settings.topic_scores, settings.topic_recommendations, settings.topic_churn_alerts]
+    worker = WorkerProcess(settings, tmp_path / "worker.log")
+    try:
+        worker.wait_ready()
+        send(settings, [event], headers=[("traceparent", TRACEPARENT), ("tracestate", b"shop=1")])
+        caused = read_topic(settings, outputs, until=lambda ms: {m.topic() for m in ms} == set(outputs))
+        assert forget.run(argparse.Namespace(user_ids=["traced"], wait=30.0), settings) == 0
+    finally:
+        assert worker.stop() == 0, worker.log_tail()
+    assert {m.topic() for m in caused} == set(outputs)
+    for message in caused:
+        assert headers_of(message) == {"traceparent": TRACEPARENT, "tracestate": b"shop=1"}, message.topic()
+    (printed,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert json.loads(printed)["deleted"] == ["state", "alert"]
