@@ -19,6 +19,7 @@ from features.encoding import decode_state, encode_state
 from features.events import Event, encode_event
 from features.offline import final_states
 from models.registry import ModelRegistry
+from streams.config import Settings
 from streams.kafka.clients import PARTITIONER, ensure_topics
 from streams.tools import forget
 
@@ -47,6 +48,13 @@ def send(settings, events: list[Event], headers: list[tuple[str, str | bytes | N
     assert producer.flush(30) == 0
 
 
+def own_topics(broker, tmp_path, **overrides) -> Settings:
+    """Settings of topics for this test alone, created (``overrides``: other settings)."""
+    settings = isolated_settings(broker.bootstrap_servers, tmp_path / "worker", **overrides)
+    ensure_topics(settings)
+    return settings
+
+
 def scores_of(settings, user: str, until_event: str, timeout_s: float = 60.0) -> list[dict]:
     """Every score so far, read until the one triggered by ``until_event`` arrived; those of ``user`` returned."""
 
@@ -60,14 +68,7 @@ def scores_of(settings, user: str, until_event: str, timeout_s: float = 60.0) ->
 
 def test_forget_erases_a_shopper_for_good_and_a_new_event_starts_afresh(broker, tmp_path, capsys):
     # Silent shoppers re-scored every second: a shopper whose state survived would show up in the scores.
-    settings = isolated_settings(
-        broker.bootstrap_servers,
-        tmp_path / "worker",
-        commit_interval_s=0.5,
-        silent_after_ms=1000,
-        silent_sweep_interval_s=1,
-    )
-    ensure_topics(settings)
+    settings = own_topics(broker, tmp_path, commit_interval_s=0.5, silent_after_ms=1000, silent_sweep_interval_s=1)
     now_ms = int(time.time() * 1000)
     gone, kept = "shopper-gone", "shopper-kept"
     worker = WorkerProcess(settings, tmp_path / "worker-1.log")
@@ -133,16 +134,8 @@ def test_an_erasure_before_its_events_are_committed_survives_kill_9_and_a_reorde
     request from the start, in whatever order the fetches bring them. The erasure marker skips the
     erased events, also restored from the changelog into an empty data directory; once they are
     committed, the eviction sweep replaces it with a tombstone."""
-    settings = isolated_settings(
-        broker.bootstrap_servers,
-        tmp_path / "worker",
-        commit_interval_s=3600.0,
-        commit_every=1_000_000,
-        eviction_interval_s=1,
-    )
-    ensure_topics(settings)
-    now_ms = int(time.time() * 1000)
-    gone, kept = "shopper-gone", "shopper-kept"
+    settings = own_topics(broker, tmp_path, commit_interval_s=3600.0, commit_every=1_000_000, eviction_interval_s=1)
+    gone, kept, now_ms = "shopper-gone", "shopper-kept", int(time.time() * 1000)
     worker = WorkerProcess(settings, tmp_path / "worker-1.log")
     try:
         worker.wait_ready()
@@ -183,14 +176,8 @@ def test_the_traceparent_reaches_score_recommendations_and_alert_and_forget_dele
 ):
     registry = ModelRegistry(tmp_path / "registry")
     publish_models(registry, "v1", [f"i{n}" for n in range(20)], seed=1)
-    settings = isolated_settings(  # thresholds low enough that the first score alerts
-        broker.bootstrap_servers,
-        tmp_path / "worker",
-        models_dir=registry.root,
-        churn_alert_high=0.01,
-        churn_alert_low=0.005,
-    )
-    ensure_topics(settings)
+    # thresholds low enough that the first score alerts
+    settings = own_topics(broker, tmp_path, models_dir=registry.root, churn_alert_high=0.01, churn_alert_low=0.005)
     event = view("traced", 1, int(time.time() * 1000) - 1000)
     outputs = [settings.topic_scores, settings.topic_recommendations, settings.topic_churn_alerts]
     worker = WorkerProcess(settings, tmp_path / "worker.log")
