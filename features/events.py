@@ -379,16 +379,31 @@ def decode_json_object(value: bytes | None, limits: ValidationLimits = DEFAULT_L
     return doc
 
 
-def event_from_dict(
-    topic_kind: str, doc: Mapping[str, Any], now_ms: int, limits: ValidationLimits = DEFAULT_LIMITS
-) -> Event:
-    """Validate an already-decoded event document of a topic kind (see :data:`TOPIC_KINDS`)."""
+def _check_version(doc: Mapping[str, Any]) -> None:
     version = doc.get("schema_version", CONTRACT_VERSION)
     if version != CONTRACT_VERSION or type(version) is not int:
         raise _fail(
             REASON_UNSUPPORTED_VERSION,
             f"schema_version {version!r} is not supported; this worker reads version {CONTRACT_VERSION}",
         )
+
+
+def _check_key(key: bytes | None, user_id: str) -> None:
+    """The message key must be the user id: it is what co-partitions a shopper's messages."""
+    if key != user_id.encode():
+        shown = key[:40] if key is not None else None
+        raise _fail(
+            REASON_WRONG_KEY,
+            f"message key is {shown!r} but user_id is {user_id!r}; key every message by its user_id "
+            "(UTF-8) so a shopper's events share a partition",
+        )
+
+
+def event_from_dict(
+    topic_kind: str, doc: Mapping[str, Any], now_ms: int, limits: ValidationLimits = DEFAULT_LIMITS
+) -> Event:
+    """Validate an already-decoded event document of a topic kind (see :data:`TOPIC_KINDS`)."""
+    _check_version(doc)
     event_id = _str(doc, "event_id", topic_kind)
     user_id = _str(doc, "user_id", topic_kind)
     ts_ms = _ts(doc, now_ms, limits)
@@ -444,15 +459,45 @@ def parse_event(
 ) -> Event:
     """Validate one Kafka message of a topic kind; the key must be the event's user_id."""
     event = event_from_dict(topic_kind, decode_json_object(value, limits), now_ms, limits)
-    expected_key = event.user_id.encode()
-    if key != expected_key:
-        shown = key[:40] if key is not None else None
-        raise _fail(
-            REASON_WRONG_KEY,
-            f"message key is {shown!r} but user_id is {event.user_id!r}; key every message by its user_id "
-            "(UTF-8) so a shopper's events share a partition",
-        )
+    _check_key(key, event.user_id)
     return event
+
+
+@dataclass(frozen=True, slots=True)
+class ErasureRequest:
+    """A request to forget a shopper (``shoppulse forget``; docs/privacy.md).
+
+    ``ts_ms`` is when it was requested, in epoch milliseconds: it places the request among the
+    shopper's events by event time (events at or before it are erased, later ones start afresh).
+    """
+
+    request_id: str
+    user_id: str
+    ts_ms: int
+
+
+def erasure_request_to_dict(request: ErasureRequest) -> dict[str, Any]:
+    """The contract document of an erasure request (inverse of :func:`parse_erasure_request`)."""
+    return {
+        "schema_version": CONTRACT_VERSION,
+        "request_id": request.request_id,
+        "user_id": request.user_id,
+        "ts": request.ts_ms,
+    }
+
+
+def parse_erasure_request(
+    key: bytes | None, value: bytes | None, now_ms: int, limits: ValidationLimits = DEFAULT_LIMITS
+) -> ErasureRequest:
+    """Validate one message of the erasure-request topic with the events' rules (ids, ``ts``, key),
+    so a bad request is dead-lettered with the same reason codes as a bad event."""
+    doc = decode_json_object(value, limits)
+    _check_version(doc)
+    request = ErasureRequest(
+        _str(doc, "request_id", "erasure"), _str(doc, "user_id", "erasure"), _ts(doc, now_ms, limits)
+    )
+    _check_key(key, request.user_id)
+    return request
 
 
 def event_to_dict(event: Event) -> dict[str, Any]:

@@ -92,6 +92,16 @@ SETTINGS_DOC: dict[str, tuple[str, str, str]] = {
         "shoppulse.dead_letter",
         "invalid input, original bytes plus reason headers",
     ),
+    "topic_erasure_requests": (
+        "SHOPPULSE_TOPIC_ERASURE_REQUESTS",
+        "shoppulse.erasure_requests",
+        "input topic of erasure requests (`shoppulse forget`), keyed by user_id, co-partitioned with the inputs",
+    ),
+    "topic_erasures": (
+        "SHOPPULSE_TOPIC_ERASURES",
+        "shoppulse.erasures",
+        "output topic of erasure confirmations: who, when, what was deleted (docs/privacy.md)",
+    ),
     "partitions": ("SHOPPULSE_PARTITIONS", "4", "partitions of every topic ShopPulse creates (inputs must match)"),
     "replication_factor": ("SHOPPULSE_REPLICATION_FACTOR", "1", "replication factor of topics ShopPulse creates"),
     "create_topics": ("SHOPPULSE_CREATE_TOPICS", "true", "create missing topics at start-up"),
@@ -261,6 +271,8 @@ class Settings:
     topic_recommendations: str = "shoppulse.recommendations"
     topic_churn_alerts: str = "shoppulse.churn_alerts"
     topic_dead_letter: str = "shoppulse.dead_letter"
+    topic_erasure_requests: str = "shoppulse.erasure_requests"
+    topic_erasures: str = "shoppulse.erasures"
     partitions: int = 4
     replication_factor: int = 1
     create_topics: bool = True
@@ -372,7 +384,7 @@ class Settings:
                 f"SHOPPULSE_ADVERTISED_URL={self.advertised_url!r}; "
                 "use http://HOST:PORT (the lookup server speaks plain HTTP)"
             )
-        topics = self.input_topics + self.output_topics
+        topics = self.consumed_topics + self.output_topics
         if len(set(topics)) != len(topics):
             raise ConfigError(f"topic names must differ, got {topics}")
 
@@ -407,9 +419,21 @@ class Settings:
         return (self.topic_page_views, self.topic_cart, self.topic_orders)
 
     @property
-    def output_topics(self) -> tuple[str, str, str, str]:
-        """Scores, recommendations, churn alerts, dead letters."""
-        return (self.topic_scores, self.topic_recommendations, self.topic_churn_alerts, self.topic_dead_letter)
+    def consumed_topics(self) -> tuple[str, str, str, str]:
+        """What the worker's agent consumes, co-partitioned: the input topics, then the erasure requests
+        (in the same agent and checkpoint, so an erasure is ordered and committed with the events)."""
+        return (*self.input_topics, self.topic_erasure_requests)
+
+    @property
+    def output_topics(self) -> tuple[str, str, str, str, str]:
+        """Scores, recommendations, churn alerts, dead letters, erasure confirmations."""
+        return (
+            self.topic_scores,
+            self.topic_recommendations,
+            self.topic_churn_alerts,
+            self.topic_dead_letter,
+            self.topic_erasures,
+        )
 
     @property
     def topic_by_kind(self) -> dict[str, str]:

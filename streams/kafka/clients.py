@@ -248,9 +248,10 @@ class TopicSpec:
 
 
 def required_topics(settings: Settings) -> list[TopicSpec]:
-    """Inputs, outputs and dead letters; all with the same partition count (co-partitioning)."""
+    """Inputs, erasure requests, outputs, dead letters and erasure confirmations; all with the same
+    partition count (co-partitioning: an erasure request reaches the worker that owns its shopper)."""
     retention = {"retention.ms": str(TOPIC_RETENTION_MS), "cleanup.policy": "delete"}
-    names = settings.input_topics + settings.output_topics
+    names = settings.consumed_topics + settings.output_topics
     return [TopicSpec(name, settings.partitions, dict(retention)) for name in names]
 
 
@@ -258,7 +259,7 @@ def ensure_topics(settings: Settings, topics: list[TopicSpec] | None = None) -> 
     """Create missing topics; refuse to run if an input topic's partition count differs.
 
     Co-partitioning is what keeps one shopper's events and state in one worker: the three
-    input topics must have the same number of partitions.
+    input topics and the erasure requests must have the same number of partitions.
     """
     topics = topics if topics is not None else required_topics(settings)
     admin = admin_client(settings)
@@ -290,11 +291,11 @@ def ensure_topics(settings: Settings, topics: list[TopicSpec] | None = None) -> 
             f"create them with {settings.partitions} partitions each"
         )
     counts = {name: len(meta.partitions) for name, meta in cluster_metadata(settings, admin).topics.items()}
-    inputs = {name: counts.get(name) for name in settings.input_topics}
+    inputs = {name: counts.get(name) for name in settings.consumed_topics}
     if len(set(inputs.values())) != 1:
         raise KafkaSetupError(
-            f"input topics are not co-partitioned: partition counts {inputs}; give all three "
-            "the same count, or a shopper's events will be split across workers"
+            f"input topics are not co-partitioned: partition counts {inputs}; give all of them "
+            "the same count, or a shopper's events and erasure requests will be split across workers"
         )
 
 

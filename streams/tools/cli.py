@@ -1,4 +1,4 @@
-"""The ``shoppulse`` command: broker, worker, generate, replay, tail, dlq, demo, train and model tools."""
+"""The ``shoppulse`` command: broker, worker, generate, replay, tail, forget, dlq, demo, train and model tools."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("streams.tools.generate", "synthetic shop traffic to the input topics or a JSONL file"),
     "replay": ("streams.tools.replay", "replay recorded events (ours, REES46 CSV, OTTO JSONL) to the input topics"),
     "tail": ("streams.tools.tail", "pretty-print messages of an output topic as they arrive"),
+    "forget": ("streams.tools.forget", "erase shoppers: `shoppulse forget USER_ID...` (docs/privacy.md)"),
     "dlq": ("streams.tools.dlq", "dead-letter tools: `shoppulse dlq replay` resends fixed dead letters"),
     "demo": ("streams.tools.demo", "embedded broker + worker + generator, with a live view"),
     "train": ("streams.tools.train", "train, evaluate and register the models (`shoppulse train --help`)"),

@@ -195,6 +195,7 @@ def _watch(
         settings.topic_recommendations: "recommendations",
         settings.topic_churn_alerts: "alerts",
         settings.topic_dead_letter: "dead letters",
+        settings.topic_erasures: "erasures",
     }
     totals = dict.fromkeys(kinds.values(), 0)
     examples: dict[str, bytes] = {}

@@ -1,4 +1,4 @@
-"""The Faust worker: one agent over the three co-partitioned input topics, built from small parts.
+"""The Faust worker: one agent over the co-partitioned input topics and erasure requests, built from small parts.
 
 The app's consumer (:mod:`streams.worker.faust_seam`, the only module that touches Faust's internals)
 hands whole Kafka fetches of the input topics to a :class:`streams.worker.batch_consumer.MicroBatcher`
@@ -27,6 +27,7 @@ from typing import Any
 
 import faust
 import torch
+from faust.types import TP
 
 from features.events import ValidationLimits
 from features.spec import DEFAULT_FEATURE_SPEC
@@ -61,14 +62,13 @@ from streams.worker.lookup import (
     forward,
 )
 from streams.worker.metrics import HealthState, MetricsServer, WorkerMetrics
-from streams.worker.pipeline import BatchProcessor
+from streams.worker.pipeline import STATE_TABLE, BatchProcessor
 from streams.worker.publisher import Publisher
 from streams.worker.sweeps import Sweeps
 from streams.worker.table_writer import TableWriter
 
 log = logging.getLogger("shoppulse.worker")
 
-STATE_TABLE = "shopper_state"
 #: The consumer stops fetching while this many micro-batches are buffered ahead of the agent.
 BATCHES_BUFFERED = 2
 
@@ -92,7 +92,7 @@ class ScoringWorker:
         )
         self.app = BatchingApp(
             settings.app_id,
-            batch_topics=settings.input_topics,
+            batch_topics=settings.consumed_topics,
             batcher=self.batcher,
             broker=[f"kafka://{server.strip()}" for server in settings.bootstrap_servers.split(",")],
             **faust_client_settings(settings),
@@ -108,7 +108,7 @@ class ScoringWorker:
             **overrides,
         )
         self.inputs = self.app.topic(
-            *settings.input_topics, partitions=settings.partitions, key_serializer="raw", value_serializer="raw"
+            *settings.consumed_topics, partitions=settings.partitions, key_serializer="raw", value_serializer="raw"
         )
         self.table = self.app.Table(
             STATE_TABLE,
@@ -142,6 +142,7 @@ class ScoringWorker:
             ),
             pseudonym_key=settings.pseudonym_key.encode(),
             feature_watch=self.drift.observe,
+            erasure_topic=settings.topic_erasure_requests,
         )
         self.health = Health(self.app, settings, self.metrics, self.health_state)
         lookup_scorer = BatchScorer(  # the lookup threads' own: see streams.worker.lookup
@@ -203,14 +204,14 @@ class ScoringWorker:
         read and written under :attr:`Checkpoint.writing <streams.worker.checkpoint.Checkpoint.writing>`.
         """
         consumer = self.app.batch_consumer
-        checkpoint, load = self.checkpoint, self.store.get
+        checkpoint, load, committed = self.checkpoint, self.store.get, self._input_committed
         delivering: asyncio.Future[None] | None = None
         try:
             while True:
                 batch = await consumer.take_batch()
                 self.health.taken(batch)
                 async with checkpoint.writing:
-                    outcome = self.processor.process(batch, load)
+                    outcome = self.processor.process(batch, load, committed=committed)
                     self._observe_models()
                     if delivering is not None:
                         await delivering  # the previous batch: delivered, then acked
@@ -221,6 +222,10 @@ class ScoringWorker:
         finally:
             if delivering is not None and not delivering.done():
                 delivering.cancel()  # unacked: its messages are consumed again after the restart
+
+    def _input_committed(self, topic: str, partition: int) -> int | None:
+        """The committed offset of an input partition (the next to read): what a restart resumes from."""
+        return self.app.batch_consumer.committed_offset(TP(topic, partition))
 
     async def _fail(self, exc: Exception, consumer: BatchDrainConsumer) -> None:
         """Crash-only: stop the whole worker, exit code 1, for its supervisor to restart.
@@ -272,7 +277,7 @@ class ScoringWorker:
         # Faust sends ``(sender, assigned, signal=...)``; mode types a handler as taking the sender
         # positionally, then any positionals and keywords.
         (assigned,) = args
-        mine = sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned if tp.topic in self.settings.input_topics)
+        mine = sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned if tp.topic in self.settings.consumed_topics)
         log.info("assigned %d input partitions: %s", len(mine), ", ".join(mine) or "none")
 
     def _shorten_fetch_wait(self) -> None:
@@ -304,7 +309,7 @@ class ScoringWorker:
             "state in %s, models from %s",
             self.settings.bootstrap_servers,
             self.profile,
-            ", ".join(self.settings.input_topics),
+            ", ".join(self.settings.consumed_topics),
             ", ".join(self.settings.output_topics),
             self.settings.max_batch,
             self.settings.max_wait_ms,
@@ -335,6 +340,7 @@ class ScoringWorker:
             self.settings.silent_after_ms,
             self.settings.max_batch,
             self.metrics,
+            committed=self._input_committed,
         )
         self.metrics_server = MetricsServer(
             self.metrics,

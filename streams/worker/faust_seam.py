@@ -238,7 +238,9 @@ class BatchDrainConsumer(AIOKafkaConsumer):
                 if last and offset - last > 1 and gaps_matter:
                     await self._add_gap(tp, last + 1, offset)
                 if to_batcher:
-                    fetched.append(InputMessage(tp.topic, tp.partition, offset, record.key, record.value))
+                    fetched.append(
+                        InputMessage(tp.topic, tp.partition, offset, record.key, record.value, record.headers)
+                    )
                 else:
                     if not self.flow_active:
                         break

@@ -98,7 +98,7 @@ class Health:
         consumer = self.app.batch_consumer
         owned = set()
         for tp in consumer.assignment():
-            if tp.topic not in self.settings.input_topics:
+            if tp.topic not in self.settings.consumed_topics:
                 continue
             owned.add((tp.topic, tp.partition))
             highwater = consumer.highwater(tp)

@@ -154,6 +154,17 @@ class WorkerMetrics:
             ["model", "version", "feature"],
             registry=r,
         )
+        self.erasures = Counter(
+            "shoppulse_erasures_total",
+            "Erasure requests carried out, by outcome: deleted (something was held) or nothing_found",
+            ["outcome"],
+            registry=r,
+        )
+        self.trace_context_invalid = Counter(
+            "shoppulse_trace_context_invalid_total",
+            "Input events whose traceparent header was malformed: ignored, the event is scored without it",
+            registry=r,
+        )
         self.ready = Gauge(
             "shoppulse_ready",
             "1 when a broker connection is up, partitions are assigned and tables recovered",
@@ -194,6 +205,8 @@ METRIC_NAMES = (
     "shoppulse_silent_rescored_total",
     "shoppulse_consumer_lag",
     "shoppulse_live_feature_psi",
+    "shoppulse_erasures_total",
+    "shoppulse_trace_context_invalid_total",
     "shoppulse_ready",
     "shoppulse_lookup_seconds",
 )

@@ -8,14 +8,24 @@ data. It writes and sends nothing itself; :class:`streams.worker.checkpoint.Chec
 Each stored value (:mod:`streams.worker.envelope`) records the highest input offset per input
 partition whose event it holds; an event at or below it is skipped as already applied (a replay after a crash),
 however many events ago it was. The event-id dedup still absorbs a producer sending an event twice.
+
+Erasure requests (docs/privacy.md) arrive in the same batches, co-partitioned with the events. Per
+shopper, a request is placed among the events by event time: the events at or before it are
+applied and then erased with it, later ones start a fresh state. Its offset is recorded like an
+event's, so a replay neither erases twice nor erases events that came after it.
+
+A W3C ``traceparent`` header (with its ``tracestate``) on the event that triggered a shopper's
+scoring is carried onto the outputs of that scoring (:func:`trace_headers`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import json
 import logging
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,7 +34,7 @@ from typing import Protocol
 import numpy as np
 
 from features.encoding import StateDecodeError, decode_state, encode_state
-from features.events import Event, InvalidEvent, ValidationLimits, parse_event
+from features.events import ErasureRequest, Event, InvalidEvent, ValidationLimits, parse_erasure_request, parse_event
 from features.spec import FeatureSpec
 from features.state import APPLIED, DUPLICATE, LATE, ShopperState, StateConfig
 from models.scoring import CHURN, ShopperScores
@@ -41,15 +51,48 @@ OUTPUT_CONTRACT_VERSION = 1
 _to_json = json.JSONEncoder(separators=(",", ":")).encode
 
 
+#: Kafka headers as aiokafka hands them out and the producers take them.
+Headers = Sequence[tuple[str, bytes]]
+
+
 @dataclass(slots=True)
 class InputMessage:
-    """A message as consumed: where it came from and its raw bytes."""
+    """A message as consumed: where it came from, its raw bytes and its headers."""
 
     topic: str
     partition: int
     offset: int
     key: bytes | None
     value: bytes | None
+    headers: Headers = ()
+
+
+#: W3C Trace Context, level 1 (https://www.w3.org/TR/trace-context/): version 00, trace id, parent id, flags.
+_TRACEPARENT = re.compile(rb"00-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}")
+_ZERO_TRACE_ID, _ZERO_PARENT_ID = b"0" * 32, b"0" * 16
+#: Longest ``tracestate`` carried, in bytes (the W3C limit is 32 members; 512 bytes holds them in practice).
+MAX_TRACESTATE_BYTES = 512
+
+
+def trace_headers(headers: Headers) -> list[tuple[str, bytes]] | None:
+    """The ``traceparent`` (and ``tracestate``, when printable ASCII of at most :data:`MAX_TRACESTATE_BYTES`)
+    to put on the outputs an input message caused; None when it has none.
+
+    Raises ValueError when the ``traceparent`` is malformed (not version ``00``, a trace or parent id
+    of zeros, wrong length or upper-case hex): the caller counts it and carries nothing. The event
+    itself is valid either way: trace context is the tracing system's, not the shop's contract.
+    """
+    named = {name.lower(): value for name, value in headers}
+    if "traceparent" not in named:
+        return None
+    parent, state = named["traceparent"], named.get("tracestate")
+    match = _TRACEPARENT.fullmatch(parent or b"")
+    if match is None or match[1] == _ZERO_TRACE_ID or match[2] == _ZERO_PARENT_ID:
+        raise ValueError(f"malformed traceparent of {len(parent or b'')} bytes")
+    carried = [("traceparent", bytes(parent))]
+    if state and len(state) <= MAX_TRACESTATE_BYTES and state.isascii() and bytes(state).decode().isprintable():
+        carried.append(("tracestate", bytes(state)))
+    return carried
 
 
 #: Bytes of a dead-letter message left for Kafka's record framing when its value is cut to fit.
@@ -113,7 +156,8 @@ class ScoredShopper:
     ``recommendation`` and ``alert`` are None when there is nothing to publish. ``output_key``
     keys the output messages: the user id, or its pseudonym when pseudonymisation is on
     (``key`` stays the real id: it keys the table). ``trigger_ts`` is the event time (ms) of the
-    event that caused the scoring, None for a silent-shopper re-score.
+    event that caused the scoring, None for a silent-shopper re-score. ``headers`` go on every
+    output message: that event's trace context (:func:`trace_headers`), None when it had none.
     """
 
     user_id: str
@@ -123,6 +167,15 @@ class ScoredShopper:
     recommendation: bytes | None = None
     alert: bytes | None = None
     trigger_ts: int | None = None
+    headers: list[tuple[str, bytes]] | None = None
+
+
+@dataclass(slots=True)
+class Erasure:
+    """A carried-out erasure request: the confirmation to publish, keyed like the outputs."""
+
+    output_key: bytes
+    confirmation: bytes
 
 
 @dataclass(slots=True)
@@ -133,6 +186,7 @@ class BatchOutcome:
     dead_letters: list[DeadLetter] = field(default_factory=list)
     scored: list[ScoredShopper] = field(default_factory=list)
     writes: list[StateWrite] = field(default_factory=list)
+    erasures: list[Erasure] = field(default_factory=list)
     applied: int = 0
     duplicates: int = 0
     replayed: int = 0
@@ -154,6 +208,10 @@ class Scorer(Protocol):
 
 #: ``load(partition, key)`` -> the shopper's stored value (:mod:`streams.worker.envelope`) or None.
 StateLoader = Callable[[int, bytes], bytes | None]
+#: ``committed(topic, partition)`` -> the committed input offset (the next to read), None before any commit.
+CommittedOffsets = Callable[[str, int], int | None]
+#: The worker's shopper table (state, alert state, offsets: one value per shopper): what an erasure deletes.
+STATE_TABLE = "shopper_state"
 
 
 @dataclass(slots=True)
@@ -166,6 +224,7 @@ class Touched:
     stored: Stored
     trigger_event_id: str | None  # None: the silent-shopper sweep
     trigger_ts: int
+    trace: list[tuple[str, bytes]] | None = None
 
 
 class BatchProcessor:
@@ -183,6 +242,7 @@ class BatchProcessor:
             characters) instead of the user id: stable per shopper, not reversible without the key.
         feature_watch: called with the feature rows of every batch's shoppers scored after an event
             (the drift gauge; the silent-shopper sweep's rows are left out).
+        erasure_topic: the topic of erasure requests, consumed in the same batches ("": none).
     """
 
     def __init__(
@@ -196,6 +256,7 @@ class BatchProcessor:
         alert_policy: AlertPolicy = AlertPolicy(),
         pseudonym_key: bytes = b"",
         feature_watch: Callable[[np.ndarray], None] | None = None,
+        erasure_topic: str = "",
     ) -> None:
         self.topic_kinds = dict(topic_kinds)
         self.state_config = state_config
@@ -205,28 +266,48 @@ class BatchProcessor:
         self.metrics = metrics
         self.alert_policy = alert_policy
         self.pseudonym_key = pseudonym_key
+        self.erasure_topic = erasure_topic
         self.feature_watch = feature_watch
-        self._consumed = {topic: metrics.events_consumed.labels(topic) for topic in self.topic_kinds}
+        consumed = [*self.topic_kinds, erasure_topic] if erasure_topic else list(self.topic_kinds)
+        self._consumed = {topic: metrics.events_consumed.labels(topic) for topic in consumed}
 
-    def process(self, messages: Iterable[InputMessage], load: StateLoader, now_ms: int | None = None) -> BatchOutcome:
-        """Process one batch; ``load`` returns a shopper's stored value or None."""
+    def process(
+        self,
+        messages: Iterable[InputMessage],
+        load: StateLoader,
+        now_ms: int | None = None,
+        committed: CommittedOffsets | None = None,
+    ) -> BatchOutcome:
+        """Process one batch; ``load`` returns a shopper's stored value or None, ``committed`` the
+        committed input offsets (an erasure deletes with a tombstone only once its shopper's events
+        are committed: :meth:`_erased_write`)."""
         started = time.perf_counter()
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
         outcome = BatchOutcome()
-        by_user = self._validate(messages, outcome, now_ms)
+        requests: dict[str, list[tuple[ErasureRequest, InputMessage]]] = {}
+        by_user = self._validate(messages, outcome, now_ms, requests)
+        for user_id in requests.keys() - by_user.keys():
+            by_user[user_id] = []
 
         states: list[ShopperState] = []
         touched: list[Touched] = []
         for user_id, pairs in by_user.items():
             key = user_id.encode()
-            partition = pairs[0][1].partition  # co-partitioned: all of a shopper's messages share it
+            erasures = sorted(requests.get(user_id, ()), key=lambda pair: pair[0].ts_ms)
+            # co-partitioned: all of a shopper's messages share a partition number
+            partition = (pairs[0][1] if pairs else erasures[0][1]).partition
             stored = self._unwrap(load(partition, key), user_id)
             state = self._load(stored.state, user_id)
             already = Stored(offsets=dict(stored.offsets))  # the skip rule reads the offsets as loaded
             offsets = stored.offsets
             applied_here = repeated_here = 0
+            erased = False
             pairs.sort(key=lambda pair: pair[0].ts_ms)  # stable: ties keep arrival order
             for event, message in pairs:
+                while erasures and event.ts_ms > erasures[0][0].ts_ms:
+                    if self._erase(erasures.pop(0), stored, state, already, outcome, now_ms):
+                        state, stored, erased = ShopperState.new(user_id), Stored(offsets=offsets), True
+                        applied_here = repeated_here = 0  # what was erased is not scored
                 source = (message.topic, message.partition)
                 if already.applied(*source, message.offset):
                     outcome.replayed += 1
@@ -246,12 +327,23 @@ class BatchProcessor:
             # holds them, but the outputs of their first pass may have died with the worker, so the
             # shopper is scored and written again (consumers deduplicate on trigger_event_id).
             # A batch of late events only is stored too: its offsets advance, its state does not.
+            for erasure in erasures:  # the requests after the shopper's last event of the batch
+                if self._erase(erasure, stored, state, already, outcome, now_ms):
+                    state, stored, erased = ShopperState.new(user_id), Stored(offsets=offsets), True
+                    applied_here = repeated_here = 0
             stored.state = encode_state(state)
-            if applied_here or repeated_here:
+            holds_events = state.last_event_ms > 0  # none: erased, or an erasure marker (_erased_write)
+            if (applied_here or repeated_here) and holds_events:
                 outcome.applied += applied_here
                 states.append(state)
-                trigger = pairs[-1][0]  # newest by event time
-                touched.append(Touched(user_id, key, partition, stored, trigger.event_id, trigger.ts_ms))
+                trigger, message = pairs[-1]  # newest by event time
+                touched.append(
+                    Touched(
+                        user_id, key, partition, stored, trigger.event_id, trigger.ts_ms, self._trace(message.headers)
+                    )
+                )
+            elif erased or not holds_events:  # replayed erased events score nothing
+                outcome.writes.append(self._erased_write(partition, key, stored, committed))
             else:
                 outcome.writes.append(StateWrite(partition, key, stored.encode()))
 
@@ -267,14 +359,23 @@ class BatchProcessor:
         return outcome
 
     def _validate(
-        self, messages: Iterable[InputMessage], outcome: BatchOutcome, now_ms: int
+        self,
+        messages: Iterable[InputMessage],
+        outcome: BatchOutcome,
+        now_ms: int,
+        requests: dict[str, list[tuple[ErasureRequest, InputMessage]]],
     ) -> dict[str, list[tuple[Event, InputMessage]]]:
-        """Parse every message; invalid ones become dead letters, valid ones are grouped by shopper."""
+        """Parse every message; invalid ones become dead letters, valid ones are grouped by shopper
+        (erasure requests into ``requests``)."""
         by_user: dict[str, list[tuple[Event, InputMessage]]] = {}
         consumed = dict.fromkeys(self._consumed, 0)
         for message in messages:
             consumed[message.topic] += 1
             try:
+                if message.topic == self.erasure_topic:
+                    request = parse_erasure_request(message.key, message.value, now_ms, self.limits)
+                    requests.setdefault(request.user_id, []).append((request, message))
+                    continue
                 event = parse_event(self.topic_kinds[message.topic], message.key, message.value, now_ms, self.limits)
             except InvalidEvent as exc:
                 outcome.dead_letters.append(DeadLetter(message, exc.reason, exc.detail))
@@ -286,6 +387,78 @@ class BatchProcessor:
                 self._consumed[topic].inc(count)
                 outcome.consumed += count
         return by_user
+
+    def _erase(
+        self,
+        erasure: tuple[ErasureRequest, InputMessage],
+        stored: Stored,
+        state: ShopperState,
+        already: Stored,
+        outcome: BatchOutcome,
+        now_ms: int,
+    ) -> bool:
+        """Carry out one erasure request on the shopper's value as it stands (its events up to the
+        request applied) and queue the confirmation. Returns False for a request the stored value
+        already went through (a replay after a crash): nothing is erased again, since what came after
+        it must stay, and the confirmation is sent again with nothing deleted.
+
+        The caller replaces the value with a fresh state that keeps only the applied offsets
+        (the request's own included), so a replay applies none of the erased events again.
+        """
+        request, message = erasure
+        replayed = already.applied(message.topic, message.partition, message.offset)
+        deleted: list[str] = []
+        if not replayed:
+            if message.offset > stored.offsets.get((message.topic, message.partition), -1):
+                stored.offsets[(message.topic, message.partition)] = message.offset
+            # "state" when it holds events (a fresh one holds none), then every other part that holds
+            # something: the alert state, and whatever else the envelope keeps per shopper
+            deleted = ["state"] if state.last_event_ms > 0 else []
+            deleted += [
+                part.name
+                for part in dataclasses.fields(Stored)
+                if part.name not in ("state", "offsets") and getattr(stored, part.name)
+            ]
+        public_id = self.public_id(request.user_id)
+        confirmation = {
+            "schema_version": OUTPUT_CONTRACT_VERSION,
+            "request_id": request.request_id,
+            "user_id": public_id,
+            "requested_at": request.ts_ms,
+            "erased_at": now_ms,
+            "found": bool(deleted),
+            "store": STATE_TABLE,
+            "deleted": deleted,
+        }
+        outcome.erasures.append(Erasure(public_id.encode(), _to_json(confirmation).encode()))
+        self.metrics.erasures.labels("deleted" if deleted else "nothing_found").inc()
+        return not replayed
+
+    def _erased_write(
+        self, partition: int, key: bytes, stored: Stored, committed: CommittedOffsets | None
+    ) -> StateWrite:
+        """How an erased shopper is stored: a tombstone (RocksDB delete, null changelog record),
+        unless some of its erased events are not committed yet.
+
+        Those would be consumed again after a crash, and possibly after the request (Kafka orders
+        no two topics): with no value left to say they were applied, they would bring the shopper
+        back. Until they are committed, the value is an *erasure marker*: a state of no events
+        with the applied offsets, which skips them; :meth:`streams.worker.sweeps.Sweeps.evict_idle`
+        deletes it once they are.
+        """
+        if offsets_committed(stored.offsets, committed, skip_topic=self.erasure_topic):
+            return StateWrite(partition, key, None)
+        return StateWrite(partition, key, stored.encode())
+
+    def _trace(self, headers: Headers) -> list[tuple[str, bytes]] | None:
+        """The trigger event's trace context for its outputs; a malformed one is counted and dropped."""
+        if not headers:
+            return None
+        try:
+            return trace_headers(headers)
+        except ValueError:
+            self.metrics.trace_context_invalid.inc()
+            return None
 
     def rescore_silent(self, stored: Iterable[tuple[int, bytes, bytes]], now_ms: int) -> BatchOutcome:
         """Score shoppers who went quiet, as of ``now_ms`` (wall clock): churn risk grows with silence.
@@ -346,6 +519,7 @@ class BatchProcessor:
                 result.encode(),
                 output_key=public_id.encode(),
                 trigger_ts=shopper_in.trigger_ts if shopper_in.trigger_event_id is not None else None,
+                headers=shopper_in.trace,
             )
             if shopper.recommendations:
                 out.recommendation = _to_json(
@@ -448,3 +622,17 @@ class BatchProcessor:
                 exc,
             )
             return ShopperState.new(user_id)
+
+
+def offsets_committed(
+    offsets: Mapping[tuple[str, int], int], committed: CommittedOffsets | None, skip_topic: str = ""
+) -> bool:
+    """Whether every applied offset (``skip_topic``'s aside) is below its partition's committed offset:
+    then no restart consumes those messages again. ``committed`` None: nothing counts as committed."""
+    for (topic, partition), offset in offsets.items():
+        if topic == skip_topic:
+            continue
+        done = committed(topic, partition) if committed is not None else None
+        if done is None or offset >= done:
+            return False
+    return True

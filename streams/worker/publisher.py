@@ -36,7 +36,8 @@ class Publisher:
 
     def queue(self, outcome: BatchOutcome) -> None:
         """Dead letters first (with headers that say where each came from and why), then one score
-        per scored shopper, plus its recommendation and churn alert where there is one."""
+        per scored shopper, plus its recommendation and churn alert where there is one, then the
+        erasure confirmations."""
         settings, send = self.settings, self.producer.send
         failed_at_ms = int(time.time() * 1000)
         for dead in outcome.dead_letters:
@@ -67,11 +68,14 @@ class Publisher:
             settings.topic_churn_alerts,
         )
         for shopper in outcome.scored:
-            send(scores, shopper.output_key, shopper.result)
+            trace = shopper.headers  # the trigger event's trace context, on everything it caused
+            send(scores, shopper.output_key, shopper.result, trace)
             if shopper.recommendation is not None:
-                send(recommendations, shopper.output_key, shopper.recommendation)
+                send(recommendations, shopper.output_key, shopper.recommendation, trace)
             if shopper.alert is not None:
-                send(alerts, shopper.output_key, shopper.alert)
+                send(alerts, shopper.output_key, shopper.alert, trace)
+        for erasure in outcome.erasures:
+            send(settings.topic_erasures, erasure.output_key, erasure.confirmation)
 
     async def flush(self) -> None:
         """Wait until the brokers acknowledged everything queued.
@@ -88,6 +92,7 @@ class Publisher:
             self.settings.topic_scores: len(scored),
             self.settings.topic_recommendations: sum(s.recommendation is not None for s in scored),
             self.settings.topic_churn_alerts: sum(s.alert is not None for s in scored),
+            self.settings.topic_erasures: len(outcome.erasures),
         }
         for topic, count in published.items():
             self.metrics.results_published.labels(topic).inc(count)

@@ -19,7 +19,7 @@ from features.state import StateConfig
 from streams.worker.checkpoint import Checkpoint
 from streams.worker.envelope import EnvelopeDecodeError, Stored
 from streams.worker.metrics import WorkerMetrics
-from streams.worker.pipeline import BatchOutcome, BatchProcessor, StateWrite
+from streams.worker.pipeline import BatchOutcome, BatchProcessor, CommittedOffsets, StateWrite, offsets_committed
 
 log = logging.getLogger("shoppulse.worker")
 
@@ -49,6 +49,7 @@ class Sweeps:
         state_config: the retention period (ms).
         silent_after_ms: idle this long, a shopper is re-scored.
         max_batch: shoppers re-scored per step.
+        committed: the committed input offsets; a value whose applied offsets are not all committed is kept.
     """
 
     def __init__(
@@ -60,6 +61,7 @@ class Sweeps:
         silent_after_ms: int,
         max_batch: int,
         metrics: WorkerMetrics,
+        committed: CommittedOffsets,
     ) -> None:
         self.checkpoint = checkpoint
         self.owned_partitions = owned_partitions
@@ -68,6 +70,7 @@ class Sweeps:
         self.silent_after_ms = silent_after_ms
         self.max_batch = max_batch
         self.metrics = metrics
+        self.committed = committed
 
     async def _stored(self) -> AsyncIterator[tuple[int, bytes, bytes]]:
         """``(partition, key, value)`` of every shopper in the owned partitions, yielding now and then."""
@@ -79,7 +82,10 @@ class Sweeps:
     async def evict_idle(self) -> None:
         """Delete shoppers idle past the retention period from the table and, by tombstone, its changelog.
 
-        Also refreshes the shoppers-in-state gauge.
+        This also deletes the erasure markers (:meth:`streams.worker.pipeline.BatchProcessor._erased_write`:
+        a state of no events counts as idle forever), but no value whose applied input offsets are not
+        all committed yet: a restart would consume those events again, and without the value to
+        say they were applied, bring the shopper back. Also refreshes the shoppers-in-state gauge.
         """
         now_ms = int(time.time() * 1000)
         expired: list[tuple[int, bytes]] = []
@@ -93,7 +99,8 @@ class Sweeps:
         async with self.checkpoint.writing:
             get = self.checkpoint.store.get
             for partition, key in expired:
-                if idle_since_ms(get(partition, key), now_ms) > self.retention_ms:  # an event may have come since
+                current = get(partition, key)  # an event may have come since the scan
+                if idle_since_ms(current, now_ms) > self.retention_ms and self._replay_safe(current):
                     outcome.writes.append(StateWrite(partition, key, None))
                 else:
                     kept += 1
@@ -108,6 +115,14 @@ class Sweeps:
                 self.retention_ms / 86_400_000,
                 kept,
             )
+
+    def _replay_safe(self, value: bytes | None) -> bool:
+        """Whether no restart can consume again an input message whose effect ``value`` records."""
+        try:
+            offsets = Stored.decode(value).offsets
+        except EnvelopeDecodeError:
+            return True  # unreadable: it records nothing
+        return offsets_committed(offsets, self.committed, skip_topic=self.processor.erasure_topic)
 
     async def rescore_silent(self) -> None:
         """Re-score shoppers idle for at least ``silent_after_ms``: their churn risk rises while

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.integration
 
 
 def owned_partitions(worker: WorkerProcess) -> set[tuple[str, str]]:
-    """Input partitions a worker reports lag for, i.e. owns."""
+    """Input partitions (erasure requests included) a worker reports lag for, i.e. owns."""
     owned = set()
     for line in worker.metrics_text().splitlines():
         if line.startswith("shoppulse_consumer_lag{"):
@@ -57,6 +57,7 @@ def test_two_workers_split_partitions_and_take_over(broker, tmp_path):
     stream = at_most_per_shopper(simulator.messages(), StateConfig().dedup_ids)  # the byte-exact parity envelope
     first, second = [next(stream) for _ in range(2000)], [next(stream) for _ in range(1500)]
 
+    all_partitions = len(base.consumed_topics) * base.partitions
     a, b = WorkerProcess(base, tmp_path / "a.log"), WorkerProcess(other, tmp_path / "b.log")
     try:
         a.wait_ready(90)
@@ -64,20 +65,20 @@ def test_two_workers_split_partitions_and_take_over(broker, tmp_path):
         produce(first, base.topic_by_kind, base.librdkafka_config())
         scored_until(base, newest_ts(valid_events(first)))
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and len(owned_partitions(a) | owned_partitions(b)) < 3 * base.partitions:
+        while time.monotonic() < deadline and len(owned_partitions(a) | owned_partitions(b)) < all_partitions:
             time.sleep(0.5)
         mine, theirs = owned_partitions(a), owned_partitions(b)
         assert mine and theirs and not mine & theirs, f"partitions not split: {sorted(mine)} / {sorted(theirs)}"
-        assert len(mine | theirs) == 3 * base.partitions
+        assert len(mine | theirs) == all_partitions
         assert a.stop() == 0, a.log_tail()  # b takes over a's partitions and their state
 
         produce(second, base.topic_by_kind, base.librdkafka_config())
         events = valid_events(first + second)
         scored_until(base, newest_ts(events))
         deadline = time.monotonic() + 10  # the lag gauge that shows ownership refreshes once a second
-        while time.monotonic() < deadline and len(owned_partitions(b)) < 3 * base.partitions:
+        while time.monotonic() < deadline and len(owned_partitions(b)) < all_partitions:
             time.sleep(0.5)
-        assert len(owned_partitions(b)) == 3 * base.partitions, f"b owns only {sorted(owned_partitions(b))}"
+        assert len(owned_partitions(b)) == all_partitions, f"b owns only {sorted(owned_partitions(b))}"
     finally:
         a.stop()
         assert b.stop() == 0, b.log_tail()

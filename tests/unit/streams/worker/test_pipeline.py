@@ -29,9 +29,8 @@ def message(event: Event, offset: int, topic: str = "views", key: bytes | None =
     return InputMessage(topic, 0, offset, event.user_id.encode() if key is None else key, encode_event(event))
 
 
-@pytest.fixture
-def processor(tmp_path) -> BatchProcessor:
-    """With an empty model registry: the heuristic scores."""
+def make_processor(tmp_path, **options) -> BatchProcessor:
+    """With an empty model registry: the heuristic scores. ``options``: BatchProcessor's keyword arguments."""
     return BatchProcessor(
         TOPICS,
         StateConfig(),
@@ -39,14 +38,27 @@ def processor(tmp_path) -> BatchProcessor:
         BatchScorer(DEFAULT_FEATURE_SPEC, tmp_path),
         DEFAULT_LIMITS,
         WorkerMetrics(),
+        **options,
     )
 
 
-def run(processor, messages, store):
-    """One batch against ``store`` (key -> stored value), its writes applied."""
-    outcome = processor.process(messages, lambda partition, key: store.get(key), now_ms=NOW_MS)
+@pytest.fixture
+def processor(tmp_path) -> BatchProcessor:
+    return make_processor(tmp_path)
+
+
+def run(processor, messages, store, committed=None):
+    """One batch against ``store`` (key -> stored value), its writes applied (None deletes).
+    ``committed``: (topic, partition) -> committed input offset; absent: none committed."""
+    committed = committed or {}
+    outcome = processor.process(
+        messages, lambda partition, key: store.get(key), now_ms=NOW_MS, committed=lambda t, p: committed.get((t, p))
+    )
     for write in outcome.writes:
-        store[write.key] = write.value
+        if write.value is None:
+            store.pop(write.key, None)
+        else:
+            store[write.key] = write.value
     return outcome
 
 
