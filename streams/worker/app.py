@@ -31,6 +31,7 @@ from features.events import ValidationLimits
 from features.spec import DEFAULT_FEATURE_SPEC
 from features.state import StateConfig
 from models.names import CLASSIFIER_MODEL, NEXTITEM_MODEL
+from models.outcomes import EvalConfig
 from models.scoring import BatchScorer
 from streams.config import Settings
 from streams.kafka.batch_producer import BatchProducer
@@ -98,7 +99,7 @@ class ScoringWorker:
             key_type=bytes,
             value_type=bytes,
             partitions=settings.partitions,
-            help="Per-shopper state, churn alert state and applied input offsets "
+            help="Per-shopper state, churn alert state, live evaluation memory and applied input offsets "
             "(streams.worker.envelope), keyed by user_id",
         )
         self.store = TableStore(self.table)
@@ -121,6 +122,14 @@ class ScoringWorker:
                 settings.churn_alert_high, settings.churn_alert_low, settings.churn_alert_cooldown_ms
             ),
             pseudonym_key=settings.pseudonym_key.encode(),
+            eval_config=EvalConfig(
+                purchase_horizon_ms=settings.live_purchase_horizon_ms,
+                churn_horizon_ms=settings.live_churn_horizon_ms,
+                grace_ms=settings.grace_ms,
+                max_pending=settings.live_max_pending,
+            ),
+            alert_holdout_share=settings.alert_holdout_share,
+            alert_holdout_salt=settings.alert_holdout_salt,
         )
         self.health = Health(self.app, settings, self.metrics, self.health_state)
         self.checkpoint: Checkpoint  # and self.sweeps: their producers connect only when the worker runs
