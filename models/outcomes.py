@@ -11,7 +11,8 @@ shopper's stored value, :mod:`streams.worker.envelope`) remembers
   exactly with an offline recount (:func:`recount`).
 
 The shopper's applied events resolve them (:meth:`LiveMemory.observe`), with the definitions of
-:mod:`models.labels`, a prediction at time ``t`` (the ``trigger_ts`` of its output message):
+:mod:`models.labels`, a prediction at time ``t`` (the ``as_of_ts`` of its output message: the
+shopper's latest event time when scored, or the sweep's wall clock):
 
 * **recommendation**: the shopper's next item interaction, the next *new entry* of
   :func:`models.labels.item_sequences` (a view or cart add of the item the sequence ends with is
@@ -42,6 +43,7 @@ import struct
 from bisect import insort
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from features.events import KIND_CART_ADD, KIND_ORDER, KIND_VIEW, Event
 from features.state import DAY_MS, HOUR_MS, event_id_hash
@@ -169,6 +171,40 @@ def ledger_key(outcome: Outcome) -> tuple[tuple[str, ...], ...]:
     if isinstance(outcome, AlertOutcome):
         return (("alert", outcome.group, RETURNED if outcome.returned else LAPSED),)
     return (("dropped", outcome.score),)
+
+
+def metric_increments(outcomes: Iterable[Outcome], held_out_alerts: int = 0) -> dict[tuple[str, ...], float]:
+    """What ``outcomes`` add to each ``shoppulse_live_*`` series: ``(metric, *label values)`` -> amount.
+
+    The worker adds these to its counters; a test adds up a recount's the same way and compares.
+    Label order: model, version, variant, then k / score, decile, outcome / group, outcome.
+    """
+    out: dict[tuple[str, ...], float] = {}
+
+    def add(amount: float, *key: str) -> None:
+        out[key] = out.get(key, 0.0) + amount
+
+    for o in outcomes:
+        if isinstance(o, RecommendationOutcome):
+            served = (o.model, o.version, o.variant)
+            add(1, "shoppulse_live_recommendation_opportunities_total", *served)
+            for k in (5, 10):
+                if 1 <= o.rank <= k:
+                    add(1, "shoppulse_live_recommendation_hits_total", *served, str(k))
+            add(gain(o.rank), "shoppulse_live_recommendation_gain_total", *served)
+        elif isinstance(o, ScoreOutcome):
+            score = (o.model, o.version, o.variant, o.score)
+            cell = (*score, str(decile(o.probability)), POSITIVE if o.positive else NEGATIVE)
+            add(1, "shoppulse_live_score_outcomes_total", *cell)
+            add(o.probability, "shoppulse_live_score_probability_sum_total", *cell)
+            add((o.probability - float(o.positive)) ** 2, "shoppulse_live_score_brier_sum_total", *score)
+        elif isinstance(o, AlertOutcome):
+            add(1, "shoppulse_live_alert_returns_total", o.group, RETURNED if o.returned else LAPSED)
+        else:
+            add(1, "shoppulse_live_pending_dropped_total", o.score)
+    if held_out_alerts:
+        add(held_out_alerts, "shoppulse_live_alerts_held_out_total")
+    return out
 
 
 def tally(outcomes: Iterable[Outcome]) -> dict[tuple[str, ...], int]:
@@ -498,6 +534,50 @@ class ServedPrediction:
     items: tuple[str, ...] = ()
     recommendation_variant: str = CHAMPION
     alert_group: str | None = None
+
+
+def predictions_from_outputs(
+    scores: Iterable[Mapping[str, Any]], recommendations: Iterable[Mapping[str, Any]]
+) -> list[ServedPrediction]:
+    """The served predictions of decoded scores and recommendations messages (docs/outputs.md).
+
+    Deduplicated by ``(user_id, score_seq)``, the last message of each topic winning: after a
+    crash the replay re-sends a number, and its last message is the scoring the stored state kept.
+    """
+    by_seq: dict[tuple[str, int], dict[str, Any]] = {}
+    for doc in scores:
+        by_seq.setdefault((doc["user_id"], doc["score_seq"]), {})["scores"] = doc
+    for doc in recommendations:
+        by_seq.setdefault((doc["user_id"], doc["score_seq"]), {})["recommendation"] = doc
+    out = []
+    for (user, seq), docs in by_seq.items():
+        score, rec = docs.get("scores"), docs.get("recommendation")
+        any_doc = score or rec
+        assert any_doc is not None
+        classifier = model_and_version(score["model_versions"].get(CHURN)) if score else None
+        out.append(
+            ServedPrediction(
+                user,
+                seq,
+                any_doc["as_of_ts"],
+                variant=score["variant"] if score else CHAMPION,
+                classifier=classifier,
+                scores={name: p for name, p in score["scores"].items() if name in SCORES} if score else {},
+                recommender=model_and_version(rec["model_version"]) if rec else None,
+                items=tuple(item["item_id"] for item in rec["items"]) if rec else (),
+                recommendation_variant=rec["variant"] if rec else CHAMPION,
+                alert_group=score.get("churn_alert") if score else None,
+            )
+        )
+    return out
+
+
+def model_and_version(entry: str | None) -> tuple[str, str] | None:
+    """``(model, version)`` of a ``model:version`` entry of an output's versions; None when absent."""
+    if entry is None or ":" not in entry:
+        return None
+    model, version = entry.split(":", 1)
+    return model, version
 
 
 def recount(

@@ -12,19 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from models.outcomes import (
-    LAPSED,
-    NEGATIVE,
-    POSITIVE,
-    RETURNED,
-    AlertOutcome,
-    Outcome,
-    PendingDropped,
-    RecommendationOutcome,
-    ScoreOutcome,
-    decile,
-    gain,
-)
+from models.outcomes import Outcome, metric_increments
 
 log = logging.getLogger(__name__)
 
@@ -158,83 +146,64 @@ class WorkerMetrics:
             registry=r,
         )
         # Live evaluation (models.outcomes, docs/evaluation.md): counted once their batch committed.
+        self._live: dict[str, Counter] = {}
         served = ["model", "version", "variant"]
-        self.live_recommendation_opportunities = Counter(
+        self.live_recommendation_opportunities = self._live_counter(
             "shoppulse_live_recommendation_opportunities_total",
             "Served recommendation lists resolved by the shopper's next item interaction",
             served,
-            registry=r,
         )
-        self.live_recommendation_hits = Counter(
+        self.live_recommendation_hits = self._live_counter(
             "shoppulse_live_recommendation_hits_total",
             "Resolved recommendation lists whose top k held the next item, by k",
             [*served, "k"],
-            registry=r,
         )
-        self.live_recommendation_gain = Counter(
+        self.live_recommendation_gain = self._live_counter(
             "shoppulse_live_recommendation_gain_total",
             "Sum of NDCG@10 gains 1/log2(rank + 1) of resolved recommendation lists",
             served,
-            registry=r,
         )
         scored = [*served, "score", "decile", "outcome"]
-        self.live_score_outcomes = Counter(
+        self.live_score_outcomes = self._live_counter(
             "shoppulse_live_score_outcomes_total",
             "Resolved churn and purchase scores, by score decile and observed outcome",
             scored,
-            registry=r,
         )
-        self.live_score_probability_sum = Counter(
+        self.live_score_probability_sum = self._live_counter(
             "shoppulse_live_score_probability_sum_total",
             "Sum of the probabilities of resolved scores (with the count: a reliability diagram)",
             scored,
-            registry=r,
         )
-        self.live_score_brier_sum = Counter(
+        self.live_score_brier_sum = self._live_counter(
             "shoppulse_live_score_brier_sum_total",
             "Sum of (p - y)^2 over resolved scores (divided by their count: the Brier score)",
             [*served, "score"],
-            registry=r,
         )
-        self.live_alert_returns = Counter(
+        self.live_alert_returns = self._live_counter(
             "shoppulse_live_alert_returns_total",
             "Churn-alerted and held-out shoppers by whether they returned within the churn horizon",
             ["group", "outcome"],
-            registry=r,
         )
-        self.live_alerts_held_out = Counter(
+        self.live_alerts_held_out = self._live_counter(
             "shoppulse_live_alerts_held_out_total",
             "Churn alerts computed and recorded but not sent (the holdout)",
-            registry=r,
         )
-        self.live_pending_dropped = Counter(
+        self.live_pending_dropped = self._live_counter(
             "shoppulse_live_pending_dropped_total",
             "Pending scores dropped unresolved by the per-shopper cap (SHOPPULSE_LIVE_MAX_PENDING)",
             ["score"],
-            registry=r,
         )
+
+    def _live_counter(self, name: str, documentation: str, labels: list[str] | None = None) -> Counter:
+        counter = Counter(name, documentation, labels or [], registry=self.registry)
+        self._live[name] = counter
+        return counter
 
     def count_live(self, outcomes: list[Outcome], held_out_alerts: int) -> None:
         """Add a committed batch's resolved outcomes to the ``shoppulse_live_*`` counters."""
-        for outcome in outcomes:
-            if isinstance(outcome, RecommendationOutcome):
-                labels = (outcome.model, outcome.version, outcome.variant)
-                self.live_recommendation_opportunities.labels(*labels).inc()
-                for k in (5, 10):
-                    if 1 <= outcome.rank <= k:
-                        self.live_recommendation_hits.labels(*labels, str(k)).inc()
-                self.live_recommendation_gain.labels(*labels).inc(gain(outcome.rank))
-            elif isinstance(outcome, ScoreOutcome):
-                score = (outcome.model, outcome.version, outcome.variant, outcome.score)
-                cell = (*score, str(decile(outcome.probability)), POSITIVE if outcome.positive else NEGATIVE)
-                self.live_score_outcomes.labels(*cell).inc()
-                self.live_score_probability_sum.labels(*cell).inc(outcome.probability)
-                self.live_score_brier_sum.labels(*score).inc((outcome.probability - float(outcome.positive)) ** 2)
-            elif isinstance(outcome, AlertOutcome):
-                self.live_alert_returns.labels(outcome.group, RETURNED if outcome.returned else LAPSED).inc()
-            elif isinstance(outcome, PendingDropped):
-                self.live_pending_dropped.labels(outcome.score).inc()
-        self.live_alerts_held_out.inc(held_out_alerts)
+        for (name, *labels), amount in metric_increments(outcomes, held_out_alerts).items():
+            counter = self._live[name]
+            (counter.labels(*labels) if labels else counter).inc(amount)
 
 
 METRIC_NAMES = (

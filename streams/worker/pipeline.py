@@ -36,7 +36,7 @@ from features.events import Event, InvalidEvent, ValidationLimits, parse_event
 from features.spec import FeatureSpec
 from features.state import APPLIED, DUPLICATE, LATE, ShopperState, StateConfig, event_id_hash
 from models.names import CLASSIFIER_MODEL, NEXTITEM_MODEL
-from models.outcomes import ALERTED, CHURN, HOLDOUT, SCORES, EvalConfig, LiveMemory, Outcome
+from models.outcomes import ALERTED, CHURN, HOLDOUT, SCORES, EvalConfig, LiveMemory, Outcome, model_and_version
 from models.scoring import ShopperScores
 from models.variants import CHALLENGER, CHAMPION, in_share
 from streams.worker.alerts import AlertPolicy, AlertState
@@ -50,14 +50,6 @@ OUTPUT_CONTRACT_VERSION = 1
 
 #: Model kind -> the ``model_versions`` entry that names its champion (``model:version``).
 _VERSION_KEYS = {CLASSIFIER_MODEL: CHURN, NEXTITEM_MODEL: "recommendations"}
-
-
-def _model_and_version(entry: str | None) -> tuple[str, str] | None:
-    """``(model, version)`` of a ``model:version`` entry of ``model_versions``; None when not served."""
-    if entry is None or ":" not in entry:
-        return None
-    model, version = entry.split(":", 1)
-    return model, version
 
 
 #: Compact JSON for output messages, built once (``json.dumps`` with options builds one per call).
@@ -222,6 +214,8 @@ class Touched:
     memory: LiveMemory
     #: Nothing new applied (a replay after a crash, or a producer's duplicate): re-send the last scoring.
     resend: bool = False
+    #: Event time the scores are as of (set when scored): the start of the live evaluation windows.
+    as_of_ms: int = 0
 
 
 class BatchProcessor:
@@ -391,20 +385,23 @@ class BatchProcessor:
         challengers = self._score_challengers(states, features)
         self.metrics.inference_seconds.observe(time.perf_counter() - started)
         versions = self.scorer.model_versions
-        champions = {kind: _model_and_version(versions.get(name)) for kind, name in _VERSION_KEYS.items()}
+        champions = {kind: model_and_version(versions.get(name)) for kind, name in _VERSION_KEYS.items()}
         scored_at_ms = int(time.time() * 1000)
         alerting: list[tuple[int, float, str, str, str]] = []  # (index in batch, risk, alert id, group, variant)
         first = len(outcome.scored)
         for index, (shopper_in, state, champion) in enumerate(zip(touched, states, scored, strict=False)):
             memory = shopper_in.memory
+            # The moment the scores are as of (the features' "now"): every event applied so far is at
+            # or before it, so the live windows (t, t + horizon] start there, online and offline.
+            as_of_ms = int(now[index])
             if shopper_in.resend and memory.score_seq:
                 # The state already holds these events and the memory their scoring: this one is a
-                # re-send of it (same score_seq and time, nothing recorded again, no outcome twice).
-                score_seq, shopper_in.trigger_ts = memory.score_seq, memory.scored_ms
+                # re-send of it (same score_seq and moment, nothing recorded again, no outcome twice).
+                score_seq, as_of_ms = memory.score_seq, memory.scored_ms
             else:
                 shopper_in.resend = False
-                score_seq = memory.next_seq(shopper_in.trigger_ts)
-            t_ms = shopper_in.trigger_ts
+                score_seq = memory.next_seq(as_of_ms)
+            shopper_in.as_of_ms = t_ms = as_of_ms
             served = {
                 kind: self._serve(kind, index, shopper_in, champion, champions[kind], challengers, outcome)
                 for kind in _VERSION_KEYS
@@ -432,6 +429,7 @@ class BatchProcessor:
                 "trigger_ts": shopper_in.trigger_ts,
                 "scored_at": scored_at_ms,
                 "score_seq": score_seq,
+                "as_of_ts": as_of_ms,
             }
             result = {
                 **envelope,
@@ -505,7 +503,7 @@ class BatchProcessor:
                 measured.append(trial)  # shadow: measured for every shopper, never published
             elif in_share(shopper_in.user_id, challenger.salt, challenger.share):
                 measured = [trial]
-        memory, t_ms = shopper_in.memory, shopper_in.trigger_ts
+        memory, t_ms = shopper_in.memory, shopper_in.as_of_ms
         for variant, version, predicted in measured:
             if version is None or shopper_in.resend:
                 continue  # the heuristic: no churn or purchase score, no list

@@ -201,7 +201,7 @@ def test_a_replay_re_sends_the_last_scoring_with_its_number_and_records_nothing_
     replay = run(proc, batch[:1], store)  # a replay after kill -9, cut into another batch
     first_doc, again = json.loads(first.scored[0].result), json.loads(replay.scored[0].result)
     expected = (1, NOW_MS - 4000)
-    assert (again["score_seq"], again["trigger_ts"]) == (first_doc["score_seq"], first_doc["trigger_ts"]) == expected
+    assert (again["score_seq"], again["as_of_ts"]) == (first_doc["score_seq"], first_doc["as_of_ts"]) == expected
     assert store[b"u1"] == stored_before and replay.live == []
 
 
