@@ -440,6 +440,8 @@ class BatchProcessor:
             }
             if classifier_variant == CHALLENGER:
                 result["model_versions"] = {**versions, **dict.fromkeys(SCORES, classifier_version)}
+            if group is None and shopper_in.resend:  # the re-sent scoring says what its alert was
+                group = next((g for g, t in memory.alerts if t == as_of_ms), None)
             if group is not None:
                 result["churn_alert"] = group
             out = ScoredShopper(

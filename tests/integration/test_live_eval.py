@@ -1,0 +1,193 @@
+"""Live evaluation on the embedded broker: what the worker counts equals what an offline recount of
+the same event log and the same published predictions gives (models.outcomes.recount), on a clean
+run through /metrics, and after kill -9 mid-stream through the ledgers summed over the changelog.
+
+Horizons and grace are compressed (seconds, not days) so that every kind of outcome resolves
+within the test: purchases and churn both ways, alert returns and lapses, hits and misses."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from features.state import StateConfig
+from models.outcomes import (
+    ALERTED,
+    HOLDOUT,
+    EvalConfig,
+    LiveMemory,
+    Outcome,
+    predictions_from_outputs,
+    recount,
+    tally,
+)
+from models.registry import ModelRegistry
+from streams.config import Settings
+from streams.kafka.clients import ensure_topics
+from streams.kafka.producer import BackgroundProducer
+from streams.sim.generator import GeneratorConfig, ShopSimulator, at_most_per_shopper
+from streams.worker.metrics import WorkerMetrics
+
+from .kafka_helpers import WorkerProcess, isolated_settings, read_to_end, value_of
+from .test_model_serving import publish_models
+from .test_worker import changelog_values, newest_ts, scored_until, valid_events
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+SEED = 20261203
+#: Compressed so that outcomes resolve in seconds: grace 4 s, purchase 1.5 s, churn 3 s.
+COMPRESSED = {"grace_ms": 4000, "live_purchase_horizon_ms": 1500, "live_churn_horizon_ms": 3000}
+
+
+def live_settings(bootstrap_servers: str, tmp_path: Path, simulator: ShopSimulator, **overrides) -> Settings:
+    """Small real models; every scored shopper alerts once (thresholds near 0), half of them held out."""
+    registry = ModelRegistry(tmp_path / "registry")
+    publish_models(registry, "v1", sorted({e.item_id for e in simulator.events(limit=2000) if e.item_id}), seed=5)
+    settings = isolated_settings(
+        bootstrap_servers,
+        tmp_path / "worker",
+        models_dir=registry.root,
+        churn_alert_high=0.01,
+        churn_alert_low=0.005,
+        alert_holdout_share=0.5,
+        **{**COMPRESSED, **overrides},
+    )
+    ensure_topics(settings)
+    return settings
+
+
+def eval_config(settings: Settings) -> EvalConfig:
+    return EvalConfig(
+        purchase_horizon_ms=settings.live_purchase_horizon_ms,
+        churn_horizon_ms=settings.live_churn_horizon_ms,
+        grace_ms=settings.grace_ms,
+        max_pending=settings.live_max_pending,
+    )
+
+
+def traffic(settings: Settings, simulator: ShopSimulator, rate_per_s: float) -> BackgroundProducer:
+    messages = at_most_per_shopper(simulator.messages(), StateConfig().dedup_ids)
+    return BackgroundProducer(messages, settings.topic_by_kind, settings.librdkafka_config(), rate_per_s)
+
+
+def recounted(settings: Settings, sent: list) -> tuple[list[Outcome], int]:
+    """The offline recount from the input log and the scores and recommendations topics, and the
+    number of held-out alerts those scores name."""
+    scores = [json.loads(value_of(m)) for m in read_to_end(settings, settings.topic_scores)]
+    recommendations = [json.loads(value_of(m)) for m in read_to_end(settings, settings.topic_recommendations)]
+    predictions = predictions_from_outputs(scores, recommendations)
+    held_out = sum(p.alert_group == HOLDOUT for p in predictions)
+    return recount(valid_events(sent), predictions, eval_config(settings)), held_out
+
+
+Series = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def live_series(exposition: str) -> Series:
+    """The nonzero shoppulse_live_* counters of a /metrics page: (name, labels) -> value."""
+    out: Series = {}
+    for family in text_string_to_metric_families(exposition):
+        for sample in family.samples:
+            if sample.name.startswith("shoppulse_live_") and sample.name.endswith("_total") and sample.value:
+                out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def offline_series(outcomes: list[Outcome], held_out_alerts: int) -> Series:
+    """What the worker's /metrics would show for these outcomes (its own counters, fed the recount)."""
+    metrics = WorkerMetrics()
+    metrics.count_live(outcomes, held_out_alerts)
+    return live_series(generate_latest(metrics.registry).decode())
+
+
+def assert_equal_counts(live: Series, offline: Series) -> None:
+    """Counts equal exactly; float sums (probabilities, gains) up to the order they were added in."""
+    only_live, only_offline = live.keys() - offline.keys(), offline.keys() - live.keys()
+    assert not only_live and not only_offline, f"only live: {only_live}; only offline: {only_offline}"
+    for key, value in offline.items():
+        assert math.isclose(live[key], value, rel_tol=1e-9), f"{key}: live {live[key]}, offline {value}"
+
+
+def assert_every_kind_resolved(counts: Series) -> None:
+    """The comparison covers every outcome kind: no parity of empty tables."""
+    names = {name for name, _ in counts}
+    assert {
+        "shoppulse_live_recommendation_opportunities_total",
+        "shoppulse_live_recommendation_hits_total",
+        "shoppulse_live_score_outcomes_total",
+        "shoppulse_live_alert_returns_total",
+        "shoppulse_live_alerts_held_out_total",
+    } <= names, names
+    outcomes = {
+        (dict(labels)["score"], dict(labels)["outcome"])
+        for name, labels in counts
+        if name == "shoppulse_live_score_outcomes_total"
+    }
+    assert outcomes == {(s, o) for s in ("churn_risk", "purchase_propensity") for o in ("positive", "negative")}
+    groups = {
+        (dict(labels)["group"], dict(labels)["outcome"])
+        for name, labels in counts
+        if name == "shoppulse_live_alert_returns_total"
+    }
+    assert {(ALERTED, "returned"), (HOLDOUT, "returned")} <= groups, groups
+
+
+def test_live_counters_equal_the_offline_recount(broker, tmp_path):
+    simulator = ShopSimulator(GeneratorConfig(seed=SEED, n_shoppers=300, n_items=300, clock="live"))
+    settings = live_settings(broker.bootstrap_servers, tmp_path, simulator)
+    worker = WorkerProcess(settings, tmp_path / "worker.log")
+    try:
+        worker.wait_ready(90)
+        producer = traffic(settings, simulator, rate_per_s=300).start()
+        time.sleep(15)
+        report = producer.stop()
+        assert report.failed == 0, report.errors
+        scored_until(settings, newest_ts(valid_events(producer.sent)))
+        offline = offline_series(*recounted(settings, producer.sent))
+        deadline = time.monotonic() + 20  # counted right after each flush: let the last one land
+        while (live := live_series(worker.metrics_text())) != offline and time.monotonic() < deadline:
+            time.sleep(0.5)
+    finally:
+        assert worker.stop() == 0, worker.log_tail()
+    assert_every_kind_resolved(offline)
+    assert_equal_counts(live, offline)
+
+
+def test_ledgers_equal_the_offline_recount_after_kill9_mid_stream(broker, tmp_path):
+    rng = random.Random(SEED)
+    simulator = ShopSimulator(GeneratorConfig(seed=SEED + 1, n_shoppers=300, n_items=300, clock="live"))
+    settings = live_settings(broker.bootstrap_servers, tmp_path, simulator)
+    worker = WorkerProcess(settings, tmp_path / "worker-0.log")
+    worker.wait_ready(90)
+    producer = traffic(settings, simulator, rate_per_s=250).start()
+    try:
+        for kill in (1, 2, 3):
+            time.sleep(rng.uniform(2.0, 5.0))
+            worker.kill()
+            if kill == 2:
+                shutil.rmtree(settings.data_dir)  # the table comes back from the changelog
+            worker = WorkerProcess(settings, tmp_path / f"worker-{kill}.log")
+            worker.wait_ready(90)
+        time.sleep(rng.uniform(2.0, 4.0))
+    finally:
+        report = producer.stop()
+    try:
+        assert report.failed == 0, report.errors
+        scored_until(settings, newest_ts(valid_events(producer.sent)))
+    finally:
+        assert worker.stop() == 0, worker.log_tail()
+    summed: dict[tuple[str, ...], int] = {}
+    for value in changelog_values(settings).values():
+        for key, count in LiveMemory.decode(value.memory).ledger.items():
+            summed[key] = summed.get(key, 0) + count
+    outcomes, held_out = recounted(settings, producer.sent)
+    assert_every_kind_resolved(offline_series(outcomes, held_out))
+    assert summed == tally(outcomes)
