@@ -32,8 +32,11 @@ sweep). Both give the outcome the next event would give, and the outcome the off
 nothing inside the window was applied, and nothing inside it can be any more, provided events reach
 the worker within the grace period, the same bound under which the shopper's state equals the
 offline replay (:mod:`features.offline`). A recommendation resolves at the first new entry in the
-order the worker applies events: equal to the offline order when a shopper's item events arrive in
-event-time order (each batch is sorted so; docs/evaluation.md says what disorder can change).
+order the worker applies events: equal to the offline order when a shopper's events arrive in
+event-time order (each batch is sorted so). An event applied at or before the time of an event of an
+earlier batch arrived out of order: it is counted (:class:`OutOfOrder`, in the ledger and a metric),
+since from it on that shopper's recommendation outcomes may differ from the offline recount (which
+sorts); its scores and alert outcomes never do.
 """
 
 from __future__ import annotations
@@ -139,7 +142,12 @@ class PendingDropped:
     score: str
 
 
-Outcome = RecommendationOutcome | ScoreOutcome | AlertOutcome | PendingDropped
+@dataclass(frozen=True, slots=True)
+class OutOfOrder:
+    """An event applied after one with a later (or equal) time from an earlier batch (module docstring)."""
+
+
+Outcome = RecommendationOutcome | ScoreOutcome | AlertOutcome | PendingDropped | OutOfOrder
 
 
 # ------------------------------------------------------------------------------ ledger
@@ -151,6 +159,7 @@ def _ledger_keys() -> tuple[tuple[str, ...], ...]:
         keys.extend(("score", variant, score, outcome) for score in SCORES for outcome in (POSITIVE, NEGATIVE))
     keys.extend(("alert", group, outcome) for group in GROUPS for outcome in (RETURNED, LAPSED))
     keys.extend(("dropped", score) for score in SCORES)
+    keys.append(("out_of_order",))
     return tuple(keys)
 
 
@@ -170,6 +179,8 @@ def ledger_key(outcome: Outcome) -> tuple[tuple[str, ...], ...]:
         return (("score", outcome.variant, outcome.score, POSITIVE if outcome.positive else NEGATIVE),)
     if isinstance(outcome, AlertOutcome):
         return (("alert", outcome.group, RETURNED if outcome.returned else LAPSED),)
+    if isinstance(outcome, OutOfOrder):
+        return (("out_of_order",),)
     return (("dropped", outcome.score),)
 
 
@@ -200,6 +211,8 @@ def metric_increments(outcomes: Iterable[Outcome], held_out_alerts: int = 0) -> 
             add((o.probability - float(o.positive)) ** 2, "shoppulse_live_score_brier_sum_total", *score)
         elif isinstance(o, AlertOutcome):
             add(1, "shoppulse_live_alert_returns_total", o.group, RETURNED if o.returned else LAPSED)
+        elif isinstance(o, OutOfOrder):
+            add(1, "shoppulse_live_out_of_order_events_total")
         else:
             add(1, "shoppulse_live_pending_dropped_total", o.score)
     if held_out_alerts:
@@ -289,10 +302,11 @@ class LiveMemory:
         self.alerts.append((group, t_ms))
 
     # -------------------------------------------------------------- resolving
-    def observe(self, event: Event, watermark_ms: int, config: EvalConfig) -> list[Outcome]:
+    def observe(self, event: Event, watermark_ms: int, config: EvalConfig, in_order: bool = True) -> list[Outcome]:
         """Resolve what the applied ``event`` decides, then what the new ``watermark_ms`` (the state's
-        latest event time, after the event) puts beyond reach. Call for APPLIED events only."""
-        outcomes: list[Outcome] = []
+        latest event time, after the event) puts beyond reach. Call for APPLIED events only;
+        ``in_order``: False when the event is not later than every event of earlier batches."""
+        outcomes: list[Outcome] = [] if in_order else [OutOfOrder()]
         ts = event.ts_ms
         entry = self._advance_sequence(event, config)
         if entry is not None:
@@ -586,6 +600,16 @@ def recount(
     config: EvalConfig = EvalConfig(),
     swept_at_ms: int | None = None,
 ) -> list[Outcome]:
+    """Every outcome of :func:`recount_by_shopper`, in one list."""
+    return [o for outcomes in recount_by_shopper(events, predictions, config, swept_at_ms).values() for o in outcomes]
+
+
+def recount_by_shopper(
+    events: Iterable[Event],
+    predictions: Iterable[ServedPrediction],
+    config: EvalConfig = EvalConfig(),
+    swept_at_ms: int | None = None,
+) -> dict[str, list[Outcome]]:
     """Every outcome, recomputed offline from the valid events and the served predictions.
 
     Per shopper, events are taken in event-time order (ties by event-id hash, as the offline replay
@@ -600,10 +624,11 @@ def recount(
     served_by_user: dict[str, list[ServedPrediction]] = {}
     for prediction in predictions:
         served_by_user.setdefault(prediction.user_id, []).append(prediction)
-    outcomes: list[Outcome] = []
+    outcomes: dict[str, list[Outcome]] = {}
     for user in events_by_user.keys() | served_by_user.keys():
         served = sorted(served_by_user.get(user, []), key=lambda p: p.score_seq)
-        outcomes += _recount_shopper(list(events_by_user.get(user, {}).values()), served, config, swept_at_ms)
+        events_of = list(events_by_user.get(user, {}).values())
+        outcomes[user] = _recount_shopper(events_of, served, config, swept_at_ms)
     return outcomes
 
 

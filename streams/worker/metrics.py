@@ -193,6 +193,11 @@ class WorkerMetrics:
             "Pending scores dropped unresolved by the per-shopper cap (SHOPPULSE_LIVE_MAX_PENDING)",
             ["score"],
         )
+        self.live_out_of_order = self._live_counter(
+            "shoppulse_live_out_of_order_events_total",
+            "Events applied after a later one of an earlier batch: the shopper's recommendation outcomes "
+            "may differ from the offline recount from then on (docs/evaluation.md)",
+        )
 
     def _live_counter(self, name: str, documentation: str, labels: list[str] | None = None) -> Counter:
         counter = Counter(name, documentation, labels or [], registry=self.registry)
@@ -240,6 +245,7 @@ METRIC_NAMES = (
     "shoppulse_live_alert_returns_total",
     "shoppulse_live_alerts_held_out_total",
     "shoppulse_live_pending_dropped_total",
+    "shoppulse_live_out_of_order_events_total",
 )
 
 

@@ -281,6 +281,7 @@ class BatchProcessor:
             already = Stored(offsets=dict(stored.offsets))  # the skip rule reads the offsets as loaded
             offsets = stored.offsets
             applied_here = repeated_here = 0
+            seen_until_ms = state.last_event_ms if state.events_lifetime else None  # before this batch
             # the canonical order of the offline replay: a tie in event time goes by event-id hash
             pairs.sort(key=lambda pair: (pair[0].ts_ms, event_id_hash(pair[0].event_id)))
             for event, message in pairs:
@@ -294,7 +295,8 @@ class BatchProcessor:
                 result = state.update(event, self.state_config)
                 if result == APPLIED:
                     applied_here += 1
-                    outcome.live += memory.observe(event, state.last_event_ms, self.eval_config)
+                    in_order = seen_until_ms is None or event.ts_ms > seen_until_ms
+                    outcome.live += memory.observe(event, state.last_event_ms, self.eval_config, in_order)
                 elif result == DUPLICATE:
                     outcome.duplicates += 1
                     repeated_here += 1
