@@ -46,7 +46,8 @@ import struct
 from bisect import insort
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from functools import lru_cache
+from typing import Any, NamedTuple
 
 from features.events import KIND_CART_ADD, KIND_ORDER, KIND_VIEW, Event
 from features.state import DAY_MS, HOUR_MS, event_id_hash
@@ -89,8 +90,10 @@ class EvalConfig:
         return self.churn_horizon_ms if score == CHURN else self.purchase_horizon_ms
 
 
+@lru_cache(maxsize=1 << 16)
 def item_hash(item_id: str) -> int:
-    """The 64-bit hash a served list keeps per item (the stable blake2b of :func:`features.state.event_id_hash`)."""
+    """The 64-bit hash a served list keeps per item (the stable blake2b of :func:`features.state.event_id_hash`);
+    cached, since a catalogue's items recur in every list."""
     return event_id_hash(item_id)
 
 
@@ -240,9 +243,8 @@ class ServedList:
     items: tuple[int, ...]
 
 
-@dataclass(slots=True)
-class PendingScore:
-    """A published (or shadow) score waiting for its outcome."""
+class PendingScore(NamedTuple):
+    """A published (or shadow) score waiting for its outcome (a tuple: thousands are decoded per batch)."""
 
     score: str
     model: str
@@ -393,9 +395,10 @@ class LiveMemory:
     def encode(self) -> bytes:
         """Compact bytes (little-endian; model and version strings written once per value)."""
         strings: dict[str, int] = {}
+        setdefault = strings.setdefault
 
         def ref(text: str) -> int:
-            return strings.setdefault(text, len(strings))
+            return setdefault(text, len(strings))
 
         body = bytearray()
         body += _U8.pack(len(self.lists))
@@ -404,9 +407,14 @@ class LiveMemory:
             body += _U8.pack(len(served.items))
             body += struct.pack(f"<{len(served.items)}Q", *served.items)
         body += _U8.pack(len(self.pending))
-        for p in self.pending:
-            code = SCORES.index(p.score) | VARIANTS.index(p.variant) << 1
-            body += _PENDING.pack(code, ref(p.model), ref(p.version), p.t_ms, p.probability)
+        pack, codes = _PENDING.pack, _PENDING_CODE
+        body += b"".join(
+            [
+                pack(codes[p.score, p.variant], setdefault(p.model, len(strings)), setdefault(p.version, len(strings)),
+                     p.t_ms, p.probability)
+                for p in self.pending
+            ]
+        )
         body += _U8.pack(len(self.alerts))
         for group, t_ms in self.alerts:
             body += _ALERT.pack(GROUPS.index(group), t_ms)
@@ -453,6 +461,9 @@ _TAIL = struct.Struct("<QB")  # tail item hash, number of since-order hashes
 _LIST = struct.Struct("<BBBq")  # variant, model ref, version ref, t_ms
 _PENDING = struct.Struct("<BBBqd")  # score | variant << 1, model ref, version ref, t_ms, probability
 _ALERT = struct.Struct("<Bq")  # group, t_ms
+#: A pending score's ``(score, variant)`` <-> its code in the encoding (score | variant << 1).
+_PENDING_KIND = [(score, variant) for variant in VARIANTS for score in SCORES]
+_PENDING_CODE = {kind: code for code, kind in enumerate(_PENDING_KIND)}
 
 
 def _put_varint(out: bytearray, value: int) -> None:
@@ -513,11 +524,15 @@ def _decode(data: bytes) -> LiveMemory:
         variant, model, version, t_ms = read.take(_LIST)
         items = read.hashes(read.u8())
         memory.lists[VARIANTS[variant]] = ServedList(strings[model], strings[version], t_ms, items)
-    for _ in range(read.u8()):
-        code, model, version, t_ms, probability = read.take(_PENDING)
-        memory.pending.append(
-            PendingScore(SCORES[code & 1], strings[model], strings[version], VARIANTS[code >> 1], t_ms, probability)
-        )
+    size = read.u8() * _PENDING.size
+    if read.at + size > len(data):
+        raise ValueError("pending scores cut short")
+    kinds = _PENDING_KIND
+    memory.pending = [
+        PendingScore(kinds[code][0], strings[model], strings[version], kinds[code][1], t_ms, probability)
+        for code, model, version, t_ms, probability in _PENDING.iter_unpack(data[read.at : read.at + size])
+    ]
+    read.at += size
     for _ in range(read.u8()):
         group, t_ms = read.take(_ALERT)
         memory.alerts.append((GROUPS[group], t_ms))

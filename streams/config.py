@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from models.outcomes import EvalConfig
 from streams.logs import LOG_FORMATS
 
 BROKER_PROFILE_AUTO = "auto"
@@ -313,6 +314,15 @@ class Settings:
         settings = cls(**values)
         settings.validate()
         return settings
+
+    def live_eval_config(self) -> EvalConfig:
+        """The live evaluation's horizons, grace period and cap (:mod:`models.outcomes`)."""
+        return EvalConfig(
+            purchase_horizon_ms=self.live_purchase_horizon_ms,
+            churn_horizon_ms=self.live_churn_horizon_ms,
+            grace_ms=self.grace_ms,
+            max_pending=self.live_max_pending,
+        )
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the variable of the first unusable value."""

@@ -31,7 +31,6 @@ from features.events import ValidationLimits
 from features.spec import DEFAULT_FEATURE_SPEC
 from features.state import StateConfig
 from models.names import CLASSIFIER_MODEL, NEXTITEM_MODEL
-from models.outcomes import EvalConfig
 from models.scoring import BatchScorer
 from streams.config import Settings
 from streams.kafka.batch_producer import BatchProducer
@@ -122,12 +121,7 @@ class ScoringWorker:
                 settings.churn_alert_high, settings.churn_alert_low, settings.churn_alert_cooldown_ms
             ),
             pseudonym_key=settings.pseudonym_key.encode(),
-            eval_config=EvalConfig(
-                purchase_horizon_ms=settings.live_purchase_horizon_ms,
-                churn_horizon_ms=settings.live_churn_horizon_ms,
-                grace_ms=settings.grace_ms,
-                max_pending=settings.live_max_pending,
-            ),
+            eval_config=settings.live_eval_config(),
             alert_holdout_share=settings.alert_holdout_share,
             alert_holdout_salt=settings.alert_holdout_salt,
         )

@@ -22,7 +22,6 @@ from features.state import StateConfig
 from models.outcomes import (
     ALERTED,
     HOLDOUT,
-    EvalConfig,
     LiveMemory,
     Outcome,
     predictions_from_outputs,
@@ -64,15 +63,6 @@ def live_settings(bootstrap_servers: str, tmp_path: Path, simulator: ShopSimulat
     return settings
 
 
-def eval_config(settings: Settings) -> EvalConfig:
-    return EvalConfig(
-        purchase_horizon_ms=settings.live_purchase_horizon_ms,
-        churn_horizon_ms=settings.live_churn_horizon_ms,
-        grace_ms=settings.grace_ms,
-        max_pending=settings.live_max_pending,
-    )
-
-
 def traffic(settings: Settings, simulator: ShopSimulator, rate_per_s: float) -> BackgroundProducer:
     messages = at_most_per_shopper(simulator.messages(), StateConfig().dedup_ids)
     return BackgroundProducer(messages, settings.topic_by_kind, settings.librdkafka_config(), rate_per_s)
@@ -85,7 +75,7 @@ def recounted(settings: Settings, sent: list) -> tuple[dict[str, list[Outcome]],
     recommendations = [json.loads(value_of(m)) for m in read_to_end(settings, settings.topic_recommendations)]
     predictions = predictions_from_outputs(scores, recommendations)
     held_out = sum(p.alert_group == HOLDOUT for p in predictions)
-    return recount_by_shopper(valid_events(sent), predictions, eval_config(settings)), held_out
+    return recount_by_shopper(valid_events(sent), predictions, settings.live_eval_config()), held_out
 
 
 def assert_ledgers_equal_the_recount(settings: Settings, offline: dict[str, list[Outcome]]) -> None:
