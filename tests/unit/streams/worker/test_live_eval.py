@@ -27,12 +27,14 @@ from models.outcomes import (
     RecommendationOutcome,
     ScoreOutcome,
 )
-from models.scoring import ShopperScores
+from models.registry import SHADOW, SPLIT, ModelRegistry
+from models.scoring import BatchScorer, ShopperScores
 from models.variants import CHALLENGER, CHAMPION, in_share
 from streams.worker.alerts import AlertPolicy
 from streams.worker.envelope import Stored
 from streams.worker.metrics import WorkerMetrics
 from streams.worker.pipeline import BatchProcessor, ChallengerScorer, InputMessage
+from tests.unit.models.test_challenger import save_classifier
 
 NOW_MS = 1_760_000_000_000
 TOPICS = {"views": "page_view", "cart": "cart", "orders": "order"}
@@ -258,3 +260,37 @@ def test_live_counters_move_only_when_a_batch_is_counted_as_delivered():
     assert sample("shoppulse_live_score_brier_sum_total", churn) == pytest.approx(0.91**2)
     assert sample("shoppulse_live_alert_returns_total", {"group": HOLDOUT, "outcome": "returned"}) == 1
     assert sample("shoppulse_live_alerts_held_out_total") == 1  # the second scoring found it disarmed
+
+
+def test_the_real_scorer_split_then_shadow(tmp_path):
+    """models.scoring.BatchScorer (branch challenger) with a classifier challenger: in split mode its
+    share of shoppers is served and measured as the challenger; in shadow mode everyone is served
+    the champion and measured under both."""
+    registry = ModelRegistry(tmp_path / "registry")
+    save_classifier(registry, "v1", seed=1)
+    save_classifier(registry, "v2", seed=2)
+    registry.promote(CLASSIFIER_MODEL, "v1")
+    registry.set_challenger(CLASSIFIER_MODEL, "v2", SPLIT, 0.5, salt="exp")
+    scorer = BatchScorer(DEFAULT_FEATURE_SPEC, registry.root)
+    assert isinstance(scorer, ChallengerScorer)
+    proc = BatchProcessor(TOPICS, StateConfig(), DEFAULT_FEATURE_SPEC, scorer, DEFAULT_LIMITS, WorkerMetrics())
+    store = Store()
+    users = [f"u{n}" for n in range(30)]
+    outcome = run(proc, [(view(u, 1, NOW_MS - 5000, "x"), n) for n, u in enumerate(users)], store)
+    variants = set()
+    for out in outcome.scored:
+        doc = json.loads(out.result)
+        variant = CHALLENGER if in_share(out.user_id, "exp", 0.5) else CHAMPION
+        version = "v2" if variant == CHALLENGER else "v1"
+        assert doc["variant"] == variant and doc["model_versions"][CHURN] == f"{CLASSIFIER_MODEL}:{version}"
+        assert {(p.variant, p.version) for p in memory_of(store, out.user_id).pending} == {(variant, version)}
+        variants.add(variant)
+    assert variants == {CHAMPION, CHALLENGER}
+
+    registry.set_challenger(CLASSIFIER_MODEL, "v2", SHADOW)
+    scorer.refresh(force=True)
+    outcome = run(proc, [(view(u, 2, NOW_MS - 4000, "y"), 100 + n) for n, u in enumerate(users)], store)
+    for out in outcome.scored:
+        assert json.loads(out.result)["variant"] == CHAMPION
+        recorded = {(p.variant, p.version, p.t_ms) for p in memory_of(store, out.user_id).pending}
+        assert {(CHAMPION, "v1", NOW_MS - 4000), (CHALLENGER, "v2", NOW_MS - 4000)} <= recorded
