@@ -19,6 +19,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from features.state import StateConfig
+from models.names import CLASSIFIER_MODEL, NEXTITEM_MODEL
 from models.outcomes import (
     ALERTED,
     HOLDOUT,
@@ -28,7 +29,7 @@ from models.outcomes import (
     recount_by_shopper,
     tally,
 )
-from models.registry import ModelRegistry
+from models.registry import SPLIT, ModelRegistry
 from streams.config import Settings
 from streams.kafka.clients import ensure_topics
 from streams.kafka.producer import BackgroundProducer
@@ -46,10 +47,19 @@ SEED = 20261203
 COMPRESSED = {"grace_ms": 4000, "live_purchase_horizon_ms": 1500, "live_churn_horizon_ms": 3000}
 
 
-def live_settings(bootstrap_servers: str, tmp_path: Path, simulator: ShopSimulator, **overrides) -> Settings:
-    """Small real models; every scored shopper alerts once (thresholds near 0), half of them held out."""
+def live_settings(
+    bootstrap_servers: str, tmp_path: Path, simulator: ShopSimulator, split: bool = False, **overrides
+) -> Settings:
+    """Small real models; every scored shopper alerts once (thresholds near 0), half of them held out.
+    ``split``: both model kinds also get a challenger (v2) served to half of the shoppers."""
     registry = ModelRegistry(tmp_path / "registry")
-    publish_models(registry, "v1", sorted({e.item_id for e in simulator.events(limit=2000) if e.item_id}), seed=5)
+    items = sorted({e.item_id for e in simulator.events(limit=2000) if e.item_id})
+    if split:
+        publish_models(registry, "v2", items, seed=6)
+    publish_models(registry, "v1", items, seed=5)  # the champion
+    if split:
+        for model in (CLASSIFIER_MODEL, NEXTITEM_MODEL):
+            registry.set_challenger(model, "v2", SPLIT, 0.5, salt=f"{model}-trial")
     settings = isolated_settings(
         bootstrap_servers,
         tmp_path / "worker",
@@ -160,9 +170,10 @@ def assert_every_kind_resolved(counts: Series, quiet_outcomes: bool = True) -> N
     assert {(ALERTED, "returned"), (HOLDOUT, "returned")} <= groups, groups
 
 
-def test_live_counters_equal_the_offline_recount(broker, tmp_path):
+@pytest.mark.parametrize("split", [False, True], ids=["champion-only", "split-challengers"])
+def test_live_counters_equal_the_offline_recount(broker, tmp_path, split):
     simulator = ShopSimulator(GeneratorConfig(seed=SEED, n_shoppers=300, n_items=300, clock="live"))
-    settings = live_settings(broker.bootstrap_servers, tmp_path, simulator)
+    settings = live_settings(broker.bootstrap_servers, tmp_path, simulator, split=split)
     worker = WorkerProcess(settings, tmp_path / "worker.log")
     try:
         worker.wait_ready(90)
@@ -179,6 +190,8 @@ def test_live_counters_equal_the_offline_recount(broker, tmp_path):
     finally:
         assert worker.stop() == 0, worker.log_tail()
     assert_every_kind_resolved(offline)
+    variants = {dict(labels).get("variant") for _, labels in offline} - {None}
+    assert variants == ({"champion", "challenger"} if split else {"champion"}), variants
     if live.pop(("shoppulse_live_out_of_order_events_total", ()), 0):  # recommendations: per shopper below
         live, offline = _not_recommendation_series(live), _not_recommendation_series(offline)
     assert_equal_counts(live, offline)
