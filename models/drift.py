@@ -79,9 +79,7 @@ class FeatureDistribution:
         if x.ndim != 2 or x.shape[1] != len(self.names):
             raise ValueError(f"expected a [rows, {len(self.names)}] matrix, got {x.shape}")
         width = self.shares.shape[1]
-        flat = np.concatenate(
-            [np.searchsorted(e, x[:, j], side="left") + j * width for j, e in enumerate(self.edges)]
-        )
+        flat = np.concatenate([np.searchsorted(e, x[:, j], side="left") + j * width for j, e in enumerate(self.edges)])
         return np.bincount(flat, minlength=len(self.names) * width).reshape(len(self.names), width)
 
     def to_dict(self) -> dict[str, Any]:

@@ -457,4 +457,3 @@ def render_text(comparisons: Iterable[KindComparison], source: str) -> str:
             table = [[str(d), cells[d].get(CHAMPION, "-"), cells[d].get(CHALLENGER, "-")] for d in sorted(cells)]
             lines += ["  " + line for line in _table(["decile", CHAMPION, CHALLENGER], table)]
     return "\n".join(lines)
-

@@ -257,9 +257,7 @@ class BatchScorer:
         return recommender.recommend([state.history_item_ids() for state in states], k=self.top_k)
 
     @torch.inference_mode()
-    def score_challenger(
-        self, model: str, states: Sequence[ShopperState], features: np.ndarray
-    ) -> list[ShopperScores]:
+    def score_challenger(self, model: str, states: Sequence[ShopperState], features: np.ndarray) -> list[ShopperScores]:
         """The challenger of ``model`` over the whole batch, one forward pass: for the classifier,
         ``scores`` filled and no recommendations; for the next-item model, recommendations and no
         scores. Raises ``LookupError`` when no challenger is loaded for ``model`` (see

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from models.outcomes import EvalConfig
 from streams.logs import LOG_FORMATS
 
 BROKER_PROFILE_AUTO = "auto"
@@ -174,6 +175,33 @@ SETTINGS_DOC: dict[str, tuple[str, str, str]] = {
         "1000",
         "no PSI is exported while the drift window holds fewer scored rows than this",
     ),
+    "alert_holdout_share": (
+        "SHOPPULSE_ALERT_HOLDOUT_SHARE",
+        "0",
+        "share (0..1) of shoppers whose churn alerts are computed and recorded but not sent: the holdout "
+        "that measures campaign uplift (docs/outputs.md)",
+    ),
+    "alert_holdout_salt": (
+        "SHOPPULSE_ALERT_HOLDOUT_SALT",
+        "shoppulse-alert-holdout",
+        "salt of the holdout's user-id hash: a new salt draws a new holdout group",
+    ),
+    "live_purchase_horizon_ms": (
+        "SHOPPULSE_LIVE_PURCHASE_HORIZON_MS",
+        "86400000",
+        "live evaluation: a purchase score resolves positive on an order within this long (ms, default 24 h)",
+    ),
+    "live_churn_horizon_ms": (
+        "SHOPPULSE_LIVE_CHURN_HORIZON_MS",
+        "1209600000",
+        "live evaluation: a churn score (and an alert's return) resolves on an event within this long "
+        "(ms, default 14 d)",
+    ),
+    "live_max_pending": (
+        "SHOPPULSE_LIVE_MAX_PENDING",
+        "32",
+        "live evaluation: pending scores kept per shopper; beyond it the oldest is dropped and counted",
+    ),
     "pseudonym_key": (
         "SHOPPULSE_PSEUDONYM_KEY",
         "",
@@ -299,6 +327,11 @@ class Settings:
     churn_alert_cooldown_ms: int = 604_800_000
     drift_window_s: int = 3600
     drift_min_rows: int = 1000
+    alert_holdout_share: float = 0.0
+    alert_holdout_salt: str = "shoppulse-alert-holdout"
+    live_purchase_horizon_ms: int = 86_400_000
+    live_churn_horizon_ms: int = 1_209_600_000
+    live_max_pending: int = 32
     pseudonym_key: str = field(default="", repr=False)
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9108
@@ -331,11 +364,27 @@ class Settings:
         settings.validate()
         return settings
 
+    def live_eval_config(self) -> EvalConfig:
+        """The live evaluation's horizons, grace period and cap (:mod:`models.outcomes`)."""
+        return EvalConfig(
+            purchase_horizon_ms=self.live_purchase_horizon_ms,
+            churn_horizon_ms=self.live_churn_horizon_ms,
+            grace_ms=self.grace_ms,
+            max_pending=self.live_max_pending,
+        )
+
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the variable of the first unusable value."""
         if self.broker_profile not in BROKER_PROFILES:
             raise ConfigError(
                 f"SHOPPULSE_BROKER_PROFILE={self.broker_profile!r}; use one of {', '.join(BROKER_PROFILES)}"
+            )
+        if not 0.0 <= self.alert_holdout_share <= 1.0:
+            raise ConfigError(f"SHOPPULSE_ALERT_HOLDOUT_SHARE={self.alert_holdout_share}; use a share in [0, 1]")
+        if min(self.live_purchase_horizon_ms, self.live_churn_horizon_ms, self.live_max_pending) < 1:
+            raise ConfigError(
+                "SHOPPULSE_LIVE_PURCHASE_HORIZON_MS, SHOPPULSE_LIVE_CHURN_HORIZON_MS and "
+                "SHOPPULSE_LIVE_MAX_PENDING must be at least 1"
             )
         if self.security_protocol not in ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"):
             raise ConfigError(

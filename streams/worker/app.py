@@ -115,7 +115,7 @@ class ScoringWorker:
             key_type=bytes,
             value_type=bytes,
             partitions=settings.partitions,
-            help="Per-shopper state, churn alert state and applied input offsets "
+            help="Per-shopper state, churn alert state, live evaluation memory and applied input offsets "
             "(streams.worker.envelope), keyed by user_id",
         )
         self.store = TableStore(self.table)
@@ -127,9 +127,7 @@ class ScoringWorker:
         self.state_config = StateConfig(
             grace_ms=settings.grace_ms, history_len=settings.history_len, retention_ms=settings.retention_ms
         )
-        self.drift = DriftGauge(
-            self.scorer, self.metrics.feature_psi, settings.drift_window_s, settings.drift_min_rows
-        )
+        self.drift = DriftGauge(self.scorer, self.metrics.feature_psi, settings.drift_window_s, settings.drift_min_rows)
         self.processor = BatchProcessor(
             topic_kinds=dict(zip(settings.input_topics, ("page_view", "cart", "order"), strict=False)),
             state_config=self.state_config,
@@ -143,6 +141,9 @@ class ScoringWorker:
             pseudonym_key=settings.pseudonym_key.encode(),
             feature_watch=self.drift.observe,
             erasure_topic=settings.topic_erasure_requests,
+            eval_config=settings.live_eval_config(),
+            alert_holdout_share=settings.alert_holdout_share,
+            alert_holdout_salt=settings.alert_holdout_salt,
         )
         self.health = Health(self.app, settings, self.metrics, self.health_state)
         lookup_scorer = BatchScorer(  # the lookup threads' own: see streams.worker.lookup

@@ -36,8 +36,8 @@ offset is skipped (:class:`streams.worker.pipeline.BatchProcessor`). The alterna
   missing. The alert state is in the same value for the same reason: an alert state restored
   without the state it belongs to (or the reverse) re-fires or loses an alert.
 
-The cost: 4 bytes per value, plus 13 bytes and the topic name per input topic a shopper has
-events on (co-partitioned inputs: one partition each).
+The cost: 6 bytes per value (and the live memory, :mod:`models.outcomes`), plus 13 bytes and the
+topic name per input topic a shopper has events on (co-partitioned inputs: one partition each).
 
 The event-id dedup stays: a producer that sends one event twice gives it two offsets.
 

@@ -16,6 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from models.outcomes import Outcome, metric_increments
 from streams.worker.console import AlertFeed, ConsoleStats, page
 from streams.worker.lookup import FORWARDED_HEADER, LOOKUP_PATH, ShopperLookup
 
@@ -178,6 +179,70 @@ class WorkerMetrics:
             buckets=LOOKUP_BUCKETS_S,
             registry=r,
         )
+        # Live evaluation (models.outcomes, docs/evaluation.md): counted once their batch committed.
+        self._live: dict[str, Counter] = {}
+        served = ["model", "version", "variant"]
+        self.live_recommendation_opportunities = self._live_counter(
+            "shoppulse_live_recommendation_opportunities_total",
+            "Served recommendation lists resolved by the shopper's next item interaction",
+            served,
+        )
+        self.live_recommendation_hits = self._live_counter(
+            "shoppulse_live_recommendation_hits_total",
+            "Resolved recommendation lists whose top k held the next item, by k",
+            [*served, "k"],
+        )
+        self.live_recommendation_gain = self._live_counter(
+            "shoppulse_live_recommendation_gain_total",
+            "Sum of NDCG@10 gains 1/log2(rank + 1) of resolved recommendation lists",
+            served,
+        )
+        scored = [*served, "score", "decile", "outcome"]
+        self.live_score_outcomes = self._live_counter(
+            "shoppulse_live_score_outcomes_total",
+            "Resolved churn and purchase scores, by score decile and observed outcome",
+            scored,
+        )
+        self.live_score_probability_sum = self._live_counter(
+            "shoppulse_live_score_probability_sum_total",
+            "Sum of the probabilities of resolved scores (with the count: a reliability diagram)",
+            scored,
+        )
+        self.live_score_brier_sum = self._live_counter(
+            "shoppulse_live_score_brier_sum_total",
+            "Sum of (p - y)^2 over resolved scores (divided by their count: the Brier score)",
+            [*served, "score"],
+        )
+        self.live_alert_returns = self._live_counter(
+            "shoppulse_live_alert_returns_total",
+            "Churn-alerted and held-out shoppers by whether they returned within the churn horizon",
+            ["group", "outcome"],
+        )
+        self.live_alerts_held_out = self._live_counter(
+            "shoppulse_live_alerts_held_out_total",
+            "Churn alerts computed and recorded but not sent (the holdout)",
+        )
+        self.live_pending_dropped = self._live_counter(
+            "shoppulse_live_pending_dropped_total",
+            "Pending scores dropped unresolved by the per-shopper cap (SHOPPULSE_LIVE_MAX_PENDING)",
+            ["score"],
+        )
+        self.live_out_of_order = self._live_counter(
+            "shoppulse_live_out_of_order_events_total",
+            "Events applied after a later one of an earlier batch: the shopper's recommendation outcomes "
+            "may differ from the offline recount from then on (docs/evaluation.md)",
+        )
+
+    def _live_counter(self, name: str, documentation: str, labels: list[str] | None = None) -> Counter:
+        counter = Counter(name, documentation, labels or [], registry=self.registry)
+        self._live[name] = counter
+        return counter
+
+    def count_live(self, outcomes: list[Outcome], held_out_alerts: int) -> None:
+        """Add a committed batch's resolved outcomes to the ``shoppulse_live_*`` counters."""
+        for (name, *labels), amount in metric_increments(outcomes, held_out_alerts).items():
+            counter = self._live[name]
+            (counter.labels(*labels) if labels else counter).inc(amount)
 
 
 METRIC_NAMES = (
@@ -209,6 +274,16 @@ METRIC_NAMES = (
     "shoppulse_trace_context_invalid_total",
     "shoppulse_ready",
     "shoppulse_lookup_seconds",
+    "shoppulse_live_recommendation_opportunities_total",
+    "shoppulse_live_recommendation_hits_total",
+    "shoppulse_live_recommendation_gain_total",
+    "shoppulse_live_score_outcomes_total",
+    "shoppulse_live_score_probability_sum_total",
+    "shoppulse_live_score_brier_sum_total",
+    "shoppulse_live_alert_returns_total",
+    "shoppulse_live_alerts_held_out_total",
+    "shoppulse_live_pending_dropped_total",
+    "shoppulse_live_out_of_order_events_total",
 )
 
 

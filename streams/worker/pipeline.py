@@ -16,6 +16,14 @@ event's, so a replay neither erases twice nor erases events that came after it.
 
 A W3C ``traceparent`` header (with its ``tracestate``) on the event that triggered a shopper's
 scoring is carried onto the outputs of that scoring (:func:`trace_headers`).
+
+Each stored value also carries the shopper's live evaluation memory (:mod:`models.outcomes`): every
+applied event first resolves what the shopper was told before (in event-time order, before the
+new prediction is recorded), then the scoring records what they are told now, per variant, with
+the shopper's ``score_seq``. The resolved outcomes ride in the :class:`BatchOutcome` and reach the
+``shoppulse_live_*`` counters only once the batch committed (:meth:`streams.worker.publisher.Publisher.delivered`),
+as the published-message counts do: a batch that dies before its flush counted nothing, and its
+replay resolves the same outcomes from the same stored memory.
 """
 
 from __future__ import annotations
@@ -29,15 +37,18 @@ import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
 from features.encoding import StateDecodeError, decode_state, encode_state
 from features.events import ErasureRequest, Event, InvalidEvent, ValidationLimits, parse_erasure_request, parse_event
 from features.spec import FeatureSpec
-from features.state import APPLIED, DUPLICATE, LATE, ShopperState, StateConfig
-from models.scoring import CHURN, ShopperScores
+from features.state import APPLIED, DUPLICATE, LATE, ShopperState, StateConfig, event_id_hash
+from models.names import CLASSIFIER_MODEL, NEXTITEM_MODEL
+from models.outcomes import ALERTED, CHURN, HOLDOUT, SCORES, EvalConfig, LiveMemory, Outcome, model_and_version
+from models.scoring import ShopperScores
+from models.variants import CHALLENGER, CHAMPION, in_share
 from streams.worker.alerts import AlertPolicy, AlertState
 from streams.worker.envelope import EnvelopeDecodeError, Stored
 from streams.worker.metrics import WorkerMetrics
@@ -46,6 +57,10 @@ log = logging.getLogger(__name__)
 
 #: Version of the output message contracts (docs/outputs.md).
 OUTPUT_CONTRACT_VERSION = 1
+
+#: Model kind -> the ``model_versions`` entry that names its champion (``model:version``).
+_VERSION_KEYS = {CLASSIFIER_MODEL: CHURN, NEXTITEM_MODEL: "recommendations"}
+
 
 #: Compact JSON for output messages, built once (``json.dumps`` with options builds one per call).
 _to_json = json.JSONEncoder(separators=(",", ":")).encode
@@ -153,7 +168,8 @@ class StateWrite:
 class ScoredShopper:
     """A scored shopper: what to publish.
 
-    ``recommendation`` and ``alert`` are None when there is nothing to publish. ``output_key``
+    ``recommendation`` and ``alert`` are None when there is nothing to publish (an alert withheld
+    by the holdout is None too: it was computed and recorded, not sent). ``output_key``
     keys the output messages: the user id, or its pseudonym when pseudonymisation is on
     (``key`` stays the real id: it keys the table). ``trigger_ts`` is the event time (ms) of the
     event that caused the scoring, None for a silent-shopper re-score. ``headers`` go on every
@@ -191,6 +207,8 @@ class BatchOutcome:
     duplicates: int = 0
     replayed: int = 0
     late: int = 0
+    live: list[Outcome] = field(default_factory=list)
+    held_out_alerts: int = 0
 
 
 class Scorer(Protocol):
@@ -204,6 +222,33 @@ class Scorer(Protocol):
     def score(self, states: Sequence[ShopperState], features: np.ndarray) -> list[ShopperScores]: ...
 
     def churn_reasons(self, features: np.ndarray, top: int = 3) -> list[list[tuple[str, float]]]: ...
+
+
+class ChallengerSpec(Protocol):
+    """What the pipeline reads of a loaded challenger (:class:`models.registry.Challenger`)."""
+
+    @property
+    def model(self) -> str: ...
+    @property
+    def version(self) -> str: ...
+    @property
+    def mode(self) -> str: ...
+    @property
+    def share(self) -> float: ...
+    @property
+    def salt(self) -> str: ...
+
+
+@runtime_checkable
+class ChallengerScorer(Protocol):
+    """A scorer that also serves challengers (the loop contract's extension of :class:`Scorer`)."""
+
+    @property
+    def challengers(self) -> Mapping[str, ChallengerSpec]: ...
+
+    def score_challenger(
+        self, model: str, states: Sequence[ShopperState], features: np.ndarray
+    ) -> list[ShopperScores]: ...
 
 
 #: ``load(partition, key)`` -> the shopper's stored value (:mod:`streams.worker.envelope`) or None.
@@ -224,6 +269,11 @@ class Touched:
     stored: Stored
     trigger_event_id: str | None  # None: the silent-shopper sweep
     trigger_ts: int
+    memory: LiveMemory
+    #: Nothing new applied (a replay after a crash, or a producer's duplicate): re-send the last scoring.
+    resend: bool = False
+    #: Event time the scores are as of (set when scored): the start of the live evaluation windows.
+    as_of_ms: int = 0
     trace: list[tuple[str, bytes]] | None = None
 
 
@@ -243,6 +293,9 @@ class BatchProcessor:
         feature_watch: called with the feature rows of every batch's shoppers scored after an event
             (the drift gauge; the silent-shopper sweep's rows are left out).
         erasure_topic: the topic of erasure requests, consumed in the same batches ("": none).
+        eval_config: horizons and caps of the live evaluation (its ``grace_ms`` is the state's).
+        alert_holdout_share / alert_holdout_salt: the share of shoppers (by salted user-id hash)
+            whose churn alerts are recorded but not sent.
     """
 
     def __init__(
@@ -257,6 +310,9 @@ class BatchProcessor:
         pseudonym_key: bytes = b"",
         feature_watch: Callable[[np.ndarray], None] | None = None,
         erasure_topic: str = "",
+        eval_config: EvalConfig | None = None,
+        alert_holdout_share: float = 0.0,
+        alert_holdout_salt: str = "shoppulse-alert-holdout",
     ) -> None:
         self.topic_kinds = dict(topic_kinds)
         self.state_config = state_config
@@ -268,6 +324,9 @@ class BatchProcessor:
         self.pseudonym_key = pseudonym_key
         self.erasure_topic = erasure_topic
         self.feature_watch = feature_watch
+        self.eval_config = eval_config or EvalConfig(grace_ms=state_config.grace_ms)
+        self.alert_holdout_share = alert_holdout_share
+        self.alert_holdout_salt = alert_holdout_salt
         consumed = [*self.topic_kinds, erasure_topic] if erasure_topic else list(self.topic_kinds)
         self._consumed = {topic: metrics.events_consumed.labels(topic) for topic in consumed}
 
@@ -298,15 +357,19 @@ class BatchProcessor:
             partition = (pairs[0][1] if pairs else erasures[0][1]).partition
             stored = self._unwrap(load(partition, key), user_id)
             state = self._load(stored.state, user_id)
+            memory = self._load_memory(stored.memory, user_id)
             already = Stored(offsets=dict(stored.offsets))  # the skip rule reads the offsets as loaded
             offsets = stored.offsets
             applied_here = repeated_here = 0
             erased = False
-            pairs.sort(key=lambda pair: pair[0].ts_ms)  # stable: ties keep arrival order
+            seen_until_ms = state.last_event_ms if state.events_lifetime else None  # before this batch
+            # the canonical order of the offline replay: a tie in event time goes by event-id hash
+            pairs.sort(key=lambda pair: (pair[0].ts_ms, event_id_hash(pair[0].event_id)))
             for event, message in pairs:
                 while erasures and event.ts_ms > erasures[0][0].ts_ms:
                     if self._erase(erasures.pop(0), stored, state, already, outcome, now_ms):
                         state, stored, erased = ShopperState.new(user_id), Stored(offsets=offsets), True
+                        memory, seen_until_ms = LiveMemory(), None
                         applied_here = repeated_here = 0  # what was erased is not scored
                 source = (message.topic, message.partition)
                 if already.applied(*source, message.offset):
@@ -318,6 +381,8 @@ class BatchProcessor:
                 result = state.update(event, self.state_config)
                 if result == APPLIED:
                     applied_here += 1
+                    in_order = seen_until_ms is None or event.ts_ms > seen_until_ms
+                    outcome.live += memory.observe(event, state.last_event_ms, self.eval_config, in_order)
                 elif result == DUPLICATE:
                     outcome.duplicates += 1
                     repeated_here += 1
@@ -330,6 +395,7 @@ class BatchProcessor:
             for erasure in erasures:  # the requests after the shopper's last event of the batch
                 if self._erase(erasure, stored, state, already, outcome, now_ms):
                     state, stored, erased = ShopperState.new(user_id), Stored(offsets=offsets), True
+                    memory = LiveMemory()
                     applied_here = repeated_here = 0
             stored.state = encode_state(state)
             holds_events = state.last_event_ms > 0  # none: erased, or an erasure marker (_erased_write)
@@ -339,7 +405,15 @@ class BatchProcessor:
                 trigger, message = pairs[-1]  # newest by event time
                 touched.append(
                     Touched(
-                        user_id, key, partition, stored, trigger.event_id, trigger.ts_ms, self._trace(message.headers)
+                        user_id,
+                        key,
+                        partition,
+                        stored,
+                        trigger.event_id,
+                        trigger.ts_ms,
+                        memory,
+                        not applied_here,
+                        trace=self._trace(message.headers),
                     )
                 )
             elif erased or not holds_events:  # replayed erased events score nothing
@@ -464,8 +538,9 @@ class BatchProcessor:
         """Score shoppers who went quiet, as of ``now_ms`` (wall clock): churn risk grows with silence.
 
         ``stored`` yields ``(partition, key, stored value)``; results and alerts come back as for
-        events, with no trigger event. States and offsets are not changed; a value is written
-        back only where the alert state changed.
+        events, with no trigger event. States and offsets are not changed; the live memory is
+        (pending outcomes whose horizon passed resolve, the new scores are recorded), so every
+        re-scored value is written back.
         """
         outcome = BatchOutcome()
         states: list[ShopperState] = []
@@ -475,8 +550,10 @@ class BatchProcessor:
             value = self._unwrap(raw, user_id)
             state = self._load(value.state, user_id)
             value.state = encode_state(state)  # unchanged, unless it had to be reset
+            memory = self._load_memory(value.memory, user_id)
+            outcome.live += memory.expire(now_ms - self.eval_config.grace_ms, self.eval_config)
             states.append(state)
-            touched.append(Touched(state.user_id, key, partition, value, None, now_ms))
+            touched.append(Touched(state.user_id, key, partition, value, None, now_ms, memory))
         if states:
             self._score(states, touched, np.full(len(states), now_ms, dtype=np.int64), outcome)
         return outcome
@@ -484,89 +561,176 @@ class BatchProcessor:
     def _score(
         self, states: list[ShopperState], touched: list[Touched], now: np.ndarray, outcome: BatchOutcome
     ) -> None:
-        """One forward pass per model for the batch, then results and alert decisions per shopper."""
+        """One forward pass per model (and per loaded challenger) for the batch, then per shopper: the
+        results of its variant, the alert decision, and what the live memory records."""
         self.scorer.refresh()
         features = self.spec.matrix(states, now)
         if self.feature_watch is not None:  # the rows scored after events, as the drift reference has them
             self.feature_watch(features[[shopper.trigger_event_id is not None for shopper in touched]])
         started = time.perf_counter()
         scored = self.scorer.score(states, features)
+        challengers = self._score_challengers(states, features)
         self.metrics.inference_seconds.observe(time.perf_counter() - started)
         versions = self.scorer.model_versions
+        champions = {kind: model_and_version(versions.get(name)) for kind, name in _VERSION_KEYS.items()}
         scored_at_ms = int(time.time() * 1000)
-        alerting: list[tuple[int, float, str]] = []  # (index in batch, risk, alert id)
+        alerting: list[tuple[int, float, str, str, str]] = []  # (index in batch, risk, alert id, group, variant)
         first = len(outcome.scored)
-        for index, (shopper_in, state, shopper) in enumerate(zip(touched, states, scored, strict=False)):
+        for index, (shopper_in, state, champion) in enumerate(zip(touched, states, scored, strict=False)):
+            memory = shopper_in.memory
+            # The moment the scores are as of (the features' "now"): every event applied so far is at
+            # or before it, so the live windows (t, t + horizon] start there, online and offline.
+            as_of_ms = int(now[index])
+            if shopper_in.resend and memory.score_seq:
+                # The state already holds these events and the memory their scoring: this one is a
+                # re-send of it (same score_seq and moment, nothing recorded again, no outcome twice).
+                score_seq, as_of_ms = memory.score_seq, memory.scored_ms
+            else:
+                shopper_in.resend = False
+                score_seq = memory.next_seq(as_of_ms)
+            shopper_in.as_of_ms = t_ms = as_of_ms
+            served = {
+                kind: self._serve(kind, index, shopper_in, champion, champions[kind], challengers, outcome)
+                for kind in _VERSION_KEYS
+            }
+            classifier_variant, scores, classifier_version = served[CLASSIFIER_MODEL]
+            nextitem_variant, recommended, nextitem_version = served[NEXTITEM_MODEL]
             public_id = self.public_id(shopper_in.user_id)
+            risk = scores.scores.get(CHURN)
+            stored, group = shopper_in.stored, None
+            if risk is not None:
+                before = self._load_alert(stored.alert, shopper_in.user_id)
+                after, fire = before.step(risk, scored_at_ms, self.alert_policy)
+                stored.alert = after.encode()
+                if fire:
+                    cause = shopper_in.trigger_event_id or f"silent-since-{state.last_event_ms}"
+                    held_out = in_share(shopper_in.user_id, self.alert_holdout_salt, self.alert_holdout_share)
+                    group = HOLDOUT if held_out else ALERTED
+                    if not shopper_in.resend:
+                        memory.record_alert(group, t_ms)
+                    alerting.append((index, risk, f"{public_id}:{cause}", group, classifier_variant))
             envelope = {
                 "schema_version": OUTPUT_CONTRACT_VERSION,
                 "user_id": public_id,
                 "trigger_event_id": shopper_in.trigger_event_id,
                 "trigger_ts": shopper_in.trigger_ts,
                 "scored_at": scored_at_ms,
+                "score_seq": score_seq,
+                "as_of_ts": as_of_ms,
             }
-            result = _to_json(
-                {
-                    **envelope,
-                    "scores": {name: round(value, 6) for name, value in shopper.scores.items()},
-                    "model_versions": versions,
-                    "feature_spec": self.spec.hash,
-                }
-            )
+            result = {
+                **envelope,
+                "variant": classifier_variant,
+                "scores": {name: round(value, 6) for name, value in scores.scores.items()},
+                "model_versions": versions,
+                "feature_spec": self.spec.hash,
+            }
+            if classifier_variant == CHALLENGER:
+                result["model_versions"] = {**versions, **dict.fromkeys(SCORES, classifier_version)}
+            if group is None and shopper_in.resend:  # the re-sent scoring says what its alert was
+                group = next((g for g, t in memory.alerts if t == as_of_ms), None)
+            if group is not None:
+                result["churn_alert"] = group
             out = ScoredShopper(
                 shopper_in.user_id,
                 shopper_in.key,
-                result.encode(),
+                _to_json(result).encode(),
                 output_key=public_id.encode(),
                 trigger_ts=shopper_in.trigger_ts if shopper_in.trigger_event_id is not None else None,
                 headers=shopper_in.trace,
             )
-            if shopper.recommendations:
+            if recommended.recommendations:
                 out.recommendation = _to_json(
                     {
                         **envelope,
+                        "variant": nextitem_variant,
                         "items": [
-                            {"item_id": item, "score": round(score, 6)} for item, score in shopper.recommendations
+                            {"item_id": item, "score": round(score, 6)} for item, score in recommended.recommendations
                         ],
-                        "model_version": versions.get("recommendations"),
+                        "model_version": nextitem_version,
                     }
                 ).encode()
-            risk = shopper.scores.get(CHURN)
-            stored, alert_changed = shopper_in.stored, False
-            if risk is not None:
-                before = self._load_alert(stored.alert, shopper_in.user_id)
-                after, fire = before.step(risk, scored_at_ms, self.alert_policy)
-                if after != before:
-                    stored.alert, alert_changed = after.encode(), True
-                if fire:
-                    cause = shopper_in.trigger_event_id or f"silent-since-{state.last_event_ms}"
-                    alerting.append((index, risk, f"{public_id}:{cause}"))
             outcome.scored.append(out)
-            if shopper_in.trigger_event_id is not None or alert_changed:  # a silent re-score changes only alerts
-                outcome.writes.append(StateWrite(shopper_in.partition, shopper_in.key, stored.encode()))
-            for name, value in shopper.scores.items():
+            stored.memory = memory.encode()
+            outcome.writes.append(StateWrite(shopper_in.partition, shopper_in.key, stored.encode()))
+            for name, value in scores.scores.items():
                 self.metrics.score_values.labels(name).observe(value)
         if alerting:
-            self._alerts(alerting, states, features, outcome.scored[first:], versions, scored_at_ms)
+            self._alerts(alerting, states, features, outcome, first, versions, scored_at_ms)
+
+    def _score_challengers(
+        self, states: list[ShopperState], features: np.ndarray
+    ) -> dict[str, tuple[ChallengerSpec, list[ShopperScores]]]:
+        """Model kind -> its loaded challenger and that challenger's predictions for the batch."""
+        scorer = self.scorer
+        if not isinstance(scorer, ChallengerScorer):
+            return {}
+        return {
+            kind: (challenger, scorer.score_challenger(kind, states, features))
+            for kind, challenger in scorer.challengers.items()
+        }
+
+    def _serve(
+        self,
+        kind: str,
+        index: int,
+        shopper_in: Touched,
+        champion: ShopperScores,
+        champion_version: tuple[str, str] | None,
+        challengers: Mapping[str, tuple[ChallengerSpec, list[ShopperScores]]],
+        outcome: BatchOutcome,
+    ) -> tuple[str, ShopperScores, str | None]:
+        """For one model kind and shopper: the variant served, its predictions and ``model:version``.
+
+        Records in the shopper's memory what is measured: the served variant (a split challenger for
+        the shoppers in its share, the champion otherwise) and, in shadow mode, the challenger too.
+        """
+        measured: list[tuple[str, tuple[str, str] | None, ShopperScores]] = [(CHAMPION, champion_version, champion)]
+        if kind in challengers:
+            challenger, predictions = challengers[kind]
+            trial = (CHALLENGER, (challenger.model, challenger.version), predictions[index])
+            if challenger.mode != "split":
+                measured.append(trial)  # shadow: measured for every shopper, never published
+            elif in_share(shopper_in.user_id, challenger.salt, challenger.share):
+                measured = [trial]
+        memory, t_ms = shopper_in.memory, shopper_in.as_of_ms
+        for variant, version, predicted in measured:
+            if version is None or shopper_in.resend:
+                continue  # the heuristic: no churn or purchase score, no list
+            if kind == CLASSIFIER_MODEL:
+                for score in SCORES:
+                    if score in predicted.scores:
+                        p = round(predicted.scores[score], 6)  # as published: the offline recount reads that
+                        outcome.live += memory.record_score(score, *version, variant, t_ms, p, self.eval_config)
+            elif predicted.recommendations:
+                items = [item for item, _ in predicted.recommendations]
+                memory.record_list(variant, *version, t_ms, items)
+        variant, version, served = measured[0]
+        return variant, served, None if version is None else ":".join(version)
 
     def _alerts(
         self,
-        alerting: list[tuple[int, float, str]],
+        alerting: list[tuple[int, float, str, str, str]],
         states: list[ShopperState],
         features: np.ndarray,
-        scored: list[ScoredShopper],
+        outcome: BatchOutcome,
+        first: int,
         versions: dict[str, str],
         fired_at_ms: int,
     ) -> None:
-        """Churn alert messages, with what a campaign needs: risk, reasons, last activity, value to date."""
-        reasons = self.scorer.churn_reasons(features[[index for index, _, _ in alerting]])
-        for (index, risk, alert_id), why in zip(alerting, reasons, strict=False):
+        """Churn alert messages, with what a campaign needs: risk, reasons, last activity, value to date.
+
+        A held-out shopper's alert is computed like any other and then withheld: counted, not sent.
+        """
+        reasons = self.scorer.churn_reasons(features[[index for index, *_ in alerting]])
+        for (index, risk, alert_id, group, variant), why in zip(alerting, reasons, strict=False):
             state = states[index]
-            scored[index].alert = _to_json(
+            alert = _to_json(
                 {
                     "schema_version": OUTPUT_CONTRACT_VERSION,
                     "alert_id": alert_id,
                     "user_id": self.public_id(state.user_id),
+                    "variant": variant,
                     "churn_risk": round(risk, 6),
                     "threshold": self.alert_policy.high,
                     "reasons": [{"feature": name, "risk_contribution": value} for name, value in why],
@@ -577,9 +741,21 @@ class BatchProcessor:
                     "fired_at": fired_at_ms,
                 }
             ).encode()
+            if group == HOLDOUT:
+                outcome.held_out_alerts += 1
+                continue
+            outcome.scored[first + index].alert = alert
             self.metrics.alerts_fired.inc()
             for name, _ in why:
                 self.metrics.alert_reasons.labels(name).inc()
+
+    def _load_memory(self, stored: bytes | None, user_id: str) -> LiveMemory:
+        try:
+            return LiveMemory.decode(stored)
+        except ValueError as exc:
+            self.metrics.state_decode_errors.inc()
+            log.error("live evaluation memory of shopper %r: %s; starting it afresh", user_id, exc)
+            return LiveMemory()
 
     def _load_alert(self, stored: bytes | None, user_id: str) -> AlertState:
         try:

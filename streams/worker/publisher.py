@@ -85,8 +85,9 @@ class Publisher:
         await self.producer.flush()
 
     def delivered(self, outcome: BatchOutcome) -> None:
-        """Count a delivered batch's messages per topic, and the end-to-end latency of its scores; hand
-        its churn alerts to the console's feed."""
+        """Count a delivered batch's messages per topic, the end-to-end latency of its scores, and its
+        live evaluation outcomes (their memory is in the state writes flushed with these messages);
+        hand its churn alerts to the console's feed."""
         scored = outcome.scored
         published = {
             self.settings.topic_scores: len(scored),
@@ -96,6 +97,7 @@ class Publisher:
         }
         for topic, count in published.items():
             self.metrics.results_published.labels(topic).inc(count)
+        self.metrics.count_live(outcome.live, outcome.held_out_alerts)
         delivered_s = time.time()
         for shopper in scored:
             if shopper.trigger_ts is not None:

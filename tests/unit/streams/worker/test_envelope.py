@@ -6,6 +6,7 @@ import pytest
 
 from features.encoding import encode_state
 from features.state import ShopperState
+from models.outcomes import LiveMemory
 from streams.worker.alerts import AlertState
 from streams.worker.envelope import ENVELOPE_MAGIC, EnvelopeDecodeError, Stored, offsets_section
 
@@ -68,3 +69,26 @@ def test_the_offsets_section_tells_state_versions_apart_without_decoding():
     assert offsets_section(later.encode()) != offsets_section(value.encode())
     assert offsets_section(b"\x01a bare state") == b"" == offsets_section(b"")
     assert offsets_section(value.encode()[:9]) == value.encode()[3:9]  # truncated: no IndexError
+
+
+def test_the_live_memory_round_trips_and_a_version_1_value_reads_without_one():
+    stored = sample()
+    stored.memory = LiveMemory(score_seq=7, scored_ms=123, tail_item=9).encode()
+    assert Stored.decode(stored.encode()) == stored
+    # a version 1 value (before the live memory): the same bytes without the u16 memory length
+    stored.memory = None
+    v2 = stored.encode()
+    state = stored.state
+    assert state is not None and v2[1] == 2
+    head = len(v2) - len(state) - 2
+    assert v2[head : head + 2] == b"\x00\x00"
+    v1 = v2[:1] + b"\x01" + v2[2:head] + v2[head + 2 :]
+    assert Stored.decode(v1) == stored
+    assert Stored.decode(v1).encode() == v2  # written back as version 2
+
+
+def test_an_unknown_envelope_version_raises():
+    data = bytearray(sample().encode())
+    data[1] = 3
+    with pytest.raises(EnvelopeDecodeError):
+        Stored.decode(bytes(data))
