@@ -192,4 +192,4 @@ def test_the_traceparent_reaches_score_recommendations_and_alert_and_forget_dele
     for message in caused:
         assert headers_of(message) == {"traceparent": TRACEPARENT, "tracestate": b"shop=1"}, message.topic()
     (printed,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
-    assert json.loads(printed)["deleted"] == ["state", "alert"]
+    assert json.loads(printed)["deleted"] == ["state", "alert", "memory"]

@@ -65,7 +65,7 @@ def test_an_erasure_of_committed_events_is_a_tombstone_with_a_confirmation(proce
         "erased_at": NOW_MS,
         "found": True,
         "store": "shopper_state",
-        "deleted": ["state", "alert"],
+        "deleted": ["state", "alert", "memory"],
     }
     assert outcome.erasures[0].output_key == b"u1"
     assert sample(processor, "shoppulse_erasures_total", outcome="deleted") == 1
