@@ -37,6 +37,7 @@ from streams.kafka.batch_producer import BatchProducer
 from streams.kafka.clients import (
     BROKER_PROFILE_TANSU,
     TANSU_FETCH_MAX_WAIT_MS,
+    confluent_consumer_config,
     ensure_topics,
     faust_client_settings,
     resolve_broker_profile,
@@ -45,6 +46,7 @@ from streams.kafka.clients import (
 from streams.logs import worker_logging_config
 from streams.worker.alerts import AlertPolicy
 from streams.worker.batch_consumer import MicroBatcher
+from streams.worker.bulk_restore import BulkRestorer
 from streams.worker.checkpoint import Checkpoint
 from streams.worker.faust_seam import BatchDrainConsumer, BatchingApp, SeamBroken, TableStore, set_fetch_max_wait_ms
 from streams.worker.health import Health
@@ -78,6 +80,12 @@ class ScoringWorker:
             settings.app_id,
             batch_topics=settings.input_topics,
             batcher=self.batcher,
+            bulk_restorer=BulkRestorer(
+                confluent_consumer_config(settings, f"{settings.app_id}-bulk-restore"),
+                settings.bulk_restore_min_records,
+            )
+            if settings.bulk_restore_min_records > 0
+            else None,
             broker=[f"kafka://{server.strip()}" for server in settings.bootstrap_servers.split(",")],
             **faust_client_settings(settings),
             store="rocksdb://",
