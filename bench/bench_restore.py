@@ -8,8 +8,8 @@ For each run, on the embedded Tansu broker:
    simulated shoppers, reused round-robin), each changelog partition ended by the worker's seal
    (:mod:`streams.worker.table_writer`);
 2. starts ``shoppulse worker`` on an empty data directory and times it from process start to
-   ready (``/readyz``), i.e. including start-up and the group join, and reads from its log how
-   long the restore itself took;
+   ready (``/readyz``), i.e. including start-up and the group join, reads from its log how long
+   the restore itself took, and its peak RSS at ready;
 3. stops it and checks the restored RocksDB: every shopper's value present and equal to what was
    written, and the persisted offset of every partition at the changelog's end.
 
@@ -45,16 +45,16 @@ from streams.kafka.broker import EmbeddedBroker, free_port  # noqa: E402
 from streams.kafka.clients import PARTITIONER, TopicSpec, confluent_producer_config, ensure_topics  # noqa: E402
 from streams.sim.generator import GeneratorConfig, ShopSimulator  # noqa: E402
 from streams.tools.process import WorkerProcess  # noqa: E402
-from streams.worker.app import STATE_TABLE  # noqa: E402
-from streams.worker.batch_consumer import MicroBatcher  # noqa: E402
+from streams.worker.app import STATE_TABLE, state_table_store  # noqa: E402
 from streams.worker.envelope import Stored  # noqa: E402
-from streams.worker.faust_seam import TP, BatchingApp, TableStore  # noqa: E402
+from streams.worker.faust_seam import TP  # noqa: E402
 from streams.worker.table_writer import SEAL_KEY  # noqa: E402
 
 SECTION = "## Table restore after losing the data directory (embedded broker, one worker)"
 HEADER = (
     "| date (UTC) | shoppers (changelog records) | recovery | restore (s) | records/s | start to ready (s) "
-    "| checked | load avg (1 min) at start | command |\n|---|---|---|---|---|---|---|---|---|"
+    "| worker peak RSS at ready | checked | load avg (1 min) at start | command |\n"
+    "|---|---|---|---|---|---|---|---|---|---|"
 )
 #: Distinct real values written round-robin (building a real state per shopper would dominate the run).
 VALUE_POOL = 5_000
@@ -119,17 +119,7 @@ def write_changelog(settings: Settings, topic: str, shoppers: int, values: list[
 def check_restored(settings: Settings, shoppers: int, values: list[bytes], last: dict[int, int]) -> None:
     """The stopped worker's RocksDB holds every shopper with the value written, and the persisted
     offset Faust resumes from is each partition's last offset."""
-    app = BatchingApp(
-        settings.app_id,
-        batch_topics=settings.input_topics,
-        batcher=MicroBatcher(10, 0.01, 20),
-        broker=f"kafka://{settings.bootstrap_servers}",
-        store="rocksdb://",
-        datadir=str(settings.data_dir),
-        autodiscover=False,
-        web_enabled=False,
-    )
-    store = TableStore(app.Table(STATE_TABLE, key_type=bytes, value_type=bytes, partitions=settings.partitions))
+    store = state_table_store(settings)
     partitions = set(range(settings.partitions))
     for partition in partitions:
         store.db(partition)
@@ -187,6 +177,7 @@ def run(
     worker = WorkerProcess(settings, workdir / f"{label}-{shoppers}.log")
     try:
         ready_s = worker.wait_ready(args.timeout_s)
+        peak_rss_mib = worker.memory_bytes("VmHWM") / 2**20
     finally:
         worker.stop()
     log_text = worker.log_path.read_text()
@@ -198,7 +189,8 @@ def run(
     rate = records / max(restore_s, 1e-9)
     print(
         f"[{label}] {shoppers:,} shoppers: restored in {restore_s:.1f} s ({rate:,.0f} records/s), "
-        f"ready {ready_s:.1f} s after start; every value and offset checked (load {load:.2f})",
+        f"ready {ready_s:.1f} s after start, peak RSS {peak_rss_mib:.0f} MiB; every value and offset checked "
+        f"(load {load:.2f})",
         flush=True,
     )
     if not args.no_record:
@@ -206,7 +198,7 @@ def run(
             SECTION,
             HEADER,
             f"| {utc_now()} | {shoppers:,} ({records:,}) | {label} | {restore_s:.1f} | {rate:,.0f} | {ready_s:.1f} "
-            f"| every value and persisted offset | {load:.2f} | `{this_command()}` |",
+            f"| {peak_rss_mib:.0f} MiB | every value and persisted offset | {load:.2f} | `{this_command()}` |",
         )
     shutil.rmtree(settings.data_dir, ignore_errors=True)
 

@@ -63,6 +63,22 @@ STATE_TABLE = "shopper_state"
 BATCHES_BUFFERED = 2
 
 
+def state_table_store(settings: Settings) -> TableStore:
+    """The shopper table's store over ``settings.data_dir``, from an app that is never started: for
+    benches and tests that read or write a worker's RocksDB while no worker has it open."""
+    app = BatchingApp(
+        settings.app_id,
+        batch_topics=settings.input_topics,
+        batcher=MicroBatcher(10, 0.01, 20),
+        broker=f"kafka://{settings.bootstrap_servers}",
+        store="rocksdb://",
+        datadir=str(settings.data_dir),
+        autodiscover=False,
+        web_enabled=False,
+    )
+    return TableStore(app.Table(STATE_TABLE, key_type=bytes, value_type=bytes, partitions=settings.partitions))
+
+
 class ScoringWorker:
     """The Faust app, its topics, table and agent, built from :class:`Settings`; the parts are
     wired here, the work is theirs."""
@@ -231,10 +247,12 @@ class ScoringWorker:
             gc.freeze()
 
     async def _evict_idle_shoppers(self) -> None:
-        await self.sweeps.evict_idle()
+        if self.app.tables_recovered():  # a table being restored is not all there, nor to be written
+            await self.sweeps.evict_idle()
 
     async def _rescore_silent_shoppers(self) -> None:
-        await self.sweeps.rescore_silent()
+        if self.app.tables_recovered():
+            await self.sweeps.rescore_silent()
 
     async def _on_assigned(self, sender: Any, /, *args: set[Any], **kwargs: Any) -> None:
         # Faust sends ``(sender, assigned, signal=...)``; mode types a handler as taking the sender

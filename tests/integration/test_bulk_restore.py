@@ -5,6 +5,7 @@ stopped part-way and a later one finishes it (a killed worker's next start)."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import threading
 from dataclasses import dataclass
@@ -17,10 +18,9 @@ from faust.types.tuples import Message
 
 from streams.config import Settings
 from streams.kafka.clients import TopicSpec, confluent_consumer_config, ensure_topics
-from streams.worker.app import STATE_TABLE
-from streams.worker.batch_consumer import MicroBatcher
+from streams.worker.app import STATE_TABLE, state_table_store
 from streams.worker.bulk_restore import BulkRestorer, PartitionRestore, WritableDB
-from streams.worker.faust_seam import TP, BatchingApp, TableStore
+from streams.worker.faust_seam import TP, TableStore
 
 from .kafka_helpers import isolated_settings, key_of, read_to_end
 
@@ -43,17 +43,7 @@ PARTITIONS = 3
 
 def table_store(settings: Settings, data_dir: Path) -> TableStore:
     """The shopper table's store of a real (unstarted) worker app, its RocksDB under ``data_dir``."""
-    app = BatchingApp(
-        settings.app_id,
-        batch_topics=settings.input_topics,
-        batcher=MicroBatcher(10, 0.01, 20),
-        broker=f"kafka://{settings.bootstrap_servers}",
-        store="rocksdb://",
-        datadir=str(data_dir),
-        autodiscover=False,
-        web_enabled=False,
-    )
-    return TableStore(app.Table(STATE_TABLE, key_type=bytes, value_type=bytes, partitions=PARTITIONS))
+    return state_table_store(dataclasses.replace(settings, data_dir=data_dir))
 
 
 @pytest.fixture
