@@ -1,13 +1,15 @@
 """Bulk restore (streams/worker/bulk_restore.py) against the embedded broker and real Faust stores:
 a table restored in bulk equals the same table built by Faust's own per-record changelog replay
 (values, deletions, and the persisted offset Faust resumes from), also when the restore is
-stopped part-way and a later one finishes it (a killed worker's next start)."""
+stopped part-way and a later one finishes it, and when a worker is killed during a restore."""
 
 from __future__ import annotations
 
 import dataclasses
 import random
+import re
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,12 +19,13 @@ from confluent_kafka import Producer
 from faust.types.tuples import Message
 
 from streams.config import Settings
-from streams.kafka.clients import TopicSpec, confluent_consumer_config, ensure_topics
+from streams.kafka.clients import PARTITIONER, TopicSpec, confluent_consumer_config, ensure_topics
 from streams.worker.app import STATE_TABLE, state_table_store
 from streams.worker.bulk_restore import BulkRestorer, PartitionRestore, WritableDB
 from streams.worker.faust_seam import TP, TableStore
+from streams.worker.table_writer import SEAL_KEY
 
-from .kafka_helpers import isolated_settings, key_of, read_to_end
+from .kafka_helpers import WorkerProcess, isolated_settings, key_of, read_to_end
 
 
 def partition_of(record: KafkaMessage) -> int:
@@ -161,3 +164,64 @@ def test_a_stopped_restore_keeps_a_consistent_prefix_and_the_next_one_finishes_i
     first = {p: 0 if (offset := persisted[p]) is None else offset + 1 for p in range(PARTITIONS)}
     restore(settings, topic, store, first, last)
     assert contents(store, topic) == contents(reference, topic)
+
+
+def data_dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
+
+
+@pytest.mark.slow
+def test_a_worker_killed_during_a_bulk_restore_finishes_it_on_the_next_start(broker, tmp_path):
+    """A worker restoring a large changelog into an empty data directory is killed (-9) once its
+    first write batches are on disk; the next start bulk-restores only the rest, and the table
+    then holds exactly the changelog's last value of every key, deletions included."""
+    settings = isolated_settings(broker.bootstrap_servers, tmp_path / "worker")
+    ensure_topics(settings)
+    store = state_table_store(settings)
+    topic = store.changelog_topic
+    ensure_topics(settings, [TopicSpec(topic, settings.partitions, {"cleanup.policy": "compact"})])
+    rng = random.Random(23)
+    producer = Producer({**settings.librdkafka_config(), "partitioner": PARTITIONER, "linger.ms": 50})
+    expected: dict[bytes, bytes] = {}
+    for n in range(300_000):
+        key = f"shopper-{rng.randrange(200_000)}".encode()
+        value = None if rng.random() < 0.05 else rng.randbytes(300) + str(n).encode()
+        while True:
+            try:
+                producer.produce(topic, key=key, value=value)
+                break
+            except BufferError:
+                producer.poll(0.05)
+        if value is None:
+            expected.pop(key, None)
+        else:
+            expected[key] = value
+    assert producer.flush(60) == 0
+    for partition in range(settings.partitions):  # the worker's seal: the end Tansu reports is then the true end
+        producer.produce(topic, key=SEAL_KEY, value=None, partition=partition)
+    assert producer.flush(30) == 0
+    total = sum(1 for _ in read_to_end(settings, topic))
+
+    first = WorkerProcess(settings, tmp_path / "worker-1.log")
+    deadline = time.monotonic() + 120
+    while data_dir_bytes(settings.data_dir) < 5_000_000:  # a write batch of ~20k records is on disk
+        assert time.monotonic() < deadline and first.process.poll() is None, first.log_tail()
+        time.sleep(0.05)
+    first.kill()
+    assert "bulk restore of" not in first.log_path.read_text(), "killed too late: the restore had finished"
+
+    second = WorkerProcess(settings, tmp_path / "worker-2.log")
+    try:
+        second.wait_ready(120)
+    finally:
+        assert second.stop() == 0, second.log_tail()
+    log = second.log_path.read_text()
+    resumed = [int(n) for n in re.findall(r"bulk-restoring (\d+) records", log)]
+    assert resumed and sum(resumed) < total, f"the second start restored {resumed} of {total} records again"
+    assert re.search(r"bulk restore of \S+ done", log), second.log_tail()
+
+    restored = state_table_store(settings)
+    partitions = set(range(settings.partitions))
+    for partition in partitions:
+        restored.db(partition)
+    assert {key: value for _, key, value in restored.items(partitions)} == expected
