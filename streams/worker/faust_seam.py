@@ -387,9 +387,9 @@ class BulkRecovery(Recovery):
             )
         if stop.is_set() or self.should_stop or self._generation_id != generation:
             return  # a rebalance (its own pass reads the persisted offsets) or a shutdown
-        for tp in behind:
+        for tp in behind.keys() & self.active_tps:
             persisted = self.tp_to_table[tp].persisted_offset(tp)
-            if tp in self.active_tps and persisted is not None:
+            if persisted is not None:
                 self.active_offsets[tp] = persisted
         self.signal_recovery_start.set()
 
@@ -400,7 +400,7 @@ class BulkRecovery(Recovery):
     async def on_stop(self) -> None:
         self._stop_bulk_restore()
         if self._bulk_task is not None:
-            await asyncio.wait([self._bulk_task])  # at most one write batch: the thread checks the flag per batch
+            await asyncio.wait([self._bulk_task])  # short: the thread checks the flag after each consume call
         await super().on_stop()
 
     def _stop_bulk_restore(self) -> None:
