@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -46,7 +47,7 @@ def main() -> None:
         autodiscover=False,
         batch_topics=args.topics.split(",") if args.batch_drain else (),
         batcher=batcher,
-        **tansu_client_overrides(),
+        **dict[str, Any](tansu_client_overrides()),
     )
     topic = app.topic(*args.topics.split(","), key_serializer="raw", value_serializer="raw")
     seen = {"count": 0, "started": 0.0}

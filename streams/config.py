@@ -113,6 +113,12 @@ SETTINGS_DOC: dict[str, tuple[str, str, str]] = {
         "warm copies of each table partition on other workers (Faust table_standby_replicas): each makes every worker "
         "also apply the others' changelog; 0 = a worker that takes over a partition restores it from the changelog",
     ),
+    "bulk_restore_min_records": (
+        "SHOPPULSE_BULK_RESTORE_MIN_RECORDS",
+        "1000",
+        "a table partition with at least this many changelog records to restore (lost data dir, scale-out) is "
+        "restored in bulk (a fast consumer, RocksDB write batches) before Faust's per-record recovery; 0 = never",
+    ),
     "commit_interval_s": (
         "SHOPPULSE_COMMIT_INTERVAL_S",
         "2.8",
@@ -306,6 +312,7 @@ class Settings:
     create_topics: bool = True
     data_dir: Path = Path("./var/worker")
     standby_replicas: int = 0
+    bulk_restore_min_records: int = 1000
     commit_interval_s: float = 2.8
     commit_every: int = 10_000
     max_batch: int = 1000

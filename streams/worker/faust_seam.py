@@ -39,6 +39,20 @@ internal                                      what it touches, and why
 ``Consumer._thread._consumer._client._conns`` aiokafka's open connections: readiness
 ``_thread._consumer._fetcher``                aiokafka's fetcher: the fetch wait on Tansu
 ``._fetch_max_wait_ms``
+``App(TableManager=...)``,                    installs :class:`BulkRecovery` as the tables' recovery service
+``TableManager._recovery``, ``.recovery``
+(overridden)
+``Recovery._build_offsets`` (overridden)      where Faust has each active changelog partition's start
+                                              (persisted offset) and end (high watermark): partitions far
+                                              behind are bulk-restored (:mod:`streams.worker.bulk_restore`)
+``Recovery.active_offsets``,                  Faust's start offsets and ends of the active partitions;
+``active_highwaters``, ``active_tps``,        the restored offsets are written back into ``active_offsets``
+``tp_to_table``, ``_generation_id``
+``Recovery.signal_recovery_start``,           the bulk restore leaves Faust's recovery pass with
+``faust.tables.recovery.RebalanceAgain``      ``RebalanceAgain`` and starts a new pass once it is done
+``Recovery.on_partitions_revoked``,           stop a running bulk restore (its partitions may move, the
+``Recovery.on_stop``                          worker may stop)
+``rocksdb.Store.offset_key``                  the key Faust keeps a partition's persisted offset under
 ============================================  ==========================================================
 
 Upstream guards the override keeps:
@@ -52,12 +66,25 @@ Upstream guards the override keeps:
 * **broker_commit_every.** The drain loop commits once that many offsets were acked since the
   last commit, as upstream's loop does; Faust's timer (``broker_commit_interval``) commits too.
 
+* **Bulk restore inside Faust's recovery pass.** Faust's ``_restart_recovery`` builds the active
+  partitions' high watermarks, then their start offsets (:meth:`BulkRecovery._build_offsets`),
+  then seeks and reads what is left record by record. Each of those steps runs under
+  ``broker_request_timeout``, and a timeout there stops the recovery service for good, so the
+  restore does not run inside one: the override starts it as a task and leaves the pass with
+  Faust's own ``RebalanceAgain`` (the pass is abandoned, nothing else changes). When the task
+  ends it writes the restored offsets into ``active_offsets`` and starts a new pass, which finds
+  nothing (or only what the restore could not finish) left. A real rebalance meanwhile stops the
+  restore and starts its own pass from the persisted offsets, which moved with every write batch.
+
 A missing internal is reported where it is read: :class:`SeamBroken` names it, and readiness
 says so in its reason and in an ERROR log line (``streams.worker.health``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any, cast
@@ -65,12 +92,14 @@ from weakref import WeakSet
 
 import faust
 from faust.tables import TableManager
+from faust.tables.recovery import RebalanceAgain, Recovery
 from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer
 from faust.types import TP
 from faust.types.tuples import Message, ack_lock
 from mode.utils.futures import notify
 
 from streams.worker.batch_consumer import MicroBatch, MicroBatcher
+from streams.worker.bulk_restore import BulkRestorer, PartitionRestore
 from streams.worker.lookup import PartitionNotOpen
 from streams.worker.pipeline import InputMessage
 
@@ -88,7 +117,16 @@ UPSTREAM_SOURCE_SHA256: dict[str, str] = {
     "faust.stores.rocksdb:Store._del": "07f42ff3caefffddb002ba3c316120ee8a608a15021fa226fd8e9ba2635004a9",
     # TableWriter.flush: records the persisted changelog offset once it is acknowledged, as this does
     "faust.tables.base:Collection._on_changelog_sent": "60122c86a120d82cffa95da4c22323e12d67fa82f3112f08ac7f8edde7c47826",  # noqa: E501
+    # bulk_restore: the persisted offset's key and encoding, written in each write batch
+    "faust.stores.rocksdb:Store.set_persisted_offset": "b4c811926678346ebb8c40486dbc46d0fbac2bbeaa592384bd955112556acf45",  # noqa: E501
+    # BulkRecovery: the order of the pass (highwaters, offsets, seek, need_recovery) and RebalanceAgain
+    "faust.tables.recovery:Recovery._restart_recovery": "6bd8a8558a2dffe4c60b8150f23d721baa6b3d658367f911a3ad2187e20efc6f",  # noqa: E501
+    "faust.tables.recovery:Recovery.on_rebalance": "aa4d997a1795ceae3880f98311b46935d9ae1a183a699b9a283bb4306bc8641f",
+    # BulkTableManager.recovery: how the recovery service is built
+    "faust.tables.manager:TableManager.recovery": "f0bf5de78b4c3d235c3554010480f407010ccb7c481c68852a985542b952df32",
 }
+
+log = logging.getLogger("shoppulse.worker.recovery")
 
 
 class SeamBroken(RuntimeError):
@@ -271,13 +309,137 @@ class BatchDrainConsumer(AIOKafkaConsumer):
         await self.batcher.put(fetched)
 
 
-class BatchingApp(faust.App):
-    """A Faust app whose consumer hands the messages of ``batch_topics`` to ``batcher``."""
+class BulkRecovery(Recovery):
+    """Faust's recovery service, restoring active changelog partitions far behind in bulk first.
 
-    def __init__(self, *args: Any, batch_topics: Iterable[str], batcher: MicroBatcher, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    Which partitions: those whose persisted offset lies at least ``BulkRestorer.min_records``
+    below Faust's high watermark, once per consumer generation (a partition the restore could not
+    finish is left to Faust's per-record recovery, from where the restore got to).
+    How it fits Faust's pass: the module docstring ("Bulk restore inside Faust's recovery pass").
+    """
+
+    _bulk_generation: int | None = None
+    _bulk_tried: set[TP]
+    _bulk_stop: threading.Event | None = None
+    _bulk_task: asyncio.Future[None] | None = None
+
+    def __init__(self, app: faust.App, tables: Any, *, restorer: BulkRestorer | None, **kwargs: Any) -> None:
+        super().__init__(app, tables, **kwargs)
+        self.restorer = restorer
+        self._bulk_tried = set()
+
+    async def _build_offsets(self, consumer: Any, tps: set[TP], destination: Any, title: str) -> None:
+        await super()._build_offsets(consumer, tps, destination, title)
+        if destination is self.active_offsets:
+            self._maybe_start_bulk_restore(tps)
+
+    def _maybe_start_bulk_restore(self, tps: set[TP]) -> None:
+        """Start restoring the partitions of ``tps`` far behind, and leave Faust's pass (RebalanceAgain)."""
+        restorer = self.restorer
+        if restorer is None:
+            return
+        if self._bulk_generation != self._generation_id:
+            self._bulk_generation, self._bulk_tried = self._generation_id, set()
+        behind = {
+            tp: (self.active_offsets[tp] + 1, self.active_highwaters[tp])
+            for tp in tps
+            if tp not in self._bulk_tried
+            and self.active_highwaters.get(tp) is not None
+            and restorer.worth_it(self.active_offsets[tp] + 1, self.active_highwaters[tp])
+        }
+        if not behind:
+            return
+        self._bulk_tried.update(behind)
+        self._bulk_stop = threading.Event()
+        self._bulk_task = asyncio.ensure_future(self._bulk_restore(restorer, behind, self._bulk_stop))
+        raise RebalanceAgain()  # Faust's pass ends here; _bulk_restore starts the next one
+
+    async def _bulk_restore(
+        self, restorer: BulkRestorer, behind: dict[TP, tuple[int, int]], stop: threading.Event
+    ) -> None:
+        """Restore ``behind`` (partition -> first and last offset) table by table in a thread, then
+        hand Faust the persisted offsets and start its next pass (unless a rebalance took over)."""
+        generation = self._generation_id
+        by_table: dict[Any, list[TP]] = {}
+        for tp in behind:
+            by_table.setdefault(self.tp_to_table[tp], []).append(tp)
+        try:
+            for table, tps in by_table.items():
+                store = TableStore(table)
+                parts = [PartitionRestore(tp.partition, store.db(tp.partition), *behind[tp]) for tp in sorted(tps)]
+                log.info(
+                    "bulk-restoring %d records of %s (partitions %s) from the changelog",
+                    sum(p.last_offset - p.first_offset + 1 for p in parts),
+                    store.changelog_topic,
+                    ", ".join(str(p.partition) for p in parts),
+                )
+                report = await asyncio.to_thread(restorer.restore, store.changelog_topic, parts, store.offset_key, stop)
+                log.info(
+                    "bulk restore of %s %s: %d records, %.1f MB of values in %.1f s (%.0f records/s)%s",
+                    store.changelog_topic,
+                    "done" if report.finished else "stopped",
+                    report.records,
+                    report.value_bytes / 1e6,
+                    report.seconds,
+                    report.records / max(report.seconds, 1e-9),
+                    f"; {report.keyless} records without a key skipped" if report.keyless else "",
+                )
+        except Exception as exc:  # Faust's per-record recovery goes on from what was persisted
+            log.error(
+                "bulk restore failed (%r); Faust's per-record recovery restores the rest from the offsets "
+                "persisted so far",
+                exc,
+            )
+        if stop.is_set() or self.should_stop or self._generation_id != generation:
+            return  # a rebalance (its own pass reads the persisted offsets) or a shutdown
+        for tp in behind.keys() & self.active_tps:
+            persisted = self.tp_to_table[tp].persisted_offset(tp)
+            if persisted is not None:
+                self.active_offsets[tp] = persisted
+        self.signal_recovery_start.set()
+
+    def on_partitions_revoked(self, revoked: set[TP]) -> None:
+        self._stop_bulk_restore()
+        super().on_partitions_revoked(revoked)
+
+    async def on_stop(self) -> None:
+        self._stop_bulk_restore()
+        if self._bulk_task is not None:
+            await asyncio.wait([self._bulk_task])  # short: the thread checks the flag after each consume call
+        await super().on_stop()
+
+    def _stop_bulk_restore(self) -> None:
+        if self._bulk_stop is not None:
+            self._bulk_stop.set()
+
+
+class BulkTableManager(TableManager):
+    """Faust's table manager with :class:`BulkRecovery` as its recovery service (``App(TableManager=...)``)."""
+
+    @property
+    def recovery(self) -> Recovery:
+        if self._recovery is None:
+            app = cast("BatchingApp", self.app)
+            self._recovery = BulkRecovery(app, self, restorer=app.bulk_restorer, beacon=self.beacon, loop=self.loop)
+        return self._recovery
+
+
+class BatchingApp(faust.App):
+    """A Faust app whose consumer hands the messages of ``batch_topics`` to ``batcher``, and whose
+    tables restore changelog partitions far behind with ``bulk_restorer`` (None: Faust's recovery only)."""
+
+    def __init__(
+        self,
+        *args: Any,
+        batch_topics: Iterable[str],
+        batcher: MicroBatcher,
+        bulk_restorer: BulkRestorer | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, TableManager=BulkTableManager, **kwargs)
         self.batch_topics = frozenset(batch_topics)
         self.batcher = batcher
+        self.bulk_restorer = bulk_restorer
 
     def _new_consumer(self) -> BatchDrainConsumer:
         # Faust declares Transport.Consumer a ClassVar; set on this app's transport only, so that
@@ -330,6 +492,15 @@ class TableStore:
     @property
     def changelog_topic(self) -> str:
         return self.table.changelog_topic_name
+
+    @property
+    def offset_key(self) -> bytes:
+        """The key under which each partition's RocksDB keeps its persisted changelog offset."""
+        return cast(bytes, self.table.data.offset_key)
+
+    def db(self, partition: int) -> Any:
+        """``partition``'s RocksDB (a rocksdict ``Rdict`` in raw mode), opened if it is not yet."""
+        return self.table.data._db_for_partition(partition)
 
     def get(self, partition: int, key: bytes) -> bytes | None:
         """The stored value of ``key`` in ``partition``, or None."""

@@ -11,10 +11,10 @@ import pytest
 from streams.config import Settings
 from streams.kafka.batch_producer import BatchProducer
 from streams.kafka.clients import TopicSpec, ensure_topics, required_topics
-from streams.worker.app import STATE_TABLE
-from streams.worker.batch_consumer import MicroBatch, MicroBatcher
+from streams.worker.app import state_table_store
+from streams.worker.batch_consumer import MicroBatch
 from streams.worker.checkpoint import Checkpoint
-from streams.worker.faust_seam import TP, BatchingApp, TableStore
+from streams.worker.faust_seam import TP, TableStore
 from streams.worker.metrics import WorkerMetrics
 from streams.worker.pipeline import BatchOutcome, DeadLetter, InputMessage, ScoredShopper, StateWrite
 from streams.worker.publisher import Publisher
@@ -29,17 +29,7 @@ pytestmark = pytest.mark.integration
 def parts(broker, tmp_path) -> tuple[Settings, TableStore]:
     """Isolated settings with one partition, and the shopper table's store of a real (unstarted) app."""
     settings = isolated_settings(broker.bootstrap_servers, tmp_path / "worker", partitions=1)
-    app = BatchingApp(
-        settings.app_id,
-        batch_topics=settings.input_topics,
-        batcher=MicroBatcher(10, 0.01, 20),
-        broker=f"kafka://{settings.bootstrap_servers}",
-        store="rocksdb://",
-        datadir=str(settings.data_dir),
-        autodiscover=False,
-        web_enabled=False,
-    )
-    store = TableStore(app.Table(STATE_TABLE, key_type=bytes, value_type=bytes, partitions=1))
+    store = state_table_store(settings)
     ensure_topics(settings, [*required_topics(settings), TopicSpec(store.changelog_topic, 1, {})])
     return settings, store
 

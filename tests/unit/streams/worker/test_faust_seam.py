@@ -25,6 +25,7 @@ from aiokafka.client import AIOKafkaClient
 from aiokafka.conn import AIOKafkaConnection
 from aiokafka.consumer.fetcher import Fetcher
 from faust.stores.rocksdb import Store
+from faust.tables.recovery import RebalanceAgain, Recovery
 from faust.transport.consumer import Consumer
 from faust.types.tuples import ack_lock
 from mode.utils.futures import notify
@@ -32,7 +33,15 @@ from mode.utils.futures import notify
 from streams.config import Settings
 from streams.worker import faust_seam
 from streams.worker.batch_consumer import MicroBatcher
-from streams.worker.faust_seam import UPSTREAM_SOURCE_SHA256, BatchDrainConsumer, BatchingApp, TableStore
+from streams.worker.bulk_restore import BulkRestorer
+from streams.worker.faust_seam import (
+    UPSTREAM_SOURCE_SHA256,
+    BatchDrainConsumer,
+    BatchingApp,
+    BulkRecovery,
+    BulkTableManager,
+    TableStore,
+)
 from streams.worker.health import Health
 from streams.worker.lookup import PartitionNotOpen
 from streams.worker.metrics import HealthState, WorkerMetrics
@@ -45,7 +54,9 @@ def upstream(qualified: str) -> Any:
     obj: Any = importlib.import_module(module)
     for part in name.split("."):
         obj = getattr(obj, part)
-    return obj
+    if isinstance(obj, property):
+        return obj.fget
+    return getattr(obj, "fun", obj)  # a mode ServiceTask wraps its method in ``fun``
 
 
 @pytest.mark.parametrize("qualified", sorted(UPSTREAM_SOURCE_SHA256))
@@ -78,6 +89,11 @@ METHODS = [
     (Store, "_visible_items", False, ["self", "db"]),
     (Store, "set_persisted_offset", False, ["self", "tp", "offset"]),
     (AIOKafkaConnection, "connected", False, ["self"]),
+    (Store, "persisted_offset", False, ["self", "tp"]),
+    (Recovery, "_build_offsets", True, ["self", "consumer", "tps", "destination", "title"]),
+    (Recovery, "on_partitions_revoked", False, ["self", "revoked"]),
+    (Recovery, "on_stop", True, ["self"]),
+    (Recovery, "__init__", False, ["self", "app", "tables"]),
 ]
 
 
@@ -166,6 +182,59 @@ def test_the_lookup_reads_only_open_partitions_and_the_assignors_owner_map(app):
     assert app.conf.canonical_url.host  # the URL the assignor publishes for this member
 
 
+def test_the_tables_recover_through_bulk_recovery_with_the_state_it_reads(app):
+    table = app.Table("states", key_type=bytes, value_type=bytes, partitions=2)
+    tables = app.tables
+    assert isinstance(tables, BulkTableManager) and tables._recovery is None  # built on first use
+    recovery = tables.recovery
+    assert isinstance(recovery, BulkRecovery) and recovery.restorer is app.bulk_restorer is None
+    for name in ("active_offsets", "active_highwaters", "tp_to_table"):
+        assert hasattr(getattr(recovery, name), "__getitem__"), name
+    assert isinstance(recovery.active_tps, set) and isinstance(recovery._generation_id, int)
+    assert callable(recovery.signal_recovery_start.set) and issubclass(RebalanceAgain, Exception)
+    store = TableStore(table)
+    assert isinstance(store.offset_key, bytes) and store.changelog_topic.endswith("-changelog")
+
+
+def test_a_bulk_restore_that_fails_hands_back_to_faust_once_per_generation(tmp_path):
+    """No broker: the restore stalls and fails. Faust's pass was left (RebalanceAgain), a new pass is
+    signalled, the offsets stay Faust's, and the same generation does not try the partition again."""
+    app = BatchingApp(
+        "bulk-contract",
+        batch_topics=["inputs"],
+        batcher=MicroBatcher(10, 0.01, 20),
+        bulk_restorer=BulkRestorer({"bootstrap.servers": "127.0.0.1:1", "group.id": "g"}, min_records=10, stall_s=0.3),
+        broker="kafka://127.0.0.1:1",
+        store="rocksdb://",
+        datadir=str(tmp_path),
+        autodiscover=False,
+        web_enabled=False,
+    )
+    table = app.Table("states", key_type=bytes, value_type=bytes, partitions=2)
+    tables = app.tables
+    assert isinstance(tables, BulkTableManager)
+    recovery = tables.recovery
+    assert isinstance(recovery, BulkRecovery)
+    topic = TableStore(table).changelog_topic
+    behind, close = faust_seam.TP(topic, 0), faust_seam.TP(topic, 1)
+    for tp, offset, highwater in ((behind, -1, 99), (close, 95, 99)):
+        recovery.tp_to_table[tp] = table
+        recovery.active_tps.add(tp)
+        recovery.active_offsets[tp] = offset
+        recovery.active_highwaters[tp] = highwater
+
+    async def run() -> None:
+        with pytest.raises(RebalanceAgain):
+            recovery._maybe_start_bulk_restore({behind, close})
+        assert recovery._bulk_task is not None
+        await recovery._bulk_task
+        assert recovery.signal_recovery_start.is_set()
+        recovery._maybe_start_bulk_restore({behind, close})  # tried in this generation: Faust's per-record path
+
+    asyncio.run(run())
+    assert recovery.active_offsets[behind] == -1 and recovery.active_offsets[close] == 95
+
+
 def test_ack_lock_and_notify_behave_as_the_ack_path_needs():
     with ack_lock:
         with ack_lock:  # reentrant: Faust's own ack path acquires it twice
@@ -229,6 +298,10 @@ PRIVATE_NAMES = (
     "_conns",
     "_fetch_max_wait_ms",
     "ack_lock",
+    "_build_offsets",
+    "_generation_id",
+    "_recovery",
+    "RebalanceAgain",
 )
 
 
