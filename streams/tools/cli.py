@@ -1,4 +1,4 @@
-"""The ``shoppulse`` command: broker, worker, generate, replay, tail, dlq, demo, train and model tools."""
+"""The ``shoppulse`` command: broker, worker, generate, replay, tail, dlq, demo, archive, train, retrain, models."""
 
 from __future__ import annotations
 
@@ -24,6 +24,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tail": ("streams.tools.tail", "pretty-print messages of an output topic as they arrive"),
     "dlq": ("streams.tools.dlq", "dead-letter tools: `shoppulse dlq replay` resends fixed dead letters"),
     "demo": ("streams.tools.demo", "embedded broker + worker + generator, with a live view"),
+    "archive": (
+        "streams.tools.archive",
+        "the input topics' valid events into date-partitioned Parquet files (SHOPPULSE_ARCHIVE_DIR)",
+    ),
     "train": ("streams.tools.train", "train, evaluate and register the models (`shoppulse train --help`)"),
     "models": (
         "streams.tools.models",
