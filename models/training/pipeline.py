@@ -7,7 +7,7 @@ import datetime as dt
 import math
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ class TrainingResult:
         classifier / recommender: the models chosen on validation and registered, ready to score
             (the MLP or the logistic regression; SASRec, co-occurrence or their blend).
         timings: seconds per stage.
+        report_paths: the written report's files by kind (set by whoever writes it).
     """
 
     version: str
@@ -51,6 +52,7 @@ class TrainingResult:
     classifier: ShopperClassifier
     recommender: VocabRecommender
     timings: dict[str, float]
+    report_paths: dict[str, Path] = field(default_factory=dict)
 
     @property
     def beats_baselines(self) -> bool:
