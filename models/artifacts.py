@@ -159,6 +159,13 @@ def replace_file(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+def remove_file(path: Path) -> None:
+    """Delete ``path`` durably if it exists: an unlink is atomic, the folder's fsync makes it survive a crash."""
+    if path.exists():
+        path.unlink()
+        _fsync_dir(path.parent)
+
+
 def metadata_bytes(metadata: Mapping[str, Any]) -> bytes:
     """``metadata.json``'s bytes; plain JSON only (no NaN, no objects)."""
     try:

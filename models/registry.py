@@ -1,4 +1,4 @@
-"""A file-system model registry: versioned artifacts plus a ``current`` pointer per model.
+"""A file-system model registry: versioned artifacts plus two named pointers per model.
 
 Layout::
 
@@ -6,13 +6,17 @@ Layout::
       <model>/
         <version>/          an artifact directory (see models.artifacts)
         <version>/ ...
-        current             JSON {"version", "promoted_at", "previous": [older currents...]}
-        .lock               serialises promote / rollback of this model
+        current             the champion: JSON {"version", "promoted_at", "previous": [older currents...]}
+        challenger          optional: JSON {"version", "mode", "share", "salt", "promoted_at"}
+        .lock               serialises every pointer change of this model
 
-``current`` is rewritten atomically (temp file + fsync + ``os.replace``), so readers see either
-the old or the new pointer, never a partial one. :meth:`ModelRegistry.promote` verifies the
-artifact (metadata and checksums) before pointing at it; :meth:`ModelRegistry.rollback`
-returns to the version that was current before the last promotion.
+``current`` (the champion, what serving publishes) and ``challenger`` (a version on trial, in
+``shadow`` mode: scored for every shopper but never published, or in ``split`` mode: published for
+a salted-hash ``share`` of shoppers, :mod:`models.variants`) are rewritten atomically (temp file +
+fsync + ``os.replace``), so readers see either the old or the new pointer, never a partial one.
+Every pointer change verifies the artifact (metadata and checksums) before pointing at it;
+:meth:`ModelRegistry.rollback` returns to the version that was current before the last promotion,
+also after :meth:`ModelRegistry.promote_challenger` made the challenger champion.
 
 The root defaults to ``$SHOPPULSE_MODELS_DIR`` or ``artifacts/models`` (git-ignored).
 Module-level :func:`list_models`, :func:`promote`, :func:`rollback` and :func:`current` wrap
@@ -26,6 +30,7 @@ import fcntl
 import json
 import os
 import re
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -34,16 +39,46 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .artifacts import ArtifactError, is_legacy, read_metadata, replace_file, verify_artifact
+from .artifacts import ArtifactError, is_legacy, read_metadata, remove_file, replace_file, verify_artifact
+from .variants import CHALLENGER, CHAMPION, in_share
 
 DEFAULT_ROOT = "artifacts/models"
 ENV_ROOT = "SHOPPULSE_MODELS_DIR"
 CURRENT_FILE = "current"
+CHALLENGER_FILE = CHALLENGER
+#: The registry's two aliases per model: ``champion`` is the ``current`` pointer.
+CHAMPION_ALIAS = CHAMPION
+CHALLENGER_ALIAS = CHALLENGER
+#: Shadow: scored for every shopper, never published. Split: published for ``share`` of shoppers.
+SHADOW = "shadow"
+SPLIT = "split"
+MODES: tuple[str, ...] = (SHADOW, SPLIT)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+#: Pointer files share the model folder with the version folders, so no version may take their names.
+_RESERVED_VERSIONS = frozenset({CURRENT_FILE, CHALLENGER_FILE})
 
 
 class RegistryError(Exception):
     """A registry operation that cannot be done (unknown model/version, nothing to roll back)."""
+
+
+@dataclass(frozen=True)
+class Challenger:
+    """The version on trial for one model and how it is served (see the module docstring).
+
+    ``salt`` keys the shopper hash of the split: kept with the pointer so every worker, and every
+    restart, puts a shopper on the same side; a new experiment gets a new salt.
+    """
+
+    model: str
+    version: str
+    mode: str
+    share: float
+    salt: str
+
+    def serves(self, user_id: str) -> bool:
+        """Whether this shopper is published the challenger's results (split mode, inside the share)."""
+        return self.mode == SPLIT and in_share(user_id, self.salt, self.share)
 
 
 @dataclass
@@ -53,6 +88,7 @@ class ModelInfo:
     current: str | None
     previous: list[str] = field(default_factory=list)
     promoted_at: str | None = None
+    challenger: Challenger | None = None
 
 
 def _check_name(kind: str, name: str) -> str:
@@ -82,6 +118,8 @@ class ModelRegistry:
 
     def version_dir(self, model: str, version: str) -> Path:
         """Where ``model``/``version`` lives (save a new artifact straight here)."""
+        if version in _RESERVED_VERSIONS:
+            raise RegistryError(f"invalid version name {version!r}: it is the name of a registry pointer file")
         return self.model_dir(model) / _check_name("version", version)
 
     # ---------------------------------------------------------------- queries
@@ -94,22 +132,47 @@ class ModelRegistry:
             key=_natural_key,
         )
 
-    def _read_pointer(self, model: str) -> dict[str, Any] | None:
-        p = self.model_dir(model) / CURRENT_FILE
+    def _read_json_pointer(self, model: str, name: str, fix: str) -> dict[str, Any] | None:
+        """The pointer file ``name`` of ``model`` (None when absent); ``fix`` is the command that rewrites it."""
+        p = self.model_dir(model) / name
         if not p.exists():
             return None
         try:
             data = json.loads(p.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise RegistryError(
-                f"pointer {p} is unreadable ({exc}); run `shoppulse models promote {model} VERSION` to rewrite it"
-            ) from exc
+            raise RegistryError(f"pointer {p} is unreadable ({exc}); run `{fix}` to rewrite it") from exc
         if not isinstance(data, dict) or not isinstance(data.get("version"), str):
-            raise RegistryError(
-                f"pointer {p} is malformed; run `shoppulse models promote {model} VERSION` to rewrite it"
-            )
-        data.setdefault("previous", [])
+            raise RegistryError(f"pointer {p} is malformed; run `{fix}` to rewrite it")
         return data
+
+    def _read_pointer(self, model: str) -> dict[str, Any] | None:
+        data = self._read_json_pointer(model, CURRENT_FILE, f"shoppulse models promote {model} VERSION")
+        if data is not None:
+            data.setdefault("previous", [])
+        return data
+
+    def challenger(self, model: str) -> Challenger | None:
+        """The version on trial for ``model``, or None.
+
+        A challenger pointer naming the champion's version is stale (a promotion of that version,
+        or a :meth:`promote_challenger` interrupted between its two writes) and reads as None.
+        """
+        fix = f"shoppulse models clear-challenger {model}` or `shoppulse models promote {model} VERSION --as challenger"
+        data = self._read_json_pointer(model, CHALLENGER_FILE, fix)
+        if data is None:
+            return None
+        mode, share, salt = data.get("mode"), data.get("share"), data.get("salt")
+        if (
+            mode not in MODES
+            or not isinstance(share, int | float)
+            or isinstance(share, bool)
+            or not 0.0 < share <= 1.0
+            or not isinstance(salt, str)
+        ):
+            raise RegistryError(f"pointer {self.model_dir(model) / CHALLENGER_FILE} is malformed; run `{fix}`")
+        if data["version"] == self.current(model):
+            return None
+        return Challenger(model, data["version"], mode, float(share), salt)
 
     def current(self, model: str) -> str | None:
         """The promoted version of ``model``, or ``None`` if none was promoted."""
@@ -133,16 +196,7 @@ class ModelRegistry:
         for p in sorted(self.root.iterdir()):
             if not p.is_dir() or not _NAME.match(p.name):
                 continue
-            ptr = self._read_pointer(p.name)
-            out.append(
-                ModelInfo(
-                    name=p.name,
-                    versions=self.versions(p.name),
-                    current=ptr["version"] if ptr else None,
-                    previous=list(ptr["previous"]) if ptr else [],
-                    promoted_at=ptr.get("promoted_at") if ptr else None,
-                )
-            )
+            out.append(self._info(p.name))
         return out
 
     # ---------------------------------------------------------------- changes
@@ -158,8 +212,8 @@ class ModelRegistry:
             finally:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
-    def _write_pointer(self, model: str, data: dict[str, Any]) -> None:
-        replace_file(self.model_dir(model) / CURRENT_FILE, (json.dumps(data, indent=2) + "\n").encode("utf-8"))
+    def _write_pointer(self, model: str, data: dict[str, Any], name: str = CURRENT_FILE) -> None:
+        replace_file(self.model_dir(model) / name, (json.dumps(data, indent=2) + "\n").encode("utf-8"))
 
     def _verify(self, model: str, version: str) -> dict[str, Any]:
         vdir = self.version_dir(model, version)
@@ -199,21 +253,90 @@ class ModelRegistry:
     def promote(self, model: str, version: str) -> ModelInfo:
         """Make ``version`` current after verifying its artifact; the old current is kept for rollback."""
         with self.lock(model):
+            self._promote_locked(model, version)
+            return self._info(model)
+
+    def _promote_locked(self, model: str, version: str) -> None:
+        self._verify(model, version)
+        ptr = self._read_pointer(model)
+        previous = list(ptr["previous"]) if ptr else []
+        if ptr and ptr["version"] == version:
+            return
+        if ptr:
+            previous.append(ptr["version"])
+        self._write_pointer(
+            model,
+            {
+                "version": version,
+                "promoted_at": dt.datetime.now(dt.UTC).isoformat(),
+                "previous": previous,
+            },
+        )
+
+    def set_challenger(
+        self, model: str, version: str, mode: str, share: float = 1.0, salt: str | None = None
+    ) -> Challenger:
+        """Put ``version`` on trial against the champion (verified first; replaces any challenger).
+
+        ``share`` is the split's fraction of shoppers, in (0, 1]; shadow mode scores every shopper,
+        so its share is stored as 1. ``salt`` defaults to a fresh random one: a new experiment
+        reshuffles which shoppers see the challenger.
+        """
+        if mode not in MODES:
+            raise RegistryError(f"challenger mode must be one of {', '.join(MODES)}, not {mode!r}")
+        if not 0.0 < share <= 1.0:
+            raise RegistryError(f"challenger share must be in (0, 1], not {share!r}")
+        with self.lock(model):
             self._verify(model, version)
-            ptr = self._read_pointer(model)
-            previous = list(ptr["previous"]) if ptr else []
-            if ptr and ptr["version"] == version:
-                return self._info(model)
-            if ptr:
-                previous.append(ptr["version"])
+            champion = self.current(model)
+            if champion is None:
+                raise RegistryError(
+                    f"model {model!r} has no champion to challenge; "
+                    f"run `shoppulse models promote {model} VERSION` first"
+                )
+            if champion == version:
+                raise RegistryError(f"{model!r} version {version!r} is the champion already; challenge it with another")
+            challenger = Challenger(
+                model, version, mode, 1.0 if mode == SHADOW else float(share), salt or secrets.token_hex(8)
+            )
             self._write_pointer(
                 model,
                 {
-                    "version": version,
+                    "version": challenger.version,
+                    "mode": challenger.mode,
+                    "share": challenger.share,
+                    "salt": challenger.salt,
                     "promoted_at": dt.datetime.now(dt.UTC).isoformat(),
-                    "previous": previous,
                 },
+                CHALLENGER_FILE,
             )
+            return challenger
+
+    def clear_challenger(self, model: str) -> Challenger | None:
+        """End the trial: remove the challenger pointer; returns the challenger it named (None if none)."""
+        with self.lock(model):
+            try:
+                challenger = self.challenger(model)
+            except RegistryError:
+                challenger = None  # a malformed pointer is what clearing is for
+            remove_file(self.model_dir(model) / CHALLENGER_FILE)
+            return challenger
+
+    def promote_challenger(self, model: str) -> ModelInfo:
+        """Make the challenger champion and end the trial; the old champion is kept for rollback.
+
+        The champion pointer is written first: a crash before the challenger pointer is removed
+        leaves a challenger naming the champion, which :meth:`challenger` reads as none.
+        """
+        with self.lock(model):
+            challenger = self.challenger(model)
+            if challenger is None:
+                raise RegistryError(
+                    f"model {model!r} has no challenger to promote; set one with "
+                    f"`shoppulse models promote {model} VERSION --as challenger --mode shadow`"
+                )
+            self._promote_locked(model, challenger.version)
+            remove_file(self.model_dir(model) / CHALLENGER_FILE)
             return self._info(model)
 
     def rollback(self, model: str) -> ModelInfo:
@@ -249,6 +372,7 @@ class ModelRegistry:
             ptr["version"] if ptr else None,
             list(ptr["previous"]) if ptr else [],
             ptr.get("promoted_at") if ptr else None,
+            self.challenger(model),
         )
 
     def describe(self, model: str, version: str) -> dict[str, Any]:

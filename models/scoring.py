@@ -1,11 +1,14 @@
 """Serving: the models the worker scores with, loaded from the registry, one pass per batch.
 
-:class:`BatchScorer` holds the current churn/propensity classifier (the MLP or the logistic
-regression, whichever training served) and next-item recommender (SASRec or co-occurrence),
-checks the registry between batches and swaps in a new current version (hot reload), and
-keeps the last good models when a new artifact is corrupt or refuses to load. With no trained
-models in the registry it serves the hand-set heuristic, and says so in every result.
-No Kafka here: :mod:`streams.worker.pipeline` calls it.
+:class:`BatchScorer` holds the champion (the registry's ``current``) churn/propensity classifier
+(the MLP or the logistic regression, whichever training served) and next-item recommender
+(SASRec or co-occurrence), plus, per model kind, the challenger on trial when the registry names
+one. It checks the registry between batches and swaps in new champion and challenger versions
+(hot reload; a cleared challenger pointer unloads the challenger), and keeps the last good model
+when a new artifact is corrupt or refuses to load. With no trained models in the registry it
+serves the hand-set heuristic, and says so in every result.
+No Kafka here: :mod:`streams.worker.pipeline` calls it and decides, per shopper and model kind,
+whose results are published (:meth:`models.registry.Challenger.serves`).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from models.heuristic import PurchaseIntentHeuristic
 from models.names import CLASSIFIER_MODEL, NEXTITEM_MODEL
 from models.nextitem import VocabRecommender, resolve_device
 from models.recommenders import load_recommender
-from models.registry import ModelRegistry, RegistryError
+from models.registry import Challenger, ModelRegistry, RegistryError
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,13 @@ class InferenceTimings:
 
     classifier_s: float = 0.0
     nextitem_s: float = 0.0
+    #: The challengers' passes (shadow or split), so their cost can be told apart from the champion's.
+    challenger_classifier_s: float = 0.0
+    challenger_nextitem_s: float = 0.0
+
+
+#: A loaded model of either kind.
+LoadedModel = ShopperClassifier | VocabRecommender
 
 
 class BatchScorer:
@@ -82,8 +92,21 @@ class BatchScorer:
         self.load_errors = 0
         self.timings = InferenceTimings()
         self._tried: dict[str, tuple[str, int | None] | None] = {CLASSIFIER_MODEL: None, NEXTITEM_MODEL: None}
+        # Challenger per model kind: what is loaded, and the last pointer tried (tried once per write).
+        self._challengers: dict[str, tuple[Challenger, LoadedModel, tuple[str, int | None]]] = {}
+        self._tried_challenger: dict[str, object] = {CLASSIFIER_MODEL: None, NEXTITEM_MODEL: None}
         self._next_check = 0.0
         self.refresh(force=True)
+
+    @property
+    def challengers(self) -> dict[str, Challenger]:
+        """Model name -> the challenger loaded for it now (empty when none is on trial)."""
+        return {name: loaded[0] for name, loaded in self._challengers.items()}
+
+    @property
+    def champion_versions(self) -> dict[str, str]:
+        """Model name -> the champion version served (the heuristic's name and version without a classifier)."""
+        return self.served
 
     @property
     def model_versions(self) -> dict[str, str]:
@@ -109,51 +132,101 @@ class BatchScorer:
         return served
 
     def refresh(self, force: bool = False) -> bool:
-        """Load any model whose current registry version changed or was rewritten in place (a
-        format migration); True when something was swapped in."""
+        """Load any champion or challenger whose registry version changed or was rewritten in place
+        (a format migration), unload a cleared challenger; True when something was swapped."""
         now = time.monotonic()
         if not force and now < self._next_check:
             return False
         self._next_check = now + self.reload_interval_s
         swapped = False
         for name in (CLASSIFIER_MODEL, NEXTITEM_MODEL):
-            try:
-                version = self.registry.current(name)
-            except RegistryError:
-                version = None
-            if version is None or self._written(name, version) == self._tried[name]:
-                continue
-            self._tried[name] = self._written(name, version)  # tried once per write, good or bad
-            try:
-                directory = self.registry.version_dir(name, version)
-                # Each candidate scores one row before it is swapped in: a model that loads but cannot
-                # run (say, another input width) is refused here instead of failing every batch.
-                if name == CLASSIFIER_MODEL:
-                    classifier = ShopperClassifier.load(
-                        directory, expected_feature_spec_hash=self.spec.hash, device=self.device
-                    )
-                    with torch.inference_mode():
-                        classifier.predict_proba(np.zeros((1, self.spec.dim), dtype=np.float32))
-                    self.classifier = classifier
-                else:
-                    recommender = load_recommender(directory, device=self.device)
-                    with torch.inference_mode():
-                        recommender.recommend([[]], k=self.top_k)
-                    self.recommender = recommender
-            except (ArtifactError, RegistryError, OSError, ValueError, RuntimeError) as exc:
-                self.load_errors += 1
-                log.error(
-                    "could not load %s version %s (%s); keeping the model already loaded — fix the artifact "
-                    "or run `shoppulse models rollback %s`",
-                    name,
-                    version,
-                    exc,
-                    name,
-                )
-                continue
-            swapped = True
-            log.info("serving %s version %s on %s", name, version, self.device)
+            swapped = self._refresh_champion(name) | swapped
+            swapped = self._refresh_challenger(name) | swapped
         return swapped
+
+    def _refresh_champion(self, name: str) -> bool:
+        try:
+            version = self.registry.current(name)
+        except RegistryError:
+            version = None
+        if version is None or self._written(name, version) == self._tried[name]:
+            return False
+        self._tried[name] = self._written(name, version)  # tried once per write, good or bad
+        model = self._load(name, version, f"fix the artifact or run `shoppulse models rollback {name}`")
+        if model is None:
+            return False
+        if isinstance(model, ShopperClassifier):
+            self.classifier = model
+        else:
+            self.recommender = model
+        log.info("serving %s version %s on %s", name, version, self.device)
+        return True
+
+    def _refresh_challenger(self, name: str) -> bool:
+        try:
+            challenger = self.registry.challenger(name)
+        except RegistryError as exc:
+            if self._tried_challenger[name] != str(exc):
+                self._tried_challenger[name] = str(exc)
+                self.load_errors += 1
+                log.error("%s; keeping the challenger already loaded, if any", exc)
+            return False
+        if challenger is None:
+            self._tried_challenger[name] = None
+            if self._challengers.pop(name, None) is None:
+                return False
+            log.info("challenger of %s cleared; serving the champion alone", name)
+            return True
+        written = (challenger, self._written(name, challenger.version))
+        if written == self._tried_challenger[name]:
+            return False
+        self._tried_challenger[name] = written  # tried once per write, good or bad
+        loaded = self._challengers.get(name)
+        if loaded is not None and loaded[2] == written[1]:
+            model: LoadedModel | None = loaded[1]  # same artifact, new mode/share/salt: no reload
+        else:
+            model = self._load(
+                name,
+                challenger.version,
+                f"fix the artifact, or end the trial with `shoppulse models clear-challenger {name}`",
+            )
+        if model is None:
+            return False
+        self._challengers[name] = (challenger, model, written[1])
+        log.info(
+            "challenger of %s: version %s in %s mode (share %.3f) on %s",
+            name,
+            challenger.version,
+            challenger.mode,
+            challenger.share,
+            self.device,
+        )
+        return True
+
+    def _load(self, name: str, version: str, remedy: str) -> LoadedModel | None:
+        """``name``/``version`` loaded and checked, or None (logged, counted) when it cannot serve.
+
+        Each candidate scores one row before it is swapped in: a model that loads but cannot run
+        (say, another input width) is refused here instead of failing every batch.
+        """
+        model: LoadedModel
+        try:
+            directory = self.registry.version_dir(name, version)
+            if name == CLASSIFIER_MODEL:
+                model = ShopperClassifier.load(directory, expected_feature_spec_hash=self.spec.hash, device=self.device)
+                with torch.inference_mode():
+                    model.predict_proba(np.zeros((1, self.spec.dim), dtype=np.float32))
+            else:
+                model = load_recommender(directory, device=self.device)
+                with torch.inference_mode():
+                    model.recommend([[]], k=self.top_k)
+        except (ArtifactError, RegistryError, OSError, ValueError, RuntimeError) as exc:
+            self.load_errors += 1
+            log.error(
+                "could not load %s version %s (%s); keeping the model already loaded — %s", name, version, exc, remedy
+            )
+            return None
+        return model
 
     def _written(self, name: str, version: str) -> tuple[str, int | None]:
         """A version and when its metadata was written: `shoppulse models migrate` rewrites a
@@ -169,16 +242,38 @@ class BatchScorer:
         if self.classifier is None:
             return [ShopperScores(s) for s in self.heuristic.score(states, features)]
         started = time.perf_counter()
-        probabilities = self.classifier.predict_proba(features)
+        results = [ShopperScores(scores) for scores in _classify(self.classifier, features)]
         self.timings.classifier_s = time.perf_counter() - started
-        churn, purchase = probabilities["churn"], probabilities["purchase"]
-        results = [ShopperScores({CHURN: float(c), PURCHASE: float(p)}) for c, p in zip(churn, purchase, strict=False)]
         if self.recommender is not None:
             started = time.perf_counter()
-            histories = [state.history_item_ids() for state in states]
-            for result, recommended in zip(results, self.recommender.recommend(histories, k=self.top_k), strict=False):
+            for result, recommended in zip(results, self._recommend(self.recommender, states), strict=True):
                 result.recommendations = recommended
             self.timings.nextitem_s = time.perf_counter() - started
+        return results
+
+    def _recommend(
+        self, recommender: VocabRecommender, states: Sequence[ShopperState]
+    ) -> list[list[tuple[str, float]]]:
+        return recommender.recommend([state.history_item_ids() for state in states], k=self.top_k)
+
+    @torch.inference_mode()
+    def score_challenger(
+        self, model: str, states: Sequence[ShopperState], features: np.ndarray
+    ) -> list[ShopperScores]:
+        """The challenger of ``model`` over the whole batch, one forward pass: for the classifier,
+        ``scores`` filled and no recommendations; for the next-item model, recommendations and no
+        scores. Raises ``LookupError`` when no challenger is loaded for ``model`` (see
+        :attr:`challengers`)."""
+        if model not in self._challengers:
+            raise LookupError(f"no challenger loaded for {model!r} (loaded: {sorted(self._challengers) or 'none'})")
+        loaded = self._challengers[model][1]
+        started = time.perf_counter()
+        if isinstance(loaded, ShopperClassifier):
+            results = [ShopperScores(scores) for scores in _classify(loaded, features)]
+            self.timings.challenger_classifier_s = time.perf_counter() - started
+            return results
+        results = [ShopperScores({}, recommended) for recommended in self._recommend(loaded, states)]
+        self.timings.challenger_nextitem_s = time.perf_counter() - started
         return results
 
     @torch.inference_mode()
@@ -206,3 +301,10 @@ class BatchScorer:
             order = np.argsort(-row)[:top]
             reasons.append([(names[j], round(float(row[j]), 4)) for j in order if row[j] > 0])
         return reasons
+
+
+def _classify(classifier: ShopperClassifier, features: np.ndarray) -> list[dict[str, float]]:
+    """Churn risk and purchase propensity per row, one forward pass."""
+    probabilities = classifier.predict_proba(features)
+    churn, purchase = probabilities["churn"], probabilities["purchase"]
+    return [{CHURN: float(c), PURCHASE: float(p)} for c, p in zip(churn, purchase, strict=True)]

@@ -1,4 +1,4 @@
-"""``shoppulse train`` and ``shoppulse models list|show|promote|rollback|migrate``.
+"""``shoppulse train`` and ``shoppulse models list|show|promote|rollback|clear-challenger|migrate``.
 
 ``--simulate`` trains on the shop simulator (:mod:`streams.sim.generator`: pure, no Kafka, the one
 part of ``streams/`` that ``models/`` may import). The event file reader here reads our message
@@ -12,6 +12,8 @@ Examples::
     shoppulse train --events var/traffic.jsonl --registry artifacts/models --report var/reports/latest
     shoppulse models list
     shoppulse models promote shopper-classifier 20240101T120000Z
+    shoppulse models promote nextitem 20240102T120000Z --as challenger --mode split --share 0.1
+    shoppulse models clear-challenger nextitem
     shoppulse models rollback nextitem
     shoppulse models migrate --dry-run
 """
@@ -31,7 +33,7 @@ from features.events import Event, InvalidEvent, parse_event
 from features.message_lines import read_message_lines
 
 if TYPE_CHECKING:
-    from .registry import ModelRegistry
+    from .registry import ModelInfo, ModelRegistry
     from .training import TrainingResult
 
 DAY_MS = 86_400_000
@@ -365,27 +367,82 @@ def _migrate(reg: ModelRegistry, dry_run: bool) -> int:
     return 1 if counts[FAILED] or before != after else 0
 
 
+def _role(version: str, info: ModelInfo) -> str:
+    """``champion``, ``challenger (split 10%)`` / ``challenger (shadow)``, or empty."""
+    from .registry import SPLIT
+
+    if version == info.current:
+        return "champion"
+    ch = info.challenger
+    if ch is not None and version == ch.version:
+        return f"challenger ({ch.mode}{f' {ch.share:.0%}' if ch.mode == SPLIT else ''})"
+    return ""
+
+
+def _share(text: str) -> float:
+    """argparse type for ``--share``: a fraction in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], not {value}")
+    return value
+
+
 def models_main(argv: Sequence[str] | None = None) -> int:
-    """``shoppulse models list|show|promote|rollback|migrate``; returns the exit status."""
+    """``shoppulse models list|show|promote|rollback|clear-challenger|migrate``; returns the exit status."""
     from .artifacts import ArtifactError, is_legacy
-    from .registry import ModelRegistry, RegistryError
+    from .registry import CHALLENGER_ALIAS, CHAMPION_ALIAS, MODES, SHADOW, SPLIT, ModelRegistry, RegistryError
 
     parser = argparse.ArgumentParser(
         prog="shoppulse models",
-        description="List, inspect, promote, roll back and migrate model versions in the registry.",
+        description="List, inspect, promote (as champion or challenger), roll back and migrate model "
+        "versions in the registry.",
     )
     parser.add_argument(
         "--registry", default=None, help="registry root (default: $SHOPPULSE_MODELS_DIR or artifacts/models)"
     )
     sub = parser.add_subparsers(dest="action", required=True)
-    sub.add_parser("list", help="models, their versions and which one is current")
+    sub.add_parser("list", help="models, their versions and which ones are champion and challenger")
     p = sub.add_parser("show", help="metadata of one version (default: the current one)")
     p.add_argument("model")
     p.add_argument("version", nargs="?")
-    p = sub.add_parser("promote", help="make VERSION the current version of MODEL (verifies it first)")
+    p = sub.add_parser(
+        "promote",
+        help="make VERSION the champion (current) version of MODEL, or put it on trial as the challenger "
+        "(verifies it first)",
+    )
     p.add_argument("model")
     p.add_argument("version")
+    p.add_argument(
+        "--as",
+        dest="role",
+        choices=(CHAMPION_ALIAS, CHALLENGER_ALIAS),
+        default=CHAMPION_ALIAS,
+        help="champion (default: served and published) or challenger (on trial against the champion)",
+    )
+    p.add_argument(
+        "--mode",
+        choices=MODES,
+        default=SHADOW,
+        help="challenger only: shadow (default; scored for every shopper, never published) or split "
+        "(published for --share of shoppers)",
+    )
+    p.add_argument(
+        "--share",
+        type=_share,
+        default=None,
+        help="challenger in split mode: the fraction of shoppers, in (0, 1], who get its results",
+    )
+    p.add_argument(
+        "--salt",
+        default=None,
+        help="challenger only: the shopper-hash salt of the split (default: a fresh random one, a new experiment)",
+    )
     p = sub.add_parser("rollback", help="return MODEL to the version current before the last promotion")
+    p.add_argument("model")
+    p = sub.add_parser("clear-challenger", help="end MODEL's trial: remove its challenger (the champion stays)")
     p.add_argument("model")
     p = sub.add_parser(
         "migrate",
@@ -413,7 +470,7 @@ def models_main(argv: Sequence[str] | None = None) -> int:
                         [
                             info.name,
                             version,
-                            "*" if version == info.current else "",
+                            _role(version, info),
                             str(meta.get("created", ""))[:19],
                             str(meta.get("feature_spec_hash") or "-"),
                             "old torch.save format: run `shoppulse models migrate`"
@@ -423,8 +480,8 @@ def models_main(argv: Sequence[str] | None = None) -> int:
                     )
                 if not info.versions:
                     rows.append([info.name, "(none)", "", "", "", ""])
-            print(f"registry {reg.root}  (* = current)")
-            _print_table(rows, ["model", "version", "cur", "created (UTC)", "feature spec", "metrics"])
+            print(f"registry {reg.root}  (champion = current, published; challenger = on trial)")
+            _print_table(rows, ["model", "version", "role", "created (UTC)", "feature spec", "metrics"])
             return 0
         if args.action == "show":
             shown: str | None = args.version or reg.current(args.model)
@@ -451,8 +508,25 @@ def models_main(argv: Sequence[str] | None = None) -> int:
             )
             return 0
         if args.action == "promote":
+            if args.role == CHALLENGER_ALIAS:
+                if (args.mode == SPLIT) != (args.share is not None):
+                    parser.error("--share is required with --mode split, and only then")
+                ch = reg.set_challenger(args.model, args.version, args.mode, args.share or 1.0, args.salt)
+                scope = f"{ch.share:.0%} of shoppers get its results" if ch.mode == SPLIT else "never published"
+                print(
+                    f"{ch.model}: challenger = {ch.version} ({ch.mode}, {scope}; salt {ch.salt}); "
+                    f"champion = {reg.current(ch.model)}"
+                )
+                return 0
+            if args.share is not None or args.salt is not None:
+                parser.error("--share and --salt only apply with --as challenger")
             info = reg.promote(args.model, args.version)
             print(f"{info.name}: current = {info.current} (previous: {', '.join(info.previous) or 'none'})")
+            return 0
+        if args.action == "clear-challenger":
+            cleared = reg.clear_challenger(args.model)
+            what = f"challenger {cleared.version} cleared" if cleared else "no challenger"
+            print(f"{args.model}: {what}; champion = {reg.current(args.model)}")
             return 0
         if args.action == "migrate":
             return _migrate(reg, args.dry_run)
