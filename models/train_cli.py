@@ -117,19 +117,27 @@ def read_events_archive(
 
 
 # ------------------------------------------------------------------------------ train
-def build_parser(prog: str = "shoppulse train") -> argparse.ArgumentParser:
+def build_parser(prog: str = "shoppulse train", description: str | None = None) -> argparse.ArgumentParser:
+    """The training options; ``shoppulse retrain`` (another ``prog``) takes them too but reads only
+    the archive, so it gets ``--archive`` alone as its source."""
     p = argparse.ArgumentParser(
         prog=prog,
-        description="Train churn/purchase and next-item models on an event log, "
+        description=description
+        or "Train churn/purchase and next-item models on an event log, "
         "evaluate them against baselines on a time split, write a report and register "
         "versioned artifacts.",
     )
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--events", metavar="PATH", help="message JSONL (shoppulse generate --out)")
-    src.add_argument(
-        "--simulate", metavar="N_SHOPPERS", type=int, help="train on the simulated shop with this many shoppers"
-    )
-    src.add_argument("--archive", metavar="DIR", help="the Parquet event archive `shoppulse archive` writes")
+    archive_help = "the Parquet event archive `shoppulse archive` writes"
+    if prog == "shoppulse train":
+        src = p.add_mutually_exclusive_group(required=True)
+        src.add_argument("--events", metavar="PATH", help="message JSONL (shoppulse generate --out)")
+        src.add_argument(
+            "--simulate", metavar="N_SHOPPERS", type=int, help="train on the simulated shop with this many shoppers"
+        )
+        src.add_argument("--archive", metavar="DIR", help=archive_help)
+    else:
+        p.add_argument("--archive", metavar="DIR", required=True, help=archive_help)
+        p.set_defaults(events=None, simulate=None)
     p.add_argument(
         "--days",
         type=float,

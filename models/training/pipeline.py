@@ -24,10 +24,10 @@ from ..names import CLASSIFIER_MODEL, NEXTITEM_MODEL
 from ..nextitem import VocabRecommender, resolve_device
 from ..registry import ModelRegistry, RegistryError
 from .config import TrainingConfig
-from .examples import build_examples
+from .examples import ExampleSet, build_examples
 from .fit_classifiers import fit_and_evaluate_classifiers
 from .fit_nextitem import fit_and_evaluate_nextitem
-from .split import make_time_split
+from .split import TimeSplit, make_time_split
 
 
 @dataclass
@@ -43,6 +43,8 @@ class TrainingResult:
             (the MLP or the logistic regression; SASRec, co-occurrence or their blend).
         timings: seconds per stage.
         report_paths: the written report's files by kind (set by whoever writes it).
+        examples / split: the labelled rows and the time split the models were judged on
+            (``shoppulse retrain`` scores the champion on the same evaluation rows).
     """
 
     version: str
@@ -53,6 +55,8 @@ class TrainingResult:
     recommender: VocabRecommender
     timings: dict[str, float]
     report_paths: dict[str, Path] = field(default_factory=dict)
+    examples: ExampleSet | None = None
+    split: TimeSplit | None = None
 
     @property
     def beats_baselines(self) -> bool:
@@ -244,6 +248,8 @@ def train_all(
         classifier,
         recommender,
         timings,
+        examples=ex,
+        split=split,
     )
 
 

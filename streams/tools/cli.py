@@ -29,6 +29,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "the input topics' valid events into date-partitioned Parquet files (SHOPPULSE_ARCHIVE_DIR)",
     ),
     "train": ("streams.tools.train", "train, evaluate and register the models (`shoppulse train --help`)"),
+    "retrain": (
+        "streams.tools.retrain",
+        "train on the archive's last N days; the candidate becomes the challenger only when it beats the champion",
+    ),
     "models": (
         "streams.tools.models",
         "the model registry: list | show | promote MODEL VERSION | rollback MODEL | migrate [--dry-run]",
@@ -36,7 +40,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench-nextitem": ("streams.tools.bench_nextitem", "next-item benchmark on a `user item item ...` file"),
 }
 #: Commands whose options belong to another module's parser: everything after the name goes there.
-PASS_THROUGH = ("train", "models", "bench-nextitem")
+PASS_THROUGH = ("train", "retrain", "models", "bench-nextitem")
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
