@@ -25,6 +25,8 @@ little data.
 
 from __future__ import annotations
 
+import argparse
+import copy
 import datetime as dt
 import json
 import shutil
@@ -48,6 +50,9 @@ DEFAULT_DAYS = 28.0
 TOP_K = 10
 _BATCH = 512
 CANDIDATE, CHAMPION = "candidate", "champion"
+#: The staging registry's folder prefix inside the registry (a dot-name: the registry lists no such model).
+STAGING_PREFIX = ".retrain-"
+STALE_STAGING_S = 86_400.0
 
 
 def _interval(diff: np.ndarray, n_boot: int, seed: int) -> list[float]:
@@ -290,11 +295,17 @@ def write_comparison(summary: dict[str, Any], out: Path, plots: bool) -> list[Pa
     return paths
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``shoppulse retrain``; returns the exit status (see the module docstring)."""
-    from .registry import ModelRegistry, RegistryError
-    from .train_cli import build_parser, config_from_args, load_events, train_and_report
-    from .training.pipeline import _json_safe
+def _remove_stale_staging(root: Path) -> None:
+    """Delete staging folders a killed run left (older than :data:`STALE_STAGING_S`; a run in progress
+    elsewhere is younger: the CronJob forbids overlapping runs, and one takes far less)."""
+    for folder in root.glob(f"{STAGING_PREFIX}*"):
+        if time.time() - folder.stat().st_mtime > STALE_STAGING_S:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def build_retrain_parser() -> argparse.ArgumentParser:
+    """``shoppulse retrain``'s options: ``shoppulse train``'s, with the archive as the only source."""
+    from .train_cli import build_parser
 
     parser = build_parser(
         "shoppulse retrain",
@@ -307,6 +318,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--share", type=float, default=0.1, help="with --mode split: the share of shoppers served it (default 0.1)"
     )
+    parser.add_argument(
+        "--reports",
+        default=str(Path("var") / "reports"),
+        help="without --report: each run writes its reports to retrain-<UTC time>/ under this folder "
+        "(default var/reports)",
+    )
+    parser.add_argument(
+        "--every-hours",
+        type=float,
+        default=0.0,
+        help="run again this many hours after each run started, until stopped (compose's schedule); 0 = once",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``shoppulse retrain``; returns the exit status (see the module docstring)."""
+    parser = build_retrain_parser()
     args = parser.parse_args(argv)
     if args.days is None:
         args.days = DEFAULT_DAYS
@@ -314,6 +343,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(max(1, args.threads))
+    if args.every_hours <= 0:
+        return retrain_once(args)
+    while True:
+        started = time.monotonic()
+        status = retrain_once(copy.copy(args))
+        wait_s = max(0.0, args.every_hours * 3600 - (time.monotonic() - started))
+        print(f"retrain: exit status {status}; next run in {wait_s / 3600:.1f} h", flush=True)
+        time.sleep(wait_s)
+
+
+def retrain_once(args: argparse.Namespace) -> int:
+    """One retrain run with parsed options; the exit status (see the module docstring)."""
+    from .registry import ModelRegistry, RegistryError
+    from .train_cli import config_from_args, load_events, train_and_report
+    from .training.pipeline import _json_safe
+
     t0 = time.perf_counter()
     loaded = load_events(args)
     if isinstance(loaded, int):
@@ -336,9 +381,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     registry.root.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     if args.report is None:
-        args.report = str(Path("var") / "reports" / f"retrain-{stamp}")
+        args.report = str(Path(args.reports) / f"retrain-{stamp}")
     args.no_promote = True
-    staging = Path(tempfile.mkdtemp(prefix=".retrain-", dir=registry.root))
+    _remove_stale_staging(registry.root)
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=registry.root))
     try:
         result = train_and_report(events, args, source, time.perf_counter() - t0, registry=str(staging))
         if result is None:

@@ -5,14 +5,19 @@ to ``SHOPPULSE_ARCHIVE_DIR``."""
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 
 from streams.config import Settings
+
+
+def retrain_argv(rest: Sequence[str], settings: Settings) -> list[str]:
+    """The options for ``models.retrain``: ``--archive SHOPPULSE_ARCHIVE_DIR`` unless given."""
+    if any(option == "--archive" or option.startswith("--archive=") for option in rest):
+        return list(rest)
+    return ["--archive", str(settings.archive_dir), *rest]
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from models.retrain import main as retrain_main
 
-    rest = list(args.rest)
-    if not any(option == "--archive" or option.startswith("--archive=") for option in rest):
-        rest = ["--archive", str(settings.archive_dir), *rest]
-    return retrain_main(rest)
+    return retrain_main(retrain_argv(args.rest, settings))
