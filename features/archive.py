@@ -23,6 +23,7 @@ tools. pyarrow only; no Kafka.
 from __future__ import annotations
 
 import datetime as dt
+import heapq
 import os
 import re
 import shutil
@@ -253,7 +254,10 @@ class ArchiveMessages:
 def archive_messages(
     root: Path, since_ms: int | None = None, until_ms: int | None = None, read: ArchiveMessages | None = None
 ) -> Iterator[tuple[str, bytes, bytes]]:
-    """``(topic_kind, key, value)`` of every archived event with ``since_ms <= ts_ms < until_ms``.
+    """``(topic_kind, key, value)`` of every archived event with ``since_ms <= ts_ms < until_ms``, in
+    ARRIVAL order per partition: each topic partition in offset order, the three input topics'
+    same-numbered partitions (one shopper's events, co-partitioned) merged by Kafka timestamp, as a
+    worker reading them would meet them. Training applies the worker's late-event rule in that order.
 
     Only date folders that can hold such events are opened: an event arrives at most a little
     before its event time (the validator's future-skew limit), so one day before ``since_ms``'s
@@ -262,19 +266,26 @@ def archive_messages(
     """
     read = read if read is not None else ArchiveMessages()
     since_date = utc_date(since_ms - DAY_MS) if since_ms is not None else None
-    covered: dict[tuple[str, int], list[tuple[int, int]]] = {}
-    for name, path in part_files(root, since_date):
-        ranges = covered.setdefault((name.topic, name.partition), [])
-        if any(first <= name.last_offset and name.first_offset <= last for first, last in ranges):
+    parts = sorted(
+        part_files(root, since_date), key=lambda item: (item[0].partition, item[0].topic, item[0].first_offset)
+    )
+    by_partition: dict[int, dict[str, list[tuple[int, str, bytes, bytes]]]] = {}
+    last_read: dict[tuple[str, int], int] = {}
+    for name, path in parts:
+        where = (name.topic, name.partition)
+        if name.first_offset <= last_read.get(where, -1):
             read.overlapping_parts.append(str(path))
             continue
-        ranges.append((name.first_offset, name.last_offset))
-        table = pq.read_table(path, columns=["topic_kind", "key", "value", "ts_ms"])
+        last_read[where] = name.last_offset
+        wanted = ["kafka_ts_ms", "topic_kind", "key", "value", "ts_ms"]
+        columns = pq.read_table(path, columns=wanted).to_pydict()
         read.parts += 1
-        columns = table.to_pydict()
-        for topic_kind, key, value, ts_ms in zip(
-            columns["topic_kind"], columns["key"], columns["value"], columns["ts_ms"], strict=True
-        ):
+        rows = by_partition.setdefault(name.partition, {}).setdefault(name.topic, [])
+        for arrived_ms, topic_kind, key, value, ts_ms in zip(*(columns[c] for c in wanted), strict=True):
             if (since_ms is None or ts_ms >= since_ms) and (until_ms is None or ts_ms < until_ms):
-                read.rows += 1
-                yield topic_kind, key, value
+                rows.append((arrived_ms, topic_kind, key, value))
+    for partition in sorted(by_partition):
+        topics = by_partition[partition]
+        for _, topic_kind, key, value in heapq.merge(*(topics[t] for t in sorted(topics)), key=lambda row: row[0]):
+            read.rows += 1
+            yield topic_kind, key, value

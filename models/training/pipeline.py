@@ -145,6 +145,7 @@ def train_all(
     training_data = {
         "source": cfg.source,
         "events": ex.counts["events"],
+        "late_events": ex.counts["late_events"],
         "applied_events": ex.counts["applied_events"],
         "duplicates": ex.counts["duplicates"],
         "shoppers": ex.counts["shoppers"],

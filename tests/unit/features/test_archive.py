@@ -150,3 +150,18 @@ def test_retention_deletes_whole_dates_older_than_the_setting(tmp_path: Path) ->
     assert sorted({name.date for name, _ in part_files(tmp_path)}) == sorted(
         utc_date(NOW_MS - d * DAY_MS) for d in (0, 1, 5)
     )
+
+
+def test_events_come_back_in_arrival_order_per_partition_across_the_topics(tmp_path: Path) -> None:
+    """One shopper's page views and cart changes share a partition number: read back merged by
+    arrival (Kafka timestamp), each topic partition in offset order, as the worker meets them."""
+    batch = [m for m in messages(200) if m.malformed_reason is None][:60]
+    arrivals = {m.value: NOW_MS - 60_000 + i * 1000 for i, m in enumerate(batch)}
+    for topic in ("shop.page_views", "shop.cart"):
+        mine = [m for i, m in enumerate(batch) if (i % 3 == 0) == (topic == "shop.cart")]
+        buffer = PartBuffer(topic, 0, utc_date(NOW_MS), 0)
+        for offset, m in enumerate(mine):
+            event = parse_event(m.topic_kind, m.key, m.value, NOW_MS)
+            buffer.add(offset, arrivals[m.value], m.topic_kind, m.key, m.value, event)
+        write_part(tmp_path, buffer)
+    assert [value for _, _, value in archive_messages(tmp_path)] == [m.value for m in batch]

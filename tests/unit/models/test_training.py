@@ -84,7 +84,7 @@ def shop_log(seed: int, users: int = 8, per_user: int = 40) -> list[Event]:
                         quantity=1,
                     )
                 )
-    events.append(events[5])  # a duplicate delivery
+    events.insert(6, events[5])  # a duplicate delivery (a retry right after it; hours later it would be LATE)
     return events
 
 
