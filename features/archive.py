@@ -27,7 +27,7 @@ import heapq
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +37,8 @@ import pyarrow.parquet as pq
 from features.events import Event
 
 DAY_MS = 86_400_000
+#: A message on its way to training: (arrival time in ms, topic kind, key, value).
+Row = tuple[int, str, bytes, bytes]
 #: Parquet compression: zstd keeps JSON values at a fraction of their size and every reader has it.
 COMPRESSION = "zstd"
 DATE_PREFIX = "date="
@@ -252,12 +254,13 @@ class ArchiveMessages:
 
 
 def archive_messages(
-    root: Path, since_ms: int | None = None, until_ms: int | None = None, read: ArchiveMessages | None = None
+    root: Path, since_ms: int | None = None, read: ArchiveMessages | None = None
 ) -> Iterator[tuple[str, bytes, bytes]]:
-    """``(topic_kind, key, value)`` of every archived event with ``since_ms <= ts_ms < until_ms``, in
+    """``(topic_kind, key, value)`` of every archived event from event time ``since_ms`` on, in
     ARRIVAL order per partition: each topic partition in offset order, the three input topics'
     same-numbered partitions (one shopper's events, co-partitioned) merged by Kafka timestamp, as a
-    worker reading them would meet them. Training applies the worker's late-event rule in that order.
+    worker reading them would meet them. Training applies the worker's late-event rule in that order
+    (no upper time bound here: newer events must be seen by that rule).
 
     Only date folders that can hold such events are opened: an event arrives at most a little
     before its event time (the validator's future-skew limit), so one day before ``since_ms``'s
@@ -269,7 +272,7 @@ def archive_messages(
     parts = sorted(
         part_files(root, since_date), key=lambda item: (item[0].partition, item[0].topic, item[0].first_offset)
     )
-    by_partition: dict[int, dict[str, list[tuple[int, str, bytes, bytes]]]] = {}
+    by_partition: dict[int, dict[str, list[Row]]] = {}
     last_read: dict[tuple[str, int], int] = {}
     for name, path in parts:
         where = (name.topic, name.partition)
@@ -282,10 +285,18 @@ def archive_messages(
         read.parts += 1
         rows = by_partition.setdefault(name.partition, {}).setdefault(name.topic, [])
         for arrived_ms, topic_kind, key, value, ts_ms in zip(*(columns[c] for c in wanted), strict=True):
-            if (since_ms is None or ts_ms >= since_ms) and (until_ms is None or ts_ms < until_ms):
+            if since_ms is None or ts_ms >= since_ms:  # older events change no late verdict of newer ones
                 rows.append((arrived_ms, topic_kind, key, value))
+    for _, topic_kind, key, value in arrival_order(by_partition):
+        read.rows += 1
+        yield topic_kind, key, value
+
+
+def arrival_order(by_partition: Mapping[int, Mapping[str, Sequence[Row]]]) -> Iterator[Row]:
+    """Rows ``(arrived_ms, ...)`` of partition number -> topic -> rows in offset order, in the order a
+    worker meets them: partition by partition, each partition's topics merged by arrival time with
+    every topic partition's own order kept (shoppers are co-partitioned, so this is each shopper's
+    arrival order)."""
     for partition in sorted(by_partition):
         topics = by_partition[partition]
-        for _, topic_kind, key, value in heapq.merge(*(topics[t] for t in sorted(topics)), key=lambda row: row[0]):
-            read.rows += 1
-            yield topic_kind, key, value
+        yield from heapq.merge(*(topics[t] for t in sorted(topics)), key=lambda row: row[0])

@@ -26,11 +26,13 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from features.events import Event, InvalidEvent, parse_event
 from features.message_lines import read_message_lines
+from features.offline import split_late
 
 if TYPE_CHECKING:
     from .registry import ModelInfo, ModelRegistry
@@ -92,9 +94,10 @@ def read_events_jsonl(path: str | Path, now_ms: int | None = None) -> tuple[list
 
 
 def read_events_archive(
-    root: str | Path, since_ms: int | None = None, until_ms: int | None = None, now_ms: int | None = None
+    root: str | Path, since_ms: int | None = None, now_ms: int | None = None
 ) -> tuple[list[Event], dict[str, Any]]:
-    """Valid events of the Parquet archive (``shoppulse archive``) with ``since_ms <= ts < until_ms``.
+    """Valid events of the Parquet archive (``shoppulse archive``) from event time ``since_ms`` on, in
+    each shopper's arrival order (training applies the worker's late-event rule to it).
 
     The archived message bytes are validated again, like any other source (:func:`parse_messages`).
     ``stats`` has ``dir``, ``parts``, ``rows``, ``valid``, ``invalid`` and ``overlapping_parts``
@@ -103,17 +106,27 @@ def read_events_archive(
     from features.archive import ArchiveMessages, archive_messages
 
     read = ArchiveMessages()
-    events, invalid = parse_messages(archive_messages(Path(root), since_ms, until_ms, read), now_ms)
+    events, invalid = parse_messages(archive_messages(Path(root), since_ms, read), now_ms)
     return events, {
         "dir": str(root),
         "since_ms": since_ms,
-        "until_ms": until_ms,
         "parts": read.parts,
         "rows": read.rows,
         "valid": len(events),
         "invalid": dict(sorted(invalid.items())),
         "overlapping_parts": read.overlapping_parts,
     }
+
+
+@dataclass(frozen=True)
+class TopicMessages:
+    """The input topics' messages for ``--from-kafka``: ``(topic_kind, key, value)`` in each shopper's
+    arrival order, the event-time range wanted, and a summary of what was read (topics, offsets)."""
+
+    messages: Sequence[tuple[str, bytes, bytes]]
+    since_ms: int | None
+    until_ms: int | None
+    summary: dict[str, Any]
 
 
 # ------------------------------------------------------------------------------ train
@@ -135,6 +148,16 @@ def build_parser(prog: str = "shoppulse train", description: str | None = None) 
             "--simulate", metavar="N_SHOPPERS", type=int, help="train on the simulated shop with this many shoppers"
         )
         src.add_argument("--archive", metavar="DIR", help=archive_help)
+        src.add_argument(
+            "--from-kafka",
+            action="store_true",
+            help="the input topics (KAFKA_BOOTSTRAP_SERVERS), each shopper's events in arrival order; with "
+            "--since/--until",
+        )
+        p.add_argument(
+            "--since", default=None, help="--from-kafka: events from this event time (epoch ms or ISO 8601, UTC)"
+        )
+        p.add_argument("--until", default=None, help="--from-kafka: events before this event time")
     else:
         p.add_argument("--archive", metavar="DIR", required=True, help=archive_help)
         p.set_defaults(events=None, simulate=None)
@@ -222,10 +245,19 @@ def config_from_args(args: argparse.Namespace, source: dict[str, Any]) -> Any:
     return replace(cfg, **changes)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``shoppulse train``; returns the exit status (0 ok, 1 training failed, 2 usage)."""
+def main(argv: Sequence[str] | None = None, topics: TopicMessages | None = None) -> int:
+    """``shoppulse train``; returns the exit status (0 ok, 1 training failed, 2 usage).
+
+    ``topics``: what ``--from-kafka`` trains on, read by the ``shoppulse train`` command (models/
+    never talks to Kafka).
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.from_kafka:
+        if topics is None:
+            print("error: --from-kafka is read by the `shoppulse train` command", file=sys.stderr)
+            return 2
+        args.topics = topics
     if args.threads is not None:
         import torch
 
@@ -254,6 +286,28 @@ def main(argv: Sequence[str] | None = None) -> int:
 def load_events(args: argparse.Namespace) -> tuple[list[Event], dict[str, Any]] | int:
     """The events ``--events``, ``--archive`` or ``--simulate`` names and a summary of where they came
     from (it goes into the artifacts), or the exit status when they cannot be read."""
+    if getattr(args, "from_kafka", False):
+        events, invalid = parse_messages(args.topics.messages)
+        since_ms, until_ms = args.topics.since_ms, args.topics.until_ms
+        # Cutting off older events first changes no late verdict of a kept one; the newer ones must
+        # stay until the late rule has run (they raise the watermark the worker judges by).
+        newer = [e for e in events if since_ms is None or e.ts_ms >= since_ms]
+        in_range = [e for e in split_late(newer)[0] if until_ms is None or e.ts_ms < until_ms]
+        skipped = sum(invalid.values())
+        print(
+            f"read {len(in_range):,} valid events in the time range from the input topics "
+            f"({len(events) - len(in_range):,} outside it, {skipped:,} invalid skipped"
+            f"{': ' + json.dumps(dict(sorted(invalid.items()))) if skipped else ''})",
+            file=sys.stderr,
+        )
+        return in_range, {
+            "kind": "kafka",
+            **args.topics.summary,
+            "since_ms": since_ms,
+            "until_ms": until_ms,
+            "valid": len(in_range),
+            "invalid": dict(sorted(invalid.items())),
+        }
     if args.archive is not None:
         if not Path(args.archive).is_dir():
             print(f"error: no archive at {args.archive} (`shoppulse archive` writes one)", file=sys.stderr)
