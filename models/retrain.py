@@ -67,14 +67,9 @@ def _interval(diff: np.ndarray, n_boot: int, seed: int) -> list[float]:
 def compare_classifiers(result: Any, champion: Any, n_boot: int, seed: int) -> dict[str, Any]:
     """Candidate against champion (both :class:`models.classifiers.ShopperClassifier`) on the candidate's
     evaluation rows; JSON-ready, with ``wins``, ``reason``, per-task metrics, deltas, intervals and curves."""
-    from .binary_metrics import (
-        RankedScores,
-        binary_metrics,
-        bootstrap_deltas,
-        bootstrap_mean_log_loss_delta,
-        reliability_bins,
-    )
+    from .binary_metrics import RankedScores, binary_metrics, bootstrap_deltas, reliability_bins
     from .labels import TASKS
+    from .training.select import select_classifier
 
     ex, split = result.examples, result.split
     users = np.asarray(ex.users)
@@ -108,16 +103,9 @@ def compare_classifiers(result: Any, champion: Any, n_boot: int, seed: int) -> d
             "roc": {name: RankedScores(preds[name][task], y).roc() for name in preds},
             "reliability": {name: reliability_bins(preds[name][task], y) for name in preds},
         }
-    mean_delta = float(np.mean([tasks[task]["delta"]["log_loss"] for task in TASKS]))
-    ci = bootstrap_mean_log_loss_delta(
-        [preds[CANDIDATE][t] for t in TASKS],
-        [preds[CHAMPION][t] for t in TASKS],
-        [ys[t] for t in TASKS],
-        [groups[t] for t in TASKS],
-        n_boot,
-        seed,
-    )
-    wins = mean_delta < 0 and (not ci or ci[1] < 0)
+    # The rule that chooses the MLP over the logistic regression, here on the evaluation rows.
+    rule = select_classifier(CANDIDATE, CHAMPION, preds, ys, groups, n_boot, seed)
+    wins, mean_delta, ci = rule["served"] == CANDIDATE, float(rule["delta_log_loss"]), rule["ci95"]
     shown = f"{mean_delta:+.4f}" + (f" [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else " (no bootstrap)")
     if wins:
         reason = f"lower mean log loss than the champion on the evaluation period: {shown}"

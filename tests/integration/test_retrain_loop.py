@@ -19,8 +19,10 @@ from models.names import CLASSIFIER_MODEL
 from models.registry import ModelRegistry
 from models.scoring import BatchScorer
 from models.train_cli import main as train
-from streams.kafka.clients import ensure_topics
-from streams.tools import generate, retrain
+from streams.kafka.clients import confluent_producer_config, ensure_topics
+from streams.kafka.producer import produce
+from streams.sim.generator import GeneratorConfig, ShopSimulator
+from streams.tools import retrain
 from streams.tools.cli import parse_args
 
 from .kafka_helpers import WorkerProcess, isolated_settings
@@ -41,11 +43,11 @@ def test_archived_traffic_retrained_becomes_the_challenger_the_worker_loads(brok
     weak = ["--simulate", "60", "--days", "21", "--items", "400", "--seed", "3", "--no-plots", "--version", "v0"]
     assert train([*weak, "--registry", str(registry_root), "--report", str(tmp_path / "r0"), *FAST]) == 0
 
-    # The demo's traffic (`shoppulse demo --clock simulated` in small): three weeks ending now.
-    traffic = parse_args(
-        ["generate", "--clock", "simulated", "--shoppers", "300", "--days", "21", "--count", "0", "--quiet"]
-    )
-    assert generate.run(traffic, settings) == 0
+    # The demo's traffic (`shoppulse demo --clock simulated` in small): three weeks of the simulated
+    # shop, at its fixed simulated time so that every run trains the same models (`--days` reaches it).
+    shop = ShopSimulator(GeneratorConfig(seed=21, n_shoppers=600, duration_days=21.0, n_items=400))
+    report = produce(shop.messages(), settings.topic_by_kind, confluent_producer_config(settings), progress=False)
+    assert report.failed == 0 and report.delivered > 10_000
 
     command = (
         "import sys; from streams.tools.cli import main; "
@@ -55,13 +57,14 @@ def test_archived_traffic_retrained_becomes_the_challenger_the_worker_loads(brok
     assert archiver.process.wait(timeout=180) == 0, archiver.log_tail()
     assert part_files(archive), archiver.log_tail()
 
-    report = tmp_path / "retrain-report"
-    argv = ["retrain", *FAST, "--registry", str(registry_root), "--report", str(report), "--version", "v1"]
+    report_dir = tmp_path / "retrain-report"
+    argv = ["retrain", *FAST, "--days", "36500", "--registry", str(registry_root), "--report", str(report_dir)]
+    argv += ["--version", "v1"]
     assert retrain.run(parse_args(argv), settings) == 0
 
     registry = ModelRegistry(registry_root)
     challenger = registry.challenger(CLASSIFIER_MODEL)
-    decision = json.loads((report / "comparison.json").read_text())["decisions"][CLASSIFIER_MODEL]
+    decision = json.loads((report_dir / "comparison.json").read_text())["decisions"][CLASSIFIER_MODEL]
     assert decision["wins"], decision["reason"]
     assert challenger is not None and (challenger.version, challenger.mode) == ("v1", "shadow")
     assert registry.current(CLASSIFIER_MODEL) == "v0"

@@ -53,6 +53,19 @@ def shop_log(seed: int, users: int = 12, per_user: int = 60) -> list[Event]:
     return events
 
 
+def assert_same_states(online: dict[str, ShopperState], offline: dict[str, ShopperState], now_ms: int) -> None:
+    """The same shoppers with the same feature rows at ``now_ms`` and the same recent items."""
+    assert sorted(online) == sorted(offline)
+    users = sorted(online)
+    np.testing.assert_allclose(
+        DEFAULT_FEATURE_SPEC.matrix([online[u] for u in users], now_ms),
+        DEFAULT_FEATURE_SPEC.matrix([offline[u] for u in users], now_ms),
+        rtol=1e-6,
+    )
+    for user in users:
+        assert online[user].recent_items() == offline[user].recent_items()
+
+
 def test_replay_yields_every_event_in_event_time_order():
     """Arrival out of order within the grace period: every event is kept and sorted into place."""
     log = shop_log(0)
@@ -85,17 +98,7 @@ def test_events_the_worker_rejects_as_late_in_arrival_order_are_left_out_exactly
     out = list(replay(scrambled, config))
     assert sorted(e.event_id for e, _, _ in out) == sorted(e.event_id for e in kept)
     assert all(outcome == APPLIED for _, outcome, _ in out)
-    offline = final_states(scrambled, config)
-    now = log[-1].ts_ms + HOUR_MS
-    users = sorted(online)
-    assert users == sorted(offline)
-    np.testing.assert_allclose(
-        DEFAULT_FEATURE_SPEC.matrix([online[u] for u in users], now),
-        DEFAULT_FEATURE_SPEC.matrix([offline[u] for u in users], now),
-        rtol=1e-6,
-    )
-    for user in users:
-        assert online[user].recent_items() == offline[user].recent_items()
+    assert_same_states(online, final_states(scrambled, config), log[-1].ts_ms + HOUR_MS)
 
 
 def test_rows_are_point_in_time():
@@ -155,14 +158,4 @@ def test_final_states_match_the_worker_fed_out_of_order_within_grace():
     for event in arrival:
         state = online.setdefault(event.user_id, ShopperState.new(event.user_id))
         assert state.update(event, config) == APPLIED
-    offline = final_states(log, config)
-    assert online.keys() == offline.keys()
-    now = log[-1].ts_ms + HOUR_MS
-    users = sorted(online)
-    np.testing.assert_allclose(
-        DEFAULT_FEATURE_SPEC.matrix([online[u] for u in users], now),
-        DEFAULT_FEATURE_SPEC.matrix([offline[u] for u in users], now),
-        rtol=1e-6,
-    )
-    for user in users:
-        assert online[user].recent_items() == offline[user].recent_items()
+    assert_same_states(online, final_states(log, config), log[-1].ts_ms + HOUR_MS)

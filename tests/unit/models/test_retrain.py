@@ -20,14 +20,18 @@ from models.train_cli import main as train
 from streams.sim.generator import GeneratorConfig, ShopSimulator
 
 ITEMS = 400
+#: --days that reach back to the simulator's fixed start (2024-01-01).
+EVERYTHING_DAYS = 36_500
 FAST = ["--quick", "--device", "cpu", "--threads", "1", "--no-progress", "--epochs", "4", "--nextitem-epochs", "1"]
 
 
-def archive_of_the_simulated_shop(root: Path, shoppers: int, days: float, seed: int = 21) -> int:
-    """The simulator's traffic of the last ``days`` as one archive part; returns the valid events."""
+def archive_of_the_simulated_shop(root: Path, shoppers: int, days: float, ending_now: bool, seed: int = 21) -> int:
+    """The simulator's traffic as one archive part, its ``days`` ending now or at the simulator's fixed
+    time (then every run trains on the same events: ``--days`` must reach back to it); returns the valid events."""
     now_ms = int(time.time() * 1000)
     config = GeneratorConfig(seed=seed, n_shoppers=shoppers, duration_days=days, n_items=ITEMS)
-    config = dataclasses.replace(config, start_ms=now_ms - config.span_ms)
+    if ending_now:
+        config = dataclasses.replace(config, start_ms=now_ms - config.span_ms)
     buffer = PartBuffer("shop.page_views", 0, utc_date(now_ms), 0)
     for offset, m in enumerate(ShopSimulator(config).messages()):
         try:
@@ -40,7 +44,7 @@ def archive_of_the_simulated_shop(root: Path, shoppers: int, days: float, seed: 
 
 
 def test_too_little_data_is_said_and_nothing_is_registered(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    archive_of_the_simulated_shop(tmp_path / "archive", 50, 6.0)
+    archive_of_the_simulated_shop(tmp_path / "archive", 50, 6.0, ending_now=True)
     registry = tmp_path / "registry"
     status = retrain(["--archive", str(tmp_path / "archive"), "--registry", str(registry), *FAST])
     assert status == EXIT_TOO_LITTLE_DATA
@@ -54,14 +58,15 @@ def test_a_winner_becomes_the_challenger_and_an_equal_candidate_is_left_out(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     archive, registry_root = tmp_path / "archive", tmp_path / "registry"
-    archive_of_the_simulated_shop(archive, 300, 21.0)
+    archive_of_the_simulated_shop(archive, 600, 21.0, ending_now=False)
     # A weak champion: one epoch on a small, different simulated shop.
     weak = ["--simulate", "60", "--days", "21", "--items", str(ITEMS), "--seed", "3", "--no-plots", "--version", "v0"]
     assert train([*weak, "--registry", str(registry_root), "--report", str(tmp_path / "r0"), *FAST]) == 0
     registry = ModelRegistry(registry_root)
 
     report = tmp_path / "r1"
-    argv = ["--archive", str(archive), "--registry", str(registry_root), *FAST]
+    # The fixed simulated time (the same events every run, so the same models on one CPU thread).
+    argv = ["--archive", str(archive), "--days", str(EVERYTHING_DAYS), "--registry", str(registry_root), *FAST]
     assert retrain([*argv, "--report", str(report), "--version", "v1"]) == 0
     comparison = json.loads((report / "comparison.json").read_text())
     classifier = comparison["decisions"][CLASSIFIER_MODEL]
