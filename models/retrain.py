@@ -35,13 +35,20 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from features.spec import DEFAULT_FEATURE_SPEC
 
 from .names import CLASSIFIER_MODEL, NEXTITEM_MODEL
+
+if TYPE_CHECKING:
+    from .classifiers import ShopperClassifier
+    from .labels import LabelConfig
+    from .nextitem import VocabRecommender
+    from .registry import ModelRegistry
+    from .training import TrainingConfig, TrainingResult
 
 #: Exit status when the archive holds too little for the label horizons.
 EXIT_TOO_LITTLE_DATA = 3
@@ -64,7 +71,7 @@ def _interval(diff: np.ndarray, n_boot: int, seed: int) -> list[float]:
     return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
 
 
-def compare_classifiers(result: Any, champion: Any, n_boot: int, seed: int) -> dict[str, Any]:
+def compare_classifiers(result: TrainingResult, champion: ShopperClassifier, n_boot: int, seed: int) -> dict[str, Any]:
     """Candidate against champion (both :class:`models.classifiers.ShopperClassifier`) on the candidate's
     evaluation rows; JSON-ready, with ``wins``, ``reason``, per-task metrics, deltas, intervals and curves."""
     from .binary_metrics import RankedScores, binary_metrics, bootstrap_deltas, reliability_bins
@@ -72,6 +79,7 @@ def compare_classifiers(result: Any, champion: Any, n_boot: int, seed: int) -> d
     from .training.select import select_classifier
 
     ex, split = result.examples, result.split
+    assert ex is not None and split is not None, "train_all keeps the rows and the split it judged on"
     users = np.asarray(ex.users)
     preds: dict[str, dict[str, np.ndarray]] = {CANDIDATE: {}, CHAMPION: {}}
     ys: dict[str, np.ndarray] = {}
@@ -125,7 +133,9 @@ def compare_classifiers(result: Any, champion: Any, n_boot: int, seed: int) -> d
     }
 
 
-def _gains(recommender: Any, histories: list[list[str]], targets: list[str]) -> tuple[np.ndarray, np.ndarray]:
+def _gains(
+    recommender: VocabRecommender, histories: list[list[str]], targets: list[str]
+) -> tuple[np.ndarray, np.ndarray]:
     """Per shopper: hit within the top :data:`TOP_K` (0/1) and the NDCG gain (1/log2(rank+1))."""
     hits = np.zeros(len(targets))
     gains = np.zeros(len(targets))
@@ -139,11 +149,14 @@ def _gains(recommender: Any, histories: list[list[str]], targets: list[str]) -> 
     return hits, gains
 
 
-def compare_recommenders(result: Any, champion: Any, labels: Any, n_boot: int, seed: int) -> dict[str, Any]:
+def compare_recommenders(
+    result: TrainingResult, champion: VocabRecommender, labels: LabelConfig, n_boot: int, seed: int
+) -> dict[str, Any]:
     """Candidate against champion recommender on every shopper's first interaction after the candidate's
     split (history: the items before it, excluded from the lists as when serving); JSON-ready."""
     from .labels import item_sequences, next_item_split
 
+    assert result.examples is not None and result.split is not None, "train_all keeps the rows and the split"
     targets = next_item_split(item_sequences(result.examples.applied, labels), result.split.split_ms).next
     if not len(targets):
         return {"wins": False, "reason": "no shopper has items on both sides of the split: nothing to compare on"}
@@ -177,7 +190,7 @@ def compare_recommenders(result: Any, champion: Any, labels: Any, n_boot: int, s
     }
 
 
-def _load_champion(registry: Any, model: str) -> tuple[str | None, Any, str | None]:
+def _load_champion(registry: ModelRegistry, model: str) -> tuple[str | None, Any, str | None]:
     """``(version, loaded model, why it cannot be compared)`` of ``model``'s champion."""
     from .artifacts import ArtifactError
     from .classifiers import ShopperClassifier
@@ -194,7 +207,7 @@ def _load_champion(registry: Any, model: str) -> tuple[str | None, Any, str | No
         return version, None, str(exc)
 
 
-def decide(registry: Any, result: Any, cfg: Any) -> dict[str, dict[str, Any]]:
+def decide(registry: ModelRegistry, result: TrainingResult, cfg: TrainingConfig) -> dict[str, dict[str, Any]]:
     """Per model kind: the comparison with its champion and whether the candidate wins."""
     decisions: dict[str, dict[str, Any]] = {}
     for model in (CLASSIFIER_MODEL, NEXTITEM_MODEL):
@@ -217,7 +230,7 @@ def decide(registry: Any, result: Any, cfg: Any) -> dict[str, dict[str, Any]]:
 
 
 def apply_decisions(
-    registry: Any, result: Any, decisions: dict[str, dict[str, Any]], mode: str, share: float
+    registry: ModelRegistry, result: TrainingResult, decisions: dict[str, dict[str, Any]], mode: str, share: float
 ) -> None:
     """Register each winner and make it the challenger (the champion when there is none); losers stay out."""
     for model, record in decisions.items():
