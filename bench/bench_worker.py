@@ -18,7 +18,13 @@ and on the same broker and topics:
   time from an output's triggering event ts to the moment a reader consumes the output
   (p50 / p99 over the outputs of that phase);
 * with ``--recovery``: time to ready after a restart with the data directory kept, and after
-  losing it (every shopper restored from the changelog).
+  losing it (every shopper restored from the changelog);
+* with ``--shadow``: each repeat runs the worker twice, alternating, on the same broker and events:
+  once serving the registry as it is, once with a shadow challenger for every model kind (each
+  champion registered again as ``<version>-shadow``: the same model twice, so the shadow costs one
+  more inference of the served size and whatever the pipeline does with it). Rows are recorded only
+  if the shadow runs measured challenger outcomes (``shoppulse_live_*{variant="challenger"}``): a
+  shadow path that does nothing is not a figure.
 
 Prints the figures and appends them, with this exact command, to BENCHMARKS.md.
 """
@@ -46,7 +52,11 @@ sys.path.insert(0, str(REPO))
 from confluent_kafka import Consumer, Producer, TopicPartition  # noqa: E402
 
 from bench.record import append_row, this_command, utc_now  # noqa: E402
+from models.live_compare import OPPORTUNITIES, OUTCOMES  # noqa: E402
+from models.live_sources import parse_exposition  # noqa: E402
+from models.registry import SHADOW, ModelRegistry  # noqa: E402
 from models.training import models_ready  # noqa: E402
+from models.variants import CHALLENGER  # noqa: E402
 from streams.config import Settings  # noqa: E402
 from streams.kafka.broker import EmbeddedBroker, free_port  # noqa: E402
 from streams.kafka.clients import (  # noqa: E402
@@ -294,6 +304,31 @@ def run_workers(
     return measured / elapsed, batches, total / max(batches, 1), workers
 
 
+def shadow_registry(models: Path, workdir: Path) -> Path:
+    """A copy of the registry ``models`` where each champion is also its own shadow challenger
+    (registered again as ``<version>-shadow``)."""
+    root = workdir / "shadow-registry"
+    shutil.copytree(models, root)
+    registry = ModelRegistry(root)
+    for info in registry.list_models():
+        if info.current is not None:
+            version = registry.register(
+                info.name, registry.version_dir(info.name, info.current), version=f"{info.current}-shadow"
+            )
+            registry.set_challenger(info.name, version, SHADOW)
+    return root
+
+
+def challenger_outcomes(workers: list[WorkerProcess]) -> float:
+    """Resolved outcomes the workers counted for challengers (recommendation lists and scores)."""
+    return sum(
+        value
+        for worker in workers
+        for name, labels, value in parse_exposition(worker.metrics_text())
+        if labels.get("variant") == CHALLENGER and name in (OPPORTUNITIES, OUTCOMES)
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=300_000)
@@ -339,6 +374,13 @@ def main() -> None:
         help="model registry the --compare-with checkout's worker serves (default: --models); for a revision "
         "that reads another artifact format, a registry of the same models in that format",
     )
+    parser.add_argument(
+        "--shadow",
+        action="store_true",
+        help="each repeat also runs the worker with a shadow challenger for every model (the champion "
+        "registered twice), alternating with the plain one, on the same broker and events (no latency or "
+        "recovery phase then)",
+    )
     parser.add_argument("--recovery", action="store_true", help="also measure restart and restore times")
     parser.add_argument(
         "--latency-fraction",
@@ -349,6 +391,12 @@ def main() -> None:
     parser.add_argument("--latency-s", type=float, default=20.0, help="length of each latency phase, in s")
     parser.add_argument("--no-record", action="store_true", help="print only; do not touch BENCHMARKS.md")
     args = parser.parse_args()
+    if args.shadow and args.compare_with is not None:
+        parser.error("--shadow and --compare-with each alternate two workers; run them separately")
+    if args.shadow and not models_ready(args.models):
+        parser.error(
+            f"--shadow needs trained models in {args.models} (`shoppulse train`): the heuristic has no challenger"
+        )
 
     workdir = Path(tempfile.mkdtemp(prefix="shoppulse-bench-"))
     try:
@@ -383,14 +431,20 @@ def measure(args: argparse.Namespace, workdir: Path) -> None:
         print(f"Faust no-op agent:         {per_event:,.0f} events/s (per-event stream, take_events)", flush=True)
         whole_fetch = faust_floor(settings, len(messages), batch_drain=True)
         print(f"Faust no-op agent:         {whole_fetch:,.0f} events/s (whole fetches, the worker's path)", flush=True)
-        # (checkout whose worker runs, its label): this one, and the one to compare with first
-        checkouts: list[tuple[Path | None, str]] = [(None, "this checkout")]
+        # (checkout whose worker runs or None for this one, its registry or None for --models, label)
+        arms: list[tuple[Path | None, str | Path | None, str]] = [(None, None, "this checkout")]
         if args.compare_with is not None:
-            checkouts.insert(0, (args.compare_with.resolve(), f"code of {git_revision(args.compare_with)}"))
+            code = f"code of {git_revision(args.compare_with)}"
+            arms.insert(0, (args.compare_with.resolve(), args.compare_models, code))
+        if args.shadow:
+            shadow = shadow_registry(Path(args.models), workdir)
+            arms = [(None, shadow, "shadow challenger"), (None, None, "no challenger")]
+        rows: list[str] = []
+        shadow_measured: list[float] = []
         workers: list[WorkerProcess] = []
         runs = 0
         for attempt in range(1, args.repeat + 1):
-            for checkout, code in checkouts if attempt % 2 else checkouts[::-1]:
+            for checkout, registry, code in arms if attempt % 2 else arms[::-1]:
                 for worker in workers:
                     worker.stop()
                 runs += 1
@@ -398,8 +452,8 @@ def measure(args: argparse.Namespace, workdir: Path) -> None:
                 run_settings = (
                     dataclasses.replace(settings, app_id=f"{settings.app_id}-{runs}") if runs > 1 else settings
                 )
-                if checkout is not None and args.compare_models is not None:
-                    run_settings = dataclasses.replace(run_settings, models_dir=Path(args.compare_models).resolve())
+                if registry is not None:
+                    run_settings = dataclasses.replace(run_settings, models_dir=Path(registry).resolve())
                 run_dir = workdir / f"run-{runs}"
                 run_dir.mkdir()
                 cpu_s = time.process_time()
@@ -423,18 +477,27 @@ def measure(args: argparse.Namespace, workdir: Path) -> None:
                     f"the bare loop; {batches:.0f} batches of {mean_batch:.0f} events on average)",
                     flush=True,
                 )
-                if not args.no_record:
-                    append_row(
-                        THROUGHPUT_SECTION,
-                        THROUGHPUT_HEADER,
-                        f"| {utc_now()} | {len(messages):,} | {args.shoppers:,} | {args.partitions} | {bare:,.0f} | "
-                        f"{per_event:,.0f} per event / {whole_fetch:,.0f} whole fetches | {worker_rate:,.0f} "
-                        f"| {worker_rate / bare:.2f} | {batches:.0f} | "
-                        f"{mean_batch:.0f} | {models}{'' if checkout is None else ', ' + code} | "
-                        f"{args.workers} | `{this_command()}` |",
-                    )
+                if args.shadow and registry is not None:
+                    shadow_measured.append(challenger_outcomes(workers))
+                    print(f"  shadow challengers: {shadow_measured[-1]:,.0f} resolved outcomes counted", flush=True)
+                rows.append(
+                    f"| {utc_now()} | {len(messages):,} | {args.shoppers:,} | {args.partitions} | {bare:,.0f} | "
+                    f"{per_event:,.0f} per event / {whole_fetch:,.0f} whole fetches | {worker_rate:,.0f} "
+                    f"| {worker_rate / bare:.2f} | {batches:.0f} | "
+                    f"{mean_batch:.0f} | {models}{'' if len(arms) == 1 else ', ' + code} | "
+                    f"{args.workers} | `{this_command()}` |"
+                )
 
-        if args.compare_with is not None:  # the last run may have been the other checkout's
+        if args.shadow and not all(shadow_measured):
+            print(
+                "NOT RECORDED: a shadow run counted no challenger outcomes, so this checkout's pipeline does not "
+                "run the shadow challenger and the comparison would measure nothing",
+                flush=True,
+            )
+        elif not args.no_record:
+            for row in rows:
+                append_row(THROUGHPUT_SECTION, THROUGHPUT_HEADER, row)
+        if len(arms) > 1:  # the last run may have been the other arm's
             for worker in workers:
                 worker.stop()
             print("latency and recovery phases skipped: they measure this checkout alone", flush=True)

@@ -14,7 +14,8 @@ loss and the metrics).
 * Metrics come from :mod:`models.binary_metrics` (written once, cross-checked against
   scikit-learn).
 * :class:`ShopperClassifier`: model + feature-spec hash; ``predict_proba(X)`` on any device;
-  artifacts record the feature-spec hash and loading refuses another one.
+  artifacts record the feature-spec hash and loading refuses another one, and the training
+  rows' distribution per feature (:mod:`models.drift`) that the worker's drift gauge compares to.
 
 Calibration re-uses the early-stopping validation rows (no third split), which is the usual
 compromise on small data; pass a separate calibration set to :func:`calibrate` to avoid it.
@@ -22,6 +23,7 @@ compromise on small data; pass a separate calibration set to :func:`calibrate` t
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -34,9 +36,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .binary_metrics import classification_metrics
+from .drift import FeatureDistribution
 from .nextitem import resolve_device, seed_everything, to_device
 
+log = logging.getLogger(__name__)
+
 MODEL_KIND = "shopper-classifier-mlp"
+#: ``metadata.json`` ``extra`` entry holding :meth:`FeatureDistribution.to_dict`.
+TRAINING_DISTRIBUTION_KEY = "training_distribution"
 DEFAULT_TASKS = ("churn", "purchase")
 
 
@@ -277,12 +284,23 @@ def train_classifier(
 
 
 class ShopperClassifier:
-    """A trained :class:`MultiTaskMLP` bound to the feature spec it was trained on."""
+    """A trained :class:`MultiTaskMLP` bound to the feature spec it was trained on.
 
-    def __init__(self, model: MultiTaskMLP, feature_spec_hash: str | None, version: str | None = None) -> None:
+    ``training_distribution``: the training rows' quantile bins per feature, or None for an
+    artifact written before it was stored (drift is then not measured for it).
+    """
+
+    def __init__(
+        self,
+        model: MultiTaskMLP,
+        feature_spec_hash: str | None,
+        version: str | None = None,
+        training_distribution: FeatureDistribution | None = None,
+    ) -> None:
         self.model = model.eval()
         self.feature_spec_hash = feature_spec_hash
         self.version = version
+        self.training_distribution = training_distribution
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -326,7 +344,8 @@ class ShopperClassifier:
             feature_spec_hash=self.feature_spec_hash,
             metrics=dict(metrics or {}),
             training_data=dict(training_data or {}),
-            extra=dict(extra or {}),
+            extra=dict(extra or {})
+            | ({TRAINING_DISTRIBUTION_KEY: self.training_distribution.to_dict()} if self.training_distribution else {}),
         )
 
     @classmethod
@@ -345,7 +364,36 @@ class ShopperClassifier:
                 f"artifact {directory} does not match the {MODEL_KIND} model code ({exc}); "
                 "retrain the model or load it with the code version that wrote it"
             ) from exc
-        return cls(model, art.metadata["feature_spec_hash"], art.metadata.get("version")).to(device)
+        version = art.metadata.get("version")
+        return cls(
+            model, art.metadata["feature_spec_hash"], version, _training_distribution(art.metadata, model.cfg, version)
+        ).to(device)
+
+
+def _training_distribution(
+    metadata: Mapping[str, Any], cfg: ClassifierConfig, version: str | None
+) -> FeatureDistribution | None:
+    """The artifact's training distribution; None (one log line) when it has none or it does not fit
+    the model: drift is an aid, a model without it still serves."""
+    entry = (metadata.get("extra") or {}).get(TRAINING_DISTRIBUTION_KEY)
+    if entry is None:
+        log.info("classifier version %s stores no training distribution; its feature drift is not measured", version)
+        return None
+    try:
+        distribution = FeatureDistribution.from_dict(entry)
+    except ValueError as exc:
+        log.warning("classifier version %s: %s; its feature drift is not measured", version, exc)
+        return None
+    if len(distribution.names) != cfg.input_dim:
+        log.warning(
+            "classifier version %s: training distribution has %d features, the model %d; its feature drift is "
+            "not measured",
+            version,
+            len(distribution.names),
+            cfg.input_dim,
+        )
+        return None
+    return distribution
 
 
 __all__: Sequence[str] = (

@@ -452,9 +452,76 @@ def _share(text: str) -> float:
     return value
 
 
-def models_main(argv: Sequence[str] | None = None) -> int:
-    """``shoppulse models list|show|promote|rollback|clear-challenger|migrate``; returns the exit status."""
+def _add_source_options(p: argparse.ArgumentParser, default_metrics_url: str | None) -> None:
+    """Where the live counters come from: the options of ``compare`` and ``promote-challenger``."""
+    source = p.add_mutually_exclusive_group()
+    source.add_argument(
+        "--metrics-url",
+        action="append",
+        default=None,
+        metavar="URL",
+        help="a worker's /metrics (repeat for every worker; their counts are summed); default "
+        f"{default_metrics_url or 'http://127.0.0.1:9108/metrics'} (the local worker's port)",
+    )
+    source.add_argument(
+        "--prometheus",
+        metavar="URL",
+        help="a Prometheus server scraping the workers (instead of the workers: that would count twice)",
+    )
+    p.add_argument("--window", help="with --prometheus: only outcomes of this last range (30m, 24h, 7d)")
+    p.add_argument("--alpha", type=float, default=None, help="two-sided significance level per metric (0.05)")
+    p.add_argument(
+        "--min-outcomes",
+        type=int,
+        default=None,
+        help="resolved outcomes each variant needs before a difference may count as significant (100)",
+    )
+    p.add_argument(
+        "--all-versions",
+        action="store_true",
+        help="count every version of each variant, not only the registry's champion and challenger",
+    )
+    p.add_argument("--timeout-s", type=float, default=10.0, help="HTTP timeout per request, in seconds (10)")
+
+
+def _compare(
+    args: argparse.Namespace, reg: ModelRegistry, models: Sequence[str], default_metrics_url: str | None
+) -> tuple[list[Any], str]:
+    """Read the live counters and compare champion against challenger for each of ``models`` (all
+    model kinds seen when empty); returns the comparisons and a description of the source."""
+    from .live_compare import DEFAULT_ALPHA, DEFAULT_MIN_OUTCOMES, collect, compare_kind
+    from .live_sources import query_prometheus, read_worker
+    from .names import CLASSIFIER_MODEL, NEXTITEM_MODEL
+    from .variants import CHALLENGER, CHAMPION
+
+    if args.prometheus:
+        samples = query_prometheus(args.prometheus, args.window, args.timeout_s)
+        source = f"Prometheus {args.prometheus}" + (f" (last {args.window})" if args.window else "")
+    else:
+        if args.window:
+            raise ValueError("--window needs --prometheus: a worker's counters cover its whole lifetime")
+        urls = args.metrics_url or [default_metrics_url or "http://127.0.0.1:9108/metrics"]
+        samples = [s for url in urls for s in read_worker(url, args.timeout_s)]
+        source = ", ".join(urls)
+    kinds = list(models) or sorted({CLASSIFIER_MODEL, NEXTITEM_MODEL} | {s[1].get("model", "") for s in samples} - {""})
+    versions: dict[tuple[str, str], str] = {}
+    if not args.all_versions:
+        for model in kinds:
+            champion, challenger = reg.current(model), reg.challenger(model)
+            if champion is not None and challenger is not None:
+                versions[(model, CHAMPION)] = champion
+                versions[(model, CHALLENGER)] = challenger.version
+    arms = collect(samples, versions)
+    alpha = DEFAULT_ALPHA if args.alpha is None else args.alpha
+    min_outcomes = DEFAULT_MIN_OUTCOMES if args.min_outcomes is None else args.min_outcomes
+    return [compare_kind(model, arms.get(model, {}), alpha, min_outcomes) for model in kinds], source
+
+
+def models_main(argv: Sequence[str] | None = None, default_metrics_url: str | None = None) -> int:
+    """``shoppulse models list|show|promote|rollback|clear-challenger|compare|promote-challenger|migrate``;
+    returns the exit status. ``default_metrics_url``: the local worker's /metrics (from its settings)."""
     from .artifacts import ArtifactError, is_legacy
+    from .live_sources import SourceError
     from .registry import CHALLENGER_ALIAS, CHAMPION_ALIAS, MODES, SHADOW, SPLIT, ModelRegistry, RegistryError
 
     parser = argparse.ArgumentParser(
@@ -487,7 +554,7 @@ def models_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--mode",
         choices=MODES,
-        default=SHADOW,
+        default=None,
         help="challenger only: shadow (default; scored for every shopper, never published) or split "
         "(published for --share of shoppers)",
     )
@@ -506,6 +573,25 @@ def models_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("model")
     p = sub.add_parser("clear-challenger", help="end MODEL's trial: remove its challenger (the champion stays)")
     p.add_argument("model")
+    p = sub.add_parser(
+        "compare",
+        help="champion against challenger on the workers' live outcomes, with 95%% intervals and tests; "
+        "exit 0 only when the challenger wins significantly (see docs/models.md)",
+    )
+    p.add_argument("--model", action="append", default=[], help="only this model kind (repeatable; default all)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    _add_source_options(p, default_metrics_url)
+    p = sub.add_parser(
+        "promote-challenger",
+        help="make MODEL's challenger its champion (the old champion is kept for rollback) and end the trial",
+    )
+    p.add_argument("model")
+    p.add_argument(
+        "--require-significant",
+        action="store_true",
+        help="only when `compare` says the challenger wins significantly on the live outcomes",
+    )
+    _add_source_options(p, default_metrics_url)
     p = sub.add_parser(
         "migrate",
         help="convert versions saved with torch.save to safetensors, in place (keeps the "
@@ -573,15 +659,15 @@ def models_main(argv: Sequence[str] | None = None) -> int:
             if args.role == CHALLENGER_ALIAS:
                 if (args.mode == SPLIT) != (args.share is not None):
                     parser.error("--share is required with --mode split, and only then")
-                ch = reg.set_challenger(args.model, args.version, args.mode, args.share or 1.0, args.salt)
+                ch = reg.set_challenger(args.model, args.version, args.mode or SHADOW, args.share or 1.0, args.salt)
                 scope = f"{ch.share:.0%} of shoppers get its results" if ch.mode == SPLIT else "never published"
                 print(
                     f"{ch.model}: challenger = {ch.version} ({ch.mode}, {scope}; salt {ch.salt}); "
                     f"champion = {reg.current(ch.model)}"
                 )
                 return 0
-            if args.share is not None or args.salt is not None:
-                parser.error("--share and --salt only apply with --as challenger")
+            if args.mode is not None or args.share is not None or args.salt is not None:
+                parser.error("--mode, --share and --salt only apply with --as challenger")
             info = reg.promote(args.model, args.version)
             print(f"{info.name}: current = {info.current} (previous: {', '.join(info.previous) or 'none'})")
             return 0
@@ -589,6 +675,32 @@ def models_main(argv: Sequence[str] | None = None) -> int:
             cleared = reg.clear_challenger(args.model)
             what = f"challenger {cleared.version} cleared" if cleared else "no challenger"
             print(f"{args.model}: {what}; champion = {reg.current(args.model)}")
+            return 0
+        if args.action == "compare":
+            from .live_compare import CHALLENGER_WINS, render_text
+
+            comparisons, source = _compare(args, reg, args.model, default_metrics_url)
+            if args.json:
+                print(json.dumps({"source": source, "models": [c.to_json() for c in comparisons]}, indent=2))
+            else:
+                print(render_text(comparisons, source))
+            judged = [c for c in comparisons if c.challenger_versions]
+            return 0 if judged and all(c.verdict == CHALLENGER_WINS for c in judged) else 1
+        if args.action == "promote-challenger":
+            from .live_compare import CHALLENGER_WINS
+
+            if args.require_significant:
+                (comparison,), source = _compare(args, reg, [args.model], default_metrics_url)
+                if comparison.verdict != CHALLENGER_WINS:
+                    print(
+                        f"error: not promoted: on the live outcomes from {source} the verdict for {args.model} is "
+                        f"{comparison.verdict!r}, not a significant challenger win (`shoppulse models compare "
+                        f"--model {args.model}` shows why)",
+                        file=sys.stderr,
+                    )
+                    return 1
+            info = reg.promote_challenger(args.model)
+            print(f"{info.name}: challenger promoted, champion = {info.current} (rollback to: {info.previous[-1]})")
             return 0
         if args.action == "migrate":
             return _migrate(reg, args.dry_run)
@@ -598,6 +710,9 @@ def models_main(argv: Sequence[str] | None = None) -> int:
     except (RegistryError, ArtifactError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except (SourceError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 __all__ = ("main", "models_main", "read_events_jsonl", "build_parser", "config_from_args")

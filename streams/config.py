@@ -174,6 +174,16 @@ SETTINGS_DOC: dict[str, tuple[str, str, str]] = {
         "604800000",
         "at most one alert per shopper in this long (ms, default 7 d)",
     ),
+    "drift_window_s": (
+        "SHOPPULSE_DRIFT_WINDOW_S",
+        "3600",
+        "feature drift (PSI) is measured over the rows scored in the last this many seconds (12 buckets)",
+    ),
+    "drift_min_rows": (
+        "SHOPPULSE_DRIFT_MIN_ROWS",
+        "1000",
+        "no PSI is exported while the drift window holds fewer scored rows than this",
+    ),
     "pseudonym_key": (
         "SHOPPULSE_PSEUDONYM_KEY",
         "",
@@ -277,6 +287,8 @@ class Settings:
     churn_alert_high: float = 0.7
     churn_alert_low: float = 0.5
     churn_alert_cooldown_ms: int = 604_800_000
+    drift_window_s: int = 3600
+    drift_min_rows: int = 1000
     pseudonym_key: str = field(default="", repr=False)
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9108
@@ -346,6 +358,8 @@ class Settings:
                 "SHOPPULSE_HISTORY_LEN, SHOPPULSE_EVICTION_INTERVAL_S and "
                 "SHOPPULSE_SILENT_SWEEP_INTERVAL_S must be at least 1"
             )
+        if self.drift_window_s < 1 or self.drift_min_rows < 1:
+            raise ConfigError("SHOPPULSE_DRIFT_WINDOW_S and SHOPPULSE_DRIFT_MIN_ROWS must be at least 1")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"SHOPPULSE_LOG_LEVEL={self.log_level!r}; use DEBUG, INFO, WARNING or ERROR")
         if self.log_format not in LOG_FORMATS:

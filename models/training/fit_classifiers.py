@@ -14,6 +14,7 @@ from features.spec import FeatureSpec
 
 from ..binary_metrics import RankedScores, binary_metrics, bootstrap_deltas, reliability_bins
 from ..classifiers import ClassifierConfig, ClassifierTrainConfig, MultiTaskMLP, calibrate, fit_platt, train_classifier
+from ..drift import FeatureDistribution
 from ..labels import MOMENT_NAMES, TASKS
 from ..nextitem import seed_everything
 from .config import TrainingConfig
@@ -142,7 +143,12 @@ def fit_and_evaluate_classifiers(
 
     Returns the (CPU) model to serve, the MLP or the logistic regression (both
     :class:`MultiTaskMLP`, calibrated), and the JSON-ready evaluation; ``info["selection"]``
-    says which and why.
+    says which and why, ``info["training_distribution"]`` holds the quantile bins per feature
+    (:meth:`models.drift.FeatureDistribution.to_dict`) of the rows after the events from the end of
+    the warm-up to the split (:attr:`ExampleSet.event_rows`): what the worker scores, the reference
+    of live drift.
+    The moments the models learn from would not do: one an hour per shopper plus daily sweeps of
+    idle shoppers put PSI near 10 on ``views_1h`` for unchanged traffic (bench/bench_drift.py).
     """
     masks = {task: split.masks(ex.ts, task) for task in TASKS}
     labelled = {task: ~np.isnan(ex.y[:, t]) for t, task in enumerate(TASKS)}
@@ -282,5 +288,9 @@ def fit_and_evaluate_classifiers(
             "calibration": "Platt scaling fitted on the training (fit) rows",
         },
         "architecture": {"hidden": list(cfg.hidden), "dropout": cfg.dropout, "calibration": cfg.calibration},
+        "training_distribution": FeatureDistribution.fit(
+            ex.event_rows[(ex.event_ts >= split.start_ms + split.warmup_ms) & (ex.event_ts < split.split_ms)],
+            spec.names,
+        ).to_dict(),
     }
     return (mlp if selection["served"] == METHOD_MODEL else logreg), info

@@ -19,6 +19,7 @@ from features.spec import DEFAULT_FEATURE_SPEC, FeatureSpec
 
 from ..artifacts import ArtifactError, is_legacy
 from ..classifiers import ShopperClassifier
+from ..drift import FeatureDistribution
 from ..labels import TASKS
 from ..names import CLASSIFIER_MODEL, NEXTITEM_MODEL
 from ..nextitem import VocabRecommender, resolve_device
@@ -141,7 +142,13 @@ def train_all(
 
     registry = ModelRegistry(out_registry_root)
     version = _new_version(registry, cfg.version)
-    classifier = ShopperClassifier(served_classifier, spec.hash, version)
+    # the training distribution goes into the artifact (the worker's drift reference), not the report
+    classifier = ShopperClassifier(
+        served_classifier,
+        spec.hash,
+        version,
+        training_distribution=FeatureDistribution.from_dict(cls_info.pop("training_distribution")),
+    )
     training_data = {
         "source": cfg.source,
         "events": ex.counts["events"],

@@ -46,6 +46,7 @@ from streams.logs import worker_logging_config
 from streams.worker.alerts import AlertPolicy
 from streams.worker.batch_consumer import MicroBatcher
 from streams.worker.checkpoint import Checkpoint
+from streams.worker.drift import DriftGauge
 from streams.worker.faust_seam import BatchDrainConsumer, BatchingApp, SeamBroken, TableStore, set_fetch_max_wait_ms
 from streams.worker.health import Health
 from streams.worker.metrics import HealthState, MetricsServer, WorkerMetrics
@@ -110,6 +111,9 @@ class ScoringWorker:
         self.state_config = StateConfig(
             grace_ms=settings.grace_ms, history_len=settings.history_len, retention_ms=settings.retention_ms
         )
+        self.drift = DriftGauge(
+            self.scorer, self.metrics.feature_psi, settings.drift_window_s, settings.drift_min_rows
+        )
         self.processor = BatchProcessor(
             topic_kinds=dict(zip(settings.input_topics, ("page_view", "cart", "order"), strict=False)),
             state_config=self.state_config,
@@ -121,6 +125,7 @@ class ScoringWorker:
                 settings.churn_alert_high, settings.churn_alert_low, settings.churn_alert_cooldown_ms
             ),
             pseudonym_key=settings.pseudonym_key.encode(),
+            feature_watch=self.drift.observe,
         )
         self.health = Health(self.app, settings, self.metrics, self.health_state)
         self.checkpoint: Checkpoint  # and self.sweeps: their producers connect only when the worker runs

@@ -138,6 +138,13 @@ class WorkerMetrics:
             ["topic", "partition"],
             registry=r,
         )
+        self.feature_psi = Gauge(
+            "shoppulse_live_feature_psi",
+            "Population Stability Index of each feature over the drift window, against the served "
+            "classifier's training rows (absent while the window holds too few rows)",
+            ["model", "version", "feature"],
+            registry=r,
+        )
         self.ready = Gauge(
             "shoppulse_ready",
             "1 when a broker connection is up, partitions are assigned and tables recovered",
@@ -169,6 +176,7 @@ METRIC_NAMES = (
     "shoppulse_model_load_errors_total",
     "shoppulse_silent_rescored_total",
     "shoppulse_consumer_lag",
+    "shoppulse_live_feature_psi",
     "shoppulse_ready",
 )
 

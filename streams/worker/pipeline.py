@@ -181,6 +181,8 @@ class BatchProcessor:
         alert_policy: churn alert thresholds and cooldown (ms).
         pseudonym_key: when set, outputs carry ``HMAC-SHA256(pseudonym_key, user_id)`` (32 hex
             characters) instead of the user id: stable per shopper, not reversible without the key.
+        feature_watch: called with the feature rows of every batch's shoppers scored after an event
+            (the drift gauge; the silent-shopper sweep's rows are left out).
     """
 
     def __init__(
@@ -193,6 +195,7 @@ class BatchProcessor:
         metrics: WorkerMetrics,
         alert_policy: AlertPolicy = AlertPolicy(),
         pseudonym_key: bytes = b"",
+        feature_watch: Callable[[np.ndarray], None] | None = None,
     ) -> None:
         self.topic_kinds = dict(topic_kinds)
         self.state_config = state_config
@@ -202,6 +205,7 @@ class BatchProcessor:
         self.metrics = metrics
         self.alert_policy = alert_policy
         self.pseudonym_key = pseudonym_key
+        self.feature_watch = feature_watch
         self._consumed = {topic: metrics.events_consumed.labels(topic) for topic in self.topic_kinds}
 
     def process(self, messages: Iterable[InputMessage], load: StateLoader, now_ms: int | None = None) -> BatchOutcome:
@@ -310,6 +314,8 @@ class BatchProcessor:
         """One forward pass per model for the batch, then results and alert decisions per shopper."""
         self.scorer.refresh()
         features = self.spec.matrix(states, now)
+        if self.feature_watch is not None:  # the rows scored after events, as the drift reference has them
+            self.feature_watch(features[[shopper.trigger_event_id is not None for shopper in touched]])
         started = time.perf_counter()
         scored = self.scorer.score(states, features)
         self.metrics.inference_seconds.observe(time.perf_counter() - started)

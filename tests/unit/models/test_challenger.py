@@ -156,13 +156,17 @@ def test_cli_promotes_lists_and_clears_a_challenger(registry, capsys):
         [*argv, "--mode", "shadow", "--share", "0.5"],
         [*argv, "--mode", "split", "--share", "2"],
         ["--registry", root, "promote", CLASSIFIER_MODEL, "v3", "--share", "0.5"],
+        ["--registry", root, "promote", CLASSIFIER_MODEL, "v3", "--mode", "split"],  # a champion has no mode
     ):
         with pytest.raises(SystemExit) as exc:
             models_main(bad)
         assert exc.value.code == 2, bad
     assert models_main([*argv[:-3], "v1", "--as", "challenger"]) == 1  # the champion cannot challenge itself
+    assert models_main(["--registry", root, "promote", CLASSIFIER_MODEL, "v3", "--as", "challenger"]) == 0
+    shadow = registry.challenger(CLASSIFIER_MODEL)
+    assert shadow is not None and (shadow.version, shadow.mode, shadow.share) == ("v3", SHADOW, 1.0)
     assert models_main(["--registry", root, "clear-challenger", CLASSIFIER_MODEL]) == 0
-    assert "challenger v2 cleared" in capsys.readouterr().out
+    assert "challenger v3 cleared" in capsys.readouterr().out
     assert registry.challenger(CLASSIFIER_MODEL) is None and registry.current(CLASSIFIER_MODEL) == "v1"
 
 

@@ -16,6 +16,7 @@ from models.classifiers import (
     fit_temperature,
     train_classifier,
 )
+from models.drift import FeatureDistribution
 
 torch.set_num_threads(1)
 
@@ -79,3 +80,22 @@ def test_artifact_round_trip_and_feature_spec_mismatch(tmp_path):
         back.predict_proba(np.zeros((2, 5), dtype=np.float32))
     with pytest.raises(ValueError, match="NaN"):
         train_classifier(np.full((4, 6), np.nan), yt[:4], xt[:2], yt[:2], tcfg=tc)
+
+
+def test_artifact_keeps_the_training_distribution_and_old_artifacts_load_without_it(tmp_path, caplog):
+    xt, yt = synthetic(400, 0)
+    tc = ClassifierTrainConfig(epochs=1, device="cpu", progress=False)
+    model, _ = train_classifier(xt, yt, xt[:100], yt[:100], ClassifierConfig(input_dim=6), tc)
+    names = tuple(f"f{j}" for j in range(6))
+    dist = FeatureDistribution.fit(xt, names)
+    path = ShopperClassifier(model, "abc123", training_distribution=dist).save(tmp_path / "v1", "v1")
+    back = ShopperClassifier.load(path, expected_feature_spec_hash="abc123").training_distribution
+    assert back is not None and back.names == names
+    np.testing.assert_array_equal(back.bin_counts(xt), dist.bin_counts(xt))
+
+    old = ShopperClassifier(model, "abc123").save(tmp_path / "v0", "v0")  # as written before drift existed
+    with caplog.at_level("INFO", logger="models.classifiers"):
+        loaded = ShopperClassifier.load(old, expected_feature_spec_hash="abc123")
+    assert loaded.training_distribution is None
+    assert "v0 stores no training distribution" in caplog.text
+    np.testing.assert_array_equal(loaded.predict_proba(xt)["churn"], model.predict_proba(torch.as_tensor(xt))[:, 0])

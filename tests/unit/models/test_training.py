@@ -220,6 +220,9 @@ def test_shoppulse_train_registers_loadable_artifacts_and_writes_the_report(tmp_
     clf = ShopperClassifier.load(registry.current_dir(CLASSIFIER_MODEL), expected_feature_spec_hash=spec_hash)
     probs = clf.predict_proba(np.zeros((3, DEFAULT_FEATURE_SPEC.dim), np.float32))
     assert set(probs) == {"churn", "purchase"} and ((probs["churn"] > 0) & (probs["churn"] < 1)).all()
+    dist = clf.training_distribution  # the fit rows' bins: the reference of the worker's drift gauge
+    assert dist is not None and dist.names == DEFAULT_FEATURE_SPEC.names and dist.rows > 100
+    np.testing.assert_allclose(dist.shares.sum(axis=1), 1.0)
     with pytest.raises(ArtifactError):
         ShopperClassifier.load(registry.current_dir(CLASSIFIER_MODEL), expected_feature_spec_hash="0" * 16)
     meta = load_artifact(registry.current_dir(CLASSIFIER_MODEL)).metadata
@@ -242,6 +245,7 @@ def test_shoppulse_train_registers_loadable_artifacts_and_writes_the_report(tmp_
 
     report = json.loads((rep / "report.json").read_text())
     assert report["version"] == "v1" and report["feature_spec_hash"] == spec_hash
+    assert "training_distribution" not in report["classifiers"]  # kept in the artifact only
     assert set(report["nextitem"]["metrics"]) == {"next", "next_new"}
     for name in ("reliability_churn", "reliability_purchase", "roc_churn", "roc_purchase", "nextitem"):
         assert (rep / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
