@@ -128,7 +128,8 @@ def render_text(report: Mapping[str, Any]) -> str:
         f"torch threads {report.get('torch_threads')}",
         "",
         "DATA",
-        f"  {data['events']:,} events ({data['applied_events']:,} applied, {data['duplicates']:,} duplicates), "
+        f"  {data['events']:,} events ({data['applied_events']:,} applied, {data['duplicates']:,} duplicates, "
+        f"{data.get('late_events', 0):,} late: rejected as the worker rejects them), "
         f"{data['shoppers']:,} shoppers, {data['observed_from']} .. {data['observed_until']}",
         f"  scoring moments: {data['moments']['event']:,} after events (at most one per shopper per hour), "
         f"{data['moments']['sweep']:,} at the daily sweep",

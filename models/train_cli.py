@@ -25,72 +25,148 @@ import json
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from features.events import Event, InvalidEvent, parse_event
 from features.message_lines import read_message_lines
+from features.offline import split_late
 
 if TYPE_CHECKING:
     from .registry import ModelInfo, ModelRegistry
+    from .training import TrainingResult
 
 DAY_MS = 86_400_000
 HOUR_MS = 3_600_000
 
 
-# ------------------------------------------------------------------------------ events file
+# ------------------------------------------------------------------------------ event sources
+def parse_messages(
+    messages: Iterable[tuple[str, bytes, bytes] | ValueError], now_ms: int | None = None
+) -> tuple[list[Event], Counter[str]]:
+    """Validate ``(topic_kind, key, value)`` messages with the worker's validator: the valid events
+    and the invalid ones counted by ``InvalidEvent.reason`` (a ``ValueError`` item, a record that
+    is not a message, counts as ``not_a_message_line``). Every training source goes through here.
+
+    ``now_ms`` (default: the wall clock) is the "now" of the contract's future-timestamp check.
+    """
+    now = int(time.time() * 1000) if now_ms is None else int(now_ms)
+    events: list[Event] = []
+    invalid: Counter[str] = Counter()
+    for message in messages:
+        if isinstance(message, ValueError):
+            invalid["not_a_message_line"] += 1
+            continue
+        try:
+            events.append(parse_event(*message, now))
+        except InvalidEvent as exc:
+            invalid[exc.reason] += 1
+        except ValueError:  # unknown topic kind
+            invalid["unknown_topic_kind"] += 1
+    return events, invalid
+
+
 def read_events_jsonl(path: str | Path, now_ms: int | None = None) -> tuple[list[Event], dict[str, Any]]:
     """Valid events of a message JSONL file and what was skipped.
 
     Returns ``(events, stats)``; ``stats`` has ``lines``, ``valid``, ``invalid`` (count per
     ``InvalidEvent.reason``, plus ``not_a_message_line`` for lines that are not message
-    records) and the file's ``sha256``. ``now_ms`` (default: the wall clock) is the "now" of the
-    contract's future-timestamp check.
+    records) and the file's ``sha256``.
     """
     from .artifacts import sha256_file
 
-    now = int(time.time() * 1000) if now_ms is None else int(now_ms)
-    events: list[Event] = []
-    invalid: Counter[str] = Counter()
-    lines = 0
-    for _, message in read_message_lines(path):
-        lines += 1
-        if isinstance(message, ValueError):
-            invalid["not_a_message_line"] += 1
-            continue
-        try:
-            events.append(parse_event(message.topic_kind, message.key, message.value, now))
-        except InvalidEvent as exc:
-            invalid[exc.reason] += 1
-        except ValueError:  # unknown topic kind
-            invalid["unknown_topic_kind"] += 1
+    lines = [0]
+
+    def messages() -> Iterator[tuple[str, bytes, bytes] | ValueError]:
+        for _, message in read_message_lines(path):
+            lines[0] += 1
+            yield message if isinstance(message, ValueError) else (message.topic_kind, message.key, message.value)
+
+    events, invalid = parse_messages(messages(), now_ms)
     return events, {
-        "lines": lines,
+        "lines": lines[0],
         "valid": len(events),
         "invalid": dict(sorted(invalid.items())),
         "sha256": sha256_file(path),
     }
 
 
+def read_events_archive(
+    root: str | Path, since_ms: int | None = None, now_ms: int | None = None
+) -> tuple[list[Event], dict[str, Any]]:
+    """Valid events of the Parquet archive (``shoppulse archive``) from event time ``since_ms`` on, in
+    each shopper's arrival order (training applies the worker's late-event rule to it).
+
+    The archived message bytes are validated again, like any other source (:func:`parse_messages`).
+    ``stats`` has ``dir``, ``parts``, ``rows``, ``valid``, ``invalid`` and ``overlapping_parts``
+    (parts skipped because their offsets were read already; the archiver never writes any).
+    """
+    from features.archive import ArchiveMessages, archive_messages
+
+    read = ArchiveMessages()
+    events, invalid = parse_messages(archive_messages(Path(root), since_ms, read), now_ms)
+    return events, {
+        "dir": str(root),
+        "since_ms": since_ms,
+        "parts": read.parts,
+        "rows": read.rows,
+        "valid": len(events),
+        "invalid": dict(sorted(invalid.items())),
+        "overlapping_parts": read.overlapping_parts,
+    }
+
+
+@dataclass(frozen=True)
+class TopicMessages:
+    """The input topics' messages for ``--from-kafka``: ``(topic_kind, key, value)`` in each shopper's
+    arrival order, the event-time range wanted, and a summary of what was read (topics, offsets)."""
+
+    messages: Sequence[tuple[str, bytes, bytes]]
+    since_ms: int | None
+    until_ms: int | None
+    summary: dict[str, Any]
+
+
 # ------------------------------------------------------------------------------ train
-def build_parser(prog: str = "shoppulse train") -> argparse.ArgumentParser:
+def build_parser(prog: str = "shoppulse train", description: str | None = None) -> argparse.ArgumentParser:
+    """The training options; ``shoppulse retrain`` (another ``prog``) takes them too but reads only
+    the archive, so it gets ``--archive`` alone as its source."""
     p = argparse.ArgumentParser(
         prog=prog,
-        description="Train churn/purchase and next-item models on an event log, "
+        description=description
+        or "Train churn/purchase and next-item models on an event log, "
         "evaluate them against baselines on a time split, write a report and register "
         "versioned artifacts.",
     )
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--events", metavar="PATH", help="message JSONL (shoppulse generate --out)")
-    src.add_argument(
-        "--simulate", metavar="N_SHOPPERS", type=int, help="train on the simulated shop with this many shoppers"
-    )
+    archive_help = "the Parquet event archive `shoppulse archive` writes"
+    if prog == "shoppulse train":
+        src = p.add_mutually_exclusive_group(required=True)
+        src.add_argument("--events", metavar="PATH", help="message JSONL (shoppulse generate --out)")
+        src.add_argument(
+            "--simulate", metavar="N_SHOPPERS", type=int, help="train on the simulated shop with this many shoppers"
+        )
+        src.add_argument("--archive", metavar="DIR", help=archive_help)
+        src.add_argument(
+            "--from-kafka",
+            action="store_true",
+            help="the input topics (KAFKA_BOOTSTRAP_SERVERS), each shopper's events in arrival order; with "
+            "--since/--until",
+        )
+        p.add_argument(
+            "--since", default=None, help="--from-kafka: events from this event time (epoch ms or ISO 8601, UTC)"
+        )
+        p.add_argument("--until", default=None, help="--from-kafka: events before this event time")
+    else:
+        p.add_argument("--archive", metavar="DIR", required=True, help=archive_help)
+        p.set_defaults(events=None, simulate=None)
     p.add_argument(
         "--days",
         type=float,
         default=None,
-        help="simulated days (default: 28 with --quick, else 56: a 14-day churn horizon needs > 28 days)",
+        help="--simulate: simulated days (default: 28 with --quick, else 56: a 14-day churn horizon needs > 28 "
+        "days); --archive: the last N days up to now (default: everything archived)",
     )
     p.add_argument("--seed", type=int, default=7, help="simulator and training seed (default 7)")
     p.add_argument(
@@ -169,17 +245,91 @@ def config_from_args(args: argparse.Namespace, source: dict[str, Any]) -> Any:
     return replace(cfg, **changes)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``shoppulse train``; returns the exit status (0 ok, 1 training failed, 2 usage)."""
+def main(argv: Sequence[str] | None = None, topics: TopicMessages | None = None) -> int:
+    """``shoppulse train``; returns the exit status (0 ok, 1 training failed, 2 usage).
+
+    ``topics``: what ``--from-kafka`` trains on, read by the ``shoppulse train`` command (models/
+    never talks to Kafka).
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.days is None:
-        args.days = 28.0 if args.quick else 56.0
+    if args.from_kafka:
+        if topics is None:
+            print("error: --from-kafka is read by the `shoppulse train` command", file=sys.stderr)
+            return 2
+        args.topics = topics
     if args.threads is not None:
         import torch
 
         torch.set_num_threads(max(1, args.threads))
     t0 = time.perf_counter()
+    loaded = load_events(args)
+    if isinstance(loaded, int):
+        return loaded
+    events, source = loaded
+    if not events:
+        print("error: no valid events to train on", file=sys.stderr)
+        return 1
+    read_s = time.perf_counter() - t0
+    result = train_and_report(events, args, source, read_s)
+    if result is None:
+        return 1
+    if not result.beats_baselines:
+        print(
+            "warning: the churn/purchase MLP does not beat every baseline on every metric of the evaluation "
+            "period; see the report",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def load_events(args: argparse.Namespace) -> tuple[list[Event], dict[str, Any]] | int:
+    """The events ``--events``, ``--archive`` or ``--simulate`` names and a summary of where they came
+    from (it goes into the artifacts), or the exit status when they cannot be read."""
+    if getattr(args, "from_kafka", False):
+        events, invalid = parse_messages(args.topics.messages)
+        since_ms, until_ms = args.topics.since_ms, args.topics.until_ms
+        # Cutting off older events first changes no late verdict of a kept one; the newer ones must
+        # stay until the late rule has run (they raise the watermark the worker judges by).
+        newer = [e for e in events if since_ms is None or e.ts_ms >= since_ms]
+        in_range = [e for e in split_late(newer)[0] if until_ms is None or e.ts_ms < until_ms]
+        skipped = sum(invalid.values())
+        print(
+            f"read {len(in_range):,} valid events in the time range from the input topics "
+            f"({len(events) - len(in_range):,} outside it, {skipped:,} invalid skipped"
+            f"{': ' + json.dumps(dict(sorted(invalid.items()))) if skipped else ''})",
+            file=sys.stderr,
+        )
+        return in_range, {
+            "kind": "kafka",
+            **args.topics.summary,
+            "since_ms": since_ms,
+            "until_ms": until_ms,
+            "valid": len(in_range),
+            "invalid": dict(sorted(invalid.items())),
+        }
+    if args.archive is not None:
+        if not Path(args.archive).is_dir():
+            print(f"error: no archive at {args.archive} (`shoppulse archive` writes one)", file=sys.stderr)
+            return 2
+        since_ms = None if args.days is None else int(time.time() * 1000 - args.days * DAY_MS)
+        events, stats = read_events_archive(args.archive, since_ms)
+        skipped = sum(stats["invalid"].values())
+        print(
+            f"read {stats['valid']:,} valid events from {stats['parts']:,} part files of {args.archive}"
+            f"{'' if args.days is None else f' (the last {args.days:g} days)'}"
+            f"{f', {skipped:,} invalid skipped: ' + json.dumps(stats['invalid']) if skipped else ''}",
+            file=sys.stderr,
+        )
+        if stats["overlapping_parts"]:
+            print(
+                f"warning: skipped {len(stats['overlapping_parts'])} part files whose offsets were read already: "
+                + ", ".join(stats["overlapping_parts"][:5]),
+                file=sys.stderr,
+            )
+        return events, {"kind": "archive", **stats}
+    if args.days is None:
+        args.days = 28.0 if args.quick else 56.0
     if args.simulate is not None:
         if args.simulate < 1 or args.days <= 0:
             print("error: --simulate needs N >= 1 shoppers and --days > 0", file=sys.stderr)
@@ -206,37 +356,34 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         source = {"kind": "events_file", "path": str(args.events), **stats}
-    if not events:
-        print("error: no valid events to train on", file=sys.stderr)
-        return 1
-    read_s = time.perf_counter() - t0
+    return events, source
 
+
+def train_and_report(
+    events: list[Event], args: argparse.Namespace, source: dict[str, Any], read_s: float, registry: str | None = None
+) -> TrainingResult | None:
+    """Train on ``events`` as the options say, write and print the report; None (said why) when
+    training failed. ``registry`` overrides ``--registry`` (``retrain`` trains into a staging one)."""
     from .registry import RegistryError
     from .report import write_report
     from .training import train_all
 
     cfg = config_from_args(args, source)
     try:
-        result = train_all(events, args.registry, cfg)
+        result = train_all(events, registry or args.registry, cfg)
     except (ValueError, RegistryError) as exc:
         print(f"error: training failed: {exc}", file=sys.stderr)
-        return 1
+        return None
     timings = result.report["timings"]
     result.report["timings"] = {"read_events": read_s, **timings, "total": read_s + timings["total"]}
     report_dir = Path(args.report) if args.report else Path("var") / "reports" / f"train-{result.version}"
-    paths = write_report(result.report, report_dir, plots=not args.no_plots)
+    result.report_paths = write_report(result.report, report_dir, plots=not args.no_plots)
     print((report_dir / "report.txt").read_text(encoding="utf-8"))
-    print(f"report: {', '.join(str(p) for p in paths.values())}")
+    print(f"report: {', '.join(str(p) for p in result.report_paths.values())}")
     print(
         "served (chosen on validation): " + ", ".join(f"{m} = {c}" for m, c in result.served.items()), file=sys.stderr
     )
-    if not result.beats_baselines:
-        print(
-            "warning: the churn/purchase MLP does not beat every baseline on every metric of the evaluation "
-            "period; see the report",
-            file=sys.stderr,
-        )
-    return 0
+    return result
 
 
 # ------------------------------------------------------------------------------ models

@@ -156,6 +156,26 @@ SETTINGS_DOC: dict[str, tuple[str, str, str]] = {
         "300000",
         "events stamped further ahead of the worker clock are dead-lettered",
     ),
+    "archive_dir": (
+        "SHOPPULSE_ARCHIVE_DIR",
+        "./var/archive",
+        "where `shoppulse archive` writes the input events as date-partitioned Parquet (and training reads them)",
+    ),
+    "archive_retention_days": (
+        "SHOPPULSE_ARCHIVE_RETENTION_DAYS",
+        "90",
+        "the archive deletes arrival dates older than this many days (0 = keep everything)",
+    ),
+    "archive_flush_events": (
+        "SHOPPULSE_ARCHIVE_FLUSH_EVENTS",
+        "50000",
+        "the archive writes a partition's Parquet part after this many messages (bounds its memory)",
+    ),
+    "archive_flush_interval_s": (
+        "SHOPPULSE_ARCHIVE_FLUSH_INTERVAL_S",
+        "60",
+        "... or after this many seconds, whichever comes first (the most an archive part lags the topic)",
+    ),
     "models_dir": ("SHOPPULSE_MODELS_DIR", "artifacts/models", "model registry folder (`shoppulse train` writes it)"),
     "device": ("SHOPPULSE_DEVICE", "auto", "auto (CUDA when present), cpu or cuda"),
     "torch_threads": (
@@ -325,6 +345,10 @@ class Settings:
     silent_sweep_interval_s: int = 3600
     max_event_bytes: int = 65536
     max_future_skew_ms: int = 300_000
+    archive_dir: Path = Path("./var/archive")
+    archive_retention_days: int = 90
+    archive_flush_events: int = 50_000
+    archive_flush_interval_s: float = 60.0
     models_dir: Path = Path("artifacts/models")
     device: str = "auto"
     torch_threads: int = 1
@@ -416,6 +440,10 @@ class Settings:
             raise ConfigError("SHOPPULSE_PARTITIONS must be at least 1")
         if self.max_batch < 1:
             raise ConfigError("SHOPPULSE_MAX_BATCH must be at least 1")
+        if self.archive_flush_events < 1 or self.archive_flush_interval_s <= 0:
+            raise ConfigError(
+                "SHOPPULSE_ARCHIVE_FLUSH_EVENTS must be at least 1 and SHOPPULSE_ARCHIVE_FLUSH_INTERVAL_S above 0"
+            )
         if self.commit_every < 1 or self.commit_interval_s <= 0:
             raise ConfigError("SHOPPULSE_COMMIT_EVERY must be at least 1 and SHOPPULSE_COMMIT_INTERVAL_S above 0")
         if self.history_len < 1 or self.eviction_interval_s < 1 or self.silent_sweep_interval_s < 1:

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from features.events import Event
-from features.offline import replay
+from features.offline import replay, split_late
 from features.spec import DEFAULT_FEATURE_SPEC, FeatureSpec
 from features.state import APPLIED, ShopperState, StateConfig
 
@@ -89,8 +89,9 @@ def build_examples(
     observed_until_ms: int | None = None,
     progress: bool = False,
 ) -> ExampleSet:
-    """Replay the log, take rows at scoring moments, label them (see :mod:`models.labels`)."""
-    events = list(events)
+    """Replay the log (in arrival order: the worker's late-event rule drops what serving never saw,
+    :func:`features.offline.split_late`), take rows at scoring moments, label them (see :mod:`models.labels`)."""
+    events, late = split_late(events, state_config)
     if not events:
         raise ValueError("no events to train on")
     ts_sorted = np.sort(np.fromiter((e.ts_ms for e in events), dtype=np.int64, count=len(events)))
@@ -160,7 +161,8 @@ def build_examples(
     keep = ~np.isnan(y).all(axis=1)
     moment = np.asarray(kinds, dtype=np.int8)
     counts = {
-        "events": n,
+        "events": n + len(late),
+        "late_events": len(late),
         "applied_events": len(applied),
         "duplicates": duplicates,
         "shoppers": len(tap.states),

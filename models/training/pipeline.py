@@ -7,7 +7,7 @@ import datetime as dt
 import math
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +25,10 @@ from ..names import CLASSIFIER_MODEL, NEXTITEM_MODEL
 from ..nextitem import VocabRecommender, resolve_device
 from ..registry import ModelRegistry, RegistryError
 from .config import TrainingConfig
-from .examples import build_examples
+from .examples import ExampleSet, build_examples
 from .fit_classifiers import fit_and_evaluate_classifiers
 from .fit_nextitem import fit_and_evaluate_nextitem
-from .split import make_time_split
+from .split import TimeSplit, make_time_split
 
 
 @dataclass
@@ -43,6 +43,9 @@ class TrainingResult:
         classifier / recommender: the models chosen on validation and registered, ready to score
             (the MLP or the logistic regression; SASRec, co-occurrence or their blend).
         timings: seconds per stage.
+        report_paths: the written report's files by kind (set by whoever writes it).
+        examples / split: the labelled rows and the time split the models were judged on
+            (``shoppulse retrain`` scores the champion on the same evaluation rows).
     """
 
     version: str
@@ -52,6 +55,9 @@ class TrainingResult:
     classifier: ShopperClassifier
     recommender: VocabRecommender
     timings: dict[str, float]
+    report_paths: dict[str, Path] = field(default_factory=dict)
+    examples: ExampleSet | None = None
+    split: TimeSplit | None = None
 
     @property
     def beats_baselines(self) -> bool:
@@ -146,6 +152,7 @@ def train_all(
     training_data = {
         "source": cfg.source,
         "events": ex.counts["events"],
+        "late_events": ex.counts["late_events"],
         "applied_events": ex.counts["applied_events"],
         "duplicates": ex.counts["duplicates"],
         "shoppers": ex.counts["shoppers"],
@@ -249,6 +256,8 @@ def train_all(
         classifier,
         recommender,
         timings,
+        examples=ex,
+        split=split,
     )
 
 

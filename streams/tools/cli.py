@@ -1,4 +1,5 @@
-"""The ``shoppulse`` command: broker, worker, generate, replay, tail, forget, dlq, demo, train and model tools."""
+"""The ``shoppulse`` command: broker, worker, generate, replay, tail, forget, dlq, demo, archive, train, retrain
+and model tools."""
 
 from __future__ import annotations
 
@@ -25,7 +26,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "forget": ("streams.tools.forget", "erase shoppers: `shoppulse forget USER_ID...` (docs/privacy.md)"),
     "dlq": ("streams.tools.dlq", "dead-letter tools: `shoppulse dlq replay` resends fixed dead letters"),
     "demo": ("streams.tools.demo", "embedded broker + worker + generator, with a live view"),
+    "archive": (
+        "streams.tools.archive",
+        "the input topics' valid events into date-partitioned Parquet files (SHOPPULSE_ARCHIVE_DIR)",
+    ),
     "train": ("streams.tools.train", "train, evaluate and register the models (`shoppulse train --help`)"),
+    "retrain": (
+        "streams.tools.retrain",
+        "train on the archive's last N days; the candidate becomes the challenger only when it beats the champion",
+    ),
     "models": (
         "streams.tools.models",
         "the model registry: list | show | promote MODEL VERSION | rollback MODEL | migrate [--dry-run]",
@@ -33,7 +42,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench-nextitem": ("streams.tools.bench_nextitem", "next-item benchmark on a `user item item ...` file"),
 }
 #: Commands whose options belong to another module's parser: everything after the name goes there.
-PASS_THROUGH = ("train", "models", "bench-nextitem")
+PASS_THROUGH = ("train", "retrain", "models", "bench-nextitem")
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

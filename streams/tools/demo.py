@@ -5,6 +5,11 @@ process (exactly what ``shoppulse worker`` runs), the generator in a thread at a
 It prints the worker's console URL first (``/console``: the same figures, alerts and a shopper
 lookup in a browser). Every second it prints events in, results out and dead letters; every few
 seconds an example result. Ctrl-C, SIGTERM or ``--duration`` stops everything and leaves no process behind.
+
+``--archive`` also runs ``shoppulse archive`` (in a thread) into ``var/demo/archive``, and
+``--clock simulated`` stamps the traffic with the simulated shop's compressed time (28 days
+ending now) instead of the wall clock, so the archive holds weeks of history after minutes and
+``shoppulse retrain --archive var/demo/archive --quick`` has enough to learn from.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from streams.tools.process import WorkerProcess, stop_on_signals
 from streams.tools.tail import output_consumer
 
 DEMO_DIR = Path("var/demo")
+#: The demo's archive: a new broker starts its offsets at 0, so each demo archives afresh.
+DEMO_ARCHIVE = DEMO_DIR / "archive"
 #: Share of deliberately malformed events, so the dead-letter path shows up in the demo.
 DEMO_MALFORMED_FRACTION = 0.005
 #: Simulated shop behind the live traffic. Many shoppers make many concurrent sessions (as in a
@@ -41,9 +48,9 @@ DEMO_SIMULATED_DAYS = 28.0
 class _Generator(threading.Thread):
     """Produces simulated traffic at a rate until stopped; counts what it handed over."""
 
-    def __init__(self, settings: Settings, rate_per_s: float, seed: int) -> None:
+    def __init__(self, settings: Settings, rate_per_s: float, seed: int, clock: str = "live") -> None:
         super().__init__(name="demo-generator", daemon=True)
-        self.settings, self.rate_per_s, self.seed = settings, rate_per_s, seed
+        self.settings, self.rate_per_s, self.seed, self.clock = settings, rate_per_s, seed, clock
         self.stop_event = threading.Event()
         self.sent = 0
         self.error: BaseException | None = None
@@ -56,10 +63,12 @@ class _Generator(threading.Thread):
         config = GeneratorConfig(
             seed=self.seed,
             malformed_fraction=DEMO_MALFORMED_FRACTION,
-            clock="live",
+            clock="live" if self.clock == "live" else "simulated",
             n_shoppers=DEMO_SHOPPERS,
             duration_days=DEMO_SIMULATED_DAYS,
         )
+        if self.clock != "live":  # end the simulated span at now: the worker rejects future event times
+            config = dataclasses.replace(config, start_ms=int(time.time() * 1000) - config.span_ms)
         messages = itertools.takewhile(lambda _: not self.stop_event.is_set(), ShopSimulator(config).messages())
 
         def counted():
@@ -83,6 +92,26 @@ def console_url(settings: Settings) -> str:
     """Where a browser on this machine finds the worker's console (a wildcard bind is reached on loopback)."""
     host = "127.0.0.1" if settings.metrics_host in ("", "0.0.0.0", "::") else settings.metrics_host
     return f"http://{host}:{settings.metrics_port}/console"
+
+
+class _ArchiverThread(threading.Thread):
+    """``shoppulse archive`` over the demo's topics into :data:`DEMO_ARCHIVE`, until stopped."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(name="demo-archive", daemon=True)
+        from streams.tools.archive import Archiver
+
+        self.stop_event = threading.Event()
+        self.archiver = Archiver(
+            settings, DEMO_ARCHIVE, settings.archive_flush_events, settings.archive_flush_interval_s, 0
+        )
+        self.summary = "archive: not started"
+
+    def run(self) -> None:
+        try:
+            self.summary = self.archiver.run(self.stop_event).line()
+        except BaseException as exc:  # shown when the demo ends
+            self.summary = f"archive failed: {exc}"
 
 
 def ensure_models(settings: Settings) -> None:
@@ -119,8 +148,16 @@ def ensure_models(settings: Settings) -> None:
     )
 
 
-def run_demo(settings: Settings, duration_s: float = 0, rate_per_s: float = 2000, seed: int = 7) -> int:
-    """Run the demo until Ctrl-C, SIGTERM or ``duration_s`` seconds (0 = no limit)."""
+def run_demo(
+    settings: Settings,
+    duration_s: float = 0,
+    rate_per_s: float = 2000,
+    seed: int = 7,
+    archive: bool = False,
+    clock: str = "live",
+) -> int:
+    """Run the demo until Ctrl-C, SIGTERM or ``duration_s`` seconds (0 = no limit); with ``archive``
+    the archiver runs too, writing :data:`DEMO_ARCHIVE`."""
     started = time.monotonic()
     # The console's address comes first, so it can be opened while the models train and the worker starts.
     settings = dataclasses.replace(settings, metrics_port=settings.metrics_port or free_port())
@@ -135,6 +172,7 @@ def run_demo(settings: Settings, duration_s: float = 0, rate_per_s: float = 2000
     worker = None
     generator = None
     consumer = None
+    archiver: _ArchiverThread | None = None
     try:
         settings = dataclasses.replace(
             settings,
@@ -143,7 +181,10 @@ def run_demo(settings: Settings, duration_s: float = 0, rate_per_s: float = 2000
         )
         ensure_topics(settings)
         worker = WorkerProcess(settings, DEMO_DIR / "worker.log")
-        generator = _Generator(settings, rate_per_s, seed)
+        if archive:
+            archiver = _ArchiverThread(settings)
+            archiver.start()
+        generator = _Generator(settings, rate_per_s, seed, clock)
         generator.start()
         consumer = output_consumer(settings, list(settings.output_topics), from_beginning=True, name="demo")
         print(f"  broker   {broker.bootstrap_servers} (Tansu, in memory; log {DEMO_DIR / 'broker.log'})")
@@ -156,11 +197,17 @@ def run_demo(settings: Settings, duration_s: float = 0, rate_per_s: float = 2000
             "Ctrl-C stops",
             flush=True,
         )
+        if archiver is not None:
+            print(f"  archive  {DEMO_ARCHIVE} (then: shoppulse retrain --archive {DEMO_ARCHIVE} --quick)", flush=True)
         return _watch(settings, consumer, generator, worker, stop, started, duration_s)
     finally:
         if generator is not None:
             generator.stop_event.set()
             generator.join(timeout=10)
+        if archiver is not None:
+            archiver.stop_event.set()
+            archiver.join(timeout=60)
+            print(archiver.summary, flush=True)
         if consumer is not None:
             consumer.close()
         if worker is not None:
@@ -258,7 +305,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--duration", type=float, default=0, help="seconds to run (0 = until Ctrl-C)")
     parser.add_argument("--rate", type=float, default=2_000, help="generated events per second")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--archive", action="store_true", help=f"also archive the traffic to {DEMO_ARCHIVE}")
+    parser.add_argument(
+        "--clock",
+        choices=("live", "simulated"),
+        default="live",
+        help="live: events stamped with the wall clock; simulated: 28 compressed days ending now (retrain needs weeks)",
+    )
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    return run_demo(settings, duration_s=args.duration, rate_per_s=args.rate, seed=args.seed)
+    return run_demo(
+        settings,
+        duration_s=args.duration,
+        rate_per_s=args.rate,
+        seed=args.seed,
+        archive=args.archive,
+        clock=args.clock,
+    )

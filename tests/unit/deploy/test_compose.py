@@ -66,7 +66,7 @@ COMPOSE_VARIABLES = (
     "SHOPPULSE_MODELS_HOST_DIR",
 )
 #: Services that run the `shoppulse` command from our image.
-SHOPPULSE_SERVICES = ("worker", "generator")
+SHOPPULSE_SERVICES = ("worker", "generator", "archive", "retrain")
 SETTING_VARS = {var for var, _, _ in SETTINGS_DOC.values()}
 DEFAULTS = {name: default for name, (_, default, _) in SETTINGS_DOC.items()}
 
@@ -706,3 +706,28 @@ def test_promtool_check_rules(promtool):
 
 def test_promtool_test_rules(promtool):
     _promtool(promtool, "test", "rules", str(ALERTS_TEST.relative_to(ROOT)))
+
+
+def test_archive_and_retrain_share_the_archive_and_retrain_writes_the_registry(services):
+    from models.retrain import build_retrain_parser
+    from streams.tools.retrain import retrain_argv
+
+    archive, retrain = services["archive"], services["retrain"]
+    assert archive.get("profiles") == ["archive"] and retrain.get("profiles") == ["retrain"]
+    assert archive["depends_on"]["topic-setup"]["condition"] == "service_completed_successfully"
+    archive_settings, retrain_settings = Settings.from_env(env_of(archive)), Settings.from_env(env_of(retrain))
+    assert archive_settings.archive_dir == retrain_settings.archive_dir
+    volumes, roots = {}, {}
+    for name, service in (("archive", archive), ("retrain", retrain)):
+        mounts = {str(interpolate(v)).split(":")[1]: str(interpolate(v)).split(":")[0] for v in service["volumes"]}
+        (roots[name],) = [m for m in mounts if str(archive_settings.archive_dir).startswith(m + "/")]
+        volumes[name] = mounts[roots[name]]
+    assert volumes["archive"] == volumes["retrain"] == "archive", "one named volume holds the archive for both"
+    assert "archive" in load_yaml(COMPOSE_FILE)["volumes"]
+    models = [str(interpolate(v)) for v in retrain["volumes"]]
+    models = [v for v in models if v.split(":")[1] == str(retrain_settings.models_dir)]
+    assert models and not models[0].endswith(":ro"), "retrain registers challengers: the registry is writable"
+    options = build_retrain_parser().parse_args(retrain_argv(command_of(retrain)[1:], retrain_settings))
+    assert options.archive == str(retrain_settings.archive_dir)
+    assert options.every_hours > 0, "compose has no cron: the service runs on its own schedule"
+    assert options.reports.startswith(roots["retrain"] + "/"), "the reports outlive the container"

@@ -651,3 +651,48 @@ def test_kustomize_renders_an_overlay_with_the_keda_component(resources, scaled_
     assert set(rendered) == {key for key in resources if key[0] != "Secret"} | {("ScaledObject", WORKER)}
     assert rendered[("ScaledObject", WORKER)] == scaled_object
     assert "replicas" not in rendered[("StatefulSet", WORKER)]["spec"]
+
+
+# --------------------------------------------------------------------------- archive and retrain
+
+
+def test_the_archiver_and_the_retrain_cronjob_share_the_archive_claim(config, resources, worker):
+    from models.retrain import build_retrain_parser
+    from streams.tools.retrain import retrain_argv
+
+    archiver = one(resources, "Deployment", "shoppulse-archive")
+    cron = one(resources, "CronJob", "shoppulse-retrain")
+    retrain = {"spec": cron["spec"]["jobTemplate"]["spec"]}
+    settings = Settings.from_env(config)
+    archive_dir = str(settings.archive_dir)
+    for workload in (archiver, retrain):
+        c = container(workload)
+        env = container_env(c, resources)
+        assert not sorted(set(env) - SETTING_VARS), f"{c['name']}: only ShopPulse settings"
+        assert pod_spec(workload)["enableServiceLinks"] is False
+        assert c["image"] == container(worker)["image"]
+        assert c["securityContext"]["readOnlyRootFilesystem"] is True
+        assert pod_spec(workload)["securityContext"]["runAsUser"] == image_user(DOCKERFILES["cpu"])[1]
+        volumes = {v["name"]: v for v in pod_spec(workload)["volumes"]}
+        (archive_mount,) = [m for m in c["volumeMounts"] if archive_dir.startswith(m["mountPath"] + "/")]
+        assert not archive_mount.get("readOnly")
+        assert volumes[archive_mount["name"]]["persistentVolumeClaim"]["claimName"] == "shoppulse-archive"
+    pvc = one(resources, "PersistentVolumeClaim", "shoppulse-archive")
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"], "two pods, possibly on two nodes, mount it"
+
+    assert parse_args(container(archiver)["args"]).command == "archive"
+    assert archiver["spec"]["replicas"] == 1 and archiver["spec"]["strategy"]["type"] == "Recreate", (
+        "the old archiver flushes and commits before the new one starts"
+    )
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid", "two runs would race for the challenger pointer"
+    assert pod_spec(retrain)["restartPolicy"] == "Never"
+    args = container(retrain)["args"]
+    assert parse_args(args).command == "retrain"
+    options = build_retrain_parser().parse_args(retrain_argv(args[1:], settings))
+    assert options.archive == archive_dir and options.every_hours == 0, "the CronJob is the schedule"
+    archive_root = next(m["mountPath"] for m in container(retrain)["volumeMounts"] if m["name"] == "archive")
+    assert options.reports.startswith(archive_root + "/"), "reports outlive the Job's pod"
+    models = next(m for m in container(retrain)["volumeMounts"] if m["mountPath"] == config["SHOPPULSE_MODELS_DIR"])
+    assert not models.get("readOnly"), "retrain registers challengers"
+    claim = {v["name"]: v for v in pod_spec(retrain)["volumes"]}[models["name"]]["persistentVolumeClaim"]
+    assert claim == {"claimName": "shoppulse-models"}

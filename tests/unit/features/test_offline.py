@@ -7,9 +7,9 @@ import random
 import numpy as np
 
 from features.events import KIND_CART_ADD, KIND_CART_REMOVE, KIND_ORDER, KIND_VIEW, Event, OrderLine
-from features.offline import final_states, replay
+from features.offline import final_states, replay, split_late
 from features.spec import DEFAULT_FEATURE_SPEC
-from features.state import APPLIED, DUPLICATE, HOUR_MS, MINUTE_MS, ShopperState, StateConfig
+from features.state import APPLIED, DUPLICATE, HOUR_MS, LATE, MINUTE_MS, ShopperState, StateConfig
 
 T = 1_704_067_200_000
 
@@ -53,14 +53,52 @@ def shop_log(seed: int, users: int = 12, per_user: int = 60) -> list[Event]:
     return events
 
 
+def assert_same_states(online: dict[str, ShopperState], offline: dict[str, ShopperState], now_ms: int) -> None:
+    """The same shoppers with the same feature rows at ``now_ms`` and the same recent items."""
+    assert sorted(online) == sorted(offline)
+    users = sorted(online)
+    np.testing.assert_allclose(
+        DEFAULT_FEATURE_SPEC.matrix([online[u] for u in users], now_ms),
+        DEFAULT_FEATURE_SPEC.matrix([offline[u] for u in users], now_ms),
+        rtol=1e-6,
+    )
+    for user in users:
+        assert online[user].recent_items() == offline[user].recent_items()
+
+
 def test_replay_yields_every_event_in_event_time_order():
+    """Arrival out of order within the grace period: every event is kept and sorted into place."""
     log = shop_log(0)
-    scrambled = log[:]
-    random.Random(0).shuffle(scrambled)
+    rng = random.Random(0)
+    grace_ms = StateConfig().grace_ms
+    scrambled = [e for _, e in sorted(((e.ts_ms + rng.randint(0, grace_ms - 1), e) for e in log), key=lambda p: p[0])]
+    assert scrambled != log
     out = list(replay(scrambled))
     assert [event.ts_ms for event, _, _ in out] == sorted(e.ts_ms for e in log)
     assert all(outcome == APPLIED for _, outcome, _ in out)
     assert all(row.dtype == np.float32 and row.shape == (DEFAULT_FEATURE_SPEC.dim,) for _, _, row in out)
+
+
+def test_events_the_worker_rejects_as_late_in_arrival_order_are_left_out_exactly():
+    """Arrival far out of order: the worker's rule (ShopperState.update in arrival order) and the
+    offline replay reject the same events as LATE and end in the same states."""
+    config = StateConfig(dedup_ids=10_000)
+    log = shop_log(5)
+    scrambled = log[:]
+    random.Random(5).shuffle(scrambled)
+    online: dict[str, ShopperState] = {}
+    rejected = []
+    for event in scrambled:
+        state = online.setdefault(event.user_id, ShopperState.new(event.user_id))
+        if state.update(event, config) == LATE:
+            rejected.append(event)
+    kept, late = split_late(scrambled, config)
+    assert late == rejected and len(late) > len(log) // 4, "a shuffle makes many events late"
+    assert split_late(kept, config) == (kept, []), "the rule keeps what it kept"
+    out = list(replay(scrambled, config))
+    assert sorted(e.event_id for e, _, _ in out) == sorted(e.event_id for e in kept)
+    assert all(outcome == APPLIED for _, outcome, _ in out)
+    assert_same_states(online, final_states(scrambled, config), log[-1].ts_ms + HOUR_MS)
 
 
 def test_rows_are_point_in_time():
@@ -100,7 +138,8 @@ def test_future_events_do_not_change_past_rows():
 
 def test_duplicates_in_the_log_are_reported_and_applied_once():
     log = shop_log(3)
-    doubled = log + log[::5]
+    # Each repeat arrives right after its original (a producer retry); one repeated hours later is LATE.
+    doubled = [copy for i, e in enumerate(log) for copy in ([e, e] if i % 5 == 0 else [e])]
     out = list(replay(doubled))
     assert sum(outcome == DUPLICATE for _, outcome, _ in out) == len(log[::5])
     assert final_states(doubled) == final_states(log)
@@ -119,14 +158,4 @@ def test_final_states_match_the_worker_fed_out_of_order_within_grace():
     for event in arrival:
         state = online.setdefault(event.user_id, ShopperState.new(event.user_id))
         assert state.update(event, config) == APPLIED
-    offline = final_states(log, config)
-    assert online.keys() == offline.keys()
-    now = log[-1].ts_ms + HOUR_MS
-    users = sorted(online)
-    np.testing.assert_allclose(
-        DEFAULT_FEATURE_SPEC.matrix([online[u] for u in users], now),
-        DEFAULT_FEATURE_SPEC.matrix([offline[u] for u in users], now),
-        rtol=1e-6,
-    )
-    for user in users:
-        assert online[user].recent_items() == offline[user].recent_items()
+    assert_same_states(online, final_states(log, config), log[-1].ts_ms + HOUR_MS)

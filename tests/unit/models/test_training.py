@@ -12,7 +12,18 @@ import numpy as np
 import pytest
 import torch
 
-from features.events import KIND_CART_ADD, KIND_ORDER, KIND_VIEW, Event, OrderLine, encode_event, topic_kind_of
+from features.archive import PartBuffer, utc_date, write_part
+from features.events import (
+    KIND_CART_ADD,
+    KIND_ORDER,
+    KIND_VIEW,
+    Event,
+    InvalidEvent,
+    OrderLine,
+    encode_event,
+    parse_event,
+    topic_kind_of,
+)
 from features.offline import final_states, replay
 from features.spec import DEFAULT_FEATURE_SPEC
 from features.state import APPLIED, DAY_MS, HOUR_MS, MINUTE_MS
@@ -23,7 +34,7 @@ from models.labels import MOMENT_EVENT, MOMENT_SWEEP, TASKS, LabelConfig
 from models.names import CLASSIFIER_MODEL, NEXTITEM_MODEL
 from models.recommenders import load_recommender
 from models.registry import ModelRegistry
-from models.train_cli import main, models_main, read_events_jsonl
+from models.train_cli import main, models_main, read_events_archive, read_events_jsonl
 from models.training import (
     TrainingConfig,
     build_examples,
@@ -32,6 +43,7 @@ from models.training import (
     models_ready,
 )
 from streams.sim.generator import GeneratorConfig, ShopSimulator
+from streams.sim.replay import write_jsonl
 
 torch.set_num_threads(1)
 T = 1_704_067_200_000
@@ -72,7 +84,7 @@ def shop_log(seed: int, users: int = 8, per_user: int = 40) -> list[Event]:
                         quantity=1,
                     )
                 )
-    events.append(events[5])  # a duplicate delivery
+    events.insert(6, events[5])  # a duplicate delivery (a retry right after it; hours later it would be LATE)
     return events
 
 
@@ -278,3 +290,29 @@ def test_cli_needs_an_event_source_and_reads_our_jsonl(tmp_path, capsys):
     # too short for the default 14-day churn horizon: a clear error, exit status 1
     assert main(["--events", str(path), "--registry", str(tmp_path / "r"), "--no-progress"]) == 1
     assert "longer log" in capsys.readouterr().err
+
+
+def test_the_archive_and_the_jsonl_file_of_the_same_messages_give_the_same_events(tmp_path, capsys):
+    """``--archive`` goes through the same validation as ``--events``: equal events, equal skip counts."""
+    config = GeneratorConfig(seed=4, n_shoppers=40, malformed_fraction=0.05, duration_days=5.0)
+    now_ms = config.start_ms + config.span_ms
+    messages = list(ShopSimulator(config).messages())
+    write_jsonl(messages, tmp_path / "events.jsonl")
+    buffer = PartBuffer("shop.cart", 0, utc_date(now_ms), 0)
+    for offset, m in enumerate(messages):
+        try:
+            event = parse_event(m.topic_kind, m.key, m.value, now_ms)
+        except InvalidEvent:
+            event = None
+        buffer.add(offset, now_ms, m.topic_kind, m.key, m.value, event)
+    write_part(tmp_path / "archive", buffer)
+    from_jsonl, jsonl_stats = read_events_jsonl(tmp_path / "events.jsonl", now_ms)
+    from_archive, archive_stats = read_events_archive(tmp_path / "archive", now_ms=now_ms)
+    assert from_archive == from_jsonl and len(from_archive) == archive_stats["valid"] > 0
+    assert jsonl_stats["invalid"], "the file holds invalid messages; the archive holds only valid ones"
+    assert archive_stats["invalid"] == {} and archive_stats["parts"] == 1
+    last_day = config.start_ms + config.span_ms - DAY_MS
+    recent, _ = read_events_archive(tmp_path / "archive", since_ms=last_day, now_ms=now_ms)
+    assert recent == [e for e in from_jsonl if e.ts_ms >= last_day]
+    assert main(["--archive", str(tmp_path / "nowhere")]) == 2
+    assert "no archive at" in capsys.readouterr().err
