@@ -167,7 +167,8 @@ def ensure_models(settings: Settings) -> None:
     challengers for them when none is on trial (:func:`ensure_challengers`)."""
     from models.training import models_ready
 
-    if models_ready(settings.models_dir):
+    trained = not models_ready(settings.models_dir)
+    if not trained:
         print(f"models: using the current versions in {settings.models_dir} (`shoppulse models list`)", flush=True)
     else:
         print(
@@ -179,22 +180,23 @@ def ensure_models(settings: Settings) -> None:
         report = DEMO_DIR / "training-report"
         _train(settings, report, ["--simulate", str(DEMO_TRAIN_SHOPPERS)])
         print(f"models: trained in {time.monotonic() - started:.0f} s; report in {report}", flush=True)
-    ensure_challengers(settings)
+    ensure_challengers(settings, replace=trained)
 
 
-def ensure_challengers(settings: Settings) -> None:
-    """Put a challenger on trial (split mode, :data:`DEMO_CHALLENGER_SHARE`) for each model without one:
+def ensure_challengers(settings: Settings, replace: bool = False) -> None:
+    """Put a challenger on trial (split mode, :data:`DEMO_CHALLENGER_SHARE`) for each model without one
+    (each model with ``replace``: new champions were just trained, perhaps on another feature spec):
     small models trained on :data:`DEMO_CHALLENGER_SHOPPERS` shoppers, registered without promotion.
-    A challenger set by hand is left as it is."""
+    Otherwise a challenger set by hand is left as it is."""
     from models.names import CLASSIFIER_MODEL, NEXTITEM_MODEL
     from models.registry import SPLIT, ModelRegistry
 
     registry = ModelRegistry(settings.models_dir)
-    missing = [model for model in (CLASSIFIER_MODEL, NEXTITEM_MODEL) if registry.challenger(model) is None]
+    missing = [m for m in (CLASSIFIER_MODEL, NEXTITEM_MODEL) if replace or registry.challenger(m) is None]
     if missing:
         print(
-            f"models: no challenger on trial for {', '.join(missing)}; training weaker ones on "
-            f"{DEMO_CHALLENGER_SHOPPERS:,} simulated shoppers (first run only) …",
+            f"models: training weaker challengers for {', '.join(missing)} on {DEMO_CHALLENGER_SHOPPERS:,} "
+            "simulated shoppers (first run only) …",
             flush=True,
         )
         started = time.monotonic()
