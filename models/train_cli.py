@@ -484,6 +484,20 @@ def _add_source_options(p: argparse.ArgumentParser, default_metrics_url: str | N
     p.add_argument("--timeout-s", type=float, default=10.0, help="HTTP timeout per request, in seconds (10)")
 
 
+def trial_versions(reg: ModelRegistry, models: Sequence[str]) -> dict[tuple[str, str], str]:
+    """(model, variant) -> the registry's champion and challenger versions of each model on trial: the
+    versions a comparison counts (counters of earlier versions would blur the trial)."""
+    from .variants import CHALLENGER, CHAMPION
+
+    versions: dict[tuple[str, str], str] = {}
+    for model in models:
+        champion, challenger = reg.current(model), reg.challenger(model)
+        if champion is not None and challenger is not None:
+            versions[(model, CHAMPION)] = champion
+            versions[(model, CHALLENGER)] = challenger.version
+    return versions
+
+
 def _compare(
     args: argparse.Namespace, reg: ModelRegistry, models: Sequence[str], default_metrics_url: str | None
 ) -> tuple[list[Any], str]:
@@ -492,7 +506,6 @@ def _compare(
     from .live_compare import DEFAULT_ALPHA, DEFAULT_MIN_OUTCOMES, collect, compare_kind
     from .live_sources import query_prometheus, read_worker
     from .names import CLASSIFIER_MODEL, NEXTITEM_MODEL
-    from .variants import CHALLENGER, CHAMPION
 
     if args.prometheus:
         samples = query_prometheus(args.prometheus, args.window, args.timeout_s)
@@ -504,14 +517,7 @@ def _compare(
         samples = [s for url in urls for s in read_worker(url, args.timeout_s)]
         source = ", ".join(urls)
     kinds = list(models) or sorted({CLASSIFIER_MODEL, NEXTITEM_MODEL} | {s[1].get("model", "") for s in samples} - {""})
-    versions: dict[tuple[str, str], str] = {}
-    if not args.all_versions:
-        for model in kinds:
-            champion, challenger = reg.current(model), reg.challenger(model)
-            if champion is not None and challenger is not None:
-                versions[(model, CHAMPION)] = champion
-                versions[(model, CHALLENGER)] = challenger.version
-    arms = collect(samples, versions)
+    arms = collect(samples, {} if args.all_versions else trial_versions(reg, kinds))
     alpha = DEFAULT_ALPHA if args.alpha is None else args.alpha
     min_outcomes = DEFAULT_MIN_OUTCOMES if args.min_outcomes is None else args.min_outcomes
     return [compare_kind(model, arms.get(model, {}), alpha, min_outcomes) for model in kinds], source
