@@ -526,9 +526,20 @@ class TableStore:
             db.put(key, value)
             store._key_index[key] = partition
 
-    def set_persisted_offset(self, partition: int, offset: int) -> None:
-        """Record that the changelog holds everything of ``partition`` up to ``offset`` (recovery starts after it)."""
+    def set_persisted_offset(self, partition: int, offset: int) -> bool:
+        """Record that the changelog holds everything of ``partition`` up to ``offset`` (recovery starts
+        after it); False, recording nothing, when the partition's RocksDB is no longer open.
+
+        A flush (a sweep's, say) can outlive its partition: revoked, or closed by a shutdown while the
+        flush waited for the brokers. Reopening it here would race Faust's close ("LOCK: No locks
+        available") and crash the stop. Skipping is safe: the records are in the changelog, and a
+        persisted offset that stays behind only makes the next restore replay them again, which
+        writes the same values.
+        """
+        if partition not in self.table.data._dbs:
+            return False
         self.table.data.set_persisted_offset(TP(self.changelog_topic, partition), offset)
+        return True
 
     def items(self, partitions: set[int]) -> Iterator[tuple[int, bytes, bytes]]:
         """``(partition, key, value)`` of every stored key in ``partitions`` that this worker has open."""

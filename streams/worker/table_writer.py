@@ -24,9 +24,12 @@ input offsets were not committed, so its events are consumed again after the res
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from streams.kafka.batch_producer import BatchProducer
 from streams.worker.faust_seam import TableStore
+
+log = logging.getLogger(__name__)
 
 #: The key of the seal record; a tombstone, so it never appears in a table.
 SEAL_KEY = b"__shoppulse_changelog_seal__"
@@ -68,7 +71,10 @@ class TableWriter:
             written, self._written = self._written, set()
             offsets = await asyncio.to_thread(self._deliver_sealed, written)
             for (topic, partition), offset in offsets.items():
-                self._stores[topic].set_persisted_offset(partition, offset)
+                if not self._stores[topic].set_persisted_offset(partition, offset):
+                    log.info(
+                        "%s[%d] closed during a flush; its next restore replays from the older offset", topic, partition
+                    )
 
     def _deliver_sealed(self, written: set[tuple[str, int]]) -> dict[tuple[str, int], int]:
         """Deliver the queued records, then the seals (blocking; one thread call for both round trips,
