@@ -80,7 +80,7 @@ def fold(
         memory.next_seq(t_ms)
         memory.record_score(CHURN, "shopper-classifier", "v20261203", CHAMPION, t_ms, 0.25, config)
         memory.record_score(PURCHASE, "shopper-classifier", "v20261203", CHAMPION, t_ms, 0.5, config)
-        memory.record_list(CHAMPION, "nextitem", "v20261203", t_ms, items)
+        memory.record_list(CHAMPION, "nextitem", "v20261203", t_ms, items, config)
         stored[event.user_id] = memory.encode()
     return states, stored
 
