@@ -94,7 +94,9 @@ class EvalConfig:
             forgotten: an order of such an item then counts as a new interaction).
         max_buffered: item interactions kept within the grace period (the state's ``dedup_ids``
             bound); beyond it the oldest is folded into the sequence early.
-        max_lists: served lists waiting per variant; beyond it the oldest is dropped (and counted).
+        max_lists: served lists waiting per variant (those served within about one grace period:
+            at most one per scoring, which needs an applied event); beyond it the oldest is dropped
+            (and counted).
     """
 
     purchase_horizon_ms: int = DAY_MS
@@ -103,7 +105,7 @@ class EvalConfig:
     max_pending: int = 32
     max_since_order: int = 64
     max_buffered: int = 64
-    max_lists: int = 8
+    max_lists: int = 64
 
     def horizon_ms(self, score: str) -> int:
         return self.churn_horizon_ms if score == CHURN else self.purchase_horizon_ms
@@ -481,15 +483,14 @@ class LiveMemory:
 
         body = bytearray()
         body += _U8.pack(len(self.buffer))
-        for interaction in self.buffer:
-            body += _INTERACTION.pack(*interaction[:3], len(interaction.items))
-            body += struct.pack(f"<{len(interaction.items)}Q", *interaction.items)
+        for ts_ms, id_hash, is_order, items in self.buffer:
+            body += _with_hashes(_INTERACTION, len(items)).pack(ts_ms, id_hash, is_order, len(items), *items)
         waiting = [(variant, served) for variant, lists in sorted(self.lists.items()) for served in lists]
         body += _U8.pack(len(waiting))
         for variant, served in waiting:
-            body += _LIST.pack(VARIANTS.index(variant), ref(served.model), ref(served.version), served.placed_ms)
-            body += _U8.pack(len(served.items))
-            body += struct.pack(f"<{len(served.items)}Q", *served.items)
+            model, version, items = ref(served.model), ref(served.version), served.items
+            code = VARIANTS.index(variant)
+            body += _with_hashes(_LIST, len(items)).pack(code, model, version, served.placed_ms, len(items), *items)
         body += _U8.pack(len(self.pending))
         pack, codes = _PENDING.pack, _PENDING_CODE
         body += b"".join(
@@ -560,8 +561,15 @@ _U8 = struct.Struct("<B")
 _I64 = struct.Struct("<q")
 _TAIL = struct.Struct("<QB")  # tail item hash, number of since-order hashes
 _FOLDED = struct.Struct("<qQ")  # ts_ms, event-id hash of the last interaction folded
-_INTERACTION = struct.Struct("<qQBB")  # ts_ms, event-id hash, is an order, number of item hashes
-_LIST = struct.Struct("<BBBq")  # variant, model ref, version ref, placed_ms
+_NONE = struct.Struct("<")
+_INTERACTION = struct.Struct("<qQBB")  # ts_ms, event-id hash, is an order, number of item hashes (then those)
+_LIST = struct.Struct("<BBBqB")  # variant, model ref, version ref, placed_ms, number of item hashes (then those)
+
+
+@lru_cache(maxsize=1024)
+def _with_hashes(head: struct.Struct, n: int) -> struct.Struct:
+    """``head`` followed by ``n`` 64-bit hashes, as one layout (one pack or unpack per record)."""
+    return struct.Struct(f"{head.format}{n}Q")
 _PENDING = struct.Struct("<BBBqd")  # score | variant << 1, model ref, version ref, t_ms, probability
 _ALERT = struct.Struct("<Bq")  # group, t_ms
 #: A pending score's ``(score, variant)`` <-> its code in the encoding (score | variant << 1).
@@ -603,7 +611,7 @@ class _Reader:
         return self.data[self.at - 1]
 
     def hashes(self, n: int) -> tuple[int, ...]:
-        return self.take(struct.Struct(f"<{n}Q"))
+        return self.take(_with_hashes(_NONE, n))
 
     def varint(self) -> int:
         value, self.at = _get_varint(self.data, self.at)
@@ -634,8 +642,8 @@ def _decode(data: bytes) -> LiveMemory:
         ts_ms, id_hash, is_order, n_items = read.take(_INTERACTION)
         memory.buffer.append(Interaction(ts_ms, id_hash, bool(is_order), read.hashes(n_items)))
     for _ in range(read.u8()):
-        variant, model, version, placed_ms = read.take(_LIST)
-        items = read.hashes(read.u8())
+        variant, model, version, placed_ms, n_items = read.take(_LIST)
+        items = read.hashes(n_items)
         memory.lists.setdefault(VARIANTS[variant], []).append(
             ServedList(strings[model], strings[version], placed_ms, items)
         )
