@@ -3,7 +3,8 @@
 Pure, one core, no broker: folds the simulator's event log (simulated clock) through each
 shopper's :class:`features.state.ShopperState` and :class:`models.outcomes.LiveMemory` the way the
 worker does, scoring after every event (the worker scores once per shopper per micro-batch, so
-this is the most scorings a log can cause) with a fixed top-10 list and two scores, then decoding
+this is the most scorings a log can cause, and the most served lists waiting within one grace
+period) with a fixed top-10 list and two scores, then decoding
 and encoding the memory as each batch does. Prints the encoded state and memory sizes per shopper
 (what the envelope grows by) and the CPU time (process time: the machine may be shared) the
 memory adds per event, from one pass with and one without it.
@@ -24,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from features.encoding import encode_state  # noqa: E402
 from features.events import Event  # noqa: E402
 from features.state import APPLIED, ShopperState, StateConfig  # noqa: E402
-from models.outcomes import CHURN, PURCHASE, EvalConfig, LiveMemory  # noqa: E402
+from models.outcomes import CHURN, PURCHASE, RECOMMENDATION, SCORES, EvalConfig, LiveMemory  # noqa: E402
 from models.variants import CHAMPION  # noqa: E402
 from streams.sim.generator import GeneratorConfig, ShopSimulator  # noqa: E402
 
@@ -55,8 +56,11 @@ def main() -> None:
     )
     ledgers = [LiveMemory.decode(value).ledger for value in stored.values()]
     resolved = sum(n for ledger in ledgers for key, n in ledger.items() if key[0] == "score")
-    dropped = sum(n for ledger in ledgers for key, n in ledger.items() if key[0] == "dropped")
+    dropped = sum(n for ledger in ledgers for key, n in ledger.items() if key[0] == "dropped" and key[1] in SCORES)
     print(f"scores resolved {resolved}, dropped by the cap of {config.max_pending} pending: {dropped}")
+    lists = sum(n for ledger in ledgers for key, n in ledger.items() if key[2:] == ("opportunities",))
+    lists_dropped = sum(ledger.get(("dropped", RECOMMENDATION), 0) for ledger in ledgers)
+    print(f"lists resolved {lists}, dropped by the cap of {config.max_lists} waiting: {lists_dropped}")
     print(
         f"state updates alone: {bare_s / len(events) * 1e6:.1f} us per event; with the memory (decode, "
         f"observe, record a scoring, encode): {with_memory_s / len(events) * 1e6:.1f} us per event, "
@@ -80,7 +84,7 @@ def fold(
         memory.next_seq(t_ms)
         memory.record_score(CHURN, "shopper-classifier", "v20261203", CHAMPION, t_ms, 0.25, config)
         memory.record_score(PURCHASE, "shopper-classifier", "v20261203", CHAMPION, t_ms, 0.5, config)
-        memory.record_list(CHAMPION, "nextitem", "v20261203", t_ms, items)
+        memory.record_list(CHAMPION, "nextitem", "v20261203", t_ms, items, config)
         stored[event.user_id] = memory.encode()
     return states, stored
 

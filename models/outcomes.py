@@ -15,10 +15,11 @@ The shopper's applied events resolve them (:meth:`LiveMemory.observe`), with the
 shopper's latest event time when scored, or the sweep's wall clock):
 
 * **recommendation**: the shopper's next item interaction, the next *new entry* of
-  :func:`models.labels.item_sequences` (a view or cart add of the item the sequence ends with is
-  merged, an ordered item already in the cart since the last order upgrades its entry) with
-  ``ts > t``; the outcome is its rank in the list (0: not in it). A list replaced by a newer one
-  before such an interaction is no opportunity (the shopper was shown the newer one);
+  :func:`models.labels.item_sequences` in event-time order (a view or cart add of the item the
+  sequence ends with is merged, an ordered item already in the cart since the last order upgrades
+  its entry) after the list was served; the outcome is its rank in the list (0: not in it). A list
+  replaced by a newer one before such an interaction is no opportunity (the shopper was shown the
+  newer one);
 * **purchase**: positive on an order with ``ts`` in ``(t, t + purchase_horizon]``;
 * **churn**: negative (the shopper returned) on any event with ``ts`` in ``(t, t + churn_horizon]``;
 * **alert return**: returned on any event in ``(t, t + churn_horizon]``, else lapsed.
@@ -31,19 +32,30 @@ shopper, the wall clock minus the grace period (:meth:`LiveMemory.expire`, from 
 sweep). Both give the outcome the next event would give, and the outcome the offline labels give:
 nothing inside the window was applied, and nothing inside it can be any more, provided events reach
 the worker within the grace period, the same bound under which the shopper's state equals the
-offline replay (:mod:`features.offline`). A recommendation resolves at the first new entry in the
-order the worker applies events: equal to the offline order when a shopper's events arrive in
-event-time order (each batch is sorted so). An event applied at or before the time of an event of an
-earlier batch arrived out of order: it is counted (:class:`OutOfOrder`, in the ledger and a metric),
-since from it on that shopper's recommendation outcomes may differ from the offline recount (which
-sorts); its scores and alert outcomes never do.
+offline replay (:mod:`features.offline`).
+
+The interaction sequence, unlike a window, depends on the order of its events (merges, upgrades),
+so recommendations are decided the same way: an applied item interaction waits in a small buffer
+(:attr:`LiveMemory.buffer`, in canonical order: time, then event-id hash) until it falls behind the
+cutoff, and only then is it folded into the sequence, in that order, resolving the served lists it
+follows. A list is therefore counted up to one grace period after its resolving event, and its
+outcome is a pure function of the accepted events, whatever order they arrived in. Served lists
+wait per variant (:attr:`LiveMemory.lists`) with their *placement*: the latest time of any
+prediction recorded up to and including theirs, since the offline recount records a prediction
+right after the events at or before it. Bounds: :attr:`EvalConfig.max_buffered` buffered
+interactions (beyond it the oldest is folded early) and :attr:`EvalConfig.max_lists` waiting lists
+per variant (beyond it the oldest is dropped, a :class:`PendingDropped` of ``"recommendation"``).
+An interaction applied behind one already folded (after the buffer cap folded early, or after a
+silent-shopper sweep folded by wall clock an event that then arrived more than a grace period
+late) is folded out of order and counted (:class:`OutOfOrder`, in the ledger and a metric): from
+it on that shopper's recommendation outcomes may differ from the offline recount.
 """
 
 from __future__ import annotations
 
 import math
 import struct
-from bisect import insort
+from bisect import bisect_left, insort
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -64,8 +76,10 @@ GROUPS: tuple[str, ...] = (ALERTED, HOLDOUT)
 RETURNED, LAPSED = "returned", "lapsed"
 #: Ranks the ledger keeps (hit@5, hit@10 and NDCG@10 are all sums over ranks 1..10).
 MAX_RANK = 10
+#: The :class:`PendingDropped` name of a served list dropped by :attr:`EvalConfig.max_lists`.
+RECOMMENDATION = "recommendation"
 
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +92,11 @@ class EvalConfig:
         max_pending: pending scores kept per shopper; beyond it the oldest is dropped (and counted).
         max_since_order: item hashes kept since the shopper's last order (beyond it the oldest are
             forgotten: an order of such an item then counts as a new interaction).
+        max_buffered: item interactions kept within the grace period (the state's ``dedup_ids``
+            bound); beyond it the oldest is folded into the sequence early.
+        max_lists: served lists waiting per variant (those served within about one grace period:
+            at most one per scoring, which needs an applied event); beyond it the oldest is dropped
+            (and counted).
     """
 
     purchase_horizon_ms: int = DAY_MS
@@ -85,6 +104,8 @@ class EvalConfig:
     grace_ms: int = HOUR_MS
     max_pending: int = 32
     max_since_order: int = 64
+    max_buffered: int = 64
+    max_lists: int = 64
 
     def horizon_ms(self, score: str) -> int:
         return self.churn_horizon_ms if score == CHURN else self.purchase_horizon_ms
@@ -140,14 +161,15 @@ class AlertOutcome:
 
 @dataclass(frozen=True, slots=True)
 class PendingDropped:
-    """A pending score dropped by the cap before it resolved."""
+    """A pending score (or a served list: ``score`` is :data:`RECOMMENDATION`) dropped by its cap
+    before it resolved."""
 
     score: str
 
 
 @dataclass(frozen=True, slots=True)
 class OutOfOrder:
-    """An event applied after one with a later (or equal) time from an earlier batch (module docstring)."""
+    """An item interaction folded after a later one had been folded already (module docstring)."""
 
 
 Outcome = RecommendationOutcome | ScoreOutcome | AlertOutcome | PendingDropped | OutOfOrder
@@ -163,6 +185,7 @@ def _ledger_keys() -> tuple[tuple[str, ...], ...]:
     keys.extend(("alert", group, outcome) for group in GROUPS for outcome in (RETURNED, LAPSED))
     keys.extend(("dropped", score) for score in SCORES)
     keys.append(("out_of_order",))
+    keys.append(("dropped", RECOMMENDATION))
     return tuple(keys)
 
 
@@ -235,11 +258,22 @@ def tally(outcomes: Iterable[Outcome]) -> dict[tuple[str, ...], int]:
 # ------------------------------------------------------------------------------ memory
 @dataclass(slots=True)
 class ServedList:
-    """A variant's last served top-K, not yet resolved."""
+    """A served top-K, not yet resolved; ``placed_ms``: its placement (module docstring)."""
 
     model: str
     version: str
-    t_ms: int
+    placed_ms: int
+    items: tuple[int, ...]
+
+
+class Interaction(NamedTuple):
+    """An applied item interaction waiting for the cutoff (a view or cart add, or an order).
+
+    ``items``: the item hash (view, cart add) or those of the order lines, in line order."""
+
+    ts_ms: int
+    id_hash: int
+    is_order: bool
     items: tuple[int, ...]
 
 
@@ -261,9 +295,12 @@ class LiveMemory:
     Attributes:
         score_seq: scorings of this shopper so far (the outputs' ``score_seq``).
         scored_ms: the time ``t`` of the last scoring (what a re-send after a replay repeats).
-        tail_item: hash of the item the shopper's interaction sequence ends with (0: none yet).
-        since_order: hashes of the items interacted with since the last order (oldest first).
-        lists: variant -> its last served list, until the next interaction resolves it.
+        placed_ms: the latest time of a prediction recorded so far (a list's placement).
+        tail_item: hash of the item the shopper's folded interaction sequence ends with (0: none yet).
+        since_order: hashes of the items folded since the last order (oldest first).
+        folded: ``(ts_ms, id_hash)`` of the last interaction folded into the sequence.
+        buffer: applied interactions not yet folded, in canonical order (time, event-id hash).
+        lists: variant -> its served lists waiting for an interaction, in the order served.
         pending: pending scores, sorted by time (the cap drops the first).
         alerts: ``(group, t_ms)`` of alerts (sent or held out) waiting for a return or a lapse.
         ledger: :data:`LEDGER_KEYS` -> resolved count.
@@ -271,9 +308,12 @@ class LiveMemory:
 
     score_seq: int = 0
     scored_ms: int = 0
+    placed_ms: int = 0
     tail_item: int = 0
     since_order: list[int] = field(default_factory=list)
-    lists: dict[str, ServedList] = field(default_factory=dict)
+    folded: tuple[int, int] = (0, 0)
+    buffer: list[Interaction] = field(default_factory=list)
+    lists: dict[str, list[ServedList]] = field(default_factory=dict)
     pending: list[PendingScore] = field(default_factory=list)
     alerts: list[tuple[str, int]] = field(default_factory=list)
     ledger: dict[tuple[str, ...], int] = field(default_factory=dict)
@@ -284,11 +324,22 @@ class LiveMemory:
         memory repeats it)."""
         self.score_seq += 1
         self.scored_ms = t_ms
+        self.placed_ms = max(self.placed_ms, t_ms)
         return self.score_seq
 
-    def record_list(self, variant: str, model: str, version: str, t_ms: int, item_ids: Iterable[str]) -> None:
-        """Remember a served top-K; it replaces the variant's previous, unresolved one."""
-        self.lists[variant] = ServedList(model, version, t_ms, tuple(item_hash(item) for item in item_ids))
+    def record_list(
+        self, variant: str, model: str, version: str, t_ms: int, item_ids: Iterable[str], config: EvalConfig
+    ) -> list[Outcome]:
+        """Remember a served top-K after the variant's waiting ones (the first new interaction after
+        its placement resolves it, or it is replaced); a :class:`PendingDropped` when the cap pushed
+        the oldest waiting list out."""
+        self.placed_ms = max(self.placed_ms, t_ms)
+        waiting = self.lists.setdefault(variant, [])
+        waiting.append(ServedList(model, version, self.placed_ms, tuple(item_hash(item) for item in item_ids)))
+        if len(waiting) <= config.max_lists:
+            return []
+        del waiting[0]
+        return self._count([PendingDropped(RECOMMENDATION)])
 
     def record_score(
         self, score: str, model: str, version: str, variant: str, t_ms: int, probability: float, config: EvalConfig
@@ -304,19 +355,13 @@ class LiveMemory:
         self.alerts.append((group, t_ms))
 
     # -------------------------------------------------------------- resolving
-    def observe(self, event: Event, watermark_ms: int, config: EvalConfig, in_order: bool = True) -> list[Outcome]:
+    def observe(self, event: Event, watermark_ms: int, config: EvalConfig) -> list[Outcome]:
         """Resolve what the applied ``event`` decides, then what the new ``watermark_ms`` (the state's
-        latest event time, after the event) puts beyond reach. Call for APPLIED events only;
-        ``in_order``: False when the event is not later than every event of earlier batches."""
-        outcomes: list[Outcome] = [] if in_order else [OutOfOrder()]
+        latest event time, after the event) puts beyond reach. Call for APPLIED events only."""
+        outcomes: list[Outcome] = []
         ts = event.ts_ms
-        entry = self._advance_sequence(event, config)
-        if entry is not None:
-            for variant, served in list(self.lists.items()):
-                if ts > served.t_ms:
-                    rank = served.items.index(entry) + 1 if entry in served.items else 0
-                    outcomes.append(RecommendationOutcome(served.model, served.version, variant, rank))
-                    del self.lists[variant]
+        if event.kind in (KIND_VIEW, KIND_CART_ADD, KIND_ORDER):
+            outcomes += self._buffer(event, config)
         if self.pending:
             kept: list[PendingScore] = []
             for pending in self.pending:
@@ -336,9 +381,16 @@ class LiveMemory:
         return self._count(outcomes)
 
     def expire(self, cutoff_ms: int, config: EvalConfig, count: bool = True) -> list[Outcome]:
-        """Resolve the pending scores and alerts whose whole window ends before ``cutoff_ms``: no event
-        inside it can be applied any more (module docstring), so the quiet outcome is final."""
+        """Resolve what no event at or after ``cutoff_ms`` can change any more (module docstring): fold
+        the buffered interactions before it, drop the lists replaced before it, and give the pending
+        scores and alerts whose whole window ends before it their quiet outcome."""
         outcomes: list[Outcome] = []
+        while self.buffer and self.buffer[0].ts_ms < cutoff_ms:
+            outcomes += self._fold(self.buffer.pop(0), config)
+        for waiting in self.lists.values():
+            # every interaction up to the next list's placement is folded: none resolved this one
+            while len(waiting) > 1 and waiting[1].placed_ms < cutoff_ms:
+                del waiting[0]
         if self.pending:
             kept = []
             for pending in self.pending:
@@ -353,22 +405,51 @@ class LiveMemory:
             self.alerts = [alert for alert in self.alerts if alert not in lapsed]
         return self._count(outcomes) if count else outcomes
 
-    def _advance_sequence(self, event: Event, config: EvalConfig) -> int | None:
-        """Fold the event into the interaction-sequence tail as :func:`models.labels.item_sequences`
-        does; the hash of the first new entry it appends, or None (merged, upgraded, no item)."""
-        kind = event.kind
-        if kind == KIND_VIEW or kind == KIND_CART_ADD:
-            item = item_hash(event.item_id or "")
+    def _buffer(self, event: Event, config: EvalConfig) -> list[Outcome]:
+        """Keep an applied item interaction until the cutoff passes it; counts one that arrived behind
+        an interaction already folded, and folds the oldest early beyond the cap."""
+        if event.kind == KIND_ORDER:
+            items = tuple(item_hash(line.item_id) for line in event.order_lines)
+        else:
+            items = (item_hash(event.item_id or ""),)
+        interaction = Interaction(event.ts_ms, event_id_hash(event.event_id), event.kind == KIND_ORDER, items)
+        insort(self.buffer, interaction, key=_canonical)
+        outcomes: list[Outcome] = [OutOfOrder()] if _canonical(interaction) < self.folded else []
+        if len(self.buffer) > config.max_buffered:
+            outcomes += self._fold(self.buffer.pop(0), config)
+        return outcomes
+
+    def _fold(self, interaction: Interaction, config: EvalConfig) -> list[Outcome]:
+        """Fold an interaction into the sequence; a new entry resolves, per variant, the latest list
+        placed before it (the older ones were replaced)."""
+        self.folded = max(self.folded, _canonical(interaction))
+        entry = self._advance_sequence(interaction, config)
+        if entry is None:
+            return []
+        outcomes: list[Outcome] = []
+        for variant, waiting in list(self.lists.items()):
+            before = bisect_left(waiting, interaction.ts_ms, key=_placement)
+            if before:
+                served = waiting[before - 1]
+                rank = served.items.index(entry) + 1 if entry in served.items else 0
+                outcomes.append(RecommendationOutcome(served.model, served.version, variant, rank))
+                del waiting[:before]
+                if not waiting:
+                    del self.lists[variant]
+        return outcomes
+
+    def _advance_sequence(self, interaction: Interaction, config: EvalConfig) -> int | None:
+        """Fold the interaction into the sequence tail as :func:`models.labels.item_sequences` does;
+        the hash of the first new entry it appends, or None (merged, upgraded, no line)."""
+        if not interaction.is_order:
+            (item,) = interaction.items
             if item == self.tail_item:
                 return None  # merged into the last entry
             self._append(item, config)
             return item
-        if kind != KIND_ORDER:
-            return None  # cart removes are no interaction
         since = set(self.since_order)
         first: int | None = None
-        for line in event.order_lines:
-            item = item_hash(line.item_id)
+        for item in interaction.items:
             if item in since or item == self.tail_item:
                 continue  # upgrades an entry of the cart
             self._append(item, config)
@@ -401,11 +482,15 @@ class LiveMemory:
             return setdefault(text, len(strings))
 
         body = bytearray()
-        body += _U8.pack(len(self.lists))
-        for variant, served in sorted(self.lists.items()):
-            body += _LIST.pack(VARIANTS.index(variant), ref(served.model), ref(served.version), served.t_ms)
-            body += _U8.pack(len(served.items))
-            body += struct.pack(f"<{len(served.items)}Q", *served.items)
+        body += _U8.pack(len(self.buffer))
+        for ts_ms, id_hash, is_order, items in self.buffer:
+            body += _with_hashes(_INTERACTION, len(items)).pack(ts_ms, id_hash, is_order, len(items), *items)
+        waiting = [(variant, served) for variant, lists in sorted(self.lists.items()) for served in lists]
+        body += _U8.pack(len(waiting))
+        for variant, served in waiting:
+            model, version, items = ref(served.model), ref(served.version), served.items
+            code = VARIANTS.index(variant)
+            body += _with_hashes(_LIST, len(items)).pack(code, model, version, served.placed_ms, len(items), *items)
         body += _U8.pack(len(self.pending))
         pack, codes = _PENDING.pack, _PENDING_CODE
         body += b"".join(
@@ -431,6 +516,9 @@ class LiveMemory:
         head = bytearray(_U8.pack(_FORMAT_VERSION))
         _put_varint(head, self.score_seq)
         head += _I64.pack(self.scored_ms)
+        ahead_ms = self.placed_ms - self.scored_ms  # usually 0: the latest scoring is the latest time
+        _put_varint(head, 2 * ahead_ms if ahead_ms >= 0 else -2 * ahead_ms - 1)  # zigzag
+        head += _FOLDED.pack(*self.folded)
         head += _TAIL.pack(self.tail_item, len(self.since_order))
         head += struct.pack(f"<{len(self.since_order)}Q", *self.since_order)
         if len(strings) > 255:
@@ -456,6 +544,15 @@ def _pending_order(pending: PendingScore) -> int:
     return pending.t_ms
 
 
+def _canonical(interaction: Interaction) -> tuple[int, int]:
+    """The offline replay's order of events: time, then event-id hash."""
+    return interaction.ts_ms, interaction.id_hash
+
+
+def _placement(served: ServedList) -> int:
+    return served.placed_ms
+
+
 def _resolved(pending: PendingScore, positive: bool) -> ScoreOutcome:
     return ScoreOutcome(pending.model, pending.version, pending.variant, pending.score, pending.probability, positive)
 
@@ -463,7 +560,16 @@ def _resolved(pending: PendingScore, positive: bool) -> ScoreOutcome:
 _U8 = struct.Struct("<B")
 _I64 = struct.Struct("<q")
 _TAIL = struct.Struct("<QB")  # tail item hash, number of since-order hashes
-_LIST = struct.Struct("<BBBq")  # variant, model ref, version ref, t_ms
+_FOLDED = struct.Struct("<qQ")  # ts_ms, event-id hash of the last interaction folded
+_NONE = struct.Struct("<")
+_INTERACTION = struct.Struct("<qQBB")  # ts_ms, event-id hash, is an order, number of item hashes (then those)
+_LIST = struct.Struct("<BBBqB")  # variant, model ref, version ref, placed_ms, number of item hashes (then those)
+
+
+@lru_cache(maxsize=1024)
+def _with_hashes(head: struct.Struct, n: int) -> struct.Struct:
+    """``head`` followed by ``n`` 64-bit hashes, as one layout (one pack or unpack per record)."""
+    return struct.Struct(f"{head.format}{n}Q")
 _PENDING = struct.Struct("<BBBqd")  # score | variant << 1, model ref, version ref, t_ms, probability
 _ALERT = struct.Struct("<Bq")  # group, t_ms
 #: A pending score's ``(score, variant)`` <-> its code in the encoding (score | variant << 1).
@@ -505,7 +611,7 @@ class _Reader:
         return self.data[self.at - 1]
 
     def hashes(self, n: int) -> tuple[int, ...]:
-        return self.take(struct.Struct(f"<{n}Q"))
+        return self.take(_with_hashes(_NONE, n))
 
     def varint(self) -> int:
         value, self.at = _get_varint(self.data, self.at)
@@ -514,10 +620,17 @@ class _Reader:
 
 def _decode(data: bytes) -> LiveMemory:
     read = _Reader(data)
-    if (version := read.u8()) != _FORMAT_VERSION:
-        raise ValueError(f"live memory format {version}; this release reads {_FORMAT_VERSION}")
+    # format 1 (before the interaction buffer): no placement, folded key nor buffer; its lists,
+    # one per variant, were served at their placement
+    if (version := read.u8()) not in (1, _FORMAT_VERSION):
+        raise ValueError(f"live memory format {version}; this release reads 1 and {_FORMAT_VERSION}")
     memory = LiveMemory(score_seq=read.varint())
     (memory.scored_ms,) = read.take(_I64)
+    memory.placed_ms = memory.scored_ms
+    if version == _FORMAT_VERSION:
+        zigzag = read.varint()
+        memory.placed_ms += zigzag >> 1 if zigzag % 2 == 0 else -(zigzag + 1 >> 1)
+        memory.folded = read.take(_FOLDED)
     memory.tail_item, n_since = read.take(_TAIL)
     memory.since_order = list(read.hashes(n_since))
     strings: list[str] = []
@@ -525,10 +638,15 @@ def _decode(data: bytes) -> LiveMemory:
         length = read.u8()
         strings.append(bytes(data[read.at : read.at + length]).decode())
         read.at += length
+    for _ in range(read.u8() if version == _FORMAT_VERSION else 0):
+        ts_ms, id_hash, is_order, n_items = read.take(_INTERACTION)
+        memory.buffer.append(Interaction(ts_ms, id_hash, bool(is_order), read.hashes(n_items)))
     for _ in range(read.u8()):
-        variant, model, version, t_ms = read.take(_LIST)
-        items = read.hashes(read.u8())
-        memory.lists[VARIANTS[variant]] = ServedList(strings[model], strings[version], t_ms, items)
+        variant, model, version, placed_ms, n_items = read.take(_LIST)
+        items = read.hashes(n_items)
+        memory.lists.setdefault(VARIANTS[variant], []).append(
+            ServedList(strings[model], strings[version], placed_ms, items)
+        )
     size = read.u8() * _PENDING.size
     if read.at + size > len(data):
         raise ValueError("pending scores cut short")
@@ -672,6 +790,7 @@ def _recount_shopper(
 
 def replay_prediction(memory: LiveMemory, served: ServedPrediction, config: EvalConfig) -> list[Outcome]:
     """Record one served prediction into ``memory`` as the worker does when it scores."""
+    memory.next_seq(served.t_ms)
     outcomes: list[Outcome] = []
     if served.classifier is not None:
         model, version = served.classifier
@@ -682,7 +801,7 @@ def replay_prediction(memory: LiveMemory, served: ServedPrediction, config: Eval
                 )
     if served.recommender is not None and served.items:
         model, version = served.recommender
-        memory.record_list(served.recommendation_variant, model, version, served.t_ms, served.items)
+        outcomes += memory.record_list(served.recommendation_variant, model, version, served.t_ms, served.items, config)
     if served.alert_group is not None:
         memory.record_alert(served.alert_group, served.t_ms)
     return outcomes

@@ -224,13 +224,15 @@ class WorkerMetrics:
         )
         self.live_pending_dropped = self._live_counter(
             "shoppulse_live_pending_dropped_total",
-            "Pending scores dropped unresolved by the per-shopper cap (SHOPPULSE_LIVE_MAX_PENDING)",
+            "Pending scores (SHOPPULSE_LIVE_MAX_PENDING) and waiting served lists (score=recommendation) "
+            "dropped unresolved by their per-shopper cap",
             ["score"],
         )
         self.live_out_of_order = self._live_counter(
             "shoppulse_live_out_of_order_events_total",
-            "Events applied after a later one of an earlier batch: the shopper's recommendation outcomes "
-            "may differ from the offline recount from then on (docs/evaluation.md)",
+            "Item interactions folded out of event-time order (behind one the buffer cap or a silent-shopper "
+            "sweep folded already): the shopper's recommendation outcomes may differ from the offline recount "
+            "from then on (docs/evaluation.md)",
         )
 
     def _live_counter(self, name: str, documentation: str, labels: list[str] | None = None) -> Counter:

@@ -362,14 +362,13 @@ class BatchProcessor:
             offsets = stored.offsets
             applied_here = repeated_here = 0
             erased = False
-            seen_until_ms = state.last_event_ms if state.events_lifetime else None  # before this batch
             # the canonical order of the offline replay: a tie in event time goes by event-id hash
             pairs.sort(key=lambda pair: (pair[0].ts_ms, event_id_hash(pair[0].event_id)))
             for event, message in pairs:
                 while erasures and event.ts_ms > erasures[0][0].ts_ms:
                     if self._erase(erasures.pop(0), stored, state, already, outcome, now_ms):
                         state, stored, erased = ShopperState.new(user_id), Stored(offsets=offsets), True
-                        memory, seen_until_ms = LiveMemory(), None
+                        memory = LiveMemory()
                         applied_here = repeated_here = 0  # what was erased is not scored
                 source = (message.topic, message.partition)
                 if already.applied(*source, message.offset):
@@ -381,8 +380,7 @@ class BatchProcessor:
                 result = state.update(event, self.state_config)
                 if result == APPLIED:
                     applied_here += 1
-                    in_order = seen_until_ms is None or event.ts_ms > seen_until_ms
-                    outcome.live += memory.observe(event, state.last_event_ms, self.eval_config, in_order)
+                    outcome.live += memory.observe(event, state.last_event_ms, self.eval_config)
                 elif result == DUPLICATE:
                     outcome.duplicates += 1
                     repeated_here += 1
@@ -704,7 +702,7 @@ class BatchProcessor:
                         outcome.live += memory.record_score(score, *version, variant, t_ms, p, self.eval_config)
             elif predicted.recommendations:
                 items = [item for item, _ in predicted.recommendations]
-                memory.record_list(variant, *version, t_ms, items)
+                outcome.live += memory.record_list(variant, *version, t_ms, items, self.eval_config)
         variant, version, served = measured[0]
         return variant, served, None if version is None else ":".join(version)
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from features.events import KIND_CART_ADD, KIND_CART_REMOVE, KIND_ORDER, KIND_VIEW, Event, OrderLine
-from features.state import DAY_MS, HOUR_MS
+from features.state import APPLIED, DAY_MS, HOUR_MS, ShopperState, StateConfig, event_id_hash
 from models.labels import FutureIndex, churn_labels, item_sequences, purchase_labels
 from models.outcomes import (
     ALERTED,
@@ -17,16 +17,20 @@ from models.outcomes import (
     HOLDOUT,
     LEDGER_KEYS,
     PURCHASE,
+    RECOMMENDATION,
     AlertOutcome,
     EvalConfig,
     LiveMemory,
+    OutOfOrder,
     PendingDropped,
     RecommendationOutcome,
     ScoreOutcome,
     ServedPrediction,
     decile,
     gain,
+    item_hash,
     recount,
+    replay_prediction,
     tally,
 )
 from models.variants import CHALLENGER, CHAMPION
@@ -123,43 +127,113 @@ def test_the_cap_drops_the_oldest_pending_score_and_counts_it():
 
 
 # ------------------------------------------------------------------ recommendations
-def served(memory: LiveMemory, t_ms: int, *items: str, variant: str = CHAMPION) -> None:
-    memory.record_list(variant, "nextitem", "v2", t_ms, items)
+def served(memory: LiveMemory, t_ms: int, *items: str, variant: str = CHAMPION, config: EvalConfig = CONFIG) -> list:
+    return memory.record_list(variant, "nextitem", "v2", t_ms, items, config)
 
 
-def test_the_next_new_item_interaction_resolves_a_list_at_its_rank():
+def settled(memory: LiveMemory, ts_ms: int) -> list:
+    """What the watermark passing ``ts_ms`` plus the grace period decides (no scores pending here)."""
+    return memory.expire(ts_ms + CONFIG.grace_ms + 1, CONFIG)
+
+
+def test_the_next_new_item_interaction_resolves_a_list_at_its_rank_one_grace_period_later():
     memory = LiveMemory()
     observe(memory, view(T0, "a"))
     served(memory, T0, "x", "b", "y")
     assert observe(memory, view(T0 + 1, "a")) == []  # the same item again: merged, no new interaction
     assert observe(memory, view(T0 + 2, "a", kind=KIND_CART_ADD)) == []  # upgraded to a cart: the same entry
     assert observe(memory, view(T0 + 3, "a", kind=KIND_CART_REMOVE)) == []  # removes are no interaction
-    assert observe(memory, view(T0 + 4, "b")) == [RecommendationOutcome("nextitem", "v2", CHAMPION, 2)]
-    assert memory.lists == {}
+    assert observe(memory, view(T0 + 4, "b")) == []  # an earlier interaction could still arrive
+    assert observe(memory, view(T0 + 4 + CONFIG.grace_ms, "c", kind=KIND_CART_REMOVE)) == []  # cutoff == ts
+    out = observe(memory, view(T0 + 5 + CONFIG.grace_ms, "c", kind=KIND_CART_REMOVE))
+    assert out == [RecommendationOutcome("nextitem", "v2", CHAMPION, 2)]
+    assert memory.lists == {} and memory.buffer == []
+
+
+def test_an_interaction_arriving_late_within_grace_resolves_the_list_instead():
+    memory = LiveMemory()
+    served(memory, T0, "x", "b", "y")
+    observe(memory, view(T0 + 10, "b"))
+    observe(memory, view(T0 + 5, "y"))  # earlier in event time, arrived later: it is the next interaction
+    assert settled(memory, T0 + 10) == [RecommendationOutcome("nextitem", "v2", CHAMPION, 3)]
 
 
 def test_a_miss_and_a_replaced_list():
     memory = LiveMemory()
     served(memory, T0, "x")
     served(memory, T0 + 1, "y")  # the shopper was shown the newer list: the first is no opportunity
-    assert observe(memory, view(T0 + 2, "z")) == [RecommendationOutcome("nextitem", "v2", CHAMPION, 0)]
+    observe(memory, view(T0 + 2, "z"))
+    assert settled(memory, T0 + 2) == [RecommendationOutcome("nextitem", "v2", CHAMPION, 0)]
     assert memory.ledger == {("recommendation", CHAMPION, "opportunities"): 1}
+
+
+def test_a_list_waits_for_an_interaction_that_arrives_after_the_next_list_was_served():
+    memory = LiveMemory()
+    served(memory, T0, "x", "z")
+    served(memory, T0 + 10, "y")
+    observe(memory, view(T0 + 5, "z"))  # between the two lists in event time: resolves the first
+    observe(memory, view(T0 + 11, "y"))
+    assert sorted(o.rank for o in settled(memory, T0 + 11)) == [1, 2]
+
+
+def test_a_replaced_list_is_dropped_once_no_interaction_can_come_before_the_next():
+    memory = LiveMemory()
+    served(memory, T0, "x")
+    served(memory, T0 + 10, "y")
+    assert memory.expire(T0 + 10, CONFIG) == [] and len(memory.lists[CHAMPION]) == 2  # one at T0 + 10 can come
+    assert memory.expire(T0 + 11, CONFIG) == [] and [s.items for s in memory.lists[CHAMPION]] == [
+        memory.lists[CHAMPION][0].items
+    ]
+    assert len(memory.lists[CHAMPION]) == 1
+
+
+def test_a_list_is_placed_after_the_latest_prediction_before_it():
+    memory = LiveMemory()
+    memory.next_seq(T0 + 100)  # e.g. a silent-shopper sweep at wall clock
+    served(memory, T0 + 50, "a")  # offline it comes after every event up to T0 + 100
+    observe(memory, view(T0 + 60, "a"))
+    assert settled(memory, T0 + 60) == []
+    observe(memory, view(T0 + 101, "b"))
+    assert settled(memory, T0 + 101) == [RecommendationOutcome("nextitem", "v2", CHAMPION, 0)]
+
+
+def test_the_list_cap_drops_the_oldest_waiting_list_and_counts_it():
+    config = EvalConfig(max_lists=2)
+    memory = LiveMemory()
+    assert served(memory, T0, "a", config=config) == served(memory, T0 + 1, "b", config=config) == []
+    assert served(memory, T0 + 2, "c", config=config) == [PendingDropped(RECOMMENDATION)]
+    assert [s.placed_ms for s in memory.lists[CHAMPION]] == [T0 + 1, T0 + 2]
+    assert memory.ledger[("dropped", RECOMMENDATION)] == 1
+
+
+def test_the_buffer_cap_folds_early_and_a_later_arrival_behind_it_is_counted_out_of_order():
+    config = EvalConfig(max_buffered=2)
+    memory = LiveMemory()
+    served(memory, T0, "a", "b", config=config)
+    for ts, item in ((T0 + 3, "a"), (T0 + 4, "c")):
+        assert memory.observe(view(ts, item), T0 + 4, config) == []
+    assert memory.observe(view(T0 + 5, "d"), T0 + 5, config) == [RecommendationOutcome("nextitem", "v2", CHAMPION, 1)]
+    assert memory.observe(view(T0 + 2, "b"), T0 + 5, config) == [OutOfOrder()]  # behind the early fold
+    assert memory.ledger[("out_of_order",)] == 1
 
 
 def test_an_order_of_the_cart_upgrades_its_entries_and_a_new_ordered_item_is_the_next_interaction():
     memory = LiveMemory()
     observe(memory, view(T0, "a"), view(T0 + 1, "b", kind=KIND_CART_ADD))
     served(memory, T0 + 1, "c", "d")
-    assert observe(memory, order(T0 + 2, "a", "b")) == []  # both since the last order: upgrades
+    observe(memory, order(T0 + 2, "a", "b"))  # both since the last order: upgrades
+    assert settled(memory, T0 + 2) == []
     # after that order the cart is empty: an order of "a" again is a new interaction, "b" (the tail) is not
-    assert observe(memory, order(T0 + 3, "b", "d", "a")) == [RecommendationOutcome("nextitem", "v2", CHAMPION, 2)]
+    observe(memory, order(T0 + 3, "b", "d", "a"))
+    assert settled(memory, T0 + 3) == [RecommendationOutcome("nextitem", "v2", CHAMPION, 2)]
 
 
 def test_each_variant_keeps_its_own_list():
     memory = LiveMemory()
     served(memory, T0, "a", variant=CHAMPION)
     served(memory, T0, "b", "a", variant=CHALLENGER)
-    out = observe(memory, view(T0 + 1, "a"))
+    observe(memory, view(T0 + 1, "a"))
+    out = settled(memory, T0 + 1)
     assert sorted(o.rank for o in out if isinstance(o, RecommendationOutcome)) == [1, 2]
 
 
@@ -213,18 +287,42 @@ def test_corrupt_or_cut_bytes_raise_value_error():
         LiveMemory.decode(data + b"\x00")
 
 
+def test_a_format_1_value_of_the_previous_release_still_reads():
+    """Bytes the previous release wrote (a served list, a pending score, a ledger count): the list waits
+    at its serving time, the sequence tail and the ledger carry over."""
+    data = bytes.fromhex(
+        "010100c02cc89901000040f89e395b66422f0140f89e395b66422f04086e6578746974656d02763203636c6602763101000001"
+        "00c02cc8990100000240f89e395b66422f8472c2e34d854f750100020300c02cc899010000000000000000e03f00010003"
+    )
+    memory = LiveMemory.decode(data)
+    assert (memory.score_seq, memory.scored_ms, memory.placed_ms) == (1, T0, T0)
+    assert memory.tail_item == item_hash("a") and memory.buffer == []
+    assert [(s.placed_ms, s.items) for s in memory.lists[CHAMPION]] == [(T0, (item_hash("a"), item_hash("b")))]
+    assert [(p.score, p.t_ms, p.probability) for p in memory.pending] == [(CHURN, T0, 0.5)]
+    assert memory.ledger == {("recommendation", CHAMPION, "opportunities"): 3}
+    assert LiveMemory.decode(memory.encode()) == memory  # written back in the current format
+
+
 def test_every_ledger_key_fits_a_byte():
     assert len(LEDGER_KEYS) <= 256 and len(set(LEDGER_KEYS)) == len(LEDGER_KEYS)
 
 
 # ------------------------------------------------------------------ against models/labels.py
-def random_log(rng: random.Random, users: int, events_per_user: int) -> list[Event]:
+SPREAD_STEPS_MS = (1, 60_000, HOUR_MS, 5 * HOUR_MS, DAY_MS, 3 * DAY_MS, 15 * DAY_MS)
+#: Many events within one grace period (1 h) of each other.
+DENSE_STEPS_MS = (1, 1000, 60_000, 10 * 60_000, 40 * 60_000, 2 * HOUR_MS)
+
+
+def random_log(
+    rng: random.Random, users: int, events_per_user: int, steps_ms: tuple[int, ...] = SPREAD_STEPS_MS, n_items: int = 6
+) -> list[Event]:
+    """Random views, cart changes and orders, in canonical order (time, then event-id hash)."""
     events = []
     for u in range(users):
         user, ts = f"u{u}", T0
         for _ in range(events_per_user):
-            ts += rng.choice([1, 60_000, HOUR_MS, 5 * HOUR_MS, DAY_MS, 3 * DAY_MS, 15 * DAY_MS])
-            item = f"i{rng.randrange(6)}"
+            ts += rng.choice(steps_ms)
+            item = f"i{rng.randrange(n_items)}"
             roll = rng.random()
             if roll < 0.55:
                 events.append(view(ts, item, user))
@@ -233,8 +331,9 @@ def random_log(rng: random.Random, users: int, events_per_user: int) -> list[Eve
             elif roll < 0.8:
                 events.append(view(ts, item, user, kind=KIND_CART_REMOVE))
             else:
-                events.append(order(ts, *rng.sample([f"i{k}" for k in range(6)], rng.randrange(1, 4)), user=user))
-    return sorted(events, key=lambda e: e.ts_ms)
+                lines = rng.sample([f"i{k}" for k in range(n_items)], rng.randrange(1, 4))
+                events.append(order(ts, *lines, user=user))
+    return sorted(events, key=lambda e: (e.ts_ms, event_id_hash(e.event_id)))
 
 
 def test_outcomes_equal_the_offline_labels_and_next_item_targets():
@@ -277,13 +376,16 @@ def test_outcomes_equal_the_offline_labels_and_next_item_targets():
                 assert resolved[key] == bool(y), f"{score} at {p.t_ms} of {p.user_id}"
                 checked += 1
         assert checked > 100
-    expected = expected_recommendation_ranks(events, predictions)
+    expected = expected_recommendation_ranks(events, predictions, last_ms, config.grace_ms)
     got = sorted(o.rank for o in outcomes if isinstance(o, RecommendationOutcome))
     assert got == sorted(expected) and len(got) > 50
 
 
-def expected_recommendation_ranks(events: list[Event], predictions: list[ServedPrediction]) -> list[int]:
-    """Per served list: the first item_sequences entry after it, if it comes before the next list."""
+def expected_recommendation_ranks(
+    events: list[Event], predictions: list[ServedPrediction], last_ms: dict[str, int], grace_ms: int
+) -> list[int]:
+    """Per served list: the first item_sequences entry after it, if it comes before the next list
+    and behind the shopper's last watermark minus the grace period (only then is it decided)."""
     sequences = item_sequences(events)
     ranks = []
     by_user: dict[str, list[ServedPrediction]] = {}
@@ -294,7 +396,7 @@ def expected_recommendation_ranks(events: list[Event], predictions: list[ServedP
         for i, p in enumerate(served_lists):
             until = served_lists[i + 1].t_ms if i + 1 < len(served_lists) else float("inf")
             nxt = next((j for j, ts in enumerate(seq.ts) if ts > p.t_ms), None) if seq else None
-            if nxt is not None and seq is not None and seq.ts[nxt] <= until:
+            if nxt is not None and seq is not None and seq.ts[nxt] <= until and seq.ts[nxt] < last_ms[user] - grace_ms:
                 item = seq.items[nxt]
                 ranks.append(p.items.index(item) + 1 if item in p.items else 0)
     return ranks
@@ -306,3 +408,66 @@ def test_tally_counts_as_the_ledger_does():
     out = observe(memory, order(T0 + 3, "q"))
     assert tally(out) == {("score", CHAMPION, PURCHASE, "positive"): 1, ("score", CHALLENGER, PURCHASE, "positive"): 1}
     assert {key: n - before.get(key, 0) for key, n in memory.ledger.items() if n != before.get(key, 0)} == tally(out)
+
+
+# ------------------------------------------------------------------ arrival order
+def serving_points(rng: random.Random, events: list[Event]) -> dict[str, ServedPrediction]:
+    """Event id -> the prediction served once that event is applied, as of its time; more than a grace
+    period apart per shopper, so their order (and score_seq) is the same in every arrival order."""
+    points: dict[str, ServedPrediction] = {}
+    last: dict[str, int] = {}
+    seq: dict[str, int] = {}
+    for event in events:
+        if event.ts_ms > last.get(event.user_id, 0) + CONFIG.grace_ms and rng.random() < 0.6:
+            last[event.user_id] = event.ts_ms
+            seq[event.user_id] = seq.get(event.user_id, 0) + 1
+            points[event.event_id] = ServedPrediction(
+                event.user_id,
+                seq[event.user_id],
+                event.ts_ms,
+                variant=rng.choice([CHAMPION, CHALLENGER]),
+                classifier=CLF,
+                scores={CHURN: round(rng.random(), 6), PURCHASE: round(rng.random(), 6)},
+                recommender=("nextitem", "v2"),
+                items=tuple(rng.sample([f"i{k}" for k in range(5)], 3)),
+                recommendation_variant=rng.choice([CHAMPION, CHALLENGER]),
+            )
+    return points
+
+
+def live_outcomes(arrival: list[Event], points: dict[str, ServedPrediction], config: EvalConfig) -> list:
+    """The worker's path: each arriving event through the shopper's state, the applied ones through
+    its memory, and the prediction of a serving point recorded right after its event."""
+    states: dict[str, ShopperState] = {}
+    memories: dict[str, LiveMemory] = {}
+    state_config = StateConfig(grace_ms=config.grace_ms)
+    outcomes: list = []
+    for event in arrival:
+        state = states.setdefault(event.user_id, ShopperState.new(event.user_id))
+        memory = memories.setdefault(event.user_id, LiveMemory())
+        assert state.update(event, state_config) == APPLIED
+        outcomes += memory.observe(event, state.last_event_ms, config)
+        if event.event_id in points:
+            outcomes += replay_prediction(memory, points[event.event_id], config)
+    return outcomes
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_any_arrival_order_within_grace_gives_the_outcomes_of_the_recount(seed):
+    """Shuffle arrival within the grace period (an event arrives after every event more than a grace
+    period older): the live outcomes are the same multiset in every order, and equal the recount's."""
+    rng = random.Random(seed)
+    events = random_log(rng, users=6, events_per_user=40, steps_ms=DENSE_STEPS_MS, n_items=5)
+    points = serving_points(rng, events)
+    config = EvalConfig(max_pending=10_000)
+    expected = sorted(map(repr, recount(events, points.values(), config)))
+    assert sum(r.startswith("RecommendationOutcome") for r in expected) > 20
+    moved = 0
+    for _ in range(4):
+        # a serving point arrives undelayed: the worker scores as of its watermark, so no later event
+        # is applied before it (an earlier one may well come after it)
+        jitter = {e.event_id: 0 if e.event_id in points else rng.randrange(config.grace_ms) for e in events}
+        arrival = sorted(events, key=lambda e: e.ts_ms + jitter[e.event_id])
+        moved += sum(a is not b for a, b in zip(arrival, events, strict=True))
+        assert sorted(map(repr, live_outcomes(arrival, points, config))) == expected
+    assert moved > len(events)  # the orders did differ from event-time order

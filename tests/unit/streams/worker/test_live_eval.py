@@ -15,7 +15,7 @@ import pytest
 
 from features.events import DEFAULT_LIMITS, Event, OrderLine, encode_event
 from features.spec import DEFAULT_FEATURE_SPEC
-from features.state import DAY_MS, ShopperState, StateConfig
+from features.state import DAY_MS, HOUR_MS, ShopperState, StateConfig
 from models.names import CLASSIFIER_MODEL, NEXTITEM_MODEL
 from models.outcomes import (
     ALERTED,
@@ -123,6 +123,16 @@ def run(proc: BatchProcessor, events: Sequence[tuple[Event, int]], store: dict[b
     return outcome
 
 
+def settle(proc: BatchProcessor, store: dict[bytes, bytes], ts_ms: int, user: str = "u1"):
+    """A silent-shopper sweep one grace period past ``ts_ms``: the interactions up to ``ts_ms`` are
+    decided (none earlier can still be applied), so the lists they follow resolve."""
+    outcome = proc.rescore_silent([(0, user.encode(), store[user.encode()])], ts_ms + HOUR_MS + 1)
+    for write in outcome.writes:
+        assert write.value is not None  # a sweep never deletes
+        store[write.key] = write.value
+    return outcome
+
+
 def memory_of(store: dict[bytes, bytes], user: str = "u1") -> LiveMemory:
     return LiveMemory.decode(Stored.decode(store[user.encode()]).memory)
 
@@ -142,15 +152,16 @@ def test_champion_only_outputs_carry_variant_and_score_seq_and_the_next_event_re
     assert json.loads(second.scored[0].result)["score_seq"] == 2
     assert sorted(second.live, key=repr) == sorted(
         [
-            RecommendationOutcome(NEXTITEM_MODEL, "n1", CHAMPION, 2),
             ScoreOutcome(CLASSIFIER_MODEL, "c1", CHAMPION, CHURN, 0.91, False),
             AlertOutcome(ALERTED, True),  # the first scoring alerted (risk 0.91), and the shopper returned
         ],
         key=repr,
-    )
+    )  # the list waits: an interaction before "b" could still arrive within the grace period
     third = run(proc, [(order("u1", 3, NOW_MS - 3000, "b"), 0)], store)
     purchases = [o for o in third.live if isinstance(o, ScoreOutcome) and o.score == PURCHASE]
     assert [(o.probability, o.positive) for o in purchases] == [(0.25, True), (0.25, True)]  # two scorings
+    resolved = [o for o in settle(proc, store, NOW_MS - 4000).live if isinstance(o, RecommendationOutcome)]
+    assert resolved == [RecommendationOutcome(NEXTITEM_MODEL, "n1", CHAMPION, 2)]
 
 
 def test_shadow_measures_the_challenger_for_everyone_and_publishes_only_the_champion():
@@ -168,7 +179,8 @@ def test_shadow_measures_the_challenger_for_everyone_and_publishes_only_the_cham
         (CHAMPION, "c1"),
         (CHAMPION, "c1"),
     ]
-    resolved = run(proc, [(view("u1", 2, NOW_MS - 4000, "c"), 1)], store).live
+    run(proc, [(view("u1", 2, NOW_MS - 4000, "c"), 1)], store)
+    resolved = settle(proc, store, NOW_MS - 4000).live
     ranks = {o.variant: o.rank for o in resolved if isinstance(o, RecommendationOutcome)}
     assert ranks == {CHAMPION: 0, CHALLENGER: 2}
 
@@ -246,7 +258,8 @@ def test_live_counters_move_only_when_a_batch_is_counted_as_delivered():
     labels = {"model": NEXTITEM_MODEL, "version": "n1", "variant": CHAMPION}
     assert sample("shoppulse_live_recommendation_opportunities_total", labels) is None
     assert sample("shoppulse_live_alerts_held_out_total") == 0
-    for delivered in (first, outcome):
+    swept = settle(proc, store, NOW_MS - 4000)
+    for delivered in (first, outcome, swept):
         metrics.count_live(delivered.live, delivered.held_out_alerts)
     assert sample("shoppulse_live_recommendation_opportunities_total", labels) == 1
     assert sample("shoppulse_live_recommendation_hits_total", {**labels, "k": "5"}) == 1
