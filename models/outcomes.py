@@ -570,6 +570,8 @@ _LIST = struct.Struct("<BBBqB")  # variant, model ref, version ref, placed_ms, n
 def _with_hashes(head: struct.Struct, n: int) -> struct.Struct:
     """``head`` followed by ``n`` 64-bit hashes, as one layout (one pack or unpack per record)."""
     return struct.Struct(f"{head.format}{n}Q")
+
+
 _PENDING = struct.Struct("<BBBqd")  # score | variant << 1, model ref, version ref, t_ms, probability
 _ALERT = struct.Struct("<Bq")  # group, t_ms
 #: A pending score's ``(score, variant)`` <-> its code in the encoding (score | variant << 1).

@@ -75,9 +75,7 @@ def live_settings(
     return settings
 
 
-def traffic(
-    settings: Settings, simulator: ShopSimulator, rate_per_s: float, earlier_ms: int = 0
-) -> BackgroundProducer:
+def traffic(settings: Settings, simulator: ShopSimulator, rate_per_s: float, earlier_ms: int = 0) -> BackgroundProducer:
     """The simulator's messages at a steady rate; ``earlier_ms``: valid events stamped that long before
     the live clock (room for later events one grace period past them, which the worker accepts only
     up to 5 minutes ahead of its clock)."""
@@ -100,8 +98,17 @@ def close_every_shopper(settings: Settings, newest: dict[str, int], after_ms: in
     every earlier event plus the grace period, so all of their recommendation outcomes are decided."""
     closing = [
         message_of(
-            Event(KIND_VIEW, f"{user}-closing", user, ts_ms + after_ms, session_id="closing", item_id="closing",
-                  category="closing", price=1.0, quantity=1)
+            Event(
+                KIND_VIEW,
+                f"{user}-closing",
+                user,
+                ts_ms + after_ms,
+                session_id="closing",
+                item_id="closing",
+                category="closing",
+                price=1.0,
+                quantity=1,
+            )
         )
         for user, ts_ms in sorted(newest.items())
     ]
