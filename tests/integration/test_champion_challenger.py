@@ -140,7 +140,9 @@ def test_compare_ranks_the_trained_model_first_in_either_role(broker, tmp_path, 
     share = 0.5 if mode == SPLIT else 1.0
     registry.set_challenger(NEXTITEM_MODEL, WORSE, mode, share, salt=f"{mode}-trial")
 
-    settings = isolated_settings(broker.bootstrap_servers, tmp_path / "worker", models_dir=registry.root)
+    # A list is decided one grace period after the interaction that resolves it (models.outcomes):
+    # a 4 s grace lets lists resolve within the test (the worker's default is hours).
+    settings = isolated_settings(broker.bootstrap_servers, tmp_path / "worker", models_dir=registry.root, grace_ms=4000)
     ensure_topics(settings)
     simulator = ShopSimulator(GeneratorConfig(seed=SEED, n_shoppers=LIVE_SHOPPERS, n_items=ITEMS, clock="live"))
     worker = WorkerProcess(settings, tmp_path / "worker.log")
