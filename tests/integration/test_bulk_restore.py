@@ -169,7 +169,7 @@ def data_dir_bytes(path: Path) -> int:
 @pytest.mark.slow
 def test_a_worker_killed_during_a_bulk_restore_finishes_it_on_the_next_start(broker, tmp_path):
     """A worker restoring a large changelog into an empty data directory is killed (-9) once its
-    first write batches are on disk; the next start bulk-restores only the rest, and the table
+    first whole write batches are on disk; the next start bulk-restores only the rest, and the table
     then holds exactly the changelog's last value of every key, deletions included."""
     settings = isolated_settings(broker.bootstrap_servers, tmp_path / "worker")
     ensure_topics(settings)
@@ -200,7 +200,10 @@ def test_a_worker_killed_during_a_bulk_restore_finishes_it_on_the_next_start(bro
 
     first = WorkerProcess(settings, tmp_path / "worker-1.log")
     deadline = time.monotonic() + 120
-    while data_dir_bytes(settings.data_dir) < 5_000_000:  # a write batch of ~20k records is on disk
+    # RocksDB appends a write batch (~20k records, ~6.3 MB here) to its log in chunks, and a batch
+    # cut by the kill is dropped when the log is replayed: wait for 2.5 batches' worth, so that at
+    # least one whole batch is on disk whichever write the kill interrupts.
+    while data_dir_bytes(settings.data_dir) < 16_000_000:
         assert time.monotonic() < deadline and first.process.poll() is None, first.log_tail()
         time.sleep(0.05)
     first.kill()
