@@ -79,7 +79,7 @@ MAX_RANK = 10
 #: The :class:`PendingDropped` name of a served list dropped by :attr:`EvalConfig.max_lists`.
 RECOMMENDATION = "recommendation"
 
-_FORMAT_VERSION = 2
+_FORMAT_VERSION = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,6 +295,8 @@ class LiveMemory:
     Attributes:
         score_seq: scorings of this shopper so far (the outputs' ``score_seq``).
         scored_ms: the time ``t`` of the last scoring (what a re-send after a replay repeats).
+        scored_alert: the alert group the last scoring raised, or None (what its re-send repeats: a
+            later scoring can share its ``t``, so the pending alerts cannot tell which raised one).
         placed_ms: the latest time of a prediction recorded so far (a list's placement).
         tail_item: hash of the item the shopper's folded interaction sequence ends with (0: none yet).
         since_order: hashes of the items folded since the last order (oldest first).
@@ -308,6 +310,7 @@ class LiveMemory:
 
     score_seq: int = 0
     scored_ms: int = 0
+    scored_alert: str | None = None
     placed_ms: int = 0
     tail_item: int = 0
     since_order: list[int] = field(default_factory=list)
@@ -324,6 +327,7 @@ class LiveMemory:
         memory repeats it)."""
         self.score_seq += 1
         self.scored_ms = t_ms
+        self.scored_alert = None
         self.placed_ms = max(self.placed_ms, t_ms)
         return self.score_seq
 
@@ -351,8 +355,10 @@ class LiveMemory:
         return self._count([PendingDropped(self.pending.pop(0).score)])
 
     def record_alert(self, group: str, t_ms: int) -> None:
-        """Remember a churn alert (sent: ``alerted``; withheld: ``holdout``) until the shopper returns or lapses."""
+        """Remember a churn alert (sent: ``alerted``; withheld: ``holdout``) of the last scoring until
+        the shopper returns or lapses."""
         self.alerts.append((group, t_ms))
+        self.scored_alert = group
 
     # -------------------------------------------------------------- resolving
     def observe(self, event: Event, watermark_ms: int, config: EvalConfig) -> list[Outcome]:
@@ -516,6 +522,7 @@ class LiveMemory:
         head = bytearray(_U8.pack(_FORMAT_VERSION))
         _put_varint(head, self.score_seq)
         head += _I64.pack(self.scored_ms)
+        head += _U8.pack(0 if self.scored_alert is None else 1 + GROUPS.index(self.scored_alert))
         ahead_ms = self.placed_ms - self.scored_ms  # usually 0: the latest scoring is the latest time
         _put_varint(head, 2 * ahead_ms if ahead_ms >= 0 else -2 * ahead_ms - 1)  # zigzag
         head += _FOLDED.pack(*self.folded)
@@ -623,13 +630,14 @@ class _Reader:
 def _decode(data: bytes) -> LiveMemory:
     read = _Reader(data)
     # format 1 (before the interaction buffer): no placement, folded key nor buffer; its lists,
-    # one per variant, were served at their placement
-    if (version := read.u8()) not in (1, _FORMAT_VERSION):
-        raise ValueError(f"live memory format {version}; this release reads 1 and {_FORMAT_VERSION}")
+    # one per variant, were served at their placement. Format 2: no last scoring's alert.
+    if (version := read.u8()) not in (1, 2, _FORMAT_VERSION):
+        raise ValueError(f"live memory format {version}; this release reads 1 to {_FORMAT_VERSION}")
     memory = LiveMemory(score_seq=read.varint())
     (memory.scored_ms,) = read.take(_I64)
     memory.placed_ms = memory.scored_ms
-    if version == _FORMAT_VERSION:
+    scored_alert = read.u8() if version >= 3 else None
+    if version >= 2:
         zigzag = read.varint()
         memory.placed_ms += zigzag >> 1 if zigzag % 2 == 0 else -(zigzag + 1 >> 1)
         memory.folded = read.take(_FOLDED)
@@ -640,7 +648,7 @@ def _decode(data: bytes) -> LiveMemory:
         length = read.u8()
         strings.append(bytes(data[read.at : read.at + length]).decode())
         read.at += length
-    for _ in range(read.u8() if version == _FORMAT_VERSION else 0):
+    for _ in range(read.u8() if version >= 2 else 0):
         ts_ms, id_hash, is_order, n_items = read.take(_INTERACTION)
         memory.buffer.append(Interaction(ts_ms, id_hash, bool(is_order), read.hashes(n_items)))
     for _ in range(read.u8()):
@@ -661,6 +669,10 @@ def _decode(data: bytes) -> LiveMemory:
     for _ in range(read.u8()):
         group, t_ms = read.take(_ALERT)
         memory.alerts.append((GROUPS[group], t_ms))
+    if scored_alert is None:  # formats 1 and 2: a pending alert at the last scoring's time, as they assumed
+        memory.scored_alert = next((g for g, t in memory.alerts if t == memory.scored_ms), None)
+    elif scored_alert:
+        memory.scored_alert = GROUPS[scored_alert - 1]
     for _ in range(read.u8()):
         key = LEDGER_KEYS[read.u8()]
         memory.ledger[key] = read.varint()

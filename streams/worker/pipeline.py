@@ -596,17 +596,22 @@ class BatchProcessor:
             public_id = self.public_id(shopper_in.user_id)
             risk = scores.scores.get(CHURN)
             stored, group = shopper_in.stored, None
-            if risk is not None:
+            if shopper_in.resend:
+                # The stored alert state is already past this scoring: repeat its decision, and
+                # send its alert again (same alert id: the first send may have been lost).
+                group = memory.scored_alert
+            elif risk is not None:
                 before = self._load_alert(stored.alert, shopper_in.user_id)
                 after, fire = before.step(risk, scored_at_ms, self.alert_policy)
                 stored.alert = after.encode()
                 if fire:
-                    cause = shopper_in.trigger_event_id or f"silent-since-{state.last_event_ms}"
                     held_out = in_share(shopper_in.user_id, self.alert_holdout_salt, self.alert_holdout_share)
                     group = HOLDOUT if held_out else ALERTED
-                    if not shopper_in.resend:
-                        memory.record_alert(group, t_ms)
-                    alerting.append((index, risk, f"{public_id}:{cause}", group, classifier_variant))
+                    memory.record_alert(group, t_ms)
+                    outcome.held_out_alerts += group == HOLDOUT
+            if group is not None and risk is not None:
+                cause = shopper_in.trigger_event_id or f"silent-since-{state.last_event_ms}"
+                alerting.append((index, risk, f"{public_id}:{cause}", group, classifier_variant))
             envelope = {
                 "schema_version": OUTPUT_CONTRACT_VERSION,
                 "user_id": public_id,
@@ -625,8 +630,6 @@ class BatchProcessor:
             }
             if classifier_variant == CHALLENGER:
                 result["model_versions"] = {**versions, **dict.fromkeys(SCORES, classifier_version)}
-            if group is None and shopper_in.resend:  # the re-sent scoring says what its alert was
-                group = next((g for g, t in memory.alerts if t == as_of_ms), None)
             if group is not None:
                 result["churn_alert"] = group
             out = ScoredShopper(
@@ -718,7 +721,7 @@ class BatchProcessor:
     ) -> None:
         """Churn alert messages, with what a campaign needs: risk, reasons, last activity, value to date.
 
-        A held-out shopper's alert is computed like any other and then withheld: counted, not sent.
+        A held-out shopper's alert is computed like any other and then withheld: not sent.
         """
         reasons = self.scorer.churn_reasons(features[[index for index, *_ in alerting]])
         for (index, risk, alert_id, group, variant), why in zip(alerting, reasons, strict=False):
@@ -740,7 +743,6 @@ class BatchProcessor:
                 }
             ).encode()
             if group == HOLDOUT:
-                outcome.held_out_alerts += 1
                 continue
             outcome.scored[first + index].alert = alert
             self.metrics.alerts_fired.inc()

@@ -135,11 +135,8 @@ def assert_ledgers_equal_the_recount(settings: Settings, offline: dict[str, list
     assert ledgers.keys() == offline.keys()
     compared_lists = 0
     for user, outcomes in offline.items():
-        # Alert returns are left out here: after kill -9 restarts an occasional shopper's recount holds
-        # one alert more than its ledger (seen in 3 of 4 runs on 2026-12-03, one shopper each), a known
-        # gap (docs/evaluation.md, "Exactness and crashes") that the clean run's /metrics test does not show.
-        expected = {key: n for key, n in tally(outcomes).items() if key[0] != "alert"}
-        assert {key: n for key, n in ledgers[user].items() if n and key[0] != "alert"} == expected, user
+        expected = tally(outcomes)
+        assert {key: n for key, n in ledgers[user].items() if n} == expected, user
         compared_lists += expected.get(("recommendation", "champion", "opportunities"), 0)
     assert compared_lists > 0, "no shopper had a resolved recommendation"
 

@@ -303,6 +303,19 @@ def test_a_format_1_value_of_the_previous_release_still_reads():
     assert LiveMemory.decode(memory.encode()) == memory  # written back in the current format
 
 
+def test_a_format_2_value_reads_its_last_scorings_alert_as_format_2_assumed():
+    """Format 2 did not store which scoring raised an alert: a pending alert at the last scoring's
+    time is taken as its own (the next scoring writes format 3, which says)."""
+    data = bytes.fromhex(
+        "020200c02cc899010000000000000000000000000000000000000000000000000000000000000000010100c02cc899010000011e01"
+    )
+    memory = LiveMemory.decode(data)
+    assert (memory.score_seq, memory.scored_ms, memory.alerts) == (2, T0, [(HOLDOUT, T0)])
+    assert memory.scored_alert == HOLDOUT and memory.ledger == {("alert", ALERTED, "returned"): 1}
+    memory.next_seq(T0)
+    assert LiveMemory.decode(memory.encode()).scored_alert is None
+
+
 def test_every_ledger_key_fits_a_byte():
     assert len(LEDGER_KEYS) <= 256 and len(set(LEDGER_KEYS)) == len(LEDGER_KEYS)
 

@@ -217,6 +217,29 @@ def test_a_replay_re_sends_the_last_scoring_with_its_number_and_records_nothing_
     assert store[b"u1"] == stored_before and replay.live == []
 
 
+def test_a_replayed_alerting_scoring_repeats_its_alert_and_sends_it_again():
+    proc, store = processor(), Store()
+    first = run(proc, [(view("u1", 1, NOW_MS - 5000, "x"), 0)], store)
+    replay = run(proc, [(view("u1", 1, NOW_MS - 5000, "x"), 0)], store)  # its delivery may have been lost
+    assert json.loads(replay.scored[0].result)["churn_alert"] == ALERTED
+    assert json.loads(replay.scored[0].alert or b"")["alert_id"] == json.loads(first.scored[0].alert or b"")["alert_id"]
+    assert memory_of(store).alerts == [(ALERTED, NOW_MS - 5000)]  # recorded once
+
+
+def test_a_replayed_scoring_without_an_alert_says_so_when_an_earlier_one_at_the_same_time_alerted():
+    """An event older than the shopper's newest leaves the scoring time where it was: the second
+    scoring shares the first one's ``as_of_ts``, and only the first raised the (pending) alert."""
+    proc, store = processor(), Store()
+    run(proc, [(view("u1", 1, NOW_MS - 5000, "x"), 0)], store)
+    second = run(proc, [(view("u1", 2, NOW_MS - 6000, "y"), 1)], store)
+    replay = run(proc, [(view("u1", 2, NOW_MS - 6000, "y"), 1)], store)
+    for out in (second, replay):
+        doc = json.loads(out.scored[0].result)
+        assert (doc["score_seq"], doc["as_of_ts"]) == (2, NOW_MS - 5000)
+        assert "churn_alert" not in doc and out.scored[0].alert is None
+    assert memory_of(store).alerts == [(ALERTED, NOW_MS - 5000)]
+
+
 def test_held_out_alerts_are_recorded_and_counted_not_sent():
     proc, store = processor(holdout_share=1.0), Store()
     outcome = run(proc, [(view("u1", 1, NOW_MS - 5000, "x"), 0)], store)
