@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -298,6 +299,47 @@ class HealthState:
         self.reason = "starting"
 
 
+#: Threads that accept and answer HTTP requests (a forwarded lookup holds one while it waits).
+SERVER_THREADS = 4
+
+
+class PooledHTTPServer(HTTPServer):
+    """An HTTP server whose threads each wait in ``accept()`` and answer the connection themselves.
+
+    While the worker's main thread computes, every time a thread blocks (accept, recv, send) it must
+    win the GIL back, a wait of up to one switch interval each. ``ThreadingHTTPServer`` adds a thread
+    start per request (several such waits); here a request costs the ones it cannot avoid.
+    """
+
+    def serve(self, threads: int, name: str) -> list[threading.Thread]:
+        """Start ``threads`` daemon threads answering requests until :meth:`stop`."""
+        started = [threading.Thread(target=self._accept_loop, name=f"{name}-{n}", daemon=True) for n in range(threads)]
+        for thread in started:
+            thread.start()
+        return started
+
+    def _accept_loop(self) -> None:
+        while True:
+            try:
+                connection, address = self.socket.accept()
+            except OSError:  # the listening socket was shut down: stop
+                return
+            try:
+                self.finish_request(connection, address)
+            except Exception:  # noqa: BLE001 - one broken request must not stop the thread
+                self.handle_error(connection, address)
+            finally:
+                self.shutdown_request(connection)
+
+    def stop(self) -> None:
+        """Wake every thread out of ``accept()`` and close the socket."""
+        try:
+            self.socket.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # not connected: accept() still returns with an error once the socket closes
+        self.server_close()
+
+
 class MetricsServer:
     """A small threaded HTTP server for ``/metrics``, ``/healthz``, ``/readyz``, the shopper lookup and the console.
 
@@ -327,6 +369,10 @@ class MetricsServer:
         lookup_seconds = metrics.lookup_seconds
 
         class Handler(BaseHTTPRequestHandler):
+            # headers and body leave in one write, without waiting for the client's ACK of the first part
+            wbufsize = 64 * 1024
+            disable_nagle_algorithm = True
+
             def do_GET(self) -> None:  # noqa: N802 - http.server API
                 path = self.path.split("?", 1)[0]
                 if path == "/metrics":
@@ -367,9 +413,7 @@ class MetricsServer:
             def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - quiet access log
                 pass
 
-        self._server = ThreadingHTTPServer((host, port), Handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name="shoppulse-metrics", daemon=True)
+        self._server = PooledHTTPServer((host, port), Handler)
 
     @property
     def url(self) -> str:
@@ -378,10 +422,9 @@ class MetricsServer:
         return f"http://{host}:{port}"
 
     def start(self) -> MetricsServer:
-        self._thread.start()
+        self._server.serve(SERVER_THREADS, "shoppulse-http")
         log.info("metrics on %s/metrics (health: /healthz, readiness: /readyz, console: /console)", self.url)
         return self
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        self._server.stop()

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import threading
+import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -46,3 +49,20 @@ def test_readiness_follows_the_worker(server):
     health.alive = False
     assert get(f"{running.url}/healthz")[0] == 503
     assert get(f"{running.url}/nope")[0] == 404
+
+
+def test_concurrent_requests_are_answered_and_stop_ends_every_server_thread():
+    metrics, health = WorkerMetrics(), HealthState()
+    running = MetricsServer(metrics, health, "127.0.0.1", 0).start()
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda _: get(f"{running.url}/healthz"), range(40)))
+        assert answers == [(200, "ok\n")] * 40
+    finally:
+        running.stop()
+    deadline = time.monotonic() + 5
+    while any(t.name.startswith("shoppulse-http") for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "a server thread outlived stop()"
+        time.sleep(0.01)
+    with pytest.raises(urllib.error.URLError):
+        get(f"{running.url}/healthz")
