@@ -10,6 +10,8 @@ LOCK := ci/constraints.txt
 CONSTRAINTS ?= $(LOCK)
 DURATION ?= 0
 RATE ?= 2000
+# More demo options, e.g. DEMO_ARGS="--archive --clock simulated" (weeks of history for retrain).
+DEMO_ARGS ?=
 PYTEST_ARGS ?=
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -54,7 +56,7 @@ tools:
 	    "until then tests/integration/test_console.py is skipped" >&2; }
 
 demo: venv
-	@$(BIN)/shoppulse demo --duration $(DURATION) --rate $(RATE)
+	@$(BIN)/shoppulse demo --duration $(DURATION) --rate $(RATE) $(DEMO_ARGS)
 
 # Every check runs even when an earlier one fails, so one run lists all findings.
 lint: venv

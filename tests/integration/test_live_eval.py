@@ -131,14 +131,33 @@ def assert_ledgers_equal_the_recount(settings: Settings, offline: dict[str, list
     """Each shopper's ledger (the changelog's last value) equals its recount, whole: recommendations
     too, whatever order the shopper's events arrived in (models.outcomes). Resolved recommendations
     must exist, or their comparison would be empty."""
-    ledgers = {user: LiveMemory.decode(value.memory).ledger for user, value in changelog_values(settings).items()}
-    assert ledgers.keys() == offline.keys()
+    memories = {user: LiveMemory.decode(value.memory) for user, value in changelog_values(settings).items()}
+    assert memories.keys() == offline.keys()
     compared_lists = 0
     for user, outcomes in offline.items():
         expected = tally(outcomes)
-        assert {key: n for key, n in ledgers[user].items() if n} == expected, user
+        ledger = {key: n for key, n in memories[user].ledger.items() if n}
+        assert ledger == expected, mismatch(settings, user, ledger, expected, memories[user])
         compared_lists += expected.get(("recommendation", "champion", "opportunities"), 0)
     assert compared_lists > 0, "no shopper had a resolved recommendation"
+
+
+def mismatch(settings: Settings, user: str, ledger: dict, expected: dict, memory: LiveMemory) -> str:
+    """What a failed comparison needs to be understood: the differing counts, the stored memory and
+    the shopper's published scorings (offset, score_seq, as_of_ts, alert) in topic order."""
+    keys = sorted(ledger.keys() | expected.keys())
+    differing = {key: (ledger.get(key, 0), expected.get(key, 0)) for key in keys}
+    differing = {key: counts for key, counts in differing.items() if counts[0] != counts[1]}
+    published = [
+        (m.offset(), doc["score_seq"], doc["as_of_ts"], doc.get("churn_alert"), doc.get("trigger_event_id"))
+        for m in read_to_end(settings, settings.topic_scores)
+        if (doc := json.loads(value_of(m)))["user_id"] == user
+    ]
+    return (
+        f"shopper {user}: (ledger, recount) of the differing keys {differing}; stored memory: score_seq "
+        f"{memory.score_seq} at {memory.scored_ms}, alert {memory.scored_alert}, pending alerts {memory.alerts}; "
+        f"published scorings (offset, score_seq, as_of_ts, churn_alert, trigger): {published}"
+    )
 
 
 Series = dict[tuple[str, tuple[tuple[str, str], ...]], float]
