@@ -21,6 +21,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -94,10 +95,14 @@ def read_events_jsonl(path: str | Path, now_ms: int | None = None) -> tuple[list
 
 
 def read_events_archive(
-    root: str | Path, since_ms: int | None = None, now_ms: int | None = None
+    root: str | Path,
+    since_ms: int | None = None,
+    now_ms: int | None = None,
+    newer: Sequence[tuple[str, bytes, bytes]] = (),
 ) -> tuple[list[Event], dict[str, Any]]:
     """Valid events of the Parquet archive (``shoppulse archive``) from event time ``since_ms`` on, in
-    each shopper's arrival order (training applies the worker's late-event rule to it).
+    each shopper's arrival order (training applies the worker's late-event rule to it); then those of
+    ``newer``, messages that arrived after the archived ones (``--with-topics``), from ``since_ms`` on.
 
     The archived message bytes are validated again, like any other source (:func:`parse_messages`).
     ``stats`` has ``dir``, ``parts``, ``rows``, ``valid``, ``invalid`` and ``overlapping_parts``
@@ -106,7 +111,9 @@ def read_events_archive(
     from features.archive import ArchiveMessages, archive_messages
 
     read = ArchiveMessages()
-    events, invalid = parse_messages(archive_messages(Path(root), since_ms, read), now_ms)
+    events, invalid = parse_messages(itertools.chain(archive_messages(Path(root), since_ms, read), newer), now_ms)
+    if since_ms is not None and newer:
+        events = [e for e in events if e.ts_ms >= since_ms]  # the archive's reader cut its own already
     return events, {
         "dir": str(root),
         "since_ms": since_ms,
@@ -158,6 +165,11 @@ def build_parser(prog: str = "shoppulse train", description: str | None = None) 
             "--since", default=None, help="--from-kafka: events from this event time (epoch ms or ISO 8601, UTC)"
         )
         p.add_argument("--until", default=None, help="--from-kafka: events before this event time")
+        p.add_argument(
+            "--with-topics",
+            action="store_true",
+            help="--archive: then the input topics' messages after what the archive holds (its newest part)",
+        )
     else:
         p.add_argument("--archive", metavar="DIR", required=True, help=archive_help)
         p.set_defaults(events=None, simulate=None)
@@ -253,9 +265,12 @@ def main(argv: Sequence[str] | None = None, topics: TopicMessages | None = None)
     """
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.from_kafka:
+    if args.with_topics and args.archive is None:
+        print("error: --with-topics reads the topics after an archive: give --archive DIR", file=sys.stderr)
+        return 2
+    if args.from_kafka or (args.with_topics and Path(args.archive).is_dir()):
         if topics is None:
-            print("error: --from-kafka is read by the `shoppulse train` command", file=sys.stderr)
+            print("error: --from-kafka and --with-topics are read by the `shoppulse train` command", file=sys.stderr)
             return 2
         args.topics = topics
     if args.threads is not None:
@@ -313,7 +328,8 @@ def load_events(args: argparse.Namespace) -> tuple[list[Event], dict[str, Any]] 
             print(f"error: no archive at {args.archive} (`shoppulse archive` writes one)", file=sys.stderr)
             return 2
         since_ms = None if args.days is None else int(time.time() * 1000 - args.days * DAY_MS)
-        events, stats = read_events_archive(args.archive, since_ms)
+        topics: TopicMessages | None = args.topics if getattr(args, "with_topics", False) else None
+        events, stats = read_events_archive(args.archive, since_ms, newer=topics.messages if topics else ())
         skipped = sum(stats["invalid"].values())
         print(
             f"read {stats['valid']:,} valid events from {stats['parts']:,} part files of {args.archive}"
@@ -327,6 +343,10 @@ def load_events(args: argparse.Namespace) -> tuple[list[Event], dict[str, Any]] 
                 + ", ".join(stats["overlapping_parts"][:5]),
                 file=sys.stderr,
             )
+        if topics is not None:
+            read = sum(topics.summary["messages_per_topic"].values())
+            print(f"(with {read:,} messages of the input topics after the archive)", file=sys.stderr)
+            return events, {"kind": "archive+kafka", **stats, "topics": topics.summary}
         return events, {"kind": "archive", **stats}
     if args.days is None:
         args.days = 28.0 if args.quick else 56.0

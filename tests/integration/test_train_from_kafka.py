@@ -23,7 +23,7 @@ from streams.sim.generator import GeneratedMessage, GeneratorConfig, ShopSimulat
 from streams.tools import train
 from streams.tools.cli import parse_args
 
-from .kafka_helpers import isolated_settings
+from .kafka_helpers import WorkerProcess, isolated_settings
 
 pytestmark = pytest.mark.integration
 
@@ -96,3 +96,36 @@ def test_the_topics_give_the_events_the_worker_would_apply_in_the_time_range(
     err = capsys.readouterr().err
     assert "from the input topics" in err and "longer log" in err
     assert json.dumps(summary)  # the summary goes into the artifacts' training data
+
+
+def test_an_archive_then_the_topics_after_it_give_every_event_once(broker, tmp_path: Path) -> None:
+    """``--archive DIR --with-topics``: the archive, then per partition the messages after its
+    highest archived offset; every valid event sent exactly once, archived or not."""
+    archive = tmp_path / "archive"
+    settings = isolated_settings(broker.bootstrap_servers, tmp_path / "worker", archive_dir=archive)
+    ensure_topics(settings)
+    now_ms = int(time.time() * 1000)
+    config = GeneratorConfig(seed=9, n_shoppers=60, malformed_fraction=0.05, duration_days=3.0)
+    sent = list(islice(ShopSimulator(dataclasses.replace(config, start_ms=now_ms - config.span_ms)).messages(), 3000))
+    archived, newest = sent[:2000], sent[2000:]
+    assert produce(archived, settings.topic_by_kind, confluent_producer_config(settings), progress=False).failed == 0
+    command = "import sys; from streams.tools.cli import main; sys.exit(main(['archive', '--stop-at-end']))"
+    archiver = WorkerProcess(settings, tmp_path / "archive.log", script=command)
+    assert archiver.process.wait(timeout=120) == 0, archiver.log_tail()
+    assert produce(newest, settings.topic_by_kind, confluent_producer_config(settings), progress=False).failed == 0
+
+    messages, summary = train.read_input_topics(settings, None, after_archive=archive)
+    assert sorted(messages) == sorted((m.topic_kind, m.key, m.value) for m in newest)
+    topics = TopicMessages(messages, None, None, summary)
+    args = argparse.Namespace(from_kafka=False, archive=str(archive), days=None, with_topics=True, topics=topics)
+    loaded = load_events(args)
+    assert not isinstance(loaded, int)
+    events, source = loaded
+    valid = []
+    for m in sent:
+        try:
+            valid.append(parse_event(m.topic_kind, m.key, m.value, now_ms).event_id)
+        except InvalidEvent:
+            pass
+    assert sorted(e.event_id for e in events) == sorted(valid)
+    assert source["kind"] == "archive+kafka" and source["topics"]["messages_per_topic"]
