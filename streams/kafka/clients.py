@@ -14,13 +14,14 @@ the worker applies them only there.
 from __future__ import annotations
 
 import logging
+import os
 import ssl
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from streams.config import BROKER_PROFILE_AUTO, BROKER_PROFILE_KAFKA, BROKER_PROFILE_TANSU, ConfigError, Settings
@@ -328,3 +329,38 @@ def tansu_client_overrides() -> dict[str, object]:
         "broker_rebalance_timeout": 10.0,
         "recovery_consistency_check": False,
     }
+
+
+def topic_reader(settings: Settings, purpose: str) -> Consumer:
+    """A consumer that is assigned partitions (no group join, nothing committed) and says when each
+    ends: for tools that read topics whole (``purpose`` names its throwaway group id)."""
+    return Consumer(
+        {
+            **confluent_consumer_config(settings, f"shoppulse-{purpose}-{os.getpid()}"),
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+            "log_level": 3,
+        }
+    )
+
+
+def read_to_end(consumer: Consumer, starts: list[TopicPartition]) -> Iterator[Message]:
+    """Every message from each start position to the end of its partition (the end as of the read).
+
+    Ends are found with partition EOF events, not ListOffsets: the embedded broker answers
+    ListOffsets(LATEST) wrongly (docs/embedded-broker.md).
+    """
+    pending = {(tp.topic, tp.partition) for tp in starts}
+    if not pending:
+        return
+    consumer.assign(starts)
+    while pending:
+        yield from consume_data(consumer, 1000, 0.5, on_end=lambda eof: pending.discard((eof.topic(), eof.partition())))
+
+
+def topic_partitions(settings: Settings, topic: str) -> list[int]:
+    """The partition numbers of ``topic``; none when it does not exist."""
+    topics = cluster_metadata(settings).topics
+    if topic not in topics:
+        return []
+    return sorted(topics[topic].partitions)

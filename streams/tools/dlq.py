@@ -19,17 +19,16 @@ import argparse
 import datetime
 import json
 import logging
-import os
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import cast
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
 from streams.config import Settings
 from streams.kafka.batch_producer import BatchProducer, DeliveryError
-from streams.kafka.clients import cluster_metadata, confluent_consumer_config, consume_data
+from streams.kafka.clients import read_to_end, topic_partitions, topic_reader
 
 log = logging.getLogger(__name__)
 
@@ -189,44 +188,11 @@ def parse_time_ms(text: str) -> int:
 # --------------------------------------------------------------------------- Kafka
 
 
-def _reader(settings: Settings) -> Consumer:
-    """A consumer that is assigned partitions (no group join, nothing committed) and says when each ends."""
-    return Consumer(
-        {
-            **confluent_consumer_config(settings, f"shoppulse-dlq-{os.getpid()}"),
-            "enable.auto.commit": False,
-            "enable.partition.eof": True,
-            "log_level": 3,
-        }
-    )
-
-
-def read_to_end(consumer: Consumer, starts: list[TopicPartition]) -> Iterator[Message]:
-    """Every message from each start position to the end of its partition (the end as of the read).
-
-    Ends are found with partition EOF events, not ListOffsets: the embedded broker answers
-    ListOffsets(LATEST) wrongly (docs/embedded-broker.md).
-    """
-    pending = {(tp.topic, tp.partition) for tp in starts}
-    if not pending:
-        return
-    consumer.assign(starts)
-    while pending:
-        yield from consume_data(consumer, 1000, 0.5, on_end=lambda eof: pending.discard((eof.topic(), eof.partition())))
-
-
-def _partitions(settings: Settings, topic: str) -> list[int]:
-    topics = cluster_metadata(settings).topics
-    if topic not in topics:
-        return []
-    return sorted(topics[topic].partitions)
-
-
 def read_dead_letters(settings: Settings, topic: str) -> list[StoredDeadLetter | None]:
     """Every message of the dead-letter topic, parsed (None for one without the worker's headers)."""
-    consumer = _reader(settings)
+    consumer = topic_reader(settings, "dlq")
     try:
-        starts = [TopicPartition(topic, p, OFFSET_BEGINNING) for p in _partitions(settings, topic)]
+        starts = [TopicPartition(topic, p, OFFSET_BEGINNING) for p in topic_partitions(settings, topic)]
         # A data message always has a partition and an offset (None only on error events).
         return [
             StoredDeadLetter.parse(
@@ -246,10 +212,11 @@ def read_dead_letters(settings: Settings, topic: str) -> list[StoredDeadLetter |
 def replayed_refs(settings: Settings, source_topics: Iterable[str], since_ms: int) -> set[str]:
     """The dead letters already replayed to ``source_topics``: their :data:`REPLAYED_FROM` headers,
     read from the first message at or after ``since_ms`` (Kafka timestamp) to the end."""
-    consumer = _reader(settings)
+    consumer = topic_reader(settings, "dlq")
     refs: set[str] = set()
     try:
-        wanted = [TopicPartition(t, p, since_ms) for t in sorted(set(source_topics)) for p in _partitions(settings, t)]
+        topics = sorted(set(source_topics))
+        wanted = [TopicPartition(t, p, since_ms) for t in topics for p in topic_partitions(settings, t)]
         # offsets_for_times answers -1 where no message is that recent: nothing to read there.
         starts = [tp for tp in consumer.offsets_for_times(wanted, timeout=15) if tp.offset >= 0] if wanted else []
         for message in read_to_end(consumer, starts):

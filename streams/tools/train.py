@@ -32,17 +32,17 @@ def read_input_topics(
     ``after_archive``, those after what that archive holds) in arrival order, and a summary
     (topics, messages read per topic, where each partition started)."""
     from features.archive import Row, archived_until, arrival_order
-    from streams.tools.dlq import _partitions, _reader, read_to_end
+    from streams.kafka.clients import read_to_end, topic_partitions, topic_reader
 
     kinds = {topic: kind for kind, topic in settings.topic_by_kind.items()}
-    consumer = _reader(settings)
+    consumer = topic_reader(settings, "train")
     by_partition: dict[int, dict[str, list[Row]]] = {}
     counts = dict.fromkeys(settings.input_topics, 0)
     try:
         wanted = [
             TopicPartition(t, p, OFFSET_BEGINNING if since_ms is None else max(0, since_ms - DAY_MS))
             for t in settings.input_topics
-            for p in _partitions(settings, t)
+            for p in topic_partitions(settings, t)
         ]
         if after_archive is not None:
             archived = {topic: archived_until(after_archive, topic) for topic in settings.input_topics}
