@@ -597,8 +597,8 @@ class BatchProcessor:
             risk = scores.scores.get(CHURN)
             stored, group = shopper_in.stored, None
             if shopper_in.resend:
-                # The stored alert state is already past this scoring: repeat its decision, and
-                # send its alert again (same alert id: the first send may have been lost).
+                # The stored alert state is already past this scoring: its scores message repeats
+                # the scoring's own alert decision; the alert itself is not sent again (RELIABILITY.md).
                 group = memory.scored_alert
             elif risk is not None:
                 before = self._load_alert(stored.alert, shopper_in.user_id)
@@ -609,9 +609,8 @@ class BatchProcessor:
                     group = HOLDOUT if held_out else ALERTED
                     memory.record_alert(group, t_ms)
                     outcome.held_out_alerts += group == HOLDOUT
-            if group is not None and risk is not None:
-                cause = shopper_in.trigger_event_id or f"silent-since-{state.last_event_ms}"
-                alerting.append((index, risk, f"{public_id}:{cause}", group, classifier_variant))
+                    cause = shopper_in.trigger_event_id or f"silent-since-{state.last_event_ms}"
+                    alerting.append((index, risk, f"{public_id}:{cause}", group, classifier_variant))
             envelope = {
                 "schema_version": OUTPUT_CONTRACT_VERSION,
                 "user_id": public_id,
