@@ -311,12 +311,10 @@ class PooledHTTPServer(HTTPServer):
     start per request (several such waits); here a request costs the ones it cannot avoid.
     """
 
-    def serve(self, threads: int, name: str) -> list[threading.Thread]:
+    def serve(self, threads: int, name: str) -> None:
         """Start ``threads`` daemon threads answering requests until :meth:`stop`."""
-        started = [threading.Thread(target=self._accept_loop, name=f"{name}-{n}", daemon=True) for n in range(threads)]
-        for thread in started:
-            thread.start()
-        return started
+        for n in range(threads):
+            threading.Thread(target=self._accept_loop, name=f"{name}-{n}", daemon=True).start()
 
     def _accept_loop(self) -> None:
         while True:
