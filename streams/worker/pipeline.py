@@ -272,6 +272,8 @@ class Touched:
     memory: LiveMemory
     #: Nothing new applied (a replay after a crash, or a producer's duplicate): re-send the last scoring.
     resend: bool = False
+    #: False for the re-send that precedes a new scoring of the same shopper in one batch: that one writes.
+    writes: bool = True
     #: Event time the scores are as of (set when scored): the start of the live evaluation windows.
     as_of_ms: int = 0
     trace: list[tuple[str, bytes]] | None = None
@@ -356,11 +358,13 @@ class BatchProcessor:
             # co-partitioned: all of a shopper's messages share a partition number
             partition = (pairs[0][1] if pairs else erasures[0][1]).partition
             stored = self._unwrap(load(partition, key), user_id)
-            state = self._load(stored.state, user_id)
+            loaded_state = stored.state
+            state = self._load(loaded_state, user_id)
             memory = self._load_memory(stored.memory, user_id)
             already = Stored(offsets=dict(stored.offsets))  # the skip rule reads the offsets as loaded
             offsets = stored.offsets
             applied_here = repeated_here = 0
+            replayed: tuple[Event, InputMessage] | None = None  # the newest one applied before this batch
             erased = False
             # the canonical order of the offline replay: a tie in event time goes by event-id hash
             pairs.sort(key=lambda pair: (pair[0].ts_ms, event_id_hash(pair[0].event_id)))
@@ -374,6 +378,7 @@ class BatchProcessor:
                 if already.applied(*source, message.offset):
                     outcome.replayed += 1
                     repeated_here += 1
+                    replayed = event, message
                     continue
                 if message.offset > offsets.get(source, -1):
                     offsets[source] = message.offset
@@ -399,6 +404,11 @@ class BatchProcessor:
             holds_events = state.last_event_ms > 0  # none: erased, or an erasure marker (_erased_write)
             if (applied_here or repeated_here) and holds_events:
                 outcome.applied += applied_here
+                if applied_here and replayed is not None and memory.score_seq and not erased:
+                    # A replay cut into a batch with new events: the stored scoring (of the stored
+                    # state) may have died with the worker before it was sent, so it is re-sent first.
+                    states.append(self._load(loaded_state, user_id))
+                    touched.append(self._resend_before(user_id, key, partition, stored, memory, replayed))
                 states.append(state)
                 trigger, message = pairs[-1]  # newest by event time
                 touched.append(
@@ -420,7 +430,14 @@ class BatchProcessor:
                 outcome.writes.append(StateWrite(partition, key, stored.encode()))
 
         if states:
-            now = np.array([s.last_event_ms for s in states], dtype=np.int64)
+            # a re-send is scored as of its stored scoring's moment, which a sweep may have set
+            now = np.array(
+                [
+                    shopper.memory.scored_ms if shopper.resend and shopper.memory.score_seq else state.last_event_ms
+                    for state, shopper in zip(states, touched, strict=True)
+                ],
+                dtype=np.int64,
+            )
             self._score(states, touched, now, outcome)
         self.metrics.duplicate_events.inc(outcome.duplicates)
         self.metrics.replayed_events.inc(outcome.replayed)
@@ -429,6 +446,31 @@ class BatchProcessor:
         self.metrics.shoppers_in_batch.observe(len(states))
         self.metrics.batch_seconds.observe(time.perf_counter() - started)
         return outcome
+
+    def _resend_before(
+        self,
+        user_id: str,
+        key: bytes,
+        partition: int,
+        stored: Stored,
+        memory: LiveMemory,
+        replayed: tuple[Event, InputMessage],
+    ) -> Touched:
+        """The re-send of a shopper's stored scoring, triggered by its newest replayed event; the new
+        scoring that follows it in the batch writes the shopper's value."""
+        trigger, message = replayed
+        return Touched(
+            user_id,
+            key,
+            partition,
+            stored,
+            trigger.event_id,
+            trigger.ts_ms,
+            memory,
+            resend=True,
+            writes=False,
+            trace=self._trace(message.headers),
+        )
 
     def _validate(
         self,
@@ -651,8 +693,9 @@ class BatchProcessor:
                     }
                 ).encode()
             outcome.scored.append(out)
-            stored.memory = memory.encode()
-            outcome.writes.append(StateWrite(shopper_in.partition, shopper_in.key, stored.encode()))
+            if shopper_in.writes:
+                stored.memory = memory.encode()
+                outcome.writes.append(StateWrite(shopper_in.partition, shopper_in.key, stored.encode()))
             for name, value in scores.scores.items():
                 self.metrics.score_values.labels(name).observe(value)
         if alerting:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
+from features.encoding import decode_state
 from features.events import DEFAULT_LIMITS, Event, OrderLine, encode_event
 from features.spec import DEFAULT_FEATURE_SPEC
 from features.state import DAY_MS, HOUR_MS, ShopperState, StateConfig
@@ -215,6 +216,43 @@ def test_a_replay_re_sends_the_last_scoring_with_its_number_and_records_nothing_
     expected = (1, NOW_MS - 4000)
     assert (again["score_seq"], again["as_of_ts"]) == (first_doc["score_seq"], first_doc["as_of_ts"]) == expected
     assert store[b"u1"] == stored_before and replay.live == []
+
+
+def test_a_replay_cut_into_a_batch_with_new_events_re_sends_the_stored_scoring_before_the_new_one():
+    """kill -9 after the state was stored but before the outputs were sent: the replayed batch also
+    holds newer events, and the lost scoring must still reach the topics, under its own number."""
+    proc, store = processor(), Store()
+    first = run(proc, [(view("u1", 1, NOW_MS - 5000, "x"), 0)], store)
+    batch = [(view("u1", 1, NOW_MS - 5000, "x"), 0), (view("u1", 2, NOW_MS - 4000, "y"), 1)]
+    replay = run(proc, batch, store)
+    docs = [json.loads(out.result) for out in replay.scored]
+    lost = json.loads(first.scored[0].result)
+    assert [(d["score_seq"], d["as_of_ts"], d["trigger_event_id"]) for d in docs] == [
+        (1, NOW_MS - 5000, "u1-e1"),
+        (2, NOW_MS - 4000, "u1-e2"),
+    ]
+    assert docs[0]["scores"] == lost["scores"] and docs[0]["churn_alert"] == lost["churn_alert"] == ALERTED
+    assert [out.alert is None for out in replay.scored] == [True, True]  # alerted once, with the first pass
+    assert len(replay.writes) == 1 and replay.writes[0].value == store[b"u1"]
+    assert memory_of(store).score_seq == 2
+
+
+def test_a_re_send_after_a_sweep_is_scored_as_of_the_sweep():
+    """A re-send scores the stored state as of the stored scoring's moment, which a sweep may have set."""
+    proc, store = processor(), Store()
+    run(proc, [(view("u1", 1, NOW_MS - 5000, "x"), 0)], store)
+    swept = settle(proc, store, NOW_MS - 5000)
+    rows: list[np.ndarray] = []
+    proc.feature_watch = rows.append  # the rows scored after events: the re-send's
+    replay = run(proc, [(view("u1", 1, NOW_MS - 5000, "x"), 0)], store)
+    sweep_doc, again = json.loads(swept.scored[0].result), json.loads(replay.scored[0].result)
+    sweep_ms = NOW_MS - 5000 + HOUR_MS + 1
+    assert (again["score_seq"], again["as_of_ts"]) == (sweep_doc["score_seq"], sweep_doc["as_of_ts"]) == (2, sweep_ms)
+    raw = Stored.decode(store[b"u1"]).state
+    assert raw is not None
+    state = decode_state(raw)
+    expected = DEFAULT_FEATURE_SPEC.matrix([state], np.array([sweep_ms], dtype=np.int64))
+    np.testing.assert_array_equal(rows[0], expected)
 
 
 def test_a_replayed_alerting_scoring_repeats_its_alert_decision_without_sending_the_alert_again():
