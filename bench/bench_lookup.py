@@ -10,7 +10,12 @@ On the embedded broker, in one run:
    with one worker every key is local): the latency of each, from this process sending the request
    to reading the whole answer, a new TCP connection each time (as the server closes them);
 3. report p50 / p99 / max of those latencies next to the worker's ``shoppulse_lookup_seconds``
-   (server side) and the events/s the worker actually consumed during phase 2.
+   (server side) and the events/s the worker actually consumed during phase 2;
+4. and the floor of the apparatus, measured in the same phase: every worker lookup is followed by
+   one to a server in a process of its own that answers a copy of a real lookup's answer, with the
+   worker's HTTP server class and thread count. What the floor shows, the worker cannot beat: it is
+   the client, the connection, and the machine's scheduling while the broker, the producer and the
+   worker share the cores.
 
 Prints the figures and appends them, with this exact command, to BENCHMARKS.md. The client, the
 producer, the worker and the broker share this machine's cores: the figure is an upper bound of
@@ -23,10 +28,13 @@ import argparse
 import http.client
 import multiprocessing
 import random
+import socket
 import sys
 import tempfile
+import threading
 import time
 import urllib.parse
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,18 +44,19 @@ from bench.bench_worker import bench_settings, percentile, run_workers, simulate
 from bench.record import append_row, this_command, utc_now  # noqa: E402
 from models.training import models_ready  # noqa: E402
 from streams.config import Settings  # noqa: E402
-from streams.kafka.broker import EmbeddedBroker  # noqa: E402
+from streams.kafka.broker import EmbeddedBroker, free_port  # noqa: E402
 from streams.kafka.clients import confluent_producer_config, ensure_topics  # noqa: E402
 from streams.kafka.producer import produce  # noqa: E402
 from streams.sim.generator import GeneratorConfig, ShopSimulator  # noqa: E402
 from streams.tools.process import WorkerProcess, histogram_quantile  # noqa: E402
+from streams.worker.metrics import SERVER_THREADS, PooledHTTPServer  # noqa: E402
 
 SECTION = "## Shopper lookup latency under load (embedded broker, this machine)"
 HEADER = (
     "| date (UTC) | shoppers in table | saturation ev/s | load ev/s (share) | consumed ev/s meanwhile "
     "| GIL switch ms | lookups | p50 ms | p99 ms | max ms | server p99 bucket ms | non-200 | kept / computed "
-    "| models | command |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    "| models | floor p50 / p99 ms | command |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 #: Goal for a local key's p99 (issue #18).
 GOAL_P99_MS = 10.0
@@ -77,6 +86,52 @@ def timed_lookup(host: str, port: int, user: str) -> tuple[float, int, bool]:
         connection.close()
 
 
+def serve_canned(port: int, body: bytes, threads: int) -> None:
+    """Answer every GET with ``body`` on ``port`` (the floor's server; runs in a child process)."""
+
+    class Canned(BaseHTTPRequestHandler):
+        wbufsize = 64 * 1024  # as the worker's handler
+        disable_nagle_algorithm = True
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server API
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - quiet
+            pass
+
+    server = PooledHTTPServer(("127.0.0.1", port), Canned)
+    server.serve(threads, "floor")
+    threading.Event().wait()  # until terminated
+
+
+def sample_answer(worker: WorkerProcess, user: str) -> bytes:
+    """One real answer of the worker's lookup: the floor's server sends a copy of it."""
+    host, port = worker.settings.metrics_host, worker.settings.metrics_port
+    connection = http.client.HTTPConnection(host, port, timeout=10)
+    try:
+        connection.request("GET", f"/shoppers/{urllib.parse.quote(user, safe='')}")
+        return connection.getresponse().read()
+    finally:
+        connection.close()
+
+
+def wait_listening(port: int, timeout_s: float = 10.0) -> None:
+    """Until something accepts connections on ``port`` (the floor's server has started)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def produce_live(config: GeneratorConfig, total: int, settings: Settings, rate_per_s: float) -> None:
     """Produce ``total`` live-clock events at ``rate_per_s`` (the load; runs in a child process)."""
     messages = ShopSimulator(config).messages(limit=total)
@@ -84,13 +139,21 @@ def produce_live(config: GeneratorConfig, total: int, settings: Settings, rate_p
 
 
 def lookups_while_loaded(
-    worker: WorkerProcess, users: list[str], rate_per_s: float, seconds: float, load: multiprocessing.Process, seed: int
-) -> tuple[list[float], int, int]:
-    """Lookups of random ``users`` at ``rate_per_s`` for ``seconds`` while ``load`` runs: latencies
-    (ms), how many were not 200, how many answered with kept published scores."""
+    worker: WorkerProcess,
+    floor_port: int,
+    users: list[str],
+    rate_per_s: float,
+    seconds: float,
+    load: multiprocessing.Process,
+    seed: int,
+) -> tuple[list[float], list[float], int, int]:
+    """Lookups of random ``users`` at ``rate_per_s`` for ``seconds`` while ``load`` runs, each followed
+    by one to the floor's server: the worker's latencies (ms), the floor's, how many worker answers
+    were not 200, how many answered with kept published scores."""
     chooser = random.Random(seed)
     host, port = worker.settings.metrics_host, worker.settings.metrics_port
     latencies: list[float] = []
+    floor: list[float] = []
     failed = kept = 0
     load.start()
     started = time.perf_counter()
@@ -98,13 +161,15 @@ def lookups_while_loaded(
     while time.perf_counter() - started < seconds:
         due = started + n / rate_per_s
         time.sleep(max(0.0, due - time.perf_counter()))
-        elapsed_ms, status, published = timed_lookup(host, port, chooser.choice(users))
+        user = chooser.choice(users)
+        elapsed_ms, status, published = timed_lookup(host, port, user)
         latencies.append(elapsed_ms)
         failed += status != 200
         kept += published
+        floor.append(timed_lookup("127.0.0.1", floor_port, user)[0])
         n += 1
     load.join()
-    return latencies, failed, kept
+    return latencies, floor, failed, kept
 
 
 def main() -> None:
@@ -151,23 +216,34 @@ def measure(args: argparse.Namespace, workdir: Path) -> None:
             # A process of its own: generating events is Python work that, in a thread here, would
             # hold this process's GIL while the client waits to read an answer.
             load = multiprocessing.Process(target=produce_live, args=(live, total, settings, rate))
+            floor_port = free_port()
+            answer = sample_answer(worker, users[0])
+            floor_server = multiprocessing.Process(
+                target=serve_canned, args=(floor_port, answer, SERVER_THREADS), daemon=True
+            )
+            floor_server.start()
+            wait_listening(floor_port)
             consumed_before, loaded_at = worker.metric("shoppulse_events_consumed_total"), time.perf_counter()
-            latencies, failed, kept = lookups_while_loaded(
-                worker, users, args.lookups_per_s, args.seconds, load, args.seed
+            latencies, floor, failed, kept = lookups_while_loaded(
+                worker, floor_port, users, args.lookups_per_s, args.seconds, load, args.seed
             )
             consumed = (worker.metric("shoppulse_events_consumed_total") - consumed_before) / (
                 time.perf_counter() - loaded_at
             )
             server_p99_ms = server_p99_bound_ms(worker)
+            floor_server.terminate()
         finally:
             worker.stop()
     p50, p99, worst = percentile(latencies, 50), percentile(latencies, 99), max(latencies)
+    floor_p50, floor_p99 = percentile(floor, 50), percentile(floor, 99)
     print(
         f"{len(latencies):,} lookups of {len(users):,} shoppers while the worker consumed {consumed:,.0f} events/s: "
         f"p50 {p50:.2f} ms, p99 {p99:.2f} ms, max {worst:.2f} ms, {failed} not 200, {kept} answered with the "
         f"kept published scores (the rest computed) "
         f"(goal p99 <= {GOAL_P99_MS:.0f} ms: {'met' if p99 <= GOAL_P99_MS else 'NOT met'}); "
-        f"server side (the worker's shoppulse_lookup_seconds) p99 <= {server_p99_ms:g} ms",
+        f"server side (the worker's shoppulse_lookup_seconds) p99 <= {server_p99_ms:g} ms; "
+        f"the floor (a canned answer from a process of its own, {len(answer):,} bytes) p50 {floor_p50:.2f} ms, "
+        f"p99 {floor_p99:.2f} ms",
         flush=True,
     )
     if not args.no_record:
@@ -177,7 +253,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> None:
             f"| {utc_now()} | {len(users):,} | {saturation:,.0f} | {rate:,.0f} ({args.load:.2f}) | {consumed:,.0f} | "
             f"{args.gil_switch_interval_ms:g} | {len(latencies):,} | {p50:.2f} | {p99:.2f} | {worst:.2f} | "
             f"<= {server_p99_ms:g} | {failed} | "
-            f"{kept:,} / {len(latencies) - kept:,} | {models} "
+            f"{kept:,} / {len(latencies) - kept:,} | {models} | {floor_p50:.2f} / {floor_p99:.2f} "
             f"| `{this_command()}` |",
         )
 

@@ -477,6 +477,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> None:
                 worker_rate, batches, mean_batch, workers = run_workers(
                     run_settings, len(messages), run_dir, args.workers, checkout
                 )
+                peak_rss_mib = max(worker.memory_bytes("VmHWM") for worker in workers) / 2**20
                 after = bare_loop(settings, len(messages), f"bare-{time.time_ns()}")  # the workers idle, caught up
                 bare = (before + after) / 2
                 print(
@@ -486,7 +487,8 @@ def measure(args: argparse.Namespace, workdir: Path) -> None:
                 print(
                     f"shoppulse worker x{args.workers} ({code}): {worker_rate:,.0f} events/s "
                     f"({worker_rate / bare:.2f} of "
-                    f"the bare loop; {batches:.0f} batches of {mean_batch:.0f} events on average)",
+                    f"the bare loop; {batches:.0f} batches of {mean_batch:.0f} events on average; "
+                    f"peak RSS {peak_rss_mib:,.0f} MiB, the largest of one worker)",
                     flush=True,
                 )
                 if args.shadow and registry is not None:
@@ -497,7 +499,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> None:
                     f"{per_event:,.0f} per event / {whole_fetch:,.0f} whole fetches | {worker_rate:,.0f} "
                     f"| {worker_rate / bare:.2f} | {batches:.0f} | "
                     f"{mean_batch:.0f} | {models}{'' if len(arms) == 1 else ', ' + code} | "
-                    f"{args.workers} | `{this_command()}` |"
+                    f"{args.workers} (peak RSS {peak_rss_mib:,.0f} MiB) | `{this_command()}` |"
                 )
 
         if args.shadow and not all(shadow_measured):
