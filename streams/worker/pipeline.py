@@ -407,23 +407,11 @@ class BatchProcessor:
                 if applied_here and replayed is not None and memory.score_seq and not erased:
                     # A replay cut into a batch with new events: the stored scoring (of the stored
                     # state) may have died with the worker before it was sent, so it is re-sent first.
+                    # Triggered by the newest replayed event; the new scoring after it writes the value.
                     states.append(self._load(loaded_state, user_id))
-                    touched.append(self._resend_before(user_id, key, partition, stored, memory, replayed))
-                states.append(state)
-                trigger, message = pairs[-1]  # newest by event time
-                touched.append(
-                    Touched(
-                        user_id,
-                        key,
-                        partition,
-                        stored,
-                        trigger.event_id,
-                        trigger.ts_ms,
-                        memory,
-                        not applied_here,
-                        trace=self._trace(message.headers),
-                    )
-                )
+                    touched.append(self._touched(user_id, key, partition, stored, memory, replayed, True, writes=False))
+                states.append(state)  # scored after the newest event by event time
+                touched.append(self._touched(user_id, key, partition, stored, memory, pairs[-1], not applied_here))
             elif erased or not holds_events:  # replayed erased events score nothing
                 outcome.writes.append(self._erased_write(partition, key, stored, committed))
             else:
@@ -447,28 +435,29 @@ class BatchProcessor:
         self.metrics.batch_seconds.observe(time.perf_counter() - started)
         return outcome
 
-    def _resend_before(
+    def _touched(
         self,
         user_id: str,
         key: bytes,
         partition: int,
         stored: Stored,
         memory: LiveMemory,
-        replayed: tuple[Event, InputMessage],
+        trigger: tuple[Event, InputMessage],
+        resend: bool,
+        writes: bool = True,
     ) -> Touched:
-        """The re-send of a shopper's stored scoring, triggered by its newest replayed event; the new
-        scoring that follows it in the batch writes the shopper's value."""
-        trigger, message = replayed
+        """A shopper to score after ``trigger`` (an event and its message, whose trace it carries)."""
+        event, message = trigger
         return Touched(
             user_id,
             key,
             partition,
             stored,
-            trigger.event_id,
-            trigger.ts_ms,
+            event.event_id,
+            event.ts_ms,
             memory,
-            resend=True,
-            writes=False,
+            resend,
+            writes,
             trace=self._trace(message.headers),
         )
 
