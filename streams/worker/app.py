@@ -66,7 +66,7 @@ from streams.worker.lookup import (
 from streams.worker.metrics import HealthState, MetricsServer, WorkerMetrics
 from streams.worker.pipeline import STATE_TABLE, BatchProcessor
 from streams.worker.publisher import Publisher
-from streams.worker.sweeps import Sweeps
+from streams.worker.sweeps import RebalanceFence, Sweeps
 from streams.worker.table_writer import TableWriter
 
 log = logging.getLogger("shoppulse.worker")
@@ -201,6 +201,10 @@ class ScoringWorker:
         self.app.timer(float(settings.eviction_interval_s))(self._evict_idle_shoppers)
         self.app.timer(float(settings.silent_sweep_interval_s))(self._rescore_silent_shoppers)
         self.app.on_partitions_assigned.connect(self._on_assigned)
+        # sweeps write only inside one assignment (streams.worker.sweeps, "Sweeps and rebalances")
+        self.fence = RebalanceFence()
+        self.app.on_partitions_revoked.connect(self._on_revoked)
+        self.app.on_rebalance_complete.connect(self._on_recovered)
 
     def _publish_model_info(self) -> bool:
         """``shoppulse_model_info{model,version}``: 1 for what is served now, old versions removed.
@@ -293,12 +297,16 @@ class ScoringWorker:
             gc.freeze()
 
     async def _evict_idle_shoppers(self) -> None:
-        if self.app.tables_recovered():  # a table being restored is not all there, nor to be written
-            await self.sweeps.evict_idle()
+        await self.sweeps.evict_idle()
 
     async def _rescore_silent_shoppers(self) -> None:
-        if self.app.tables_recovered():
-            await self.sweeps.rescore_silent()
+        await self.sweeps.rescore_silent()
+
+    async def _on_revoked(self, sender: Any, /, *args: Any, **kwargs: Any) -> None:
+        await self.fence.revoked()  # Faust awaits this before the worker rejoins its group
+
+    async def _on_recovered(self, sender: Any, /, *args: Any, **kwargs: Any) -> None:
+        self.fence.recovered()
 
     async def _on_assigned(self, sender: Any, /, *args: set[Any], **kwargs: Any) -> None:
         # Faust sends ``(sender, assigned, signal=...)``; mode types a handler as taking the sender
@@ -306,6 +314,7 @@ class ScoringWorker:
         (assigned,) = args
         mine = sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned if tp.topic in self.settings.consumed_topics)
         log.info("assigned %d input partitions: %s", len(mine), ", ".join(mine) or "none")
+        self.fence.assigned()
         if self.profile == BROKER_PROFILE_TANSU:
             # Before the table recovery that follows: each of its offset requests otherwise waits out a
             # 1.5 s fetch on the same connection (2.5 s of every restart, measured).
@@ -372,6 +381,7 @@ class ScoringWorker:
             self.settings.max_batch,
             self.metrics,
             committed=self._input_committed,
+            fence=self.fence,
         )
         self.metrics_server = MetricsServer(
             self.metrics,
