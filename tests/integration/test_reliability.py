@@ -33,7 +33,15 @@ from tests.support.accounting import AccountingReport, OutputReader, await_accou
 from .kafka_helpers import WorkerProcess, isolated_settings, read_to_end
 from .test_model_serving import publish_models
 from .test_scale_out import owned_partitions
-from .test_worker import changelog_states, changelog_values, newest_ts, scored_until, valid_events
+from .test_worker import (
+    changelog_history,
+    changelog_states,
+    changelog_steps_back,
+    changelog_values,
+    newest_ts,
+    scored_until,
+    valid_events,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -78,7 +86,9 @@ def assert_state_is_offline_replay(settings: Settings, sent: list) -> None:
         }
         raise AssertionError(
             f"{len(wrong)} of {len(offline)} shoppers' state differs from the offline replay; "
-            f"{wrong[0]} (changelog, replay): {str(fields)[:1500]}"
+            f"{wrong[0]} (changelog, replay): {str(fields)[:1500]}; its changelog records: "
+            + "; ".join(changelog_history(settings, wrong[0]))
+            + f"; the others: {wrong[1:20]}"
         )
     for user, state in offline.items():
         now = state.last_event_ms
@@ -238,6 +248,7 @@ def test_rebalance_while_events_flow(broker, tmp_path):
         assert_accounted(settings, producer.sent)
     finally:
         assert a.stop() == 0, a.log_tail()
+    assert changelog_steps_back(settings) == []
     assert_state_is_offline_replay(settings, producer.sent)
 
 

@@ -60,6 +60,51 @@ def changelog_values(settings) -> dict[str, Stored]:
     return values
 
 
+def changelog_history(settings, user: str) -> list[str]:
+    """One shopper's changelog records, oldest first: where each sits, the input offsets it holds
+    and how many events its state has seen (for failure messages)."""
+    history: list[str] = []
+    for m in read_to_end(settings, f"{settings.app_id}-{STATE_TABLE}-changelog"):
+        if key_of(m) != user.encode():
+            continue
+        value = m.value()
+        if value is None:
+            history.append(f"@{m.offset()} tombstone")
+            continue
+        stored = Stored.decode(value)
+        events = decode_state(stored.state).events_lifetime if stored.state else 0
+        offsets = ", ".join(f"{t.rsplit('.', 1)[-1]}[{p}]={o}" for (t, p), o in sorted(stored.offsets.items()))
+        history.append(f"[{m.partition()}]@{m.offset()} events {events}: {offsets}")
+    return history
+
+
+def changelog_steps_back(settings) -> list[str]:
+    """Every changelog record that holds fewer applied input offsets than the shopper's record
+    before it (a tombstone starts afresh): a writer that lost the state it should have built on.
+
+    The final states can hide such a record (a later write covers it), so this finds lost updates
+    that the offline comparison sees only when they are the last word."""
+    previous: dict[bytes, tuple[int, dict[tuple[str, int], int]]] = {}
+    found: list[str] = []
+    for m in read_to_end(settings, f"{settings.app_id}-{STATE_TABLE}-changelog"):
+        key, value = key_of(m), m.value()
+        if value is None:
+            previous.pop(key, None)
+            continue
+        offsets, offset = Stored.decode(value).offsets, m.offset()
+        assert offset is not None, "a consumed record has its offset"
+        before = previous.get(key)
+        if before is not None:
+            behind = {tp: (was, offsets.get(tp, -1)) for tp, was in before[1].items() if offsets.get(tp, -1) < was}
+            if behind:
+                found.append(
+                    f"{key.decode()} at changelog [{m.partition()}]@{m.offset()} (after @{before[0]}): "
+                    + ", ".join(f"{t}[{p}] {was} -> {now}" for (t, p), (was, now) in sorted(behind.items()))
+                )
+        previous[key] = (offset, offsets)
+    return found
+
+
 def changelog_states(settings) -> dict[str, bytes]:
     """The last state (encoded) each shopper's changelog holds."""
     states: dict[str, bytes] = {}
