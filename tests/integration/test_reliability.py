@@ -19,7 +19,7 @@ from features.encoding import decode_state, encode_state
 from features.events import Event, InvalidEvent, encode_event, parse_event
 from features.offline import final_states
 from features.spec import DEFAULT_FEATURE_SPEC
-from features.state import StateConfig
+from features.state import ShopperState, StateConfig, event_id_hash
 from models.registry import ModelRegistry
 from streams.config import Settings
 from streams.kafka.broker import EmbeddedBroker, free_port
@@ -30,7 +30,7 @@ from streams.tools.process import histogram_quantile
 from tests.poison_corpus import poison_corpus
 from tests.support.accounting import AccountingReport, OutputReader, await_accounted, produced_from
 
-from .kafka_helpers import WorkerProcess, isolated_settings, read_to_end
+from .kafka_helpers import WorkerProcess, isolated_settings, key_of, read_to_end, value_of
 from .test_model_serving import publish_models
 from .test_scale_out import owned_partitions
 from .test_worker import (
@@ -88,6 +88,8 @@ def assert_state_is_offline_replay(settings: Settings, sent: list) -> None:
             f"{len(wrong)} of {len(offline)} shoppers' state differs from the offline replay; "
             f"{wrong[0]} (changelog, replay): {str(fields)[:1500]}; its changelog records: "
             + "; ".join(changelog_history(settings, wrong[0]))
+            + "; input records its state lacks: "
+            + ", ".join(lacking_inputs(settings, wrong[0], first))
             + f"; the others: {wrong[1:20]}"
         )
     for user, state in offline.items():
@@ -97,6 +99,20 @@ def assert_state_is_offline_replay(settings: Settings, sent: list) -> None:
             DEFAULT_FEATURE_SPEC.row(state, now),
             err_msg=f"feature vector of {user}",
         )
+
+
+def lacking_inputs(settings: Settings, user: str, state: ShopperState) -> list[str]:
+    """Where each of ``user``'s input events sits (topic[partition]@offset) whose id ``state``
+    does not hold among its recent ids (for failure messages; exact up to ``dedup_ids`` events)."""
+    lacking = []
+    for kind, topic in settings.topic_by_kind.items():
+        for m in read_to_end(settings, topic):
+            if key_of(m) != user.encode():
+                continue
+            event = parse_event(kind, key_of(m), value_of(m), m.timestamp()[1])
+            if event_id_hash(event.event_id) not in state.recent_ids:
+                lacking.append(f"{topic.rsplit('.', 1)[-1]}[{m.partition()}]@{m.offset()} (ts {event.ts_ms})")
+    return lacking
 
 
 def traffic(settings: Settings, simulator: ShopSimulator, rate_per_s: float) -> BackgroundProducer:
