@@ -17,6 +17,9 @@ internal                                      what it touches, and why
 ``Consumer._read_offset``                     last offset read per partition: drops re-fetched records
 ``Consumer._buffered_partitions``             partitions Faust still reads while paused (recovery)
 ``Consumer._add_gap``                         records offset gaps, as Faust's drain loop does
+``Consumer.perform_seek`` (overridden),       the seek to the committed offsets that ends each recovery,
+``Consumer.seek``                             counted so that no input record fetched from a position
+                                              it reset is handed over; records dropped are sought back
 ``Consumer._to_message``                      builds Faust's message for non-batch topics (changelogs)
 ``Consumer._stopped``, fetcher ``._stopped``  mode's stop flags, ended the drain loop upstream too
 ``Consumer._unacked_messages``                a taken batch is tracked there, so a rebalance or
@@ -142,6 +145,11 @@ class BatchDrainConsumer(AIOKafkaConsumer):
     batch_topics: frozenset[str] = frozenset()
     batcher: MicroBatcher | None = None
     _buffer_generation: int | None = None  # the consumer generation of the messages in the batcher
+    # The positions guard (:meth:`_inputs_positioned`): seeks to the committed offsets under way and
+    # done, and the consumer generation of the last one done.
+    _seeking = 0
+    _seeks_done = 0
+    _sought_generation: int | None = None
 
     @property
     def _unacked(self) -> WeakSet[Message | MicroBatch]:
@@ -215,6 +223,42 @@ class BatchDrainConsumer(AIOKafkaConsumer):
             notify(self._waiting_for_ack)
         return len(batches)
 
+    async def perform_seek(self) -> None:
+        """Faust's seek of every assigned partition to its committed offset, counted for the positions guard."""
+        self._seeking += 1
+        try:
+            await super().perform_seek()
+        finally:
+            self._seeking -= 1
+            self._seeks_done += 1
+        self._sought_generation = self.app.consumer_generation_id
+
+    def _inputs_positioned(self, seeks_before_fetch: int, generation: int) -> bool:
+        """Whether a fetch's batch-topic records may be handed over: no seek to the committed offsets ran
+        while it was under way, and one has run since the assignment of ``generation``.
+
+        After an assignment Faust resumes the input partitions, then seeks them to their committed
+        offsets (the end of its recovery); a fetch in between, or one that a seek overtook, returns
+        records from wherever the fetcher stood. Handing those over would move the last-read offsets
+        past records never handed over, and both of Faust's checks that follow would then lose them:
+        "already read" drops a record below the last-read offset, and a jump above it is recorded as a
+        gap, committed as if done.
+        """
+        return self._seeking == 0 and self._seeks_done == seeks_before_fetch and self._sought_generation == generation
+
+    async def _rewind(self, first_dropped: dict[TP, int]) -> None:
+        """Undo a fetch whose batch-topic records were not handed over: seek every partition to its
+        committed offset, and a partition with none (never committed) back to its first dropped record."""
+        await self.perform_seek()
+        assigned = self.assignment()
+        for tp, offset in first_dropped.items():
+            # a seek to the committed offsets leaves a partition with none where it is
+            if tp in assigned and not self._committed_offset.get(tp):
+                await self.seek(tp, offset)
+        self.log.info(
+            "re-reading %d input partitions fetched while their positions were being reset", len(first_dropped)
+        )
+
     def committed_offset(self, tp: TP) -> int | None:
         """The offset Faust last committed for ``tp`` (the next to read), None before any commit."""
         return self._committed_offset.get(tp)
@@ -241,12 +285,15 @@ class BatchDrainConsumer(AIOKafkaConsumer):
         to one buffer anyway). Batch-topic records become light :class:`InputMessage` objects.
         Faust's checks are kept: partitions not active are skipped, offsets already read are
         dropped, gaps are recorded, and records fetched while the flow is stopped are dropped and
-        the partitions sought back to their committed offsets.
+        the partitions sought back to their committed offsets. Batch-topic records are handed over
+        only from positions Faust has reset since the last assignment (:meth:`_inputs_positioned`);
+        others, and those of paused partitions, are dropped and read again (:meth:`_rewind`).
 
         Also returns the consumer generation the records belong to, read (as ``getmany`` reads
         it) once the fetch returned: the wait for it may span a whole rebalance, and a
         generation read before the wait would drop the first records after the rebalance's seek.
         """
+        seeks_before_fetch = self._seeks_done
         records, active = await self._wait_next_records(1.0)
         generation = self.app.consumer_generation_id
         if not records or self.should_stop:
@@ -258,15 +305,22 @@ class BatchDrainConsumer(AIOKafkaConsumer):
                 self.log.warning("could not seek back to the committed offsets while the flow is stopped: %r", exc)
             return [], generation
         fetched: list[InputMessage] = []
+        positioned = self._inputs_positioned(seeks_before_fetch, generation)
+        dropped: dict[TP, int] = {}  # batch-topic partition -> its first record not handed over
         read_offset = self._read_offset
         acks_enabled_for = self.app.topics.acks_enabled_for
         buffered = self._buffered_partitions
         monitor = self.app.monitor
         for tp, tp_records in records.items():
-            if active is not None and tp not in active and tp not in buffered:
+            paused = active is not None and tp not in active and tp not in buffered
+            to_batcher = self.batcher is not None and tp.topic in self.batch_topics
+            if to_batcher and (paused or not positioned):
+                if tp_records:
+                    dropped[tp] = tp_records[0].offset
+                continue
+            if paused:
                 continue
             monitor.track_tp_end_offset(tp, self.highwater(tp))
-            to_batcher = self.batcher is not None and tp.topic in self.batch_topics
             gaps_matter = acks_enabled_for(tp.topic)
             last = read_offset[tp]
             for record in tp_records:
@@ -284,6 +338,8 @@ class BatchDrainConsumer(AIOKafkaConsumer):
                         break
                     await self.wait_first(self.callback(self._to_message(tp, record)), self.suspend_flow.wait())
                 last = read_offset[tp] = offset
+        if dropped:
+            await self._rewind(dropped)
         return fetched, generation
 
     async def _hand_over(self, fetched: list[InputMessage], generation: int) -> None:

@@ -79,6 +79,8 @@ METHODS = [
     (Consumer, "_add_gap", True, ["self", "tp", "offset_from", "offset_to"]),
     (Consumer, "commit", True, ["self", "topics", "start_new_transaction"]),
     (Consumer, "perform_seek", True, ["self"]),
+    (Consumer, "seek", True, ["self", "partition", "offset"]),
+    (Consumer, "assignment", False, ["self"]),
     (Consumer, "highwater", False, ["self", "tp"]),
     (Consumer, "stop_flow", False, ["self"]),
     (Consumer, "wait_first", True, ["self", "coros", "timeout"]),
@@ -319,3 +321,72 @@ def test_only_the_seam_names_faust_internals():
         if re.search(rf"\b{name}\b", line)
     ]
     assert not offenders, offenders
+
+
+class FetchedRecord:
+    """What the drain loop reads of an aiokafka record."""
+
+    def __init__(self, offset: int) -> None:
+        self.offset, self.key, self.value, self.headers = offset, b"u1", b"{}", ()
+
+
+class PositionsProbe:
+    """Stands in for the consumer thread: what a fetch returns, the committed offsets a seek finds,
+    and every seek made."""
+
+    def __init__(self, consumer: BatchDrainConsumer, tp: Any, committed: int | None) -> None:
+        self.consumer, self.tp, self.committed = consumer, tp, committed
+        self.seeks: list[tuple[str, int | None]] = []
+        self.seek_during_fetch = False
+
+    async def wait_next_records(self, timeout: float) -> tuple[dict[Any, list[FetchedRecord]], set[Any]]:
+        if self.seek_during_fetch:  # the end of a recovery overtakes the fetch
+            await self.consumer.perform_seek()
+        return {self.tp: [FetchedRecord(7), FetchedRecord(8)]}, {self.tp}
+
+    async def seek_to_committed(self) -> dict[Any, int | None]:
+        self.seeks.append(("committed", self.committed))
+        return {self.tp: self.committed}
+
+    async def seek(self, tp: Any, offset: int) -> None:
+        self.seeks.append(("to", offset))
+
+
+@pytest.mark.parametrize("committed", [5, None])
+def test_input_records_reach_the_batcher_only_from_positions_reset_since_the_assignment(app, monkeypatch, committed):
+    consumer = app.batch_consumer
+    tp = faust_seam.TP("inputs", 0)
+    probe = PositionsProbe(consumer, tp, committed)
+    monkeypatch.setattr(consumer, "_wait_next_records", probe.wait_next_records)
+    monkeypatch.setattr(consumer, "seek_to_committed", probe.seek_to_committed)
+    monkeypatch.setattr(consumer, "_seek", probe.seek)
+    monkeypatch.setattr(consumer, "highwater", lambda tp: 9)
+    monkeypatch.setattr(consumer, "assignment", lambda: {tp})
+
+    async def fetch() -> list[int]:
+        fetched, _ = await consumer._read_fetch()
+        return [message.offset for message in fetched]
+
+    # After an assignment, before Faust's recovery sought the inputs to their committed offsets:
+    # nothing is handed over, and the partition is sought back (to its first record, with no commit)
+    assert asyncio.run(fetch()) == []
+    assert probe.seeks == [("committed", committed)] + ([("to", 7)] if committed is None else [])
+    assert consumer._read_offset[tp] == (committed or 7)
+
+    # Once sought in this generation, a fetch is handed over
+    probe.seeks.clear()
+    assert asyncio.run(fetch()) == [7, 8]
+    assert probe.seeks == [] and consumer._read_offset[tp] == 8
+
+    # A seek that overtakes a fetch (the next recovery's) voids what the fetch returned
+    probe.seek_during_fetch = True
+    consumer._read_offset[tp] = 6
+    assert asyncio.run(fetch()) == []
+    assert ("committed", committed) in probe.seeks
+
+    # A new assignment voids the positions until its own seek
+    probe.seek_during_fetch = False
+    asyncio.run(consumer.perform_seek())
+    app.consumer_generation_id += 1
+    assert asyncio.run(fetch()) == []
+    assert asyncio.run(fetch()) == [7, 8]
