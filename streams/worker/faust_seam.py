@@ -228,6 +228,9 @@ class BatchDrainConsumer(AIOKafkaConsumer):
         self._seeking += 1
         try:
             await super().perform_seek()
+        except BaseException:
+            self._sought_generation = None  # positions unknown: no input record is handed over until a seek works
+            raise
         finally:
             self._seeking -= 1
             self._seeks_done += 1
@@ -249,12 +252,17 @@ class BatchDrainConsumer(AIOKafkaConsumer):
     async def _rewind(self, first_dropped: dict[TP, int]) -> None:
         """Undo a fetch whose batch-topic records were not handed over: seek every partition to its
         committed offset, and a partition with none (never committed) back to its first dropped record."""
-        await self.perform_seek()
-        assigned = self.assignment()
-        for tp, offset in first_dropped.items():
-            # a seek to the committed offsets leaves a partition with none where it is
-            if tp in assigned and not self._committed_offset.get(tp):
-                await self.seek(tp, offset)
+        try:
+            await self.perform_seek()
+            assigned = self.assignment()
+            for tp, offset in first_dropped.items():
+                # a seek to the committed offsets leaves a partition with none where it is
+                if tp in assigned and not self._committed_offset.get(tp):
+                    await self.seek(tp, offset)
+        except Exception as exc:  # the broker away, say: every fetch is dropped until a seek works
+            self._sought_generation = None
+            self.log.warning("could not seek the input partitions back (%r); the next fetch tries again", exc)
+            return
         self.log.info(
             "re-reading %d input partitions fetched while their positions were being reset", len(first_dropped)
         )

@@ -338,6 +338,7 @@ class PositionsProbe:
         self.consumer, self.tp, self.committed = consumer, tp, committed
         self.seeks: list[tuple[str, int | None]] = []
         self.seek_during_fetch = False
+        self.broker_away = False
 
     async def wait_next_records(self, timeout: float) -> tuple[dict[Any, list[FetchedRecord]], set[Any]]:
         if self.seek_during_fetch:  # the end of a recovery overtakes the fetch
@@ -345,6 +346,8 @@ class PositionsProbe:
         return {self.tp: [FetchedRecord(7), FetchedRecord(8)]}, {self.tp}
 
     async def seek_to_committed(self) -> dict[Any, int | None]:
+        if self.broker_away:
+            raise ConnectionError("broker away")
         self.seeks.append(("committed", self.committed))
         return {self.tp: self.committed}
 
@@ -352,8 +355,8 @@ class PositionsProbe:
         self.seeks.append(("to", offset))
 
 
-@pytest.mark.parametrize("committed", [5, None])
-def test_input_records_reach_the_batcher_only_from_positions_reset_since_the_assignment(app, monkeypatch, committed):
+def probed(app: BatchingApp, monkeypatch: pytest.MonkeyPatch, committed: int | None) -> PositionsProbe:
+    """The app's consumer with its thread replaced by a :class:`PositionsProbe` on partition ``inputs[0]``."""
     consumer = app.batch_consumer
     tp = faust_seam.TP("inputs", 0)
     probe = PositionsProbe(consumer, tp, committed)
@@ -362,31 +365,52 @@ def test_input_records_reach_the_batcher_only_from_positions_reset_since_the_ass
     monkeypatch.setattr(consumer, "_seek", probe.seek)
     monkeypatch.setattr(consumer, "highwater", lambda tp: 9)
     monkeypatch.setattr(consumer, "assignment", lambda: {tp})
+    return probe
 
-    async def fetch() -> list[int]:
-        fetched, _ = await consumer._read_fetch()
-        return [message.offset for message in fetched]
+
+def fetched_offsets(consumer: BatchDrainConsumer) -> list[int]:
+    fetched, _ = asyncio.run(consumer._read_fetch())
+    return [message.offset for message in fetched]
+
+
+@pytest.mark.parametrize("committed", [5, None])
+def test_input_records_reach_the_batcher_only_from_positions_reset_since_the_assignment(app, monkeypatch, committed):
+    probe = probed(app, monkeypatch, committed)
+    consumer, tp = probe.consumer, probe.tp
+
+    def fetch() -> list[int]:
+        return fetched_offsets(consumer)
 
     # After an assignment, before Faust's recovery sought the inputs to their committed offsets:
     # nothing is handed over, and the partition is sought back (to its first record, with no commit)
-    assert asyncio.run(fetch()) == []
+    assert fetch() == []
     assert probe.seeks == [("committed", committed)] + ([("to", 7)] if committed is None else [])
     assert consumer._read_offset[tp] == (committed or 7)
 
     # Once sought in this generation, a fetch is handed over
     probe.seeks.clear()
-    assert asyncio.run(fetch()) == [7, 8]
+    assert fetch() == [7, 8]
     assert probe.seeks == [] and consumer._read_offset[tp] == 8
 
     # A seek that overtakes a fetch (the next recovery's) voids what the fetch returned
     probe.seek_during_fetch = True
     consumer._read_offset[tp] = 6
-    assert asyncio.run(fetch()) == []
+    assert fetch() == []
     assert ("committed", committed) in probe.seeks
 
     # A new assignment voids the positions until its own seek
     probe.seek_during_fetch = False
     asyncio.run(consumer.perform_seek())
     app.consumer_generation_id += 1
-    assert asyncio.run(fetch()) == []
-    assert asyncio.run(fetch()) == [7, 8]
+    assert fetch() == []
+    assert fetch() == [7, 8]
+
+
+def test_while_no_seek_back_works_no_input_record_is_handed_over(app, monkeypatch):
+    probe = probed(app, monkeypatch, committed=5)
+    probe.broker_away = True
+    assert fetched_offsets(probe.consumer) == []  # dropped; the seek back fails and is logged
+    assert fetched_offsets(probe.consumer) == []
+    probe.broker_away = False
+    assert fetched_offsets(probe.consumer) == []  # dropped once more, now sought back
+    assert fetched_offsets(probe.consumer) == [7, 8]
