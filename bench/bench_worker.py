@@ -14,9 +14,12 @@ and on the same broker and topics:
   event consumed, with validation, state updates in RocksDB, scoring and publishing;
 * end-to-end latency at a fixed fraction of the worker's saturation rate (``--latency-fraction``):
   live-clock events produced at that rate for ``--latency-s`` seconds, first to the worker,
-  then (worker stopped, so the two never share the cores) to the bare loop; latency is the
-  time from an output's triggering event ts to the moment a reader consumes the output
-  (p50 / p99 over the outputs of that phase);
+  then (worker stopped, so the two never share the cores) to the bare loop, the apparatus's
+  floor. The producer and the reader each run in a process of their own, and the reader and the
+  bare loop fetch with a short wait (:data:`READER_FETCH_WAIT_MS`). Latency is the time from an
+  output's triggering event ts to the moment the reader consumes the output, and to the output's
+  own CreateTime (p50 / p99 over the outputs of that phase); for the worker, its own
+  ``shoppulse_end_to_end_latency_seconds`` over the phase is given beside them;
 * with ``--recovery``: time to ready after a restart with the data directory kept, and after
   losing it (every shopper restored from the changelog);
 * with ``--shadow``: each repeat runs the worker twice, alternating, on the same broker and events:
@@ -41,7 +44,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -68,7 +70,7 @@ from streams.kafka.clients import (  # noqa: E402
 )
 from streams.kafka.producer import produce  # noqa: E402
 from streams.sim.generator import GeneratorConfig, ShopSimulator  # noqa: E402
-from streams.tools.process import WorkerProcess  # noqa: E402
+from streams.tools.process import WorkerProcess, histogram_quantile  # noqa: E402
 
 THROUGHPUT_SECTION = "## Worker throughput (embedded broker, this machine)"
 THROUGHPUT_HEADER = (
@@ -76,12 +78,19 @@ THROUGHPUT_HEADER = (
     "| worker ev/s | worker / bare | batches | mean batch | models | workers | command |\n"
     "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
-LATENCY_SECTION = "## End-to-end latency at a fixed rate (embedded broker, this machine)"
-LATENCY_HEADER = (
-    "| date (UTC) | rate ev/s | share of worker saturation | seconds | worker p50 ms | worker p99 ms "
-    "| worker outputs | bare loop p50 ms | bare loop p99 ms | bare loop outputs | models | command |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|"
+LATENCY_SECTION = (
+    "## End-to-end latency at a fixed rate, the apparatus in its own processes (embedded broker, this machine)"
 )
+LATENCY_HEADER = (
+    "| date (UTC) | rate ev/s | share of worker saturation | seconds | worker p50 / p99 ms, read "
+    "| worker p50 / p99 ms, output CreateTime | worker histogram p50 / p99 ms (bucket bound) | worker outputs "
+    "| floor p50 / p99 ms, read | floor p50 / p99 ms, output CreateTime | floor outputs | models | command |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+)
+#: The fetch wait of the latency reader and of the bare loop in the latency phase, in ms. Tansu holds
+#: a waiting fetch to its end however soon data arrives, so each hop of the apparatus adds up to
+#: this; the worker keeps its own (TANSU_FETCH_MAX_WAIT_MS), which its figures include.
+READER_FETCH_WAIT_MS = 5
 RECOVERY_SECTION = "## Table recovery (embedded broker, one worker)"
 RECOVERY_HEADER = (
     "| date (UTC) | shoppers in table | ready, data dir kept (s) | ready, data dir lost (s) "
@@ -118,6 +127,7 @@ def bare_loop(
     stop: Any = None,
     ready: Any = None,
     offset_reset: str = "earliest",
+    fetch_wait_ms: int = TANSU_FETCH_MAX_WAIT_MS,
 ) -> float:
     """events/s of consume → parse → dict state → produce, the ceiling for this broker and machine.
 
@@ -131,9 +141,9 @@ def bare_loop(
             "auto.offset.reset": offset_reset,
             "enable.auto.commit": True,
             "session.timeout.ms": 6000,
-            "fetch.wait.max.ms": TANSU_FETCH_MAX_WAIT_MS,
+            "fetch.wait.max.ms": fetch_wait_ms,  # by default the worker's setting on Tansu
         }
-    )  # the worker's setting on Tansu
+    )
     producer = Producer({**confluent_producer_config(settings), "linger.ms": 5, "partitioner": "murmur2_random"})
     consumer.subscribe(list(settings.input_topics))
     counts: dict[bytes | None, dict[str, int]] = {}
@@ -173,22 +183,33 @@ def bare_loop(
 
 
 def _bare_loop_until_stopped(settings: Settings, stop: Any, ready: Any) -> None:
-    """The bare loop for the latency phase: a fresh group that starts at the end of the inputs."""
-    bare_loop(settings, None, f"bare-latency-{time.time_ns()}", stop, ready, offset_reset="latest")
+    """The bare loop for the latency phase: a fresh group that starts at the end of the inputs, with
+    the reader's short fetch wait (the apparatus's floor, not Tansu's idle wait)."""
+    bare_loop(
+        settings,
+        None,
+        f"bare-latency-{time.time_ns()}",
+        stop,
+        ready,
+        offset_reset="latest",
+        fetch_wait_ms=READER_FETCH_WAIT_MS,
+    )
 
 
-def output_latencies_ms(
-    settings: Settings, topic: str, since_ms: int, until: threading.Event, out: list[float]
-) -> None:
-    """Append, for each output on ``topic`` triggered by an event at or after ``since_ms``, the ms
-    from that event's ts to now (when this reader consumes it), until ``until`` is set and the
-    topic is drained. Starts near the end of the topic, so the reader never lags behind old outputs
-    (Tansu's reported end can be a little early: the ``since_ms`` filter drops what precedes)."""
+def _read_output_latencies(settings: Settings, topic: str, since_ms: int, ready: Any, until: Any, results: Any) -> None:
+    """The latency reader, in its own process (sharing no GIL with the producer or a worker).
+
+    For each output on ``topic`` triggered by an event at or after ``since_ms``, records two delays
+    from that event's ts: to the moment this reader consumes the output, and to the output's own
+    CreateTime (stamped by the producer that wrote it, so no reader delay at all). Starts near the
+    end of the topic (Tansu's reported end can be a little early: the ``since_ms`` filter drops what
+    precedes), reads until ``until`` is set and the topic is drained, then sends both lists to ``results``.
+    """
     consumer = Consumer(
         {
             **confluent_consumer_config(settings, f"latency-{time.time_ns()}"),
             "enable.auto.commit": False,
-            "fetch.wait.max.ms": TANSU_FETCH_MAX_WAIT_MS,
+            "fetch.wait.max.ms": READER_FETCH_WAIT_MS,
         }
     )
     partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
@@ -197,9 +218,12 @@ def output_latencies_ms(
         for p in partitions
     ]
     consumer.assign(starts)
+    ready.set()
+    received: list[float] = []
+    created: list[float] = []
     idle_since = None
     while True:
-        batch = consumer.consume(1000, timeout=0.05)
+        batch = consumer.consume(1000, timeout=0.01)
         now_ms = time.time() * 1000
         for message in batch:
             value = message.value()
@@ -207,7 +231,8 @@ def output_latencies_ms(
                 continue
             trigger_ts = json.loads(value).get("trigger_ts")
             if trigger_ts is not None and trigger_ts >= since_ms:
-                out.append(now_ms - trigger_ts)
+                received.append(now_ms - trigger_ts)
+                created.append(message.timestamp()[1] - trigger_ts)
         if until.is_set():
             idle_since = idle_since or time.monotonic()
             if batch:
@@ -215,17 +240,11 @@ def output_latencies_ms(
             elif time.monotonic() - idle_since > 3.0:
                 break
     consumer.close()
+    results.send((received, created))
 
 
-def paced_latency(settings: Settings, topic: str, rate: float, seconds: float, seed: int) -> list[float]:
-    """Produce live-clock events at ``rate``/s for ``seconds`` and return the output latencies in ms."""
-    since_ms = int(time.time() * 1000)
-    latencies: list[float] = []
-    done = threading.Event()
-    reader = threading.Thread(
-        target=output_latencies_ms, args=(settings, topic, since_ms, done, latencies), daemon=True
-    )
-    reader.start()
+def _produce_paced(settings: Settings, rate: float, seconds: float, seed: int) -> None:
+    """Live-clock events at ``rate``/s for ``seconds``, in its own process (each event is stamped as it is sent)."""
     config = GeneratorConfig(seed=seed, n_shoppers=20_000, clock="live")
     produce(
         ShopSimulator(config).messages(limit=int(rate * seconds)),
@@ -233,9 +252,31 @@ def paced_latency(settings: Settings, topic: str, rate: float, seconds: float, s
         confluent_producer_config(settings),
         rate_per_s=rate,
     )
+
+
+def paced_latency(
+    settings: Settings, topic: str, rate: float, seconds: float, seed: int
+) -> tuple[list[float], list[float]]:
+    """Produce live-clock events at ``rate``/s for ``seconds`` (one process) while another reads
+    ``topic``; returns the outputs' latencies in ms, as read and by their CreateTime."""
+    since_ms = int(time.time() * 1000)
+    ready, done = multiprocessing.Event(), multiprocessing.Event()
+    results, sender = multiprocessing.Pipe(duplex=False)
+    reader = multiprocessing.Process(
+        target=_read_output_latencies, args=(settings, topic, since_ms, ready, done, sender), daemon=True
+    )
+    reader.start()
+    if not ready.wait(60):
+        raise RuntimeError(f"the latency reader could not position itself on {topic} within 60 s")
+    producer = multiprocessing.Process(target=_produce_paced, args=(settings, rate, seconds, seed))
+    producer.start()
+    producer.join()
     done.set()
-    reader.join(120)
-    return latencies
+    if not results.poll(120):
+        raise RuntimeError(f"the latency reader of {topic} sent nothing within 120 s of the last event")
+    received, created = results.recv()
+    reader.join(10)
+    return received, created
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -404,6 +445,12 @@ def main() -> None:
         help="latency phase rate as a share of the measured worker saturation (0: skip)",
     )
     parser.add_argument("--latency-s", type=float, default=20.0, help="length of each latency phase, in s")
+    parser.add_argument(
+        "--max-wait-ms",
+        type=int,
+        default=Settings.max_wait_ms,
+        help="the workers' SHOPPULSE_MAX_WAIT_MS: longest wait for a micro-batch to fill (0: take what is there)",
+    )
     parser.add_argument("--no-record", action="store_true", help="print only; do not touch BENCHMARKS.md")
     args = parser.parse_args()
     if args.shadow and args.compare_with is not None:
@@ -433,6 +480,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> None:
             device=args.device,
             torch_threads=args.torch_threads,
             standby_replicas=args.standby_replicas,
+            max_wait_ms=args.max_wait_ms,
         )
         ensure_topics(settings)
         ensure_topics(settings, [TopicSpec(settings.topic_scores + ".bare", args.partitions, {})])
@@ -546,14 +594,34 @@ def measure(args: argparse.Namespace, workdir: Path) -> None:
             worker.stop()
 
 
+def histogram_delta(before: list[tuple[float, float]], after: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The cumulative buckets of what a histogram observed between two scrapes."""
+    counted = dict(before)
+    return [(le, count - counted.get(le, 0.0)) for le, count in after]
+
+
+def p50_p99(values: list[float]) -> str:
+    return f"{percentile(values, 50):,.1f} / {percentile(values, 99):,.1f}"
+
+
 def measure_latency(
     args: argparse.Namespace, settings: Settings, worker_rate: float, workers: list[WorkerProcess], models: str
 ) -> None:
     """Latency at ``latency_fraction`` of the worker's saturation rate: the running workers, then
-    (workers stopped: a worker still scoring starved the bare loop to 3-4 s) the bare loop."""
+    (workers stopped: a worker still scoring starved the bare loop to 3-4 s) the bare loop, the floor.
+
+    The producer and the reader each run in their own process; the reader records each output's
+    delay from its trigger event both when it reads it and by the output's CreateTime. For the
+    worker, its own ``shoppulse_end_to_end_latency_seconds`` over the phase is reported beside them.
+    """
     rate = args.latency_fraction * worker_rate
     print(f"latency phase: {rate:,.0f} events/s for {args.latency_s:.0f} s each …", flush=True)
-    worker_ms = paced_latency(settings, settings.topic_scores, rate, args.latency_s, args.seed + 1)
+    histogram = "shoppulse_end_to_end_latency_seconds"
+    before = [worker.histogram(histogram) for worker in workers]
+    worker_read, worker_created = paced_latency(settings, settings.topic_scores, rate, args.latency_s, args.seed + 1)
+    observed = [histogram_delta(b, worker.histogram(histogram)) for b, worker in zip(before, workers, strict=True)]
+    merged = [(le, sum(buckets[i][1] for buckets in observed)) for i, (le, _) in enumerate(observed[0])]
+    worker_histogram = f"{histogram_quantile(merged, 0.5) * 1000:,.0f} / {histogram_quantile(merged, 0.99) * 1000:,.0f}"
     for worker in workers:
         worker.stop()
     stop, ready = multiprocessing.Event(), multiprocessing.Event()
@@ -562,25 +630,25 @@ def measure_latency(
     if not ready.wait(60):
         raise RuntimeError("the bare loop got no partitions within 60 s")
     time.sleep(1.0)  # its first fetch positions it at the end of each partition
-    bare_ms = paced_latency(settings, settings.topic_scores + ".bare", rate, args.latency_s, args.seed + 2)
+    bare_read, bare_created = paced_latency(
+        settings, settings.topic_scores + ".bare", rate, args.latency_s, args.seed + 2
+    )
     stop.set()
     bare_process.join(30)
-    row = (
-        f"{percentile(worker_ms, 50):,.1f} | {percentile(worker_ms, 99):,.1f} | {len(worker_ms):,} | "
-        f"{percentile(bare_ms, 50):,.1f} | {percentile(bare_ms, 99):,.1f} | {len(bare_ms):,}"
-    )
     print(
-        f"worker p50/p99 {percentile(worker_ms, 50):,.1f} / {percentile(worker_ms, 99):,.1f} ms over "
-        f"{len(worker_ms):,} outputs; bare loop {percentile(bare_ms, 50):,.1f} / {percentile(bare_ms, 99):,.1f} ms "
-        f"over {len(bare_ms):,}",
+        f"worker p50/p99 {p50_p99(worker_read)} ms read, {p50_p99(worker_created)} ms by output CreateTime, "
+        f"{worker_histogram} ms in its own histogram (bucket bounds), over {len(worker_read):,} outputs; "
+        f"floor (bare loop) {p50_p99(bare_read)} ms read, {p50_p99(bare_created)} ms by CreateTime, over "
+        f"{len(bare_read):,} (goal: floor p99 <= 20 ms)",
         flush=True,
     )
     if not args.no_record:
         append_row(
             LATENCY_SECTION,
             LATENCY_HEADER,
-            f"| {utc_now()} | {rate:,.0f} | {args.latency_fraction:.2f} | {args.latency_s:.0f} | {row} | "
-            f"{models} | `{this_command()}` |",
+            f"| {utc_now()} | {rate:,.0f} | {args.latency_fraction:.2f} | {args.latency_s:.0f} | "
+            f"{p50_p99(worker_read)} | {p50_p99(worker_created)} | {worker_histogram} | {len(worker_read):,} | "
+            f"{p50_p99(bare_read)} | {p50_p99(bare_created)} | {len(bare_read):,} | {models} | `{this_command()}` |",
         )
 
 
