@@ -22,7 +22,6 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 
 from features.encoding import StateDecodeError, last_event_ms_of
 from features.state import StateConfig
@@ -43,7 +42,7 @@ class RebalanceFence:
     The worker calls :meth:`revoked` from Faust's ``on_partitions_revoked`` signal (awaited before
     the worker rejoins its group), :meth:`assigned` from ``on_partitions_assigned`` and
     :meth:`recovered` from ``on_rebalance_complete``. A sweep takes :attr:`generation` when it starts
-    (only while :attr:`open`) and does each write inside :meth:`step`.
+    (only while :attr:`open`) and holds :attr:`writing` through each write and its flush.
     """
 
     def __init__(self) -> None:
@@ -52,13 +51,14 @@ class RebalanceFence:
         #: Whether sweeps may start: the tables of the current assignment are recovered.
         self.open = False
         self._assigned_generation: int | None = None
-        self._writing = asyncio.Lock()  # held through a sweep's write and its flush
+        #: Held through a sweep's write and its flush: a revocation waits for it.
+        self.writing = asyncio.Lock()
 
     async def revoked(self) -> None:
         """Close the fence, then wait until a sweep's write in flight is acknowledged."""
         self.generation += 1
         self.open = False
-        async with self._writing:
+        async with self.writing:
             pass
 
     def assigned(self) -> None:
@@ -72,13 +72,6 @@ class RebalanceFence:
     def current(self, generation: int) -> bool:
         """Whether no revocation happened since ``generation`` was taken."""
         return generation == self.generation
-
-    @asynccontextmanager
-    async def step(self, generation: int) -> AsyncIterator[bool]:
-        """One write of a sweep, held until it is flushed; yields False (write nothing) when a
-        revocation came since the sweep started."""
-        async with self._writing:
-            yield self.current(generation)
 
 
 def idle_since_ms(stored: bytes | None, now_ms: int) -> int:
@@ -142,11 +135,9 @@ class Sweeps:
     async def _write(self, generation: int, build: Callable[[], BatchOutcome]) -> BatchOutcome | None:
         """Build an outcome from values read now, queue it and flush it, inside the fence: None
         (nothing built or written) when a rebalance began since the sweep started."""
-        async with self.fence.step(generation) as current:
-            if not current:
-                return None
+        async with self.fence.writing:
             async with self.checkpoint.writing:
-                if not self.fence.current(generation):  # revoked while the agent held the values
+                if not self.fence.current(generation):
                     return None
                 outcome = build()
                 self.checkpoint.queue(outcome)

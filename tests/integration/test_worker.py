@@ -14,7 +14,7 @@ from itertools import islice
 
 import numpy as np
 import pytest
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, Message, TopicPartition
 
 from features.encoding import decode_state, encode_state
 from features.events import parse_event
@@ -47,10 +47,15 @@ def valid_events(messages) -> list:
     return [parse_event(m.topic_kind, m.key, m.value, now_ms) for m in messages if m.malformed_reason is None]
 
 
+def changelog_records(settings) -> list[Message]:
+    """Every record of the shopper table's changelog, oldest first (the worker has stopped)."""
+    return read_to_end(settings, f"{settings.app_id}-{STATE_TABLE}-changelog")
+
+
 def changelog_values(settings) -> dict[str, Stored]:
     """The last value each shopper's changelog holds (read to the end: the worker has stopped)."""
     values: dict[str, Stored] = {}
-    for m in read_to_end(settings, f"{settings.app_id}-{STATE_TABLE}-changelog"):
+    for m in changelog_records(settings):
         # a tombstone (None) deletes, as compaction and table recovery read it
         user, value = key_of(m).decode(), m.value()
         if value is None:
@@ -64,7 +69,7 @@ def changelog_history(settings, user: str) -> list[str]:
     """One shopper's changelog records, oldest first: where each sits, the input offsets it holds
     and how many events its state has seen (for failure messages)."""
     history: list[str] = []
-    for m in read_to_end(settings, f"{settings.app_id}-{STATE_TABLE}-changelog"):
+    for m in changelog_records(settings):
         if key_of(m) != user.encode():
             continue
         value = m.value()
@@ -86,7 +91,7 @@ def changelog_steps_back(settings) -> list[str]:
     that the offline comparison sees only when they are the last word."""
     previous: dict[bytes, tuple[int, dict[tuple[str, int], int]]] = {}
     found: list[str] = []
-    for m in read_to_end(settings, f"{settings.app_id}-{STATE_TABLE}-changelog"):
+    for m in changelog_records(settings):
         key, value = key_of(m), m.value()
         if value is None:
             previous.pop(key, None)
