@@ -3,15 +3,18 @@
 On the embedded broker, in one run:
 
 1. pre-produce simulated events and let one worker (``shoppulse worker``, a child process) consume
-   them all: its saturation rate, measured as ``bench/bench_worker.py`` measures it, and a table
-   full of shoppers;
-2. produce live-clock events at ``--load`` (default 0.5) of that rate for ``--seconds``, and, at the
+   them all: a table full of shoppers;
+2. offer live-clock events faster than the worker takes them: its saturation rate is what it
+   consumes while behind (the backlog's rate, measured as ``bench/bench_worker.py`` measures it,
+   overstates it 2-3x: the pre-produced events are older and come in full batches);
+3. produce live-clock events at ``--load`` (default 0.5) of that rate for ``--seconds``, and, at the
    same time, ask the worker for ``--lookups-per-s`` random known shoppers (``GET /shoppers/ID``;
    with one worker every key is local): the latency of each, from this process sending the request
    to reading the whole answer, a new TCP connection each time (as the server closes them);
-3. report p50 / p99 / max of those latencies next to the worker's ``shoppulse_lookup_seconds``
-   (server side) and the events/s the worker actually consumed during phase 2;
-4. and the floor of the apparatus, measured in the same phase: every worker lookup is followed by
+4. report p50 / p99 / max of those latencies next to the worker's ``shoppulse_lookup_seconds``
+   (server side) and the events/s the worker actually consumed during phase 3 (below 95 % of the
+   offered rate, the worker was overloaded and the goal is not judged);
+5. and the floor of the apparatus, measured in the same phase: every worker lookup is followed by
    one to a server in a process of its own that answers a copy of a real lookup's answer, with the
    worker's HTTP server class and thread count. What the floor shows, the worker cannot beat: it is
    the client, the connection, and the machine's scheduling while the broker, the producer and the
@@ -35,6 +38,7 @@ import threading
 import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler
+from multiprocessing.sharedctypes import Synchronized
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,6 +64,8 @@ HEADER = (
 )
 #: Goal for a local key's p99 (issue #18).
 GOAL_P99_MS = 10.0
+#: The share of the offered event rate the worker must consume for the phase to count as the load asked for.
+KEPT_UP = 0.95
 
 
 def server_p99_bound_ms(worker: WorkerProcess) -> float:
@@ -132,10 +138,44 @@ def wait_listening(port: int, timeout_s: float = 10.0) -> None:
             time.sleep(0.05)
 
 
-def produce_live(config: GeneratorConfig, total: int, settings: Settings, rate_per_s: float) -> None:
-    """Produce ``total`` live-clock events at ``rate_per_s`` (the load; runs in a child process)."""
+def produce_live(
+    config: GeneratorConfig, total: int, settings: Settings, rate_per_s: float, delivered: Synchronized | None = None
+) -> None:
+    """Produce ``total`` live-clock events at ``rate_per_s`` (the load; runs in a child process);
+    sets ``delivered`` to how many the broker acknowledged."""
     messages = ShopSimulator(config).messages(limit=total)
-    produce(messages, settings.topic_by_kind, confluent_producer_config(settings), rate_per_s)
+    report = produce(messages, settings.topic_by_kind, confluent_producer_config(settings), rate_per_s)
+    if report.failed:
+        print(f"  the load producer: {report.failed:,} of {report.sent:,} not delivered ({report.errors})", flush=True)
+    if delivered is not None:
+        delivered.value = report.delivered
+
+
+def live_saturation(
+    worker: WorkerProcess, settings: Settings, config: GeneratorConfig, backlog_rate: float, seconds: float
+) -> float:
+    """Events/s the worker consumes of live-clock events while it is behind them: the rate ``--load``
+    is a share of. Offers 1.3x ``backlog_rate`` (the pre-produced backlog's rate, which overstates
+    the live one) for ``seconds``, measures from the second second on, and returns once the worker
+    has caught up again."""
+    consumed = "shoppulse_events_consumed_total"
+    total = int(1.3 * backlog_rate * seconds)
+    start = worker.metric(consumed)
+    delivered = multiprocessing.Value("q", 0)
+    producer = multiprocessing.Process(
+        target=produce_live, args=(config, total, settings, 1.3 * backlog_rate, delivered)
+    )
+    producer.start()
+    time.sleep(1.0)  # the lag builds up
+    first, first_at = worker.metric(consumed), time.perf_counter()
+    time.sleep(seconds - 1.0)
+    rate = (worker.metric(consumed) - first) / (time.perf_counter() - first_at)
+    producer.join()
+    while worker.metric(consumed) < start + delivered.value:
+        if worker.process.poll() is not None:
+            raise RuntimeError(f"worker died:\n{worker.log_tail()}")
+        time.sleep(0.2)
+    return rate
 
 
 def lookups_while_loaded(
@@ -146,10 +186,11 @@ def lookups_while_loaded(
     seconds: float,
     load: multiprocessing.Process,
     seed: int,
-) -> tuple[list[float], list[float], int, int]:
+) -> tuple[list[float], list[float], int, int, float]:
     """Lookups of random ``users`` at ``rate_per_s`` for ``seconds`` while ``load`` runs, each followed
     by one to the floor's server: the worker's latencies (ms), the floor's, how many worker answers
-    were not 200, how many answered with kept published scores."""
+    were not 200, how many answered with kept published scores, and the seconds from the start until
+    ``load`` had produced everything (longer than ``seconds`` when the producer fell behind its rate)."""
     chooser = random.Random(seed)
     host, port = worker.settings.metrics_host, worker.settings.metrics_port
     latencies: list[float] = []
@@ -169,7 +210,7 @@ def lookups_while_loaded(
         floor.append(timed_lookup("127.0.0.1", floor_port, user)[0])
         n += 1
     load.join()
-    return latencies, floor, failed, kept
+    return latencies, floor, failed, kept, time.perf_counter() - started
 
 
 def main() -> None:
@@ -183,6 +224,9 @@ def main() -> None:
     parser.add_argument("--load", type=float, default=0.5, help="event rate as a share of the saturation rate")
     parser.add_argument("--seconds", type=float, default=30.0, help="length of the loaded phase")
     parser.add_argument("--lookups-per-s", type=float, default=40.0)
+    parser.add_argument(
+        "--saturation-s", type=float, default=10.0, help="length of the phase that measures the live saturation rate"
+    )
     parser.add_argument(
         "--gil-switch-interval-ms",
         type=float,
@@ -205,13 +249,19 @@ def measure(args: argparse.Namespace, workdir: Path) -> None:
         )
         ensure_topics(settings)
         produce(messages, settings.topic_by_kind, confluent_producer_config(settings))
-        saturation, _, _, workers = run_workers(settings, len(messages), workdir, 1)
+        backlog_rate, _, _, workers = run_workers(settings, len(messages), workdir, 1)
         (worker,) = workers
         try:
-            rate = args.load * saturation
-            print(f"saturation {saturation:,.0f} events/s; loaded phase at {rate:,.0f} events/s", flush=True)
             # The same shoppers again, live clock: the table's shoppers keep changing while they are looked up.
             live = GeneratorConfig(seed=args.seed + 1, n_shoppers=args.shoppers, clock="live")
+            saturation = live_saturation(worker, settings, live, backlog_rate, args.saturation_s)
+            rate = args.load * saturation
+            print(
+                f"saturation {saturation:,.0f} live events/s ({backlog_rate:,.0f} of the pre-produced backlog); "
+                f"loaded phase at {rate:,.0f} events/s",
+                flush=True,
+            )
+            live = GeneratorConfig(seed=args.seed + 2, n_shoppers=args.shoppers, clock="live")
             total = int(rate * args.seconds)
             # A process of its own: generating events is Python work that, in a thread here, would
             # hold this process's GIL while the client waits to read an answer.
@@ -224,7 +274,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> None:
             floor_server.start()
             wait_listening(floor_port)
             consumed_before, loaded_at = worker.metric("shoppulse_events_consumed_total"), time.perf_counter()
-            latencies, floor, failed, kept = lookups_while_loaded(
+            latencies, floor, failed, kept, produced_s = lookups_while_loaded(
                 worker, floor_port, users, args.lookups_per_s, args.seconds, load, args.seed
             )
             consumed = (worker.metric("shoppulse_events_consumed_total") - consumed_before) / (
@@ -234,13 +284,22 @@ def measure(args: argparse.Namespace, workdir: Path) -> None:
             floor_server.terminate()
         finally:
             worker.stop()
+    offered = total / produced_s
     p50, p99, worst = percentile(latencies, 50), percentile(latencies, 99), max(latencies)
+    if consumed < KEPT_UP * offered:
+        # Behind the producer, the worker takes full batches and holds the GIL longer: not the
+        # load the goal names. The saturation of the backlog phase overstated the live one.
+        verdict = f"not judged: the worker consumed {consumed / offered:.0%} of the offered rate, lower --load"
+    else:
+        verdict = "met" if p99 <= GOAL_P99_MS else "NOT met"
+
     floor_p50, floor_p99 = percentile(floor, 50), percentile(floor, 99)
     print(
-        f"{len(latencies):,} lookups of {len(users):,} shoppers while the worker consumed {consumed:,.0f} events/s: "
+        f"{len(latencies):,} lookups of {len(users):,} shoppers while the worker consumed {consumed:,.0f} events/s "
+        f"of {offered:,.0f} offered: "
         f"p50 {p50:.2f} ms, p99 {p99:.2f} ms, max {worst:.2f} ms, {failed} not 200, {kept} answered with the "
         f"kept published scores (the rest computed) "
-        f"(goal p99 <= {GOAL_P99_MS:.0f} ms: {'met' if p99 <= GOAL_P99_MS else 'NOT met'}); "
+        f"(goal p99 <= {GOAL_P99_MS:.0f} ms: {verdict}); "
         f"server side (the worker's shoppulse_lookup_seconds) p99 <= {server_p99_ms:g} ms; "
         f"the floor (a canned answer from a process of its own, {len(answer):,} bytes) p50 {floor_p50:.2f} ms, "
         f"p99 {floor_p99:.2f} ms",
@@ -250,7 +309,8 @@ def measure(args: argparse.Namespace, workdir: Path) -> None:
         append_row(
             SECTION,
             HEADER,
-            f"| {utc_now()} | {len(users):,} | {saturation:,.0f} | {rate:,.0f} ({args.load:.2f}) | {consumed:,.0f} | "
+            f"| {utc_now()} | {len(users):,} | {saturation:,.0f} | {rate:,.0f} ({args.load:.2f}) "
+            f"| {consumed:,.0f} of {offered:,.0f} offered | "
             f"{args.gil_switch_interval_ms:g} | {len(latencies):,} | {p50:.2f} | {p99:.2f} | {worst:.2f} | "
             f"<= {server_p99_ms:g} | {failed} | "
             f"{kept:,} / {len(latencies) - kept:,} | {models} | {floor_p50:.2f} / {floor_p99:.2f} "
