@@ -253,9 +253,17 @@ SETTINGS_DOC: dict[str, tuple[str, str, str]] = {
     ),
     "gil_switch_interval_ms": (
         "SHOPPULSE_GIL_SWITCH_INTERVAL_MS",
-        "5.0",
+        "1.0",
         "how long a worker thread waiting for Python's GIL waits before the running one must hand it over "
-        "(sys.setswitchinterval; Python's default is 5 ms): a shopper lookup waits for it a few times per request",
+        "(sys.setswitchinterval; Python's default is 5 ms): a request to the worker's HTTP server (a shopper lookup, "
+        "a scrape) waits for it a few times; nothing else in the worker asks for it",
+    ),
+    "gc_full_collection_every": (
+        "SHOPPULSE_GC_FULL_COLLECTION_EVERY",
+        "100",
+        "middle-generation passes of Python's cyclic garbage collector between two full passes "
+        "(gc.set_threshold's third value; Python's default is 10, which rescans the whole heap a few times a "
+        "second at saturation)",
     ),
     "log_level": ("SHOPPULSE_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
     "log_format": (
@@ -368,7 +376,8 @@ class Settings:
     metrics_port: int = 9108
     advertised_url: str = ""
     lookup_keep_shoppers: int = 50_000
-    gil_switch_interval_ms: float = 5.0
+    gil_switch_interval_ms: float = 1.0
+    gc_full_collection_every: int = 100
     log_level: str = "INFO"
     log_format: str = "text"
 
@@ -463,6 +472,8 @@ class Settings:
             raise ConfigError(f"SHOPPULSE_DEVICE={self.device!r}; use auto, cpu or cuda")
         if not 0.01 <= self.gil_switch_interval_ms <= 100:
             raise ConfigError(f"SHOPPULSE_GIL_SWITCH_INTERVAL_MS={self.gil_switch_interval_ms}; use 0.01 to 100")
+        if self.gc_full_collection_every < 1:
+            raise ConfigError(f"SHOPPULSE_GC_FULL_COLLECTION_EVERY={self.gc_full_collection_every}; use 1 or more")
         if self.advertised_url and not self.advertised_url.startswith("http://"):
             raise ConfigError(
                 f"SHOPPULSE_ADVERTISED_URL={self.advertised_url!r}; "
