@@ -44,7 +44,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.bench_worker import bench_settings, percentile, run_workers, simulated_messages  # noqa: E402
+from bench.bench_worker import (  # noqa: E402
+    bench_settings,
+    percentile,
+    run_workers,
+    simulated_messages,
+    wait_consumed,
+)
 from bench.record import append_row, this_command, utc_now  # noqa: E402
 from models.training import models_ready  # noqa: E402
 from streams.config import Settings  # noqa: E402
@@ -171,10 +177,7 @@ def live_saturation(
     time.sleep(seconds - 1.0)
     rate = (worker.metric(consumed) - first) / (time.perf_counter() - first_at)
     producer.join()
-    while worker.metric(consumed) < start + delivered.value:
-        if worker.process.poll() is not None:
-            raise RuntimeError(f"worker died:\n{worker.log_tail()}")
-        time.sleep(0.2)
+    wait_consumed([worker], start + delivered.value)
     return rate
 
 
@@ -253,8 +256,8 @@ def measure(args: argparse.Namespace, workdir: Path) -> None:
         (worker,) = workers
         try:
             # The same shoppers again, live clock: the table's shoppers keep changing while they are looked up.
-            live = GeneratorConfig(seed=args.seed + 1, n_shoppers=args.shoppers, clock="live")
-            saturation = live_saturation(worker, settings, live, backlog_rate, args.saturation_s)
+            saturating = GeneratorConfig(seed=args.seed + 1, n_shoppers=args.shoppers, clock="live")
+            saturation = live_saturation(worker, settings, saturating, backlog_rate, args.saturation_s)
             rate = args.load * saturation
             print(
                 f"saturation {saturation:,.0f} live events/s ({backlog_rate:,.0f} of the pre-produced backlog); "

@@ -311,6 +311,16 @@ def git_revision(checkout: Path) -> str:
     ).stdout.strip()
 
 
+def wait_consumed(workers: list[WorkerProcess], total: float) -> None:
+    """Until ``workers`` have consumed ``total`` events between them (``shoppulse_events_consumed_total``);
+    raises with its log's tail if one dies first."""
+    while sum(worker.metric("shoppulse_events_consumed_total") for worker in workers) < total:
+        for worker in workers:
+            if worker.process.poll() is not None:
+                raise RuntimeError(f"worker died:\n{worker.log_tail()}")
+        time.sleep(0.2)
+
+
 def run_workers(
     settings: Settings, total: int, workdir: Path, count: int, checkout: Path | None = None
 ) -> tuple[float, float, float, list[WorkerProcess]]:
@@ -341,11 +351,7 @@ def run_workers(
             f"{total - measured:,.0f} of {total:,} events were consumed before the workers were ready; "
             "pre-produce more (--events) for a measurement"
         )
-    while sum(worker.metric("shoppulse_events_consumed_total") for worker in workers) < total:
-        for worker in workers:
-            if worker.process.poll() is not None:
-                raise RuntimeError(f"worker died:\n{worker.log_tail()}")
-        time.sleep(0.2)
+    wait_consumed(workers, total)
     elapsed = time.perf_counter() - started
     cpu_us = (sum(worker.cpu_seconds() for worker in workers) - cpu_before) / measured * 1e6
     batches = sum(worker.metric("shoppulse_batch_size_count") for worker in workers)
