@@ -362,8 +362,8 @@ class ScoringWorker:
         sys.setswitchinterval(self.settings.gil_switch_interval_ms / 1000)
         # Every batch's records, states and outputs live long enough to reach the middle generation,
         # and with Python's default a full pass follows every 10 middle passes, found nothing to
-        # free and rescanned the whole unfrozen heap (20-100 ms each, 98 passes and 4.3 s in a
-        # 400k-event run: 10 % of the worker's CPU, measured; BENCHMARKS.md).
+        # free and rescanned the whole unfrozen heap (20-140 ms each, 97-98 passes and 3.8-4.3 s in a
+        # 400k-event run: about 10 % of the worker's CPU, measured; BENCHMARKS.md).
         young, middle, _ = gc.get_threshold()
         gc.set_threshold(young, middle, self.settings.gc_full_collection_every)
         ensure_topics(self.settings)
