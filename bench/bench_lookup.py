@@ -59,7 +59,7 @@ from streams.kafka.clients import confluent_producer_config, ensure_topics  # no
 from streams.kafka.producer import produce  # noqa: E402
 from streams.sim.generator import GeneratorConfig, ShopSimulator  # noqa: E402
 from streams.tools.process import WorkerProcess, histogram_quantile  # noqa: E402
-from streams.worker.metrics import SERVER_THREADS, PooledHTTPServer  # noqa: E402
+from streams.worker.http_front import REPORT_INTERVAL_S, SERVER_THREADS, PooledHTTPServer  # noqa: E402
 
 SECTION = "## Shopper lookup latency under load (embedded broker, this machine)"
 HEADER = (
@@ -82,6 +82,15 @@ def server_p99_bound_ms(worker: WorkerProcess) -> float:
             le = float(line.split('le="', 1)[1].split('"', 1)[0])
             counts[le] = counts.get(le, 0.0) + float(line.rsplit(" ", 1)[1])
     return histogram_quantile(sorted(counts.items()), 0.99) * 1000
+
+
+def mirror_answers(worker: WorkerProcess) -> int:
+    """How many lookups the worker's HTTP server process answered from its mirror (route ``mirror``)."""
+    return sum(
+        int(float(line.rsplit(" ", 1)[1]))
+        for line in worker.metrics_text().splitlines()
+        if line.startswith("shoppulse_lookup_seconds_count{") and 'route="mirror"' in line
+    )
 
 
 def timed_lookup(host: str, port: int, user: str) -> tuple[float, int, bool]:
@@ -236,6 +245,11 @@ def main() -> None:
         default=Settings.gil_switch_interval_ms,
         help="the worker's SHOPPULSE_GIL_SWITCH_INTERVAL_MS",
     )
+    parser.add_argument(
+        "--http-threads",
+        action="store_true",
+        help="serve HTTP from threads of the worker (SHOPPULSE_HTTP_PROCESS=false) instead of its child process",
+    )
     parser.add_argument("--no-record", action="store_true", help="print only; do not touch BENCHMARKS.md")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="shoppulse-bench-lookup-") as workdir:
@@ -248,7 +262,12 @@ def measure(args: argparse.Namespace, workdir: Path) -> None:
     users = sorted({m.key.decode() for m in messages if m.key and m.malformed_reason is None})
     with EmbeddedBroker(log_path=workdir / "tansu.log") as broker:
         settings = bench_settings(
-            broker, args.partitions, workdir, args.models, gil_switch_interval_ms=args.gil_switch_interval_ms
+            broker,
+            args.partitions,
+            workdir,
+            args.models,
+            gil_switch_interval_ms=args.gil_switch_interval_ms,
+            http_process=not args.http_threads,
         )
         ensure_topics(settings)
         produce(messages, settings.topic_by_kind, confluent_producer_config(settings))
@@ -283,7 +302,9 @@ def measure(args: argparse.Namespace, workdir: Path) -> None:
             consumed = (worker.metric("shoppulse_events_consumed_total") - consumed_before) / (
                 time.perf_counter() - loaded_at
             )
+            time.sleep(REPORT_INTERVAL_S + 0.5)  # the HTTP server process reports its answers' durations
             server_p99_ms = server_p99_bound_ms(worker)
+            mirrored = mirror_answers(worker)
             floor_server.terminate()
         finally:
             worker.stop()
@@ -301,7 +322,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> None:
         f"{len(latencies):,} lookups of {len(users):,} shoppers while the worker consumed {consumed:,.0f} events/s "
         f"of {offered:,.0f} offered: "
         f"p50 {p50:.2f} ms, p99 {p99:.2f} ms, max {worst:.2f} ms, {failed} not 200, {kept} answered with the "
-        f"kept published scores (the rest computed) "
+        f"kept published scores (the rest computed), {mirrored} by the HTTP server process from its mirror "
         f"(goal p99 <= {GOAL_P99_MS:.0f} ms: {verdict}); "
         f"server side (the worker's shoppulse_lookup_seconds) p99 <= {server_p99_ms:g} ms; "
         f"the floor (a canned answer from a process of its own, {len(answer):,} bytes) p50 {floor_p50:.2f} ms, "
@@ -316,7 +337,8 @@ def measure(args: argparse.Namespace, workdir: Path) -> None:
             f"| {consumed:,.0f} of {offered:,.0f} offered | "
             f"{args.gil_switch_interval_ms:g} | {len(latencies):,} | {p50:.2f} | {p99:.2f} | {worst:.2f} | "
             f"<= {server_p99_ms:g} | {failed} | "
-            f"{kept:,} / {len(latencies) - kept:,} | {models} | {floor_p50:.2f} / {floor_p99:.2f} "
+            f"{kept:,} / {len(latencies) - kept:,} ({mirrored:,} from the mirror) | {models} "
+            f"| {floor_p50:.2f} / {floor_p99:.2f} "
             f"| `{this_command()}` |",
         )
 

@@ -251,12 +251,19 @@ SETTINGS_DOC: dict[str, tuple[str, str, str]] = {
         "shoppers whose last published scores and recommendations the shopper lookup keeps in memory "
         "(about 1.3 KB each at SHOPPULSE_TOP_K=10; 0 = keep none, compute every answer)",
     ),
+    "http_process": (
+        "SHOPPULSE_HTTP_PROCESS",
+        "true",
+        "serve that server's HTTP from a child process, which asks the worker for each answer over a socket pair "
+        "(false: threads of the worker serve it, and each request waits for the worker's GIL at every socket call)",
+    ),
     "gil_switch_interval_ms": (
         "SHOPPULSE_GIL_SWITCH_INTERVAL_MS",
         "1.0",
         "how long a worker thread waiting for Python's GIL waits before the running one must hand it over "
-        "(sys.setswitchinterval; Python's default is 5 ms): a request to the worker's HTTP server (a shopper lookup, "
-        "a scrape) waits for it a few times; nothing else in the worker asks for it",
+        "(sys.setswitchinterval; Python's default is 5 ms): each request to the worker's HTTP server (a shopper "
+        "lookup, a scrape) waits for it once, or a few times without SHOPPULSE_HTTP_PROCESS; nothing else in the "
+        "worker asks for it",
     ),
     "gc_full_collection_every": (
         "SHOPPULSE_GC_FULL_COLLECTION_EVERY",
@@ -376,6 +383,7 @@ class Settings:
     metrics_port: int = 9108
     advertised_url: str = ""
     lookup_keep_shoppers: int = 50_000
+    http_process: bool = True
     gil_switch_interval_ms: float = 1.0
     gc_full_collection_every: int = 100
     log_level: str = "INFO"

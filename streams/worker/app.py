@@ -57,14 +57,17 @@ from streams.worker.faust_seam import BatchDrainConsumer, BatchingApp, SeamBroke
 from streams.worker.health import Health
 from streams.worker.lookup import (
     FORWARD_TIMEOUT_S,
+    REBALANCING_FRAME,
     KeptOutputs,
     ShopperLookup,
     ShopperView,
     advertised_url,
     forward,
+    ownership_frame,
+    queued_frame,
 )
 from streams.worker.metrics import HealthState, MetricsServer, WorkerMetrics
-from streams.worker.pipeline import STATE_TABLE, BatchProcessor
+from streams.worker.pipeline import STATE_TABLE, BatchOutcome, BatchProcessor
 from streams.worker.publisher import Publisher
 from streams.worker.sweeps import RebalanceFence, Sweeps
 from streams.worker.table_writer import TableWriter
@@ -197,7 +200,7 @@ class ScoringWorker:
         self._publish_model_info()
         self.metrics_server: MetricsServer | None = None
         self.app.agent(self.inputs, name="score_shoppers")(self._score_shoppers)
-        self.app.timer(1.0)(self.health.refresh)
+        self.app.timer(1.0)(self._refresh_health)
         self.app.timer(float(settings.eviction_interval_s))(self._evict_idle_shoppers)
         self.app.timer(float(settings.silent_sweep_interval_s))(self._rescore_silent_shoppers)
         self.app.on_partitions_assigned.connect(self._on_assigned)
@@ -302,7 +305,22 @@ class ScoringWorker:
     async def _rescore_silent_shoppers(self) -> None:
         await self.sweeps.rescore_silent()
 
+    def _on_queued(self, outcome: BatchOutcome) -> None:
+        """Keep a queued batch's outputs for lookups, here and in the HTTP server process."""
+        self.kept_outputs.remember(outcome)
+        if self.metrics_server is not None and self.metrics_server.mirrors_lookups:
+            self.metrics_server.feed(queued_frame(outcome))
+
+    async def _refresh_health(self) -> None:
+        await self.health.refresh()
+        if self.metrics_server is not None and self.metrics_server.mirrors_lookups:
+            self.metrics_server.feed(ownership_frame(self.lookup.owned_partitions(), self.health_state.ready))
+
     async def _on_revoked(self, sender: Any, /, *args: Any, **kwargs: Any) -> None:
+        # Outputs kept from before may not belong to the values a partition holds when it comes back.
+        self.kept_outputs.clear()
+        if self.metrics_server is not None:
+            self.metrics_server.feed(REBALANCING_FRAME)
         await self.fence.revoked()  # Faust awaits this before the worker rejoins its group
 
     async def _on_recovered(self, sender: Any, /, *args: Any, **kwargs: Any) -> None:
@@ -376,7 +394,7 @@ class ScoringWorker:
             changelog,
             self.store,
             lambda batch: self.app.batch_consumer.ack_batch(batch),
-            on_queued=self.kept_outputs.remember,
+            on_queued=self._on_queued,
         )
         self.sweeps = Sweeps(
             self.checkpoint,
@@ -396,6 +414,7 @@ class ScoringWorker:
             self.http_port,
             self.lookup,
             alerts=self.alert_feed,
+            process=self.settings.http_process,
         ).start()
         worker = self._faust_worker = _Worker(
             self.app,

@@ -40,29 +40,30 @@ import json
 import logging
 import math
 import socket
+import struct
 import threading
 import time
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 from urllib.parse import quote, unquote, urlsplit
 
 from aiokafka.partitioner import murmur2
 
 from features.encoding import StateDecodeError, decode_state
-from features.spec import FeatureSpec
+from features.spec import DEFAULT_FEATURE_SPEC, FeatureSpec
 from features.state import RAW_FEATURE_NAMES, ShopperState
-from models.scoring import BatchScorer
 from streams.config import Settings
 from streams.worker.alerts import NEVER, AlertPolicy, AlertState
 from streams.worker.envelope import EnvelopeDecodeError, Stored, offsets_section
+from streams.worker.http_front import MIRRORED_PATH, encode_frame
 
-if TYPE_CHECKING:  # pipeline imports metrics, which imports this module
-    from streams.worker.pipeline import BatchOutcome
+if TYPE_CHECKING:  # torch stays out of the HTTP server process, which imports this module
+    from models.scoring import BatchScorer
 
 log = logging.getLogger(__name__)
 
 #: Path prefix of the lookup; the user id follows, percent-encoded.
-LOOKUP_PATH = "/shoppers/"
+LOOKUP_PATH = MIRRORED_PATH
 #: Set on a forwarded request to the URL of the worker that forwarded it (the loop guard).
 FORWARDED_HEADER = "X-ShopPulse-Forwarded-By"
 #: Fields of a published scores message the answer passes on (``variant`` once the challenger split lands).
@@ -117,6 +118,39 @@ class PartitionNotOpen(LookupError):
     """The partition's store is not open on this worker (revoked, or not assigned yet)."""
 
 
+class QueuedWrite(Protocol):
+    """A value queued for the shopper table (:class:`streams.worker.pipeline.StateWrite`); None: deleted."""
+
+    @property
+    def partition(self) -> int: ...
+    @property
+    def key(self) -> bytes: ...
+    @property
+    def value(self) -> bytes | None: ...
+
+
+class QueuedScore(Protocol):
+    """A scored shopper's messages (:class:`streams.worker.pipeline.ScoredShopper`)."""
+
+    @property
+    def user_id(self) -> str: ...
+    @property
+    def key(self) -> bytes: ...
+    @property
+    def result(self) -> bytes: ...
+    @property
+    def recommendation(self) -> bytes | None: ...
+
+
+class QueuedOutcome(Protocol):
+    """What a queued batch wrote and scored (:class:`streams.worker.pipeline.BatchOutcome`)."""
+
+    @property
+    def writes(self) -> Sequence[QueuedWrite]: ...
+    @property
+    def scored(self) -> Sequence[QueuedScore]: ...
+
+
 #: One kept version of a shopper's outputs: (tag of the stored value, scores message, recommendations message).
 _Kept = tuple[bytes, bytes, bytes | None]
 
@@ -148,7 +182,7 @@ class KeptOutputs:
         self._entries: dict[str, tuple[_Kept, _Kept | None]] = {}
         self._with_previous: list[str] = []  # shoppers whose entry still holds its previous version
 
-    def remember(self, outcome: BatchOutcome) -> None:
+    def remember(self, outcome: QueuedOutcome) -> None:
         """Keep the outputs of ``outcome``; call before its values are stored."""
         if not self.capacity:
             return
@@ -187,6 +221,13 @@ class KeptOutputs:
         while len(entries) > self.capacity:
             del entries[next(iter(entries))]
 
+    def clear(self) -> None:
+        """Forget everything: at a rebalance, since a partition that moves away and back holds values
+        another worker wrote meanwhile, and a batch of late events only would re-tag outputs kept from
+        before as theirs."""
+        self._entries.clear()
+        self._with_previous = []
+
     def get(self, user_id: str, stored_value: bytes) -> tuple[bytes, bytes | None] | None:
         """The kept (scores, recommendations) messages scored from ``stored_value``, or None."""
         entry = self._entries.get(user_id)
@@ -213,16 +254,18 @@ class ShopperView:
 
     Args:
         spec: the feature vector (names and order) the models read.
-        scorer: a scorer used by lookups only (see the module docstring for why not the batch loop's).
+        scorer: a scorer used by lookups only (see the module docstring for why not the batch loop's);
+            None where only kept outputs are answered (:class:`LookupMirror`).
         alert_policy: thresholds reported next to the alert state.
-        public_id: the id the output topics carry for a user id (the pseudonym when one is configured).
+        public_id: the id the output topics carry for a user id (the pseudonym when one is configured),
+            for computed answers; a published answer takes the one its scores message carries.
         kept: the outputs the batch loop kept.
     """
 
     def __init__(
         self,
         spec: FeatureSpec,
-        scorer: BatchScorer,
+        scorer: BatchScorer | None,
         alert_policy: AlertPolicy,
         public_id: Callable[[str], str],
         kept: KeptOutputs,
@@ -254,10 +297,13 @@ class ShopperView:
         # clock is accepted, and features of a time before it would count it as not yet happened.
         as_of_ms = max(wall_ms, state.last_event_ms)
         raw_values = state.raw_features(as_of_ms)
-        latest = self._published(*kept) if kept is not None else self._computed(state, wall_ms)
+        if kept is not None:
+            public_id, latest = self._published(*kept)
+        else:
+            public_id, latest = self.public_id(user_id), self._computed(state, wall_ms)
         return {
             "user_id": user_id,
-            "public_id": self.public_id(user_id),
+            "public_id": public_id,
             "as_of": as_of_ms,
             "last_event_ts": state.last_event_ms,
             "features": {name: _finite(raw_values[column]) for name, column in self._raw_columns},
@@ -273,11 +319,11 @@ class ShopperView:
         }
 
     @staticmethod
-    def _published(result: bytes, recommendation: bytes | None) -> dict[str, object]:
-        """The answer's score part from the messages published for this state."""
+    def _published(result: bytes, recommendation: bytes | None) -> tuple[str, dict[str, object]]:
+        """The public id and the answer's score part from the messages published for this state."""
         scores = json.loads(result)
         items = json.loads(recommendation)["items"] if recommendation is not None else []
-        return {
+        return scores["user_id"], {
             "source": "published",
             **{name: scores[name] for name in _SCORE_FIELDS if name in scores},
             "recommendations": items,
@@ -285,6 +331,8 @@ class ShopperView:
 
     def _computed(self, state: ShopperState, wall_ms: int) -> dict[str, object]:
         """The answer's score part computed now, as the batch loop scores an event: as of the last event."""
+        if self.scorer is None:
+            raise LookupError("this view answers kept outputs only")
         features = self.spec.matrix((state,), state.last_event_ms)
         with self._lock:
             self.scorer.refresh()
@@ -361,6 +409,22 @@ class ShopperLookup:
         self.ready = ready
         self.forwarder = forwarder
 
+    def mirror_greeting(self) -> dict[str, object]:
+        """What the HTTP server process needs to answer lookups itself (:class:`LookupMirror`)."""
+        policy = self.view.alert_policy
+        return {
+            "spec_hash": self.view.spec.hash,
+            "alert_high": float(policy.high),
+            "alert_low": float(policy.low),
+            "alert_cooldown_ms": int(policy.cooldown_ms),
+            "capacity": self.view.kept.capacity,
+            "self_url": self.self_url,
+        }
+
+    def owned_partitions(self) -> set[int]:
+        """The partitions this worker owns, by the same map :meth:`handle` routes by."""
+        return {partition for partition, url in self.owners().items() if same_url(url) == self.self_url}
+
     def handle(self, target: str, forwarded_by: str | None) -> Reply:
         """Answer the request for ``target`` (path and query); ``forwarded_by`` is :data:`FORWARDED_HEADER`."""
         user_id = unquote(urlsplit(target).path[len(LOOKUP_PATH) :])
@@ -418,7 +482,7 @@ class ShopperLookup:
                 "unreadable_state",
                 f"the stored value of this shopper could not be read ({exc}); its next event resets it",
             )
-        return Reply(200, _to_json({**document, "partition": partition, "served_by": self.self_url}).encode())
+        return found_reply(document, partition, self.self_url)
 
     def _read(self, user_id: str, key: bytes, partition: int) -> tuple[bytes | None, tuple[bytes, bytes | None] | None]:
         """The stored value and the outputs kept for it, read back to back, and once more when none
@@ -434,6 +498,214 @@ class ShopperLookup:
         return raw, kept
 
 
+def found_reply(document: dict[str, object], partition: int, served_by: str) -> Reply:
+    """The 200 answer: the shopper's document, the partition and the worker that answered."""
+    return Reply(200, _to_json({**document, "partition": partition, "served_by": served_by}).encode())
+
+
 def same_url(url: str) -> str:
     """A URL as compared between workers: no trailing slash (yarl and people add or drop one)."""
     return str(url).rstrip("/")
+
+
+# --- Answering from the HTTP server process (streams.worker.http_front) -------------------------
+#
+# The worker feeds its HTTP server process, over a socket pair, what each queued batch wrote and
+# scored (:func:`encode_queued`) and which partitions it owns (:func:`owned_frame_head`); the process
+# keeps the latest stored value of its most recently scored shoppers and their kept outputs
+# (:class:`LookupMirror`) and answers a local lookup it finds there without the worker's GIL. What it
+# does not find (a shopper not scored since the process started, another worker's, a rebalance under
+# way) it relays to the worker, which answers as above.
+
+#: A fed batch: how many writes, how many scored shoppers.
+_FED_COUNTS = struct.Struct(">II")
+#: A fed write: partition, key length, value length (-1: deleted).
+_FED_WRITE = struct.Struct(">IIi")
+#: A fed score: key length, scores message length, recommendations message length (-1: none).
+_FED_SCORE = struct.Struct(">IIi")
+
+
+class FedWrite(NamedTuple):
+    partition: int
+    key: bytes
+    value: bytes | None
+
+
+class FedScore(NamedTuple):
+    user_id: str
+    key: bytes
+    result: bytes
+    recommendation: bytes | None
+
+
+class FedOutcome(NamedTuple):
+    writes: list[FedWrite]
+    scored: list[FedScore]
+
+
+def encode_queued(outcome: QueuedOutcome) -> bytes:
+    """What the HTTP server process needs of a queued batch: its writes and its scores messages."""
+    parts = [_FED_COUNTS.pack(len(outcome.writes), len(outcome.scored))]
+    for write in outcome.writes:
+        value = write.value
+        parts.append(_FED_WRITE.pack(write.partition, len(write.key), -1 if value is None else len(value)))
+        parts.append(write.key)
+        if value is not None:
+            parts.append(value)
+    for scored in outcome.scored:
+        recommendation = scored.recommendation
+        size = -1 if recommendation is None else len(recommendation)
+        parts += (_FED_SCORE.pack(len(scored.key), len(scored.result), size), scored.key, scored.result)
+        if recommendation is not None:
+            parts.append(recommendation)
+    return b"".join(parts)
+
+
+def decode_queued(body: bytes) -> FedOutcome:
+    """The inverse of :func:`encode_queued`."""
+    view = memoryview(body)
+    n_writes, n_scored = _FED_COUNTS.unpack_from(view)
+    at = _FED_COUNTS.size
+    writes: list[FedWrite] = []
+    for _ in range(n_writes):
+        partition, key_size, value_size = _FED_WRITE.unpack_from(view, at)
+        at += _FED_WRITE.size
+        key = bytes(view[at : at + key_size])
+        at += key_size
+        value = None
+        if value_size >= 0:
+            value = bytes(view[at : at + value_size])
+            at += value_size
+        writes.append(FedWrite(partition, key, value))
+    scored: list[FedScore] = []
+    for _ in range(n_scored):
+        key_size, result_size, recommendation_size = _FED_SCORE.unpack_from(view, at)
+        at += _FED_SCORE.size
+        key = bytes(view[at : at + key_size])
+        result = bytes(view[at + key_size : at + key_size + result_size])
+        at += key_size + result_size
+        recommendation = None
+        if recommendation_size >= 0:
+            recommendation = bytes(view[at : at + recommendation_size])
+            at += recommendation_size
+        scored.append(FedScore(key.decode(errors="replace"), key, result, recommendation))
+    if at != len(body):
+        raise ValueError(f"a fed batch of {len(body)} bytes held {at}")
+    return FedOutcome(writes, scored)
+
+
+class LookupMirror:
+    """The HTTP server process's copy of what a local lookup needs, and the answers it gives from it.
+
+    Holds, for the ``capacity`` shoppers most recently written, the stored value (and its
+    partition) and, in a :class:`KeptOutputs` of the same capacity, the outputs published for it;
+    an answer is given only where the two belong together (the same tag check as in the worker), for
+    a partition this worker owns while it is ready. Everything is dropped at a rebalance: a partition
+    that moved away and back holds values another worker wrote meanwhile.
+
+    Written by one thread (the feed), read by the server's threads: single dict operations.
+    """
+
+    def __init__(self, view: ShopperView, self_url: str, capacity: int) -> None:
+        self.view = view
+        self.self_url = self_url
+        self.capacity = capacity
+        self._values: dict[str, tuple[int, bytes]] = {}
+        self._owned: frozenset[int] = frozenset()
+        self._ready = False
+
+    def apply(self, outcome: FedOutcome) -> None:
+        """Take in a queued batch (before the worker stores it, as :meth:`KeptOutputs.remember`)."""
+        self.view.kept.remember(outcome)
+        values = self._values
+        for write in outcome.writes:
+            user_id = write.key.decode(errors="replace")
+            values.pop(user_id, None)  # re-inserted last: the dict's order is the eviction order
+            if write.value is not None:
+                values[user_id] = (write.partition, write.value)
+        while len(values) > self.capacity:
+            del values[next(iter(values))]
+
+    def own(self, partitions: Iterable[int], ready: bool) -> None:
+        """The partitions this worker owns now and whether it is ready (tables recovered, no rebalance)."""
+        self._owned = frozenset(partitions)
+        self._ready = ready
+
+    def rebalancing(self) -> None:
+        """A rebalance began: answer nothing from here, and forget everything."""
+        self._ready = False
+        self._owned = frozenset()
+        self._values.clear()
+        self.view.kept.clear()
+
+    def take(self, head: Mapping[str, object], body: bytes) -> None:
+        """Apply one frame the worker fed (:func:`queued_frame`, :func:`ownership_frame`, :data:`REBALANCING_FRAME`)."""
+        kind = head["kind"]
+        if kind == "queued":
+            self.apply(decode_queued(body))
+        elif kind == "ownership":
+            partitions, ready = head["partitions"], head["ready"]
+            assert isinstance(partitions, list)
+            self.own(partitions, bool(ready))
+        elif kind == "rebalancing":
+            self.rebalancing()
+        else:
+            raise ValueError(f"unknown frame kind {kind!r}")
+
+    @classmethod
+    def from_greeting(cls, head: Mapping[str, object]) -> LookupMirror:
+        """The mirror the worker's greeting (:meth:`ShopperLookup.mirror_greeting`) describes; ValueError
+        when this process's feature spec is not the worker's (then every lookup is relayed)."""
+        if head["spec_hash"] != DEFAULT_FEATURE_SPEC.hash:
+            raise ValueError(f"feature spec {head['spec_hash']} is not this release's {DEFAULT_FEATURE_SPEC.hash}")
+        high, low, cooldown_ms, capacity, self_url = (
+            head["alert_high"],
+            head["alert_low"],
+            head["alert_cooldown_ms"],
+            head["capacity"],
+            head["self_url"],
+        )
+        assert isinstance(high, float) and isinstance(low, float) and isinstance(cooldown_ms, int)
+        assert isinstance(capacity, int) and isinstance(self_url, str)
+        kept = KeptOutputs(capacity)
+        view = ShopperView(DEFAULT_FEATURE_SPEC, None, AlertPolicy(high, low, cooldown_ms), _no_public_id, kept)
+        return cls(view, self_url, capacity)
+
+    def answer(self, target: str) -> Reply | None:
+        """The answer to ``GET target`` when it can be given here, else None (relay it to the worker)."""
+        if not self._ready:
+            return None
+        user_id = unquote(urlsplit(target).path[len(LOOKUP_PATH) :])
+        entry = self._values.get(user_id)
+        if entry is None or entry[0] not in self._owned:
+            return None
+        partition, raw = entry
+        kept = self.view.kept.get(user_id, raw)
+        if kept is None:
+            return None
+        try:
+            document = self.view.document(user_id, raw, kept)
+        except (EnvelopeDecodeError, StateDecodeError, ValueError, KeyError):
+            return None  # the worker answers it, and logs why
+        return found_reply(document, partition, self.self_url)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+
+def _no_public_id(user_id: str) -> str:
+    raise LookupError("the HTTP server process answers published outputs only, which carry the public id")
+
+
+def queued_frame(outcome: QueuedOutcome) -> bytes:
+    """The frame that feeds a queued batch to the HTTP server process."""
+    return encode_frame({"kind": "queued"}, encode_queued(outcome))
+
+
+def ownership_frame(partitions: Iterable[int], ready: bool) -> bytes:
+    """The frame that tells the HTTP server process which partitions the worker owns and whether it is ready."""
+    return encode_frame({"kind": "ownership", "partitions": sorted(partitions), "ready": ready})
+
+
+#: The frame that tells the HTTP server process a rebalance began.
+REBALANCING_FRAME = encode_frame({"kind": "rebalancing"})

@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from collections.abc import Mapping
+from http.server import BaseHTTPRequestHandler
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from models.outcomes import Outcome, metric_increments
 from streams.worker.console import AlertFeed, ConsoleStats, page
-from streams.worker.lookup import FORWARDED_HEADER, LOOKUP_PATH, ShopperLookup
+from streams.worker.http_front import SERVER_THREADS, HttpFront, PooledHTTPServer, encode_frame
+from streams.worker.lookup import FORWARDED_HEADER, LOOKUP_PATH, Reply, ShopperLookup
 
 log = logging.getLogger(__name__)
 
@@ -174,8 +174,9 @@ class WorkerMetrics:
         )
         self.lookup_seconds = Histogram(
             "shoppulse_lookup_seconds",
-            "Time to answer GET /shoppers/{user_id}, by route (local: this worker owns the shopper; "
-            "forwarded: relayed from the owner) and HTTP status code",
+            "Time to answer GET /shoppers/{user_id}, by route (mirror: this worker owns the shopper and its HTTP "
+            "server process answered from its copy; local: this worker owns the shopper and answered; forwarded: "
+            "relayed from the owner) and HTTP status code",
             ["route", "code"],
             buckets=LOOKUP_BUCKETS_S,
             registry=r,
@@ -299,56 +300,21 @@ class HealthState:
         self.reason = "starting"
 
 
-#: Threads that accept and answer HTTP requests (a forwarded lookup holds one while it waits).
-SERVER_THREADS = 4
-
-
-class PooledHTTPServer(HTTPServer):
-    """An HTTP server whose threads each wait in ``accept()`` and answer the connection themselves.
-
-    While the worker's main thread computes, every time a thread blocks (accept, recv, send) it must
-    win the GIL back, a wait of up to one switch interval each. ``ThreadingHTTPServer`` adds a thread
-    start per request (several such waits); here a request costs the ones it cannot avoid.
-    """
-
-    def serve(self, threads: int, name: str) -> None:
-        """Start ``threads`` daemon threads answering requests until :meth:`stop`."""
-        for n in range(threads):
-            threading.Thread(target=self._accept_loop, name=f"{name}-{n}", daemon=True).start()
-
-    def _accept_loop(self) -> None:
-        while True:
-            try:
-                connection, address = self.socket.accept()
-            except OSError:  # the listening socket was shut down: stop
-                return
-            try:
-                self.finish_request(connection, address)
-            except Exception:  # noqa: BLE001 - one broken request must not stop the thread
-                self.handle_error(connection, address)
-            finally:
-                self.shutdown_request(connection)
-
-    def stop(self) -> None:
-        """Wake every thread out of ``accept()`` and close the socket."""
-        try:
-            self.socket.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass  # not connected: accept() still returns with an error once the socket closes
-        self.server_close()
-
-
 class MetricsServer:
-    """A small threaded HTTP server for ``/metrics``, ``/healthz``, ``/readyz``, the shopper lookup and the console.
+    """The worker's HTTP endpoints: ``/metrics``, ``/healthz``, ``/readyz``, the shopper lookup and the console.
 
-    Threads, not the worker's event loop: a lookup must not wait for a micro-batch to finish
-    (tens of ms), and it holds the GIL only while it builds its answer.
+    Not on the worker's event loop: a lookup must not wait for a micro-batch to finish (tens of
+    ms). With ``process`` (the worker's default, ``SHOPPULSE_HTTP_PROCESS``) a child process
+    speaks HTTP and asks this process for each answer over a socket pair
+    (:mod:`streams.worker.http_front`: one wait for the GIL per request instead of one per socket
+    call); otherwise threads of this process serve the socket themselves.
 
     Args:
         host: address to bind (``127.0.0.1`` keeps it local; ``0.0.0.0`` for a scraper elsewhere).
-        port: TCP port; 0 lets the OS pick (see :attr:`port` after :meth:`start`).
+        port: TCP port; 0 lets the OS pick (see :attr:`url` after :meth:`start`).
         lookup: answers ``/shoppers/{user_id}``; None: that path answers 404.
         alerts: the churn alerts the console lists (the publisher records them); None: an empty feed.
+        process: serve HTTP from a child process.
     """
 
     def __init__(
@@ -359,12 +325,15 @@ class MetricsServer:
         port: int,
         lookup: ShopperLookup | None = None,
         alerts: AlertFeed | None = None,
+        process: bool = False,
     ) -> None:
         self.metrics = metrics
         self.health = health
-        registry = metrics.registry
-        console = ConsoleStats(registry, health, alerts or AlertFeed())
-        lookup_seconds = metrics.lookup_seconds
+        self.lookup = lookup
+        self.console = ConsoleStats(metrics.registry, health, alerts or AlertFeed())
+        self.front: HttpFront | None = None
+        self._process = process
+        respond = self.respond
 
         class Handler(BaseHTTPRequestHandler):
             # headers and body leave in one write, without waiting for the client's ACK of the first part
@@ -372,46 +341,41 @@ class MetricsServer:
             disable_nagle_algorithm = True
 
             def do_GET(self) -> None:  # noqa: N802 - http.server API
-                path = self.path.split("?", 1)[0]
-                if path == "/metrics":
-                    self._reply(200, generate_latest(registry), CONTENT_TYPE_LATEST)
-                elif path == "/healthz":
-                    self._reply(200 if health.alive else 503, b"ok\n" if health.alive else b"dead\n")
-                elif path == "/readyz":
-                    body = ("ready\n" if health.ready else f"not ready: {health.reason}\n").encode()
-                    self._reply(200 if health.ready else 503, body)
-                elif lookup is not None and path.startswith(LOOKUP_PATH):
-                    started = time.perf_counter()
-                    reply = lookup.handle(self.path, self.headers.get(FORWARDED_HEADER))
-                    route = "local" if reply.served_here else "forwarded"
-                    lookup_seconds.labels(route, str(reply.status)).observe(time.perf_counter() - started)
-                    self._reply(reply.status, reply.body, reply.content_type, reply.headers)
-                elif path in ("/console", "/console/"):
-                    self._reply(200, page(), "text/html; charset=utf-8")
-                elif path == "/console/stats":
-                    self._reply(200, json.dumps(console.snapshot()).encode(), "application/json")
-                else:
-                    self._reply(404, b"try /metrics, /healthz, /readyz, /shoppers/USER_ID or /console\n")
-
-            def _reply(
-                self,
-                status: int,
-                body: bytes,
-                content_type: str = "text/plain; charset=utf-8",
-                headers: tuple[tuple[str, str], ...] = (),
-            ) -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(body)))
-                for name, value in headers:
+                reply = respond(self.path, {name.lower(): value for name, value in self.headers.items()})
+                self.send_response(reply.status)
+                self.send_header("Content-Type", reply.content_type)
+                self.send_header("Content-Length", str(len(reply.body)))
+                for name, value in reply.headers:
                     self.send_header(name, value)
                 self.end_headers()
-                self.wfile.write(body)
+                self.wfile.write(reply.body)
 
             def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - quiet access log
                 pass
 
         self._server = PooledHTTPServer((host, port), Handler)
+
+    def respond(self, target: str, headers: Mapping[str, str]) -> Reply:
+        """The answer to ``GET target``; ``headers`` have lower-case names."""
+        path = target.split("?", 1)[0]
+        health = self.health
+        if path == "/metrics":
+            return Reply(200, generate_latest(self.metrics.registry), content_type=CONTENT_TYPE_LATEST)
+        if path == "/healthz":
+            return _text(200, "ok\n") if health.alive else _text(503, "dead\n")
+        if path == "/readyz":
+            return _text(200, "ready\n") if health.ready else _text(503, f"not ready: {health.reason}\n")
+        if self.lookup is not None and path.startswith(LOOKUP_PATH):
+            started = time.perf_counter()
+            reply = self.lookup.handle(target, headers.get(FORWARDED_HEADER.lower()))
+            route = "local" if reply.served_here else "forwarded"
+            self.metrics.lookup_seconds.labels(route, str(reply.status)).observe(time.perf_counter() - started)
+            return reply
+        if path in ("/console", "/console/"):
+            return Reply(200, page(), content_type="text/html; charset=utf-8")
+        if path == "/console/stats":
+            return Reply(200, json.dumps(self.console.snapshot()).encode())
+        return _text(404, "try /metrics, /healthz, /readyz, /shoppers/USER_ID or /console\n")
 
     @property
     def url(self) -> str:
@@ -420,9 +384,37 @@ class MetricsServer:
         return f"http://{host}:{port}"
 
     def start(self) -> MetricsServer:
-        self._server.serve(SERVER_THREADS, "shoppulse-http")
+        if self._process:
+            greeting = encode_frame(self.lookup.mirror_greeting()) if self.lookup is not None else None
+            self.front = HttpFront(self._server.socket, self.respond, greeting=greeting, on_report=self._report).start()
+        else:
+            self._server.serve(SERVER_THREADS, "shoppulse-http")
         log.info("metrics on %s/metrics (health: /healthz, readiness: /readyz, console: /console)", self.url)
         return self
 
+    @property
+    def mirrors_lookups(self) -> bool:
+        """Whether the HTTP server process answers lookups itself and wants :meth:`feed` called."""
+        return self.front is not None and self.front.greeting is not None
+
+    def feed(self, frame: bytes) -> None:
+        """Send ``frame`` to the HTTP server process's lookup mirror (:mod:`streams.worker.lookup`)."""
+        if self.front is not None:
+            self.front.send(frame)
+
+    def _report(self, head: Mapping[str, object]) -> None:
+        """Time the lookups the HTTP server process answered itself (route ``mirror``)."""
+        seconds = head.get("seconds")
+        if head.get("kind") == "lookup_seconds" and isinstance(seconds, list):
+            observed = self.metrics.lookup_seconds.labels("mirror", "200")
+            for value in seconds:
+                observed.observe(value)
+
     def stop(self) -> None:
+        if self.front is not None:
+            self.front.stop()
         self._server.stop()
+
+
+def _text(status: int, text: str) -> Reply:
+    return Reply(status, text.encode(), content_type="text/plain; charset=utf-8")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -23,14 +24,18 @@ from streams.worker.alerts import AlertPolicy, AlertState
 from streams.worker.envelope import Stored
 from streams.worker.lookup import (
     FORWARDED_HEADER,
+    REBALANCING_FRAME,
     KeptOutputs,
     PartitionNotOpen,
     Reply,
     ShopperLookup,
     ShopperView,
     advertised_url,
+    error_reply,
     forward,
     key_partition,
+    ownership_frame,
+    queued_frame,
 )
 from streams.worker.metrics import HealthState, MetricsServer, WorkerMetrics
 from streams.worker.pipeline import BatchOutcome, BatchProcessor, InputMessage, StateWrite
@@ -88,7 +93,7 @@ def view(tmp_path, pseudonym_key: bytes = b"", kept: KeptOutputs | None = None) 
         BatchScorer(DEFAULT_FEATURE_SPEC, tmp_path),
         POLICY,
         processor(tmp_path, pseudonym_key).public_id,
-        kept or KeptOutputs(0),
+        kept if kept is not None else KeptOutputs(0),
     )
 
 
@@ -203,7 +208,8 @@ def test_kept_outputs_drop_the_least_recently_scored_first(tmp_path):
 
 
 class Cluster:
-    """Two lookups over real HTTP servers; partitions split between them, stores are plain dicts."""
+    """Two lookups over real HTTP servers, one served by threads of this process and one by a process of
+    its own (the worker's default); partitions split between them, stores are plain dicts."""
 
     def __init__(self, tmp_path, shoppers: dict[str, ShopperState]) -> None:
         ports = [free_port(), free_port()]
@@ -216,7 +222,9 @@ class Cluster:
         self.ready = [True, True]
         self.metrics = [WorkerMetrics(), WorkerMetrics()]
         self.servers = [
-            MetricsServer(self.metrics[i], HealthState(), "127.0.0.1", ports[i], self._lookup(i, tmp_path)).start()
+            MetricsServer(
+                self.metrics[i], HealthState(), "127.0.0.1", ports[i], self._lookup(i, tmp_path), process=i == 1
+            ).start()
             for i in range(2)
         ]
 
@@ -378,3 +386,92 @@ def test_late_events_only_leave_the_kept_outputs_the_latest(tmp_path):
         newest.scored[0].result,
         newest.scored[0].recommendation,
     )
+
+
+def lookup_counts(metrics: WorkerMetrics) -> dict[str, float]:
+    """Answered lookups by route, all codes."""
+    counts: dict[str, float] = {}
+    for family in metrics.registry.collect():
+        if family.name == "shoppulse_lookup_seconds":
+            for sample in family.samples:
+                if sample.name.endswith("_count"):
+                    counts[sample.labels["route"]] = counts.get(sample.labels["route"], 0.0) + sample.value
+    return counts
+
+
+def test_the_http_server_process_answers_from_what_the_worker_fed_it_as_the_worker_would(tmp_path):
+    simulated = [m for m in ShopSimulator(GeneratorConfig(seed=8, n_shoppers=40, n_items=60)).messages(limit=400)]
+    valid = [m for m in simulated if m.malformed_reason is None]
+    worker = processor(tmp_path)
+    stored: dict[tuple[int, bytes], bytes] = {}
+    kept = KeptOutputs(10_000)
+    url = f"http://127.0.0.1:{free_port()}"
+    lookup = ShopperLookup(
+        view(tmp_path, kept=kept),
+        PARTITIONS,
+        url,
+        owners=lambda: dict.fromkeys(range(PARTITIONS), url),
+        read=lambda partition, key: stored.get((partition, key)),
+        ready=lambda: True,
+        forwarder=lambda *_: error_reply(500, "unexpected", "nothing is forwarded here"),
+    )
+    metrics = WorkerMetrics()
+    port = int(url.rsplit(":", 1)[1])
+    server = MetricsServer(metrics, HealthState(), "127.0.0.1", port, lookup, process=True).start()
+    try:
+        assert server.mirrors_lookups
+
+        def queue(outcome: BatchOutcome) -> None:  # as the worker does: feed and keep, then store
+            server.feed(queued_frame(outcome))
+            kept.remember(outcome)
+            for write in outcome.writes:
+                if write.value is None:
+                    stored.pop((write.partition, write.key), None)
+                else:
+                    stored[(write.partition, write.key)] = write.value
+
+        queue(worker.process(batch(valid[:200]), lambda p, k: stored.get((p, k)), now_ms=2**62))
+        queue(worker.process(batch(valid[200:], 200), lambda p, k: stored.get((p, k)), now_ms=2**62))
+        users = sorted({key.decode() for _, key in stored})
+
+        def ask_both(user: str) -> tuple[dict, dict]:
+            status, from_process, _ = get(lookup_url(url, user))
+            assert status == 200, from_process
+            here = json.loads(lookup.handle(f"/shoppers/{urllib.parse.quote(user, safe='')}", None).body)
+            return from_process, here
+
+        # Not yet told it owns anything: every lookup is relayed to the worker.
+        for user in users[:3]:
+            ask_both(user)
+        assert lookup_counts(metrics) == {"local": 3.0}
+
+        server.feed(ownership_frame(range(PARTITIONS), ready=True))
+        time.sleep(0.3)  # the feed is applied by the process's own thread
+        for user in users:
+            from_process, here = ask_both(user)
+            assert from_process.keys() == here.keys()
+            for name in here.keys() - {"as_of", "features"}:  # the features are as of each answer's now
+                assert from_process[name] == here[name], (user, name, from_process["source"], here["source"])
+            assert from_process["source"] == "published"
+
+        def mirrored() -> float:
+            return lookup_counts(metrics).get("mirror", 0.0)
+
+        deadline = time.monotonic() + 5
+        while mirrored() < len(users):
+            assert time.monotonic() < deadline, f"{lookup_counts(metrics)}: not all {len(users)} lookups mirrored"
+            time.sleep(0.05)
+
+        # A deleted shopper (evicted, erased) is gone from the process too; a rebalance empties it.
+        gone = users[0]
+        key = gone.encode()
+        queue(BatchOutcome(writes=[StateWrite(key_partition(key, PARTITIONS), key, None)]))
+        time.sleep(0.3)
+        assert get(lookup_url(url, gone))[0] == 404
+        server.feed(REBALANCING_FRAME)
+        time.sleep(0.3)
+        before = lookup_counts(metrics)
+        ask_both(users[1])
+        assert lookup_counts(metrics)["local"] == before["local"] + 1, "relayed to the worker during a rebalance"
+    finally:
+        server.stop()

@@ -21,10 +21,10 @@ def get(url: str) -> tuple[int, str]:
         return exc.code, exc.read().decode()
 
 
-@pytest.fixture
-def server():
+@pytest.fixture(params=[False, True], ids=["threads", "process"])
+def server(request):
     metrics, health = WorkerMetrics(), HealthState()
-    running = MetricsServer(metrics, health, "127.0.0.1", 0).start()
+    running = MetricsServer(metrics, health, "127.0.0.1", 0, process=request.param).start()
     yield running, metrics, health
     running.stop()
 
