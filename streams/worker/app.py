@@ -64,7 +64,7 @@ from streams.worker.lookup import (
     advertised_url,
     forward,
     ownership_frame,
-    queued_frame,
+    queued_frames,
 )
 from streams.worker.metrics import HealthState, MetricsServer, WorkerMetrics
 from streams.worker.pipeline import STATE_TABLE, BatchOutcome, BatchProcessor
@@ -309,7 +309,7 @@ class ScoringWorker:
         """Keep a queued batch's outputs for lookups, here and in the HTTP server process."""
         self.kept_outputs.remember(outcome)
         if self.metrics_server is not None and self.metrics_server.mirrors_lookups:
-            self.metrics_server.feed(queued_frame(outcome))
+            self.metrics_server.feed(queued_frames(outcome))
 
     async def _refresh_health(self) -> None:
         await self.health.refresh()

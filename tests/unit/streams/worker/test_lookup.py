@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ctypes
 import json
+import socket
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -22,23 +24,28 @@ from streams.kafka.broker import free_port
 from streams.sim.generator import GeneratorConfig, ShopSimulator
 from streams.worker.alerts import AlertPolicy, AlertState
 from streams.worker.envelope import Stored
+from streams.worker.http_front import FrameReader
 from streams.worker.lookup import (
+    FED_PER_FRAME,
     FORWARDED_HEADER,
     REBALANCING_FRAME,
     KeptOutputs,
+    LookupMirror,
     PartitionNotOpen,
     Reply,
     ShopperLookup,
     ShopperView,
     advertised_url,
+    decode_fed,
     error_reply,
+    fed_shoppers,
     forward,
     key_partition,
     ownership_frame,
-    queued_frame,
+    queued_frames,
 )
 from streams.worker.metrics import HealthState, MetricsServer, WorkerMetrics
-from streams.worker.pipeline import BatchOutcome, BatchProcessor, InputMessage, StateWrite
+from streams.worker.pipeline import BatchOutcome, BatchProcessor, InputMessage, ScoredShopper, StateWrite
 
 PARTITIONS = 4
 POLICY = AlertPolicy(0.7, 0.5, 1000)
@@ -422,7 +429,7 @@ def test_the_http_server_process_answers_from_what_the_worker_fed_it_as_the_work
         assert server.mirrors_lookups
 
         def queue(outcome: BatchOutcome) -> None:  # as the worker does: feed and keep, then store
-            server.feed(queued_frame(outcome))
+            server.feed(queued_frames(outcome))
             kept.remember(outcome)
             for write in outcome.writes:
                 if write.value is None:
@@ -475,3 +482,93 @@ def test_the_http_server_process_answers_from_what_the_worker_fed_it_as_the_work
         assert lookup_counts(metrics)["local"] == before["local"] + 1, "relayed to the worker during a rebalance"
     finally:
         server.stop()
+
+
+def test_the_mirror_pairs_each_value_with_the_messages_published_for_it(tmp_path, shoppers):
+    lookup = ShopperLookup(
+        view(tmp_path, kept=KeptOutputs(2)),  # the mirror holds as many shoppers as the worker keeps outputs of
+        PARTITIONS,
+        "http://me:1",
+        owners=dict,
+        read=lambda *_: None,
+        ready=lambda: True,
+        forwarder=None,
+    )
+    mirror = LookupMirror.from_greeting(lookup.mirror_greeting())
+    first, second, third = sorted(shoppers)[:3]
+    value = {user: stored_value(state) for user, state in shoppers.items()}
+    # Late events move the offsets, not the state; another shopper's state here, to see which value is read.
+    late = Stored(encode_state(shoppers[first]), None, {("t", 0): 8}).encode()
+
+    def scores(user: str, n: int) -> bytes:
+        return json.dumps({"user_id": user, "scores": {"churn": n / 10}, "trigger_event_id": f"{user}-{n}"}).encode()
+
+    def write(user: str, stored: bytes | None) -> StateWrite:
+        return StateWrite(key_partition(user.encode(), PARTITIONS), user.encode(), stored)
+
+    def score(user: str, n: int) -> ScoredShopper:
+        return ScoredShopper(user, user.encode(), scores(user, n))
+
+    def trigger(user: str) -> object:
+        reply = mirror.answer(f"/shoppers/{user}")
+        return None if reply is None else json.loads(reply.body)["trigger_event_id"]
+
+    def fed(writes: list[StateWrite], scored: list[ScoredShopper]) -> None:  # through the frames, as the process
+        sending, receiving = socket.socketpair()
+        with sending, receiving:
+            sending.sendall(queued_frames(BatchOutcome(writes=writes, scored=scored)))
+            sending.close()
+            reader = FrameReader(receiving)
+            while (frame := reader.read()) is not None:
+                mirror.take(*frame)
+
+    fed([write(first, value[first]), write(second, value[second])], [score(first, 1), score(second, 1)])
+    assert trigger(first) is None, "nothing is answered before the worker says what it owns"
+    mirror.own(range(PARTITIONS), ready=True)
+    assert (trigger(first), trigger(second), trigger(third)) == (f"{first}-1", f"{second}-1", None)
+
+    fed([], [score(first, 2)])  # a silent re-score: the value stays, the messages are the new ones
+    fed([write(second, late)], [])  # late events only: the value moves on, the messages stay the latest
+    fed([write(third, value[third])], [])  # stored, never scored here: nothing to answer with
+    assert (trigger(first), trigger(second), trigger(third)) == (f"{first}-2", f"{second}-1", None)
+    assert json.loads(mirror.answer(f"/shoppers/{second}").body)["last_event_ts"] == shoppers[first].last_event_ms
+
+    fed([write(first, None)], [])  # erased
+    assert trigger(first) is None and len(mirror) == 1
+    fed([write(third, value[third])], [score(third, 1)])
+    fed([write(first, value[first])], [score(first, 3)])  # beyond the capacity: the least recently scored goes
+    assert (trigger(first), trigger(second), trigger(third)) == (f"{first}-3", None, f"{third}-1")
+    fed([write(second, value[second])], [score(second, 2)])
+    mirror.own([p for p in range(PARTITIONS) if p != key_partition(second.encode(), PARTITIONS)], ready=True)
+    assert trigger(second) is None, "not for a partition the worker no longer owns"
+    mirror.own(range(PARTITIONS), ready=False)
+    assert trigger(second) is None, "not while the worker is not ready"
+    mirror.own(range(PARTITIONS), ready=True)
+    assert trigger(second) == f"{second}-2"
+    mirror.take({"kind": "rebalancing"}, b"")
+    mirror.own(range(PARTITIONS), ready=True)
+    assert trigger(second) is None and len(mirror) == 0
+
+
+def test_a_large_batch_is_fed_in_frames_of_a_few_shoppers_each(tmp_path):
+    simulated = [m for m in ShopSimulator(GeneratorConfig(seed=5, n_shoppers=2000)).messages(limit=3000)]
+    outcome = processor(tmp_path).process(batch([m for m in simulated if m.malformed_reason is None]), lambda *_: None)
+    shoppers = fed_shoppers(outcome)
+    assert len(shoppers) == len({w.key for w in outcome.writes} | {s.key for s in outcome.scored}) > 2 * FED_PER_FRAME
+    sending, receiving = socket.socketpair()
+    with sending, receiving:
+        sender = threading.Thread(target=sending.sendall, args=(queued_frames(outcome),))
+        sender.start()
+        reader = FrameReader(receiving)
+        received: list = []
+        while len(received) < len(shoppers):
+            frame = reader.read()
+            assert frame is not None and frame[0] == {"kind": "queued"}
+            chunk = decode_fed(frame[1])
+            assert 0 < len(chunk) <= FED_PER_FRAME
+            received += chunk
+        sender.join()
+    assert received == shoppers
+    scored = {s.user_id: s for s in outcome.scored}
+    for shopper in shoppers:
+        assert shopper.result == scored[shopper.user_id].result and not shopper.deleted
