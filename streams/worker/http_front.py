@@ -56,9 +56,6 @@ RESTART_DELAY_S = 1.0
 FEED_TIMEOUT_S = 2.0
 #: Requests the child may answer from its mirror (:data:`streams.worker.lookup.LOOKUP_PATH`).
 MIRRORED_PATH = "/shoppers/"
-#: The child's GIL switch interval: a request waits at most about this long for the feed thread,
-#: which holds the GIL for a millisecond or more while it takes in a large batch.
-CHILD_SWITCH_INTERVAL_S = 0.0001
 #: How often the child reports the durations of the lookups it answered.
 REPORT_INTERVAL_S = 1.0
 
@@ -470,7 +467,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lifeline-fd", type=int, required=True)
     parser.add_argument("--feed-fd", type=int)
     args = parser.parse_args(argv)
-    sys.setswitchinterval(CHILD_SWITCH_INTERVAL_S)
     channels = [socket.socket(fileno=int(fd)) for fd in args.channel_fds.split(",")]
     feed = socket.socket(fileno=args.feed_fd) if args.feed_fd is not None else None
     serve(socket.socket(fileno=args.listen_fd), channels, args.lifeline_fd, feed)
