@@ -249,7 +249,8 @@ SETTINGS_DOC: dict[str, tuple[str, str, str]] = {
         "SHOPPULSE_LOOKUP_KEEP_SHOPPERS",
         "50000",
         "shoppers whose last published scores and recommendations the shopper lookup keeps in memory "
-        "(about 1.3 KB each at SHOPPULSE_TOP_K=10; 0 = keep none, compute every answer)",
+        "(about 1.3 KB each at SHOPPULSE_TOP_K=10; the HTTP server process holds their stored values too, "
+        "4-5 KB each in all; 0 = keep none, compute every answer)",
     ),
     "http_process": (
         "SHOPPULSE_HTTP_PROCESS",

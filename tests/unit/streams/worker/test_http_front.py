@@ -28,12 +28,12 @@ class Answer:
     headers: tuple[tuple[str, str], ...] = ()
 
 
-def get(url: str) -> tuple[int, bytes, Mapping[str, str]]:
+def get(url: str) -> tuple[int, bytes, dict[str, str]]:
     try:
         with urllib.request.urlopen(url, timeout=5) as reply:
-            return reply.status, reply.read(), reply.headers
+            return reply.status, reply.read(), dict(reply.headers)
     except urllib.error.HTTPError as exc:
-        return exc.code, exc.read(), exc.headers
+        return exc.code, exc.read(), dict(exc.headers)
 
 
 def until(condition, timeout_s: float = 10.0, what: str = "the condition") -> None:
@@ -126,6 +126,7 @@ def test_stop_ends_the_process():
     listening = listening_socket()
     running = HttpFront(listening, echo).start()
     child = running.child
+    assert child is not None
     running.stop()
     assert child.returncode == 0
     listening.close()
@@ -143,6 +144,7 @@ def test_a_worker_killed_with_sigkill_takes_its_http_process_along(tmp_path):
         """
     )
     worker = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert worker.stdout is not None
     try:
         port, child_pid = map(int, worker.stdout.readline().split())
         socket.create_connection(("127.0.0.1", port), timeout=5).close()

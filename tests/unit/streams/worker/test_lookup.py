@@ -492,7 +492,7 @@ def test_the_mirror_pairs_each_value_with_the_messages_published_for_it(tmp_path
         owners=dict,
         read=lambda *_: None,
         ready=lambda: True,
-        forwarder=None,
+        forwarder=lambda *_: error_reply(500, "unexpected", "nothing is forwarded here"),
     )
     mirror = LookupMirror.from_greeting(lookup.mirror_greeting())
     first, second, third = sorted(shoppers)[:3]
@@ -531,7 +531,8 @@ def test_the_mirror_pairs_each_value_with_the_messages_published_for_it(tmp_path
     fed([write(second, late)], [])  # late events only: the value moves on, the messages stay the latest
     fed([write(third, value[third])], [])  # stored, never scored here: nothing to answer with
     assert (trigger(first), trigger(second), trigger(third)) == (f"{first}-2", f"{second}-1", None)
-    assert json.loads(mirror.answer(f"/shoppers/{second}").body)["last_event_ts"] == shoppers[first].last_event_ms
+    reply = mirror.answer(f"/shoppers/{second}")
+    assert reply is not None and json.loads(reply.body)["last_event_ts"] == shoppers[first].last_event_ms
 
     fed([write(first, None)], [])  # erased
     assert trigger(first) is None and len(mirror) == 1
