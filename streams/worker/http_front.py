@@ -40,7 +40,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Protocol
 
@@ -145,6 +145,20 @@ class FrameReader:
         frame = json.loads(buffer[_LENGTHS.size : head_end]), bytes(buffer[head_end:needed])
         del buffer[:needed]
         return frame
+
+    def __iter__(self) -> Iterator[tuple[dict[str, object], bytes]]:
+        """The frames until end-of-file or a broken connection; a socket timeout only waits again
+        (what arrived of a frame stays in the buffer)."""
+        while True:
+            try:
+                frame = self.read()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if frame is None:
+                return
+            yield frame
 
 
 def _plain(status: int, text: str) -> bytes:
@@ -263,19 +277,10 @@ class HttpFront:
 
     def _read_reports(self, feed: socket.socket) -> None:
         """Hand each frame the child reports to ``on_report`` until its feed closes."""
-        reader = FrameReader(feed)
         with feed:
-            while True:
-                try:
-                    frame = reader.read()
-                except TimeoutError:  # the feed's send timeout; reports are small, sent whole, and rare
-                    continue
-                except OSError:
-                    return
-                if frame is None:
-                    return
+            for head, _ in FrameReader(feed):
                 if self.on_report is not None:
-                    self.on_report(frame[0])
+                    self.on_report(head)
 
     def _close_lifeline(self) -> None:
         if self._lifeline >= 0:
@@ -306,16 +311,8 @@ class HttpFront:
 
     def _answer(self, channel: socket.socket) -> None:
         """Answer the frames of one channel until the child closes it."""
-        reader = FrameReader(channel)
         with channel:
-            while True:
-                try:
-                    frame = reader.read()
-                except OSError:
-                    return
-                if frame is None:
-                    return
-                head, _ = frame
+            for head, _ in FrameReader(channel):
                 target, headers = head["target"], head["headers"]
                 assert isinstance(target, str) and isinstance(headers, dict)
                 try:
@@ -367,13 +364,7 @@ class _Reporter:
 
 def _follow(feed: FrameReader, mirror: Mirror) -> None:
     """Apply every frame the worker feeds until the feed closes."""
-    while True:
-        try:
-            frame = feed.read()
-        except OSError:
-            return
-        if frame is None:
-            return
+    for frame in feed:
         mirror.take(*frame)
 
 

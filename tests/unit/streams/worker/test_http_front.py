@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -85,11 +86,27 @@ def test_frames_are_read_whole_and_in_order_however_they_arrive():
 def test_end_of_file_between_frames_is_the_end():
     ours, theirs = socket.socketpair()
     with ours:
-        theirs.sendall(encode_frame({"last": True}))
+        theirs.sendall(encode_frame({"n": 1}) + encode_frame({"last": True}))
         theirs.close()
         reader = FrameReader(ours)
-        assert reader.read() == ({"last": True}, b"")
+        assert reader.read() == ({"n": 1}, b"")
+        assert list(reader) == [({"last": True}, b"")]
         assert reader.read() is None
+
+
+def test_a_timeout_in_the_middle_of_a_frame_only_waits_again():
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        ours.settimeout(0.05)
+        frame = encode_frame({"n": 1}, b"body")
+        theirs.sendall(frame[:6])
+
+        def rest() -> None:
+            theirs.sendall(frame[6:])
+            theirs.shutdown(socket.SHUT_WR)
+
+        threading.Timer(0.2, rest).start()
+        assert list(FrameReader(ours)) == [({"n": 1}, b"body")]
 
 
 def test_requests_reach_the_worker_and_its_answers_come_back_whole(front):
