@@ -37,7 +37,6 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from http.server import BaseHTTPRequestHandler
 from multiprocessing.sharedctypes import Synchronized
 from pathlib import Path
 
@@ -59,7 +58,12 @@ from streams.kafka.clients import confluent_producer_config, ensure_topics  # no
 from streams.kafka.producer import produce  # noqa: E402
 from streams.sim.generator import GeneratorConfig, ShopSimulator  # noqa: E402
 from streams.tools.process import WorkerProcess, histogram_quantile  # noqa: E402
-from streams.worker.http_front import REPORT_INTERVAL_S, SERVER_THREADS, PooledHTTPServer  # noqa: E402
+from streams.worker.http_front import (  # noqa: E402
+    REPORT_INTERVAL_S,
+    SERVER_THREADS,
+    AnswerHandler,
+    PooledHTTPServer,
+)
 
 SECTION = "## Shopper lookup latency under load (embedded broker, this machine)"
 HEADER = (
@@ -110,19 +114,9 @@ def timed_lookup(host: str, port: int, user: str) -> tuple[float, int, bool]:
 def serve_canned(port: int, body: bytes, threads: int) -> None:
     """Answer every GET with ``body`` on ``port`` (the floor's server; runs in a child process)."""
 
-    class Canned(BaseHTTPRequestHandler):
-        wbufsize = 64 * 1024  # as the worker's handler
-        disable_nagle_algorithm = True
-
+    class Canned(AnswerHandler):  # the worker's handler class, so the floor writes as it does
         def do_GET(self) -> None:  # noqa: N802 - http.server API
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - quiet
-            pass
+            self.send_answer(200, "application/json", (), body)
 
     server = PooledHTTPServer(("127.0.0.1", port), Canned)
     server.serve(threads, "floor")

@@ -94,6 +94,30 @@ class PooledHTTPServer(HTTPServer):
         self.server_close()
 
 
+class AnswerHandler(BaseHTTPRequestHandler):
+    """A request handler that writes an answer in one piece and keeps no access log."""
+
+    # headers and body leave in one write, without waiting for the client's ACK of the first part
+    wbufsize = 64 * 1024
+    disable_nagle_algorithm = True
+
+    def request_headers(self) -> dict[str, str]:
+        """The request's headers, names in lower case (as :data:`Responder` takes them)."""
+        return {name.lower(): value for name, value in self.headers.items()}
+
+    def send_answer(self, status: int, content_type: str, headers: Iterable[Sequence[str]], body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in headers:
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - quiet access log
+        pass
+
+
 class Answer(Protocol):
     """What the worker answers a request with (:class:`streams.worker.lookup.Reply` is one)."""
 
@@ -400,20 +424,16 @@ def serve(
         threading.Thread(target=_follow, args=(fed, mirror), name="feed", daemon=True).start()
         threading.Thread(target=reporter.run, name="reports", daemon=True).start()
 
-    class Relay(BaseHTTPRequestHandler):
-        # headers and body leave in one write, without waiting for the client's ACK of the first part
-        wbufsize = 64 * 1024
-        disable_nagle_algorithm = True
-
+    class Relay(AnswerHandler):
         def do_GET(self) -> None:  # noqa: N802 - http.server API
             if mirror is not None and reporter is not None and self.path.startswith(MIRRORED_PATH):
                 started = time.perf_counter()
                 answer = mirror.answer(self.path)
                 if answer is not None:
-                    self._send(answer.status, answer.content_type, answer.headers, answer.body)
+                    self.send_answer(answer.status, answer.content_type, answer.headers, answer.body)
                     reporter.observe(time.perf_counter() - started)
                     return
-            request = encode_frame({"target": self.path, "headers": {k.lower(): v for k, v in self.headers.items()}})
+            request = encode_frame({"target": self.path, "headers": self.request_headers()})
             channel = idle.get()
             try:
                 channel.connection.sendall(request)
@@ -428,19 +448,7 @@ def serve(
             head, body = frame
             status, content_type, headers = head["status"], head["content_type"], head["headers"]
             assert isinstance(status, int) and isinstance(content_type, str) and isinstance(headers, list)
-            self._send(status, content_type, headers, body)
-
-        def _send(self, status: int, content_type: str, headers: Iterable[Sequence[str]], body: bytes) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            for name, value in headers:
-                self.send_header(name, value)
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - quiet access log
-            pass
+            self.send_answer(status, content_type, headers, body)
 
     server = PooledHTTPServer(listening.getsockname()[:2], Relay, bind_and_activate=False)
     server.socket.close()

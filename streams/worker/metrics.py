@@ -12,13 +12,12 @@ import json
 import logging
 import time
 from collections.abc import Mapping
-from http.server import BaseHTTPRequestHandler
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from models.outcomes import Outcome, metric_increments
 from streams.worker.console import AlertFeed, ConsoleStats, page
-from streams.worker.http_front import SERVER_THREADS, HttpFront, PooledHTTPServer, encode_frame
+from streams.worker.http_front import SERVER_THREADS, AnswerHandler, HttpFront, PooledHTTPServer, encode_frame
 from streams.worker.lookup import FORWARDED_HEADER, LOOKUP_PATH, Reply, ShopperLookup
 
 log = logging.getLogger(__name__)
@@ -335,23 +334,10 @@ class MetricsServer:
         self._process = process
         respond = self.respond
 
-        class Handler(BaseHTTPRequestHandler):
-            # headers and body leave in one write, without waiting for the client's ACK of the first part
-            wbufsize = 64 * 1024
-            disable_nagle_algorithm = True
-
+        class Handler(AnswerHandler):
             def do_GET(self) -> None:  # noqa: N802 - http.server API
-                reply = respond(self.path, {name.lower(): value for name, value in self.headers.items()})
-                self.send_response(reply.status)
-                self.send_header("Content-Type", reply.content_type)
-                self.send_header("Content-Length", str(len(reply.body)))
-                for name, value in reply.headers:
-                    self.send_header(name, value)
-                self.end_headers()
-                self.wfile.write(reply.body)
-
-            def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - quiet access log
-                pass
+                reply = respond(self.path, self.request_headers())
+                self.send_answer(reply.status, reply.content_type, reply.headers, reply.body)
 
         self._server = PooledHTTPServer((host, port), Handler)
 
