@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -145,15 +146,17 @@ class WorkerProcess:
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read().decode().strip()
 
-    def metrics_text(self) -> str:
-        with urllib.request.urlopen(f"{self.url}/metrics", timeout=5) as reply:
+    def metrics_text(self, only: str | None = None) -> str:
+        """The worker's ``/metrics`` page; ``only``: just that series (``name[]``)."""
+        query = "" if only is None else "?" + urllib.parse.urlencode({"name[]": only})
+        with urllib.request.urlopen(f"{self.url}/metrics{query}", timeout=5) as reply:
             return reply.read().decode()
 
     def metric(self, name: str) -> float:
-        """The value of an unlabelled metric, or the sum over its labels."""
+        """The value of an unlabelled metric, or the sum over its labels (a counter by its ``_total`` name)."""
         return sum(
             float(line.rsplit(" ", 1)[1])
-            for line in self.metrics_text().splitlines()
+            for line in self.metrics_text(only=name).splitlines()
             if line.startswith(name) and line[len(name) : len(name) + 1] in (" ", "{")
         )
 

@@ -39,6 +39,17 @@ def test_metrics_lists_every_declared_family(server):
         assert f"# TYPE {name} " in body, name
 
 
+def test_metrics_answers_only_the_series_asked_for(server):
+    running, metrics, _ = server
+    metrics.dead_lettered.labels("bad_json").inc()
+    metrics.batch_size.observe(3)
+    status, body = get(f"{running.url}/metrics?name[]=shoppulse_dead_letter_total&name[]=shoppulse_batch_size_count")
+    assert status == 200
+    samples = sorted(line.split("{")[0].split(" ")[0] for line in body.splitlines() if not line.startswith("#"))
+    assert samples == ["shoppulse_batch_size_count", "shoppulse_dead_letter_total"]
+    assert 'shoppulse_dead_letter_total{reason="bad_json"} 1.0' in body
+
+
 def test_readiness_follows_the_worker(server):
     running, _, health = server
     assert get(f"{running.url}/healthz") == (200, "ok\n")
