@@ -50,7 +50,12 @@ class CooccurrenceRecommender:
         self.decay = float(decay)
         self.pop_weight = float(pop_weight)
         self.num_items = 0
-        self._ct: torch.Tensor | None = None  # C transposed, sparse COO [n+1, n+1]
+        self._ct: torch.Tensor | None = None  # C transposed, sparse COO [n+1, n+1] (the artifact's form)
+        # C by rows (compressed sparse row): where item a's row starts in the two arrays below,
+        # then the items that follow a and their weights; see :meth:`score`
+        self._row_starts = torch.zeros(1, dtype=torch.long)
+        self._next_items = torch.zeros(0, dtype=torch.long)
+        self._next_weights = torch.zeros(0)
         self._pop = torch.zeros(1)
 
     def fit(self, sequences: Sequence[Sequence[int]], num_items: int) -> CooccurrenceRecommender:
@@ -69,10 +74,11 @@ class CooccurrenceRecommender:
         else:
             s = t = np.zeros(0, dtype=np.int64)
             w = np.zeros(0, dtype=np.float32)
-        # store the transpose so that scores^T = C^T @ H^T is a sparse @ dense product
+        # the artifact stores the transpose (its format since the first release)
         self._ct = torch.sparse_coo_tensor(
             torch.from_numpy(np.stack([t, s])), torch.from_numpy(w), (n, n), check_invariants=False
         ).coalesce()
+        self._index_rows()
         pop = popularity_counts(sequences, num_items)
         self._pop = pop / max(float(pop.max()), 1.0)
         self.num_items = int(num_items)
@@ -112,35 +118,55 @@ class CooccurrenceRecommender:
         rec._ct = torch.sparse_coo_tensor(
             tensors["ct_indices"], tensors["ct_values"], (n, n), check_invariants=True
         ).coalesce()
+        rec._index_rows()
         rec._pop = tensors["popularity"]
         return rec
+
+    def _index_rows(self) -> None:
+        """C's rows in compressed form, from the stored transpose (on its device)."""
+        assert self._ct is not None
+        by_row = self._ct.t().coalesce()  # sorted by row, then column
+        rows, cols = by_row.indices()
+        starts = torch.zeros(by_row.shape[0] + 1, dtype=torch.long, device=rows.device)
+        starts[1:] = torch.cumsum(torch.bincount(rows, minlength=by_row.shape[0]), 0)
+        self._row_starts, self._next_items, self._next_weights = starts, cols, by_row.values()
 
     def to(self, device: torch.device) -> CooccurrenceRecommender:
         if self._ct is not None:
             self._ct = self._ct.to(device)
+        self._row_starts = self._row_starts.to(device)
+        self._next_items = self._next_items.to(device)
+        self._next_weights = self._next_weights.to(device)
         self._pop = self._pop.to(device)
         return self
 
     def score(self, histories: Sequence[Sequence[int]]) -> torch.Tensor:
+        """``[B, n + 1]`` scores: per history, its last items' rows of C added up with their decay
+        weights, gathered from the compressed rows (a history of 3 items touches 3 rows, where a
+        product with a dense ``[n + 1, B]`` history matrix costs 10x more at a few thousand items)."""
         if self._ct is None:
             raise RuntimeError("CooccurrenceRecommender.fit() must be called before score()")
-        rows: list[int] = []
-        cols: list[int] = []
+        shoppers: list[int] = []
+        items: list[int] = []
         weights: list[float] = []
-        for col, hist in enumerate(histories):
+        for row, hist in enumerate(histories):
             for j, item in enumerate(list(hist[-self.history_len :])[::-1]):
-                rows.append(int(item))
-                cols.append(col)
+                shoppers.append(row)
+                items.append(int(item))
                 weights.append(self.decay**j)
+        device = self._pop.device
         # built on the CPU and copied once: element-wise writes on a GPU would be one launch each
-        h = torch.zeros(self.num_items + 1, len(histories))
-        h.index_put_(
-            (torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)),
-            torch.tensor(weights, dtype=torch.float32),
-            accumulate=True,
-        )
-        scores = torch.sparse.mm(self._ct, to_device(h, self._pop.device)).T.contiguous()
-        return scores + self.pop_weight * self._pop.unsqueeze(0)
+        item_at = to_device(torch.tensor(items, dtype=torch.long), device)
+        starts = self._row_starts[item_at]
+        lengths = self._row_starts[item_at + 1] - starts
+        # every (history item, next item) pair: its shopper, its weight and its place in C's rows
+        shopper_of = torch.repeat_interleave(to_device(torch.tensor(shoppers, dtype=torch.long), device), lengths)
+        weight_of = torch.repeat_interleave(to_device(torch.tensor(weights, dtype=torch.float32), device), lengths)
+        skip = torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths - starts, lengths)
+        at = torch.arange(shopper_of.shape[0], device=device) - skip
+        scores = torch.zeros(len(histories), self.num_items + 1, device=device)
+        scores.index_put_((shopper_of, self._next_items[at]), self._next_weights[at] * weight_of, accumulate=True)
+        return scores.add_(self.pop_weight * self._pop.unsqueeze(0))
 
     def recommend(self, histories: Sequence[Sequence[int]], k: int = 10, exclude_history: bool = True):
         return top_k_items(self.score(histories), histories, k, exclude_history)
