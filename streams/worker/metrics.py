@@ -81,6 +81,12 @@ class WorkerMetrics:
             buckets=LATENCY_BUCKETS_S,
             registry=r,
         )
+        self.commit_seconds = Histogram(
+            "shoppulse_commit_seconds",
+            "From a micro-batch's records queued to all of them acknowledged (outputs, changelog, its seals)",
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
         self.end_to_end_seconds = Histogram(
             "shoppulse_end_to_end_latency_seconds",
             "From event ts to its score being acknowledged by the brokers",
@@ -260,6 +266,7 @@ METRIC_NAMES = (
     "shoppulse_results_published_total",
     "shoppulse_batch_size",
     "shoppulse_batch_processing_seconds",
+    "shoppulse_commit_seconds",
     "shoppulse_end_to_end_latency_seconds",
     "shoppulse_shoppers_per_batch",
     "shoppulse_shoppers_in_state",
