@@ -37,18 +37,19 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from multiprocessing.sharedctypes import Synchronized
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.bench_worker import (  # noqa: E402
+    KEPT_UP,
     bench_settings,
+    live_saturation,
     percentile,
+    produce_live,
     run_workers,
     simulated_messages,
-    wait_consumed,
 )
 from bench.record import append_row, this_command, utc_now  # noqa: E402
 from models.training import models_ready  # noqa: E402
@@ -56,7 +57,7 @@ from streams.config import Settings  # noqa: E402
 from streams.kafka.broker import EmbeddedBroker, free_port  # noqa: E402
 from streams.kafka.clients import confluent_producer_config, ensure_topics  # noqa: E402
 from streams.kafka.producer import produce  # noqa: E402
-from streams.sim.generator import GeneratorConfig, ShopSimulator  # noqa: E402
+from streams.sim.generator import GeneratorConfig  # noqa: E402
 from streams.tools.process import WorkerProcess, histogram_quantile  # noqa: E402
 from streams.worker.http_front import (  # noqa: E402
     REPORT_INTERVAL_S,
@@ -74,8 +75,6 @@ HEADER = (
 )
 #: Goal for a local key's p99 (issue #18).
 GOAL_P99_MS = 10.0
-#: The share of the offered event rate the worker must consume for the phase to count as the load asked for.
-KEPT_UP = 0.95
 
 
 def server_p99_bound_ms(worker: WorkerProcess) -> float:
@@ -145,43 +144,6 @@ def wait_listening(port: int, timeout_s: float = 10.0) -> None:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.05)
-
-
-def produce_live(
-    config: GeneratorConfig, total: int, settings: Settings, rate_per_s: float, delivered: Synchronized | None = None
-) -> None:
-    """Produce ``total`` live-clock events at ``rate_per_s`` (the load; runs in a child process);
-    sets ``delivered`` to how many the broker acknowledged."""
-    messages = ShopSimulator(config).messages(limit=total)
-    report = produce(messages, settings.topic_by_kind, confluent_producer_config(settings), rate_per_s)
-    if report.failed:
-        print(f"  the load producer: {report.failed:,} of {report.sent:,} not delivered ({report.errors})", flush=True)
-    if delivered is not None:
-        delivered.value = report.delivered
-
-
-def live_saturation(
-    worker: WorkerProcess, settings: Settings, config: GeneratorConfig, backlog_rate: float, seconds: float
-) -> float:
-    """Events/s the worker consumes of live-clock events while it is behind them: the rate ``--load``
-    is a share of. Offers 1.3x ``backlog_rate`` (the pre-produced backlog's rate, which overstates
-    the live one) for ``seconds``, measures from the second second on, and returns once the worker
-    has caught up again."""
-    consumed = "shoppulse_events_consumed_total"
-    total = int(1.3 * backlog_rate * seconds)
-    start = worker.metric(consumed)
-    delivered = multiprocessing.Value("q", 0)
-    producer = multiprocessing.Process(
-        target=produce_live, args=(config, total, settings, 1.3 * backlog_rate, delivered)
-    )
-    producer.start()
-    time.sleep(1.0)  # the lag builds up
-    first, first_at = worker.metric(consumed), time.perf_counter()
-    time.sleep(seconds - 1.0)
-    rate = (worker.metric(consumed) - first) / (time.perf_counter() - first_at)
-    producer.join()
-    wait_consumed([worker], start + delivered.value)
-    return rate
 
 
 def lookups_while_loaded(
@@ -270,7 +232,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> None:
         try:
             # The same shoppers again, live clock: the table's shoppers keep changing while they are looked up.
             saturating = GeneratorConfig(seed=args.seed + 1, n_shoppers=args.shoppers, clock="live")
-            saturation = live_saturation(worker, settings, saturating, backlog_rate, args.saturation_s)
+            saturation = live_saturation([worker], settings, saturating, backlog_rate, args.saturation_s)
             rate = args.load * saturation
             print(
                 f"saturation {saturation:,.0f} live events/s ({backlog_rate:,.0f} of the pre-produced backlog); "

@@ -45,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from multiprocessing.sharedctypes import Synchronized
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,8 @@ LATENCY_HEADER = (
     "| floor p50 / p99 ms, read | floor p50 / p99 ms, output CreateTime | floor outputs | models | command |\n"
     "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
+#: The share of the offered events the workers must have consumed for a latency phase to be at the load asked for.
+KEPT_UP = 0.95
 #: The fetch wait of the latency reader and of the bare loop in the latency phase, in ms. Tansu holds
 #: a waiting fetch to its end however soon data arrives, so each hop of the apparatus adds up to
 #: this; the worker keeps its own (TANSU_FETCH_MAX_WAIT_MS), which its figures include.
@@ -243,22 +246,53 @@ def _read_output_latencies(settings: Settings, topic: str, since_ms: int, ready:
     results.send((received, created))
 
 
-def _produce_paced(settings: Settings, rate: float, seconds: float, seed: int) -> None:
-    """Live-clock events at ``rate``/s for ``seconds``, in its own process (each event is stamped as it is sent)."""
-    config = GeneratorConfig(seed=seed, n_shoppers=20_000, clock="live")
-    produce(
-        ShopSimulator(config).messages(limit=int(rate * seconds)),
-        settings.topic_by_kind,
-        confluent_producer_config(settings),
-        rate_per_s=rate,
+def produce_live(
+    config: GeneratorConfig, total: int, settings: Settings, rate_per_s: float, delivered: Synchronized | None = None
+) -> None:
+    """Produce ``total`` live-clock events at ``rate_per_s`` (the load; runs in a child process);
+    sets ``delivered`` to how many the broker acknowledged."""
+    messages = ShopSimulator(config).messages(limit=total)
+    report = produce(messages, settings.topic_by_kind, confluent_producer_config(settings), rate_per_s)
+    if report.failed:
+        print(f"  the load producer: {report.failed:,} of {report.sent:,} not delivered ({report.errors})", flush=True)
+    if delivered is not None:
+        delivered.value = report.delivered
+
+
+def consumed_by(workers: list[WorkerProcess]) -> float:
+    """Events the workers consumed so far, between them."""
+    return sum(worker.metric("shoppulse_events_consumed_total") for worker in workers)
+
+
+def live_saturation(
+    workers: list[WorkerProcess], settings: Settings, config: GeneratorConfig, backlog_rate: float, seconds: float
+) -> float:
+    """Events/s the workers consume of live-clock events while they are behind them: the rate a load
+    is a share of. Offers 1.3x ``backlog_rate`` (the pre-produced backlog's rate, which overstates
+    the live one 2-3x: the backlog's events are older, and in time order a batch of them holds a
+    few shoppers with many events each) for ``seconds``, measures from the second second on, and
+    returns once the workers have caught up again."""
+    total = int(1.3 * backlog_rate * seconds)
+    start = consumed_by(workers)
+    delivered = multiprocessing.Value("q", 0)
+    producer = multiprocessing.Process(
+        target=produce_live, args=(config, total, settings, 1.3 * backlog_rate, delivered)
     )
+    producer.start()
+    time.sleep(1.0)  # the lag builds up
+    first, first_at = consumed_by(workers), time.perf_counter()
+    time.sleep(seconds - 1.0)
+    rate = (consumed_by(workers) - first) / (time.perf_counter() - first_at)
+    producer.join()
+    wait_consumed(workers, start + delivered.value)
+    return rate
 
 
 def paced_latency(
-    settings: Settings, topic: str, rate: float, seconds: float, seed: int
+    settings: Settings, topic: str, rate: float, seconds: float, config: GeneratorConfig
 ) -> tuple[list[float], list[float]]:
-    """Produce live-clock events at ``rate``/s for ``seconds`` (one process) while another reads
-    ``topic``; returns the outputs' latencies in ms, as read and by their CreateTime."""
+    """Produce live-clock events of ``config`` at ``rate``/s for ``seconds`` (one process) while
+    another reads ``topic``; returns the outputs' latencies in ms, as read and by their CreateTime."""
     since_ms = int(time.time() * 1000)
     ready, done = multiprocessing.Event(), multiprocessing.Event()
     results, sender = multiprocessing.Pipe(duplex=False)
@@ -268,7 +302,7 @@ def paced_latency(
     reader.start()
     if not ready.wait(60):
         raise RuntimeError(f"the latency reader could not position itself on {topic} within 60 s")
-    producer = multiprocessing.Process(target=_produce_paced, args=(settings, rate, seconds, seed))
+    producer = multiprocessing.Process(target=produce_live, args=(config, int(rate * seconds), settings, rate))
     producer.start()
     producer.join()
     done.set()
@@ -357,10 +391,17 @@ def run_workers(
     batches = sum(worker.metric("shoppulse_batch_size_count") for worker in workers)
     processing_s = sum(worker.metric("shoppulse_batch_processing_seconds_sum") for worker in workers)
     models_s = sum(worker.metric("shoppulse_inference_seconds_sum") for worker in workers)
+    scored_per_event = sum(worker.metric("shoppulse_shoppers_per_batch_sum") for worker in workers) / total
     print(
         f"  worker CPU {cpu_us:.1f} µs per event (all threads); in BatchProcessor.process "
         f"{processing_s / total * 1e6:.1f} µs per event, of which the models {models_s / total * 1e6:.1f}; "
         f"{total - measured:,.0f} events consumed before ready, not counted",
+        flush=True,
+    )
+    print(
+        f"  {scored_per_event * total / max(batches, 1):,.0f} shoppers scored per batch on average "
+        f"({scored_per_event:.2f} per event): {cpu_us / max(scored_per_event, 1e-9):.0f} µs of worker CPU "
+        "per shopper scored",
         flush=True,
     )
     return measured / elapsed, batches, total / max(batches, 1), workers
@@ -451,6 +492,12 @@ def main() -> None:
         help="latency phase rate as a share of the measured worker saturation (0: skip)",
     )
     parser.add_argument("--latency-s", type=float, default=20.0, help="length of each latency phase, in s")
+    parser.add_argument(
+        "--saturation-s",
+        type=float,
+        default=10.0,
+        help="length of the phase that measures the saturation rate for live events (before the latency phases)",
+    )
     parser.add_argument(
         "--max-wait-ms",
         type=int,
@@ -613,21 +660,50 @@ def p50_p99(values: list[float]) -> str:
 def measure_latency(
     args: argparse.Namespace, settings: Settings, worker_rate: float, workers: list[WorkerProcess], models: str
 ) -> None:
-    """Latency at ``latency_fraction`` of the worker's saturation rate: the running workers, then
-    (workers stopped: a worker still scoring starved the bare loop to 3-4 s) the bare loop, the floor.
+    """Latency at ``latency_fraction`` of the workers' saturation rate for live events: the running
+    workers, then (workers stopped: a worker still scoring starved the bare loop to 3-4 s) the bare
+    loop, the floor.
 
-    The producer and the reader each run in their own process; the reader records each output's
-    delay from its trigger event both when it reads it and by the output's CreateTime. For the
-    worker, its own ``shoppulse_end_to_end_latency_seconds`` over the phase is reported beside them.
+    The saturation rate is measured first, with live-clock events offered faster than the workers
+    take them (:func:`live_saturation`); ``worker_rate``, the backlog's rate, overstates it. The
+    producer and the reader each run in their own process; the reader records each output's delay
+    from its trigger event both when it reads it and by the output's CreateTime. For the workers,
+    their own ``shoppulse_end_to_end_latency_seconds`` over the phase is reported beside them, with
+    the parts they spend themselves (batch processing, commit) and the phase's mean batch size.
     """
-    rate = args.latency_fraction * worker_rate
-    print(f"latency phase: {rate:,.0f} events/s for {args.latency_s:.0f} s each …", flush=True)
-    histogram = "shoppulse_end_to_end_latency_seconds"
-    before = [worker.histogram(histogram) for worker in workers]
-    worker_read, worker_created = paced_latency(settings, settings.topic_scores, rate, args.latency_s, args.seed + 1)
-    observed = [histogram_delta(b, worker.histogram(histogram)) for b, worker in zip(before, workers, strict=True)]
-    merged = [(le, sum(buckets[i][1] for buckets in observed)) for i, (le, _) in enumerate(observed[0])]
-    worker_histogram = f"{histogram_quantile(merged, 0.5) * 1000:,.0f} / {histogram_quantile(merged, 0.99) * 1000:,.0f}"
+    saturating = GeneratorConfig(seed=args.seed + 3, n_shoppers=args.shoppers, clock="live")
+    saturation = live_saturation(workers, settings, saturating, worker_rate, args.saturation_s)
+    rate = args.latency_fraction * saturation
+    print(
+        f"latency phase: {rate:,.0f} events/s ({args.latency_fraction:.2f} of {saturation:,.0f} live events/s "
+        f"at saturation; {worker_rate:,.0f} of the backlog) for {args.latency_s:.0f} s each …",
+        flush=True,
+    )
+    consumed_before = consumed_by(workers)
+    # the worker's own view: end to end, and the two parts of it the worker spends itself
+    parts = {
+        "": "shoppulse_end_to_end_latency_seconds",
+        "processing ": "shoppulse_batch_processing_seconds",
+        "commit ": "shoppulse_commit_seconds",
+    }
+    before = {name: [worker.histogram(name) for worker in workers] for name in parts.values()}
+    batches_before = [
+        (worker.metric("shoppulse_batch_size_sum"), worker.metric("shoppulse_batch_size_count")) for worker in workers
+    ]
+    live = GeneratorConfig(seed=args.seed + 1, n_shoppers=args.shoppers, clock="live")
+    worker_read, worker_created = paced_latency(settings, settings.topic_scores, rate, args.latency_s, live)
+    # by the time the reader has every output: below KEPT_UP, the workers fell behind the load
+    kept_up = (consumed_by(workers) - consumed_before) / int(rate * args.latency_s)
+    quantiles = []
+    for label, name in parts.items():
+        observed = [histogram_delta(b, worker.histogram(name)) for b, worker in zip(before[name], workers, strict=True)]
+        merged = [(le, sum(buckets[i][1] for buckets in observed)) for i, (le, _) in enumerate(observed[0])]
+        quantiles.append(
+            f"{label}{histogram_quantile(merged, 0.5) * 1000:,.0f} / {histogram_quantile(merged, 0.99) * 1000:,.0f}"
+        )
+    events = sum(worker.metric("shoppulse_batch_size_sum") for worker in workers) - sum(n for n, _ in batches_before)
+    batches = sum(worker.metric("shoppulse_batch_size_count") for worker in workers) - sum(c for _, c in batches_before)
+    worker_histogram = f"{'; '.join(quantiles)}; {events / max(batches, 1):,.0f} events per batch"
     for worker in workers:
         worker.stop()
     stop, ready = multiprocessing.Event(), multiprocessing.Event()
@@ -636,23 +712,26 @@ def measure_latency(
     if not ready.wait(60):
         raise RuntimeError("the bare loop got no partitions within 60 s")
     time.sleep(1.0)  # its first fetch positions it at the end of each partition
-    bare_read, bare_created = paced_latency(
-        settings, settings.topic_scores + ".bare", rate, args.latency_s, args.seed + 2
-    )
+    bare_live = GeneratorConfig(seed=args.seed + 2, n_shoppers=args.shoppers, clock="live")
+    bare_read, bare_created = paced_latency(settings, settings.topic_scores + ".bare", rate, args.latency_s, bare_live)
     stop.set()
     bare_process.join(30)
+    verdict = f"the workers consumed {kept_up:.0%} of the offered events" + (
+        "" if kept_up >= KEPT_UP else ": behind the load, not the share of saturation asked for"
+    )
     print(
         f"worker p50/p99 {p50_p99(worker_read)} ms read, {p50_p99(worker_created)} ms by output CreateTime, "
-        f"{worker_histogram} ms in its own histogram (bucket bounds), over {len(worker_read):,} outputs; "
-        f"floor (bare loop) {p50_p99(bare_read)} ms read, {p50_p99(bare_created)} ms by CreateTime, over "
-        f"{len(bare_read):,} (goal: floor p99 <= 20 ms)",
+        f"its own histograms (bucket bounds, ms): end to end {worker_histogram}, over {len(worker_read):,} outputs; "
+        f"{verdict}; floor (bare loop) {p50_p99(bare_read)} ms read, {p50_p99(bare_created)} ms by CreateTime, "
+        f"over {len(bare_read):,} (goal: floor p99 <= 20 ms)",
         flush=True,
     )
     if not args.no_record:
+        share = f"{args.latency_fraction:.2f} of {saturation:,.0f} live ({kept_up:.0%} consumed)"
         append_row(
             LATENCY_SECTION,
             LATENCY_HEADER,
-            f"| {utc_now()} | {rate:,.0f} | {args.latency_fraction:.2f} | {args.latency_s:.0f} | "
+            f"| {utc_now()} | {rate:,.0f} | {share} | {args.latency_s:.0f} | "
             f"{p50_p99(worker_read)} | {p50_p99(worker_created)} | {worker_histogram} | {len(worker_read):,} | "
             f"{p50_p99(bare_read)} | {p50_p99(bare_created)} | {len(bare_read):,} | {models} | `{this_command()}` |",
         )
