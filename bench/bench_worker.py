@@ -279,6 +279,11 @@ def live_saturation(
         target=produce_live, args=(config, total, settings, 1.3 * backlog_rate, delivered)
     )
     producer.start()
+    deadline = time.monotonic() + 300
+    while consumed_by(workers) <= start:  # the simulator sets up its shoppers first (minutes at 260k)
+        if time.monotonic() > deadline or not producer.is_alive():
+            raise RuntimeError("the workers consumed none of the live events offered to measure their saturation")
+        time.sleep(0.1)
     time.sleep(1.0)  # the lag builds up
     first, first_at = consumed_by(workers), time.perf_counter()
     time.sleep(seconds - 1.0)
