@@ -12,6 +12,7 @@ import torch
 
 from features.spec import DEFAULT_FEATURE_SPEC
 from features.state import ShopperState, StateConfig
+from models.baselines import CooccurrenceRecommender
 from models.classifiers import ClassifierConfig, MultiTaskMLP, ShopperClassifier
 from models.names import CLASSIFIER_MODEL, NEXTITEM_MODEL
 from models.nextitem import NextItemConfig, NextItemRecommender, SASRec
@@ -66,3 +67,15 @@ def test_cuda_scores_and_recommendations_match_the_cpu(tmp_path):
             [s for _, s in gpu_row.recommendations], [s for _, s in cpu_row.recommendations], atol=1e-3
         )
     assert gpu.timings.nextitem_s > 0 and gpu.timings.classifier_s > 0
+
+
+def test_cuda_cooccurrence_scores_match_the_cpu():
+    """The co-occurrence recommender gathers C's rows on the model's device: the same scores there."""
+    generator = torch.Generator().manual_seed(3)
+    sequences = [torch.randint(1, 201, (int(n),), generator=generator).tolist() for n in range(2, 120)]
+    model = CooccurrenceRecommender(window=3, history_len=3).fit(sequences, num_items=200)
+    histories = [[], [7], [1, 2, 3, 4], [200, 1, 200], *sequences[:50]]
+    on_cpu = model.score(histories)
+    on_gpu = model.to(torch.device("cuda")).score(histories)
+    assert on_gpu.is_cuda
+    assert torch.allclose(on_gpu.cpu(), on_cpu, atol=1e-5)
