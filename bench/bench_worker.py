@@ -268,9 +268,9 @@ def live_saturation(
     workers: list[WorkerProcess], settings: Settings, config: GeneratorConfig, backlog_rate: float, seconds: float
 ) -> float:
     """Events/s the workers consume of live-clock events while they are behind them: the rate a load
-    is a share of. Offers 1.3x ``backlog_rate`` (the pre-produced backlog's rate, which overstates
-    the live one 2-3x: the backlog's events are older, and in time order a batch of them holds a
-    few shoppers with many events each) for ``seconds``, measures from the second second on, and
+    is a share of. Offers 1.3x ``backlog_rate`` (the pre-produced backlog's rate, which overstated
+    the live one about 2x at 20k shoppers: live events come through a producer and a broker that
+    share the workers' cores here) for ``seconds``, measures from the second second on, and
     returns once the workers have caught up again."""
     total = int(1.3 * backlog_rate * seconds)
     start = consumed_by(workers)
