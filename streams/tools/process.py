@@ -153,10 +153,11 @@ class WorkerProcess:
             return reply.read().decode()
 
     def metric(self, name: str) -> float:
-        """The value of an unlabelled metric, or the sum over its labels (a counter by its ``_total`` name)."""
+        """The value of an unlabelled metric, or the sum over its labels (a counter by its ``_total`` name);
+        ``name{label="value",...}`` (labels as the page orders them): that one series."""
         return sum(
             float(line.rsplit(" ", 1)[1])
-            for line in self.metrics_text(only=name).splitlines()
+            for line in self.metrics_text(only=name.split("{", 1)[0]).splitlines()
             if line.startswith(name) and line[len(name) : len(name) + 1] in (" ", "{")
         )
 
