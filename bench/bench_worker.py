@@ -353,7 +353,7 @@ def git_revision(checkout: Path) -> str:
 def wait_consumed(workers: list[WorkerProcess], total: float) -> None:
     """Until ``workers`` have consumed ``total`` events between them (``shoppulse_events_consumed_total``);
     raises with its log's tail if one dies first."""
-    while sum(worker.metric("shoppulse_events_consumed_total") for worker in workers) < total:
+    while consumed_by(workers) < total:
         for worker in workers:
             if worker.process.poll() is not None:
                 raise RuntimeError(f"worker died:\n{worker.log_tail()}")
@@ -384,7 +384,7 @@ def run_workers(
         worker.wait_ready(120)
     cpu_before = sum(worker.cpu_seconds() for worker in workers)
     started = time.perf_counter()
-    measured = total - sum(worker.metric("shoppulse_events_consumed_total") for worker in workers)
+    measured = total - consumed_by(workers)
     if measured < total / 2:
         raise RuntimeError(
             f"{total - measured:,.0f} of {total:,} events were consumed before the workers were ready; "

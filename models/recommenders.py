@@ -155,7 +155,8 @@ class CooccurrenceRecommender:
                 items.append(int(item))
                 weights.append(self.decay**j)
         device = self._pop.device
-        # built on the CPU and copied once: element-wise writes on a GPU would be one launch each
+        # the lists become tensors on the CPU, each copied to the device once (element-wise
+        # writes on a GPU would be one launch each)
         item_at = to_device(torch.tensor(items, dtype=torch.long), device)
         starts = self._row_starts[item_at]
         lengths = self._row_starts[item_at + 1] - starts

@@ -166,7 +166,7 @@ class WorkerProcess:
         prefix = f'{name}_bucket{{le="'
         return sorted(
             (float(line[len(prefix) : line.index('"', len(prefix))]), float(line.rsplit(" ", 1)[1]))
-            for line in self.metrics_text().splitlines()
+            for line in self.metrics_text(only=f"{name}_bucket").splitlines()
             if line.startswith(prefix)
         )
 
